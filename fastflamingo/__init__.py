@@ -1,0 +1,1 @@
+"""fastflamingo: fast Flamingo."""

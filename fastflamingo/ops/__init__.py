@@ -1,0 +1,140 @@
+"""fastflamingo's attention ops: one public function per op, one signature for every backend.
+
+* :func:`image_causal_attention` — masked text-to-visual cross-attention (Flamingo's XATTN).
+* :func:`perceiver_attention` — the Perceiver resampler's latent attention.
+
+Backends (``backend=``): ``"auto"`` (Triton on CUDA tensors, the fast PyTorch path on the CPU),
+``"triton"``, ``"torch"`` (the fast PyTorch path, :mod:`fastflamingo.ops.cpu`) and
+``"reference"`` (the readable math, :mod:`fastflamingo.ops.reference`).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import cpu, reference
+from .reference import (image_causal_attention_reference, image_causal_mask,
+                        perceiver_attention_reference, text_time_from_media_locations)
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+
+__all__ = ["image_causal_attention", "perceiver_attention", "text_time_from_media_locations",
+           "image_causal_attention_reference", "perceiver_attention_reference",
+           "image_causal_mask", "BACKENDS", "check_text_time"]
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+
+
+def _check_attention_inputs(name: str, q: torch.Tensor, keys: dict[str, torch.Tensor]) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"{name}: q must be (B, H, T, D), got shape {tuple(q.shape)}")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"{name}: q must be a floating-point tensor, got {q.dtype}")
+    for kname, t in keys.items():
+        if t.dim() != 4:
+            raise ValueError(f"{name}: {kname} must be (B, H, S, D), got shape {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name}: {kname} has dtype {t.dtype} but q has {q.dtype}; cast them to one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name}: {kname} is on {t.device} but q is on {q.device}; move them to one device")
+        if t.shape[0] != q.shape[0] or t.shape[1] != q.shape[1] or t.shape[3] != q.shape[3]:
+            raise ValueError(f"{name}: {kname} shape {tuple(t.shape)} does not match q {tuple(q.shape)} "
+                             "in batch, heads or head_dim")
+
+
+def check_text_time(text_time: torch.Tensor, num_media: int) -> None:
+    """Raise if any token refers to an image beyond the ``num_media`` given (one host sync)."""
+    if text_time.numel() == 0:
+        return
+    worst = int(text_time.max())
+    if worst > num_media:
+        row = int((text_time.max(dim=-1).values > num_media).nonzero()[0, 0])
+        raise ValueError(
+            f"row {row} of the batch has {int(text_time[row].max())} <image> tokens but only "
+            f"{num_media} images were given (vision_x has N={num_media} media per row): pass one image "
+            "per <image> token, padding rows with fewer images with zero images at the end")
+    if int(text_time.min()) < 0:
+        raise ValueError("text_time must be >= 0 (0 = no image yet)")
+
+
+def image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           media_locations: torch.Tensor | None = None, *,
+                           latents_per_media: int, only_immediate: bool = True,
+                           scale: float | None = None, text_time: torch.Tensor | None = None,
+                           backend: str = "auto", validate: bool = True) -> torch.Tensor:
+    """Image-causal cross-attention of text queries over the visual tokens of their images.
+
+    Args:
+        q: (B, H, T, D) text queries (any strides with a contiguous last dim).
+        k, v: (B, H, N·L, D) keys / values of N images x L visual tokens, image-major.
+        media_locations: (B, T) bool, True at ``<image>`` tokens. Token t sees image
+            ``text_time[t] = cumsum(media_locations)[t]`` (immediate mode) or images
+            ``1 .. text_time[t]`` (all-previous mode).
+        latents_per_media: L, visual tokens per image.
+        only_immediate: immediate (True, every released checkpoint) or all-previous mode.
+        scale: softmax scale, default ``D ** -0.5``.
+        text_time: (B, T) int, given instead of ``media_locations`` where the image index is not
+            a plain cumsum (decoding after a prompt, IDEFICS's EOS reset). 0 = no image.
+        backend: one of :data:`BACKENDS`.
+        validate: check that no token refers to an image beyond N (a host sync); the model
+            validates once per forward and passes False.
+
+    Returns:
+        (B, H, T, D); tokens with ``text_time == 0`` get exactly 0 (and zero gradients).
+    """
+    _check_backend(backend)
+    _check_attention_inputs("image_causal_attention", q, {"k": k, "v": v})
+    if k.shape != v.shape:
+        raise ValueError(f"image_causal_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if latents_per_media <= 0 or k.shape[2] % latents_per_media:
+        raise ValueError(f"image_causal_attention: the {k.shape[2]} keys are not a whole number of "
+                         f"images of latents_per_media={latents_per_media} tokens")
+    if (media_locations is None) == (text_time is None):
+        raise ValueError("image_causal_attention: pass exactly one of media_locations and text_time")
+    if text_time is None:
+        if media_locations.dtype != torch.bool:
+            raise TypeError(f"media_locations must be a bool tensor, got {media_locations.dtype}")
+        text_time = text_time_from_media_locations(media_locations)
+    if tuple(text_time.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"media_locations/text_time shape {tuple(text_time.shape)} is not (B, T) = "
+                         f"{(q.shape[0], q.shape[2])}")
+    if text_time.device != q.device:
+        raise ValueError(f"media_locations/text_time is on {text_time.device} but q is on {q.device}")
+    if validate:
+        check_text_time(text_time, k.shape[2] // latents_per_media)
+    if backend == "reference":
+        return image_causal_attention_reference(q, k, v, text_time, latents_per_media=latents_per_media,
+                                                only_immediate=only_immediate, scale=scale)
+    from .image_causal_op import image_causal_attention_op
+    return image_causal_attention_op(q, k, v, text_time.to(torch.int32), latents_per_media=latents_per_media,
+                                     only_immediate=only_immediate, scale=scale, backend=backend)
+
+
+def perceiver_attention(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor,
+                        k_latents: torch.Tensor, v_latents: torch.Tensor, *,
+                        scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Perceiver latent attention over [media tokens ; latents] with one softmax.
+
+    Args:
+        q: (B, H, L, D) latent queries (B = images x frames-batches).
+        k_media, v_media: (B, H, V, D) media keys / values.
+        k_latents, v_latents: (B, H, L, D) the latents' own keys / values.
+        scale: default ``D ** -0.5``.
+        backend: one of :data:`BACKENDS`.
+
+    Returns:
+        (B, H, L, D).
+    """
+    _check_backend(backend)
+    _check_attention_inputs("perceiver_attention", q, {"k_media": k_media, "v_media": v_media,
+                                                       "k_latents": k_latents, "v_latents": v_latents})
+    if k_media.shape != v_media.shape or k_latents.shape != v_latents.shape:
+        raise ValueError("perceiver_attention: keys and values must have the same shapes")
+    if k_latents.shape[2] != q.shape[2]:
+        raise ValueError(f"perceiver_attention: k_latents has {k_latents.shape[2]} tokens, q has {q.shape[2]} latents")
+    if backend == "reference":
+        return perceiver_attention_reference(q, k_media, v_media, k_latents, v_latents, scale=scale)
+    from .perceiver_op import perceiver_attention_op
+    return perceiver_attention_op(q, k_media, v_media, k_latents, v_latents, scale=scale, backend=backend)

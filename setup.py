@@ -1,0 +1,39 @@
+"""fastflamingo: a fast, tested implementation of DeepMind's Flamingo visual language model.
+
+The Triton kernels live in the top-level ``kernels/`` folder of the repository and are installed
+as ``fastflamingo.kernels`` (PyPI already has an unrelated package named ``kernels``).
+"""
+from setuptools import setup
+
+PACKAGES = ["fastflamingo", "fastflamingo.ops", "fastflamingo.convert", "fastflamingo.bench",
+            "fastflamingo.kernels"]
+
+setup(
+    name="fastflamingo",
+    version="0.1.0",
+    description="Fast Flamingo visual language model: fused Triton image-causal cross-attention, "
+                "OpenFlamingo / IDEFICS import, fast generation",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    package_dir={"fastflamingo.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=4.46",
+        "safetensors",
+        "einops",
+        "tqdm",
+        "numpy",
+        "matplotlib",
+    ],
+    extras_require={
+        "gpu": ["triton>=3.2", "bitsandbytes>=0.45"],
+        "quant": ["bitsandbytes>=0.45", "accelerate"],
+        "test": [
+            "pytest", "pytest-benchmark", "hypothesis", "triton>=3.2", "bitsandbytes>=0.45",
+            "accelerate", "open_clip_torch", "einops-exts", "timm", "torchvision",
+        ],
+    },
+    entry_points={"console_scripts": ["fastflamingo=fastflamingo.cli:main"]},
+)
