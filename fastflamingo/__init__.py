@@ -1,1 +1,19 @@
-"""fastflamingo: fast Flamingo."""
+"""fastflamingo: a fast, tested implementation of DeepMind's Flamingo visual language model.
+
+Quick start::
+
+    import fastflamingo
+    model = fastflamingo.Flamingo.from_preset("tiny")
+    out = model(vision_x, lang_x)          # vision_x (B, N, F, C, H, W), lang_x (B, T)
+"""
+from . import ops
+from .config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
+from .model import Flamingo
+from .presets import PRESETS, preset_config
+from .tokens import setup_tokenizer
+from .vision import vision_features
+
+__version__ = "0.1.0"
+
+__all__ = ["Flamingo", "FlamingoConfig", "VisionConfig", "ResamplerConfig", "CrossAttentionConfig",
+           "vision_features", "PRESETS", "preset_config", "setup_tokenizer", "ops", "__version__"]

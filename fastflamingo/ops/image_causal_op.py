@@ -1,12 +1,121 @@
-"""Temporary: the custom-op registration arrives with the Triton kernel (issue 3)."""
+"""The image-causal cross-attention as a PyTorch custom op, and the backend dispatch.
+
+``fastflamingo::image_causal_attention`` (q, k, v, text_time, latents_per_media,
+only_immediate, scale) -> (out, lse) runs the Triton kernels of
+:mod:`fastflamingo.kernels.image_causal`; ``fastflamingo::image_causal_attention_backward``
+runs their backward. Both have fake (meta) implementations and the pair is tied together with
+``register_autograd``, so ``torch.compile(fullgraph=True)`` traces a model through them with no
+graph break, forward and backward.
+
+The PyTorch backend (:func:`fastflamingo.ops.cpu.image_causal_attention_torch`) is plain
+differentiable PyTorch: torch.compile traces it and autograd differentiates it directly, so it
+is called as is rather than hidden behind the op (an opaque op would only stop the compiler from
+fusing it). A custom op's own kernel runs below autograd, where a recompute-through-autograd
+backward could not record a graph anyway.
+
+Triton is imported lazily: ``import fastflamingo`` works where Triton is not installed.
+"""
 from __future__ import annotations
+
+import importlib.util
+
+import torch
 
 from .cpu import image_causal_attention_torch
 
+_OP = "fastflamingo::image_causal_attention"
+# looked up once (not per call, and not inside a torch.compile trace)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-def image_causal_attention_op(q, k, v, text_time, *, latents_per_media, only_immediate=True,
-                              scale=None, backend="auto"):
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        raise NotImplementedError("the Triton backend is being written")
-    return image_causal_attention_torch(q, k, v, text_time, latents_per_media=latents_per_media,
-                                        only_immediate=only_immediate, scale=scale)
+
+def _kernels():
+    from fastflamingo.kernels import image_causal
+    return image_causal
+
+
+@torch.library.custom_op(_OP, mutates_args=())
+def _image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
+                            latents_per_media: int, only_immediate: bool,
+                            scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, T, D), (B, H, N·L, D) x2, (B, T) int32 -> out (B, H, T, D), lse (B, H, T) fp32."""
+    return _kernels().image_causal_fwd(q, k, v, text_time, latents_per_media, only_immediate, scale)
+
+
+@_image_causal_attention.register_fake
+def _(q, k, v, text_time, latents_per_media, only_immediate, scale):
+    # same layout rule as the kernel's wrapper: out is laid out like q (when q is dense)
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op(_OP + "_backward", mutates_args=())
+def _image_causal_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                     out: torch.Tensor, lse: torch.Tensor, text_time: torch.Tensor,
+                                     latents_per_media: int, only_immediate: bool,
+                                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (dq, dk, dv) of :func:`_image_causal_attention` given dout (B, H, T, D)."""
+    return _kernels().image_causal_bwd(dout, q, k, v, out, lse, text_time, latents_per_media,
+                                       only_immediate, scale)
+
+
+@_image_causal_attention_backward.register_fake
+def _(dout, q, k, v, out, lse, text_time, latents_per_media, only_immediate, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, text_time, latents_per_media, only_immediate, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, text_time, out, lse)
+    ctx.options = (latents_per_media, only_immediate, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, text_time, out, lse = ctx.saved_tensors
+    dq, dk, dv = _image_causal_attention_backward(dout, q, k, v, out, lse, text_time, *ctx.options)
+    return dq, dk, dv, None, None, None, None
+
+
+_image_causal_attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_triton_backend(q: torch.Tensor) -> None:
+    """Raise a clear error where the Triton backend cannot run (plain Python: torch.compile
+    traces it without a graph break)."""
+    if not _HAS_TRITON:
+        raise RuntimeError("image_causal_attention: backend='triton' needs the triton package "
+                           "(pip install triton, or fastflamingo[gpu]); use backend='torch' without it")
+    if q.is_cuda:
+        return
+    if q.device.type != "cpu" or not _kernels().INTERPRET:
+        raise ValueError(f"image_causal_attention: backend='triton' got tensors on {q.device}; Triton runs "
+                         "on CUDA tensors, or on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
+                         "before importing fastflamingo (the kernels read it when they are defined). "
+                         "Use backend='torch' or 'auto' for CPU tensors")
+
+
+def image_causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor, *,
+                              latents_per_media: int, only_immediate: bool = True,
+                              scale: float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Dispatch of :func:`fastflamingo.ops.image_causal_attention` (inputs already validated there).
+
+    Args:
+        q: (B, H, T, D); k, v: (B, H, N·L, D); text_time: (B, T) int32.
+        latents_per_media, only_immediate, scale: as in the public function (scale None = D**-0.5).
+        backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton" or "torch".
+
+    Returns:
+        (B, H, T, D).
+    """
+    # custom ops take concrete floats: resolve the default here
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if backend == "auto":
+        backend = "triton" if q.is_cuda else "torch"
+    if backend == "torch":
+        return image_causal_attention_torch(q, k, v, text_time, latents_per_media=latents_per_media,
+                                            only_immediate=only_immediate, scale=scale)
+    if backend != "triton":
+        raise ValueError(f"image_causal_attention_op: backend={backend!r} is not 'auto', 'triton' or 'torch'")
+    _check_triton_backend(q)
+    out, _ = _image_causal_attention(q, k, v, text_time, int(latents_per_media), bool(only_immediate), scale)
+    return out

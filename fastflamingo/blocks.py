@@ -1,0 +1,347 @@
+"""Flamingo's trainable blocks: the Perceiver resampler and the gated cross-attention blocks.
+
+Parameter names follow the checkpoints they load: open_flamingo's (``to_q``, ``to_kv``,
+``attn_gate``, ...) for the ``open_flamingo`` style, IDEFICS's (``q_proj``, ``alpha_cross_attn``,
+...) for the ``idefics`` style. The attention itself is :mod:`fastflamingo.ops`, so every block
+runs on the fused kernels on CUDA and on the fast PyTorch path on the CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .config import CrossAttentionConfig, ResamplerConfig
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, H·D) -> (B, H, S, D), a view (no copy)."""
+    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, S, D) -> (B, S, H·D)."""
+    return x.transpose(-3, -2).flatten(-2)
+
+
+def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:
+    """open_flamingo's feed-forward: LayerNorm -> Linear(mult·dim) -> GELU -> Linear."""
+    inner = int(dim * mult)
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, inner, bias=False), nn.GELU(),
+                         nn.Linear(inner, dim, bias=False))
+
+
+class RMSNorm(nn.Module):
+    """LLaMA / IDEFICS RMSNorm (variance in fp32, weight applied in the input dtype)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.variance_epsilon)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+class SwiGLU(nn.Module):
+    """IDEFICS / LLaMA MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# --------------------------------------------------------------------------------------------
+# Perceiver resampler
+# --------------------------------------------------------------------------------------------
+class PerceiverAttention(nn.Module):
+    """Latents attend to [media tokens ; latents] (open_flamingo layout).
+
+    open_flamingo projects ``cat(media, latents)`` with ``to_kv``; the projection of a
+    concatenation is the concatenation of projections, so the media and the latents are
+    projected separately and the op attends over both without building the concatenation.
+    """
+
+    def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8):
+        super().__init__()
+        self.scale = dim_head ** -0.5
+        self.heads = heads
+        inner = dim_head * heads
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.backend = "auto"
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """x (B, V, D) media tokens, latents (B, L, D) -> (B, L, D)."""
+        x = self.norm_media(x)
+        latents = self.norm_latents(latents)
+        h = self.heads
+        q = _heads(self.to_q(latents), h)
+        k_media, v_media = (_heads(t, h) for t in self.to_kv(x).chunk(2, dim=-1))
+        k_lat, v_lat = (_heads(t, h) for t in self.to_kv(latents).chunk(2, dim=-1))
+        out = ops.perceiver_attention(q, k_media, v_media, k_lat, v_lat, scale=self.scale,
+                                      backend=self.backend)
+        return self.to_out(_merge_heads(out))
+
+
+class IdeficsPerceiverAttention(nn.Module):
+    """IDEFICS's Perceiver attention: separate q/k/v projections, optional q/k LayerNorms."""
+
+    def __init__(self, *, dim: int, dim_head: int, heads: int, qk_layer_norms: bool):
+        super().__init__()
+        self.heads, self.scale = heads, dim_head ** -0.5
+        self.context_layer_norm = nn.LayerNorm(dim)
+        self.latents_layer_norm = nn.LayerNorm(dim)
+        self.qk_layer_norms = qk_layer_norms
+        if qk_layer_norms:
+            self.q_layer_norm = nn.LayerNorm(dim_head)
+            self.k_layer_norm = nn.LayerNorm(dim_head)
+        self.q_proj = nn.Linear(dim, heads * dim_head, bias=False)
+        self.k_proj = nn.Linear(dim, heads * dim_head, bias=False)
+        self.v_proj = nn.Linear(dim, heads * dim_head, bias=False)
+        self.output_proj = nn.Linear(heads * dim_head, dim, bias=False)
+        self.backend = "auto"
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """x (B, V, D) media tokens, latents (B, L, D) -> (B, L, D)."""
+        x = self.context_layer_norm(x)
+        latents = self.latents_layer_norm(latents)
+        h = self.heads
+        q = _heads(self.q_proj(latents), h)
+        k_media, k_lat = _heads(self.k_proj(x), h), _heads(self.k_proj(latents), h)
+        v_media, v_lat = _heads(self.v_proj(x), h), _heads(self.v_proj(latents), h)
+        if self.qk_layer_norms:
+            q, k_media, k_lat = self.q_layer_norm(q), self.k_layer_norm(k_media), self.k_layer_norm(k_lat)
+        out = ops.perceiver_attention(q, k_media, v_media, k_lat, v_lat, scale=self.scale,
+                                      backend=self.backend)
+        return self.output_proj(_merge_heads(out))
+
+
+class IdeficsPerceiverMLP(nn.Module):
+    """IDEFICS's resampler MLP: LayerNorm -> fc -> ReLU -> c_proj."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, hidden, bias=False)
+        self.act = nn.ReLU()
+        self.c_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.fc(self.ln(x))))
+
+
+class PerceiverResampler(nn.Module):
+    """Compresses each image (or video) to ``num_latents`` visual tokens.
+
+    Input (B, N, F, V, D) frame features; output (B, N, L, D). Frames of one media item are
+    flattened into one token sequence after adding the learned frame embeddings (video).
+    ``style="idefics"`` builds IDEFICS's variant (``blocks``/``layer_norm`` names, ReLU MLP).
+    """
+
+    def __init__(self, *, dim: int, config: ResamplerConfig):
+        super().__init__()
+        c = config
+        self.style = c.style
+        self.latents = nn.Parameter(torch.randn(c.num_latents, dim))
+        self.frame_embs = nn.Parameter(torch.randn(c.max_num_frames, dim)) if c.max_num_frames else None
+        self.media_time_embs = (nn.Parameter(torch.randn(c.max_num_media, 1, dim))
+                                if c.max_num_media else None)
+        layers = nn.ModuleList()
+        for _ in range(c.depth):
+            if c.style == "open_flamingo":
+                layers.append(nn.ModuleList([PerceiverAttention(dim=dim, dim_head=c.dim_head, heads=c.heads),
+                                             FeedForward(dim, c.ff_mult)]))
+            else:
+                layers.append(nn.ModuleList([
+                    IdeficsPerceiverAttention(dim=dim, dim_head=c.dim_head, heads=c.heads,
+                                              qk_layer_norms=c.qk_layer_norms),
+                    IdeficsPerceiverMLP(dim, dim * c.ff_mult)]))
+        if c.style == "open_flamingo":
+            self.layers, self.norm = layers, nn.LayerNorm(dim)
+        else:
+            self.blocks, self.layer_norm = layers, nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, N, F, V, D) -> (B, N, L, D)."""
+        B, N, F, V, D = x.shape
+        if self.frame_embs is not None:
+            if F > self.frame_embs.shape[0]:
+                raise ValueError(f"vision_x has F={F} frames per media item but the resampler has "
+                                 f"frame embeddings for max_num_frames={self.frame_embs.shape[0]}")
+            x = x + self.frame_embs[:F, None, :]
+        elif F > 1:
+            raise ValueError(f"vision_x has F={F} frames per media item but this resampler has no frame "
+                             "embeddings: build it with resampler.max_num_frames >= F for video")
+        x = x.reshape(B, N, F * V, D)
+        if self.media_time_embs is not None:
+            if N > self.media_time_embs.shape[0]:
+                raise ValueError(f"vision_x has N={N} media per row, more than max_num_media="
+                                 f"{self.media_time_embs.shape[0]}")
+            x = x + self.media_time_embs[:N]
+        x = x.reshape(B * N, F * V, D)
+        latents = self.latents.to(x.dtype).expand(B * N, -1, -1)
+        layers, norm = (self.layers, self.norm) if self.style == "open_flamingo" else (self.blocks, self.layer_norm)
+        for attn, ff in layers:
+            latents = attn(x, latents) + latents
+            latents = ff(latents) + latents
+        return norm(latents).reshape(B, N, -1, D)
+
+
+# --------------------------------------------------------------------------------------------
+# Gated cross-attention
+# --------------------------------------------------------------------------------------------
+@dataclass
+class MediaState:
+    """What the cross-attention blocks read during one LM call (set by the model, not a module).
+
+    Attributes:
+        visual: (B, N, L, D_vis) visual tokens, or None for text only (every token then has
+            ``text_time == 0``: the attention contributes 0, the feed-forward still applies).
+        text_time: (B, T) int32, the image each token of this call sees (0 = none).
+        kv_cache: when not None, each block stores its projected visual K/V here on first use
+            and reads it afterwards (generation and repeated scoring of the same images).
+    """
+    visual: torch.Tensor | None = None
+    text_time: torch.Tensor | None = None
+    kv_cache: dict | None = field(default=None)
+
+    def visual_kv(self, owner: nn.Module, project) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kv_cache is None:
+            return project(self.visual)
+        kv = self.kv_cache.get(id(owner))
+        if kv is None:
+            kv = self.kv_cache[id(owner)] = project(self.visual)
+        return kv
+
+
+class MaskedCrossAttention(nn.Module):
+    """open_flamingo's image-causal cross-attention: LayerNorm, to_q, fused to_kv, to_out."""
+
+    def __init__(self, *, dim: int, dim_visual: int, dim_head: int = 64, heads: int = 8,
+                 only_attend_immediate_media: bool = True):
+        super().__init__()
+        self.scale = dim_head ** -0.5
+        self.heads = heads
+        inner = dim_head * heads
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim_visual, inner * 2, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.only_attend_immediate_media = only_attend_immediate_media
+        self.backend = "auto"
+
+    def project_kv(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, L, D_vis) -> k, v (B, H, N·L, dim_head), views of one projection."""
+        k, v = self.to_kv(visual.flatten(1, 2)).chunk(2, dim=-1)
+        return _heads(k, self.heads), _heads(v, self.heads)
+
+    def forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
+        """x (B, T, D) -> (B, T, D); 0 for tokens that see no image."""
+        q = _heads(self.to_q(self.norm(x)), self.heads)
+        k, v = media.visual_kv(self, self.project_kv)
+        out = ops.image_causal_attention(
+            q, k, v, text_time=media.text_time, latents_per_media=media.visual.shape[2],
+            only_immediate=self.only_attend_immediate_media, scale=self.scale,
+            backend=self.backend, validate=False)
+        return self.to_out(_merge_heads(out))
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """open_flamingo's block: x + tanh(attn_gate)·XAttn(x) then x + tanh(ff_gate)·FF(x)."""
+
+    def __init__(self, *, dim: int, dim_visual: int, config: CrossAttentionConfig,
+                 only_attend_immediate_media: bool = True):
+        super().__init__()
+        c = config
+        self.attn = MaskedCrossAttention(dim=dim, dim_visual=dim_visual, dim_head=c.dim_head, heads=c.heads,
+                                         only_attend_immediate_media=only_attend_immediate_media)
+        self.attn_gate = nn.Parameter(torch.tensor([0.0]))
+        self.ff = FeedForward(dim, c.ff_mult)
+        self.ff_gate = nn.Parameter(torch.tensor([0.0]))
+
+    def forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
+        if media.visual is not None:
+            x = self.attn(x, media) * self.attn_gate.tanh() + x
+        return self.ff(x) * self.ff_gate.tanh() + x
+
+
+class IdeficsCrossAttention(nn.Module):
+    """IDEFICS's cross-attention: separate q/k/v/o, optional RMSNorm on q and k per head."""
+
+    def __init__(self, *, dim: int, dim_visual: int, heads: int, dim_head: int, qk_layer_norms: bool,
+                 eps: float, only_attend_immediate_media: bool = True):
+        super().__init__()
+        self.heads, self.scale = heads, dim_head ** -0.5
+        self.q_proj = nn.Linear(dim, heads * dim_head, bias=False)
+        self.k_proj = nn.Linear(dim_visual, heads * dim_head, bias=False)
+        self.v_proj = nn.Linear(dim_visual, heads * dim_head, bias=False)
+        self.o_proj = nn.Linear(heads * dim_head, dim, bias=False)
+        self.qk_layer_norms = qk_layer_norms
+        if qk_layer_norms:
+            self.q_layer_norm = RMSNorm(dim_head, eps)
+            self.k_layer_norm = RMSNorm(dim_head, eps)
+        self.only_attend_immediate_media = only_attend_immediate_media
+        self.backend = "auto"
+
+    def project_kv(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        visual = visual.flatten(1, 2)
+        k = _heads(self.k_proj(visual), self.heads)
+        if self.qk_layer_norms:
+            k = self.k_layer_norm(k)
+        return k, _heads(self.v_proj(visual), self.heads)
+
+    def forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
+        q = _heads(self.q_proj(x), self.heads)
+        if self.qk_layer_norms:
+            q = self.q_layer_norm(q)
+        k, v = media.visual_kv(self, self.project_kv)
+        out = ops.image_causal_attention(
+            q, k, v, text_time=media.text_time, latents_per_media=media.visual.shape[2],
+            only_immediate=self.only_attend_immediate_media, scale=self.scale,
+            backend=self.backend, validate=False)
+        return self.o_proj(_merge_heads(out))
+
+
+class IdeficsGatedCrossAttentionBlock(nn.Module):
+    """IDEFICS's block: RMSNorm -> XAttn (0 for tokens with no image) -> tanh(alpha) gate, then
+    RMSNorm -> SwiGLU -> tanh(alpha) gate. Alphas are scalars or vectors (alpha_type)."""
+
+    def __init__(self, *, dim: int, dim_visual: int, config: CrossAttentionConfig, lm_heads: int,
+                 lm_intermediate: int, only_attend_immediate_media: bool = True):
+        super().__init__()
+        c = config
+        heads = c.heads or lm_heads
+        dim_head = c.dim_head or dim // heads
+        self.cross_attn = IdeficsCrossAttention(dim=dim, dim_visual=dim_visual, heads=heads, dim_head=dim_head,
+                                                qk_layer_norms=c.qk_layer_norms, eps=c.rms_norm_eps,
+                                                only_attend_immediate_media=only_attend_immediate_media)
+        self.mlp = SwiGLU(dim, c.intermediate_size or lm_intermediate)
+        self.input_layernorm = RMSNorm(dim, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(dim, c.rms_norm_eps)
+        shape = (1, 1, dim) if c.alpha_type == "vector" else (1,)
+        self.alpha_cross_attn = nn.Parameter(torch.zeros(shape))
+        self.alpha_dense = nn.Parameter(torch.zeros(shape))
+
+    def forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
+        if media.visual is not None:
+            x = x + torch.tanh(self.alpha_cross_attn) * self.cross_attn(self.input_layernorm(x), media)
+        return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))
+
+
+CROSS_ATTENTION_BLOCKS = (GatedCrossAttentionBlock, IdeficsGatedCrossAttentionBlock)
+ATTENTION_MODULES = (PerceiverAttention, IdeficsPerceiverAttention, MaskedCrossAttention, IdeficsCrossAttention)

@@ -1,0 +1,104 @@
+"""Import from open_flamingo: a live ``open_flamingo.Flamingo`` or its checkpoints.
+
+fastflamingo's parameter names are open_flamingo's, so a state dict maps over with three rules:
+open_flamingo registers every cross-attention block twice (``lang_encoder.gated_cross_attn_layers.k``
+beside ``lang_encoder.<layers>.k.gated_cross_attn_layer``) and the original decoder layers twice
+(``lang_encoder.old_decoder_blocks.k``): the duplicates are dropped.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
+
+_DUPLICATE_PREFIXES = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
+
+
+def map_open_flamingo_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """open_flamingo state-dict keys -> fastflamingo keys (drops the duplicate registrations)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith(_DUPLICATE_PREFIXES)}
+
+
+def config_from_open_flamingo(live: nn.Module, *, ln_post_on_tokens: bool | None = None,
+                              num_base_tokens: int | None = None) -> FlamingoConfig:
+    """Read the architecture of a live open_flamingo ``Flamingo``."""
+    perceiver = live.perceiver
+    p_attn, p_ff = perceiver.layers[0]
+    dim = perceiver.latents.shape[1]
+    blocks = [(i, b) for i, b in enumerate(live.lang_encoder.gated_cross_attn_layers) if b is not None]
+    if not blocks:
+        raise ValueError("the open_flamingo model has no cross-attention layers")
+    every_n = blocks[0][0] + 1
+    expected = [i for i in range(len(live.lang_encoder.gated_cross_attn_layers)) if (i + 1) % every_n == 0]
+    if [i for i, _ in blocks] != expected:
+        raise ValueError(f"cross-attention layers at {[i for i, _ in blocks]} do not follow open_flamingo's "
+                         f"(i + 1) % n == 0 rule for any n")
+    x_attn = blocks[0][1].attn
+    visual = live.vision_encoder
+    if ln_post_on_tokens is None:
+        # open_clip >= 2.23 applies ln_post to the tokens unless final_ln_after_pool is set
+        ln_post_on_tokens = not getattr(visual, "final_ln_after_pool", True)
+    lm = live.lang_encoder
+    return FlamingoConfig(
+        vision=VisionConfig(source="open_clip", dim=dim, keep_cls=False, ln_post_on_tokens=ln_post_on_tokens,
+                            image_size=_image_size(visual)),
+        resampler=ResamplerConfig(
+            depth=len(perceiver.layers), heads=p_attn.heads, dim_head=p_attn.to_q.out_features // p_attn.heads,
+            num_latents=perceiver.latents.shape[0], ff_mult=p_ff[1].out_features // dim,
+            max_num_media=None if perceiver.media_time_embs is None else perceiver.media_time_embs.shape[0],
+            max_num_frames=None if perceiver.frame_embs is None else perceiver.frame_embs.shape[0]),
+        cross_attention=CrossAttentionConfig(
+            every_n_layers=every_n, heads=x_attn.heads, dim_head=x_attn.to_q.out_features // x_attn.heads,
+            ff_mult=blocks[0][1].ff[1].out_features // blocks[0][1].ff[1].in_features),
+        lm=lm.config.to_dict(),
+        decoder_layers_attr=lm.decoder_layers_attr_name,
+        only_attend_immediate_media=x_attn.only_attend_immediate_media,
+        media_token_id=live.media_token_id, eoc_token_id=live.eoc_token_id,
+        eos_token_id=getattr(lm.config, "eos_token_id", None), num_base_tokens=num_base_tokens)
+
+
+def _image_size(visual: nn.Module) -> int:
+    size = getattr(visual, "image_size", 224)
+    return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+def from_open_flamingo(live: nn.Module, *, ln_post_on_tokens: bool | None = None,
+                       num_base_tokens: int | None = None):
+    """A fastflamingo :class:`~fastflamingo.Flamingo` computing what a live open_flamingo model does.
+
+    The weights are shared with ``live`` (no copy): the vision tower module itself, and the LM's
+    and trainable blocks' tensors. ``copy.deepcopy`` the result for an independent model.
+
+    Args:
+        live: an ``open_flamingo.src.flamingo.Flamingo``.
+        ln_post_on_tokens: override the open_clip patch-token ``ln_post`` choice; by default it
+            is read from the live encoder, so outputs match it.
+        num_base_tokens: vocabulary size before the Flamingo tokens (to train their rows only).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from ..model import Flamingo
+    config = config_from_open_flamingo(live, ln_post_on_tokens=ln_post_on_tokens, num_base_tokens=num_base_tokens)
+    hf_config = type(live.lang_encoder.config).from_dict(live.lang_encoder.config.to_dict())
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(hf_config)
+    model = Flamingo(config, vision_encoder=live.vision_encoder, lang_encoder=lm)
+    state = map_open_flamingo_state_dict(live.state_dict())
+    model.load_state_dict(state, strict=True, assign=True)
+    _fill_meta_buffers(model, live)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.lang_encoder.tie_weights()
+    model.set_trainable()
+    return model.train(live.training)
+
+
+def _fill_meta_buffers(model: nn.Module, live: nn.Module) -> None:
+    """Non-persistent buffers (rotary tables) are not in state dicts: take them from ``live``."""
+    live_buffers = dict(live.named_buffers(remove_duplicate=False))
+    for name, buf in list(model.named_buffers(remove_duplicate=False)):
+        if buf.is_meta:
+            if name not in live_buffers:
+                raise RuntimeError(f"buffer {name} was not loaded and the open_flamingo model has no buffer of that name")
+            module_name, _, attr = name.rpartition(".")
+            model.get_submodule(module_name)._buffers[attr] = live_buffers[name]

@@ -1,0 +1,114 @@
+"""The frozen language model, by composition.
+
+Any decoder-only Hugging Face causal LM whose decoder layers sit in one ``nn.ModuleList`` works:
+each decoder layer of the user's LM *instance* is wrapped in a :class:`FlamingoLayer` that runs
+the gated cross-attention block (if this layer has one) and then the original layer, untouched.
+The LM's class is never modified, so other instances of it are unaffected.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .blocks import MediaState
+
+# Hugging Face ``config.model_type`` -> dotted path of the decoder-layer list.
+DECODER_LAYERS_ATTR = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "gemma": "model.layers",
+    "phi3": "model.layers",
+    "mpt": "transformer.blocks",
+    "gpt_neox": "gpt_neox.layers",
+    "opt": "model.decoder.layers",
+    "gptj": "transformer.h",
+    "gpt2": "transformer.h",
+    "idefics": "model.layers",
+}
+
+
+def decoder_layers_attr_for(lm: nn.Module, override: str | None = None) -> str:
+    """The dotted path of ``lm``'s decoder-layer ``ModuleList``, or a clear error."""
+    if override:
+        return override
+    model_type = getattr(getattr(lm, "config", None), "model_type", None)
+    if model_type in DECODER_LAYERS_ATTR:
+        return DECODER_LAYERS_ATTR[model_type]
+    raise ValueError(
+        f"fastflamingo does not know where the decoder layers of a {type(lm).__name__} "
+        f"(model_type={model_type!r}) are. Supported LM families: {sorted(DECODER_LAYERS_ATTR)}. "
+        "For another decoder-only LM pass decoder_layers_attr='path.to.layers' (the nn.ModuleList "
+        "of its decoder blocks).")
+
+
+def get_attr(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_attr(obj, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def lm_hidden_size(lm: nn.Module) -> int:
+    return lm.get_input_embeddings().weight.shape[1]
+
+
+def lm_num_heads(lm: nn.Module) -> int:
+    c = lm.config
+    for name in ("num_attention_heads", "n_heads", "n_head", "num_heads"):
+        if getattr(c, name, None):
+            return getattr(c, name)
+    raise ValueError(f"cannot read the number of attention heads from {type(c).__name__}")
+
+
+def lm_intermediate_size(lm: nn.Module) -> int:
+    c = lm.config
+    return getattr(c, "intermediate_size", None) or 4 * lm_hidden_size(lm)
+
+
+class FlamingoLayer(nn.Module):
+    """A decoder layer of the frozen LM, preceded by its gated cross-attention block (or None).
+
+    Forwards every argument of the decoder layer untouched (positional ones too, which GPT-2
+    blocks use), so it fits any LM whose layers take the hidden states first.
+    """
+
+    def __init__(self, gated_cross_attn_layer: nn.Module | None, decoder_layer: nn.Module, media: MediaState):
+        super().__init__()
+        self.gated_cross_attn_layer = gated_cross_attn_layer
+        self.decoder_layer = decoder_layer
+        # the media state is shared by all layers and owned by the model: not a submodule
+        object.__setattr__(self, "_media", media)
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        if self.gated_cross_attn_layer is not None:
+            media = self._media
+            if media.text_time is None:
+                raise RuntimeError("the LM inside a Flamingo model was called directly; call the Flamingo "
+                                   "model (or use model.lang_encoder only through it)")
+            hidden_states = self.gated_cross_attn_layer(hidden_states, media)
+        return self.decoder_layer(hidden_states, *args, **kwargs)
+
+    def __getattr__(self, name):
+        # LM code sometimes reads attributes of its layers (e.g. ``attention_type``)
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["decoder_layer"], name)
+
+
+def wrap_decoder_layers(lm: nn.Module, layers_attr: str, blocks: list[nn.Module | None],
+                        media: MediaState) -> None:
+    """Replace ``lm.<layers_attr>`` by FlamingoLayers around the same decoder layers."""
+    layers = get_attr(lm, layers_attr)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{layers_attr} of {type(lm).__name__} is a {type(layers).__name__}, not an nn.ModuleList")
+    if len(blocks) != len(layers):
+        raise ValueError(f"{len(blocks)} cross-attention slots for {len(layers)} decoder layers")
+    set_attr(lm, layers_attr, nn.ModuleList(FlamingoLayer(b, layer, media) for b, layer in zip(blocks, layers)))

@@ -1,0 +1,256 @@
+"""The Flamingo model: frozen vision encoder -> Perceiver resampler -> frozen LM with gated
+cross-attention blocks, image-causal (SEMANTICS.md)."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from . import ops
+from .blocks import (ATTENTION_MODULES, GatedCrossAttentionBlock, IdeficsGatedCrossAttentionBlock,
+                     MediaState, PerceiverResampler)
+from .config import FlamingoConfig
+from .lm import (decoder_layers_attr_for, get_attr, lm_hidden_size, lm_intermediate_size, lm_num_heads,
+                 wrap_decoder_layers)
+from .vision import build_vision_model, check_vision_config, vision_features
+
+
+def build_lm(config: FlamingoConfig) -> nn.Module:
+    """A random-weight Hugging Face causal LM from ``config.lm`` (no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    lm_cfg = dict(config.lm)
+    if "model_type" not in lm_cfg:
+        raise ValueError("config.lm must hold a Hugging Face config dict with a 'model_type'")
+    hf_config = AutoConfig.for_model(lm_cfg.pop("model_type"), **lm_cfg)
+    return AutoModelForCausalLM.from_config(hf_config)
+
+
+def text_time_for(input_ids: torch.Tensor, media_token_id: int, eos_token_id: int | None = None) -> torch.Tensor:
+    """(B, T) token ids -> (B, T) int32 ``text_time``: the 1-based image each token sees, 0 = none.
+
+    With ``eos_token_id`` (IDEFICS semantics) a token after an EOS sees no image until the next
+    ``<image>`` token; the EOS token itself still sees the image before it.
+    """
+    is_media = input_ids == media_token_id
+    text_time = ops.text_time_from_media_locations(is_media)
+    if eos_token_id is None:
+        return text_time
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    none = torch.full_like(pos, -1)
+    last_media = torch.where(is_media, pos, none).cummax(-1).values
+    last_eos = torch.where(input_ids == eos_token_id, pos, none).cummax(-1).values
+    eos_before = torch.cat([none[:, :1], last_eos[:, :-1]], dim=1)
+    return torch.where(eos_before > last_media, torch.zeros_like(text_time), text_time)
+
+
+class Flamingo(nn.Module):
+    """Flamingo over any supported Hugging Face causal LM.
+
+    Args:
+        config: the architecture (:class:`~fastflamingo.config.FlamingoConfig`).
+        vision_encoder: the frozen encoder module, run as ``config.vision.source`` says
+            (:func:`~fastflamingo.vision.vision_features`), or None to build the one
+            ``config.vision`` describes (random weights).
+        lang_encoder: a Hugging Face causal LM, or None to build ``config.lm`` (random weights).
+            The LM instance is wrapped in place: its decoder layers get Flamingo layers around them.
+
+    Attribute names follow open_flamingo's (``vision_encoder``, ``perceiver``, ``lang_encoder``,
+    ``...gated_cross_attn_layer...``) so its checkpoints load with ``load_state_dict(strict=False)``.
+    """
+
+    def __init__(self, config: FlamingoConfig, vision_encoder: nn.Module | None = None,
+                 lang_encoder: nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        vc = config.vision
+        check_vision_config(vc)
+        self.vision_encoder = build_vision_model(vc) if vision_encoder is None else vision_encoder
+        self.lang_encoder = build_lm(config) if lang_encoder is None else lang_encoder
+        self.perceiver = PerceiverResampler(dim=vc.dim, config=config.resampler) if config.resampler.enabled else None
+
+        self._media = MediaState()
+        self.decoder_layers_attr = decoder_layers_attr_for(self.lang_encoder, config.decoder_layers_attr)
+        n_layers = len(get_attr(self.lang_encoder, self.decoder_layers_attr))
+        blocks = [self._make_block(i) if config.has_cross_attention(i) else None for i in range(n_layers)]
+        wrap_decoder_layers(self.lang_encoder, self.decoder_layers_attr, blocks, self._media)
+        self.gated_cross_attn_layers = [b for b in blocks if b is not None]  # plain list: no duplicate keys
+        self.set_trainable()
+
+    # ---------------------------------------------------------------- construction
+    def _make_block(self, layer_idx: int) -> nn.Module:
+        c, lm = self.config, self.lang_encoder
+        dim, dim_visual = lm_hidden_size(lm), c.vision.dim
+        if c.cross_attention.style == "open_flamingo":
+            return GatedCrossAttentionBlock(dim=dim, dim_visual=dim_visual, config=c.cross_attention,
+                                            only_attend_immediate_media=c.only_attend_immediate_media)
+        return IdeficsGatedCrossAttentionBlock(dim=dim, dim_visual=dim_visual, config=c.cross_attention,
+                                               lm_heads=lm_num_heads(lm), lm_intermediate=lm_intermediate_size(lm),
+                                               only_attend_immediate_media=c.only_attend_immediate_media)
+
+    @classmethod
+    def from_preset(cls, name: str, *, device=None, dtype: torch.dtype | None = None, seed: int = 0,
+                    **overrides) -> "Flamingo":
+        """A model of a named shape with random weights (see :mod:`fastflamingo.presets`)."""
+        from .presets import preset_config
+        config = preset_config(name, **overrides)
+        torch.manual_seed(seed)
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            model = cls(config)
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()
+
+    def set_trainable(self, train_embeddings: bool | None = None) -> None:
+        """Freeze the vision encoder and the LM; train the resampler, the cross-attention blocks and,
+        when ``config.num_base_tokens`` is set, the embedding rows of the added tokens only."""
+        self.requires_grad_(False)
+        if self.perceiver is not None:
+            self.perceiver.requires_grad_(True)
+        for block in self.gated_cross_attn_layers:
+            block.requires_grad_(True)
+        from .tokens import train_new_embedding_rows
+        train_new_embedding_rows(self, self.config.num_base_tokens if train_embeddings is not False else None)
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Force one backend of :mod:`fastflamingo.ops` for every attention in the model."""
+        ops._check_backend(backend)
+        for m in self.modules():
+            if isinstance(m, ATTENTION_MODULES):
+                m.backend = backend
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p for p in self.parameters() if p.is_floating_point()).dtype
+
+    # ---------------------------------------------------------------- the model
+    def encode_vision(self, vision_x: torch.Tensor) -> torch.Tensor:
+        """(B, N, F, C, H, W) pixels -> (B, N, L, D_vis) visual tokens (frozen encoder, then the
+        resampler)."""
+        if not torch.is_tensor(vision_x) or vision_x.dim() != 6:
+            raise ValueError("vision_x must be a (B, N_media, F_frames, C, H, W) tensor, got "
+                             f"{tuple(vision_x.shape) if torch.is_tensor(vision_x) else type(vision_x).__name__}"
+                             "; add singleton dims for one image (N=1) or one frame (F=1)")
+        if not vision_x.is_floating_point():
+            raise TypeError(f"vision_x must hold float pixels, got {vision_x.dtype}")
+        B, N, F = vision_x.shape[:3]
+        mx = self.config.resampler.max_num_media
+        if mx is not None and N > mx:
+            raise ValueError(f"vision_x has N={N} media per row but the model supports max_num_media={mx}")
+        if N == 0:
+            return None
+        pixels = vision_x.flatten(0, 2).to(self.vision_encoder_dtype)
+        with torch.no_grad():
+            feats = vision_features(self.vision_encoder, pixels, self.config.vision)
+        feats = feats.reshape(B, N, F, *feats.shape[1:])
+        if self.perceiver is None:
+            if F != 1:
+                raise ValueError(f"vision_x has F={F} frames but this model has no resampler to merge frames")
+            return feats[:, :, 0]
+        return self.perceiver(feats.to(self.perceiver.latents.dtype))
+
+    @property
+    def vision_encoder_dtype(self) -> torch.dtype:
+        p = next((p for p in self.vision_encoder.parameters() if p.is_floating_point()), None)
+        return p.dtype if p is not None else torch.float32
+
+    def text_time(self, lang_x: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T) ``text_time`` under this model's semantics."""
+        c = self.config
+        return text_time_for(lang_x, c.media_token_id, c.eos_token_id if c.eos_resets_media else None)
+
+    def forward(self, vision_x: torch.Tensor | None = None, lang_x: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                visual_tokens: torch.Tensor | None = None, text_time: torch.Tensor | None = None,
+                media_kv_cache: dict | None = None, input_ids: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, image_attention_mask: torch.Tensor | None = None,
+                **lm_kwargs):
+        """Run the model.
+
+        Args:
+            vision_x: (B, N, F, C, H, W) pixels, one image (or video) per ``<image>`` token.
+            lang_x: (B, T) token ids.
+            attention_mask: (B, T) text padding mask (1 = keep), passed to the LM only.
+            labels: (B, T) targets for the LM loss (-100 = ignore).
+            visual_tokens: (B, N, L, D_vis) instead of ``vision_x``, when already encoded.
+            text_time: (B, T) instead of deriving it from ``<image>`` tokens (continuing after a
+                cached prompt; IDEFICS image masks).
+            media_kv_cache: a dict in which each cross-attention layer keeps its visual K/V.
+            input_ids, pixel_values, image_attention_mask: IDEFICS's names for ``lang_x``,
+                ``vision_x`` without the frame axis (B, N, C, H, W), and the one-hot (B, T, N)
+                image mask (each token's image; an all-zero row = no image).
+            **lm_kwargs: passed to the LM (``past_key_values``, ``use_cache``, ...).
+
+        Returns:
+            The LM's output (``logits`` (B, T, V), ``loss`` when labels are given, ...).
+        """
+        lang_x, vision_x, text_time = self._idefics_inputs(lang_x, vision_x, text_time, input_ids,
+                                                           pixel_values, image_attention_mask)
+        if lang_x is None:
+            raise ValueError("lang_x (B, T) token ids are required")
+        if lang_x.dim() != 2:
+            raise ValueError(f"lang_x must be (B, T) token ids, got shape {tuple(lang_x.shape)}")
+        if vision_x is not None and visual_tokens is not None:
+            raise ValueError("pass vision_x or visual_tokens, not both")
+        if vision_x is not None:
+            if vision_x.shape[0] != lang_x.shape[0]:
+                raise ValueError(f"vision_x has batch {vision_x.shape[0]} but lang_x has batch {lang_x.shape[0]}")
+            if vision_x.device != lang_x.device:
+                raise ValueError(f"vision_x is on {vision_x.device} but lang_x is on {lang_x.device}")
+            visual_tokens = self.encode_vision(vision_x)
+        if text_time is None:
+            text_time = self.text_time(lang_x)
+        num_media = 0 if visual_tokens is None else visual_tokens.shape[1]
+        ops.check_text_time(text_time, num_media)
+        with self.conditioned(visual_tokens, text_time, media_kv_cache):
+            return self.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, labels=labels, **lm_kwargs)
+
+    @staticmethod
+    def _idefics_inputs(lang_x, vision_x, text_time, input_ids, pixel_values, image_attention_mask):
+        """Map IDEFICS-style keyword inputs onto the open_flamingo-style ones."""
+        if input_ids is not None:
+            if lang_x is not None:
+                raise ValueError("pass lang_x or input_ids, not both")
+            lang_x = input_ids
+        if pixel_values is not None:
+            if vision_x is not None:
+                raise ValueError("pass vision_x or pixel_values, not both")
+            if pixel_values.dim() != 5:
+                raise ValueError(f"pixel_values must be (B, N, C, H, W), got shape {tuple(pixel_values.shape)}")
+            vision_x = pixel_values[:, :, None]
+        if image_attention_mask is not None:
+            if text_time is not None:
+                raise ValueError("pass text_time or image_attention_mask, not both")
+            m = image_attention_mask.bool()
+            if (m.sum(-1) > 1).any():
+                raise ValueError("image_attention_mask gives a token more than one image; fastflamingo follows "
+                                 "IDEFICS's processor, which gives each token at most one (its last image)")
+            text_time = torch.where(m.any(-1), m.to(torch.int32).argmax(-1) + 1, 0).to(torch.int32)
+        return lang_x, vision_x, text_time
+
+    @contextlib.contextmanager
+    def conditioned(self, visual_tokens: torch.Tensor | None, text_time: torch.Tensor, kv_cache: dict | None = None):
+        """Within the block, the LM's cross-attention layers see these visual tokens and text_time."""
+        m = self._media
+        previous = (m.visual, m.text_time, m.kv_cache)
+        m.visual, m.text_time, m.kv_cache = visual_tokens, text_time.to(torch.int32), kv_cache
+        try:
+            yield
+        finally:
+            m.visual, m.text_time, m.kv_cache = previous
+
+    def parameter_groups(self, weight_decay: float = 0.1) -> list[dict]:
+        """Optimizer groups over the trainable parameters: weight decay on the matrices of the
+        resampler and cross-attention blocks; none on norms, gates, latents and embeddings (so
+        the frozen rows of a partly trainable embedding never move)."""
+        decay, no_decay = [], []
+        embeddings = {id(self.lang_encoder.get_input_embeddings().weight)}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and id(p) not in embeddings and "latents" not in name else no_decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

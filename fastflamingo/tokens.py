@@ -1,0 +1,52 @@
+"""Flamingo's tokens: ``<image>`` marks where an image goes, ``<|endofchunk|>`` ends the text
+that belongs to it. Adding them grows the LM's embeddings; only the new rows are trained."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MEDIA_TOKEN = "<image>"
+EOC_TOKEN = "<|endofchunk|>"
+PAD_TOKEN = "<PAD>"
+
+
+def setup_tokenizer(tokenizer, lang_encoder: nn.Module | None = None) -> dict:
+    """Add ``<|endofchunk|>`` and ``<image>`` (and ``<PAD>`` when the tokenizer has no pad token),
+    as open_flamingo does, and resize ``lang_encoder``'s embeddings to the new vocabulary.
+
+    Returns:
+        dict with ``media_token_id``, ``eoc_token_id``, ``pad_token_id`` and ``num_base_tokens``
+        (the embedding rows before resizing: rows from there on are the trainable new ones).
+    """
+    num_base = lang_encoder.get_input_embeddings().weight.shape[0] if lang_encoder is not None else len(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, MEDIA_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if lang_encoder is not None and len(tokenizer) != num_base:
+        lang_encoder.resize_token_embeddings(len(tokenizer))
+    return {
+        "media_token_id": tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
+        "eoc_token_id": tokenizer.convert_tokens_to_ids(EOC_TOKEN),
+        "pad_token_id": tokenizer.pad_token_id,
+        "num_base_tokens": min(num_base, len(tokenizer)),
+    }
+
+
+def train_new_embedding_rows(model: nn.Module, num_base_tokens: int | None) -> None:
+    """Make only the input-embedding rows ``>= num_base_tokens`` trainable (None: none).
+
+    The embedding stays one matrix (checkpoints keep their layout); a gradient hook zeroes the
+    rows of the original vocabulary. Use :meth:`Flamingo.parameter_groups` (no weight decay on
+    embeddings) so the optimizer leaves those rows exactly as they are.
+    """
+    old = getattr(model, "_embedding_hook", None)
+    if old is not None:
+        old.remove()
+        model._embedding_hook = None
+    weight = model.lang_encoder.get_input_embeddings().weight
+    if num_base_tokens is None or num_base_tokens >= weight.shape[0]:
+        return
+    weight.requires_grad_(True)
+    keep = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+    keep[num_base_tokens:] = True
+    model._embedding_hook = weight.register_hook(lambda g: g * keep.to(g.device, g.dtype))

@@ -1,0 +1,464 @@
+"""Fused image-causal cross-attention in Triton: forward and backward.
+
+Text queries q (B, H, T, D) attend to the visual keys k, v (B, H, N·L, D) of their images.
+``text_time`` (B, T) int32 says which image each token sees: 0 = none (exact zero output and
+zero gradients), m >= 1 = image m, whose keys are [(m - 1)·L, m·L). Immediate mode sees image
+``text_time[t]`` only; all-previous mode sees images ``1 .. text_time[t]``. ``text_time`` need
+not be monotone (IDEFICS resets it to 0 after an EOS token), but its nonzero values never
+decrease along T, so the tokens of one image are contiguous — the kernels rely on that.
+
+Design (memory-bound op: every choice is about reading q, k, v once and skipping keys):
+
+* Forward, one program per (query tile, batch·head). The tile loads its ``text_time`` and from
+  it the only keys any of its tokens may see: [(min nonzero tt - 1)·L, max tt·L) in immediate
+  mode, [0, max tt·L) in all-previous mode. It loops over those key blocks only, with an
+  online softmax in fp32, so immediate-mode cost does not grow with the number of images.
+  No dense mask, no per-batch mask build, no host synchronisation.
+* Backward, FA2-style without atomics: a small kernel computes ``delta = rowsum(dO·O)``; then
+  one launch runs two kinds of programs per batch·head: dK/dV programs, one per key block,
+  loop over the query range that may see the block, and dQ programs, one per query tile, loop
+  over the forward's key range. Each output element is written by exactly one program (no
+  atomics, no fp32 scratch buffers, no zero-fill, no extra cast kernel; images nobody sees get
+  zero dK/dV naturally) at the cost of recomputing q·kᵀ in both kinds of program — cheap here,
+  where the op is memory-bound and each key block is seen by only a few query tiles.
+  The query range of each image comes from an on-device search: ``searchsorted`` on
+  ``cummax(text_time)`` gives the first token whose image is >= m, for every m.
+
+Under the Triton interpreter (``TRITON_INTERPRET=1``, the CPU) bf16 arithmetic and bf16
+``tl.dot`` are wrong, so bf16 tiles are upcast to fp32 at load there (``UPCAST``); on a GPU
+the dots run in the input dtype on the tensor cores, fp32 inputs with exact ("ieee") dots.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Decided when the kernels are defined: triton.jit reads the variable at decoration time.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# log2(e): the kernels work in base 2 (exp2 is the native instruction)
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+__all__ = ["image_causal_fwd", "image_causal_bwd", "INTERPRET"]
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _visible_key_range(tt, L, NKEYS, IMMEDIATE: tl.constexpr):
+    """[lo, hi) of the keys some token of a tile (text_time ``tt``) may see; empty if none."""
+    max_tt = tl.max(tt, axis=0)
+    hi = tl.minimum(max_tt * L, NKEYS)
+    if IMMEDIATE:
+        # zeros are tokens without an image; the smallest real image bounds the range below
+        min_tt = tl.min(tl.where(tt > 0, tt, max_tt), axis=0)
+        lo = tl.maximum(min_tt - 1, 0) * L
+    else:
+        lo = hi * 0
+    return lo, hi
+
+
+@triton.jit
+def _visible(tt, img, IMMEDIATE: tl.constexpr):
+    """Which (token, key) pairs may attend, from the tokens' text_time and the keys' image
+    (broadcast against each other)."""
+    if IMMEDIATE:
+        return tt == img
+    return img <= tt
+
+
+@triton.jit
+def _load_tile(base, rows, stride_row, rows_ok, offs_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile with zero padding; fp32 under the interpreter's bf16 trap."""
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
+    x = tl.load(ptrs, mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_tile(base, rows, stride_row, rows_ok, offs_d, x, HEAD_DIM: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# ----------------------------------------------------------------------------- forward
+
+@triton.jit
+def _fwd_kernel(Q, K, V, TT, Out, Lse,
+                stride_qb, stride_qh, stride_qt,
+                stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn,
+                stride_ob, stride_oh, stride_ot,
+                H, T, NKEYS, L, qk_scale_log2,
+                IMMEDIATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # 1-D grid, tiles fastest: neighbouring programs share (b, h) and mostly the same image's
+    # K/V in L2, and B·H is not limited to the 65535 of a second grid axis.
+    n_tiles = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_tiles
+    b = bh // H
+    h = bh % H
+    # int64 base offsets: B·H·T·D can exceed 2**31; offsets inside one (b, h) slab stay int32
+    # (the wrapper checks they fit).
+    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+
+    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    tt = tl.load(TT + b * T + offs_m, mask=m_ok, other=0)
+    k_lo, k_hi = _visible_key_range(tt, L, NKEYS, IMMEDIATE)
+
+    q = _load_tile(q_base, offs_m, stride_qt, m_ok, offs_d, HEAD_DIM, UPCAST)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(k_lo, k_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < k_hi
+        k = _load_tile(k_base, offs_n, stride_kn, n_ok, offs_d, HEAD_DIM, UPCAST)
+        v = _load_tile(v_base, offs_n, stride_vn, n_ok, offs_d, HEAD_DIM, UPCAST)
+        # scores in log2 units: exp2 is the native instruction
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        visible = _visible(tt[:, None], (offs_n // L + 1)[None, :], IMMEDIATE) & n_ok[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a row with nothing visible so far keeps m = -inf; subtract 0 there instead (no nan)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_sub[:, None])
+        alpha = tl.exp2(m_i - m_sub)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # tokens without a visible key (text_time 0) have acc = 0, l = 0: output exactly 0, lse -inf
+    has_keys = l_i > 0.0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    _store_tile(o_base, offs_m, stride_ot, m_ok, offs_d, out, HEAD_DIM)
+    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / LOG2E,
+                   float("-inf"))
+    tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=m_ok)
+
+
+# ----------------------------------------------------------------------------- backward
+
+@triton.jit
+def _bwd_delta_kernel(Out, DOut, Delta,
+                      stride_ob, stride_oh, stride_ot,
+                      stride_dob, stride_doh, stride_dot,
+                      H, T,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta = rowsum(dO · O) in fp32, (B, H, T): the softmax backward's per-row term."""
+    n_tiles = tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_tiles
+    b = bh // H
+    h = bh % H
+    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    o = _load_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
+                   offs_m, stride_ot, m_ok, offs_d, HEAD_DIM, True)
+    do = _load_tile(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
+                    offs_m, stride_dot, m_ok, offs_d, HEAD_DIM, True)
+    tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
+
+
+@triton.jit
+def _bwd_dkdv(q_base, k_base, v_base, do_base, dk_base, dv_base, tt_row, lse_row, delta_row,
+              qstart_row, k0,
+              stride_qt, stride_kn, stride_vn, stride_dot, stride_dkn, stride_dvn,
+              T, NKEYS, L, qk_scale_log2, sm_scale,
+              IMMEDIATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+              UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dK, dV of keys [k0, k0 + BLOCK_N), over the tokens that may see them.
+
+    Computed transposed (keys x tokens) so that no tile needs a transpose before its dot.
+    """
+    offs_n = k0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_ok = offs_n < NKEYS
+    img = offs_n // L + 1
+    k = _load_tile(k_base, offs_n, stride_kn, n_ok, offs_d, HEAD_DIM, UPCAST)
+    v = _load_tile(v_base, offs_n, stride_vn, n_ok, offs_d, HEAD_DIM, UPCAST)
+    # tokens seeing images m_lo..m_hi of this block: from the first token whose image is
+    # >= m_lo, to the first whose image is > m_hi (immediate) or to the end (all-previous)
+    m_lo = k0 // L + 1
+    q_lo = tl.load(qstart_row + m_lo - 1)
+    if IMMEDIATE:
+        m_hi = (tl.minimum(k0 + BLOCK_N, NKEYS) - 1) // L + 1
+        q_hi = tl.load(qstart_row + m_hi)
+    else:
+        q_hi = T
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(q_lo, q_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < q_hi
+        q = _load_tile(q_base, offs_m, stride_qt, m_ok, offs_d, HEAD_DIM, UPCAST)
+        do = _load_tile(do_base, offs_m, stride_dot, m_ok, offs_d, HEAD_DIM, UPCAST)
+        tt = tl.load(tt_row + offs_m, mask=m_ok, other=0)
+        lse = tl.load(lse_row + offs_m, mask=m_ok, other=0.0) * LOG2E
+        delta = tl.load(delta_row + offs_m, mask=m_ok, other=0.0)
+
+        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+        visible = _visible(tt[None, :], img[:, None], IMMEDIATE) & n_ok[:, None]
+        # tokens without keys have lse = -inf: the where drops their inf before any product
+        p_t = tl.where(visible, tl.exp2(s_t - lse[None, :]), 0.0)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+
+    _store_tile(dk_base, offs_n, stride_dkn, n_ok, offs_d, dk * sm_scale, HEAD_DIM)
+    _store_tile(dv_base, offs_n, stride_dvn, n_ok, offs_d, dv, HEAD_DIM)
+
+
+@triton.jit
+def _bwd_dq(q_base, k_base, v_base, do_base, dq_base, tt_row, lse_row, delta_row, m0,
+            stride_qt, stride_kn, stride_vn, stride_dot, stride_dqt,
+            T, NKEYS, L, qk_scale_log2, sm_scale,
+            IMMEDIATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+            UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dQ of tokens [m0, m0 + BLOCK_M), over the same key range as the forward."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    tt = tl.load(tt_row + offs_m, mask=m_ok, other=0)
+    k_lo, k_hi = _visible_key_range(tt, L, NKEYS, IMMEDIATE)
+    q = _load_tile(q_base, offs_m, stride_qt, m_ok, offs_d, HEAD_DIM, UPCAST)
+    do = _load_tile(do_base, offs_m, stride_dot, m_ok, offs_d, HEAD_DIM, UPCAST)
+    lse = tl.load(lse_row + offs_m, mask=m_ok, other=0.0) * LOG2E
+    delta = tl.load(delta_row + offs_m, mask=m_ok, other=0.0)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(k_lo, k_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < k_hi
+        k = _load_tile(k_base, offs_n, stride_kn, n_ok, offs_d, HEAD_DIM, UPCAST)
+        v = _load_tile(v_base, offs_n, stride_vn, n_ok, offs_d, HEAD_DIM, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        visible = _visible(tt[:, None], (offs_n // L + 1)[None, :], IMMEDIATE) & n_ok[None, :]
+        p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    _store_tile(dq_base, offs_m, stride_dqt, m_ok, offs_d, dq * sm_scale, HEAD_DIM)
+
+
+@triton.jit
+def _bwd_kernel(Q, K, V, DO, TT, Lse, Delta, QStart, DQ, DK, DV,
+                stride_qb, stride_qh, stride_qt,
+                stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn,
+                stride_dob, stride_doh, stride_dot,
+                stride_dqb, stride_dqh, stride_dqt,
+                stride_dkb, stride_dkh, stride_dkn,
+                stride_dvb, stride_dvh, stride_dvn,
+                H, T, NKEYS, L, qk_scale_log2, sm_scale,
+                IMMEDIATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One launch, per batch·head: cdiv(N·L, BLOCK_N) dK/dV programs, then cdiv(T, BLOCK_M) dQ ones."""
+    n_kv = tl.cdiv(NKEYS, BLOCK_N)
+    n_per_bh = n_kv + tl.cdiv(T, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_per_bh
+    role = pid % n_per_bh
+    b = bh // H
+    h = bh % H
+    b64 = b.to(tl.int64)
+    h64 = h.to(tl.int64)
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    do_base = DO + b64 * stride_dob + h64 * stride_doh
+    tt_row = TT + b * T
+    lse_row = Lse + bh.to(tl.int64) * T
+    delta_row = Delta + bh.to(tl.int64) * T
+    if role < n_kv:
+        _bwd_dkdv(q_base, k_base, v_base, do_base,
+                  DK + b64 * stride_dkb + h64 * stride_dkh, DV + b64 * stride_dvb + h64 * stride_dvh,
+                  tt_row, lse_row, delta_row, QStart + b * (NKEYS // L + 1), role * BLOCK_N,
+                  stride_qt, stride_kn, stride_vn, stride_dot, stride_dkn, stride_dvn,
+                  T, NKEYS, L, qk_scale_log2, sm_scale,
+                  IMMEDIATE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION)
+    else:
+        _bwd_dq(q_base, k_base, v_base, do_base, DQ + b64 * stride_dqb + h64 * stride_dqh,
+                tt_row, lse_row, delta_row, (role - n_kv) * BLOCK_M,
+                stride_qt, stride_kn, stride_vn, stride_dot, stride_dqt,
+                T, NKEYS, L, qk_scale_log2, sm_scale,
+                IMMEDIATE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION)
+
+
+# ----------------------------------------------------------------------------- host side
+
+def _block_sizes(head_dim: int, latents_per_media: int, T: int, dtype: torch.dtype,
+                 only_immediate: bool, *, max_block_m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) from the head size, image size and dtype.
+
+    BLOCK_D is the head size padded to a power of two (>= 16, tl.dot's minimum). In immediate
+    mode a token sees L keys, so key blocks are sized to L (a power of two between 16 and 64):
+    a key block much larger than an image would mostly load keys nobody in the tile sees.
+    Query tiles shrink for short T (decoding, T = 1) and for large heads or fp32 (registers).
+    """
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    big = block_d > 64 or dtype == torch.float32
+    block_n = min(64, max(16, triton.next_power_of_2(latents_per_media))) if only_immediate else 64
+    if block_d > 128:
+        block_n = min(block_n, 32)
+    block_m = max_block_m // 2 if big else max_block_m
+    block_m = min(block_m, max(16, triton.next_power_of_2(T)))
+    num_warps = 8 if block_d > 64 and block_m >= 128 else 4
+    return block_m, block_n, block_d, num_warps
+
+
+def _launch_options(dtype: torch.dtype) -> dict:
+    """Constexprs that depend on the dtype and on whether the interpreter runs the kernel."""
+    return dict(UPCAST=INTERPRET and dtype == torch.bfloat16,
+                # fp32 inputs get exact dots (tl.dot would round them to tf32 on a GPU);
+                # fp16 / bf16 take the default (tensor cores)
+                DOT_PRECISION="ieee" if dtype == torch.float32 else None)
+
+
+def _as_kernel_operand(name: str, x: torch.Tensor) -> torch.Tensor:
+    """x with a unit-stride last dim (a copy only if it had none), checked for int32 row offsets."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    last_offset = (x.shape[2] - 1) * x.stride(2) + x.shape[3] if x.shape[2] else 0
+    if last_offset >= 2 ** 31:
+        raise ValueError(f"image_causal: {name} of shape {tuple(x.shape)} and strides {x.stride()} has "
+                         f"offsets of {last_offset} within one (batch, head), beyond int32: "
+                         "pass a contiguous tensor or split the sequence")
+    return x
+
+
+def _check_text_time(text_time: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    if text_time.dtype != torch.int32:
+        raise TypeError(f"image_causal: text_time must be int32, got {text_time.dtype}")
+    if tuple(text_time.shape) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"image_causal: text_time shape {tuple(text_time.shape)} is not (B, T) = "
+                         f"{(q.shape[0], q.shape[2])}")
+    return text_time.contiguous()
+
+
+def image_causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
+                     latents_per_media: int, only_immediate: bool,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the image-causal cross-attention.
+
+    Args:
+        q: (B, H, T, D) queries, any strides with a unit-stride last dim.
+        k, v: (B, H, N·L, D) keys and values, image-major, same rule for strides.
+        text_time: (B, T) int32, 0 = no image, m = image m; nonzero values non-decreasing in T.
+        latents_per_media: L.
+        only_immediate: immediate (True) or all-previous (False) mode.
+        scale: softmax scale.
+
+    Returns:
+        out: (B, H, T, D) in q's dtype, laid out like q when q is dense (a transposed view of a
+            (B, T, H·D) projection gives an output whose reshape back is free).
+        lse: (B, H, T) fp32 natural-log log-sum-exp of each row's scaled scores; -inf for
+            tokens that see no key.
+    """
+    q = _as_kernel_operand("q", q)
+    k = _as_kernel_operand("k", k)
+    v = _as_kernel_operand("v", v)
+    text_time = _check_text_time(text_time, q)
+    B, H, T, D = q.shape
+    nkeys = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse.fill_(float("-inf"))
+    block_m, block_n, block_d, num_warps = _block_sizes(D, latents_per_media, T, q.dtype, only_immediate,
+                                                        max_block_m=128)
+    grid = (triton.cdiv(T, block_m) * B * H,)
+    _fwd_kernel[grid](
+        q, k, v, text_time, out, lse,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        H, T, nkeys, latents_per_media, scale * LOG2E.value,
+        IMMEDIATE=only_immediate, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=2, **_launch_options(q.dtype))
+    return out, lse
+
+
+def image_query_start(text_time: torch.Tensor, num_media: int) -> torch.Tensor:
+    """(B, T) int32 -> (B, N + 1) int32: the first token whose image is >= m, for m = 1 .. N + 1.
+
+    Nonzero text_time values never decrease, so the tokens of image m (and with it the tokens
+    that may see image m) start there. On the device, without a host sync.
+    """
+    B = text_time.shape[0]
+    running_max = torch.cummax(text_time, dim=1).values
+    images = torch.arange(1, num_media + 2, device=text_time.device, dtype=text_time.dtype)
+    return torch.searchsorted(running_max, images.expand(B, num_media + 1).contiguous(), out_int32=True)
+
+
+def image_causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     out: torch.Tensor, lse: torch.Tensor, text_time: torch.Tensor,
+                     latents_per_media: int, only_immediate: bool,
+                     scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`image_causal_fwd`.
+
+    Args:
+        dout: (B, H, T, D) gradient of ``out``, any strides.
+        q, k, v, text_time, latents_per_media, only_immediate, scale: as given to the forward.
+        out, lse: the forward's outputs.
+
+    Returns:
+        dq, dk, dv shaped and (when dense) laid out like q, k, v. Tokens with text_time 0 get
+        dq = 0 exactly; keys of images no token sees get dk = dv = 0.
+    """
+    q = _as_kernel_operand("q", q)
+    k = _as_kernel_operand("k", k)
+    v = _as_kernel_operand("v", v)
+    out = _as_kernel_operand("out", out)
+    dout = _as_kernel_operand("dout", dout)
+    text_time = _check_text_time(text_time, q)
+    B, H, T, D = q.shape
+    nkeys = k.shape[2]
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if B * H == 0 or T == 0:
+        return dq, dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+
+    block_m, block_n, block_d, num_warps = _block_sizes(D, latents_per_media, T, q.dtype, only_immediate,
+                                                        max_block_m=64)
+    delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
+    _bwd_delta_kernel[(triton.cdiv(T, block_m) * B * H,)](
+        out, dout, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        H, T, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
+    qstart = image_query_start(text_time, nkeys // latents_per_media)
+
+    grid = ((triton.cdiv(nkeys, block_n) + triton.cdiv(T, block_m)) * B * H,)
+    _bwd_kernel[grid](
+        q, k, v, dout, text_time, lse, delta, qstart, dq, dk, dv,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        H, T, nkeys, latents_per_media, scale * LOG2E.value, scale,
+        IMMEDIATE=only_immediate, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+        num_warps=num_warps, num_stages=2, **_launch_options(q.dtype))
+    return dq, dk, dv

@@ -1,0 +1,460 @@
+"""Fused Perceiver latent attention: Triton forward and backward.
+
+The Perceiver resampler's latents attend to the media (patch) tokens of their image and to
+themselves, with one softmax over the concatenation ``[media ; latents]``:
+
+    out = softmax(q [k_media ; k_latents]^T * scale) [v_media ; v_latents]
+
+These kernels never build the concatenation: each program walks the media key blocks, then the
+latent key blocks, with the same running max and sum (one online softmax over both sources).
+
+Shapes: ``q`` (B, H, L, D) latent queries; ``k_media``/``v_media`` (B, H, V, D);
+``k_latents``/``v_latents`` (B, H, L, D). B = images x frames. Any strides are accepted as long
+as the last dim is contiguous (the resampler passes views of its (B, S, H*D) projections).
+One launch covers all B*H heads.
+
+Outputs are allocated in the (B, S, H, D) memory layout and returned as (B, H, S, D) views (see
+:func:`empty_bshd`): that is the layout the resampler's projections produce and consume, so
+``out.transpose(1, 2).reshape(B, L, H * D)`` and the gradients' way back into the projections
+are free (no copy).
+
+Under ``TRITON_INTERPRET=1`` (CPU) bf16 arithmetic is silently wrong in the interpreter, so bf16
+tiles are upcast to fp32 after loading (``UPCAST``); on a GPU the dots stay in the input dtype
+(tensor cores) with fp32 accumulation. fp32 inputs use IEEE fp32 dots (not TF32), so that fp32
+means fp32.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Triton decides at decoration time whether kernels are interpreted: read the flag the same way.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+# bwd splits the keys of one (b, h) over programs in chunks of a multiple of this (>= every
+# bwd BLOCK_N below), so that media key blocks stay aligned whatever config autotune picks
+_SPLIT_GRANULE = 64
+
+
+def _configs(gpu: list[tuple[int, int, int]]) -> list[triton.Config]:
+    """(BLOCK_N, num_warps, num_stages) triples -> autotune configs; one under the interpreter,
+    where autotuning with more than one config fails (no GPU to time on)."""
+    if INTERPRET:
+        gpu = [(64, 4, 1)]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in gpu]
+
+
+# Both kernels are memory-bound at the resampler's shapes (L = 64 queries per head, D = 64):
+# the candidates trade pipelining depth against registers.
+_FWD_CONFIGS = _configs([(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 3), (64, 8, 2)])
+_BWD_CONFIGS = _configs([(32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 4, 2), (64, 8, 1), (64, 8, 2)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+
+@triton.jit
+def _load_rows(base, rows, row_end, stride_row, offs_d, D, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """A (len(rows), BLOCK_D) tile of a (rows, D) matrix whose last dim is contiguous; zeros
+    outside ``rows < row_end`` and ``d < D`` (padding keeps the dots exact)."""
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
+    if EVEN_D:
+        x = tl.load(ptrs, mask=(rows < row_end)[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs, mask=(rows < row_end)[:, None] & (offs_d < D)[None, :], other=0.0)
+    if UPCAST:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_rows(base, x, rows, row_end, stride_row, offs_d, D, EVEN_D: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
+    if EVEN_D:
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows < row_end)[:, None])
+    else:
+        tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows < row_end)[:, None] & (offs_d < D)[None, :])
+
+
+@triton.jit
+def _fwd_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, n_keys, D, qk_scale,
+                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Fold the ``n_keys`` keys of one source into the running (acc, max, sum); log2 domain."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for start in range(0, n_keys, BLOCK_N):
+        rows = start + offs_n
+        k = _load_rows(k_base, rows, n_keys, stride_kn, offs_d, D, EVEN_D, UPCAST)
+        v = _load_rows(v_base, rows, n_keys, stride_vn, offs_d, D, EVEN_D, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        s = tl.where((rows < n_keys)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["L", "V", "D"])
+@triton.jit
+def _perceiver_fwd_kernel(
+        Q, KM, VM, KL, VL, O, LSE,
+        s_qb, s_qh, s_ql, s_kmb, s_kmh, s_kmn, s_vmb, s_vmh, s_vmn,
+        s_klb, s_klh, s_kln, s_vlb, s_vlh, s_vln, s_ob, s_oh, s_ol,
+        H, L, V, D, qk_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Grid (cdiv(L, BLOCK_M), B*H). ``qk_scale`` = scale * log2(e); LSE is (B*H, L) fp32, natural log."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, L, s_ql, offs_d, D, EVEN_D, UPCAST)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # media keys, then the latents' own keys: one softmax over [media ; latents]
+    acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, KM + b * s_kmb + h * s_kmh, VM + b * s_vmb + h * s_vmh,
+                                s_kmn, s_vmn, V, D, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, DOT_PREC)
+    acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, KL + b * s_klb + h * s_klh, VL + b * s_vlb + h * s_vlh,
+                                s_kln, s_vln, L, D, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, DOT_PREC)
+    # l_i >= 1 on every row (the row max contributes exp2(0)), also on padded query rows
+    _store_rows(O + b * s_ob + h * s_oh, acc / l_i[:, None], rows_m, L, s_ol, offs_d, D, EVEN_D)
+    tl.store(LSE + bh.to(tl.int64) * L + rows_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rows_m < L)
+
+
+@triton.jit
+def _bwd_tile(q, do, lse2, delta, k, v, col_valid, qk_scale, DOT_PREC: tl.constexpr):
+    """Gradient contributions of one (query tile, key block) pair, before the softmax scale:
+    returns (dS k, dS^T q, P^T dO) for dq, dk, dv."""
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    # padded key columns load as zeros and would get exp2(-lse) > 0: mask them
+    p = tl.where(col_valid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = (p * (dp - delta[:, None])).to(q.dtype)
+    dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PREC)
+    dq = tl.dot(ds, k, input_precision=DOT_PREC)
+    return dq, dk, dv
+
+
+@triton.jit
+def _load_query_tile(q_base, o_base, do_base, lse_base, rows_m, L, s_ql, s_ol, s_dol, offs_d, D,
+                     EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """q, dO, lse (log2 units) and delta = rowsum(dO * O) of one query tile. Padded query rows
+    get lse = +inf, hence P = 0 and no contribution."""
+    q = _load_rows(q_base, rows_m, L, s_ql, offs_d, D, EVEN_D, UPCAST)
+    do = _load_rows(do_base, rows_m, L, s_dol, offs_d, D, EVEN_D, UPCAST)
+    o = _load_rows(o_base, rows_m, L, s_ol, offs_d, D, EVEN_D, UPCAST)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    lse2 = tl.load(lse_base + rows_m, mask=rows_m < L, other=float("inf")) * 1.4426950408889634
+    return q, do, lse2, delta
+
+
+@triton.jit
+def _bwd_source(dq, q, do, lse2, delta,
+                k_base, v_base, dk_base, dv_base, s_kn, s_vn, s_dkn, s_dvn, lo, hi,
+                q_base, o_base, do_base, lse_base, dq_base, s_ql, s_ol, s_dol, s_dql, key_offset, key_lo,
+                L, D, qk_scale, sm_scale,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_M: tl.constexpr,
+                EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """dK, dV of keys [lo, hi) of one source (stored), and their share of dQ.
+
+    SINGLE_M (all L queries in one tile, the resampler's case): the query tile (q, do, lse2,
+    delta) is loaded once by the caller and dq accumulates in registers (returned).
+    Otherwise the queries are walked tile by tile for each key block, and dq is
+    read-added-written in this program's own fp32 rows of ``dq_base`` (no other program touches
+    them, so no atomics); the program's first key block (key ``key_lo`` of the concatenation,
+    where this source starts at ``key_offset``) stores instead of adding, so no zero-fill is
+    needed and a re-run (autotuning) gives the same result.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    for start in range(lo, hi, BLOCK_N):
+        rows_n = start + offs_n
+        col_valid = rows_n < hi
+        k = _load_rows(k_base, rows_n, hi, s_kn, offs_d, D, EVEN_D, UPCAST)
+        v = _load_rows(v_base, rows_n, hi, s_vn, offs_d, D, EVEN_D, UPCAST)
+        if SINGLE_M:
+            dq_c, dk, dv = _bwd_tile(q, do, lse2, delta, k, v, col_valid, qk_scale, DOT_PREC)
+            dq += dq_c
+        else:
+            dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            first = start + key_offset == key_lo
+            for m0 in range(0, L, BLOCK_M):
+                rows_m = m0 + tl.arange(0, BLOCK_M)
+                q_t, do_t, lse2_t, delta_t = _load_query_tile(q_base, o_base, do_base, lse_base, rows_m, L,
+                                                              s_ql, s_ol, s_dol, offs_d, D, EVEN_D, UPCAST)
+                dq_c, dk_c, dv_c = _bwd_tile(q_t, do_t, lse2_t, delta_t, k, v, col_valid, qk_scale, DOT_PREC)
+                dk += dk_c
+                dv += dv_c
+                dq_ptrs = dq_base + rows_m[:, None] * s_dql + offs_d[None, :]
+                dq_mask = (rows_m < L)[:, None] & (offs_d < D)[None, :]
+                dq_old = tl.load(dq_ptrs, mask=dq_mask & (first == 0), other=0.0)
+                tl.store(dq_ptrs, dq_old + dq_c * sm_scale, mask=dq_mask)
+        _store_rows(dk_base, dk * sm_scale, rows_n, hi, s_dkn, offs_d, D, EVEN_D)
+        _store_rows(dv_base, dv, rows_n, hi, s_dvn, offs_d, D, EVEN_D)
+    return dq
+
+
+@triton.autotune(configs=_BWD_CONFIGS, key=["L", "V", "D", "SINGLE_M"])
+@triton.jit
+def _perceiver_bwd_kernel(
+        Q, KM, VM, KL, VL, O, DO, LSE, DQ, DKM, DVM, DKL, DVL,
+        s_qb, s_qh, s_ql, s_kmb, s_kmh, s_kmn, s_vmb, s_vmh, s_vmn,
+        s_klb, s_klh, s_kln, s_vlb, s_vlh, s_vln, s_ob, s_oh, s_ol, s_dob, s_doh, s_dol,
+        s_dqs, s_dqb, s_dqh, s_dql, s_dkmb, s_dkmh, s_dkmn, s_dvmb, s_dvmh, s_dvmn,
+        s_dklb, s_dklh, s_dkln, s_dvlb, s_dvlh, s_dvln,
+        H, L, V, D, KEYS_PER_SPLIT, qk_scale, sm_scale,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_M: tl.constexpr,
+        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Grid (splits, B*H): program (s, bh) owns keys [s*KEYS_PER_SPLIT, (s+1)*KEYS_PER_SPLIT) of
+    the virtual concatenation [media ; latents] of head bh, writes their dK, dV, and writes its
+    share of dQ to DQ[s] (summed over splits by the host when there is more than one)."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    key_lo = split * KEYS_PER_SPLIT
+    key_hi = tl.minimum(key_lo + KEYS_PER_SPLIT, V + L)
+    media_lo = tl.minimum(key_lo, V)
+    media_hi = tl.minimum(key_hi, V)
+    lat_lo = tl.maximum(key_lo - V, 0)
+    lat_hi = tl.maximum(key_hi - V, 0)
+
+    q_base = Q + b * s_qb + h * s_qh
+    o_base = O + b * s_ob + h * s_oh
+    do_base = DO + b * s_dob + h * s_doh
+    lse_base = LSE + bh.to(tl.int64) * L
+    dq_base = DQ + split.to(tl.int64) * s_dqs + b * s_dqb + h * s_dqh
+    offs_d = tl.arange(0, BLOCK_D)
+
+    rows_m = tl.arange(0, BLOCK_M)
+    if SINGLE_M:
+        q, do, lse2, delta = _load_query_tile(q_base, o_base, do_base, lse_base, rows_m, L,
+                                              s_ql, s_ol, s_dol, offs_d, D, EVEN_D, UPCAST)
+    else:  # placeholders: _bwd_source loads the query tiles itself
+        q = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        do = q
+        lse2 = tl.zeros([BLOCK_M], dtype=tl.float32)
+        delta = lse2
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = _bwd_source(dq, q, do, lse2, delta,
+                     KM + b * s_kmb + h * s_kmh, VM + b * s_vmb + h * s_vmh,
+                     DKM + b * s_dkmb + h * s_dkmh, DVM + b * s_dvmb + h * s_dvmh,
+                     s_kmn, s_vmn, s_dkmn, s_dvmn, media_lo, media_hi,
+                     q_base, o_base, do_base, lse_base, dq_base, s_ql, s_ol, s_dol, s_dql, 0, key_lo,
+                     L, D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_M, EVEN_D, UPCAST, DOT_PREC)
+    dq = _bwd_source(dq, q, do, lse2, delta,
+                     KL + b * s_klb + h * s_klh, VL + b * s_vlb + h * s_vlh,
+                     DKL + b * s_dklb + h * s_dklh, DVL + b * s_dvlb + h * s_dvlh,
+                     s_kln, s_vln, s_dkln, s_dvln, lat_lo, lat_hi,
+                     q_base, o_base, do_base, lse_base, dq_base, s_ql, s_ol, s_dol, s_dql, V, key_lo,
+                     L, D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_M, EVEN_D, UPCAST, DOT_PREC)
+    if SINGLE_M:
+        _store_rows(dq_base, dq * sm_scale, rows_m, L, s_dql, offs_d, D, EVEN_D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain functions
+# ----------------------------------------------------------------------------------------------
+
+def empty_bshd(B: int, H: int, S: int, D: int, *, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised (B, H, S, D) tensor laid out in memory as (B, S, H, D).
+
+    The layout every output of these kernels uses (and the custom op's fake functions repeat).
+    """
+    return torch.empty(B, S, H, D, device=like.device, dtype=like.dtype if dtype is None else dtype).transpose(1, 2)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    # pointer math assumes unit stride along D; every other stride is passed to the kernel
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _check(name: str, t: torch.Tensor, q: torch.Tensor, seq: int | None) -> None:
+    B, H, L, D = q.shape
+    if t.dim() != 4 or t.shape[0] != B or t.shape[1] != H or t.shape[3] != D or (seq is not None and t.shape[2] != seq):
+        want = f"({B}, {H}, {'S' if seq is None else seq}, {D})"
+        raise ValueError(f"perceiver kernel: {name} has shape {tuple(t.shape)}, expected {want} from q {tuple(q.shape)}")
+    if t.dtype != q.dtype or t.device != q.device:
+        raise ValueError(f"perceiver kernel: {name} is {t.dtype} on {t.device}, q is {q.dtype} on {q.device}")
+
+
+def _check_inputs(q, k_media, v_media, k_latents, v_latents) -> None:
+    if q.dim() != 4:
+        raise ValueError(f"perceiver kernel: q must be (B, H, L, D), got shape {tuple(q.shape)}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"perceiver kernel: dtype {q.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"perceiver kernel: head_dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported")
+    if not q.is_cuda and not INTERPRET:
+        raise ValueError(f"perceiver kernel: tensors are on {q.device}; the Triton kernels need CUDA "
+                         "tensors, or TRITON_INTERPRET=1 set before fastflamingo.kernels is imported")
+    _check("k_media", k_media, q, None)
+    _check("v_media", v_media, q, k_media.shape[2])
+    _check("k_latents", k_latents, q, q.shape[2])
+    _check("v_latents", v_latents, q, q.shape[2])
+
+
+def _bhs(t: torch.Tensor) -> tuple[int, int, int]:
+    """Strides of the batch, head and sequence dims of a (B, H, S, D) tensor."""
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _block_m(L: int, block_m: int | None) -> int:
+    # one query tile covers all latents up to 128 (the resampler has 64): dq then lives in registers
+    return block_m if block_m is not None else min(128, max(16, triton.next_power_of_2(L)))
+
+
+def _common_meta(q: torch.Tensor) -> dict:
+    D = q.shape[-1]
+    block_d = max(16, triton.next_power_of_2(D))
+    return dict(BLOCK_D=block_d, EVEN_D=block_d == D,
+                UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def perceiver_fwd(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor,
+                  k_latents: torch.Tensor, v_latents: torch.Tensor, scale: float,
+                  *, block_m: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward of the Perceiver latent attention.
+
+    Args:
+        q: (B, H, L, D) latent queries.
+        k_media, v_media: (B, H, V, D) media keys / values.
+        k_latents, v_latents: (B, H, L, D) the latents' own keys / values.
+        scale: softmax scale (``D ** -0.5`` in the models).
+        block_m: query tile size override (a power of two >= 16), for tests and tuning.
+
+    Returns:
+        out (B, H, L, D) in q's dtype, stored in (B, L, H, D) memory layout; lse (B, H, L) fp32,
+        the natural-log log-sum-exp of each row's scaled scores (kept for the backward).
+    """
+    q, k_media, v_media, k_latents, v_latents = map(_last_dim_contiguous, (q, k_media, v_media, k_latents, v_latents))
+    _check_inputs(q, k_media, v_media, k_latents, v_latents)
+    B, H, L, D = q.shape
+    V = k_media.shape[2]
+    out = empty_bshd(B, H, L, D, like=q)
+    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    if out.numel() == 0:
+        return out, lse
+    BLOCK_M = _block_m(L, block_m)
+    grid = (triton.cdiv(L, BLOCK_M), B * H)
+    _perceiver_fwd_kernel[grid](
+        q, k_media, v_media, k_latents, v_latents, out, lse,
+        *_bhs(q), *_bhs(k_media), *_bhs(v_media), *_bhs(k_latents), *_bhs(v_latents), *_bhs(out),
+        H, L, V, D, scale * LOG2E, BLOCK_M=BLOCK_M, **_common_meta(q))
+    return out, lse
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _num_splits(BH: int, n_keys: int, device: torch.device) -> int:
+    """How many programs share the keys of one head in the backward.
+
+    One program per head (splits = 1) reads every K/V block once, keeps dq in registers, and
+    writes dq directly: the least traffic and no reduction, which is what the resampler's sizes
+    want (B*H = 64 images x 8 heads = 512 or 256 x 8 = 2048 programs for 132 SMs, with L = 64
+    queries in one tile). Only when B*H cannot fill the GPU (a few images) are a head's keys
+    split over several programs, whose dq shares are then summed (fp32, deterministic, no
+    atomics) at the cost of re-reading q, dO and O per split.
+    """
+    if device.type != "cuda":
+        return 1
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    target = 2 * _SM_COUNT[device.index]
+    if BH >= target:
+        return 1
+    return max(1, min(triton.cdiv(target, BH), triton.cdiv(n_keys, _SPLIT_GRANULE)))
+
+
+def perceiver_bwd(dout: torch.Tensor, q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor,
+                  k_latents: torch.Tensor, v_latents: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                  scale: float, *, num_splits: int | None = None, block_m: int | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of :func:`perceiver_fwd` (FlashAttention-2 style, recomputing P from lse).
+
+    Design, for the resampler's L = 64 queries, V = 257, D = 64, B*H = 512 or 2048: all L
+    queries fit one tile, so one program per (b, h) loads q, dO, O (for delta = rowsum(dO * O),
+    computed in-kernel: no separate pre-pass launch) once, walks the media key blocks and then
+    the latent key blocks, writes each block's dK and dV as soon as it is done, and keeps dQ in
+    registers until the end. Every input is read once and every gradient written once, with no
+    atomics and one launch. The usual FA2 split (a dK/dV kernel per key block plus a dQ kernel,
+    or dQ by atomics) would read K/V twice or contend on dQ; its only gain, parallelism over key
+    blocks, is reached here with ``num_splits`` when B*H is too small to fill the GPU.
+
+    Args:
+        dout: (B, H, L, D) gradient of ``out``.
+        q, k_media, v_media, k_latents, v_latents: the forward inputs.
+        out, lse: the forward outputs.
+        scale: the forward's softmax scale.
+        num_splits: programs per head sharing its keys (default: see :func:`_num_splits`).
+        block_m: query tile size override (a power of two >= 16); below L it selects the
+            multi-tile path (used for L > 128), for tests.
+
+    Returns:
+        dq, dk_media, dv_media, dk_latents, dv_latents, shaped like the inputs, in their dtype,
+        stored in (B, S, H, D) memory layout.
+    """
+    dout, q, k_media, v_media, k_latents, v_latents, out = map(
+        _last_dim_contiguous, (dout, q, k_media, v_media, k_latents, v_latents, out))
+    _check_inputs(q, k_media, v_media, k_latents, v_latents)
+    _check("dout", dout, q, q.shape[2])
+    _check("out", out, q, q.shape[2])
+    B, H, L, D = q.shape
+    V = k_media.shape[2]
+    if tuple(lse.shape) != (B, H, L) or lse.dtype != torch.float32:
+        raise ValueError(f"perceiver kernel: lse must be ({B}, {H}, {L}) float32, got {tuple(lse.shape)} {lse.dtype}")
+    lse = lse.contiguous()
+    dk_media, dv_media = empty_bshd(B, H, V, D, like=q), empty_bshd(B, H, V, D, like=q)
+    dk_latents, dv_latents = empty_bshd(B, H, L, D, like=q), empty_bshd(B, H, L, D, like=q)
+    dq = empty_bshd(B, H, L, D, like=q)
+    if q.numel() == 0:
+        dk_media.zero_(), dv_media.zero_()
+        return dq, dk_media, dv_media, dk_latents, dv_latents
+
+    BLOCK_M = _block_m(L, block_m)
+    single_m = L <= BLOCK_M
+    n_keys = V + L
+    splits = _num_splits(B * H, n_keys, q.device) if num_splits is None else num_splits
+    if splits < 1:
+        raise ValueError(f"perceiver kernel: num_splits={splits} must be >= 1")
+    keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), _SPLIT_GRANULE) * _SPLIT_GRANULE
+    splits = triton.cdiv(n_keys, keys_per_split)  # no empty split: each one writes its dq share
+    if splits == 1 and single_m:
+        dq_buf, dq_strides = dq, (0, *_bhs(dq))  # dq written straight from registers
+    else:
+        # fp32 shares (or fp32 read-add-write rows, multi-tile path), summed and cast below
+        dq_buf = torch.empty(splits, B, L, H, D, device=q.device, dtype=torch.float32).transpose(2, 3)
+        dq_strides = (dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2), dq_buf.stride(3))
+
+    grid = (splits, B * H)
+    _perceiver_bwd_kernel[grid](
+        q, k_media, v_media, k_latents, v_latents, out, dout, lse, dq_buf,
+        dk_media, dv_media, dk_latents, dv_latents,
+        *_bhs(q), *_bhs(k_media), *_bhs(v_media), *_bhs(k_latents), *_bhs(v_latents), *_bhs(out), *_bhs(dout),
+        *dq_strides, *_bhs(dk_media), *_bhs(dv_media), *_bhs(dk_latents), *_bhs(dv_latents),
+        H, L, V, D, keys_per_split, scale * LOG2E, scale,
+        BLOCK_M=BLOCK_M, SINGLE_M=single_m, **_common_meta(q))
+    if dq_buf is not dq:
+        dq.copy_(dq_buf.sum(0))
+    return dq, dk_media, dv_media, dk_latents, dv_latents

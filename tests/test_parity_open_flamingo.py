@@ -1,0 +1,100 @@
+"""fastflamingo computes what open_flamingo 2.0.1 computes: same weights, same logits (fp32)."""
+import pytest
+import torch
+
+from fastflamingo.convert.open_flamingo import from_open_flamingo
+from fastflamingo.model import text_time_for
+
+from peers import EOS_ID, MEDIA_ID, layouts, num_media, open_flamingo_model
+
+pytest.importorskip("open_flamingo", reason="install the test extras: see README")
+
+FAMILIES = ["llama", "gpt_neox", "mpt"]
+
+
+def _vision(ids, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(ids.shape[0], num_media(ids), 1, 3, 32, 32, generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("every_n", [1, 2])
+def test_logits_match_open_flamingo_immediate(family, every_n):
+    live = open_flamingo_model(family, every_n=every_n)
+    ours = from_open_flamingo(live)
+    for name, ids, mask in layouts():
+        vx = _vision(ids)
+        with torch.no_grad():
+            ref = live(vx, ids, attention_mask=mask).logits
+            got = ours(vx, ids, attention_mask=mask).logits
+        keep = mask.bool()  # padded positions are not part of anyone's output
+        diff = (ref - got).abs()[keep].max().item()
+        assert diff <= 1e-5, f"{family} n={every_n} layout {name}: max |diff| {diff:.2e}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_match_open_flamingo_all_previous(family):
+    """All-previous mode. open_flamingo gives tokens before the first image a uniform average over
+    all media (its mask fills -max, and only immediate mode zeroes them); fastflamingo gives them 0,
+    as in immediate mode. Layouts here start every row (after padding) with an image, so those
+    tokens are only padding, which no other token attends to; every other token must match."""
+    live = open_flamingo_model(family, every_n=2, only_immediate=False)
+    ours = from_open_flamingo(live)
+    assert ours.config.only_attend_immediate_media is False
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 120, (3, 20), generator=g)
+    ids[0, [0, 4, 5, 12]] = MEDIA_ID
+    ids[1, [0, 19]] = MEDIA_ID
+    ids[2, :4] = 127
+    ids[2, [4, 10]] = MEDIA_ID
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0
+    vx = _vision(ids, seed=3)
+    with torch.no_grad():
+        ref = live(vx, ids, attention_mask=mask).logits
+        got = ours(vx, ids, attention_mask=mask).logits
+    seen = text_time_for(ids, MEDIA_ID) > 0
+    diff = (ref - got).abs()[seen].max().item()
+    assert diff <= 1e-5, f"{family}: max |diff| {diff:.2e}"
+
+
+def test_difference_before_first_image_in_all_previous_mode_is_documented_behaviour():
+    """The one place fastflamingo deliberately differs: a token before any image."""
+    live = open_flamingo_model("llama", every_n=1, only_immediate=False)
+    ours = from_open_flamingo(live)
+    ids = torch.randint(3, 120, (1, 10))
+    ids[0, 6] = MEDIA_ID
+    vx = _vision(ids)
+    with torch.no_grad():
+        ref = live(vx, ids).logits
+        got = ours(vx, ids).logits
+    assert (ref[0, :6] - got[0, :6]).abs().max() > 1e-4  # open_flamingo: uniform attention there
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loss_and_gradients_match_open_flamingo(family):
+    live = open_flamingo_model(family, every_n=2)
+    ours = from_open_flamingo(live)
+    _, ids, mask = layouts()[0]
+    vx = _vision(ids)
+    labels = ids.clone()
+    labels[ids == MEDIA_ID] = -100
+    ref = live(vx, ids, attention_mask=mask, labels=labels).loss
+    got = ours(vx, ids, attention_mask=mask, labels=labels).loss
+    assert abs(ref.item() - got.item()) <= 1e-5
+    # same trainable parameters by name: the gradients of the two models must agree
+    live_params = dict(live.named_parameters(remove_duplicate=False))
+    names = [n for n, p in ours.named_parameters() if p.requires_grad and n in live_params]
+    assert len(names) > 20
+    ours_p = dict(ours.named_parameters())
+    g_ours = torch.autograd.grad(got, [ours_p[n] for n in names])
+    g_ref = torch.autograd.grad(ref, [live_params[n] for n in names], allow_unused=True)
+    for n, a, b in zip(names, g_ours, g_ref):
+        assert b is not None, n
+        assert (a - b).abs().max().item() <= 1e-5, n
+
+
+def test_eos_reset_text_time():
+    ids = torch.tensor([[5, MEDIA_ID, 7, EOS_ID, 8, 9, MEDIA_ID, 4, EOS_ID]])
+    assert text_time_for(ids, MEDIA_ID).tolist() == [[0, 1, 1, 1, 1, 1, 2, 2, 2]]
+    assert text_time_for(ids, MEDIA_ID, EOS_ID).tolist() == [[0, 1, 1, 1, 0, 0, 2, 2, 2]]
