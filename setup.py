@@ -3,10 +3,9 @@
 The Triton kernels live in the top-level ``kernels/`` folder of the repository and are installed
 as ``fastflamingo.kernels`` (PyPI already has an unrelated package named ``kernels``).
 """
-from setuptools import setup
+from setuptools import find_packages, setup
 
-PACKAGES = ["fastflamingo", "fastflamingo.ops", "fastflamingo.convert", "fastflamingo.bench",
-            "fastflamingo.kernels"]
+PACKAGES = find_packages(include=["fastflamingo", "fastflamingo.*"]) + ["fastflamingo.kernels"]
 
 setup(
     name="fastflamingo",

@@ -16,19 +16,20 @@ def setup_tokenizer(tokenizer, lang_encoder: nn.Module | None = None) -> dict:
 
     Returns:
         dict with ``media_token_id``, ``eoc_token_id``, ``pad_token_id`` and ``num_base_tokens``
-        (the embedding rows before resizing: rows from there on are the trainable new ones).
+        (the tokenizer's size before the new tokens: embedding rows from there on are the
+        trainable new ones).
     """
-    num_base = lang_encoder.get_input_embeddings().weight.shape[0] if lang_encoder is not None else len(tokenizer)
+    num_base = len(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, MEDIA_TOKEN]})
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    if lang_encoder is not None and len(tokenizer) != num_base:
+    if lang_encoder is not None and len(tokenizer) != lang_encoder.get_input_embeddings().weight.shape[0]:
         lang_encoder.resize_token_embeddings(len(tokenizer))
     return {
         "media_token_id": tokenizer.convert_tokens_to_ids(MEDIA_TOKEN),
         "eoc_token_id": tokenizer.convert_tokens_to_ids(EOC_TOKEN),
         "pad_token_id": tokenizer.pad_token_id,
-        "num_base_tokens": min(num_base, len(tokenizer)),
+        "num_base_tokens": num_base,
     }
 
 

@@ -115,3 +115,13 @@ def layouts(T: int = 24):
 
 def num_media(ids: torch.Tensor) -> int:
     return int((ids == MEDIA_ID).sum(-1).max())
+
+
+def tiny_tokenizer(vocab_size: int = 120):
+    """A word-level fast tokenizer built offline ("w3" -> id 3, ...), without <image> and pad."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

@@ -1,0 +1,233 @@
+"""The Flamingo model on many LMs and vision encoders; training; input validation."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from fastflamingo import CrossAttentionConfig, Flamingo, FlamingoConfig, ResamplerConfig, VisionConfig, setup_tokenizer
+from fastflamingo.vision import vision_features
+
+from peers import EOS_ID, MEDIA_ID, tiny_lm, tiny_open_clip, tiny_tokenizer
+
+FAMILIES = ["llama", "mpt", "gpt_neox", "opt", "gptj", "gpt2"]
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 image_size=32, patch_size=8)
+
+
+def config(**kw):
+    base = dict(vision=VisionConfig(source="hf_clip", dim=32, hf_config=TINY_CLIP, image_size=32),
+                resampler=ResamplerConfig(depth=2, heads=2, dim_head=8, num_latents=4, max_num_frames=3),
+                cross_attention=CrossAttentionConfig(every_n_layers=2, heads=2, dim_head=8),
+                media_token_id=MEDIA_ID, eoc_token_id=126, eos_token_id=EOS_ID)
+    base.update(kw)
+    return FlamingoConfig(**base)
+
+
+def set_gates(model, value):
+    with torch.no_grad():
+        for block in model.gated_cross_attn_layers:
+            for name, p in block.named_parameters():
+                if "gate" in name or "alpha" in name:
+                    p.fill_(value)
+
+
+def batch(B=2, T=16, N=2, F=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (B, T), generator=g)
+    ids[:, 2] = MEDIA_ID
+    ids[0, 9] = MEDIA_ID
+    return torch.randn(B, N, F, 3, 32, 32, generator=g), ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_supported_lm_family(family):
+    lm = tiny_lm(family)
+    plain = copy.deepcopy(lm)
+    model = Flamingo(config(), lang_encoder=lm).eval()
+    vx, ids = batch()
+    with torch.no_grad():
+        # gates start at 0: the frozen LM's own output, exactly
+        assert torch.equal(model(vx, ids).logits, plain(input_ids=ids).logits)
+        set_gates(model, 0.5)
+        with_images = model(vx, ids).logits
+        other_images = model(vx.flip(1), ids).logits
+    # only tokens after an image are conditioned on it
+    assert torch.equal(with_images[:, :2], model(vx, ids).logits[:, :2])
+    assert (with_images[:, 2:] - other_images[:, 2:]).abs().max() > 1e-4
+    # composition: the LM's class is untouched, other instances are unaffected
+    assert type(model.lang_encoder) is type(plain)
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=ids).logits, copy.deepcopy(plain)(input_ids=ids).logits)
+
+
+def test_unsupported_lm_lists_supported_families():
+    from transformers import BertConfig, BertLMHeadModel
+    lm = BertLMHeadModel(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=64, is_decoder=True))
+    with pytest.raises(ValueError, match=r"model_type='bert'.*Supported LM families: \['gemma', 'gpt2'"):
+        Flamingo(config(), lang_encoder=lm)
+    # with an explicit path it works
+    Flamingo(config(decoder_layers_attr="bert.encoder.layer"), lang_encoder=lm)
+
+
+def test_cross_attention_placement_rules():
+    of = Flamingo(config(cross_attention=CrossAttentionConfig(every_n_layers=2, heads=2, dim_head=8)),
+                  lang_encoder=tiny_lm("llama"))
+    idefics_rule = Flamingo(config(cross_attention=CrossAttentionConfig(
+        style="idefics", every_n_layers=2, placement="first_of_every_n")), lang_encoder=tiny_lm("llama"))
+    layers = of.lang_encoder.model.layers
+    assert [i for i, layer in enumerate(layers) if layer.gated_cross_attn_layer is not None] == [1, 3]
+    layers = idefics_rule.lang_encoder.model.layers
+    assert [i for i, layer in enumerate(layers) if layer.gated_cross_attn_layer is not None] == [0, 2]
+
+
+def test_vision_adapters():
+    pixels = torch.randn(2, 3, 32, 32)
+    clip = tiny_open_clip().visual
+    with pytest.raises(ValueError, match="explicit vision.ln_post_on_tokens"):
+        Flamingo(config(vision=VisionConfig(source="open_clip", dim=32)), vision_encoder=clip,
+                 lang_encoder=tiny_lm("llama"))
+    with_ln = vision_features(clip, pixels, VisionConfig(source="open_clip", dim=32, ln_post_on_tokens=True))
+    without = vision_features(clip, pixels, VisionConfig(source="open_clip", dim=32, ln_post_on_tokens=False))
+    assert with_ln.shape == without.shape == (2, 16, 32)
+    torch.testing.assert_close(with_ln, clip.ln_post(without))
+    cls = vision_features(clip, pixels, VisionConfig(source="open_clip", dim=32, ln_post_on_tokens=False,
+                                                     keep_cls=True))
+    assert cls.shape == (2, 17, 32)
+
+    import timm
+    nfnet = timm.create_model("test_nfnet", pretrained=False, num_classes=0)
+    feats = vision_features(nfnet, pixels, VisionConfig(source="timm", dim=nfnet.num_features))
+    assert feats.dim() == 3 and feats.shape[2] == nfnet.num_features
+
+    class Custom(nn.Module):
+        def forward(self, x):
+            return x.flatten(2).transpose(1, 2)[:, :, :3]  # (B, H*W, 3)
+
+    assert vision_features(Custom(), pixels, VisionConfig(source="module", dim=3)).shape == (2, 1024, 3)
+
+    class Bad(nn.Module):
+        def forward(self, x):
+            return x.mean()
+
+    with pytest.raises(ValueError, match="must return \\(B, V, D\\)"):
+        vision_features(Bad(), pixels, VisionConfig(source="module", dim=3))
+
+
+def test_timm_nfnet_model_end_to_end():
+    import timm
+    nfnet = timm.create_model("test_nfnet", pretrained=False, num_classes=0)
+    cfg = config(vision=VisionConfig(source="timm", dim=nfnet.num_features, timm_name="test_nfnet"))
+    model = Flamingo(cfg, vision_encoder=nfnet, lang_encoder=tiny_lm("gpt2")).eval()
+    vx, ids = batch()
+    assert model(vx, ids).logits.shape == (2, 16, 128)
+
+
+def test_video_frames_use_frame_embeddings():
+    model = Flamingo(config(), lang_encoder=tiny_lm("llama")).eval()
+    set_gates(model, 0.5)
+    vx, ids = batch(F=3)
+    with torch.no_grad():
+        out = model(vx, ids).logits
+        swapped = model(vx.flip(2), ids).logits  # same frames, other order
+    assert (out[:, 2:] - swapped[:, 2:]).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="F=4 frames .* max_num_frames=3"):
+        model(torch.randn(2, 2, 4, 3, 32, 32), ids)
+
+
+def test_text_only_and_rows_with_fewer_images():
+    model = Flamingo(config(), lang_encoder=tiny_lm("llama")).eval()
+    set_gates(model, 0.5)
+    ids = torch.randint(3, 120, (2, 10))
+    out = model(None, ids).logits  # no images: attention contributes 0, the FF still applies
+    assert out.shape == (2, 10, 128)
+    ids[0, 3] = MEDIA_ID  # row 1 has no image, row 0 one
+    out = model(torch.randn(2, 1, 1, 3, 32, 32), ids).logits
+    assert torch.isfinite(out).all()
+
+
+def test_input_errors_name_the_problem():
+    model = Flamingo(config(resampler=ResamplerConfig(depth=1, heads=2, dim_head=8, num_latents=4,
+                                                      max_num_media=2)),
+                     lang_encoder=tiny_lm("llama")).eval()
+    vx, ids = batch(N=2)
+    ids[1, [5, 6, 7]] = MEDIA_ID
+    with pytest.raises(ValueError, match=r"row 1 of the batch has 4 <image> tokens but only 2 images"):
+        model(vx, ids)
+    with pytest.raises(ValueError, match=r"vision_x must be a \(B, N_media, F_frames, C, H, W\) tensor, got \(2, 3, 32, 32\)"):
+        model(torch.randn(2, 3, 32, 32), ids)
+    with pytest.raises(ValueError, match="vision_x has batch 1 but lang_x has batch 2"):
+        model(vx[:1], ids)
+    with pytest.raises(ValueError, match="N=3 media per row but the model supports max_num_media=2"):
+        model(torch.randn(2, 3, 1, 3, 32, 32), ids)
+    with pytest.raises(TypeError, match="float pixels"):
+        model(vx.long(), ids)
+
+
+def test_tokenizer_setup_adds_tokens_and_only_new_rows_train():
+    tok = tiny_tokenizer()
+    lm = tiny_lm("llama")
+    n_before = lm.get_input_embeddings().weight.shape[0]
+    ids = setup_tokenizer(tok, lm)
+    assert tok.convert_ids_to_tokens(ids["media_token_id"]) == "<image>"
+    assert tok.convert_ids_to_tokens(ids["eoc_token_id"]) == "<|endofchunk|>"
+    assert tok.pad_token == "<PAD>"
+    assert lm.get_input_embeddings().weight.shape[0] == len(tok) == 123
+    assert ids["num_base_tokens"] == 120 <= n_before
+    assert tok("w5 <image> w7<|endofchunk|>")["input_ids"] == [5, ids["media_token_id"], 7, ids["eoc_token_id"]]
+
+
+def test_tiny_preset_trains_and_only_the_right_parameters_get_gradients():
+    torch.manual_seed(0)
+    model = Flamingo.from_preset("tiny").train()
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, c.num_base_tokens, (4, 24), generator=g)
+    ids[:, [0, 12]] = c.media_token_id
+    ids[:, [11, 23]] = c.eoc_token_id
+    vx = torch.randn(4, 2, 1, 3, 32, 32, generator=g)
+    labels = ids.clone()
+    labels[ids == c.media_token_id] = -100
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameter_groups(weight_decay=0.1), lr=3e-3)
+    losses = []
+    for step in range(8):
+        opt.zero_grad()
+        loss = model(vx, ids, labels=labels).loss
+        loss.backward()
+        if step == 0:
+            # gradients reach exactly the resampler, the cross-attention blocks and the embedding
+            with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+            allowed = ("perceiver.", "gated_cross_attn_layer.", "lang_encoder.model.embed_tokens.weight")
+            assert all(n.startswith(allowed[0]) or allowed[1] in n or n == allowed[2]
+                       for n in with_grad), sorted(with_grad)
+            assert any(n.startswith("perceiver.") for n in with_grad)
+            assert any("gated_cross_attn_layer." in n for n in with_grad)
+            emb_grad = model.lang_encoder.get_input_embeddings().weight.grad
+            assert emb_grad[:c.num_base_tokens].abs().sum() == 0  # the LM's own rows: frozen
+            assert emb_grad[c.num_base_tokens:].abs().sum() > 0   # <image>, <|endofchunk|> rows
+        if step == 7:  # once the tanh gates have opened, the resampler learns too
+            assert model.perceiver.latents.grad.abs().sum() > 0
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    after = dict(model.named_parameters())
+    emb = "lang_encoder.model.embed_tokens.weight"
+    assert torch.equal(after[emb][:c.num_base_tokens], frozen_before[emb][:c.num_base_tokens])
+    assert not torch.equal(after[emb][c.num_base_tokens:], frozen_before[emb][c.num_base_tokens:])
+    for n, p in after.items():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n
+
+
+def test_config_json_round_trip_and_errors():
+    cfg = config()
+    assert FlamingoConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['colour'\]"):
+        FlamingoConfig.from_dict({**cfg.to_dict(), "colour": 1})
+    with pytest.raises(ValueError, match="cross_attention.style='perceiver'"):
+        config(cross_attention=CrossAttentionConfig(style="perceiver"))
+    from fastflamingo import preset_config
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        preset_config("huge")

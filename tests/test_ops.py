@@ -1,0 +1,180 @@
+"""The ops' references against brute force, and the fast PyTorch path against the references."""
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from fastflamingo import ops
+from fastflamingo.ops import cpu, reference
+from fastflamingo.testing import assert_close_by_rule
+
+
+def brute_force(q, k, v, text_time, L, only_immediate, scale):
+    """One token at a time: softmax over exactly the keys it may see, in float64."""
+    B, H, T, D = q.shape
+    out = torch.zeros(B, H, T, D, dtype=torch.float64)
+    for b in range(B):
+        for t in range(T):
+            m = int(text_time[b, t])
+            if m == 0:
+                continue
+            lo = (m - 1) * L if only_immediate else 0
+            keys = slice(lo, m * L)
+            s = (q[b, :, t].double()[:, None, :] * k[b, :, keys].double()).sum(-1) * scale
+            out[b, :, t] = torch.einsum("hl,hld->hd", s.softmax(-1), v[b, :, keys].double())
+    return out
+
+
+@st.composite
+def layouts(draw):
+    B = draw(st.integers(1, 3))
+    T = draw(st.integers(1, 40))
+    L = draw(st.sampled_from([1, 3, 8]))
+    N = draw(st.integers(1, 5))
+    H = draw(st.integers(1, 3))
+    D = draw(st.sampled_from([4, 7, 16]))
+    rows = []
+    for _ in range(B):
+        positions = draw(st.lists(st.integers(0, T - 1), max_size=N, unique=True))
+        rows.append(sorted(positions))
+    seed = draw(st.integers(0, 2 ** 16))
+    return B, T, L, N, H, D, rows, seed
+
+
+def make(B, T, L, N, H, D, rows, seed, dtype=torch.float32, requires_grad=False):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, D, generator=g, dtype=dtype)
+    k = torch.randn(B, H, N * L, D, generator=g, dtype=dtype)
+    v = torch.randn(B, H, N * L, D, generator=g, dtype=dtype)
+    media = torch.zeros(B, T, dtype=torch.bool)
+    for b, pos in enumerate(rows):
+        media[b, pos] = True
+    if requires_grad:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v, media
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts(), st.booleans())
+def test_reference_matches_brute_force(layout, only_immediate):
+    B, T, L, N, H, D, rows, seed = layout
+    q, k, v, media = make(*layout)
+    tt = ops.text_time_from_media_locations(media)
+    want = brute_force(q, k, v, tt, L, only_immediate, D ** -0.5)
+    got = ops.image_causal_attention(q, k, v, media, latents_per_media=L, only_immediate=only_immediate,
+                                     backend="reference")
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # tokens with no image: exactly zero
+    assert (got[(tt == 0)[:, None, :].expand(-1, H, -1)] == 0).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts(), st.booleans())
+def test_torch_path_matches_reference_forward_and_grads(layout, only_immediate):
+    B, T, L, N, H, D, rows, seed = layout
+    q, k, v, media = make(*layout, requires_grad=True)
+    kw = dict(latents_per_media=L, only_immediate=only_immediate)
+    ref = ops.image_causal_attention(q, k, v, media, backend="reference", **kw)
+    fast = ops.image_causal_attention(q, k, v, media, backend="torch", **kw)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad(ref, (q, k, v), g)
+    grads_fast = torch.autograd.grad(fast, (q, k, v), g)
+    for a, b in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_torch_path_low_precision_by_tolerance_rule(dtype):
+    layout = (2, 33, 8, 4, 2, 16, [[0, 7, 8, 32], [5]], 3)
+    q, k, v, media = make(*layout)
+    kw = dict(latents_per_media=8)
+    tt = ops.text_time_from_media_locations(media)
+    ref32 = reference.image_causal_attention_reference(q, k, v, tt, **kw)
+    lowp = [t.to(dtype) for t in (q, k, v)]
+    ref_lowp = reference.image_causal_attention_reference(*lowp, tt, **kw)
+    fast = ops.image_causal_attention(*lowp, media, backend="torch", **kw)
+    assert fast.dtype == dtype
+    assert_close_by_rule(fast, ref32, ref_lowp)
+
+
+def test_text_time_input_equals_media_locations_input():
+    q, k, v, media = make(2, 20, 4, 3, 2, 8, [[1, 2, 19], [10]], 0)
+    tt = ops.text_time_from_media_locations(media)
+    a = ops.image_causal_attention(q, k, v, media, latents_per_media=4)
+    b = ops.image_causal_attention(q, k, v, text_time=tt, latents_per_media=4)
+    assert torch.equal(a, b)
+
+
+def test_cost_of_torch_path_does_not_grow_with_images():
+    """Immediate mode is block-diagonal: the fast path's work is O(T·L·D), whatever N is. Counted
+    in FLOPs (not seconds): the same text with 2 or 64 images costs the same."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(N):
+        q, k, v, media = make(1, 64, 8, N, 2, 16, [list(range(0, 64, max(1, 64 // N)))[:N]], 0)
+        with FlopCounterMode(display=False) as counter:
+            cpu.image_causal_attention_torch(q, k, v, ops.text_time_from_media_locations(media),
+                                             latents_per_media=8)
+        return counter.get_total_flops()
+
+    assert flops(2) == flops(64)
+    reference_flops = []
+    for N in (2, 64):
+        q, k, v, media = make(1, 64, 8, N, 2, 16, [list(range(N))], 0)
+        with FlopCounterMode(display=False) as counter:
+            reference.image_causal_attention_reference(q, k, v, ops.text_time_from_media_locations(media),
+                                                       latents_per_media=8)
+        reference_flops.append(counter.get_total_flops())
+    assert reference_flops[1] == 32 * reference_flops[0]  # the dense reference grows with N
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.sampled_from([1, 5, 63, 64]), st.sampled_from([2, 8]), st.sampled_from([4, 16]),
+       st.integers(0, 1000))
+def test_perceiver_torch_path_matches_reference(B, V, L, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, 2, L, D), (B, 2, V, D), (B, 2, V, D), (B, 2, L, D), (B, 2, L, D)]
+    args = [torch.randn(s, generator=g, requires_grad=True) for s in shapes]
+    ref = ops.perceiver_attention(*args, backend="reference")
+    fast = ops.perceiver_attention(*args, backend="torch")
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    gout = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(fast, args, gout), torch.autograd.grad(ref, args, gout)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # and the brute-force definition: one softmax over the concatenated keys
+    q, km, vm, kl, vl = (a.double() for a in args)
+    s = torch.cat([q @ km.transpose(-1, -2), q @ kl.transpose(-1, -2)], -1) * D ** -0.5
+    want = s.softmax(-1) @ torch.cat([vm, vl], -2)
+    torch.testing.assert_close(ref.double(), want, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ input validation
+def test_more_image_tokens_than_images_is_an_error():
+    q, k, v, media = make(2, 10, 4, 2, 1, 8, [[0, 3, 6], [1]], 0)
+    with pytest.raises(ValueError, match=r"row 0 .* 3 <image> tokens but only 2 images"):
+        ops.image_causal_attention(q, k, v, media, latents_per_media=4)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(latents_per_media=3), "not a whole number of images"),
+    (dict(latents_per_media=4, backend="cuda"), "backend='cuda'"),
+])
+def test_bad_arguments_are_named(bad, match):
+    q, k, v, media = make(1, 10, 4, 2, 1, 8, [[0]], 0)
+    with pytest.raises(ValueError, match=match):
+        ops.image_causal_attention(q, k, v, media, **bad)
+
+
+def test_bad_tensors_are_named():
+    q, k, v, media = make(1, 10, 4, 2, 1, 8, [[0]], 0)
+    with pytest.raises(TypeError, match="k has dtype torch.float16"):
+        ops.image_causal_attention(q, k.half(), v, media, latents_per_media=4)
+    with pytest.raises(ValueError, match=r"shape \(1, 9\) is not \(B, T\)"):
+        ops.image_causal_attention(q, k, v, media[:, :9], latents_per_media=4)
+    with pytest.raises(TypeError, match="media_locations must be a bool"):
+        ops.image_causal_attention(q, k, v, media.long(), latents_per_media=4)
+    with pytest.raises(ValueError, match="exactly one of media_locations and text_time"):
+        ops.image_causal_attention(q, k, v, latents_per_media=4)
+    with pytest.raises(ValueError, match=r"q must be \(B, H, T, D\)"):
+        ops.image_causal_attention(q[0], k, v, media, latents_per_media=4)
