@@ -42,7 +42,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # log2(e): the kernels work in base 2 (exp2 is the native instruction)
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
-__all__ = ["image_causal_fwd", "image_causal_bwd", "INTERPRET"]
+# what the kernels take; larger heads would not fit a tile in registers
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+__all__ = ["image_causal_fwd", "image_causal_bwd", "image_query_start", "INTERPRET", "DTYPES", "MAX_HEAD_DIM"]
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -86,6 +90,42 @@ def _store_tile(base, rows, stride_row, rows_ok, offs_d, x, HEAD_DIM: tl.constex
     tl.store(ptrs, x.to(base.dtype.element_ty), mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
+@triton.jit
+def _slab(ptr, b, h, stride_b, stride_h):
+    """The (b, h) slab of a (B, H, S, D) tensor. int64 offsets: B·H·S·D can exceed 2**31;
+    offsets inside one slab stay int32 (the wrapper checks that they fit)."""
+    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+
+@triton.jit
+def _query_tile(q_base, tt_row, m0, T, stride_qt, L, NKEYS, IMMEDIATE: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Tokens [m0, m0 + BLOCK_M): their offsets, validity, text_time, queries, and the range
+    [k_lo, k_hi) of the keys any of them may see."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < T
+    tt = tl.load(tt_row + offs_m, mask=m_ok, other=0)
+    k_lo, k_hi = _visible_key_range(tt, L, NKEYS, IMMEDIATE)
+    q = _load_tile(q_base, offs_m, stride_qt, m_ok, offs_d, HEAD_DIM, UPCAST)
+    return offs_m, offs_d, m_ok, tt, q, k_lo, k_hi
+
+
+@triton.jit
+def _key_block(q, tt, k_base, v_base, start_n, k_hi, stride_kn, stride_vn, offs_d, L, qk_scale_log2,
+               IMMEDIATE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Keys [start_n, start_n + BLOCK_N) below k_hi: their k and v tiles, the tokens' scores
+    against them in log2 units (exp2 is the native instruction), and which pairs may attend."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < k_hi
+    k = _load_tile(k_base, offs_n, stride_kn, n_ok, offs_d, HEAD_DIM, UPCAST)
+    v = _load_tile(v_base, offs_n, stride_vn, n_ok, offs_d, HEAD_DIM, UPCAST)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+    visible = _visible(tt[:, None], (offs_n // L + 1)[None, :], IMMEDIATE) & n_ok[None, :]
+    return k, v, s, visible
+
+
 # ----------------------------------------------------------------------------- forward
 
 @triton.jit
@@ -105,31 +145,18 @@ def _fwd_kernel(Q, K, V, TT, Out, Lse,
     bh = pid // n_tiles
     b = bh // H
     h = bh % H
-    # int64 base offsets: B·H·T·D can exceed 2**31; offsets inside one (b, h) slab stay int32
-    # (the wrapper checks they fit).
-    q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    k_base = _slab(K, b, h, stride_kb, stride_kh)
+    v_base = _slab(V, b, h, stride_vb, stride_vh)
+    offs_m, offs_d, m_ok, tt, q, k_lo, k_hi = _query_tile(
+        _slab(Q, b, h, stride_qb, stride_qh), TT + b * T, (pid % n_tiles) * BLOCK_M, T, stride_qt, L, NKEYS,
+        IMMEDIATE, HEAD_DIM, BLOCK_M, BLOCK_D, UPCAST)
 
-    offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < T
-    tt = tl.load(TT + b * T + offs_m, mask=m_ok, other=0)
-    k_lo, k_hi = _visible_key_range(tt, L, NKEYS, IMMEDIATE)
-
-    q = _load_tile(q_base, offs_m, stride_qt, m_ok, offs_d, HEAD_DIM, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(k_lo, k_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < k_hi
-        k = _load_tile(k_base, offs_n, stride_kn, n_ok, offs_d, HEAD_DIM, UPCAST)
-        v = _load_tile(v_base, offs_n, stride_vn, n_ok, offs_d, HEAD_DIM, UPCAST)
-        # scores in log2 units: exp2 is the native instruction
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        visible = _visible(tt[:, None], (offs_n // L + 1)[None, :], IMMEDIATE) & n_ok[None, :]
+        k, v, s, visible = _key_block(q, tt, k_base, v_base, start_n, k_hi, stride_kn, stride_vn, offs_d, L,
+                                      qk_scale_log2, IMMEDIATE, HEAD_DIM, BLOCK_N, UPCAST, DOT_PRECISION)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # a row with nothing visible so far keeps m = -inf; subtract 0 there instead (no nan)
@@ -143,7 +170,7 @@ def _fwd_kernel(Q, K, V, TT, Out, Lse,
     # tokens without a visible key (text_time 0) have acc = 0, l = 0: output exactly 0, lse -inf
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    _store_tile(o_base, offs_m, stride_ot, m_ok, offs_d, out, HEAD_DIM)
+    _store_tile(_slab(Out, b, h, stride_ob, stride_oh), offs_m, stride_ot, m_ok, offs_d, out, HEAD_DIM)
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / LOG2E,
                    float("-inf"))
     tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=m_ok)
@@ -166,10 +193,8 @@ def _bwd_delta_kernel(Out, DOut, Delta,
     offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T
-    o = _load_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh,
-                   offs_m, stride_ot, m_ok, offs_d, HEAD_DIM, True)
-    do = _load_tile(DOut + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh,
-                    offs_m, stride_dot, m_ok, offs_d, HEAD_DIM, True)
+    o = _load_tile(_slab(Out, b, h, stride_ob, stride_oh), offs_m, stride_ot, m_ok, offs_d, HEAD_DIM, True)
+    do = _load_tile(_slab(DOut, b, h, stride_dob, stride_doh), offs_m, stride_dot, m_ok, offs_d, HEAD_DIM, True)
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
 
 
@@ -233,24 +258,16 @@ def _bwd_dq(q_base, k_base, v_base, do_base, dq_base, tt_row, lse_row, delta_row
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
             UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dQ of tokens [m0, m0 + BLOCK_M), over the same key range as the forward."""
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < T
-    tt = tl.load(tt_row + offs_m, mask=m_ok, other=0)
-    k_lo, k_hi = _visible_key_range(tt, L, NKEYS, IMMEDIATE)
-    q = _load_tile(q_base, offs_m, stride_qt, m_ok, offs_d, HEAD_DIM, UPCAST)
+    offs_m, offs_d, m_ok, tt, q, k_lo, k_hi = _query_tile(q_base, tt_row, m0, T, stride_qt, L, NKEYS, IMMEDIATE,
+                                                          HEAD_DIM, BLOCK_M, BLOCK_D, UPCAST)
     do = _load_tile(do_base, offs_m, stride_dot, m_ok, offs_d, HEAD_DIM, UPCAST)
     lse = tl.load(lse_row + offs_m, mask=m_ok, other=0.0) * LOG2E
     delta = tl.load(delta_row + offs_m, mask=m_ok, other=0.0)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(k_lo, k_hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < k_hi
-        k = _load_tile(k_base, offs_n, stride_kn, n_ok, offs_d, HEAD_DIM, UPCAST)
-        v = _load_tile(v_base, offs_n, stride_vn, n_ok, offs_d, HEAD_DIM, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        visible = _visible(tt[:, None], (offs_n // L + 1)[None, :], IMMEDIATE) & n_ok[None, :]
+        k, v, s, visible = _key_block(q, tt, k_base, v_base, start_n, k_hi, stride_kn, stride_vn, offs_d, L,
+                                      qk_scale_log2, IMMEDIATE, HEAD_DIM, BLOCK_N, UPCAST, DOT_PRECISION)
         p = tl.where(visible, tl.exp2(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
@@ -279,24 +296,22 @@ def _bwd_kernel(Q, K, V, DO, TT, Lse, Delta, QStart, DQ, DK, DV,
     role = pid % n_per_bh
     b = bh // H
     h = bh % H
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
-    do_base = DO + b64 * stride_dob + h64 * stride_doh
+    q_base = _slab(Q, b, h, stride_qb, stride_qh)
+    k_base = _slab(K, b, h, stride_kb, stride_kh)
+    v_base = _slab(V, b, h, stride_vb, stride_vh)
+    do_base = _slab(DO, b, h, stride_dob, stride_doh)
     tt_row = TT + b * T
     lse_row = Lse + bh.to(tl.int64) * T
     delta_row = Delta + bh.to(tl.int64) * T
     if role < n_kv:
         _bwd_dkdv(q_base, k_base, v_base, do_base,
-                  DK + b64 * stride_dkb + h64 * stride_dkh, DV + b64 * stride_dvb + h64 * stride_dvh,
+                  _slab(DK, b, h, stride_dkb, stride_dkh), _slab(DV, b, h, stride_dvb, stride_dvh),
                   tt_row, lse_row, delta_row, QStart + b * (NKEYS // L + 1), role * BLOCK_N,
                   stride_qt, stride_kn, stride_vn, stride_dot, stride_dkn, stride_dvn,
                   T, NKEYS, L, qk_scale_log2, sm_scale,
                   IMMEDIATE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION)
     else:
-        _bwd_dq(q_base, k_base, v_base, do_base, DQ + b64 * stride_dqb + h64 * stride_dqh,
+        _bwd_dq(q_base, k_base, v_base, do_base, _slab(DQ, b, h, stride_dqb, stride_dqh),
                 tt_row, lse_row, delta_row, (role - n_kv) * BLOCK_M,
                 stride_qt, stride_kn, stride_vn, stride_dot, stride_dqt,
                 T, NKEYS, L, qk_scale_log2, sm_scale,
@@ -305,23 +320,35 @@ def _bwd_kernel(Q, K, V, DO, TT, Lse, Delta, QStart, DQ, DK, DV,
 
 # ----------------------------------------------------------------------------- host side
 
-def _block_sizes(head_dim: int, latents_per_media: int, T: int, dtype: torch.dtype,
-                 only_immediate: bool, *, max_block_m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) from the head size, image size and dtype.
+def _num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (torch caches the properties: no sync)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
+
+
+def _block_sizes(q: torch.Tensor, latents_per_media: int, only_immediate: bool,
+                 *, max_block_m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for queries q (B, H, T, D) from its head size,
+    dtype and length, and the image size.
 
     BLOCK_D is the head size padded to a power of two (>= 16, tl.dot's minimum). In immediate
     mode a token sees L keys, so key blocks are sized to L (a power of two between 16 and 64):
     a key block much larger than an image would mostly load keys nobody in the tile sees.
-    Query tiles shrink for short T (decoding, T = 1) and for large heads or fp32 (registers).
+    Query tiles shrink for heads over 128 or fp32 (registers), for short T (decoding, T = 1),
+    and when full-size tiles would leave the GPU's multiprocessors with less than two programs
+    each. Unmeasured starting points: tune them on the GPU with the benchmarks.
     """
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    big = block_d > 64 or dtype == torch.float32
+    B, H, T, D = q.shape
+    block_d = max(16, triton.next_power_of_2(D))
     block_n = min(64, max(16, triton.next_power_of_2(latents_per_media))) if only_immediate else 64
+    block_m = max_block_m
     if block_d > 128:
-        block_n = min(block_n, 32)
-    block_m = max_block_m // 2 if big else max_block_m
+        block_n, block_m = min(block_n, 32), block_m // 2
+    elif q.dtype == torch.float32:
+        block_m //= 2
+    if block_m > 64 and triton.cdiv(T, block_m) * B * H < 2 * _num_sms(q.device):
+        block_m //= 2
     block_m = min(block_m, max(16, triton.next_power_of_2(T)))
-    num_warps = 8 if block_d > 64 and block_m >= 128 else 4
+    num_warps = 8 if block_d > 64 else 4
     return block_m, block_n, block_d, num_warps
 
 
@@ -345,13 +372,20 @@ def _as_kernel_operand(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _check_text_time(text_time: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def _prepare_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor):
+    """Raise on what the kernels cannot take; q, k, v as kernel operands, text_time contiguous
+    (it is tiny)."""
+    if q.dtype not in DTYPES:
+        raise TypeError(f"image_causal: the Triton kernels take {DTYPES}, got {q.dtype}")
+    if q.shape[-1] > MAX_HEAD_DIM:
+        raise ValueError(f"image_causal: the Triton kernels take head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
     if text_time.dtype != torch.int32:
         raise TypeError(f"image_causal: text_time must be int32, got {text_time.dtype}")
     if tuple(text_time.shape) != (q.shape[0], q.shape[2]):
         raise ValueError(f"image_causal: text_time shape {tuple(text_time.shape)} is not (B, T) = "
                          f"{(q.shape[0], q.shape[2])}")
-    return text_time.contiguous()
+    return (_as_kernel_operand("q", q), _as_kernel_operand("k", k), _as_kernel_operand("v", v),
+            text_time.contiguous())
 
 
 def image_causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
@@ -373,18 +407,14 @@ def image_causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tim
         lse: (B, H, T) fp32 natural-log log-sum-exp of each row's scaled scores; -inf for
             tokens that see no key.
     """
-    q = _as_kernel_operand("q", q)
-    k = _as_kernel_operand("k", k)
-    v = _as_kernel_operand("v", v)
-    text_time = _check_text_time(text_time, q)
+    q, k, v, text_time = _prepare_inputs(q, k, v, text_time)
     B, H, T, D = q.shape
     nkeys = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    block_m, block_n, block_d, num_warps = _block_sizes(D, latents_per_media, T, q.dtype, only_immediate,
-                                                        max_block_m=128)
+    block_m, block_n, block_d, num_warps = _block_sizes(q, latents_per_media, only_immediate, max_block_m=128)
     grid = (triton.cdiv(T, block_m) * B * H,)
     _fwd_kernel[grid](
         q, k, v, text_time, out, lse,
@@ -425,12 +455,9 @@ def image_causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         dq, dk, dv shaped and (when dense) laid out like q, k, v. Tokens with text_time 0 get
         dq = 0 exactly; keys of images no token sees get dk = dv = 0.
     """
-    q = _as_kernel_operand("q", q)
-    k = _as_kernel_operand("k", k)
-    v = _as_kernel_operand("v", v)
+    q, k, v, text_time = _prepare_inputs(q, k, v, text_time)
     out = _as_kernel_operand("out", out)
     dout = _as_kernel_operand("dout", dout)
-    text_time = _check_text_time(text_time, q)
     B, H, T, D = q.shape
     nkeys = k.shape[2]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -438,8 +465,7 @@ def image_causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         return dq, dk.zero_(), dv.zero_()
     lse = lse.contiguous()
 
-    block_m, block_n, block_d, num_warps = _block_sizes(D, latents_per_media, T, q.dtype, only_immediate,
-                                                        max_block_m=64)
+    block_m, block_n, block_d, num_warps = _block_sizes(q, latents_per_media, only_immediate, max_block_m=64)
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     _bwd_delta_kernel[(triton.cdiv(T, block_m) * B * H,)](
         out, dout, delta,

@@ -78,8 +78,8 @@ def image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         text_time: (B, T) int, given instead of ``media_locations`` where the image index is not
             a plain cumsum (decoding after a prompt, IDEFICS's EOS reset). 0 = no image.
         backend: one of :data:`BACKENDS`.
-        validate: check that no token refers to an image beyond N (a host sync); the model
-            validates once per forward and passes False.
+        validate: check that no token refers to an image beyond N (a host sync, skipped while
+            torch.compile traces); the model validates once per forward and passes False.
 
     Returns:
         (B, H, T, D); tokens with ``text_time == 0`` get exactly 0 (and zero gradients).
@@ -102,7 +102,7 @@ def image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"{(q.shape[0], q.shape[2])}")
     if text_time.device != q.device:
         raise ValueError(f"media_locations/text_time is on {text_time.device} but q is on {q.device}")
-    if validate:
+    if validate and not torch.compiler.is_compiling():  # the check syncs with the host
         check_text_time(text_time, k.shape[2] // latents_per_media)
     if backend == "reference":
         return image_causal_attention_reference(q, k, v, text_time, latents_per_media=latents_per_media,

@@ -26,6 +26,9 @@ from .cpu import image_causal_attention_torch
 _OP = "fastflamingo::image_causal_attention"
 # looked up once (not per call, and not inside a torch.compile trace)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
+# kernels.image_causal.DTYPES and MAX_HEAD_DIM, repeated so that the checks need no triton
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_TRITON_MAX_HEAD_DIM = 256
 
 
 def _kernels():
@@ -41,10 +44,15 @@ def _image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, t
     return _kernels().image_causal_fwd(q, k, v, text_time, latents_per_media, only_immediate, scale)
 
 
+def _empty_like_operand(x: torch.Tensor) -> torch.Tensor:
+    """The layout the kernels give the output or gradient of x: like x (when x is dense) if its
+    last dim has unit stride (they take x as is), contiguous otherwise (they take a copy)."""
+    return torch.empty_like(x) if x.stride(-1) == 1 else x.new_empty(x.shape)
+
+
 @_image_causal_attention.register_fake
 def _(q, k, v, text_time, latents_per_media, only_immediate, scale):
-    # same layout rule as the kernel's wrapper: out is laid out like q (when q is dense)
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return _empty_like_operand(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op(_OP + "_backward", mutates_args=())
@@ -59,7 +67,7 @@ def _image_causal_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: tor
 
 @_image_causal_attention_backward.register_fake
 def _(dout, q, k, v, out, lse, text_time, latents_per_media, only_immediate, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _empty_like_operand(q), _empty_like_operand(k), _empty_like_operand(v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -79,19 +87,31 @@ def _backward(ctx, dout, _dlse):
 _image_causal_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check_triton_backend(q: torch.Tensor) -> None:
-    """Raise a clear error where the Triton backend cannot run (plain Python: torch.compile
-    traces it without a graph break)."""
+def _use_triton(q: torch.Tensor, backend: str) -> bool:
+    """Whether ``backend`` means the Triton kernels for these inputs; a clear error where
+    "triton" is forced on inputs it cannot take. Plain Python: torch.compile traces it."""
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return (q.is_cuda and q.dtype in _TRITON_DTYPES and q.shape[-1] <= _TRITON_MAX_HEAD_DIM
+                and _HAS_TRITON)
+    if backend != "triton":
+        raise ValueError(f"image_causal_attention_op: backend={backend!r} is not 'auto', 'triton' or 'torch'")
     if not _HAS_TRITON:
         raise RuntimeError("image_causal_attention: backend='triton' needs the triton package "
                            "(pip install triton, or fastflamingo[gpu]); use backend='torch' without it")
-    if q.is_cuda:
-        return
-    if q.device.type != "cpu" or not _kernels().INTERPRET:
+    if not q.is_cuda and (q.device.type != "cpu" or not _kernels().INTERPRET):
         raise ValueError(f"image_causal_attention: backend='triton' got tensors on {q.device}; Triton runs "
                          "on CUDA tensors, or on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
                          "before importing fastflamingo (the kernels read it when they are defined). "
                          "Use backend='torch' or 'auto' for CPU tensors")
+    if q.dtype not in _TRITON_DTYPES:
+        raise TypeError(f"image_causal_attention: backend='triton' takes {_TRITON_DTYPES}, got {q.dtype}; "
+                        "use backend='torch'")
+    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"image_causal_attention: backend='triton' takes head_dim <= {_TRITON_MAX_HEAD_DIM}, "
+                         f"got {q.shape[-1]}; use backend='torch'")
+    return True
 
 
 def image_causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor, *,
@@ -102,20 +122,16 @@ def image_causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Args:
         q: (B, H, T, D); k, v: (B, H, N·L, D); text_time: (B, T) int32.
         latents_per_media, only_immediate, scale: as in the public function (scale None = D**-0.5).
-        backend: "auto" (Triton for CUDA tensors, PyTorch otherwise), "triton" or "torch".
+        backend: "auto" (Triton for CUDA tensors of a dtype and head size it takes, PyTorch
+            otherwise), "triton" or "torch".
 
     Returns:
         (B, H, T, D).
     """
     # custom ops take concrete floats: resolve the default here
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "torch"
-    if backend == "torch":
+    if not _use_triton(q, backend):
         return image_causal_attention_torch(q, k, v, text_time, latents_per_media=latents_per_media,
                                             only_immediate=only_immediate, scale=scale)
-    if backend != "triton":
-        raise ValueError(f"image_causal_attention_op: backend={backend!r} is not 'auto', 'triton' or 'torch'")
-    _check_triton_backend(q)
     out, _ = _image_causal_attention(q, k, v, text_time, int(latents_per_media), bool(only_immediate), scale)
     return out
