@@ -8,6 +8,9 @@ Quick start::
 """
 from . import ops
 from .config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
+from .convert.idefics import from_idefics
+from .convert.open_flamingo import from_open_flamingo
+from .factory import create_model_and_transforms
 from .model import Flamingo
 from .presets import PRESETS, preset_config
 from .tokens import setup_tokenizer
@@ -16,4 +19,5 @@ from .vision import vision_features
 __version__ = "0.1.0"
 
 __all__ = ["Flamingo", "FlamingoConfig", "VisionConfig", "ResamplerConfig", "CrossAttentionConfig",
-           "vision_features", "PRESETS", "preset_config", "setup_tokenizer", "ops", "__version__"]
+           "vision_features", "PRESETS", "preset_config", "setup_tokenizer", "ops", "__version__",
+           "create_model_and_transforms", "from_open_flamingo", "from_idefics"]

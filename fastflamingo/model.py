@@ -11,6 +11,7 @@ from . import ops
 from .blocks import (ATTENTION_MODULES, GatedCrossAttentionBlock, IdeficsGatedCrossAttentionBlock,
                      MediaState, PerceiverResampler)
 from .config import FlamingoConfig
+from .convert.open_flamingo import drop_duplicate_keys_hook
 from .lm import (decoder_layers_attr_for, get_attr, lm_hidden_size, lm_intermediate_size, lm_num_heads,
                  wrap_decoder_layers)
 from .vision import build_vision_model, check_vision_config, vision_features
@@ -75,6 +76,8 @@ class Flamingo(nn.Module):
         blocks = [self._make_block(i) if config.has_cross_attention(i) else None for i in range(n_layers)]
         wrap_decoder_layers(self.lang_encoder, self.decoder_layers_attr, blocks, self._media)
         self.gated_cross_attn_layers = [b for b in blocks if b is not None]  # plain list: no duplicate keys
+        # open_flamingo checkpoints hold every block twice: load_state_dict drops the copies
+        self.register_load_state_dict_pre_hook(drop_duplicate_keys_hook)
         self.set_trainable()
 
     # ---------------------------------------------------------------- construction
@@ -90,8 +93,9 @@ class Flamingo(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, *, device=None, dtype: torch.dtype | None = None, seed: int = 0,
-                    **overrides) -> "Flamingo":
-        """A model of a named shape with random weights (see :mod:`fastflamingo.presets`)."""
+                    quantization: str | None = None, **overrides) -> "Flamingo":
+        """A model of a named shape with random weights (see :mod:`fastflamingo.presets`);
+        ``quantization="nf4" | "int8"`` quantizes its frozen LM (:func:`fastflamingo.quant.quantize_model`)."""
         from .presets import preset_config
         config = preset_config(name, **overrides)
         torch.manual_seed(seed)
@@ -99,6 +103,9 @@ class Flamingo(nn.Module):
             model = cls(config)
         if dtype is not None:
             model.to(dtype)
+        if quantization is not None:
+            from .quant import quantize_model
+            quantize_model(model, quantization)
         return model.eval()
 
     def set_trainable(self, train_embeddings: bool | None = None) -> None:
@@ -243,12 +250,45 @@ class Flamingo(nn.Module):
         finally:
             m.visual, m.text_time, m.kv_cache = previous
 
+    def save_pretrained(self, directory, *, trainable_only: bool = False):
+        """Write ``config.json`` + ``model.safetensors`` (see :mod:`fastflamingo.convert.pretrained`)."""
+        from .convert.pretrained import save_pretrained
+        return save_pretrained(self, directory, trainable_only=trainable_only)
+
+    @classmethod
+    def from_pretrained(cls, directory, *, quantization=None, device=None, dtype: torch.dtype | None = None,
+                        lang_encoder=None, vision_encoder=None) -> "Flamingo":
+        """Rebuild a model written by :meth:`save_pretrained` (see :mod:`fastflamingo.convert.pretrained`)."""
+        from .convert.pretrained import load_pretrained
+        return load_pretrained(directory, quantization=quantization, device=device, dtype=dtype,
+                               lang_encoder=lang_encoder, vision_encoder=vision_encoder)
+
+    def generate(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor,
+                 attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Generate after images and a prompt: (B, T) -> (B, T + new tokens). Hugging Face-style
+        arguments; see :func:`fastflamingo.generation.generate`."""
+        from .generation import generate
+        return generate(self, vision_x, lang_x, attention_mask, **kwargs)
+
+    def cache_media(self, input_ids: torch.Tensor, vision_x: torch.Tensor) -> None:
+        """Encode ``vision_x`` once for repeated scoring (open_flamingo's name): until
+        :meth:`uncache_media`, calls without images attend to these, text after the last one
+        attending to it. See :mod:`fastflamingo.generation.media_cache`."""
+        from .generation.media_cache import cache_media
+        cache_media(self, input_ids, vision_x)
+
+    def uncache_media(self) -> None:
+        """Forget the images of :meth:`cache_media`."""
+        from .generation.media_cache import uncache_media
+        uncache_media(self)
+
     def parameter_groups(self, weight_decay: float = 0.1) -> list[dict]:
         """Optimizer groups over the trainable parameters: weight decay on the matrices of the
         resampler and cross-attention blocks; none on norms, gates, latents and embeddings (so
         the frozen rows of a partly trainable embedding never move)."""
         decay, no_decay = [], []
-        embeddings = {id(self.lang_encoder.get_input_embeddings().weight)}
+        from .tokens import embedding_matrices
+        embeddings = {id(w) for w in embedding_matrices(self)}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue

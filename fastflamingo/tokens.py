@@ -34,20 +34,35 @@ def setup_tokenizer(tokenizer, lang_encoder: nn.Module | None = None) -> dict:
 
 
 def train_new_embedding_rows(model: nn.Module, num_base_tokens: int | None) -> None:
-    """Make only the input-embedding rows ``>= num_base_tokens`` trainable (None: none).
+    """Make only the embedding rows ``>= num_base_tokens`` trainable (None: none), in the input
+    embeddings and, when it is a separate matrix of the same rows, the output embeddings too
+    (IDEFICS trains both; with tied embeddings they are one matrix).
 
-    The embedding stays one matrix (checkpoints keep their layout); a gradient hook zeroes the
+    Each embedding stays one matrix (checkpoints keep their layout); a gradient hook zeroes the
     rows of the original vocabulary. Use :meth:`Flamingo.parameter_groups` (no weight decay on
     embeddings) so the optimizer leaves those rows exactly as they are.
     """
-    old = getattr(model, "_embedding_hook", None)
-    if old is not None:
-        old.remove()
-        model._embedding_hook = None
-    weight = model.lang_encoder.get_input_embeddings().weight
-    if num_base_tokens is None or num_base_tokens >= weight.shape[0]:
+    for handle in getattr(model, "_embedding_hooks", ()):
+        handle.remove()
+    model._embedding_hooks = []
+    if num_base_tokens is None:
         return
-    weight.requires_grad_(True)
-    keep = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
-    keep[num_base_tokens:] = True
-    model._embedding_hook = weight.register_hook(lambda g: g * keep.to(g.device, g.dtype))
+    for weight in embedding_matrices(model):
+        if num_base_tokens >= weight.shape[0]:
+            continue
+        weight.requires_grad_(True)
+        keep = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+        keep[num_base_tokens:] = True
+        model._embedding_hooks.append(weight.register_hook(lambda g, keep=keep: g * keep.to(g.device, g.dtype)))
+
+
+def embedding_matrices(model: nn.Module) -> list[torch.Tensor]:
+    """The LM's input embedding matrix, and its output one when that is a separate matrix with
+    the same rows (untied)."""
+    lm = model.lang_encoder
+    inp = lm.get_input_embeddings().weight
+    out = lm.get_output_embeddings()
+    out = getattr(out, "weight", None)
+    if out is None or out is inp or out.shape[0] != inp.shape[0] or not isinstance(out, nn.Parameter):
+        return [inp]
+    return [inp, out]

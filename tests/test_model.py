@@ -199,23 +199,23 @@ def test_tiny_preset_trains_and_only_the_right_parameters_get_gradients():
         if step == 0:
             # gradients reach exactly the resampler, the cross-attention blocks and the embedding
             with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
-            allowed = ("perceiver.", "gated_cross_attn_layer.", "lang_encoder.model.embed_tokens.weight")
-            assert all(n.startswith(allowed[0]) or allowed[1] in n or n == allowed[2]
+            embeddings = ("lang_encoder.model.embed_tokens.weight", "lang_encoder.lm_head.weight")
+            assert all(n.startswith("perceiver.") or "gated_cross_attn_layer." in n or n in embeddings
                        for n in with_grad), sorted(with_grad)
             assert any(n.startswith("perceiver.") for n in with_grad)
             assert any("gated_cross_attn_layer." in n for n in with_grad)
-            emb_grad = model.lang_encoder.get_input_embeddings().weight.grad
-            assert emb_grad[:c.num_base_tokens].abs().sum() == 0  # the LM's own rows: frozen
-            assert emb_grad[c.num_base_tokens:].abs().sum() > 0   # <image>, <|endofchunk|> rows
+            for emb in (model.lang_encoder.get_input_embeddings(), model.lang_encoder.get_output_embeddings()):
+                assert emb.weight.grad[:c.num_base_tokens].abs().sum() == 0  # the LM's own rows: frozen
+                assert emb.weight.grad[c.num_base_tokens:].abs().sum() > 0   # <image>, <|endofchunk|> rows
         if step == 7:  # once the tanh gates have opened, the resampler learns too
             assert model.perceiver.latents.grad.abs().sum() > 0
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.1, losses
     after = dict(model.named_parameters())
-    emb = "lang_encoder.model.embed_tokens.weight"
-    assert torch.equal(after[emb][:c.num_base_tokens], frozen_before[emb][:c.num_base_tokens])
-    assert not torch.equal(after[emb][c.num_base_tokens:], frozen_before[emb][c.num_base_tokens:])
+    for emb in ("lang_encoder.model.embed_tokens.weight", "lang_encoder.lm_head.weight"):
+        assert torch.equal(after[emb][:c.num_base_tokens], frozen_before[emb][:c.num_base_tokens])
+        assert not torch.equal(after[emb][c.num_base_tokens:], frozen_before[emb][c.num_base_tokens:])
     for n, p in after.items():
         if not p.requires_grad:
             assert torch.equal(p, frozen_before[n]), n

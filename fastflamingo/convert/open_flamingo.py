@@ -1,9 +1,10 @@
 """Import from open_flamingo: a live ``open_flamingo.Flamingo`` or its checkpoints.
 
-fastflamingo's parameter names are open_flamingo's, so a state dict maps over with three rules:
+fastflamingo's parameter names are open_flamingo's, so a state dict maps over with one rule:
 open_flamingo registers every cross-attention block twice (``lang_encoder.gated_cross_attn_layers.k``
 beside ``lang_encoder.<layers>.k.gated_cross_attn_layer``) and the original decoder layers twice
-(``lang_encoder.old_decoder_blocks.k``): the duplicates are dropped.
+(``lang_encoder.old_decoder_blocks.k``): the duplicates are dropped. Checkpoint files are read by
+:mod:`.open_flamingo_ckpt`.
 """
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ _DUPLICATE_PREFIXES = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.ol
 def map_open_flamingo_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """open_flamingo state-dict keys -> fastflamingo keys (drops the duplicate registrations)."""
     return {k: v for k, v in state_dict.items() if not k.startswith(_DUPLICATE_PREFIXES)}
+
+
+def drop_duplicate_keys_hook(module, state_dict, prefix, *args) -> None:
+    """A load_state_dict pre-hook: an open_flamingo state dict loads with ``strict=False`` and
+    reports no spurious unexpected keys (its duplicate registrations are dropped first)."""
+    for key in [k for k in state_dict if k.startswith(tuple(prefix + p for p in _DUPLICATE_PREFIXES))]:
+        del state_dict[key]
 
 
 def config_from_open_flamingo(live: nn.Module, *, ln_post_on_tokens: bool | None = None,
@@ -42,7 +50,7 @@ def config_from_open_flamingo(live: nn.Module, *, ln_post_on_tokens: bool | None
     lm = live.lang_encoder
     return FlamingoConfig(
         vision=VisionConfig(source="open_clip", dim=dim, keep_cls=False, ln_post_on_tokens=ln_post_on_tokens,
-                            image_size=_image_size(visual)),
+                            image_size=open_clip_image_size(visual)),
         resampler=ResamplerConfig(
             depth=len(perceiver.layers), heads=p_attn.heads, dim_head=p_attn.to_q.out_features // p_attn.heads,
             num_latents=perceiver.latents.shape[0], ff_mult=p_ff[1].out_features // dim,
@@ -55,42 +63,14 @@ def config_from_open_flamingo(live: nn.Module, *, ln_post_on_tokens: bool | None
         decoder_layers_attr=lm.decoder_layers_attr_name,
         only_attend_immediate_media=x_attn.only_attend_immediate_media,
         media_token_id=live.media_token_id, eoc_token_id=live.eoc_token_id,
-        eos_token_id=getattr(lm.config, "eos_token_id", None), num_base_tokens=num_base_tokens)
+        pad_token_id=getattr(lm.config, "pad_token_id", None), eos_token_id=getattr(lm.config, "eos_token_id", None),
+        num_base_tokens=num_base_tokens)
 
 
-def _image_size(visual: nn.Module) -> int:
+def open_clip_image_size(visual: nn.Module) -> int:
+    """The input resolution of an open_clip vision tower (224 when it does not say)."""
     size = getattr(visual, "image_size", 224)
     return size[0] if isinstance(size, (tuple, list)) else int(size)
-
-
-def from_open_flamingo(live: nn.Module, *, ln_post_on_tokens: bool | None = None,
-                       num_base_tokens: int | None = None):
-    """A fastflamingo :class:`~fastflamingo.Flamingo` computing what a live open_flamingo model does.
-
-    The weights are shared with ``live`` (no copy): the vision tower module itself, and the LM's
-    and trainable blocks' tensors. ``copy.deepcopy`` the result for an independent model.
-
-    Args:
-        live: an ``open_flamingo.src.flamingo.Flamingo``.
-        ln_post_on_tokens: override the open_clip patch-token ``ln_post`` choice; by default it
-            is read from the live encoder, so outputs match it.
-        num_base_tokens: vocabulary size before the Flamingo tokens (to train their rows only).
-    """
-    from transformers import AutoModelForCausalLM
-
-    from ..model import Flamingo
-    config = config_from_open_flamingo(live, ln_post_on_tokens=ln_post_on_tokens, num_base_tokens=num_base_tokens)
-    hf_config = type(live.lang_encoder.config).from_dict(live.lang_encoder.config.to_dict())
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(hf_config)
-    model = Flamingo(config, vision_encoder=live.vision_encoder, lang_encoder=lm)
-    state = map_open_flamingo_state_dict(live.state_dict())
-    model.load_state_dict(state, strict=True, assign=True)
-    _fill_meta_buffers(model, live)
-    if getattr(hf_config, "tie_word_embeddings", False):
-        model.lang_encoder.tie_weights()
-    model.set_trainable()
-    return model.train(live.training)
 
 
 def _fill_meta_buffers(model: nn.Module, live: nn.Module) -> None:
@@ -99,6 +79,64 @@ def _fill_meta_buffers(model: nn.Module, live: nn.Module) -> None:
     for name, buf in list(model.named_buffers(remove_duplicate=False)):
         if buf.is_meta:
             if name not in live_buffers:
-                raise RuntimeError(f"buffer {name} was not loaded and the open_flamingo model has no buffer of that name")
+                raise RuntimeError(f"buffer {name} was not loaded and the open_flamingo model has no buffer of "
+                                   "that name")
             module_name, _, attr = name.rpartition(".")
             model.get_submodule(module_name)._buffers[attr] = live_buffers[name]
+
+
+def from_open_flamingo(source, *, lang_encoder=None, vision_encoder=None, ln_post_on_tokens: bool | None = None,
+                       cross_attn_every_n_layers: int | None = None, tokenizer=None,
+                       media_token_id: int | None = None, eoc_token_id: int | None = None,
+                       num_base_tokens: int | None = None, decoder_layers_attr_name: str | None = None,
+                       trust_remote_code: bool = False, dtype: torch.dtype | None = None, quantization=None):
+    """A fastflamingo :class:`~fastflamingo.Flamingo` computing what an open_flamingo model does.
+
+    Args:
+        source: a live ``open_flamingo.src.flamingo.Flamingo`` (its tensors are shared, not copied:
+            ``copy.deepcopy`` the result for an independent model), or an open_flamingo checkpoint
+            (.pt / .bin / .safetensors path, or a state dict), full or trainable-only, e.g.
+            OpenFlamingo-3B/4B/9B or Med-Flamingo.
+        lang_encoder, vision_encoder, tokenizer, media_token_id, eoc_token_id, cross_attn_every_n_layers,
+        decoder_layers_attr_name, trust_remote_code: for a checkpoint only, see
+            :func:`fastflamingo.convert.open_flamingo_ckpt.from_open_flamingo_checkpoint`.
+        ln_post_on_tokens: whether open_clip's ``ln_post`` applies to the patch tokens; for a live
+            model it is read from its encoder unless given, so outputs match it.
+        num_base_tokens: vocabulary size before the Flamingo tokens (to train only their rows).
+        dtype, quantization: cast / quantize the result (:func:`fastflamingo.quant.quantize_model`).
+    """
+    from .load import finish
+    if not isinstance(source, nn.Module):
+        from .open_flamingo_ckpt import from_open_flamingo_checkpoint
+        return from_open_flamingo_checkpoint(
+            source, lang_encoder=lang_encoder, vision_encoder=vision_encoder, ln_post_on_tokens=ln_post_on_tokens,
+            cross_attn_every_n_layers=cross_attn_every_n_layers, tokenizer=tokenizer, media_token_id=media_token_id,
+            eoc_token_id=eoc_token_id, num_base_tokens=num_base_tokens,
+            decoder_layers_attr_name=decoder_layers_attr_name, trust_remote_code=trust_remote_code,
+            dtype=dtype, quantization=quantization)
+    unused = {k: v for k, v in dict(lang_encoder=lang_encoder, vision_encoder=vision_encoder, tokenizer=tokenizer,
+                                    media_token_id=media_token_id, eoc_token_id=eoc_token_id,
+                                    cross_attn_every_n_layers=cross_attn_every_n_layers,
+                                    decoder_layers_attr_name=decoder_layers_attr_name).items() if v is not None}
+    if unused:
+        raise ValueError(f"{sorted(unused)} apply to a checkpoint source only: a live open_flamingo model "
+                         "already holds its LM, vision encoder and token ids")
+    model = _from_live(source, ln_post_on_tokens=ln_post_on_tokens, num_base_tokens=num_base_tokens)
+    training = source.training
+    return finish(model, dtype=dtype, quantization=quantization).train(training)
+
+
+def _from_live(live: nn.Module, *, ln_post_on_tokens: bool | None, num_base_tokens: int | None):
+    from transformers import AutoModelForCausalLM
+
+    from ..model import Flamingo
+    config = config_from_open_flamingo(live, ln_post_on_tokens=ln_post_on_tokens, num_base_tokens=num_base_tokens)
+    hf_config = type(live.lang_encoder.config).from_dict(live.lang_encoder.config.to_dict())
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(hf_config)
+    model = Flamingo(config, vision_encoder=live.vision_encoder, lang_encoder=lm)
+    model.load_state_dict(map_open_flamingo_state_dict(live.state_dict()), strict=True, assign=True)
+    _fill_meta_buffers(model, live)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        model.lang_encoder.tie_weights()
+    return model

@@ -1,0 +1,148 @@
+"""Import Hugging Face IDEFICS (``IdeficsForVisionText2Text``), live or from a local directory.
+
+IDEFICS is a Flamingo with ``idefics``-style blocks (SEMANTICS.md). The mapping:
+
+* the decoder becomes a plain ``LlamaForCausalLM`` (IDEFICS's decoder layers are LLaMA's, without
+  grouped K/V); the decoupled ``additional_embedding`` / ``additional_fc`` rows are appended to
+  the embedding and output matrices, and ``num_base_tokens`` keeps only those rows trainable;
+* the vision tower becomes a ``CLIPVisionModel`` (same layers and names, ``last_hidden_state``
+  with CLS, before the post-layernorm), so the model rebuilds from ``config.json`` alone;
+* ``model.gated_cross_attn_layers.j`` sits before decoder layer ``j * cross_layer_interval``
+  (placement ``first_of_every_n``); ``perceiver_resampler`` becomes the ``idefics``-style resampler;
+* ``eos_resets_media``: after an EOS, text sees no image until the next ``<image>``, as IDEFICS's
+  processor builds ``image_attention_mask``.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
+from .io import has_tokenizer, load_state_dir
+from .load import build_and_load
+
+IMAGE_TOKEN = "<image>"
+
+
+def config_from_idefics(cfg, *, media_token_id: int) -> FlamingoConfig:
+    """An ``IdeficsConfig`` -> the :class:`FlamingoConfig` of the same architecture."""
+    v, p = cfg.vision_config, cfg.perceiver_config
+    vocab = cfg.vocab_size + cfg.additional_vocab_size
+    heads = cfg.num_attention_heads
+    lm = dict(model_type="llama", vocab_size=vocab, hidden_size=cfg.hidden_size,
+              intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+              num_attention_heads=heads, num_key_value_heads=heads, head_dim=cfg.hidden_size // heads,
+              hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
+              rms_norm_eps=cfg.rms_norm_eps, rope_parameters=dict(cfg.rope_parameters),
+              tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False, mlp_bias=False,
+              pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
+    clip = dict(hidden_size=v.embed_dim, intermediate_size=v.intermediate_size,
+                num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+                num_channels=v.num_channels, image_size=v.image_size, patch_size=v.patch_size,
+                hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps)
+    return FlamingoConfig(
+        vision=VisionConfig(source="hf_clip", dim=v.embed_dim, hf_config=clip, keep_cls=True, image_size=v.image_size),
+        resampler=ResamplerConfig(enabled=cfg.use_resampler, style="idefics", depth=p.resampler_depth,
+                                  heads=p.resampler_n_heads, dim_head=p.resampler_head_dim,
+                                  num_latents=p.resampler_n_latents, ff_mult=4,
+                                  qk_layer_norms=p.qk_layer_norms_perceiver),
+        cross_attention=CrossAttentionConfig(style="idefics", every_n_layers=cfg.cross_layer_interval,
+                                             placement="first_of_every_n", heads=heads,
+                                             dim_head=cfg.hidden_size // heads,
+                                             intermediate_size=cfg.intermediate_size,
+                                             qk_layer_norms=cfg.qk_layer_norms, alpha_type=cfg.alpha_type,
+                                             rms_norm_eps=cfg.rms_norm_eps),
+        lm=lm, decoder_layers_attr="model.layers", only_attend_immediate_media=True,
+        media_token_id=media_token_id, eoc_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+        eos_resets_media=True, eos_token_id=cfg.eos_token_id, num_base_tokens=cfg.vocab_size)
+
+
+_RENAMES = [  # IDEFICS name (regex) -> fastflamingo name; cross-attention layers handled apart
+    (r"model\.vision_model\.", "vision_encoder."),
+    (r"model\.perceiver_resampler\.", "perceiver."),
+    (r"model\.layers\.(\d+)\.", r"lang_encoder.model.layers.\1.decoder_layer."),
+    (r"model\.norm\.", "lang_encoder.model.norm."),
+]
+
+
+def map_idefics_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """IDEFICS state-dict keys -> fastflamingo keys; the decoupled extra rows are concatenated."""
+    out, interval = {}, cfg.cross_layer_interval
+    embed = state["model.embed_tokens.weight"]
+    head = state.get("lm_head.weight", embed if cfg.tie_word_embeddings else None)
+    if head is None:
+        raise ValueError("the IDEFICS checkpoint has no lm_head.weight and tie_word_embeddings is False")
+    if cfg.additional_vocab_size:
+        embed = torch.cat([embed, state["model.embed_tokens.additional_embedding.weight"]])
+        extra_head = state.get("lm_head.additional_fc.weight")
+        if extra_head is None:  # tied: the extra output rows are the extra embedding rows
+            extra_head = state["model.embed_tokens.additional_embedding.weight"]
+        head = torch.cat([head, extra_head])
+    out["lang_encoder.model.embed_tokens.weight"] = embed
+    out["lang_encoder.lm_head.weight"] = head
+    for key, value in state.items():
+        if key.startswith(("model.embed_tokens.", "lm_head.")):
+            continue
+        m = re.match(r"model\.gated_cross_attn_layers\.(\d+)\.(.*)", key)
+        if m:
+            out[f"lang_encoder.model.layers.{int(m.group(1)) * interval}.gated_cross_attn_layer.{m.group(2)}"] = value
+            continue
+        for pattern, repl in _RENAMES:
+            new, n = re.subn("^" + pattern, repl, key)
+            if n:
+                out[new] = value
+                break
+        else:
+            raise ValueError(f"unexpected key {key!r} in the IDEFICS checkpoint")
+    return out
+
+
+def from_idefics(source, *, media_token_id: int | None = None, dtype: torch.dtype | None = None,
+                 quantization=None):
+    """A fastflamingo :class:`~fastflamingo.Flamingo` computing what an IDEFICS model computes.
+
+    Args:
+        source: a live ``IdeficsForVisionText2Text`` (weights are shared where the layout allows),
+            or a local directory with its ``config.json`` and weights (safetensors or .bin).
+        media_token_id: the ``<image>`` id. None: the directory's tokenizer's, else IDEFICS's
+            convention, the last additional token (``vocab_size + additional_vocab_size - 1``).
+        dtype: cast the model to this dtype.
+        quantization: passed to :func:`fastflamingo.quant.quantize_model`.
+
+    The model accepts IDEFICS's inputs, ``model(input_ids=, pixel_values=, image_attention_mask=,
+    attention_mask=)``, and open_flamingo's ``model(vision_x, lang_x)`` (image mask derived from
+    ``<image>`` tokens and EOS, as IDEFICS's processor does).
+    """
+    if isinstance(source, nn.Module):
+        cfg, state = source.config, source.state_dict()
+    else:
+        cfg, state = _read_dir(source)
+        if media_token_id is None:
+            media_token_id = _tokenizer_image_id(source)
+    if media_token_id is None:
+        media_token_id = cfg.vocab_size + cfg.additional_vocab_size - 1
+    config = config_from_idefics(cfg, media_token_id=media_token_id)
+    return build_and_load(config, map_idefics_state_dict(state, cfg), dtype=dtype, quantization=quantization)
+
+
+def _read_dir(directory):
+    from transformers import IdeficsConfig
+    d = Path(directory)
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{str(d)!r} is not an IDEFICS model directory (no config.json)")
+    cfg = IdeficsConfig.from_pretrained(str(d), local_files_only=True)
+    if cfg.model_type != "idefics":
+        raise ValueError(f"{str(d)!r} holds a {cfg.model_type!r} model, not IDEFICS")
+    return cfg, load_state_dir(d)
+
+
+def _tokenizer_image_id(directory) -> int | None:
+    if not has_tokenizer(directory):
+        return None
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+    image_id = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    return None if image_id is None or image_id == tok.unk_token_id else image_id

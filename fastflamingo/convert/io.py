@@ -1,0 +1,91 @@
+"""Reading checkpoints without executing code from them: safetensors, or ``torch.load`` with
+``weights_only=True`` (a pickle that holds anything but tensors and plain containers is refused)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+from pathlib import Path
+
+import torch
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+
+def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """One checkpoint file -> a flat ``{name: tensor}`` state dict, on the CPU.
+
+    Training checkpoints that wrap the weights (open_flamingo's ``{"model_state_dict": ...}``,
+    ``{"state_dict": ...}``) are unwrapped, and a DDP ``module.`` prefix on every key is removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
+    if path.suffix not in TORCH_SUFFIXES + (".safetensors",):
+        raise ValueError(f"checkpoint {str(path)!r}: unknown format {path.suffix!r}; expected .safetensors or one "
+                         f"of {TORCH_SUFFIXES} (a torch.save file, loaded with weights_only=True)")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"checkpoint {str(path)!r} holds objects other than tensors and plain containers; "
+                         f"fastflamingo never executes code from a checkpoint (weights_only=True): {e}") from e
+    except Exception as e:  # a truncated or corrupt file: say so, with the reader's own message
+        raise ValueError(f"cannot read checkpoint {str(path)!r} ({path.stat().st_size} bytes): is the file complete? "
+                         f"{type(e).__name__}: {e}") from e
+    for wrapper in ("model_state_dict", "state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+            break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise ValueError(f"checkpoint {str(path)!r} does not hold a state dict of tensors "
+                         f"(found {type(obj).__name__} with keys {list(obj)[:5] if isinstance(obj, dict) else ''})")
+    if obj and all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_state_dir(directory: str | Path) -> dict[str, torch.Tensor]:
+    """A Hugging Face model directory (single file or sharded, safetensors or .bin) -> state dict."""
+    d = Path(directory)
+    for stem in ("model", "pytorch_model"):
+        for suffix in (".safetensors", ".bin"):
+            index = d / f"{stem}{suffix}.index.json"
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                state = {}
+                for shard in shards:
+                    state.update(load_state_file(d / shard))
+                return state
+            single = d / f"{stem}{suffix}"
+            if single.is_file():
+                return load_state_file(single)
+    raise FileNotFoundError(f"{str(d)!r} holds no model.safetensors, pytorch_model.bin or sharded index of them")
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    """Whether a Hugging Face directory holds tokenizer files."""
+    return any((Path(directory) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+@contextlib.contextmanager
+def skip_init():
+    """Build modules without running their (slow, soon overwritten) random initialisation."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older transformers: initialise normally, only slower
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        yield
+
+
+def load_hf_causal_lm(path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None,
+                      local_files_only: bool = True, dtype: torch.dtype | None = None):
+    """A causal LM from a local Hugging Face directory (or hub name with ``local_files_only=False``).
+    Remote code runs only when the caller passes ``trust_remote_code=True``."""
+    from transformers import AutoModelForCausalLM
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    return AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only, cache_dir=cache_dir,
+                                                trust_remote_code=trust_remote_code, **kwargs)

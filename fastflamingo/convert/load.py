@@ -1,0 +1,109 @@
+"""Loading a state dict into a freshly built Flamingo, with errors that say what does not fit."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ..config import FlamingoConfig
+from .io import skip_init
+
+_SHOW = 20  # lines listed per category in an error message
+# buffers that older transformers versions saved in state dicts and current ones recompute
+STALE_BUFFER_SUFFIXES = (".position_ids", ".rotary_emb.inv_freq", ".attention.bias", ".attention.masked_bias",
+                         ".attn.bias", ".attn.masked_bias")
+
+
+def _grouped(keys: list[str]) -> list[str]:
+    """``a.b.weight, a.b.bias`` -> ``a.b.{weight, bias}``: one line per module, in order."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        owner, _, leaf = key.rpartition(".")
+        groups.setdefault(owner, []).append(leaf)
+    lines = []
+    for owner, leaves in groups.items():
+        leaf = leaves[0] if len(leaves) == 1 else "{" + ", ".join(leaves) + "}"
+        lines.append(f"{owner}.{leaf}" if owner else leaf)
+    return lines
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model built for it.
+
+    Attributes:
+        missing: keys the model needs that the checkpoint lacks.
+        unexpected: checkpoint keys the model has no place for.
+        mismatched: (key, checkpoint shape, model shape) triples.
+    """
+
+    def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[tuple], hint: str = ""):
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+        lines = [f"the checkpoint does not fit the model: {len(missing)} missing, {len(unexpected)} unexpected, "
+                 f"{len(mismatched)} shape-mismatched key(s)"]
+        for title, items in (("missing", _grouped(missing)), ("unexpected", _grouped(unexpected)),
+                             ("shape mismatch (checkpoint vs model)",
+                              [f"{k}: {tuple(a)} vs {tuple(b)}" for k, a, b in mismatched])):
+            if items:
+                more = f" (first {_SHOW} of {len(items)} lines)" if len(items) > _SHOW else ""
+                lines.append(f"  {title}{more}:")
+                lines.extend(f"    {item}" for item in items[:_SHOW])
+        if hint:
+            lines.append(hint)
+        super().__init__("\n".join(lines))
+
+
+def is_block_key(key: str) -> bool:
+    """Whether a state-dict key belongs to the resampler or a gated cross-attention block."""
+    return key.startswith("perceiver.") or ".gated_cross_attn_layer." in key
+
+
+def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], *, required: Iterable[str],
+                     hint: str = "") -> None:
+    """Raise :class:`CheckpointMismatchError` unless every ``required`` key is in ``state`` and
+    every key of ``state`` is one of ``model``'s, with the model's shape."""
+    own = model.state_dict()
+    missing = [k for k in required if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                  if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(missing, unexpected, mismatched, hint)
+
+
+def build_and_load(config: FlamingoConfig, state: dict[str, torch.Tensor], *, trainable_only: bool = False,
+                   vision_encoder: nn.Module | None = None, lang_encoder: nn.Module | None = None,
+                   dtype: torch.dtype | None = None, device=None, quantization=None, hint: str = ""):
+    """Build a Flamingo of ``config`` (parts not passed are built without random initialisation)
+    and load ``state`` into it, taking its tensors rather than copying them.
+
+    Args:
+        trainable_only: ``state`` must hold the resampler and cross-attention blocks only (the
+            rest of the model comes from the encoders passed); otherwise every key of the model.
+        dtype, device, quantization: see :func:`finish`.
+        hint: appended to a :class:`CheckpointMismatchError`.
+    """
+    from ..model import Flamingo
+    with skip_init():
+        model = Flamingo(config, vision_encoder=vision_encoder, lang_encoder=lang_encoder)
+    keys = model.state_dict().keys()
+    state = {k: v for k, v in state.items() if k in keys or not k.endswith(STALE_BUFFER_SUFFIXES)}
+    required = [k for k in keys if is_block_key(k)] if trainable_only else keys
+    check_state_fits(model, state, required=required, hint=hint)
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(model.lang_encoder.config, "tie_word_embeddings", False):
+        model.lang_encoder.tie_weights()
+    return finish(model, dtype=dtype, device=device, quantization=quantization)
+
+
+def finish(model, *, dtype: torch.dtype | None = None, device=None, quantization=None):
+    """The last steps of every import: trainable set, dtype/device, optional quantization (on the
+    device, as bitsandbytes needs; :func:`fastflamingo.quant.quantize_model`), eval."""
+    model.set_trainable()
+    if dtype is not None or device is not None:
+        model.to(device=device, dtype=dtype)
+    if quantization is not None:
+        from ..quant import quantize_model
+        quantized = quantize_model(model, quantization)
+        model = model if quantized is None else quantized
+    return model.eval()

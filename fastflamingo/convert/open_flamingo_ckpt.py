@@ -1,0 +1,236 @@
+"""Import open_flamingo checkpoint files (OpenFlamingo-3B/4B/9B, Med-Flamingo, your own runs).
+
+A checkpoint holds the trainable parameters (resampler, cross-attention blocks) and the LM's
+embeddings; the frozen LM and vision encoder come from the models it was trained with. The
+architecture is read from the key names and shapes (:class:`OpenFlamingoLayout`), so a checkpoint
+that does not fit the LM it is given fails with a message that says which LM it expects
+(open_flamingo #209).
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
+from ..lm import decoder_layers_attr_for, get_attr, lm_hidden_size
+from .io import load_hf_causal_lm, load_state_file
+from .load import build_and_load
+from .pretrained import record_sources
+from .open_flamingo import map_open_flamingo_state_dict, open_clip_image_size
+
+OPEN_FLAMINGO_DIM_HEAD = 64  # open_flamingo's fixed head width, resampler and cross-attention alike
+LM_FAMILIES = {
+    "transformer.blocks": "MPT (OpenFlamingo-3B, -9B)",
+    "gpt_neox.layers": "GPT-NeoX / Pythia / RedPajama (OpenFlamingo-4B)",
+    "model.layers": "LLaMA or another LLaMA-like LM (Med-Flamingo)",
+    "model.decoder.layers": "OPT",
+    "transformer.h": "GPT-J / GPT-2",
+}
+_XATTN = re.compile(r"^lang_encoder\.(?P<attr>.+)\.(?P<idx>\d+)\.gated_cross_attn_layer\.(?P<rest>.+)$")
+_EMBED_NAMES = ("transformer.wte.weight", "model.embed_tokens.weight", "gpt_neox.embed_in.weight",
+                "model.decoder.embed_tokens.weight")
+
+
+@dataclass
+class OpenFlamingoLayout:
+    """What an open_flamingo checkpoint's keys and shapes say about the model it belongs to."""
+    decoder_layers_attr: str
+    cross_attn_layers: list[int]
+    lm_dim: int
+    vis_dim: int
+    xattn_inner: int
+    xattn_ff_mult: int
+    depth: int
+    num_latents: int
+    perceiver_inner: int
+    perceiver_ff_mult: int
+    max_num_media: int | None
+    max_num_frames: int | None
+    vocab: int | None
+
+    @property
+    def every_n(self) -> int:
+        return self.cross_attn_layers[0] + 1
+
+    @property
+    def family(self) -> str:
+        return LM_FAMILIES.get(self.decoder_layers_attr, f"an LM with decoder layers at {self.decoder_layers_attr}")
+
+    def describe(self) -> str:
+        n, last = self.every_n, self.cross_attn_layers[-1]
+        vocab = f", a vocabulary of {self.vocab} tokens" if self.vocab else ""
+        count = f"{last + 1}" if n == 1 else f"{last + 1} to {last + n}"
+        return (f"{self.family}: decoder layers at `{self.decoder_layers_attr}`, {count} of them, "
+                f"hidden size {self.lm_dim}{vocab}; cross-attention every {n} layer(s); "
+                f"vision features of width {self.vis_dim}")
+
+
+def read_open_flamingo_layout(state: dict[str, torch.Tensor]) -> OpenFlamingoLayout:
+    """Infer the architecture from an open_flamingo state dict (duplicates already dropped)."""
+    layers: dict[str, set[int]] = {}
+    for key in state:
+        m = _XATTN.match(key)
+        if m:
+            layers.setdefault(m["attr"], set()).add(int(m["idx"]))
+    if "perceiver.latents" not in state or not layers:
+        raise ValueError("this is not an open_flamingo checkpoint: it has no 'perceiver.latents' and "
+                         "'lang_encoder.<layers>.<i>.gated_cross_attn_layer.*' keys "
+                         f"(first keys: {list(state)[:5]})")
+    if len(layers) > 1:
+        raise ValueError(f"the checkpoint has cross-attention layers under several paths: {sorted(layers)}")
+    (attr, idx), = layers.items()
+    idx = sorted(idx)
+    n = idx[0] + 1
+    if any((i + 1) % n for i in idx):
+        raise ValueError(f"the checkpoint's cross-attention layers {idx} do not follow open_flamingo's "
+                         "(i + 1) % n == 0 placement")
+    x = f"lang_encoder.{attr}.{idx[0]}.gated_cross_attn_layer."
+    p = "perceiver.layers.0."
+    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("perceiver.layers."))
+    latents = state["perceiver.latents"]
+    vocab = next((state[f"lang_encoder.{e}"].shape[0] for e in _EMBED_NAMES if f"lang_encoder.{e}" in state), None)
+    return OpenFlamingoLayout(
+        decoder_layers_attr=attr, cross_attn_layers=idx, lm_dim=state[x + "attn.to_q.weight"].shape[1],
+        vis_dim=state[x + "attn.to_kv.weight"].shape[1], xattn_inner=state[x + "attn.to_q.weight"].shape[0],
+        xattn_ff_mult=state[x + "ff.1.weight"].shape[0] // state[x + "ff.1.weight"].shape[1],
+        depth=depth, num_latents=latents.shape[0], perceiver_inner=state[p + "0.to_q.weight"].shape[0],
+        perceiver_ff_mult=state[p + "1.1.weight"].shape[0] // latents.shape[1],
+        max_num_media=state["perceiver.media_time_embs"].shape[0] if "perceiver.media_time_embs" in state else None,
+        max_num_frames=state["perceiver.frame_embs"].shape[0] if "perceiver.frame_embs" in state else None,
+        vocab=vocab)
+
+
+def describe_lm(lm: nn.Module, layers_attr: str) -> str:
+    """The same facts as :meth:`OpenFlamingoLayout.describe`, for an LM instance."""
+    n_layers = len(get_attr(lm, layers_attr)) if _has_attr(lm, layers_attr) else "?"
+    return (f"{type(lm).__name__} (model_type {getattr(lm.config, 'model_type', '?')!r}): decoder layers at "
+            f"`{layers_attr}`, {n_layers} of them, hidden size {lm_hidden_size(lm)}, a vocabulary of "
+            f"{lm.get_input_embeddings().weight.shape[0]} tokens")
+
+
+def _has_attr(obj, dotted: str) -> bool:
+    try:
+        get_attr(obj, dotted)
+        return True
+    except AttributeError:
+        return False
+
+
+def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encoder=None,
+                                  ln_post_on_tokens: bool | None = None, cross_attn_every_n_layers: int | None = None,
+                                  tokenizer=None, media_token_id: int | None = None, eoc_token_id: int | None = None,
+                                  num_base_tokens: int | None = None, decoder_layers_attr_name: str | None = None,
+                                  trust_remote_code: bool = False, dtype=None, quantization=None):
+    """A fastflamingo model from an open_flamingo checkpoint and the models it was trained with.
+
+    Args:
+        checkpoint: a .pt / .pth / .bin (``torch.load(weights_only=True)``) or .safetensors path, or
+            a state dict; full or trainable-only (open_flamingo's training script keeps trainable
+            parameters and names containing "embed").
+        lang_encoder: the LM it was trained with: a Hugging Face causal LM or a local directory.
+        vision_encoder: the open_clip vision tower (or CLIP model), an open_clip model name, or a
+            (name, pretrained) pair; OpenFlamingo's releases use ("ViT-L-14", "openai").
+        ln_post_on_tokens: required: False for OpenFlamingo's released weights (SEMANTICS.md).
+        cross_attn_every_n_layers: inferred from the checkpoint's keys when None.
+        tokenizer: a tokenizer (or local path) to set up as open_flamingo does (adds ``<image>``,
+            ``<|endofchunk|>``, resizes the LM); or give ``media_token_id`` and ``eoc_token_id``.
+        num_base_tokens: vocabulary size before the Flamingo tokens (None: from the tokenizer set-up).
+    """
+    state = checkpoint if isinstance(checkpoint, dict) else load_state_file(checkpoint)
+    state = map_open_flamingo_state_dict(state)
+    layout = read_open_flamingo_layout(state)
+    lm = _lang_encoder(lang_encoder, layout, trust_remote_code)
+    visual, vision_name = _vision_encoder(vision_encoder, layout)
+    media_token_id, eoc_token_id, num_base = _token_ids(tokenizer, lm, media_token_id, eoc_token_id,
+                                                        trust_remote_code)
+    if num_base_tokens is None:
+        num_base_tokens = num_base
+    _resize_to_checkpoint(lm, state, layout, resized_by_tokenizer=tokenizer is not None)
+    # the checkpoint names the LM's decoder-layer list: use it where the LM has it (any LM family)
+    if decoder_layers_attr_name is None and _has_attr(lm, layout.decoder_layers_attr):
+        decoder_layers_attr_name = layout.decoder_layers_attr
+    layers_attr = decoder_layers_attr_for(lm, decoder_layers_attr_name)
+    config = FlamingoConfig(
+        vision=VisionConfig(source="open_clip", dim=layout.vis_dim, open_clip_name=vision_name, keep_cls=False,
+                            ln_post_on_tokens=ln_post_on_tokens, image_size=open_clip_image_size(visual)),
+        resampler=ResamplerConfig(depth=layout.depth, heads=layout.perceiver_inner // OPEN_FLAMINGO_DIM_HEAD,
+                                  dim_head=OPEN_FLAMINGO_DIM_HEAD, num_latents=layout.num_latents,
+                                  ff_mult=layout.perceiver_ff_mult, max_num_media=layout.max_num_media,
+                                  max_num_frames=layout.max_num_frames),
+        cross_attention=CrossAttentionConfig(every_n_layers=cross_attn_every_n_layers or layout.every_n,
+                                             heads=layout.xattn_inner // OPEN_FLAMINGO_DIM_HEAD,
+                                             dim_head=OPEN_FLAMINGO_DIM_HEAD, ff_mult=layout.xattn_ff_mult),
+        lm=lm.config.to_dict(), decoder_layers_attr=layers_attr, media_token_id=media_token_id,
+        eoc_token_id=eoc_token_id, pad_token_id=getattr(lm.config, "pad_token_id", None),
+        eos_token_id=getattr(lm.config, "eos_token_id", None), num_base_tokens=num_base_tokens)
+    hint = (f"The checkpoint expects {layout.describe()}.\nThe model was built with {describe_lm(lm, layers_attr)}, "
+            f"cross-attention every {config.cross_attention.every_n_layers} layer(s), vision width "
+            f"{layout.vis_dim}.\nPass the LM and vision encoder the checkpoint was trained with "
+            "(lang_encoder=, vision_encoder=), and leave cross_attn_every_n_layers=None to read it from the "
+            "checkpoint.")
+    model = build_and_load(config, state, trainable_only=True, vision_encoder=visual, lang_encoder=lm,
+                           dtype=dtype, quantization=quantization, hint=hint)
+    vision_source = None
+    if isinstance(vision_encoder, (str, tuple)):
+        vision_source = (vision_name, None if isinstance(vision_encoder, str) else vision_encoder[1])
+    record_sources(model, lang_encoder, vision_source)
+    return model
+
+
+def _lang_encoder(lang_encoder, layout: OpenFlamingoLayout, trust_remote_code: bool) -> nn.Module:
+    if lang_encoder is None:
+        raise ValueError(f"pass lang_encoder= (a Hugging Face causal LM or a local directory): the checkpoint holds "
+                         f"only the Flamingo parameters and expects {layout.describe()}")
+    if isinstance(lang_encoder, (str, Path)):
+        return load_hf_causal_lm(str(lang_encoder), trust_remote_code=trust_remote_code)
+    return lang_encoder
+
+
+def _vision_encoder(vision_encoder, layout: OpenFlamingoLayout) -> tuple[nn.Module, str | None]:
+    """-> (open_clip vision tower, its model name if known)."""
+    if vision_encoder is None:
+        raise ValueError(f"pass vision_encoder= (an open_clip vision tower, a model name, or a (name, pretrained) "
+                         f"pair such as ('ViT-L-14', 'openai')): the checkpoint expects vision features of width "
+                         f"{layout.vis_dim}")
+    if isinstance(vision_encoder, (str, tuple)):
+        import open_clip
+        name, pretrained = (vision_encoder, None) if isinstance(vision_encoder, str) else vision_encoder
+        return open_clip.create_model(name, pretrained=pretrained).visual.eval(), name
+    return getattr(vision_encoder, "visual", vision_encoder), None
+
+
+def _token_ids(tokenizer, lm, media_token_id, eoc_token_id, trust_remote_code):
+    """-> (media id, eoc id, num_base_tokens or None), from a tokenizer set up as open_flamingo does."""
+    if tokenizer is None:
+        if media_token_id is None or eoc_token_id is None:
+            raise ValueError("pass tokenizer= (to add <image> and <|endofchunk|> as open_flamingo does), or both "
+                             f"media_token_id= and eoc_token_id= (got {media_token_id}, {eoc_token_id})")
+        return media_token_id, eoc_token_id, None
+    from ..tokens import setup_tokenizer
+    if isinstance(tokenizer, (str, Path)):
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
+    ids = setup_tokenizer(tokenizer, lm)
+    return ids["media_token_id"], ids["eoc_token_id"], ids["num_base_tokens"]
+
+
+def _resize_to_checkpoint(lm: nn.Module, state, layout: OpenFlamingoLayout, *, resized_by_tokenizer: bool) -> None:
+    """Give the LM as many embedding rows as the checkpoint (open_flamingo resizes to its tokenizer)."""
+    rows = lm.get_input_embeddings().weight.shape[0]
+    if layout.vocab is None or layout.vocab == rows or resized_by_tokenizer:
+        return  # with a tokenizer, a different size is a mismatch, reported with the other keys
+    lm.resize_token_embeddings(layout.vocab)
+    out = lm.get_output_embeddings()
+    if out is None or out.weight is lm.get_input_embeddings().weight:
+        return
+    name = next(n for n, p in lm.named_parameters() if p is out.weight)
+    if f"lang_encoder.{name}" not in state:
+        warnings.warn(f"the LM's output embeddings were resized from {rows} to {layout.vocab} rows but the "
+                      f"checkpoint does not hold them (lang_encoder.{name}; open_flamingo never trains them): "
+                      "the new rows keep transformers' fresh initialisation, as in open_flamingo", stacklevel=3)

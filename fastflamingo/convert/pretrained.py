@@ -1,0 +1,152 @@
+"""fastflamingo's own format: a directory with ``config.json`` (:class:`FlamingoConfig`) and
+``model.safetensors``, holding the full model or only what training changes.
+
+* full: every tensor; the model rebuilds from the directory alone (for vision sources that
+  can be built from the config: hf_clip, timm, open_clip with a model name).
+* trainable-only: the resampler, the cross-attention blocks and the LM's input and output
+  embeddings (resized for the Flamingo tokens); the frozen LM and vision encoder come from where
+  the model got them (recorded in the file's metadata when known) or from the caller.
+
+Tensors that share storage (tied embeddings) are stored once; the aliases are in the metadata.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import FlamingoConfig
+from .io import load_hf_causal_lm, load_state_file
+from .load import build_and_load
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+SOURCES_ATTR = "base_model_sources"  # model attribute: {"lm": path, "vision": [open_clip name, pretrained]}
+
+
+def record_sources(model: nn.Module, lm=None, vision=None) -> None:
+    """Remember where the frozen parts came from (a local LM directory or hub name; an open_clip
+    ``[name, pretrained]``), for trainable-only saves. Modules given instead of names are not recorded."""
+    sources = {}
+    if isinstance(lm, (str, Path)):
+        sources["lm"] = str(Path(lm).resolve()) if Path(lm).is_dir() else str(lm)
+    if vision is not None:
+        sources["vision"] = list(vision)
+    setattr(model, SOURCES_ATTR, sources)
+
+
+def trainable_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the trainable parameters and of the LM's input and output embeddings."""
+    lm = model.lang_encoder
+    embeddings = {id(lm.get_input_embeddings().weight)}
+    if lm.get_output_embeddings() is not None:
+        embeddings.add(id(lm.get_output_embeddings().weight))
+    return [name for name, p in model.named_parameters(remove_duplicate=False)
+            if p.requires_grad or id(p) in embeddings]
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, *, trainable_only: bool = False,
+                    progress: bool = False) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (full, or trainable-only) into ``directory``."""
+    from safetensors.torch import save_file
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    if trainable_only:
+        state = {k: state[k] for k in trainable_keys(model)}
+    tensors, aliases = {}, {}
+    seen: dict[tuple, str] = {}
+    for key, t in _progress(state.items(), progress, "saving"):
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+        if ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().to("cpu").contiguous().clone()  # clone: no storage shared with another
+    metadata = {"format": "pt", "fastflamingo.contents": "trainable" if trainable_only else "full",
+                "fastflamingo.aliases": json.dumps(aliases),
+                "fastflamingo.sources": json.dumps(getattr(model, SOURCES_ATTR, {}))}
+    (d / CONFIG_NAME).write_text(model.config.to_json())
+    save_file(tensors, str(d / WEIGHTS_NAME), metadata=metadata)
+    return d
+
+
+def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder: nn.Module | None = None,
+                    quantization=None, device=None, dtype: torch.dtype | None = None,
+                    trust_remote_code: bool = False):
+    """Rebuild a model written by :func:`save_pretrained`.
+
+    Args:
+        lang_encoder: for a trainable-only directory, the base LM (module or local path); by default
+            the path recorded when the model was made by :func:`fastflamingo.create_model_and_transforms`.
+        vision_encoder: the vision encoder module, where the config cannot build it (or, for
+            trainable-only, where no open_clip name/pretrained pair was recorded).
+        quantization: passed to :func:`fastflamingo.quant.quantize_model`.
+        device, dtype: where and in which dtype the model ends up.
+    """
+    from safetensors import safe_open
+    d = Path(directory)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{str(d)!r} is not a fastflamingo directory: {name} is missing")
+    config = FlamingoConfig.from_json((d / CONFIG_NAME).read_text())
+    state = load_state_file(d / WEIGHTS_NAME)  # a truncated file fails here, with a clear message
+    with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
+        meta = f.metadata() or {}
+    for alias, target in json.loads(meta.get("fastflamingo.aliases", "{}")).items():
+        state[alias] = state[target]
+    sources = json.loads(meta.get("fastflamingo.sources", "{}"))
+    trainable_only = meta.get("fastflamingo.contents") == "trainable"
+    if trainable_only:
+        lang_encoder = _base_lm(lang_encoder, sources, config, d, trust_remote_code)
+        vision_encoder = _base_vision(vision_encoder, sources, config, d)
+        _resize(lang_encoder, state)
+    elif vision_encoder is None and config.vision.source == "open_clip" and not config.vision.open_clip_name:
+        raise ValueError(f"{str(d)!r}: the config names no open_clip model to rebuild the vision encoder from "
+                         "(the model was converted from a live open_flamingo model): pass vision_encoder=")
+    elif isinstance(lang_encoder, (str, Path)):
+        raise ValueError(f"{str(d)!r} holds the full model: lang_encoder= takes a module to load its weights into, "
+                         f"not a path ({str(lang_encoder)!r})")
+    model = build_and_load(config, state, trainable_only=trainable_only, vision_encoder=vision_encoder,
+                           lang_encoder=lang_encoder, dtype=dtype, device=device, quantization=quantization)
+    setattr(model, SOURCES_ATTR, sources)
+    return model
+
+
+def _base_lm(lang_encoder, sources: dict, config: FlamingoConfig, d: Path, trust_remote_code: bool) -> nn.Module:
+    lang_encoder = lang_encoder if lang_encoder is not None else sources.get("lm")
+    if lang_encoder is None:
+        raise ValueError(f"{str(d)!r} holds only the trainable parameters and records no base LM: pass "
+                         f"lang_encoder= (the {config.lm.get('model_type', '?')!r} LM it was trained with, "
+                         "a module or a local directory)")
+    if isinstance(lang_encoder, (str, Path)):
+        return load_hf_causal_lm(str(lang_encoder), trust_remote_code=trust_remote_code)
+    return lang_encoder
+
+
+def _base_vision(vision_encoder, sources: dict, config: FlamingoConfig, d: Path) -> nn.Module:
+    if vision_encoder is not None:
+        return vision_encoder
+    if sources.get("vision") and config.vision.source == "open_clip":
+        import open_clip
+        name, pretrained = sources["vision"]
+        return open_clip.create_model(name, pretrained=pretrained).visual.eval()
+    raise ValueError(f"{str(d)!r} holds only the trainable parameters and records no vision encoder: pass "
+                     f"vision_encoder= (the frozen {config.vision.source} encoder it was trained with)")
+
+
+def _resize(lm: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Resize the base LM's embeddings to the saved ones (the Flamingo tokens were added)."""
+    name = next(n for n, p in lm.named_parameters() if p is lm.get_input_embeddings().weight)
+    saved = state.get(f"lang_encoder.{name}")
+    if saved is not None and saved.shape[0] != lm.get_input_embeddings().weight.shape[0]:
+        lm.resize_token_embeddings(saved.shape[0])
+
+
+def _progress(items, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+    items = list(items)
+    return tqdm(items, desc=desc, unit="tensor")

@@ -1,0 +1,104 @@
+"""fastflamingo computes what Hugging Face IDEFICS computes: same weights, same logits (fp32) and the
+same greedy tokens (Hugging Face's ``generate`` vs fastflamingo's), from IDEFICS's own inputs and from
+open_flamingo-style (vision_x, lang_x)."""
+import argparse
+
+import pytest
+import torch
+
+from fastflamingo import Flamingo, from_idefics
+from fastflamingo.convert.cli import add_parser
+
+from peers_idefics import (EOS_ID, IMAGE_ID, PAD_ID, VOCAB, idefics_inputs, idefics_model, idefics_tokenizer,
+                           text_time_from_image_mask)
+
+# every option on and off at least once, in different combinations
+CONFIGS = [
+    dict(use_resampler=True, qk_layer_norms=True, alpha_type="vector", cross_layer_interval=1),
+    dict(use_resampler=False, qk_layer_norms=False, alpha_type="float", cross_layer_interval=2),
+    dict(use_resampler=True, qk_layer_norms=False, alpha_type="float", cross_layer_interval=2),
+    dict(use_resampler=False, qk_layer_norms=True, alpha_type="vector", cross_layer_interval=1),
+]
+TOL = 1e-4
+
+
+def _max_diff(ref, got, mask):
+    return (ref - got).abs()[mask.bool()].max().item()
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()))
+def test_logits_and_greedy_tokens_match_idefics(cfg):
+    hf = idefics_model(**cfg)
+    ours = from_idefics(hf)
+    assert ours.config.resampler.enabled == cfg["use_resampler"]
+    assert ours.config.cross_attention.alpha_type == cfg["alpha_type"]
+    x = idefics_inputs()
+    assert (x["input_ids"] == EOS_ID).any() and x["image_attention_mask"].shape[-1] == 2
+    with torch.no_grad():
+        ref = hf(**x).logits
+        got = ours(**x).logits
+        got_of = ours(x["pixel_values"][:, :, None], x["input_ids"], attention_mask=x["attention_mask"]).logits
+    assert _max_diff(ref, got, x["attention_mask"]) <= TOL
+    # open_flamingo-style inputs: the image index comes from <image> tokens and EOS, as IDEFICS's processor does
+    assert _max_diff(ref, got_of, x["attention_mask"]) <= TOL
+
+    ref_ids = hf.generate(**x, max_new_tokens=6, do_sample=False)
+    got_ids = ours.generate(x["pixel_values"][:, :, None], x["input_ids"], x["attention_mask"], max_new_tokens=6,
+                            eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    assert torch.equal(ref_ids, got_ids[:, :ref_ids.shape[1]]), (ref_ids, got_ids)
+
+
+def test_text_after_eos_sees_no_image():
+    """The EOS reset is live in the test inputs: without it the logits after the EOS change."""
+    hf = idefics_model()
+    ours = from_idefics(hf)
+    x = idefics_inputs()
+    tt = text_time_from_image_mask(x["image_attention_mask"])
+    after_eos = (x["input_ids"] == EOS_ID).cumsum(-1).bool() & (tt == 0)
+    assert after_eos.any()
+    assert torch.equal(ours.text_time(x["input_ids"]), tt.to(torch.int32))
+    no_reset = x["image_attention_mask"].clone()
+    no_reset[0, after_eos[0], 0] = 1  # the text after EOS would see image 1
+    with torch.no_grad():
+        base = ours(**x).logits
+        changed = ours(**{**x, "image_attention_mask": no_reset}).logits
+    assert (base - changed).abs()[0][after_eos[0]].max() > 1e-3
+
+
+def test_from_directory_and_additional_rows_train(tmp_path):
+    hf = idefics_model(**CONFIGS[1])
+    hf.save_pretrained(tmp_path / "hf")
+    idefics_tokenizer().save_pretrained(tmp_path / "hf")
+    ours = from_idefics(tmp_path / "hf")
+    assert ours.config.media_token_id == IMAGE_ID and ours.config.eos_resets_media
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["convert", "idefics", str(tmp_path / "hf"), str(tmp_path / "ff")])
+    assert args.func(args) == 0
+    assert (tmp_path / "ff" / "tokenizer.json").is_file()
+    x = idefics_inputs(seed=1)
+    with torch.no_grad():
+        ref = hf(**x).logits
+        assert _max_diff(ref, ours(**x).logits, x["attention_mask"]) <= TOL
+        assert _max_diff(ref, Flamingo.from_pretrained(tmp_path / "ff")(**x).logits, x["attention_mask"]) <= TOL
+    # only the additional vocabulary rows of the input embeddings are trainable
+    emb = ours.lang_encoder.get_input_embeddings().weight
+    ours(**x).logits.sum().backward()
+    assert emb.grad[:VOCAB].abs().max() == 0 and emb.grad[VOCAB:].abs().max() > 0
+    assert not any(p.requires_grad for p in ours.vision_encoder.parameters())
+
+
+def test_round_trip_through_fastflamingo_format(tmp_path):
+    ours = from_idefics(idefics_model(**CONFIGS[0]))
+    ours.save_pretrained(tmp_path)
+    back = Flamingo.from_pretrained(tmp_path)
+    a, b = ours.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    x = idefics_inputs()
+    with torch.no_grad():
+        assert torch.equal(ours(**x).logits, back(**x).logits)
+
+
+def test_not_an_idefics_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        from_idefics(tmp_path)

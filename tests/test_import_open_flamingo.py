@@ -1,0 +1,333 @@
+"""Drop-in import from open_flamingo: live models, training checkpoints (trainable-only, written the
+way open_flamingo's train script writes them), ``create_model_and_transforms`` +
+``load_state_dict(strict=False)``, the ``convert`` command, and the errors for checkpoints that do not fit."""
+import argparse
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("open_flamingo", reason="install the test extras: see README")
+
+from fastflamingo import Flamingo, create_model_and_transforms, from_open_flamingo  # noqa: E402
+from fastflamingo.convert.cli import add_parser  # noqa: E402
+from fastflamingo.convert.load import CheckpointMismatchError  # noqa: E402
+
+from peers import (EOC_ID, MEDIA_ID, TINY_VIT, layouts, num_media, open_flamingo_model,  # noqa: E402
+                   tiny_lm, tiny_lm_config, tiny_open_clip)
+from peers_idefics import tiny_tokenizer  # noqa: E402
+
+TOL = 1e-5
+
+
+def trainable_only_state(live) -> dict:
+    """What open_flamingo's train script saves: its factory's trainable set (resampler, cross-attention,
+    input embeddings), then ``filter_state_dict_to_trainable``: frozen parameters dropped unless
+    "embed" is in the name, duplicates and the vision encoder dropped."""
+    live.requires_grad_(False)
+    live.perceiver.requires_grad_(True)
+    live.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    live.lang_encoder.get_input_embeddings().requires_grad_(True)
+    state = live.state_dict()
+    for name, p in live.named_parameters():
+        if "embed" not in name and not p.requires_grad:
+            state.pop(name, None)
+    drop = ("lang_encoder.old_decoder_blocks", "lang_encoder.gated_cross_attn_layers", "vision_encoder")
+    return {k: v for k, v in state.items() if not any(d in k for d in drop)}
+
+
+def base_lm(live, family: str):
+    """The frozen LM the live model was built on, as its own Hugging Face model."""
+    lm = tiny_lm(family)
+    state = {k.replace(".decoder_layer.", "."): v for k, v in live.lang_encoder.state_dict().items()
+             if "gated_cross_attn" not in k and "old_decoder_blocks" not in k}
+    lm.load_state_dict(state, strict=True)
+    return lm
+
+
+def _vision(ids, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(ids.shape[0], num_media(ids), 1, 3, 32, 32, generator=g)
+
+
+def _save(state, path):
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+        save_file({k: v.clone().contiguous() for k, v in state.items()}, str(path))
+    else:
+        torch.save({"model_state_dict": state, "epoch": 3}, path)  # as open_flamingo's save_checkpoint
+    return path
+
+
+
+
+@pytest.mark.parametrize("family,suffix", [("llama", ".pt"), ("mpt", ".safetensors"), ("gpt_neox", ".bin")])
+def test_live_and_trainable_only_checkpoint_match_open_flamingo(family, suffix, tmp_path):
+    live = open_flamingo_model(family, every_n=2)
+    from_live = from_open_flamingo(live)
+    path = _save(trainable_only_state(live), tmp_path / f"checkpoint{suffix}")
+    from_ckpt = from_open_flamingo(path, lang_encoder=base_lm(live, family),
+                                   vision_encoder=copy.deepcopy(live.vision_encoder), ln_post_on_tokens=True,
+                                   media_token_id=MEDIA_ID, eoc_token_id=EOC_ID)
+    assert from_ckpt.config.cross_attention.every_n_layers == 2  # read from the checkpoint's keys
+    for name, ids, mask in layouts():
+        vx = _vision(ids)
+        with torch.no_grad():
+            ref = live(vx, ids, attention_mask=mask).logits
+            for label, ours in (("live", from_live), ("checkpoint", from_ckpt)):
+                diff = (ref - ours(vx, ids, attention_mask=mask).logits).abs()[mask.bool()].max().item()
+                assert diff <= TOL, f"{family} from {label}, layout {name}: max |diff| {diff:.2e}"
+    _, ids, mask = layouts()[2]  # left padding
+    vx = _vision(ids)
+    # open_flamingo stops at <|endofchunk|>; a generated <image> would make it attend to image 1 (a quirk
+    # of its cached-media path), so both sides suppress it
+    ref_ids = live.generate(vx, ids, attention_mask=mask, max_new_tokens=6, num_beams=1, do_sample=False,
+                            suppress_tokens=[MEDIA_ID])
+    for ours in (from_live, from_ckpt):
+        got = ours.generate(vx, ids, mask, max_new_tokens=6, eos_token_id=EOC_ID, suppress_tokens=[MEDIA_ID])
+        assert torch.equal(ref_ids, got[:, :ref_ids.shape[1]]), (ref_ids, got)
+
+
+@pytest.fixture(scope="module")
+def mpt_checkpoint(tmp_path_factory):
+    live = open_flamingo_model("mpt", every_n=1)
+    path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
+    return live, trainable_only_state(live), _save(trainable_only_state(live), path)
+
+
+def _load(ckpt, lm, live, **kw):
+    kw = dict(media_token_id=MEDIA_ID, eoc_token_id=EOC_ID, ln_post_on_tokens=True) | kw
+    return from_open_flamingo(ckpt, lang_encoder=lm, vision_encoder=copy.deepcopy(live.vision_encoder), **kw)
+
+
+def test_checkpoint_for_another_lm_family_says_which_lm_it_expects(mpt_checkpoint):
+    live, _, path = mpt_checkpoint
+    with pytest.raises(CheckpointMismatchError) as e:
+        _load(path, tiny_lm("llama"), live)
+    msg = str(e.value)
+    assert "MPT" in msg and "`transformer.blocks`" in msg and "hidden size 48" in msg
+    assert "cross-attention every 1 layer(s)" in msg and "LlamaForCausalLM" in msg
+    assert "decoder layers at `transformer.blocks`, 4 of them" in msg
+    assert "unexpected" in msg
+    assert "lang_encoder.transformer.blocks.0.gated_cross_attn_layer.{attn_gate, ff_gate}" in msg
+    assert "missing" in msg and "lang_encoder.model.layers.0.gated_cross_attn_layer.{attn_gate, ff_gate}" in msg
+    assert "lang_encoder.model.layers.0.gated_cross_attn_layer.attn.norm.{weight, bias}" in msg
+
+
+def test_checkpoint_with_other_shapes_lists_them(mpt_checkpoint):
+    live, _, path = mpt_checkpoint
+    from transformers import AutoModelForCausalLM
+    wide = tiny_lm_config("mpt")
+    wide.d_model = 64
+    with pytest.raises(CheckpointMismatchError) as e:
+        _load(path, AutoModelForCausalLM.from_config(wide), live)
+    msg = str(e.value)
+    assert "shape mismatch" in msg and "gated_cross_attn_layer.attn.to_q.weight: (512, 48) vs (512, 64)" in msg
+    assert "hidden size 48" in msg and "hidden size 64" in msg
+    assert e.value.mismatched and not e.value.missing
+
+
+def test_truncated_checkpoint_lists_missing_keys(mpt_checkpoint, tmp_path):
+    live, state, path = mpt_checkpoint
+    lost = ("perceiver.layers.2.", "lang_encoder.transformer.blocks.1.gated_cross_attn_layer.", "perceiver.norm.")
+    partial = {k: v for k, v in state.items() if not k.startswith(lost)}
+    with pytest.raises(CheckpointMismatchError) as e:
+        _load(partial, base_lm(live, "mpt"), live)
+    assert e.value.missing and all(k.startswith(lost) for k in e.value.missing)
+    assert all(any(k.startswith(p) for k in e.value.missing) for p in lost)
+    assert not e.value.unexpected and not e.value.mismatched
+    msg = str(e.value)
+    assert f"{len(e.value.missing)} missing" in msg and "perceiver.layers.2.0.to_q.weight" in msg
+    assert "perceiver.layers.2.0.norm_media.{weight, bias}" in msg and "perceiver.norm.{weight, bias}" in msg
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match="is the file complete"):
+        _load(cut, base_lm(live, "mpt"), live)
+
+
+def _release_state(attr, n_layers, every_n, d, vocab, embed):
+    """The keys and shapes of a released checkpoint (meta tensors: no memory): ViT-L/14 features
+    (1024), open_flamingo's 6-deep 8 x 64 resampler and cross-attention, 4x feed-forwards."""
+    def t(*shape):
+        return torch.empty(shape, device="meta")
+
+    state = {"perceiver.latents": t(64, 1024), f"lang_encoder.{embed}": t(vocab, d)}
+    for i in range(6):
+        p = f"perceiver.layers.{i}."
+        state |= {p + "0.to_q.weight": t(512, 1024), p + "1.1.weight": t(4096, 1024)}
+    for i in range(every_n - 1, n_layers, every_n):
+        x = f"lang_encoder.{attr}.{i}.gated_cross_attn_layer."
+        state |= {x + "attn.to_q.weight": t(512, d), x + "attn.to_kv.weight": t(1024, 1024),
+                  x + "ff.1.weight": t(4 * d, d)}
+    return state
+
+
+@pytest.mark.parametrize("release,args,expect", [
+    ("OpenFlamingo-3B", ("transformer.blocks", 24, 1, 2048, 50280, "transformer.wte.weight"),
+     "MPT (OpenFlamingo-3B, -9B): decoder layers at `transformer.blocks`, 24 of them, hidden size 2048, "
+     "a vocabulary of 50280 tokens; cross-attention every 1 layer(s); vision features of width 1024"),
+    ("OpenFlamingo-4B", ("gpt_neox.layers", 32, 2, 2560, 50280, "gpt_neox.embed_in.weight"),
+     "GPT-NeoX / Pythia / RedPajama (OpenFlamingo-4B): decoder layers at `gpt_neox.layers`, 32 to 33 of them, "
+     "hidden size 2560, a vocabulary of 50280 tokens; cross-attention every 2 layer(s)"),
+    ("OpenFlamingo-9B", ("transformer.blocks", 32, 4, 4096, 50280, "transformer.wte.weight"),
+     "`transformer.blocks`, 32 to 35 of them, hidden size 4096, a vocabulary of 50280 tokens; "
+     "cross-attention every 4 layer(s)"),
+    ("Med-Flamingo", ("model.layers", 32, 4, 4096, 32003, "model.embed_tokens.weight"),
+     "LLaMA or another LLaMA-like LM (Med-Flamingo): decoder layers at `model.layers`, 32 to 35 of them, "
+     "hidden size 4096, a vocabulary of 32003 tokens; cross-attention every 4 layer(s)"),
+])
+def test_released_checkpoint_layouts_are_recognised(release, args, expect):
+    from fastflamingo.convert.open_flamingo_ckpt import read_open_flamingo_layout
+    layout = read_open_flamingo_layout(_release_state(*args))
+    assert expect in layout.describe(), release
+    assert (layout.depth, layout.num_latents, layout.perceiver_inner, layout.xattn_inner) == (6, 64, 512, 512)
+    assert layout.perceiver_ff_mult == 4 and layout.xattn_ff_mult == 4
+
+
+def test_full_checkpoint_with_duplicate_keys_overrides_the_given_models(mpt_checkpoint):
+    live = mpt_checkpoint[0]
+    _, ids, _ = layouts()[1]
+    vx = _vision(ids)
+    ours = _load(live.state_dict(), tiny_lm("mpt"), live)  # a fresh LM: the checkpoint brings the perturbed norms
+    with torch.no_grad():
+        assert (live(vx, ids).logits - ours(vx, ids).logits).abs().max().item() <= TOL
+        ours.vision_encoder.conv1.weight.zero_()
+        ours.load_state_dict(live.state_dict(), strict=True)  # the pre-hook drops open_flamingo's duplicates
+        assert (live(vx, ids).logits - ours(vx, ids).logits).abs().max().item() <= TOL
+
+
+def test_buffers_saved_by_older_transformers_are_ignored(mpt_checkpoint):
+    live, state, _ = mpt_checkpoint
+    old = dict(state, **{"lang_encoder.transformer.blocks.0.decoder_layer.attn.rotary_emb.inv_freq": torch.ones(4)})
+    ours = _load(old, base_lm(live, "mpt"), live)
+    _, ids, _ = layouts()[0]
+    with torch.no_grad():
+        assert (live(_vision(ids), ids).logits - ours(_vision(ids), ids).logits).abs().max().item() <= TOL
+
+
+def test_checkpoint_needs_its_lm_and_never_unpickles_code(mpt_checkpoint, tmp_path):
+    live, _, path = mpt_checkpoint
+    with pytest.raises(ValueError, match=r"pass lang_encoder=.*MPT.*hidden size 48"):
+        from_open_flamingo(path, vision_encoder=live.vision_encoder, ln_post_on_tokens=True)
+    with pytest.raises(ValueError, match="media_token_id"):
+        from_open_flamingo(path, lang_encoder=base_lm(live, "mpt"), vision_encoder=live.vision_encoder,
+                           ln_post_on_tokens=True)
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_state_dict": {"x": argparse.Namespace(a=1)}}, evil)
+    with pytest.raises(ValueError, match="weights_only"):
+        _load(evil, base_lm(live, "mpt"), live)
+    with pytest.raises(ValueError, match="explicit vision.ln_post_on_tokens"):
+        _load(path, base_lm(live, "mpt"), live, ln_post_on_tokens=None)
+
+
+def test_live_conversion_round_trips_given_its_vision_encoder(mpt_checkpoint, tmp_path):
+    live = mpt_checkpoint[0]
+    ours = from_open_flamingo(live)
+    ours.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="names no open_clip model.*pass vision_encoder="):
+        Flamingo.from_pretrained(tmp_path)
+    back = Flamingo.from_pretrained(tmp_path, vision_encoder=copy.deepcopy(live.vision_encoder))
+    a, b = ours.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ create_model_and_transforms
+@pytest.fixture(scope="module")
+def local_models(tmp_path_factory):
+    """A tiny LLaMA + tokenizer directory (vocabulary without the Flamingo tokens) and a local
+    open_clip checkpoint, as a user would have them on disk."""
+    from transformers import AutoModelForCausalLM
+    d = tmp_path_factory.mktemp("local")
+    cfg = tiny_lm_config("llama")
+    cfg.vocab_size, cfg.pad_token_id, cfg.tie_word_embeddings = 100, None, True
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(d / "lm")
+    tiny_tokenizer(100, {"<unk>": 0, "<s>": 1, "</s>": 2}).save_pretrained(d / "lm")
+    clip_ckpt = d / "clip.pt"
+    torch.save(tiny_open_clip(seed=5).state_dict(), clip_ckpt)
+    return str(d / "lm"), str(clip_ckpt)
+
+
+def _open_flamingo_reference(lm_dir, clip_ckpt):
+    from open_flamingo import create_model_and_transforms as of_create
+    torch.manual_seed(1)
+    model, _, tok = of_create(TINY_VIT, clip_ckpt, lm_dir, lm_dir, cross_attn_every_n_layers=2, use_local_files=True)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("attn_gate", "ff_gate")):
+                p.fill_(0.6)
+    return model.eval(), tok
+
+
+def test_create_model_and_transforms_loads_open_flamingo_state_dicts(local_models, tmp_path):
+    from PIL import Image
+    lm_dir, clip_ckpt = local_models
+    model, processor, tok = create_model_and_transforms(TINY_VIT, clip_ckpt, lm_dir, lm_dir,
+                                                        cross_attn_every_n_layers=2, use_local_files=True,
+                                                        ln_post_on_tokens=True)
+    assert len(tok) == 103 and model.config.media_token_id == tok.convert_tokens_to_ids("<image>")
+    assert model.lang_encoder.get_input_embeddings().weight.shape[0] == 103
+    assert processor(Image.new("RGB", (50, 40))).shape == (3, 32, 32)
+    clip_state = torch.load(clip_ckpt, weights_only=True)
+    assert torch.equal(model.vision_encoder.conv1.weight, clip_state["visual.conv1.weight"])
+    assert model.lang_encoder.get_input_embeddings().weight.requires_grad  # open_flamingo trains every row
+
+    ref, ref_tok = _open_flamingo_reference(lm_dir, clip_ckpt)
+    assert ref_tok.convert_tokens_to_ids("<image>") == model.config.media_token_id
+    result = model.load_state_dict(ref.state_dict(), strict=False)  # open_flamingo's README, unchanged
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    ids = torch.tensor([[1, model.config.media_token_id, 5, 6, 7, model.config.eoc_token_id,
+                         model.config.media_token_id, 8, 9]])
+    vx = torch.randn(1, 2, 1, 3, 32, 32)
+    with torch.no_grad():
+        diff = (ref(vx, ids).logits - model(vx, ids).logits).abs().max().item()
+    assert diff <= TOL
+
+    fresh, _, _ = create_model_and_transforms(TINY_VIT, clip_ckpt, lm_dir, lm_dir, cross_attn_every_n_layers=2,
+                                              use_local_files=True, ln_post_on_tokens=True)
+    result = fresh.load_state_dict(trainable_only_state(ref), strict=False)
+    assert result.unexpected_keys == []
+    assert result.missing_keys and all(".gated_cross_attn_layer." not in k and not k.startswith("perceiver.")
+                                       for k in result.missing_keys)
+    with torch.no_grad():
+        assert (ref(vx, ids).logits - fresh(vx, ids).logits).abs().max().item() <= TOL
+
+    # fastflamingo's own format, trainable-only: the base LM and vision sources were recorded
+    model.save_pretrained(tmp_path / "ff", trainable_only=True)
+    back = Flamingo.from_pretrained(tmp_path / "ff")
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_create_model_and_transforms_requires_explicit_choices(local_models):
+    lm_dir, clip_ckpt = local_models
+    with pytest.raises(ValueError, match="ln_post_on_tokens"):
+        create_model_and_transforms(TINY_VIT, clip_ckpt, lm_dir, lm_dir, use_local_files=True)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        create_model_and_transforms(TINY_VIT, clip_ckpt, lm_dir, lm_dir, use_local_files=True,
+                                    ln_post_on_tokens=False, cross_attn_every_n=2)
+
+
+def test_convert_command(local_models, tmp_path):
+    lm_dir, clip_ckpt = local_models
+    ref, _ = _open_flamingo_reference(lm_dir, clip_ckpt)
+    ckpt = _save(trainable_only_state(ref), tmp_path / "checkpoint.pt")
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["convert", "open_flamingo", str(ckpt), str(tmp_path / "out"), "--lm", lm_dir,
+                              "--vision", TINY_VIT, "--vision-pretrained", clip_ckpt, "--ln-post-on-tokens", "yes",
+                              "--trainable-only"])
+    assert args.func(args) == 0
+    model = Flamingo.from_pretrained(tmp_path / "out")
+    assert model.config.cross_attention.every_n_layers == 2
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")  # written beside the model, Flamingo tokens added
+    assert tok.convert_tokens_to_ids("<image>") == model.config.media_token_id
+    ids = torch.tensor([[1, model.config.media_token_id, 5, 6, 7, 8]])
+    vx = torch.randn(1, 1, 1, 3, 32, 32)
+    with torch.no_grad():
+        assert (ref(vx, ids).logits - model(vx, ids).logits).abs().max().item() <= TOL
+    with pytest.raises(SystemExit, match="--ln-post-on-tokens"):
+        args = parser.parse_args(["convert", "open_flamingo", str(ckpt), str(tmp_path / "o2"), "--lm", lm_dir,
+                                  "--vision", TINY_VIT])
+        args.func(args)

@@ -1,0 +1,102 @@
+"""fastflamingo's own format: save_pretrained / from_pretrained round-trips bit-exactly (full and
+trainable-only), and a directory that does not fit says what is wrong."""
+import copy
+import json
+
+import pytest
+import torch
+
+from fastflamingo import Flamingo, preset_config
+from fastflamingo.convert.load import CheckpointMismatchError
+from fastflamingo.model import build_lm
+from fastflamingo.vision import build_vision_model
+
+
+def _perturb(model, seed=0):
+    """Non-trivial trainable weights (gates are 0 at initialisation)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _inputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    ids = torch.randint(3, c.num_base_tokens, (2, 12), generator=g)
+    ids[:, [1, 7]] = c.media_token_id
+    return torch.randn(2, 2, 1, 3, c.vision.image_size, c.vision.image_size, generator=g), ids
+
+
+def _assert_same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    vx, ids = _inputs(a)
+    with torch.no_grad():
+        assert torch.equal(a(vx, ids).logits, b(vx, ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_round_trip_is_bit_exact(tmp_path, dtype):
+    model = _perturb(Flamingo.from_preset("tiny")).to(dtype)
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["resampler"]["depth"] == 2
+    back = Flamingo.from_pretrained(tmp_path, dtype=dtype)
+    _assert_same(model, back)
+    assert [n for n, p in back.named_parameters() if p.requires_grad] == \
+        [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def test_trainable_only_round_trip_with_the_base_models(tmp_path):
+    config = preset_config("tiny")
+    torch.manual_seed(0)
+    lm, vision = build_lm(config), build_vision_model(config.vision)
+    model = _perturb(Flamingo(config, vision_encoder=copy.deepcopy(vision), lang_encoder=copy.deepcopy(lm)))
+    model.save_pretrained(tmp_path, trainable_only=True)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+    assert keys and all(k.startswith("perceiver.") or ".gated_cross_attn_layer." in k
+                        or k in ("lang_encoder.model.embed_tokens.weight", "lang_encoder.lm_head.weight") for k in keys)
+    with pytest.raises(ValueError, match="only the trainable parameters and records no base LM: pass lang_encoder="):
+        Flamingo.from_pretrained(tmp_path)
+    back = Flamingo.from_pretrained(tmp_path, lang_encoder=copy.deepcopy(lm), vision_encoder=copy.deepcopy(vision))
+    _assert_same(model, back)
+
+
+def test_directory_that_does_not_fit_lists_keys(tmp_path):
+    model = Flamingo.from_preset("tiny")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["resampler"]["depth"] = 3
+    config["cross_attention"]["dim_head"] = 8
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointMismatchError) as e:
+        Flamingo.from_pretrained(tmp_path)
+    assert e.value.missing and all(k.startswith("perceiver.layers.2.") for k in e.value.missing)
+    assert any(k.endswith("attn.to_q.weight") and a == (64, 64) and b == (32, 64) for k, a, b in e.value.mismatched)
+    assert "perceiver.layers.2.0.to_q.weight" in str(e.value) and "(64, 64) vs (32, 64)" in str(e.value)
+
+
+def test_truncated_or_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
+        Flamingo.from_pretrained(tmp_path)
+    Flamingo.from_preset("tiny").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match="is the file complete"):
+        Flamingo.from_pretrained(tmp_path)
+
+
+def test_quantization_is_applied_on_load(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    Flamingo.from_preset("tiny").save_pretrained(tmp_path)
+    model = Flamingo.from_pretrained(tmp_path, quantization="int8")
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.lang_encoder.modules())
+    with pytest.raises(ValueError, match="quantization='int3'"):
+        Flamingo.from_pretrained(tmp_path, quantization="int3")
