@@ -1,0 +1,158 @@
+"""Fast generation for Flamingo models: :func:`generate`, :func:`stream`, :func:`encode_prefix`.
+
+Hugging Face-style arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
+``top_p``, ``num_beams``, ``length_penalty``, ``eos_token_id``, ...) and outputs (the prompt
+followed by the new tokens, finished rows filled with ``pad_token_id``), with:
+
+* a visual KV cache: each cross-attention layer projects the visual tokens to K/V once;
+* a static, preallocated LM KV cache where the LM family supports it, and a compiled decode
+  step (``compile=True``; CUDA graphs on GPU), else a dynamic cache;
+* few-shot prefix reuse (``prefix=encode_prefix(...)``): shared demonstrations encoded once;
+* logits for the prompt's last position only.
+
+See :mod:`fastflamingo.generation.session` for the caches, :mod:`.search` for the token rules.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .lm_cache import release_static_caches
+from .prefix import Prefix, encode_prefix
+from .search import Sampling, beam_search
+from .session import CACHE_MODES, Session
+
+__all__ = ["generate", "stream", "encode_prefix", "Prefix", "Sampling", "CACHE_MODES", "release_static_caches"]
+
+
+def _stop_ids(model, eos_token_id) -> list[int]:
+    """Default stops: ``<|endofchunk|>`` and the LM's EOS (open_flamingo stops at the former)."""
+    if eos_token_id is None:
+        c = model.config
+        return [t for t in (c.eoc_token_id, c.eos_token_id) if t is not None and t >= 0]
+    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if not all(isinstance(t, int) for t in ids):
+        raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return ids
+
+
+def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, max_new_tokens, cache,
+           compile, repeat: int = 1) -> tuple[Session, torch.Tensor]:
+    """Check the inputs, build the session, prefill; returns (session, last logits (B·repeat, V))."""
+    if lang_x is None or lang_x.dim() != 2:
+        raise ValueError(f"lang_x must be (B, T) token ids, got "
+                         f"{None if lang_x is None else tuple(lang_x.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if vision_x is not None and visual_tokens is not None:
+        raise ValueError("pass vision_x or visual_tokens, not both")
+    mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask.to(lang_x.device, torch.long)
+    if mask.shape != lang_x.shape:
+        raise ValueError(f"attention_mask {tuple(mask.shape)} does not match lang_x {tuple(lang_x.shape)}")
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask has padding after tokens: generation needs left padding "
+                         "(tokenizer.padding_side = 'left')")
+    with torch.no_grad():
+        if vision_x is not None:
+            if vision_x.shape[0] != lang_x.shape[0]:
+                raise ValueError(f"vision_x has batch {vision_x.shape[0]} but lang_x has batch {lang_x.shape[0]}")
+            visual_tokens = model.encode_vision(vision_x)
+    n_prefix = 0 if prefix is None else prefix.num_media
+    n_images = 0 if visual_tokens is None else visual_tokens.shape[1]
+    worst = int((lang_x == model.config.media_token_id).sum(-1).max()) if lang_x.numel() else 0
+    if worst > n_images:
+        raise ValueError(f"a row of lang_x has {worst} <image> tokens but only {n_images} images were given "
+                         f"(vision_x N={n_images}; the prefix's {n_prefix} images come before them)")
+    if repeat > 1:
+        lang_x, mask = lang_x.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
+        visual_tokens = None if visual_tokens is None else visual_tokens.repeat_interleave(repeat, 0)
+    session = Session(model, lang_x, mask, visual_tokens, prefix=prefix, max_new_tokens=max_new_tokens,
+                      cache=cache, compile=compile)
+    return session, session.prefill(lang_x)
+
+
+def _sampling(model, *, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p, min_new_tokens,
+              suppress_tokens, generator) -> tuple[Sampling, int]:
+    stops = _stop_ids(model, eos_token_id)
+    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    if pad is None:
+        pad = stops[0] if stops else 0
+    sampling = Sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                        min_new_tokens=min_new_tokens, eos_token_id=stops,
+                        suppress_tokens=list(suppress_tokens or []), generator=generator)
+    return sampling, pad
+
+
+def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+           *, max_new_tokens: int = 20, min_new_tokens: int = 0, do_sample: bool = False,
+           temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+           eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+           suppress_tokens: list[int] | None = None, generator: torch.Generator | None = None,
+           visual_tokens: torch.Tensor | None = None, prefix: Prefix | None = None,
+           cache: str = "auto", compile: bool = False) -> Iterator[torch.Tensor]:
+    """Greedy or sampled decoding, one (B,) tensor of new tokens per step (finished rows get
+    ``pad_token_id``) until every row has stopped or ``max_new_tokens`` steps.
+
+    Args:
+        vision_x: (B, N, F, C, H, W) one image per ``<image>`` token (rows with fewer images padded
+            at the end), or None (text only, or images given as ``visual_tokens`` or in ``prefix``).
+        lang_x: (B, T) token ids, left-padded.
+        attention_mask: (B, T) 1 = token, 0 = padding.
+        eos_token_id: stop ids (default ``<|endofchunk|>`` and the LM's EOS).
+        pad_token_id: fills finished rows (default ``config.pad_token_id``).
+        suppress_tokens: ids never generated.
+        visual_tokens: (B, N, L, D_vis) already encoded images instead of ``vision_x``.
+        prefix: shared few-shot demonstrations from :func:`encode_prefix`, before every row.
+        cache: ``"auto"`` | ``"static"`` | ``"dynamic"`` LM KV cache.
+        compile: compile the decode step (static cache; the first call pays the compilation).
+        Other arguments: as Hugging Face's ``generate``.
+    """
+    sampling, pad = _sampling(model, eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
+                              temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
+                              suppress_tokens=suppress_tokens, generator=generator)
+    session, logits = _start(model, vision_x, lang_x, attention_mask, visual_tokens=visual_tokens, prefix=prefix,
+                             max_new_tokens=max_new_tokens, cache=cache, compile=compile)
+    stop_ids = torch.tensor(sampling.eos_token_id, device=lang_x.device, dtype=torch.long)
+    running = torch.ones(lang_x.shape[0], dtype=torch.bool, device=lang_x.device)
+    for i in range(max_new_tokens):
+        if i:
+            logits = session.step(tokens)
+        tokens = torch.where(running, sampling.choose(logits, i), pad)
+        yield tokens
+        running &= ~torch.isin(tokens, stop_ids)
+        if not bool(running.any()):
+            return
+
+
+@torch.no_grad()
+def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+             *, max_new_tokens: int = 20, num_beams: int = 1, length_penalty: float = 1.0,
+             early_stopping: bool | str = False, min_new_tokens: int = 0, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+             eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+             suppress_tokens: list[int] | None = None, generator: torch.Generator | None = None,
+             visual_tokens: torch.Tensor | None = None, prefix: Prefix | None = None,
+             cache: str = "auto", compile: bool = False) -> torch.Tensor:
+    """Generate text after images and a prompt; returns (B, T + G): ``lang_x`` then the new tokens.
+
+    Takes :func:`stream`'s arguments, plus beam search: ``num_beams`` > 1, ``length_penalty``,
+    ``early_stopping`` (False, True or "never", as Hugging Face); with ``do_sample`` the beams
+    are sampled, as Hugging Face does.
+    """
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    choose = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
+                  top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens, suppress_tokens=suppress_tokens,
+                  generator=generator)
+    inputs = dict(visual_tokens=visual_tokens, prefix=prefix, cache=cache, compile=compile)
+    if num_beams == 1:
+        new = list(stream(model, vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens, **choose, **inputs))
+        return torch.cat([lang_x, torch.stack(new, dim=1)], dim=1)
+    sampling, pad = _sampling(model, **choose)
+    session, logits = _start(model, vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens,
+                             repeat=num_beams, **inputs)
+    new = beam_search(session, logits, batch=lang_x.shape[0], num_beams=num_beams, max_new_tokens=max_new_tokens,
+                      sampling=sampling, pad_token_id=pad, length_penalty=length_penalty,
+                      early_stopping=early_stopping)
+    return torch.cat([lang_x, new], dim=1)

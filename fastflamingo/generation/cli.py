@@ -1,0 +1,169 @@
+"""``fastflamingo generate``: images and a prompt (or a few-shot file) in, tokens streamed out.
+
+Examples::
+
+    fastflamingo generate --preset tiny --random-images 1 --prompt-ids "510 17 42"
+    fastflamingo generate --model DIR --image cat.jpg --prompt "<image>An image of"
+    fastflamingo generate --model DIR --few-shot shots.json
+
+A few-shot file is JSON: ``{"prefix": {"images": [...], "text": "..."}, "queries": [{"images":
+[...], "text": "..."}, ...]}``; the prefix (demonstrations) is encoded once and the queries run as
+one batch after it. Without a tokenizer (``--preset``), texts are lists of token ids and images
+are paths or ``"random"``.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (open_flamingo, IDEFICS)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate text after images and a prompt",
+                              description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a named shape with random weights (no tokenizer: use --prompt-ids)")
+    src.add_argument("--model", help="a directory written by Flamingo.save_pretrained (with its tokenizer)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text with <image> tokens, one per image")
+    prompt.add_argument("--prompt-ids", help="space-separated token ids (models without a tokenizer)")
+    prompt.add_argument("--few-shot", help="JSON file with a shared prefix and a batch of queries")
+    p.add_argument("--image", action="append", default=[], help="image file, one per <image> (repeatable)")
+    p.add_argument("--random-images", type=int, default=0, help="use N random images instead of files")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--quantization", choices=["nf4", "int8"], default=None)
+    p.add_argument("--cache", choices=["auto", "static", "dynamic"], default="auto")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (static cache)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def load_image(path: str, size: int) -> torch.Tensor:
+    """An image file -> (3, size, size) CLIP-normalised pixels (resize the short side, centre crop)."""
+    from PIL import Image
+    img = Image.open(path).convert("RGB")
+    scale = size / min(img.size)
+    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    return (x.float() / 255 - mean) / std
+
+
+def _images(sources: list[str], size: int, generator: torch.Generator) -> torch.Tensor:
+    """Paths or "random" -> (N, 1, 3, size, size)."""
+    return torch.stack([torch.randn(3, size, size, generator=generator) if s == "random" else load_image(s, size)
+                        for s in sources])[:, None] if sources else torch.zeros(0, 1, 3, size, size)
+
+
+def _load(args):
+    from ..model import Flamingo
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    if args.preset:
+        return Flamingo.from_preset(args.preset, device=args.device, dtype=dtype, quantization=args.quantization,
+                                    seed=args.seed), None
+    model = Flamingo.from_pretrained(args.model, quantization=args.quantization, device=args.device, dtype=dtype)
+    try:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (OSError, ValueError):
+        tokenizer = None
+    return model.eval(), tokenizer
+
+
+def _encode(text, tokenizer) -> list[int]:
+    if isinstance(text, list):
+        return [int(t) for t in text]
+    if tokenizer is None:
+        raise SystemExit("this model has no tokenizer: give texts as token ids (--prompt-ids, or lists in the "
+                         "few-shot file)")
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, T - len(r):] = torch.tensor(r, dtype=torch.long)
+        mask[i, T - len(r):] = 1
+    return ids, mask
+
+
+def _requests(args, tokenizer, size: int, generator):
+    """-> (prefix ids (1, P) | None, prefix images, query ids (B, T), mask, query images (B, N, 1, 3, s, s))."""
+    if args.few_shot:
+        spec = json.loads(open(args.few_shot).read())
+        pre = spec.get("prefix")
+        queries = spec["queries"]
+        rows = [_encode(q["text"], tokenizer) for q in queries]
+        per_row = [_images(q.get("images", []), size, generator) for q in queries]
+        pre_ids = torch.tensor([_encode(pre["text"], tokenizer)]) if pre else None
+        pre_images = _images(pre.get("images", []), size, generator)[None] if pre else None
+    else:
+        rows = [_encode([int(t) for t in args.prompt_ids.split()] if args.prompt_ids else args.prompt, tokenizer)]
+        sources = args.image or ["random"] * args.random_images
+        per_row, pre_ids, pre_images = [_images(sources, size, generator)], None, None
+    N = max(x.shape[0] for x in per_row)
+    vision = torch.zeros(len(rows), N, 1, 3, size, size)
+    for i, x in enumerate(per_row):
+        vision[i, :x.shape[0]] = x
+    return pre_ids, pre_images, *_left_pad(rows, 0), vision
+
+
+def _show(tokens: list[int], tokenizer) -> str:
+    return tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens))
+
+
+def run(args) -> int:
+    from . import encode_prefix, generate, stream
+    torch.manual_seed(args.seed)
+    model, tokenizer = _load(args)
+    c, device = model.config, torch.device(args.device)
+    g = torch.Generator().manual_seed(args.seed)
+    pre_ids, pre_images, ids, mask, vision = _requests(args, tokenizer, c.vision.image_size, g)
+    if c.pad_token_id is not None:
+        ids = ids.masked_fill(mask == 0, c.pad_token_id)
+    ids, mask = ids.to(device), mask.to(device)
+    vision = vision.to(device, model.vision_encoder_dtype) if vision.shape[1] else None
+    kw = dict(max_new_tokens=args.max_new_tokens, cache=args.cache, compile=args.compile)
+    sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    start = time.perf_counter()
+    with torch.no_grad():
+        if pre_ids is not None:
+            kw["prefix"] = encode_prefix(model, pre_images.to(device, model.vision_encoder_dtype)
+                                         if pre_images.shape[1] else None, pre_ids.to(device))
+        if args.num_beams > 1 or ids.shape[0] > 1:
+            out = generate(model, vision, ids, mask, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                           **sampling, **kw)
+            new = out[:, ids.shape[1]:]
+            for i, row in enumerate(new.tolist()):
+                print(f"[{i}] {_show(row, tokenizer)}")
+            count = int((new != (c.pad_token_id if c.pad_token_id is not None else -1)).sum())
+        else:
+            count = 0
+            for step in stream(model, vision, ids, mask, **sampling, **kw):
+                print(_show([int(step[0])], tokenizer), end=" " if tokenizer is None else "", flush=True)
+                count += 1
+                first = first if count > 1 else time.perf_counter() - start
+            print()
+    seconds = time.perf_counter() - start
+    detail = (f"first token after {first:.2f} s, then {(count - 1) / max(seconds - first, 1e-9):.1f} tokens/s"
+              if ids.shape[0] == 1 and args.num_beams == 1 and count > 1 else "prefill included")
+    print(f"{count} new tokens in {seconds:.2f} s ({detail}"
+          f"{'; the first compiled call compiles' if args.compile else ''})", file=sys.stderr)
+    return 0

@@ -1,0 +1,111 @@
+"""The frozen LM's KV cache, across Hugging Face LM families and transformers versions.
+
+Two kinds: Hugging Face's ``StaticCache`` (preallocated (B, H, S_max, D) buffers written in place:
+the decode step has fixed shapes and addresses, so it can be compiled and CUDA-graphed) for the
+families whose modeling code supports it (``_can_compile_fullgraph``: LLaMA, Mistral, Qwen2,
+GPT-NeoX, OPT, GPT-J, ...), and ``DynamicCache`` (grows by concatenation) for the rest (MPT).
+
+transformers renamed the forward argument ``past_key_values`` to ``cache`` (5.2x); the name is
+read from the LM's forward signature, so the same code runs on both sides of the rename.
+"""
+from __future__ import annotations
+
+import inspect
+import weakref
+
+import torch
+from torch import nn
+
+# static caches are reused across generate calls of one model (same objects = no recompilation)
+_STATIC_POOL: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+_POOL_SIZE = 4  # batch / length shapes kept per model
+
+
+class LMCall:
+    """How to call one LM: the keyword names its forward accepts.
+
+    Attributes:
+        cache_arg: ``"cache"`` or ``"past_key_values"``.
+        positions: whether forward takes ``position_ids`` (MPT does not: ALiBi).
+        logits_to_keep: whether forward can compute logits for the last position only.
+        static: whether Hugging Face's StaticCache works with this family.
+    """
+
+    def __init__(self, lm: nn.Module):
+        params = inspect.signature(lm.forward).parameters
+        if "cache" in params:
+            self.cache_arg = "cache"
+        elif "past_key_values" in params:
+            self.cache_arg = "past_key_values"
+        else:
+            raise ValueError(f"{type(lm).__name__}.forward takes neither `cache` nor `past_key_values`: "
+                             "fastflamingo cannot keep its KV cache; use cache='none'")
+        self.positions = "position_ids" in params
+        self.logits_to_keep = "logits_to_keep" in params
+        self.static = bool(getattr(type(lm), "_can_compile_fullgraph", False))
+
+    def kwargs(self, cache, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
+               last_only: bool = False) -> dict:
+        kw = {self.cache_arg: cache, "use_cache": cache is not None, "attention_mask": attention_mask}
+        if self.positions and position_ids is not None:
+            kw["position_ids"] = position_ids
+        if last_only and self.logits_to_keep:
+            kw["logits_to_keep"] = 1
+        return kw
+
+
+def dynamic_cache(lm: nn.Module):
+    from transformers import DynamicCache
+    try:
+        return DynamicCache(config=lm.config)
+    except TypeError:  # older signatures take no config
+        return DynamicCache()
+
+
+def static_cache(lm: nn.Module, batch: int, max_len: int, dtype: torch.dtype, device: torch.device, owner):
+    """A reset StaticCache of ``batch`` rows x ``max_len`` slots for ``owner`` (a session), reused
+    from the last session of this shape when that one is gone (same buffers: no recompilation)."""
+    from transformers import StaticCache
+    pool = _STATIC_POOL.setdefault(lm, {})
+    key = (batch, max_len, dtype, str(device))
+    cache, last_owner = pool.pop(key, (None, None))
+    if cache is not None and last_owner() is not None:  # still decoding (e.g. an open stream)
+        pool[key] = (cache, last_owner)
+        return StaticCache(config=lm.config, max_cache_len=max_len)
+    if cache is None:
+        while len(pool) >= _POOL_SIZE:  # drop the least recently used shape
+            pool.pop(next(iter(pool)))
+        cache = StaticCache(config=lm.config, max_cache_len=max_len)
+    else:
+        cache.reset()
+    pool[key] = (cache, weakref.ref(owner))
+    return cache
+
+
+def release_static_caches(lm: nn.Module) -> None:
+    """Free the pooled static caches of ``lm`` (they are kept to avoid recompiling)."""
+    _STATIC_POOL.pop(lm, None)
+
+
+def layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per decoder layer (keys, values) (B, H_kv, S, D) of a filled DynamicCache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def fill(cache, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> None:
+    """Write a batch-1 prefix's per-layer K/V (1, H, P, D) into an empty cache, for ``batch`` rows."""
+    for i, (k, v) in enumerate(kv):
+        cache.update(k.expand(batch, *k.shape[1:]).contiguous(), v.expand(batch, *v.shape[1:]).contiguous(), i)
+
+
+def reorder(cache, index: torch.Tensor) -> None:
+    """Beam search: row r of the cache becomes row ``index[r]``; static buffers keep their address."""
+    for layer in cache.layers:
+        if not getattr(layer, "is_initialized", True) or layer.keys is None:
+            continue
+        if getattr(layer, "is_compileable", False):
+            layer.keys.copy_(layer.keys.index_select(0, index))
+            layer.values.copy_(layer.values.index_select(0, index))
+        else:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)

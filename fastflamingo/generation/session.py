@@ -1,0 +1,202 @@
+"""The decoding state of one batch: LM KV cache, visual K/V, attention mask, positions, text_time.
+
+A :class:`Session` runs the prompt once (:meth:`Session.prefill`, logits of the last position
+only) and then one token per row per :meth:`Session.step`. What never changes while decoding is
+computed once: the visual tokens and every cross-attention layer's K/V of them (the visual KV
+cache, SEMANTICS.md "Generation"). The mask and the position ids live in preallocated buffers.
+With a static LM cache the step has fixed shapes and is compiled once per model and batch shape
+(gpt-fast's design: one compiled decode step, its own loop, CUDA graphs on GPU).
+
+New tokens see their row's last image: each row's decode ``text_time`` is what a text token
+after the prompt sees under the model's own rule (:func:`fastflamingo.model.text_time_for`),
+so with ``eos_resets_media`` (IDEFICS) a row that has emitted EOS sees no image afterwards.
+A generated ``<image>`` token has no pixels: it is decoded as text and adds no image.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from ..model import text_time_for
+from . import lm_cache
+from .prefix import Prefix
+
+CACHE_MODES = ("auto", "static", "dynamic")
+_COMPILED: dict = {}
+_STATIC_ROUND = 64  # static cache lengths are rounded up so that prompts of similar length share a graph
+_MEDIA_ROUND = 4  # so are image counts of compiled steps (padding images no token refers to)
+
+
+def _decode_logits(lm, input_ids, kwargs):
+    return lm(input_ids=input_ids, **kwargs).logits[:, -1].float()
+
+
+def _without_guards():
+    """Skip dynamo's guard checks (~1 ms a step on a CPU) where nothing but tensor values changed
+    since a guarded call of the same session; a no-op on torch versions without the stance."""
+    try:
+        return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
+    except (AttributeError, TypeError):
+        return contextlib.nullcontext()
+
+
+def _compiled_decode(device: torch.device):
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    if mode not in _COMPILED:
+        _COMPILED[mode] = torch.compile(_decode_logits, mode=mode, dynamic=False)
+    return _COMPILED[mode]
+
+
+def cross_attention_modules(model) -> list[torch.nn.Module]:
+    """The modules that project visual tokens to K/V (one per gated cross-attention block)."""
+    return [m for block in model.gated_cross_attn_layers for m in block.modules() if hasattr(m, "project_kv")]
+
+
+def project_visual_kv(model, visual: torch.Tensor | None) -> dict:
+    """(B, N, L, D_vis) visual tokens -> the visual KV cache: {id(module): (k, v) (B, H, N·L, D)}."""
+    if visual is None:
+        return {}
+    return {id(m): tuple(t.contiguous() for t in m.project_kv(visual)) for m in cross_attention_modules(model)}
+
+
+class Session:
+    """One batch being decoded.
+
+    Args:
+        model: a :class:`~fastflamingo.Flamingo`.
+        ids: (B, T) prompt token ids, left-padded; after ``prefix`` when one is given.
+        mask: (B, T) 1 = token, 0 = padding.
+        visual: (B, N, L, D_vis) visual tokens of the prompt's images (rows with fewer images
+            padded at the end), or None.
+        prefix: a shared few-shot prefix (:func:`fastflamingo.generation.encode_prefix`).
+        max_new_tokens: decode steps to leave room for.
+        cache: ``"static"``, ``"dynamic"`` or ``"auto"`` (static where the LM family supports it).
+        compile: compile the decode step (static cache only).
+    """
+
+    def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor | None, *,
+                 prefix: Prefix | None = None, max_new_tokens: int, cache: str = "auto", compile: bool = False):
+        if cache not in CACHE_MODES:
+            raise ValueError(f"cache={cache!r} is not one of {CACHE_MODES}")
+        lm = model.lang_encoder
+        self.model, self.lm, self.call = model, lm, lm_cache.LMCall(lm)
+        if cache == "static" and not self.call.static:
+            raise ValueError(f"cache='static': {type(lm).__name__} does not support Hugging Face's StaticCache "
+                             "(its modeling code is not compile-ready); use cache='dynamic' or 'auto'")
+        self.static = cache == "static" or (cache == "auto" and self.call.static)
+        if compile and not self.static:
+            raise ValueError(f"compile=True needs the static cache, which {type(lm).__name__} does not support")
+        B, T = ids.shape
+        P = 0 if prefix is None else prefix.length
+        self.length = P + T
+        total = P + T + max_new_tokens
+        max_len = -(-total // _STATIC_ROUND) * _STATIC_ROUND if self.static else total
+        device = ids.device
+        self.mask = torch.zeros(B, max_len, dtype=torch.long, device=device)
+        self.mask[:, :P] = 1
+        self.mask[:, P:P + T] = mask
+        self.cache = (lm_cache.static_cache(lm, B, max_len, model.dtype, device, owner=self) if self.static
+                      else lm_cache.dynamic_cache(lm))
+        self._decode = _compiled_decode(device) if compile else _decode_logits
+        self._guarded = False
+        self._prepare_media(ids, mask, visual, prefix)
+        if compile and self.visual is not None:  # image counts in one bucket share a compiled step
+            self.visual, self.kv = _pad_media(self.visual, self.kv, _MEDIA_ROUND)
+
+    @torch.no_grad()
+    def _prepare_media(self, ids, mask, visual, prefix: Prefix | None) -> None:
+        c, B = self.model.config, ids.shape[0]
+        if prefix is not None:
+            if prefix.ids.device != ids.device:
+                raise ValueError(f"the prefix is on {prefix.ids.device} but the prompt is on {ids.device}")
+            ids = torch.cat([prefix.ids.expand(B, -1), ids], dim=1)
+            lm_cache.fill(self.cache, prefix.lm_kv, B)
+        self.prefix_length = 0 if prefix is None else prefix.length
+        # padding is neither an image nor an EOS, even where pad_token_id == eos_token_id
+        visible = torch.cat([ids.masked_fill(self.mask[:, :ids.shape[1]] == 0, -1), ids.new_full((B, 1), -1)], dim=1)
+        tt = text_time_for(visible, c.media_token_id, c.eos_token_id if c.eos_resets_media else None)
+        self.prompt_text_time = tt[:, self.prefix_length:-1]
+        self.tt = tt[:, -1:].contiguous()  # (B, 1): what the next (text) token sees
+        self.eos_reset = c.eos_token_id if c.eos_resets_media else None
+        positions = (self.mask[:, :self.length].cumsum(-1) - 1).clamp(min=0)
+        self.prompt_positions = positions[:, self.prefix_length:]
+        self.pos = positions[:, -1:].clone()
+        self.visual, self.kv = _join_media(self.model, visual, prefix, B)
+
+    def _mask(self, length: int) -> torch.Tensor:
+        return self.mask if self.static else self.mask[:, :length]
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+        """Run the prompt (B, T); returns the last position's logits (B, V) in fp32."""
+        kwargs = self.call.kwargs(self.cache, self._mask(self.length), self.prompt_positions, last_only=True)
+        with self.model.conditioned(self.visual, self.prompt_text_time, self.kv):
+            return self.lm(input_ids=ids, **kwargs).logits[:, -1].float()
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,); returns the next logits (B, V) in fp32."""
+        if self.length >= self.mask.shape[1]:
+            raise RuntimeError(f"the session has room for {self.mask.shape[1]} tokens and holds {self.length}: "
+                               "build it with a larger max_new_tokens")
+        self.mask[:, self.length] = 1
+        self.length += 1
+        self.pos += 1
+        kwargs = self.call.kwargs(self.cache, self._mask(self.length), self.pos)
+        with self.model.conditioned(self.visual, self.tt, self.kv):
+            logits = self._run(tokens[:, None], kwargs)
+        if self.eos_reset is not None:
+            self.tt.masked_fill_(tokens[:, None] == self.eos_reset, 0)
+        return logits.clone() if logits.is_cuda else logits
+
+    def _run(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        if not self._guarded:
+            logits = self._decode(self.lm, input_ids, kwargs)
+            self._guarded = self._decode is not _decode_logits
+            return logits
+        # a guarded compiled step ran: later ones differ only in tensor values, unless the LM's
+        # code specialises on the step (then dynamo refuses to recompile unguarded: check again)
+        try:
+            with _without_guards():
+                return self._decode(self.lm, input_ids, kwargs)
+        except RuntimeError as e:
+            if "skip_guard_eval_unsafe" not in str(e):
+                raise
+            self._guarded = False
+            return self._run(input_ids, kwargs)
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: row r continues from row ``index[r]`` (always a beam of the same prompt row,
+        so the visual tokens and their K/V, identical across those beams, stay as they are)."""
+        lm_cache.reorder(self.cache, index)
+        for t in (self.mask, self.pos, self.tt):
+            t.copy_(t.index_select(0, index))
+
+
+def _join_media(model, visual: torch.Tensor | None, prefix: Prefix | None, batch: int):
+    """The visual tokens (B, N_prefix + N, L, D) and visual KV cache for prefix + prompt images."""
+    kv = project_visual_kv(model, visual)
+    if prefix is None or prefix.visual is None:
+        return visual, kv
+    pv = prefix.visual.expand(batch, *prefix.visual.shape[1:])
+    if visual is None:
+        return pv, {k: tuple(t.expand(batch, *t.shape[1:]) for t in v) for k, v in prefix.visual_kv.items()}
+    if visual.shape[2:] != pv.shape[2:]:
+        raise ValueError(f"the prompt's visual tokens {tuple(visual.shape[2:])} differ from the prefix's "
+                         f"{tuple(pv.shape[2:])} (L, D_vis)")
+    joined = {k: tuple(torch.cat([p.expand(batch, *p.shape[1:]), q], dim=2) for p, q in zip(prefix.visual_kv[k], kv[k]))
+              for k in kv}
+    return torch.cat([pv, visual], dim=1), joined
+
+
+def _pad_media(visual: torch.Tensor, kv: dict, multiple: int):
+    """Pad the image axis to a multiple of ``multiple`` with zero images: no ``text_time`` refers to
+    them (image-causal attention reads images 1..text_time only), so outputs are unchanged."""
+    B, N, L, D = visual.shape
+    extra = -N % multiple
+    if extra == 0:
+        return visual, kv
+    visual = torch.cat([visual, visual.new_zeros(B, extra, L, D)], dim=1)
+    return visual, {key: tuple(torch.cat([t, t.new_zeros(*t.shape[:2], extra * L, t.shape[3])], dim=2) for t in pair)
+                    for key, pair in kv.items()}

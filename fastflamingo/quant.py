@@ -1,0 +1,144 @@
+"""Quantized frozen weights through bitsandbytes: NF4 (4-bit NormalFloat) or int8 (LLM.int8()).
+
+:func:`quantize_model` replaces, in place, the frozen ``nn.Linear`` layers of the LM (and
+optionally of the vision encoder, and for inference of the cross-attention blocks) by
+bitsandbytes layers. Trainable layers (the resampler, the cross-attention blocks while
+training, trainable LM layers) and the LM head stay in 16/32-bit.
+
+bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks NF4 weights for a fast kernel on the first
+eval/no-grad forward, and that kernel crashes unless ``in_features % 64 == 0`` and
+``out_features`` is a multiple of its block (ENVIRONMENT.md): every NF4 layer of other shapes
+gets ``support_avx512bf16_for_cpu = False`` (the generic kernel), here and in
+:func:`guard_cpu_4bit` for models quantized elsewhere (e.g. transformers' BitsAndBytesConfig).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+QUANTIZATIONS = ("nf4", "int8")
+INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold, transformers' default
+
+
+def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+def _bnb():
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise ImportError("quantization needs bitsandbytes: pip install bitsandbytes") from e
+    return bitsandbytes
+
+
+def cpu_4bit_fast_path_ok(in_features: int, out_features: int) -> bool:
+    """Whether bitsandbytes' AVX512-BF16 NF4 CPU kernel handles this shape (both multiples of 64)."""
+    return in_features % 64 == 0 and out_features % 64 == 0
+
+
+def guard_cpu_4bit(model: nn.Module) -> int:
+    """Route every bitsandbytes 4-bit layer whose shape crashes the AVX512-BF16 CPU kernel to the
+    generic kernel. Returns the number of layers changed."""
+    bnb = _bnb()
+    changed = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit) and not cpu_4bit_fast_path_ok(m.in_features, m.out_features):
+            if getattr(m, "support_avx512bf16_for_cpu", False):
+                m.support_avx512bf16_for_cpu = False
+                changed += 1
+    return changed
+
+
+def _quantized_linear(linear: nn.Linear, quantization: str) -> nn.Module:
+    bnb = _bnb()
+    w = linear.weight.data
+    has_bias = linear.bias is not None
+    if quantization == "nf4":
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=w.dtype,
+                              quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", module=q)
+        if not cpu_4bit_fast_path_ok(linear.in_features, linear.out_features):
+            q.support_avx512bf16_for_cpu = False
+    else:
+        q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
+                                threshold=INT8_THRESHOLD, device="meta")
+        q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    q.weight._quantize(w.device)
+    if has_bias:
+        q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    return q.train(linear.training)
+
+
+def _replace_linears(root: nn.Module, quantization: str, skip: set[int], frozen_only: bool) -> int:
+    count = 0
+    for name, child in list(root.named_children()):
+        if id(child) in skip:
+            continue
+        # exactly nn.Linear: subclasses such as nn.MultiheadAttention's out_proj are read as raw weights
+        if type(child) is nn.Linear and not (frozen_only and child.weight.requires_grad):
+            setattr(root, name, _quantized_linear(child, quantization))
+            count += 1
+        else:
+            count += _replace_linears(child, quantization, skip, frozen_only)
+    return count
+
+
+def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool = False,
+                   cross_attention: bool = False) -> nn.Module:
+    """Quantize a :class:`~fastflamingo.Flamingo` model's frozen linear layers in place.
+
+    Args:
+        model: the model (its weights on the device they will run on: bitsandbytes quantizes there).
+        quantization: ``"nf4"``, ``"int8"`` or None (no change).
+        vision: also the vision encoder's linear layers.
+        cross_attention: also the gated cross-attention blocks' layers, for inference only (they
+            are what Flamingo trains): refused while ``model.training``.
+
+    Returns:
+        ``model``. The LM head, the embeddings, the resampler, and any LM layer that requires
+        grad stay as they are.
+    """
+    if quantization is None:
+        return model
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is not one of {QUANTIZATIONS} or None")
+    if cross_attention and model.training:
+        raise ValueError("cross_attention=True quantizes the layers Flamingo trains: call model.eval() first "
+                         "(quantize them for inference only; training keeps them in 16-bit)")
+    if quantization == "int8":
+        # bitsandbytes logs at every call that fp32/bf16 activations enter its int8 matmul as fp16
+        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_notice)
+    blocks = {id(b) for b in model.gated_cross_attn_layers}
+    head = model.lang_encoder.get_output_embeddings()
+    skip = blocks | ({id(head)} if head is not None else set())
+    count = _replace_linears(model.lang_encoder, quantization, skip, frozen_only=True)
+    if vision:
+        count += _replace_linears(model.vision_encoder, quantization, set(), frozen_only=True)
+    if cross_attention:
+        for block in model.gated_cross_attn_layers:
+            count += _replace_linears(block, quantization, set(), frozen_only=False)
+    if count == 0:
+        raise ValueError("quantize_model found no frozen nn.Linear layer to quantize in this model")
+    return model
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers, quantization statistics included."""
+    seen, total = set(), 0
+    tensors = list(model.parameters()) + list(model.buffers())
+    for m in model.modules():
+        state = getattr(getattr(m, "weight", None), "quant_state", None)
+        if state is not None:  # 4-bit: absmax (and nested statistics), code book
+            tensors += [t for t in state.as_dict(packed=True).values() if torch.is_tensor(t)]
+        scb = getattr(getattr(m, "weight", None), "SCB", None)
+        if torch.is_tensor(scb):
+            tensors.append(scb)
+    for t in tensors:
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

@@ -1,0 +1,305 @@
+"""Generation: every cached path gives the tokens of a plain no-cache loop over model.forward, and
+greedy / beam search equal open_flamingo's and Hugging Face IDEFICS's own ``generate``."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastflamingo import Flamingo
+from fastflamingo.generation import encode_prefix, generate, stream
+from fastflamingo.generation.session import Session
+
+import peers
+from peers import EOC_ID, EOS_ID, MEDIA_ID, PAD_ID
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are overhead-bound: one thread avoids waiting on a busy second core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(**overrides):
+    """The tiny preset with non-zero gates (random weights, fp32)."""
+    model = Flamingo.from_preset("tiny", **overrides)
+    with torch.no_grad():
+        for block in model.gated_cross_attn_layers:
+            block.attn_gate.fill_(1.0)
+            block.ff_gate.fill_(-0.5)
+    return model
+
+
+def batch(model, images_per_row, lengths, seed=0):
+    """Left-padded rows: row i has lengths[i] tokens with images_per_row[i] <image> tokens at random
+    places; returns vision_x (B, N, 1, 3, 32, 32) (zeros for missing images), ids, mask."""
+    c, g = model.config, torch.Generator().manual_seed(seed)
+    B, T, N = len(lengths), max(lengths), max(max(images_per_row), 1)
+    ids = torch.full((B, T), c.pad_token_id)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, (n, t) in enumerate(zip(images_per_row, lengths)):
+        row = torch.randint(3, 500, (t,), generator=g)
+        row[torch.randperm(t, generator=g)[:n]] = c.media_token_id
+        ids[i, T - t:], mask[i, T - t:] = row, 1
+    vx = torch.zeros(B, N, 1, 3, 32, 32)
+    for i, n in enumerate(images_per_row):
+        vx[i, :n] = torch.randn(n, 1, 3, 32, 32, generator=g)
+    return vx, ids, mask
+
+
+@torch.no_grad()
+def plain_greedy(model, vx, ids, mask, steps):
+    """The reference: the whole sequence through model.forward at every step, no cache of any kind."""
+    out, m = ids, mask
+    for _ in range(steps):
+        pos = (m.cumsum(-1) - 1).clamp(min=0)
+        logits = model(vx, out, attention_mask=m, position_ids=pos).logits[:, -1]
+        out = torch.cat([out, logits.argmax(-1, keepdim=True)], 1)
+        m = torch.cat([m, m.new_ones(m.shape[0], 1)], 1)
+    return out
+
+
+_TINY = {True: tiny(), False: tiny(only_attend_immediate_media=False)}
+
+LAYOUTS = [([1, 1], [12, 12]), ([2, 1, 0], [14, 9, 11]), ([3, 2], [10, 16]), ([1, 0, 2, 1], [5, 13, 13, 8]),
+           ([0, 0], [7, 10])]
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+@pytest.mark.parametrize("layout", range(len(LAYOUTS)))
+def test_cached_greedy_equals_plain_loop(cache, layout):
+    model = tiny()
+    vx, ids, mask = batch(model, *LAYOUTS[layout], seed=layout)
+    want = plain_greedy(model, vx, ids, mask, 8)
+    got = generate(model, vx, ids, mask, max_new_tokens=8, eos_token_id=[], cache=cache)
+    assert torch.equal(got, want), (got[:, ids.shape[1]:], want[:, ids.shape[1]:])
+
+
+@settings(max_examples=10, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(4, 14)), min_size=1, max_size=4),
+       st.sampled_from(["dynamic", "static"]), st.booleans(), st.integers(0, 2 ** 16))
+def test_random_layouts_equal_plain_loop(rows, cache, immediate, seed):
+    """Random batches: rows of different lengths (left padding) and image counts, both image-causal
+    modes, both LM caches."""
+    model = _TINY[immediate]
+    images, lengths = zip(*[(min(n, t), t) for n, t in rows])
+    vx, ids, mask = batch(model, list(images), list(lengths), seed=seed)
+    got = generate(model, vx, ids, mask, max_new_tokens=5, eos_token_id=[], cache=cache)
+    assert torch.equal(got, plain_greedy(model, vx, ids, mask, 5))
+
+
+@pytest.mark.parametrize("eos_resets_media", [False, True])
+def test_decode_steps_equal_forward_teacher_forced(eos_resets_media):
+    """Logits of every decode step equal model.forward on the whole sequence, with forced tokens
+    including EOS (after which IDEFICS semantics see no image)."""
+    model = tiny(eos_resets_media=eos_resets_media)
+    vx, ids, mask = batch(model, [2, 1], [10, 7], seed=3)
+    forced = torch.tensor([[7, EOS_ID, 9, 11], [EOS_ID, 5, 6, 8]])
+    for cache in ("dynamic", "static"):
+        s = Session(model, ids, mask, model.encode_vision(vx), max_new_tokens=4, cache=cache)
+        got = [s.prefill(ids)] + [s.step(forced[:, i]) for i in range(3)]
+        for i, logits in enumerate(got):
+            seq = torch.cat([ids, forced[:, :i]], 1)
+            m = torch.cat([mask, mask.new_ones(2, i)], 1)
+            with torch.no_grad():
+                want = model(vx, seq, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+            assert (logits - want).abs().max() < 1e-4, (cache, i)
+    if eos_resets_media:  # row 1's tokens after its EOS see no image
+        assert s.tt.flatten().tolist() == [0, 0]
+
+
+def test_compiled_static_step_equals_plain_loop():
+    """torch.compile of the decode step (inductor's C++ backend on the CPU)."""
+    model = tiny()
+    vx, ids, mask = batch(model, [2, 1], [11, 8], seed=5)
+    want = plain_greedy(model, vx, ids, mask, 6)
+    got = generate(model, vx, ids, mask, max_new_tokens=6, eos_token_id=[], cache="static", compile=True)
+    assert torch.equal(got, want)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    vx2, ids2, mask2 = batch(model, [1, 2], [9, 12], seed=6)  # another prompt reuses the compiled step
+    got2 = generate(model, vx2, ids2, mask2, max_new_tokens=6, eos_token_id=[], cache="static", compile=True)
+    assert torch.equal(got2, plain_greedy(model, vx2, ids2, mask2, 6))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "the second prompt recompiled"
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_prefix_reuse_equals_plain_loop(cache):
+    """Demonstrations encoded once, then a batch of queries with padding and different image counts."""
+    model = tiny()
+    demo_vx, demo_ids, _ = batch(model, [2], [12], seed=7)
+    prefix = encode_prefix(model, demo_vx, demo_ids)
+    vx, ids, mask = batch(model, [1, 0, 2], [6, 9, 5], seed=8)
+    got = generate(model, vx, ids, mask, prefix=prefix, max_new_tokens=6, eos_token_id=[], cache=cache)
+    B = ids.shape[0]
+    pad_first = mask.argmax(-1)  # reference rows: [padding, prefix, query] with all their images
+    full = torch.stack([torch.cat([ids[i, :pad_first[i]], demo_ids[0], ids[i, pad_first[i]:]]) for i in range(B)])
+    full_mask = torch.stack([torch.cat([mask[i, :pad_first[i]], torch.ones(demo_ids.shape[1], dtype=torch.long),
+                                        mask[i, pad_first[i]:]]) for i in range(B)])
+    full_vx = torch.cat([demo_vx.expand(B, -1, -1, -1, -1, -1), vx], 1)
+    want = plain_greedy(model, full_vx, full, full_mask, 6)
+    assert torch.equal(got[:, ids.shape[1]:], want[:, full.shape[1]:])
+    beams = generate(model, vx, ids, mask, prefix=prefix, max_new_tokens=5, num_beams=3, cache=cache)
+    beams_full = generate(model, full_vx, full, full_mask, max_new_tokens=5, num_beams=3, cache=cache)
+    assert torch.equal(beams[:, ids.shape[1]:], beams_full[:, full.shape[1]:])
+    text_only = generate(model, None, torch.randint(3, 500, (2, 3)), prefix=prefix, max_new_tokens=3,
+                         eos_token_id=[], cache=cache)  # queries with no image of their own
+    assert text_only.shape == (2, 6)
+
+
+def test_stream_and_stops():
+    model = tiny()
+    vx, ids, mask = batch(model, [1, 2], [9, 12], seed=9)
+    free = generate(model, vx, ids, mask, max_new_tokens=6, eos_token_id=[])
+    steps = list(stream(model, vx, ids, mask, max_new_tokens=6, eos_token_id=[]))
+    assert not any(t.requires_grad for t in steps)
+    assert torch.equal(torch.stack(steps, 1), free[:, ids.shape[1]:])
+    stop = int(free[0, ids.shape[1] + 2])  # the token row 0 makes third becomes a stop token
+    got = generate(model, vx, ids, mask, max_new_tokens=6, eos_token_id=stop, pad_token_id=0)
+    new, ref = got[:, ids.shape[1]:], free[:, ids.shape[1]:]
+    first = int((ref[0] == stop).nonzero()[0])
+    assert torch.equal(new[0, :first + 1], ref[0, :first + 1]) and (new[0, first + 1:] == 0).all()
+    assert not (ref[1] == stop).any() or new.shape[1] <= ref.shape[1]
+    eoc = model.generate(vx, ids, mask, max_new_tokens=6, min_new_tokens=6,
+                         suppress_tokens=[model.config.eoc_token_id])  # default stops: eoc, eos
+    assert eoc.shape[1] == ids.shape[1] + 6
+
+
+def test_sampling():
+    model = tiny()
+    vx, ids, mask = batch(model, [1, 1], [8, 8], seed=10)
+    greedy = generate(model, vx, ids, mask, max_new_tokens=5, eos_token_id=[])
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}, {"temperature": 1e-4}):
+        assert torch.equal(generate(model, vx, ids, mask, max_new_tokens=5, eos_token_id=[], do_sample=True, **kw),
+                           greedy), kw
+    runs = [generate(model, vx, ids, mask, max_new_tokens=5, eos_token_id=[], do_sample=True, top_k=50, top_p=0.9,
+                     temperature=5.0, cache=cache, generator=torch.Generator().manual_seed(1))
+            for cache in ("dynamic", "static")]
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], greedy)
+    with pytest.raises(ValueError, match="temperature"):
+        generate(model, vx, ids, mask, do_sample=True, temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        generate(model, vx, ids, mask, do_sample=True, top_p=1.5)
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny()
+    vx, ids, mask = batch(model, [2, 1], [8, 6], seed=11)
+    with pytest.raises(ValueError, match="left padding"):
+        generate(model, vx, ids, mask.flip(-1))
+    with pytest.raises(ValueError, match="<image> tokens"):
+        generate(model, vx[:, :1], ids, mask)
+    with pytest.raises(ValueError, match="num_beams"):
+        generate(model, vx, ids, mask, num_beams=0)
+    with pytest.raises(ValueError, match="cache="):
+        generate(model, vx, ids, mask, cache="paged")
+    with pytest.raises(TypeError, match="beam_groups"):
+        generate(model, vx, ids, mask, num_beams=2, beam_groups=2)
+
+
+# ------------------------------------------------------------------ peers' own generate
+def _open_flamingo_generate(live, vx, ids, **kwargs):
+    """open_flamingo's generate on transformers 5.x: its LM mixin takes attention_mask positionally,
+    and transformers drops an all-ones mask, so give it a forward with a default."""
+    from open_flamingo.src.flamingo_lm import FlamingoLMMixin
+    lm = live.lang_encoder
+    lm.forward = lambda input_ids=None, attention_mask=None, **kw: FlamingoLMMixin.forward(lm, input_ids,
+                                                                                         attention_mask, **kw)
+    with torch.no_grad():
+        return live.generate(vx, ids, attention_mask=torch.ones_like(ids), **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "mpt"])
+def test_equals_open_flamingo_generate(family):
+    """Greedy and 3-beam outputs equal open_flamingo's own generate on the same weights. Rows are
+    unpadded: open_flamingo's generate gives padded rows shifted positions (its LM wrapper hides
+    position_ids from transformers); padded rows are checked against the plain loop above."""
+    pytest.importorskip("open_flamingo")
+    from fastflamingo.convert.open_flamingo import from_open_flamingo
+    live = peers.open_flamingo_model(family, every_n=2)
+    ours = from_open_flamingo(live)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 120, (2, 14), generator=g)
+    ids[0, [0, 6]] = MEDIA_ID
+    ids[1, [4]] = MEDIA_ID  # fewer images in this row
+    vx = torch.randn(2, 2, 1, 3, 32, 32, generator=g)
+    for beams in (1, 3):
+        kw = dict(max_new_tokens=10, num_beams=beams, eos_token_id=[EOC_ID, EOS_ID], pad_token_id=PAD_ID,
+                  suppress_tokens=[MEDIA_ID])  # open_flamingo misreads a generated <image>: keep it out
+        want = _open_flamingo_generate(live, vx, ids, **kw)
+        got = generate(ours, vx, ids, **kw)
+        assert torch.equal(got, want), (family, beams, got[:, 14:], want[:, 14:])
+        assert want.shape[1] > 14 + 3  # a real continuation, not an immediate stop
+
+
+@pytest.mark.parametrize("cross_layer_interval", [1, 2])
+def test_equals_idefics_generate(cross_layer_interval):
+    """Greedy and 3-beam outputs equal Hugging Face IDEFICS's generate on the same weights: left
+    padding, two images separated by an EOS (IDEFICS semantics), generated <image> tokens."""
+    from fastflamingo.convert.idefics import from_idefics
+    from peers_idefics import EOS_ID as I_EOS, PAD_ID as I_PAD, idefics_inputs, idefics_model
+    live = idefics_model(cross_layer_interval=cross_layer_interval)
+    ours = from_idefics(live)
+    inp = idefics_inputs()
+    for beams in (1, 3):
+        with torch.no_grad():
+            want = live.generate(**inp, max_new_tokens=8, num_beams=beams, do_sample=False)
+        got = generate(ours, inp["pixel_values"][:, :, None], inp["input_ids"], inp["attention_mask"],
+                       max_new_tokens=8, num_beams=beams, eos_token_id=[I_EOS], pad_token_id=I_PAD)
+        assert torch.equal(got, want), (beams, got[:, -8:], want[:, -8:])
+        assert want.shape[1] > inp["input_ids"].shape[1] + 3
+
+
+# ------------------------------------------------------------------ cache_media
+def test_cache_media_scores_texts_against_cached_images():
+    model = tiny()
+    vx, ids, mask = batch(model, [2, 1], [9, 9], seed=12)
+    model.cache_media(ids, vx)
+    try:
+        text = torch.randint(3, 500, (2, 5))
+        with torch.no_grad():
+            got = model(lang_x=text).logits
+            again = model(None, text).logits
+            want = model(vx, text, text_time=torch.tensor([[2] * 5, [1] * 5], dtype=torch.int32)).logits
+            with_image = model(lang_x=ids).logits  # <image> tokens in the text: their own count
+            full = model(vx, ids).logits
+        assert torch.allclose(got, want, atol=1e-5) and torch.allclose(again, want, atol=1e-5)
+        assert torch.allclose(with_image, full, atol=1e-5)
+    finally:
+        model.uncache_media()
+    with torch.no_grad():
+        assert not torch.allclose(model(lang_x=text).logits, want, atol=1e-3)  # text only again
+
+
+# ------------------------------------------------------------------ command line
+def test_cli_generate_preset_and_saved_model_with_tokenizer(tmp_path, capsys):
+    from fastflamingo.cli import main
+    from peers_idefics import tiny_tokenizer
+    assert main(["generate", "--preset", "tiny", "--random-images", "1", "--prompt-ids", "510 17 42",
+                 "--max-new-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.split()) == 3 and "3 new tokens" in err
+    model = tiny()
+    model.save_pretrained(tmp_path)
+    tiny_tokenizer(512, {"<unk>": 3, "<pad>": 0, "</s>": 2, "<image>": 510, "<|endofchunk|>": 511}).save_pretrained(
+        tmp_path)
+    shots = tmp_path / "shots.json"
+    shots.write_text('{"prefix": {"images": ["random"], "text": "<image> w5 w6 <|endofchunk|>"}, '
+                     '"queries": [{"images": ["random"], "text": "<image> w9"}, {"text": "w3 w4 w5"}]}')
+    assert main(["generate", "--model", str(tmp_path), "--few-shot", str(shots), "--max-new-tokens", "2",
+                 "--num-beams", "2"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("[0] w") and "\n[1] " in out
+
+
+def test_interleaved_streams_do_not_share_a_static_cache():
+    model = tiny()
+    vx, ids, mask = batch(model, [1, 1], [8, 8], seed=13)
+    alone = generate(model, vx, ids, mask, max_new_tokens=4, eos_token_id=[])
+    a = stream(model, vx, ids, mask, max_new_tokens=4, eos_token_id=[])
+    b = stream(model, vx.flip(0), ids.flip(0), mask, max_new_tokens=4, eos_token_id=[])
+    steps = [(next(a), next(b)) for _ in range(4)]
+    assert torch.equal(torch.stack([s[0] for s in steps], 1), alone[:, 8:])
+    assert torch.equal(torch.stack([s[1] for s in steps], 1), alone[:, 8:].flip(0))

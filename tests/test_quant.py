@@ -1,0 +1,79 @@
+"""NF4 / int8 frozen weights through bitsandbytes: tiny models load and generate on the CPU, with
+layer dimensions that are multiples of 64 and ones that are not (the AVX512-BF16 crash shapes)."""
+import pytest
+import torch
+from torch import nn
+
+from fastflamingo import Flamingo
+from fastflamingo.generation import generate
+from fastflamingo.presets import preset_config
+from fastflamingo.quant import cpu_4bit_fast_path_ok, guard_cpu_4bit, model_bytes, quantize_model
+
+bnb = pytest.importorskip("bitsandbytes")
+
+# hidden 64 / MLP 128 (every LM linear a multiple of 64) and hidden 48 / MLP 72 (none is)
+SHAPES = {"x64": {}, "odd": {"hidden_size": 48, "intermediate_size": 72, "num_attention_heads": 4,
+                             "num_key_value_heads": 4}}
+
+
+def build(shape: str, quantization=None):
+    lm = dict(preset_config("tiny").lm, **SHAPES[shape])
+    model = Flamingo.from_preset("tiny", lm=lm, quantization=quantization)
+    with torch.no_grad():
+        for block in model.gated_cross_attn_layers:
+            block.attn_gate.fill_(1.0)
+    return model
+
+
+def inputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 500, (2, 10), generator=g)
+    ids[:, 0] = model.config.media_token_id
+    return torch.randn(2, 1, 1, 3, 32, 32, generator=g), ids
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+@pytest.mark.parametrize("shape", ["x64", "odd"])
+def test_quantized_tiny_model_generates_close_to_full_precision(shape, quantization):
+    full = build(shape)
+    quant = build(shape, quantization)  # same seed: same weights before quantization
+    lm_layers = [m for m in quant.lang_encoder.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    assert len(lm_layers) == 4 * 7  # q, k, v, o, gate, up, down per decoder layer
+    assert type(quant.lang_encoder.get_output_embeddings()) is nn.Linear  # the head stays
+    for block in quant.gated_cross_attn_layers:  # trained blocks stay full precision
+        assert all(type(m) is not bnb.nn.Linear4bit for m in block.modules())
+    vx, ids = inputs(full)
+    with torch.no_grad():  # eval + no_grad: the path that crashed on AVX512-BF16 CPUs
+        ref, got = full(vx, ids).logits, quant(vx, ids).logits
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < (0.25 if quantization == "nf4" else 0.05), rel
+    new = generate(quant, vx, ids, max_new_tokens=4, eos_token_id=[])
+    assert new.shape == (2, 14)
+    assert model_bytes(quant) < model_bytes(full)
+
+
+def test_cpu_4bit_guard_covers_crash_shapes():
+    assert cpu_4bit_fast_path_ok(64, 128) and not cpu_4bit_fast_path_ok(48, 64) and not cpu_4bit_fast_path_ok(64, 48)
+    layer = bnb.nn.Linear4bit(48, 96, quant_type="nf4")
+    layer.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on such CPUs
+    holder = nn.Sequential(layer, bnb.nn.Linear4bit(64, 64, quant_type="nf4"))
+    holder[1].support_avx512bf16_for_cpu = True
+    assert guard_cpu_4bit(holder) == 1
+    assert layer.support_avx512bf16_for_cpu is False and holder[1].support_avx512bf16_for_cpu is True
+
+
+def test_quantize_options_and_errors():
+    model = build("x64")
+    with pytest.raises(ValueError, match="fp8"):
+        quantize_model(model, "fp8")
+    assert quantize_model(model, None) is model
+    model.train()
+    with pytest.raises(ValueError, match="eval"):
+        quantize_model(model, "nf4", cross_attention=True)
+    model.eval()
+    quantize_model(model, "int8", vision=True, cross_attention=True)
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.vision_encoder.modules())
+    assert all(isinstance(b.attn.to_q, bnb.nn.Linear8bitLt) for b in model.gated_cross_attn_layers)
+    assert all(p.requires_grad for p in model.perceiver.parameters())  # the resampler stays trainable
+    vx, ids = inputs(model)
+    assert generate(model, vx, ids, max_new_tokens=2, eos_token_id=[]).shape == (2, 12)
