@@ -106,27 +106,39 @@ def test_text_time_input_equals_media_locations_input():
     assert torch.equal(a, b)
 
 
-def test_cost_of_torch_path_does_not_grow_with_images():
-    """Immediate mode is block-diagonal: the fast path's work is O(T·L·D), whatever N is. Counted
-    in FLOPs (not seconds): the same text with 2 or 64 images costs the same."""
+@pytest.mark.parametrize("eager", [True, False], ids=["eager-chunks", "compiled-gather"])
+def test_cost_of_torch_path_does_not_grow_with_images(eager, monkeypatch):
+    """Immediate mode is block-diagonal: the fast path's work stays within 2x of the O(T·L·D) a
+    token needs, whatever N is (counted in FLOPs, not seconds), where the dense reference grows
+    with N."""
     from torch.utils.flop_counter import FlopCounterMode
+    if not eager:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    T, L, H, D = 256, 8, 2, 16
+    minimum = 2 * 2 * T * L * D * H  # q·k and p·v, 2 flops per multiply-add
 
-    def flops(N):
-        q, k, v, media = make(1, 64, 8, N, 2, 16, [list(range(0, 64, max(1, 64 // N)))[:N]], 0)
+    def flops(fn, N, positions):
+        q, k, v, media = make(1, T, L, N, H, D, [positions], 0)
         with FlopCounterMode(display=False) as counter:
-            cpu.image_causal_attention_torch(q, k, v, ops.text_time_from_media_locations(media),
-                                             latents_per_media=8)
+            fn(q, k, v, ops.text_time_from_media_locations(media), latents_per_media=L)
         return counter.get_total_flops()
 
-    assert flops(2) == flops(64)
-    reference_flops = []
-    for N in (2, 64):
-        q, k, v, media = make(1, 64, 8, N, 2, 16, [list(range(N))], 0)
-        with FlopCounterMode(display=False) as counter:
-            reference.image_causal_attention_reference(q, k, v, ops.text_time_from_media_locations(media),
-                                                       latents_per_media=8)
-        reference_flops.append(counter.get_total_flops())
-    assert reference_flops[1] == 32 * reference_flops[0]  # the dense reference grows with N
+    for N, positions in [(1, [0]), (2, [0, 100]), (64, list(range(0, 256, 4))), (64, list(range(64))),
+                         (200, list(range(200)))]:
+        assert flops(cpu.image_causal_attention_torch, N, positions) <= 2 * minimum, N
+    dense = [flops(reference.image_causal_attention_reference, N, list(range(N))) for N in (2, 64)]
+    assert dense[1] == 32 * dense[0]
+
+
+def test_row_chunks_cover_every_token_that_sees_an_image():
+    row = [0, 0, 1, 1, 1, 2, 3, 3, 0, 0, 4] + [5] * 300
+    chunks = cpu.row_chunks(row, max_tokens=128, max_span=2)
+    covered = [t for t0, t1, _, _ in chunks for t in range(t0, t1)]
+    assert covered == sorted(set(covered))
+    assert {t for t, m in enumerate(row) if m > 0} <= set(covered)
+    for t0, t1, first, last in chunks:
+        images = {m for m in row[t0:t1] if m > 0}
+        assert min(images) == first and max(images) == last and last - first < 2 and t1 - t0 <= 128
 
 
 @settings(max_examples=30, deadline=None)

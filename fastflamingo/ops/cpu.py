@@ -1,9 +1,16 @@
-"""Fast pure-PyTorch paths for the attention ops (the CPU backend of the custom ops).
+"""Fast pure-PyTorch paths for the attention ops (the CPU backend).
 
-Immediate mode is block-diagonal: every token sees exactly the L keys of one image. Instead of
-scoring each token against all N·L keys and masking (cost O(T·N·L·D), what open_flamingo does),
-each token gathers the keys of its own image: cost O(T·L·D), independent of the number of images.
-Tokens are processed in chunks so the gathered (chunk, L, D) keys stay small.
+Immediate mode is block-diagonal: every token sees exactly the L keys of one image, and the
+tokens of one image are contiguous. Scoring each token against all N·L keys and masking (what
+open_flamingo does) costs O(T·N·L·D); here the work is O(T·L·D), independent of the number of
+images, in one of two ways:
+
+* eager (the default): a row's tokens are cut into chunks spanning at most two images
+  (:func:`row_chunks`); each chunk scores only the keys of its images with one BLAS matmul, the
+  way the Triton kernel skips key blocks. The chunks are planned on the host, which is free on
+  the CPU.
+* under torch.compile (no host reads allowed in a graph): each token gathers the L keys of its
+  image, chunk by chunk, with static shapes.
 """
 from __future__ import annotations
 
@@ -11,11 +18,58 @@ import torch
 
 from .reference import image_causal_mask
 
-# tokens per gather chunk: bounds the temporary (B, H, chunk, L, D) tensors
-_CHUNK = 256
+# tokens per chunk: bounds the temporary score / gathered-key tensors
+_CHUNK = 128
+# images one chunk of the eager path may span: bounds its work to _SPAN x the minimum
+_SPAN = 2
 
 
-def _immediate(q, k, v, text_time, latents_per_media, scale):
+def row_chunks(tt_row: list[int], max_tokens: int = _CHUNK, max_span: int = _SPAN):
+    """Cut one row's tokens into chunks ``(t0, t1, first_image, last_image)`` for the eager path.
+
+    A chunk covers consecutive runs of tokens, at most ``max_tokens`` of them and at most
+    ``max_span`` images, so scoring it against the keys of its images costs at most
+    ``max_span`` x the O(len·L·D) a token needs: the total stays O(T·L·D) whatever the number of
+    images. Tokens before any image (and IDEFICS's tokens after an EOS) need no chunk of their own.
+    """
+    chunks = []
+    t0 = first = last = None
+    for t, m in enumerate(tt_row):
+        if t0 is not None and (t - t0 >= max_tokens or (m > 0 and m - first + 1 > max_span)):
+            chunks.append((t0, t, first, last))
+            t0 = None
+        if t0 is None:
+            if m == 0:
+                continue
+            t0, first = t, m
+        if m > 0:
+            last = m
+    if t0 is not None:
+        chunks.append((t0, len(tt_row), first, last))
+    return chunks
+
+
+def _immediate_ranges(q, k, v, text_time, latents_per_media, scale):
+    B, H, T, D = q.shape
+    L = latents_per_media
+    key_image = torch.arange(k.shape[2], device=k.device) // L + 1
+    out = q.new_zeros(B, H, T, D)
+    tt_host = text_time.tolist()
+    if not any(m > 0 for row in tt_host for m in row):
+        # no token sees an image: exact zeros, still connected to the inputs for autograd
+        return out + (q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum())
+    for b in range(B):
+        for t0, t1, first, last in row_chunks(tt_host[b]):
+            lo, hi = (first - 1) * L, last * L
+            visible = (text_time[b, t0:t1, None] == key_image[None, lo:hi])[None]  # (1, chunk, keys)
+            s = torch.matmul(q[b, :, t0:t1], k[b, :, lo:hi].transpose(-1, -2)) * scale
+            p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
+            p = p.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # tokens with text_time 0
+            out[b, :, t0:t1] = torch.matmul(p, v[b, :, lo:hi])
+    return out
+
+
+def _immediate_gather(q, k, v, text_time, latents_per_media, scale):
     B, H, T, D = q.shape
     L = latents_per_media
     N = k.shape[-2] // L
@@ -53,14 +107,18 @@ def image_causal_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  scale: float | None = None) -> torch.Tensor:
     """Same signature and result as :func:`~fastflamingo.ops.reference.image_causal_attention_reference`.
 
-    Differentiable with autograd. Accumulates in the input dtype (fp32 on the CPU in practice);
-    low-precision inputs are upcast to fp32 internally and cast back.
+    Differentiable with autograd. fp16 / bf16 inputs are computed in fp32 and cast back.
     """
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    fn = _immediate if only_immediate else _all_previous
+    if not only_immediate:
+        fn = _all_previous
+    elif torch.compiler.is_compiling() or q.device.type != "cpu":
+        fn = _immediate_gather  # no host reads: traceable, and no device sync off the CPU
+    else:
+        fn = _immediate_ranges
     return fn(q, k, v, text_time, latents_per_media, scale).to(dtype)
 
 
