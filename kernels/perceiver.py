@@ -31,14 +31,20 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# the kernels work in base 2 (exp2 is the native instruction); lse is kept in natural log
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 # Triton decides at decoration time whether kernels are interpreted: read the flag the same way.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# what the kernels take; larger heads would not fit a tile in registers
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
+NAMES = ("q", "k_media", "v_media", "k_latents", "v_latents")
+
+__all__ = ["perceiver_fwd", "perceiver_bwd", "empty_bshd", "INTERPRET", "DTYPES", "MAX_HEAD_DIM"]
+
 # bwd splits the keys of one (b, h) over programs in chunks of a multiple of this (>= every
 # bwd BLOCK_N below), so that media key blocks stay aligned whatever config autotune picks
 _SPLIT_GRANULE = 64
@@ -135,7 +141,7 @@ def _perceiver_fwd_kernel(
                                 s_kln, s_vln, L, D, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, DOT_PREC)
     # l_i >= 1 on every row (the row max contributes exp2(0)), also on padded query rows
     _store_rows(O + b * s_ob + h * s_oh, acc / l_i[:, None], rows_m, L, s_ol, offs_d, D, EVEN_D)
-    tl.store(LSE + bh.to(tl.int64) * L + rows_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=rows_m < L)
+    tl.store(LSE + bh.to(tl.int64) * L + rows_m, (m_i + tl.log2(l_i)) * LN2, mask=rows_m < L)
 
 
 @triton.jit
@@ -162,7 +168,7 @@ def _load_query_tile(q_base, o_base, do_base, lse_base, rows_m, L, s_ql, s_ol, s
     do = _load_rows(do_base, rows_m, L, s_dol, offs_d, D, EVEN_D, UPCAST)
     o = _load_rows(o_base, rows_m, L, s_ol, offs_d, D, EVEN_D, UPCAST)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    lse2 = tl.load(lse_base + rows_m, mask=rows_m < L, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(lse_base + rows_m, mask=rows_m < L, other=float("inf")) * LOG2E
     return q, do, lse2, delta
 
 
@@ -283,9 +289,17 @@ def empty_bshd(B: int, H: int, S: int, D: int, *, like: torch.Tensor, dtype: tor
     return torch.empty(B, S, H, D, device=like.device, dtype=like.dtype if dtype is None else dtype).transpose(1, 2)
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    # pointer math assumes unit stride along D; every other stride is passed to the kernel
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+def _as_operand(name: str, t: torch.Tensor) -> torch.Tensor:
+    """t with a unit-stride last dim (the pointer math assumes it; a copy only if it has none;
+    every other stride is passed to the kernels), checked for int32 row offsets within one
+    (b, h) slab (the slabs' own offsets are int64)."""
+    if t.stride(-1) != 1 and t.shape[-1] != 1:
+        t = t.contiguous()
+    span = (t.shape[2] - 1) * t.stride(2) + t.shape[3] if t.dim() == 4 and t.shape[2] else 0
+    if span >= 2 ** 31:
+        raise ValueError(f"perceiver kernel: {name} of shape {tuple(t.shape)} and strides {t.stride()} has "
+                         f"offsets of {span} within one (batch, head), beyond int32: pass a contiguous tensor")
+    return t
 
 
 def _check(name: str, t: torch.Tensor, q: torch.Tensor, seq: int | None) -> None:
@@ -300,8 +314,8 @@ def _check(name: str, t: torch.Tensor, q: torch.Tensor, seq: int | None) -> None
 def _check_inputs(q, k_media, v_media, k_latents, v_latents) -> None:
     if q.dim() != 4:
         raise ValueError(f"perceiver kernel: q must be (B, H, L, D), got shape {tuple(q.shape)}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"perceiver kernel: dtype {q.dtype} is not supported; use one of {SUPPORTED_DTYPES}")
+    if q.dtype not in DTYPES:
+        raise TypeError(f"perceiver kernel: dtype {q.dtype} is not supported; use one of {DTYPES}")
     if q.shape[-1] > MAX_HEAD_DIM:
         raise ValueError(f"perceiver kernel: head_dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported")
     if not q.is_cuda and not INTERPRET:
@@ -318,16 +332,27 @@ def _bhs(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _block_m(L: int, block_m: int | None) -> int:
-    # one query tile covers all latents up to 128 (the resampler has 64): dq then lives in registers
-    return block_m if block_m is not None else min(128, max(16, triton.next_power_of_2(L)))
+def _block_d(q: torch.Tensor) -> int:
+    # the head size padded to a power of two, at least tl.dot's minimum of 16
+    return max(16, triton.next_power_of_2(q.shape[-1]))
+
+
+def _block_m(q: torch.Tensor, block_m: int | None) -> int:
+    """Query tile: all L latents in one tile up to 128 (the resampler has 64; the backward then
+    keeps dq in registers), unless a (BLOCK_M, BLOCK_D) tile would pass 32 KiB (fp32 with heads
+    over 128), which would not leave shared memory for the backward's other tiles."""
+    if block_m is not None:
+        return block_m
+    cap = max(16, 32768 // (_block_d(q) * q.element_size()))
+    return min(128, cap, max(16, triton.next_power_of_2(q.shape[2])))
 
 
 def _common_meta(q: torch.Tensor) -> dict:
-    D = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(D))
-    return dict(BLOCK_D=block_d, EVEN_D=block_d == D,
+    """Constexprs that depend on the head size, the dtype and whether the interpreter runs."""
+    block_d = _block_d(q)
+    return dict(BLOCK_D=block_d, EVEN_D=block_d == q.shape[-1],
                 UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+                # fp32 inputs get exact dots (tl.dot would round them to tf32 on a GPU)
                 DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
 
 
@@ -346,25 +371,27 @@ def perceiver_fwd(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor,
     Returns:
         out (B, H, L, D) in q's dtype, stored in (B, L, H, D) memory layout; lse (B, H, L) fp32,
         the natural-log log-sum-exp of each row's scaled scores (kept for the backward).
+
+    Grid (query tiles, B*H): with the resampler's 64 latents one tile holds all queries, so each
+    program streams one head's V + L keys and values exactly once (B*H = 512 programs for 64
+    images x 8 heads); autotuning picks the key block and pipelining depth.
     """
-    q, k_media, v_media, k_latents, v_latents = map(_last_dim_contiguous, (q, k_media, v_media, k_latents, v_latents))
     _check_inputs(q, k_media, v_media, k_latents, v_latents)
+    q, k_media, v_media, k_latents, v_latents = map(
+        _as_operand, NAMES, (q, k_media, v_media, k_latents, v_latents))
     B, H, L, D = q.shape
     V = k_media.shape[2]
     out = empty_bshd(B, H, L, D, like=q)
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse
-    BLOCK_M = _block_m(L, block_m)
+    BLOCK_M = _block_m(q, block_m)
     grid = (triton.cdiv(L, BLOCK_M), B * H)
     _perceiver_fwd_kernel[grid](
         q, k_media, v_media, k_latents, v_latents, out, lse,
         *_bhs(q), *_bhs(k_media), *_bhs(v_media), *_bhs(k_latents), *_bhs(v_latents), *_bhs(out),
-        H, L, V, D, scale * LOG2E, BLOCK_M=BLOCK_M, **_common_meta(q))
+        H, L, V, D, scale * LOG2E.value, BLOCK_M=BLOCK_M, **_common_meta(q))
     return out, lse
-
-
-_SM_COUNT: dict[int, int] = {}
 
 
 def _num_splits(BH: int, n_keys: int, device: torch.device) -> int:
@@ -379,9 +406,8 @@ def _num_splits(BH: int, n_keys: int, device: torch.device) -> int:
     """
     if device.type != "cuda":
         return 1
-    if device.index not in _SM_COUNT:
-        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
-    target = 2 * _SM_COUNT[device.index]
+    # torch caches the device properties: no sync, no query per call
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
     if BH >= target:
         return 1
     return max(1, min(triton.cdiv(target, BH), triton.cdiv(n_keys, _SPLIT_GRANULE)))
@@ -408,18 +434,18 @@ def perceiver_bwd(dout: torch.Tensor, q: torch.Tensor, k_media: torch.Tensor, v_
         out, lse: the forward outputs.
         scale: the forward's softmax scale.
         num_splits: programs per head sharing its keys (default: see :func:`_num_splits`).
-        block_m: query tile size override (a power of two >= 16); below L it selects the
-            multi-tile path (used for L > 128), for tests.
+        block_m: query tile size override (a power of two >= 16), for tests; below L it
+            selects the multi-tile path (what L > 128, or fp32 with heads over 128, take).
 
     Returns:
         dq, dk_media, dv_media, dk_latents, dv_latents, shaped like the inputs, in their dtype,
         stored in (B, S, H, D) memory layout.
     """
-    dout, q, k_media, v_media, k_latents, v_latents, out = map(
-        _last_dim_contiguous, (dout, q, k_media, v_media, k_latents, v_latents, out))
     _check_inputs(q, k_media, v_media, k_latents, v_latents)
     _check("dout", dout, q, q.shape[2])
     _check("out", out, q, q.shape[2])
+    dout, q, k_media, v_media, k_latents, v_latents, out = map(
+        _as_operand, ("dout", *NAMES, "out"), (dout, q, k_media, v_media, k_latents, v_latents, out))
     B, H, L, D = q.shape
     V = k_media.shape[2]
     if tuple(lse.shape) != (B, H, L) or lse.dtype != torch.float32:
@@ -428,11 +454,12 @@ def perceiver_bwd(dout: torch.Tensor, q: torch.Tensor, k_media: torch.Tensor, v_
     dk_media, dv_media = empty_bshd(B, H, V, D, like=q), empty_bshd(B, H, V, D, like=q)
     dk_latents, dv_latents = empty_bshd(B, H, L, D, like=q), empty_bshd(B, H, L, D, like=q)
     dq = empty_bshd(B, H, L, D, like=q)
-    if q.numel() == 0:
-        dk_media.zero_(), dv_media.zero_()
+    if q.numel() == 0:  # no queries: the media keys get zero gradient
+        dk_media.zero_()
+        dv_media.zero_()
         return dq, dk_media, dv_media, dk_latents, dv_latents
 
-    BLOCK_M = _block_m(L, block_m)
+    BLOCK_M = _block_m(q, block_m)
     single_m = L <= BLOCK_M
     n_keys = V + L
     splits = _num_splits(B * H, n_keys, q.device) if num_splits is None else num_splits
@@ -453,7 +480,7 @@ def perceiver_bwd(dout: torch.Tensor, q: torch.Tensor, k_media: torch.Tensor, v_
         dk_media, dv_media, dk_latents, dv_latents,
         *_bhs(q), *_bhs(k_media), *_bhs(v_media), *_bhs(k_latents), *_bhs(v_latents), *_bhs(out), *_bhs(dout),
         *dq_strides, *_bhs(dk_media), *_bhs(dv_media), *_bhs(dk_latents), *_bhs(dv_latents),
-        H, L, V, D, keys_per_split, scale * LOG2E, scale,
+        H, L, V, D, keys_per_split, scale * LOG2E.value, scale,
         BLOCK_M=BLOCK_M, SINGLE_M=single_m, **_common_meta(q))
     if dq_buf is not dq:
         dq.copy_(dq_buf.sum(0))

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fastflamingo.ops import perceiver_attention, perceiver_attention_reference
-from fastflamingo.ops import perceiver_op
+from fastflamingo.ops import dispatch, perceiver_op
 from fastflamingo.testing import assert_close_by_rule
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,12 +65,15 @@ def kernel_fwd_bwd(inputs, scale, seed=1, **bwd_kwargs):
 
 
 # Covering subset of V x L x D x dtype (the full product is slow in the interpreter): every V
-# with one (L, D, dtype); every (L, D, dtype) with V = 257 and 577 (tails of 1 and 1 past 64s).
-_ALL_V = [(16, V, 64, torch.float16) for V in (1, 63, 256, 257, 577)]
+# with (L, D, dtype) = (16, 64, fp16) (V = 257, 577 in the second list); every (L, D, dtype)
+# with V = 257 and 577 (one key past a multiple of 64, the tails real images have).
+_ALL_V = [(16, V, 64, torch.float16) for V in (1, 63, 256)]
 _ALL_LD = [(L, V, D, dt) for V in (257, 577) for L in (16, 64) for D in (64, 96)
            for dt in (torch.float32, torch.float16)]
-# odd sizes: latents below a tile, head dims far from a power of two, no media at all
-_ODD = [(5, 63, 8, torch.float32), (8, 1, 40, torch.float16), (64, 0, 64, torch.float32)]
+# odd sizes: latents below a tile, head dims far from a power of two, no media at all, and an
+# fp32 head over 128 (its query tile is capped below L: the backward's multi-tile path)
+_ODD = [(5, 63, 8, torch.float32), (8, 1, 40, torch.float16), (64, 0, 64, torch.float32),
+        (64, 63, 160, torch.float32)]
 _BF16 = [(16, 257, 64, torch.bfloat16), (64, 63, 96, torch.bfloat16)]
 
 
@@ -91,8 +94,8 @@ def test_kernel_matches_reference(L, V, D, dtype):
 @needs_triton
 @pytest.mark.parametrize("L,V,block_m,num_splits", [
     (40, 63, 16, 1),      # queries over several tiles: dq read-added-written per key block
-    (16, 257, None, 3),   # one head's keys shared by 3 programs; a split boundary inside the latents
-    (40, 257, 16, 4),     # both at once
+    (16, 257, None, 3),   # one head's keys shared by 3 programs; the last spans media and latents
+    (40, 63, 16, 2),      # both at once; the second split starts inside the latents
     (64, 1, None, 2),     # the second split holds latents only
 ])
 def test_kernel_multi_tile_and_split_paths(L, V, block_m, num_splits):
@@ -181,28 +184,41 @@ def test_torch_backend_matches_reference():
     check_by_rule(out, torch.autograd.grad(out, inputs, dout), inputs, dout)
 
 
-def test_dispatch(monkeypatch):
-    inputs = make_inputs(1, 2, 8, 17, 16, torch.float32, device="cpu")
-
+def _forbid_triton(monkeypatch):
     def no_triton(*args):
         raise AssertionError("the Triton op was called")
     monkeypatch.setattr(perceiver_op, "_perceiver_fwd_op", no_triton)
+
+
+def test_dispatch_torch_paths(monkeypatch):
+    inputs = make_inputs(1, 2, 8, 17, 16, torch.float32, device="cpu")
+    _forbid_triton(monkeypatch)
     ref = perceiver_attention_reference(*inputs)
     # auto on CPU tensors is the PyTorch path, whatever TRITON_INTERPRET says
     torch.testing.assert_close(perceiver_attention(*inputs), ref)
     torch.testing.assert_close(perceiver_attention(*inputs, backend="torch"), ref)
+    with pytest.raises(ValueError, match="backend='bogus'"):
+        perceiver_op.perceiver_attention_op(*inputs, backend="bogus")
+    monkeypatch.setattr(dispatch, "HAS_TRITON", False)
+    with pytest.raises(RuntimeError, match="backend='triton' needs the triton package"):
+        perceiver_attention(*inputs, backend="triton")
+
+
+@needs_triton
+def test_dispatch_triton_errors(monkeypatch):
+    from fastflamingo.kernels import perceiver as kernels
+    inputs = make_inputs(1, 2, 8, 17, 16, torch.float32, device="cpu")
+    _forbid_triton(monkeypatch)
+    monkeypatch.setattr(kernels, "INTERPRET", True)
     with pytest.raises(AssertionError, match="the Triton op was called"):
         perceiver_attention(*inputs, backend="triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors, got tensors on cpu"):
-        perceiver_attention(*inputs, backend="triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     with pytest.raises(TypeError, match="float64"):
         perceiver_attention(*(x.double() for x in inputs), backend="triton")
     with pytest.raises(ValueError, match="head_dim <= 256, got 272"):
         perceiver_attention(*make_inputs(1, 1, 4, 4, 272, torch.float32, device="cpu"), backend="triton")
-    with pytest.raises(ValueError, match="backend='bogus'"):
-        perceiver_op.perceiver_attention_op(*inputs, backend="bogus")
+    monkeypatch.setattr(kernels, "INTERPRET", False)
+    with pytest.raises(ValueError, match="backend='triton' got tensors on cpu"):
+        perceiver_attention(*inputs, backend="triton")
 
 
 def _compiled_loss(backend):

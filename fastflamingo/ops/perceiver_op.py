@@ -13,62 +13,30 @@ Triton is imported only when the Triton path is taken: ``import fastflamingo`` w
 """
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import torch
 
 from .cpu import perceiver_attention_torch
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRITON_MAX_HEAD_DIM = 256  # kernels.perceiver.MAX_HEAD_DIM, repeated so the check needs no triton
+from .dispatch import use_triton
 
 
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def _kernels():
+    from fastflamingo.kernels import perceiver
+    return perceiver
 
 
-def _triton_on_cpu() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _use_triton(q: torch.Tensor, backend: str) -> bool:
-    """Whether ``backend`` on these inputs means the Triton kernels; a clear error when "triton"
-    is forced on inputs it cannot take."""
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return (q.is_cuda and q.dtype in _TRITON_DTYPES and q.shape[-1] <= _TRITON_MAX_HEAD_DIM
-                and _triton_installed())
-    if backend != "triton":
-        raise ValueError(f"perceiver_attention_op: backend={backend!r} is not 'auto', 'triton' or 'torch'")
-    if not _triton_installed():
-        raise ImportError("backend='triton' needs the triton package: pip install triton (or use backend='torch')")
-    if not q.is_cuda and not _triton_on_cpu():
-        raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {q.device}; on the CPU use "
-                         "backend='torch', or set TRITON_INTERPRET=1 before importing fastflamingo to run the "
-                         "kernels in Triton's interpreter (slow, for tests)")
-    if q.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"backend='triton' supports {_TRITON_DTYPES}, got {q.dtype}; use backend='torch'")
-    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
-        raise ValueError(f"backend='triton' supports head_dim <= {_TRITON_MAX_HEAD_DIM}, got {q.shape[-1]}; "
-                         "use backend='torch'")
-    return True
-
-
-def _bshd_like(t: torch.Tensor, S: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Same as kernels.perceiver.empty_bshd (the kernels' output layout), for the fake functions,
-    which must not need triton."""
+def _bshd_like(t: torch.Tensor, S: int) -> torch.Tensor:
+    """A (B, H, S, D) tensor like t (B, H, *, D) in (B, S, H, D) memory layout: the kernels'
+    output layout (kernels.perceiver.empty_bshd), for the fake functions, which need no triton."""
     B, H, _, D = t.shape
-    return t.new_empty(B, S, H, D, dtype=dtype).transpose(1, 2)
+    return t.new_empty(B, S, H, D).transpose(1, 2)
 
 
 @torch.library.custom_op("fastflamingo::perceiver_attention_fwd", mutates_args=())
 def _perceiver_fwd_op(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor,
                       k_latents: torch.Tensor, v_latents: torch.Tensor, scale: float
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    from fastflamingo.kernels.perceiver import perceiver_fwd
-    return perceiver_fwd(q, k_media, v_media, k_latents, v_latents, scale)
+    """(B, H, L, D), (B, H, V, D) x2, (B, H, L, D) x2 -> out (B, H, L, D), lse (B, H, L) fp32."""
+    return _kernels().perceiver_fwd(q, k_media, v_media, k_latents, v_latents, scale)
 
 
 @_perceiver_fwd_op.register_fake
@@ -81,8 +49,8 @@ def _(q, k_media, v_media, k_latents, v_latents, scale):
 def _perceiver_bwd_op(dout: torch.Tensor, q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor,
                       k_latents: torch.Tensor, v_latents: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from fastflamingo.kernels.perceiver import perceiver_bwd
-    return perceiver_bwd(dout, q, k_media, v_media, k_latents, v_latents, out, lse, scale)
+    """Gradients of the five inputs of :func:`_perceiver_fwd_op` given dout (B, H, L, D)."""
+    return _kernels().perceiver_bwd(dout, q, k_media, v_media, k_latents, v_latents, out, lse, scale)
 
 
 @_perceiver_bwd_op.register_fake
@@ -127,7 +95,7 @@ def perceiver_attention_op(q: torch.Tensor, k_media: torch.Tensor, v_media: torc
         ``out.transpose(1, 2).reshape(B, L, H * D)`` is a free view.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if _use_triton(q, backend):
+    if use_triton("perceiver_attention", q, backend, lambda: _kernels().INTERPRET):
         out, _ = _perceiver_fwd_op(q, k_media, v_media, k_latents, v_latents, scale)
         return out
     return perceiver_attention_torch(q, k_media, v_media, k_latents, v_latents, scale=scale)

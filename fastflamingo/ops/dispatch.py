@@ -1,0 +1,48 @@
+"""Backend choice shared by the attention ops: their Triton kernels or their PyTorch path.
+
+Plain Python that torch.compile traces; it imports no triton (``import fastflamingo`` works
+without it) until a forced "triton" backend on CPU tensors asks whether the kernels were defined
+for Triton's interpreter.
+"""
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable
+
+import torch
+
+# looked up once (not per call, and not inside a torch.compile trace)
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+# what the kernels take (kernels.*.DTYPES and MAX_HEAD_DIM), repeated so that the checks need no triton
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_MAX_HEAD_DIM = 256
+
+
+def use_triton(op: str, q: torch.Tensor, backend: str, interpreted: Callable[[], bool]) -> bool:
+    """Whether ``backend`` means the Triton kernels of ``op`` for queries ``q`` (B, H, T, D).
+
+    "auto": Triton for CUDA tensors of a dtype and head size the kernels take, else PyTorch.
+    "triton": forced, with a clear error (naming ``op``) where the kernels cannot take the inputs.
+    ``interpreted()`` says whether the op's kernels were defined for Triton's interpreter, the
+    only way they take CPU tensors.
+    """
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return q.is_cuda and q.dtype in TRITON_DTYPES and q.shape[-1] <= TRITON_MAX_HEAD_DIM and HAS_TRITON
+    if backend != "triton":
+        raise ValueError(f"{op}: backend={backend!r} is not 'auto', 'triton' or 'torch'")
+    if not HAS_TRITON:
+        raise RuntimeError(f"{op}: backend='triton' needs the triton package "
+                           "(pip install triton, or fastflamingo[gpu]); use backend='torch' without it")
+    if not q.is_cuda and (q.device.type != "cpu" or not interpreted()):
+        raise ValueError(f"{op}: backend='triton' got tensors on {q.device}; Triton runs on CUDA tensors, "
+                         "or on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 before importing "
+                         "fastflamingo (the kernels read it when they are defined). "
+                         "Use backend='torch' or 'auto' for CPU tensors")
+    if q.dtype not in TRITON_DTYPES:
+        raise TypeError(f"{op}: backend='triton' takes {TRITON_DTYPES}, got {q.dtype}; use backend='torch'")
+    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"{op}: backend='triton' takes head_dim <= {TRITON_MAX_HEAD_DIM}, "
+                         f"got {q.shape[-1]}; use backend='torch'")
+    return True
