@@ -30,21 +30,15 @@ the dots run in the input dtype on the tensor cores, fp32 inputs with exact ("ie
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# Decided when the kernels are defined: triton.jit reads the variable at decoration time.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# log2(e): the kernels work in base 2 (exp2 is the native instruction)
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-
-# what the kernels take; larger heads would not fit a tile in registers
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
+# INTERPRET: the kernels are defined for Triton's interpreter; LOG2E: they work in base 2;
+# DTYPES, MAX_HEAD_DIM: what they take (larger heads would not fit a tile in registers)
+# (load_tile / store_tile get HEAD_DIM with EVEN_D=False: the head-dim mask always applies)
+from .common import (DTYPES, INTERPRET, LOG2E, MAX_HEAD_DIM, bhs_strides, check_dtype_and_head_dim,
+                     check_row_offsets, dtype_options, load_tile, num_sms, padded_head_dim, slab, store_tile)
 
 __all__ = ["image_causal_fwd", "image_causal_bwd", "image_query_start", "INTERPRET", "DTYPES", "MAX_HEAD_DIM"]
 
@@ -75,29 +69,6 @@ def _visible(tt, img, IMMEDIATE: tl.constexpr):
 
 
 @triton.jit
-def _load_tile(base, rows, stride_row, rows_ok, offs_d, HEAD_DIM: tl.constexpr, UPCAST: tl.constexpr):
-    """Load a (rows, BLOCK_D) tile with zero padding; fp32 under the interpreter's bf16 trap."""
-    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
-    x = tl.load(ptrs, mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _store_tile(base, rows, stride_row, rows_ok, offs_d, x, HEAD_DIM: tl.constexpr):
-    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
-    tl.store(ptrs, x.to(base.dtype.element_ty), mask=rows_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
-
-
-@triton.jit
-def _slab(ptr, b, h, stride_b, stride_h):
-    """The (b, h) slab of a (B, H, S, D) tensor. int64 offsets: B·H·S·D can exceed 2**31;
-    offsets inside one slab stay int32 (the wrapper checks that they fit)."""
-    return ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
-
-
-@triton.jit
 def _query_tile(q_base, tt_row, m0, T, stride_qt, L, NKEYS, IMMEDIATE: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     """Tokens [m0, m0 + BLOCK_M): their offsets, validity, text_time, queries, and the range
@@ -107,7 +78,7 @@ def _query_tile(q_base, tt_row, m0, T, stride_qt, L, NKEYS, IMMEDIATE: tl.conste
     m_ok = offs_m < T
     tt = tl.load(tt_row + offs_m, mask=m_ok, other=0)
     k_lo, k_hi = _visible_key_range(tt, L, NKEYS, IMMEDIATE)
-    q = _load_tile(q_base, offs_m, stride_qt, m_ok, offs_d, HEAD_DIM, UPCAST)
+    q = load_tile(q_base, offs_m, stride_qt, m_ok, offs_d, HEAD_DIM, False, UPCAST)
     return offs_m, offs_d, m_ok, tt, q, k_lo, k_hi
 
 
@@ -119,8 +90,8 @@ def _key_block(q, tt, k_base, v_base, start_n, k_hi, stride_kn, stride_vn, offs_
     against them in log2 units (exp2 is the native instruction), and which pairs may attend."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < k_hi
-    k = _load_tile(k_base, offs_n, stride_kn, n_ok, offs_d, HEAD_DIM, UPCAST)
-    v = _load_tile(v_base, offs_n, stride_vn, n_ok, offs_d, HEAD_DIM, UPCAST)
+    k = load_tile(k_base, offs_n, stride_kn, n_ok, offs_d, HEAD_DIM, False, UPCAST)
+    v = load_tile(v_base, offs_n, stride_vn, n_ok, offs_d, HEAD_DIM, False, UPCAST)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
     visible = _visible(tt[:, None], (offs_n // L + 1)[None, :], IMMEDIATE) & n_ok[None, :]
     return k, v, s, visible
@@ -145,10 +116,10 @@ def _fwd_kernel(Q, K, V, TT, Out, Lse,
     bh = pid // n_tiles
     b = bh // H
     h = bh % H
-    k_base = _slab(K, b, h, stride_kb, stride_kh)
-    v_base = _slab(V, b, h, stride_vb, stride_vh)
+    k_base = slab(K, b, h, stride_kb, stride_kh)
+    v_base = slab(V, b, h, stride_vb, stride_vh)
     offs_m, offs_d, m_ok, tt, q, k_lo, k_hi = _query_tile(
-        _slab(Q, b, h, stride_qb, stride_qh), TT + b * T, (pid % n_tiles) * BLOCK_M, T, stride_qt, L, NKEYS,
+        slab(Q, b, h, stride_qb, stride_qh), TT + b * T, (pid % n_tiles) * BLOCK_M, T, stride_qt, L, NKEYS,
         IMMEDIATE, HEAD_DIM, BLOCK_M, BLOCK_D, UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -170,7 +141,7 @@ def _fwd_kernel(Q, K, V, TT, Out, Lse,
     # tokens without a visible key (text_time 0) have acc = 0, l = 0: output exactly 0, lse -inf
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    _store_tile(_slab(Out, b, h, stride_ob, stride_oh), offs_m, stride_ot, m_ok, offs_d, out, HEAD_DIM)
+    store_tile(slab(Out, b, h, stride_ob, stride_oh), out, offs_m, stride_ot, m_ok, offs_d, HEAD_DIM, False)
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) / LOG2E,
                    float("-inf"))
     tl.store(Lse + bh.to(tl.int64) * T + offs_m, lse, mask=m_ok)
@@ -193,8 +164,8 @@ def _bwd_delta_kernel(Out, DOut, Delta,
     offs_m = (pid % n_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T
-    o = _load_tile(_slab(Out, b, h, stride_ob, stride_oh), offs_m, stride_ot, m_ok, offs_d, HEAD_DIM, True)
-    do = _load_tile(_slab(DOut, b, h, stride_dob, stride_doh), offs_m, stride_dot, m_ok, offs_d, HEAD_DIM, True)
+    o = load_tile(slab(Out, b, h, stride_ob, stride_oh), offs_m, stride_ot, m_ok, offs_d, HEAD_DIM, False, True)
+    do = load_tile(slab(DOut, b, h, stride_dob, stride_doh), offs_m, stride_dot, m_ok, offs_d, HEAD_DIM, False, True)
     tl.store(Delta + bh.to(tl.int64) * T + offs_m, tl.sum(o * do, axis=1), mask=m_ok)
 
 
@@ -214,8 +185,8 @@ def _bwd_dkdv(q_base, k_base, v_base, do_base, dk_base, dv_base, tt_row, lse_row
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = offs_n < NKEYS
     img = offs_n // L + 1
-    k = _load_tile(k_base, offs_n, stride_kn, n_ok, offs_d, HEAD_DIM, UPCAST)
-    v = _load_tile(v_base, offs_n, stride_vn, n_ok, offs_d, HEAD_DIM, UPCAST)
+    k = load_tile(k_base, offs_n, stride_kn, n_ok, offs_d, HEAD_DIM, False, UPCAST)
+    v = load_tile(v_base, offs_n, stride_vn, n_ok, offs_d, HEAD_DIM, False, UPCAST)
     # tokens seeing images m_lo..m_hi of this block: from the first token whose image is
     # >= m_lo, to the first whose image is > m_hi (immediate) or to the end (all-previous)
     m_lo = k0 // L + 1
@@ -231,8 +202,8 @@ def _bwd_dkdv(q_base, k_base, v_base, do_base, dk_base, dv_base, tt_row, lse_row
     for start_m in range(q_lo, q_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         m_ok = offs_m < q_hi
-        q = _load_tile(q_base, offs_m, stride_qt, m_ok, offs_d, HEAD_DIM, UPCAST)
-        do = _load_tile(do_base, offs_m, stride_dot, m_ok, offs_d, HEAD_DIM, UPCAST)
+        q = load_tile(q_base, offs_m, stride_qt, m_ok, offs_d, HEAD_DIM, False, UPCAST)
+        do = load_tile(do_base, offs_m, stride_dot, m_ok, offs_d, HEAD_DIM, False, UPCAST)
         tt = tl.load(tt_row + offs_m, mask=m_ok, other=0)
         lse = tl.load(lse_row + offs_m, mask=m_ok, other=0.0) * LOG2E
         delta = tl.load(delta_row + offs_m, mask=m_ok, other=0.0)
@@ -246,8 +217,8 @@ def _bwd_dkdv(q_base, k_base, v_base, do_base, dk_base, dv_base, tt_row, lse_row
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
 
-    _store_tile(dk_base, offs_n, stride_dkn, n_ok, offs_d, dk * sm_scale, HEAD_DIM)
-    _store_tile(dv_base, offs_n, stride_dvn, n_ok, offs_d, dv, HEAD_DIM)
+    store_tile(dk_base, dk * sm_scale, offs_n, stride_dkn, n_ok, offs_d, HEAD_DIM, False)
+    store_tile(dv_base, dv, offs_n, stride_dvn, n_ok, offs_d, HEAD_DIM, False)
 
 
 @triton.jit
@@ -260,7 +231,7 @@ def _bwd_dq(q_base, k_base, v_base, do_base, dq_base, tt_row, lse_row, delta_row
     """dQ of tokens [m0, m0 + BLOCK_M), over the same key range as the forward."""
     offs_m, offs_d, m_ok, tt, q, k_lo, k_hi = _query_tile(q_base, tt_row, m0, T, stride_qt, L, NKEYS, IMMEDIATE,
                                                           HEAD_DIM, BLOCK_M, BLOCK_D, UPCAST)
-    do = _load_tile(do_base, offs_m, stride_dot, m_ok, offs_d, HEAD_DIM, UPCAST)
+    do = load_tile(do_base, offs_m, stride_dot, m_ok, offs_d, HEAD_DIM, False, UPCAST)
     lse = tl.load(lse_row + offs_m, mask=m_ok, other=0.0) * LOG2E
     delta = tl.load(delta_row + offs_m, mask=m_ok, other=0.0)
 
@@ -272,7 +243,7 @@ def _bwd_dq(q_base, k_base, v_base, do_base, dq_base, tt_row, lse_row, delta_row
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    _store_tile(dq_base, offs_m, stride_dqt, m_ok, offs_d, dq * sm_scale, HEAD_DIM)
+    store_tile(dq_base, dq * sm_scale, offs_m, stride_dqt, m_ok, offs_d, HEAD_DIM, False)
 
 
 @triton.jit
@@ -296,22 +267,22 @@ def _bwd_kernel(Q, K, V, DO, TT, Lse, Delta, QStart, DQ, DK, DV,
     role = pid % n_per_bh
     b = bh // H
     h = bh % H
-    q_base = _slab(Q, b, h, stride_qb, stride_qh)
-    k_base = _slab(K, b, h, stride_kb, stride_kh)
-    v_base = _slab(V, b, h, stride_vb, stride_vh)
-    do_base = _slab(DO, b, h, stride_dob, stride_doh)
+    q_base = slab(Q, b, h, stride_qb, stride_qh)
+    k_base = slab(K, b, h, stride_kb, stride_kh)
+    v_base = slab(V, b, h, stride_vb, stride_vh)
+    do_base = slab(DO, b, h, stride_dob, stride_doh)
     tt_row = TT + b * T
     lse_row = Lse + bh.to(tl.int64) * T
     delta_row = Delta + bh.to(tl.int64) * T
     if role < n_kv:
         _bwd_dkdv(q_base, k_base, v_base, do_base,
-                  _slab(DK, b, h, stride_dkb, stride_dkh), _slab(DV, b, h, stride_dvb, stride_dvh),
+                  slab(DK, b, h, stride_dkb, stride_dkh), slab(DV, b, h, stride_dvb, stride_dvh),
                   tt_row, lse_row, delta_row, QStart + b * (NKEYS // L + 1), role * BLOCK_N,
                   stride_qt, stride_kn, stride_vn, stride_dot, stride_dkn, stride_dvn,
                   T, NKEYS, L, qk_scale_log2, sm_scale,
                   IMMEDIATE, HEAD_DIM, BLOCK_M, BLOCK_N, BLOCK_D, UPCAST, DOT_PRECISION)
     else:
-        _bwd_dq(q_base, k_base, v_base, do_base, _slab(DQ, b, h, stride_dqb, stride_dqh),
+        _bwd_dq(q_base, k_base, v_base, do_base, slab(DQ, b, h, stride_dqb, stride_dqh),
                 tt_row, lse_row, delta_row, (role - n_kv) * BLOCK_M,
                 stride_qt, stride_kn, stride_vn, stride_dot, stride_dqt,
                 T, NKEYS, L, qk_scale_log2, sm_scale,
@@ -319,11 +290,6 @@ def _bwd_kernel(Q, K, V, DO, TT, Lse, Delta, QStart, DQ, DK, DV,
 
 
 # ----------------------------------------------------------------------------- host side
-
-def _num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (torch caches the properties: no sync)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
-
 
 def _block_sizes(q: torch.Tensor, latents_per_media: int, only_immediate: bool,
                  *, max_block_m: int) -> tuple[int, int, int, int]:
@@ -338,47 +304,33 @@ def _block_sizes(q: torch.Tensor, latents_per_media: int, only_immediate: bool,
     each. Unmeasured starting points: tune them on the GPU with the benchmarks.
     """
     B, H, T, D = q.shape
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = padded_head_dim(D)
     block_n = min(64, max(16, triton.next_power_of_2(latents_per_media))) if only_immediate else 64
     block_m = max_block_m
     if block_d > 128:
         block_n, block_m = min(block_n, 32), block_m // 2
     elif q.dtype == torch.float32:
         block_m //= 2
-    if block_m > 64 and triton.cdiv(T, block_m) * B * H < 2 * _num_sms(q.device):
+    if block_m > 64 and triton.cdiv(T, block_m) * B * H < 2 * num_sms(q.device):
         block_m //= 2
     block_m = min(block_m, max(16, triton.next_power_of_2(T)))
     num_warps = 8 if block_d > 64 else 4
     return block_m, block_n, block_d, num_warps
 
 
-def _launch_options(dtype: torch.dtype) -> dict:
-    """Constexprs that depend on the dtype and on whether the interpreter runs the kernel."""
-    return dict(UPCAST=INTERPRET and dtype == torch.bfloat16,
-                # fp32 inputs get exact dots (tl.dot would round them to tf32 on a GPU);
-                # fp16 / bf16 take the default (tensor cores)
-                DOT_PRECISION="ieee" if dtype == torch.float32 else None)
-
-
 def _as_kernel_operand(name: str, x: torch.Tensor) -> torch.Tensor:
-    """x with a unit-stride last dim (a copy only if it had none), checked for int32 row offsets."""
+    """x with a unit-stride last dim (a copy only if it had none: the custom op's fake functions
+    repeat this rule for the outputs' layout), checked for int32 row offsets."""
     if x.stride(-1) != 1:
         x = x.contiguous()
-    last_offset = (x.shape[2] - 1) * x.stride(2) + x.shape[3] if x.shape[2] else 0
-    if last_offset >= 2 ** 31:
-        raise ValueError(f"image_causal: {name} of shape {tuple(x.shape)} and strides {x.stride()} has "
-                         f"offsets of {last_offset} within one (batch, head), beyond int32: "
-                         "pass a contiguous tensor or split the sequence")
+    check_row_offsets("image_causal", name, x, "pass a contiguous tensor or split the sequence")
     return x
 
 
 def _prepare_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor):
     """Raise on what the kernels cannot take; q, k, v as kernel operands, text_time contiguous
     (it is tiny)."""
-    if q.dtype not in DTYPES:
-        raise TypeError(f"image_causal: the Triton kernels take {DTYPES}, got {q.dtype}")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"image_causal: the Triton kernels take head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}")
+    check_dtype_and_head_dim("image_causal", q)
     if text_time.dtype != torch.int32:
         raise TypeError(f"image_causal: text_time must be int32, got {text_time.dtype}")
     if tuple(text_time.shape) != (q.shape[0], q.shape[2]):
@@ -418,13 +370,10 @@ def image_causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tim
     grid = (triton.cdiv(T, block_m) * B * H,)
     _fwd_kernel[grid](
         q, k, v, text_time, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        *bhs_strides(q), *bhs_strides(k), *bhs_strides(v), *bhs_strides(out),
         H, T, nkeys, latents_per_media, scale * LOG2E.value,
         IMMEDIATE=only_immediate, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=2, **_launch_options(q.dtype))
+        num_warps=num_warps, num_stages=2, **dtype_options(q.dtype))
     return out, lse
 
 
@@ -469,22 +418,16 @@ def image_causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     _bwd_delta_kernel[(triton.cdiv(T, block_m) * B * H,)](
         out, dout, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
+        *bhs_strides(out), *bhs_strides(dout),
         H, T, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     qstart = image_query_start(text_time, nkeys // latents_per_media)
 
     grid = ((triton.cdiv(nkeys, block_n) + triton.cdiv(T, block_m)) * B * H,)
     _bwd_kernel[grid](
         q, k, v, dout, text_time, lse, delta, qstart, dq, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
+        *bhs_strides(q), *bhs_strides(k), *bhs_strides(v), *bhs_strides(dout),
+        *bhs_strides(dq), *bhs_strides(dk), *bhs_strides(dv),
         H, T, nkeys, latents_per_media, scale * LOG2E.value, scale,
         IMMEDIATE=only_immediate, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=2, **_launch_options(q.dtype))
+        num_warps=num_warps, num_stages=2, **dtype_options(q.dtype))
     return dq, dk, dv

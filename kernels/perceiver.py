@@ -25,22 +25,17 @@ means fp32.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-# the kernels work in base 2 (exp2 is the native instruction); lse is kept in natural log
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+# INTERPRET: the kernels are defined for Triton's interpreter; LOG2E: they work in base 2 (exp2
+# is the native instruction); DTYPES, MAX_HEAD_DIM: what they take
+from .common import (DTYPES, INTERPRET, LOG2E, MAX_HEAD_DIM, bhs_strides, check_dtype_and_head_dim,
+                     check_row_offsets, dtype_options, load_tile, num_sms, padded_head_dim, slab, store_tile)
+
+# lse is kept in natural log
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
-
-# Triton decides at decoration time whether kernels are interpreted: read the flag the same way.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# what the kernels take; larger heads would not fit a tile in registers
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
 NAMES = ("q", "k_media", "v_media", "k_latents", "v_latents")
 
 __all__ = ["perceiver_fwd", "perceiver_bwd", "empty_bshd", "INTERPRET", "DTYPES", "MAX_HEAD_DIM"]
@@ -69,46 +64,23 @@ _BWD_CONFIGS = _configs([(32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 4, 2), (64, 8,
 # ----------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_rows(base, rows, row_end, stride_row, offs_d, D, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
-    """A (len(rows), BLOCK_D) tile of a (rows, D) matrix whose last dim is contiguous; zeros
-    outside ``rows < row_end`` and ``d < D`` (padding keeps the dots exact)."""
-    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
-    if EVEN_D:
-        x = tl.load(ptrs, mask=(rows < row_end)[:, None], other=0.0)
-    else:
-        x = tl.load(ptrs, mask=(rows < row_end)[:, None] & (offs_d < D)[None, :], other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
-
-
-@triton.jit
-def _store_rows(base, x, rows, row_end, stride_row, offs_d, D, EVEN_D: tl.constexpr):
-    ptrs = base + rows[:, None] * stride_row + offs_d[None, :]
-    if EVEN_D:
-        tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows < row_end)[:, None])
-    else:
-        tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows < row_end)[:, None] & (offs_d < D)[None, :])
-
-
-@triton.jit
 def _fwd_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, n_keys, D, qk_scale,
                 BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
-                UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold the ``n_keys`` keys of one source into the running (acc, max, sum); log2 domain."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     for start in range(0, n_keys, BLOCK_N):
         rows = start + offs_n
-        k = _load_rows(k_base, rows, n_keys, stride_kn, offs_d, D, EVEN_D, UPCAST)
-        v = _load_rows(v_base, rows, n_keys, stride_vn, offs_d, D, EVEN_D, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        k = load_tile(k_base, rows, stride_kn, rows < n_keys, offs_d, D, EVEN_D, UPCAST)
+        v = load_tile(v_base, rows, stride_vn, rows < n_keys, offs_d, D, EVEN_D, UPCAST)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         s = tl.where((rows < n_keys)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -121,41 +93,41 @@ def _perceiver_fwd_kernel(
         s_klb, s_klh, s_kln, s_vlb, s_vlh, s_vln, s_ob, s_oh, s_ol,
         H, L, V, D, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (cdiv(L, BLOCK_M), B*H). ``qk_scale`` = scale * log2(e); LSE is (B*H, L) fp32, natural log."""
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b = bh // H
+    h = bh % H
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
-    q = _load_rows(Q + b * s_qb + h * s_qh, rows_m, L, s_ql, offs_d, D, EVEN_D, UPCAST)
+    q = load_tile(slab(Q, b, h, s_qb, s_qh), rows_m, s_ql, rows_m < L, offs_d, D, EVEN_D, UPCAST)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # media keys, then the latents' own keys: one softmax over [media ; latents]
-    acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, KM + b * s_kmb + h * s_kmh, VM + b * s_vmb + h * s_vmh,
-                                s_kmn, s_vmn, V, D, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, DOT_PREC)
-    acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, KL + b * s_klb + h * s_klh, VL + b * s_vlb + h * s_vlh,
-                                s_kln, s_vln, L, D, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, DOT_PREC)
+    acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, slab(KM, b, h, s_kmb, s_kmh), slab(VM, b, h, s_vmb, s_vmh),
+                                s_kmn, s_vmn, V, D, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, DOT_PRECISION)
+    acc, m_i, l_i = _fwd_source(acc, m_i, l_i, q, slab(KL, b, h, s_klb, s_klh), slab(VL, b, h, s_vlb, s_vlh),
+                                s_kln, s_vln, L, D, qk_scale, BLOCK_N, BLOCK_D, EVEN_D, UPCAST, DOT_PRECISION)
     # l_i >= 1 on every row (the row max contributes exp2(0)), also on padded query rows
-    _store_rows(O + b * s_ob + h * s_oh, acc / l_i[:, None], rows_m, L, s_ol, offs_d, D, EVEN_D)
+    store_tile(slab(O, b, h, s_ob, s_oh), acc / l_i[:, None], rows_m, s_ol, rows_m < L, offs_d, D, EVEN_D)
     tl.store(LSE + bh.to(tl.int64) * L + rows_m, (m_i + tl.log2(l_i)) * LN2, mask=rows_m < L)
 
 
 @triton.jit
-def _bwd_tile(q, do, lse2, delta, k, v, col_valid, qk_scale, DOT_PREC: tl.constexpr):
+def _bwd_tile(q, do, lse2, delta, k, v, col_valid, qk_scale, DOT_PRECISION: tl.constexpr):
     """Gradient contributions of one (query tile, key block) pair, before the softmax scale:
     returns (dS k, dS^T q, P^T dO) for dq, dk, dv."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
     # padded key columns load as zeros and would get exp2(-lse) > 0: mask them
     p = tl.where(col_valid[None, :], tl.exp2(s - lse2[:, None]), 0.0)
-    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PREC)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    dv = tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = (p * (dp - delta[:, None])).to(q.dtype)
-    dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PREC)
-    dq = tl.dot(ds, k, input_precision=DOT_PREC)
+    dk = tl.dot(tl.trans(ds), q, input_precision=DOT_PRECISION)
+    dq = tl.dot(ds, k, input_precision=DOT_PRECISION)
     return dq, dk, dv
 
 
@@ -164,9 +136,9 @@ def _load_query_tile(q_base, o_base, do_base, lse_base, rows_m, L, s_ql, s_ol, s
                      EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
     """q, dO, lse (log2 units) and delta = rowsum(dO * O) of one query tile. Padded query rows
     get lse = +inf, hence P = 0 and no contribution."""
-    q = _load_rows(q_base, rows_m, L, s_ql, offs_d, D, EVEN_D, UPCAST)
-    do = _load_rows(do_base, rows_m, L, s_dol, offs_d, D, EVEN_D, UPCAST)
-    o = _load_rows(o_base, rows_m, L, s_ol, offs_d, D, EVEN_D, UPCAST)
+    q = load_tile(q_base, rows_m, s_ql, rows_m < L, offs_d, D, EVEN_D, UPCAST)
+    do = load_tile(do_base, rows_m, s_dol, rows_m < L, offs_d, D, EVEN_D, UPCAST)
+    o = load_tile(o_base, rows_m, s_ol, rows_m < L, offs_d, D, EVEN_D, UPCAST)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     lse2 = tl.load(lse_base + rows_m, mask=rows_m < L, other=float("inf")) * LOG2E
     return q, do, lse2, delta
@@ -178,7 +150,7 @@ def _bwd_source(dq, q, do, lse2, delta,
                 q_base, o_base, do_base, lse_base, dq_base, s_ql, s_ol, s_dol, s_dql, key_offset, key_lo,
                 L, D, qk_scale, sm_scale,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_M: tl.constexpr,
-                EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+                EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """dK, dV of keys [lo, hi) of one source (stored), and their share of dQ.
 
     SINGLE_M (all L queries in one tile, the resampler's case): the query tile (q, do, lse2,
@@ -194,10 +166,10 @@ def _bwd_source(dq, q, do, lse2, delta,
     for start in range(lo, hi, BLOCK_N):
         rows_n = start + offs_n
         col_valid = rows_n < hi
-        k = _load_rows(k_base, rows_n, hi, s_kn, offs_d, D, EVEN_D, UPCAST)
-        v = _load_rows(v_base, rows_n, hi, s_vn, offs_d, D, EVEN_D, UPCAST)
+        k = load_tile(k_base, rows_n, s_kn, col_valid, offs_d, D, EVEN_D, UPCAST)
+        v = load_tile(v_base, rows_n, s_vn, col_valid, offs_d, D, EVEN_D, UPCAST)
         if SINGLE_M:
-            dq_c, dk, dv = _bwd_tile(q, do, lse2, delta, k, v, col_valid, qk_scale, DOT_PREC)
+            dq_c, dk, dv = _bwd_tile(q, do, lse2, delta, k, v, col_valid, qk_scale, DOT_PRECISION)
             dq += dq_c
         else:
             dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -207,15 +179,15 @@ def _bwd_source(dq, q, do, lse2, delta,
                 rows_m = m0 + tl.arange(0, BLOCK_M)
                 q_t, do_t, lse2_t, delta_t = _load_query_tile(q_base, o_base, do_base, lse_base, rows_m, L,
                                                               s_ql, s_ol, s_dol, offs_d, D, EVEN_D, UPCAST)
-                dq_c, dk_c, dv_c = _bwd_tile(q_t, do_t, lse2_t, delta_t, k, v, col_valid, qk_scale, DOT_PREC)
+                dq_c, dk_c, dv_c = _bwd_tile(q_t, do_t, lse2_t, delta_t, k, v, col_valid, qk_scale, DOT_PRECISION)
                 dk += dk_c
                 dv += dv_c
                 dq_ptrs = dq_base + rows_m[:, None] * s_dql + offs_d[None, :]
                 dq_mask = (rows_m < L)[:, None] & (offs_d < D)[None, :]
                 dq_old = tl.load(dq_ptrs, mask=dq_mask & (first == 0), other=0.0)
                 tl.store(dq_ptrs, dq_old + dq_c * sm_scale, mask=dq_mask)
-        _store_rows(dk_base, dk * sm_scale, rows_n, hi, s_dkn, offs_d, D, EVEN_D)
-        _store_rows(dv_base, dv, rows_n, hi, s_dvn, offs_d, D, EVEN_D)
+        store_tile(dk_base, dk * sm_scale, rows_n, s_dkn, col_valid, offs_d, D, EVEN_D)
+        store_tile(dv_base, dv, rows_n, s_dvn, col_valid, offs_d, D, EVEN_D)
     return dq
 
 
@@ -229,14 +201,14 @@ def _perceiver_bwd_kernel(
         s_dklb, s_dklh, s_dkln, s_dvlb, s_dvlh, s_dvln,
         H, L, V, D, KEYS_PER_SPLIT, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_M: tl.constexpr,
-        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
+        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Grid (splits, B*H): program (s, bh) owns keys [s*KEYS_PER_SPLIT, (s+1)*KEYS_PER_SPLIT) of
     the virtual concatenation [media ; latents] of head bh, writes their dK, dV, and writes its
     share of dQ to DQ[s] (summed over splits by the host when there is more than one)."""
     split = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    b = bh // H
+    h = bh % H
     key_lo = split * KEYS_PER_SPLIT
     key_hi = tl.minimum(key_lo + KEYS_PER_SPLIT, V + L)
     media_lo = tl.minimum(key_lo, V)
@@ -244,11 +216,11 @@ def _perceiver_bwd_kernel(
     lat_lo = tl.maximum(key_lo - V, 0)
     lat_hi = tl.maximum(key_hi - V, 0)
 
-    q_base = Q + b * s_qb + h * s_qh
-    o_base = O + b * s_ob + h * s_oh
-    do_base = DO + b * s_dob + h * s_doh
+    q_base = slab(Q, b, h, s_qb, s_qh)
+    o_base = slab(O, b, h, s_ob, s_oh)
+    do_base = slab(DO, b, h, s_dob, s_doh)
     lse_base = LSE + bh.to(tl.int64) * L
-    dq_base = DQ + split.to(tl.int64) * s_dqs + b * s_dqb + h * s_dqh
+    dq_base = slab(DQ + split.to(tl.int64) * s_dqs, b, h, s_dqb, s_dqh)
     offs_d = tl.arange(0, BLOCK_D)
 
     rows_m = tl.arange(0, BLOCK_M)
@@ -262,19 +234,19 @@ def _perceiver_bwd_kernel(
         delta = lse2
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dq = _bwd_source(dq, q, do, lse2, delta,
-                     KM + b * s_kmb + h * s_kmh, VM + b * s_vmb + h * s_vmh,
-                     DKM + b * s_dkmb + h * s_dkmh, DVM + b * s_dvmb + h * s_dvmh,
+                     slab(KM, b, h, s_kmb, s_kmh), slab(VM, b, h, s_vmb, s_vmh),
+                     slab(DKM, b, h, s_dkmb, s_dkmh), slab(DVM, b, h, s_dvmb, s_dvmh),
                      s_kmn, s_vmn, s_dkmn, s_dvmn, media_lo, media_hi,
                      q_base, o_base, do_base, lse_base, dq_base, s_ql, s_ol, s_dol, s_dql, 0, key_lo,
-                     L, D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_M, EVEN_D, UPCAST, DOT_PREC)
+                     L, D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_M, EVEN_D, UPCAST, DOT_PRECISION)
     dq = _bwd_source(dq, q, do, lse2, delta,
-                     KL + b * s_klb + h * s_klh, VL + b * s_vlb + h * s_vlh,
-                     DKL + b * s_dklb + h * s_dklh, DVL + b * s_dvlb + h * s_dvlh,
+                     slab(KL, b, h, s_klb, s_klh), slab(VL, b, h, s_vlb, s_vlh),
+                     slab(DKL, b, h, s_dklb, s_dklh), slab(DVL, b, h, s_dvlb, s_dvlh),
                      s_kln, s_vln, s_dkln, s_dvln, lat_lo, lat_hi,
                      q_base, o_base, do_base, lse_base, dq_base, s_ql, s_ol, s_dol, s_dql, V, key_lo,
-                     L, D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_M, EVEN_D, UPCAST, DOT_PREC)
+                     L, D, qk_scale, sm_scale, BLOCK_M, BLOCK_N, BLOCK_D, SINGLE_M, EVEN_D, UPCAST, DOT_PRECISION)
     if SINGLE_M:
-        _store_rows(dq_base, dq * sm_scale, rows_m, L, s_dql, offs_d, D, EVEN_D)
+        store_tile(dq_base, dq * sm_scale, rows_m, s_dql, rows_m < L, offs_d, D, EVEN_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,10 +267,7 @@ def _as_operand(name: str, t: torch.Tensor) -> torch.Tensor:
     (b, h) slab (the slabs' own offsets are int64)."""
     if t.stride(-1) != 1 and t.shape[-1] != 1:
         t = t.contiguous()
-    span = (t.shape[2] - 1) * t.stride(2) + t.shape[3] if t.dim() == 4 and t.shape[2] else 0
-    if span >= 2 ** 31:
-        raise ValueError(f"perceiver kernel: {name} of shape {tuple(t.shape)} and strides {t.stride()} has "
-                         f"offsets of {span} within one (batch, head), beyond int32: pass a contiguous tensor")
+    check_row_offsets("perceiver kernel", name, t, "pass a contiguous tensor")
     return t
 
 
@@ -314,10 +283,7 @@ def _check(name: str, t: torch.Tensor, q: torch.Tensor, seq: int | None) -> None
 def _check_inputs(q, k_media, v_media, k_latents, v_latents) -> None:
     if q.dim() != 4:
         raise ValueError(f"perceiver kernel: q must be (B, H, L, D), got shape {tuple(q.shape)}")
-    if q.dtype not in DTYPES:
-        raise TypeError(f"perceiver kernel: dtype {q.dtype} is not supported; use one of {DTYPES}")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"perceiver kernel: head_dim {q.shape[-1]} > {MAX_HEAD_DIM} is not supported")
+    check_dtype_and_head_dim("perceiver kernel", q)
     if not q.is_cuda and not INTERPRET:
         raise ValueError(f"perceiver kernel: tensors are on {q.device}; the Triton kernels need CUDA "
                          "tensors, or TRITON_INTERPRET=1 set before fastflamingo.kernels is imported")
@@ -327,33 +293,20 @@ def _check_inputs(q, k_media, v_media, k_latents, v_latents) -> None:
     _check("v_latents", v_latents, q, q.shape[2])
 
 
-def _bhs(t: torch.Tensor) -> tuple[int, int, int]:
-    """Strides of the batch, head and sequence dims of a (B, H, S, D) tensor."""
-    return t.stride(0), t.stride(1), t.stride(2)
-
-
-def _block_d(q: torch.Tensor) -> int:
-    # the head size padded to a power of two, at least tl.dot's minimum of 16
-    return max(16, triton.next_power_of_2(q.shape[-1]))
-
-
 def _block_m(q: torch.Tensor, block_m: int | None) -> int:
     """Query tile: all L latents in one tile up to 128 (the resampler has 64; the backward then
     keeps dq in registers), unless a (BLOCK_M, BLOCK_D) tile would pass 32 KiB (fp32 with heads
     over 128), which would not leave shared memory for the backward's other tiles."""
     if block_m is not None:
         return block_m
-    cap = max(16, 32768 // (_block_d(q) * q.element_size()))
+    cap = max(16, 32768 // (padded_head_dim(q.shape[-1]) * q.element_size()))
     return min(128, cap, max(16, triton.next_power_of_2(q.shape[2])))
 
 
 def _common_meta(q: torch.Tensor) -> dict:
     """Constexprs that depend on the head size, the dtype and whether the interpreter runs."""
-    block_d = _block_d(q)
-    return dict(BLOCK_D=block_d, EVEN_D=block_d == q.shape[-1],
-                UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-                # fp32 inputs get exact dots (tl.dot would round them to tf32 on a GPU)
-                DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    block_d = padded_head_dim(q.shape[-1])
+    return dict(BLOCK_D=block_d, EVEN_D=block_d == q.shape[-1], **dtype_options(q.dtype))
 
 
 def perceiver_fwd(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor,
@@ -389,7 +342,8 @@ def perceiver_fwd(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor,
     grid = (triton.cdiv(L, BLOCK_M), B * H)
     _perceiver_fwd_kernel[grid](
         q, k_media, v_media, k_latents, v_latents, out, lse,
-        *_bhs(q), *_bhs(k_media), *_bhs(v_media), *_bhs(k_latents), *_bhs(v_latents), *_bhs(out),
+        *bhs_strides(q), *bhs_strides(k_media), *bhs_strides(v_media), *bhs_strides(k_latents),
+        *bhs_strides(v_latents), *bhs_strides(out),
         H, L, V, D, scale * LOG2E.value, BLOCK_M=BLOCK_M, **_common_meta(q))
     return out, lse
 
@@ -406,8 +360,7 @@ def _num_splits(BH: int, n_keys: int, device: torch.device) -> int:
     """
     if device.type != "cuda":
         return 1
-    # torch caches the device properties: no sync, no query per call
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    target = 2 * num_sms(device)
     if BH >= target:
         return 1
     return max(1, min(triton.cdiv(target, BH), triton.cdiv(n_keys, _SPLIT_GRANULE)))
@@ -468,7 +421,7 @@ def perceiver_bwd(dout: torch.Tensor, q: torch.Tensor, k_media: torch.Tensor, v_
     keys_per_split = triton.cdiv(triton.cdiv(n_keys, splits), _SPLIT_GRANULE) * _SPLIT_GRANULE
     splits = triton.cdiv(n_keys, keys_per_split)  # no empty split: each one writes its dq share
     if splits == 1 and single_m:
-        dq_buf, dq_strides = dq, (0, *_bhs(dq))  # dq written straight from registers
+        dq_buf, dq_strides = dq, (0, *bhs_strides(dq))  # dq written straight from registers
     else:
         # fp32 shares (or fp32 read-add-write rows, multi-tile path), summed and cast below
         dq_buf = torch.empty(splits, B, L, H, D, device=q.device, dtype=torch.float32).transpose(2, 3)
@@ -478,8 +431,10 @@ def perceiver_bwd(dout: torch.Tensor, q: torch.Tensor, k_media: torch.Tensor, v_
     _perceiver_bwd_kernel[grid](
         q, k_media, v_media, k_latents, v_latents, out, dout, lse, dq_buf,
         dk_media, dv_media, dk_latents, dv_latents,
-        *_bhs(q), *_bhs(k_media), *_bhs(v_media), *_bhs(k_latents), *_bhs(v_latents), *_bhs(out), *_bhs(dout),
-        *dq_strides, *_bhs(dk_media), *_bhs(dv_media), *_bhs(dk_latents), *_bhs(dv_latents),
+        *bhs_strides(q), *bhs_strides(k_media), *bhs_strides(v_media), *bhs_strides(k_latents),
+        *bhs_strides(v_latents), *bhs_strides(out), *bhs_strides(dout),
+        *dq_strides, *bhs_strides(dk_media), *bhs_strides(dv_media), *bhs_strides(dk_latents),
+        *bhs_strides(dv_latents),
         H, L, V, D, keys_per_split, scale * LOG2E.value, scale,
         BLOCK_M=BLOCK_M, SINGLE_M=single_m, **_common_meta(q))
     if dq_buf is not dq:

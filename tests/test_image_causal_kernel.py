@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fastflamingo.ops as ops
-from fastflamingo.ops import image_causal_op
+from fastflamingo.ops import dispatch
 from fastflamingo.ops.reference import (image_causal_attention_reference, image_causal_mask,
                                         text_time_from_media_locations)
 from fastflamingo.testing import assert_close_by_rule
@@ -324,7 +324,7 @@ def test_triton_backend_on_cpu_without_interpreter_is_a_clear_error(monkeypatch)
 
 
 def test_triton_backend_without_triton_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(image_causal_op, "_HAS_TRITON", False)
+    monkeypatch.setattr(dispatch, "HAS_TRITON", False)
     q, k, v = (torch.randn(1, 1, 4, 16, device=DEVICE) for _ in range(3))
     with pytest.raises(RuntimeError, match="needs the triton package"):
         ops.image_causal_attention(q, k, v, text_time=torch.ones(1, 4, dtype=torch.int32, device=DEVICE),
@@ -339,10 +339,10 @@ def test_triton_backend_rejects_dtypes_and_head_sizes_it_cannot_take():
     q = torch.randn(1, 1, 4, 320, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim <= 256, got 320"):
         ops.image_causal_attention(q, q, q, text_time=text_time, latents_per_media=4, backend="triton")
-    # the op's copies of the kernels' limits (kept apart so that the op needs no triton) agree
+    # the dispatch's limits (kept apart from the kernels so that the dispatch needs no triton) are the kernels'
     from fastflamingo.kernels import image_causal
-    assert image_causal_op._TRITON_DTYPES == image_causal.DTYPES
-    assert image_causal_op._TRITON_MAX_HEAD_DIM == image_causal.MAX_HEAD_DIM
+    assert dispatch.TRITON_DTYPES == image_causal.DTYPES
+    assert dispatch.TRITON_MAX_HEAD_DIM == image_causal.MAX_HEAD_DIM
 
 
 def test_kernel_rejects_bad_text_time():

@@ -13,7 +13,8 @@ import torch
 
 # looked up once (not per call, and not inside a torch.compile trace)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
-# what the kernels take (kernels.*.DTYPES and MAX_HEAD_DIM), repeated so that the checks need no triton
+# what the kernels take: the one definition, which fastflamingo.kernels.common (DTYPES, MAX_HEAD_DIM)
+# imports, kept here so that the checks need no triton
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
 

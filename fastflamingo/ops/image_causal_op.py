@@ -1,4 +1,5 @@
-"""The image-causal cross-attention as a PyTorch custom op, and the backend dispatch.
+"""The image-causal cross-attention as a PyTorch custom op, and the backend dispatch
+(:func:`fastflamingo.ops.dispatch.use_triton`, shared with the Perceiver op).
 
 ``fastflamingo::image_causal_attention`` (q, k, v, text_time, latents_per_media,
 only_immediate, scale) -> (out, lse) runs the Triton kernels of
@@ -17,18 +18,12 @@ Triton is imported lazily: ``import fastflamingo`` works where Triton is not ins
 """
 from __future__ import annotations
 
-import importlib.util
-
 import torch
 
 from .cpu import image_causal_attention_torch
+from .dispatch import use_triton
 
 _OP = "fastflamingo::image_causal_attention"
-# looked up once (not per call, and not inside a torch.compile trace)
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
-# kernels.image_causal.DTYPES and MAX_HEAD_DIM, repeated so that the checks need no triton
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRITON_MAX_HEAD_DIM = 256
 
 
 def _kernels():
@@ -87,33 +82,6 @@ def _backward(ctx, dout, _dlse):
 _image_causal_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _use_triton(q: torch.Tensor, backend: str) -> bool:
-    """Whether ``backend`` means the Triton kernels for these inputs; a clear error where
-    "triton" is forced on inputs it cannot take. Plain Python: torch.compile traces it."""
-    if backend == "torch":
-        return False
-    if backend == "auto":
-        return (q.is_cuda and q.dtype in _TRITON_DTYPES and q.shape[-1] <= _TRITON_MAX_HEAD_DIM
-                and _HAS_TRITON)
-    if backend != "triton":
-        raise ValueError(f"image_causal_attention_op: backend={backend!r} is not 'auto', 'triton' or 'torch'")
-    if not _HAS_TRITON:
-        raise RuntimeError("image_causal_attention: backend='triton' needs the triton package "
-                           "(pip install triton, or fastflamingo[gpu]); use backend='torch' without it")
-    if not q.is_cuda and (q.device.type != "cpu" or not _kernels().INTERPRET):
-        raise ValueError(f"image_causal_attention: backend='triton' got tensors on {q.device}; Triton runs "
-                         "on CUDA tensors, or on CPU tensors only in its interpreter: set TRITON_INTERPRET=1 "
-                         "before importing fastflamingo (the kernels read it when they are defined). "
-                         "Use backend='torch' or 'auto' for CPU tensors")
-    if q.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"image_causal_attention: backend='triton' takes {_TRITON_DTYPES}, got {q.dtype}; "
-                        "use backend='torch'")
-    if q.shape[-1] > _TRITON_MAX_HEAD_DIM:
-        raise ValueError(f"image_causal_attention: backend='triton' takes head_dim <= {_TRITON_MAX_HEAD_DIM}, "
-                         f"got {q.shape[-1]}; use backend='torch'")
-    return True
-
-
 def image_causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor, *,
                               latents_per_media: int, only_immediate: bool = True,
                               scale: float | None = None, backend: str = "auto") -> torch.Tensor:
@@ -130,7 +98,7 @@ def image_causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     # custom ops take concrete floats: resolve the default here
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not _use_triton(q, backend):
+    if not use_triton("image_causal_attention", q, backend, lambda: _kernels().INTERPRET):
         return image_causal_attention_torch(q, k, v, text_time, latents_per_media=latents_per_media,
                                             only_immediate=only_immediate, scale=scale)
     out, _ = _image_causal_attention(q, k, v, text_time, int(latents_per_media), bool(only_immediate), scale)
