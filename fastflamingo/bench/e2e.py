@@ -1,0 +1,238 @@
+"""End to end: prefill latency, decode tokens/s, one training step, peak memory.
+
+Each group of providers runs the same weights: fastflamingo converted from the peer's own live
+model (``from_open_flamingo``, ``from_idefics``), beside that peer. Before any time is reported,
+each provider's output is checked (:mod:`fastflamingo.bench.stages`) against fastflamingo on its
+readable ``reference`` attention backend, same weights:
+
+* prefill logits by the flash-attention rule at model level: relative error vs a copy of the
+  reference model in higher precision (fp64 for fp32 runs, fp32 for 16-bit runs) at most twice
+  that of the reference in the working precision, plus one epsilon of that precision;
+* the training loss within 1e-4 (fp32) / 2e-2 (16-bit) relative error, before any optimizer step;
+* generated tokens equal to a plain greedy loop without any cache (fp32: every token; 16-bit: the
+  first new token of every row, since a near-tie may flip a later one; the agreement is in the note).
+
+NF4 weights are an approximation by design: their logits must be finite and within 0.5 relative
+error of the high-precision reference, and the row reports that error.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import importlib
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..presets import preset_config
+from .env import device_name, has_module, versions
+from .harness import reference_dtype
+from .rows import Row
+from .stages import Entrant, Group, call_generate, fastflamingo_entrant, fastflamingo_entrants, reference_greedy
+
+__all__ = ["E2EConfig", "default_config", "make_inputs", "run", "Entrant", "Group"]
+
+
+@dataclass
+class E2EConfig:
+    preset: str
+    dtype: torch.dtype
+    batch: int
+    images: int
+    prompt: int          # prompt tokens per row
+    new_tokens: int
+    train_tokens: int
+    train_images: int
+    reps: int
+    quant: str | None = None  # "nf4": also fastflamingo with NF4 weights (fastflamingo.quant)
+
+
+def default_config(preset: str, device: str, quick: bool) -> E2EConfig:
+    if torch.device(device).type == "cuda":
+        return E2EConfig(preset, torch.bfloat16, batch=4, images=8, prompt=512, new_tokens=32,
+                         train_tokens=256, train_images=5, reps=2 if quick else 3, quant="nf4")
+    if quick:
+        return E2EConfig(preset, torch.float32, batch=2, images=2, prompt=32, new_tokens=8, train_tokens=32,
+                         train_images=2, reps=3)
+    return E2EConfig(preset, torch.float32, batch=4, images=4, prompt=128, new_tokens=16, train_tokens=128,
+                     train_images=4, reps=5, quant="nf4")
+
+
+# ------------------------------------------------------------------------- inputs
+def make_inputs(B: int, N: int, T: int, *, vocab: int, media_token_id: int, image_size: int,
+                device: str, dtype: torch.dtype, seed: int = 0, specials: tuple = ()):
+    """(vision_x (B, N, 1, 3, H, W), lang_x (B, T), attention_mask (B, T)): N ``<image>`` tokens
+    per row at random positions, the first at position 0."""
+    g = torch.Generator().manual_seed(seed)
+    lang_x = torch.randint(3, vocab, (B, T), generator=g)
+    for s in (*specials, media_token_id):  # no accidental <image>, <|endofchunk|>, eos in the text
+        lang_x[lang_x == s] = 3
+    for b in range(B):
+        pos = torch.cat([torch.zeros(1, dtype=torch.long), 1 + torch.randperm(T - 1, generator=g)[:N - 1]])
+        lang_x[b, pos] = media_token_id
+    vision_x = torch.randn(B, N, 1, 3, image_size, image_size, generator=g)
+    return vision_x.to(device=device, dtype=dtype), lang_x.to(device), torch.ones_like(lang_x).to(device)
+
+
+def _reference_outputs(model, inputs, train_inputs, n, banned) -> dict:
+    """Prefill logits, greedy tokens and the training loss of ``model`` on the readable
+    ``reference`` attention backend, and the prefill logits of a copy of it in higher precision
+    (fp64 for fp32 models, fp32 for 16-bit ones: the flash-attention rule, see Group.prefill)."""
+    vx, ids, mask = inputs
+    tvx, tids, tmask, labels = train_inputs
+    hi = reference_dtype(vx.dtype)
+    model.set_attention_backend("reference")
+    try:
+        with torch.no_grad():
+            ref = {"logits": model(vx, ids, attention_mask=mask).logits,
+                   "tokens": reference_greedy(model, vx, ids, mask, n, banned),
+                   "loss": model(tvx, tids, attention_mask=tmask, labels=labels).loss.item()}
+            upcast = copy.deepcopy(model).to(hi)
+            ref["logits_hi"] = upcast(vx.to(hi), ids, attention_mask=mask).logits
+            del upcast
+    finally:
+        model.set_attention_backend("auto")
+    gc.collect()
+    if vx.is_cuda:
+        torch.cuda.empty_cache()
+    return ref
+
+
+def _both_inputs(cfg: E2EConfig, media_token_id: int, **kw):
+    """The prompt (B x prompt tokens, N images) and the training batch (B x train tokens)."""
+    inputs = make_inputs(cfg.batch, cfg.images, cfg.prompt, media_token_id=media_token_id, **kw)
+    tvx, tids, tmask = make_inputs(cfg.batch, cfg.train_images, cfg.train_tokens, media_token_id=media_token_id,
+                                   seed=1, **kw)
+    return inputs, (tvx, tids, tmask, _labels(tids, media_token_id))
+
+
+def _labels(ids, *specials):
+    labels = ids.clone()
+    for s in specials:
+        labels[ids == s] = -100
+    return labels
+
+
+def open_flamingo_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row]:
+    """fastflamingo vs open_flamingo's own model (same weights), then fastflamingo with NF4."""
+    from ..convert.open_flamingo import from_open_flamingo
+    from .peers import open_flamingo_model
+    config = preset_config(cfg.preset)
+    if config.cross_attention.style != "open_flamingo":
+        return [Row(kernel="e2e", provider="open_flamingo", mode="-", metric="time_ms", x=cfg.preset,
+                    status=f"n/a: preset {cfg.preset} is not open_flamingo-style", device=device_name(device),
+                    versions=versions(), sweep="stage")]
+    live = open_flamingo_model(config, device, cfg.dtype)
+    ours = from_open_flamingo(live)
+    ours.lang_encoder.get_input_embeddings().requires_grad_(True)  # the same trainable set as live
+    vocab = live.lang_encoder.get_input_embeddings().num_embeddings
+    specials = (config.eoc_token_id, config.pad_token_id or 0, config.eos_token_id or 0)
+    label = f"{cfg.preset} shape B={cfg.batch} N={cfg.images} T={cfg.prompt}"
+    inputs, train_inputs = _both_inputs(cfg, config.media_token_id, vocab=min(vocab, config.num_base_tokens or vocab),
+                                        image_size=config.vision.image_size, device=device, dtype=cfg.dtype,
+                                        specials=specials)
+    banned = {config.media_token_id, *specials}
+    ref = _reference_outputs(ours, inputs, train_inputs, cfg.new_tokens, banned)
+    vx, ids, mask = inputs
+    tvx, tids, tmask, labels = train_inputs
+    entrants = fastflamingo_entrants(ours, inputs, train_inputs, banned, device) + [
+        Entrant("open_flamingo", prefill=lambda: live(vx, ids, attention_mask=mask).logits,
+                loss=lambda: live(tvx, tids, attention_mask=tmask, labels=labels).loss,
+                params=lambda: [p for p in live.parameters() if p.requires_grad],
+                generate=lambda n: call_generate(live.generate, vx, ids, mask, n, banned), module=live)]
+    group = Group(label, entrants, ref, cfg, device, progress, banned)
+    rows = group.run()
+    # free open_flamingo's copy of the 16-bit weights before measuring the quantized model
+    del live, entrants
+    group.entrants = []
+    gc.collect()
+    return rows + _quantized_rows(group, ours, inputs, train_inputs)
+
+
+def _quantized_rows(group: Group, ours, inputs, train_inputs) -> list[Row]:
+    """fastflamingo with ``cfg.quant`` weights (quantized in place, after the 16-bit stages):
+    prefill and decode, checked against the 16-bit reference within the NF4 bound."""
+    q = group.cfg.quant
+    if not q:
+        return []
+    if not (importlib.util.find_spec("fastflamingo.quant") and has_module("bitsandbytes")):
+        return [group.row("e2e prefill", f"fastflamingo {q}", "time_ms", mode=q,
+                          status="n/a: fastflamingo.quant (quantize_model) is not in this build")]
+    from ..quant import quantize_model
+    try:
+        model = quantize_model(ours, q)
+    except Exception as ex:  # noqa: BLE001 - reported in the table
+        return [group.row("e2e prefill", f"fastflamingo {q}", "time_ms", mode=q,
+                          status=f"n/a: quantize_model failed: {type(ex).__name__}: {str(ex)[:120]}")]
+    gc.collect()
+    if torch.device(group.device).type == "cuda":
+        torch.cuda.empty_cache()
+    e = fastflamingo_entrant(f"fastflamingo {q}", model, inputs, train_inputs, group.banned)
+    return group.prefill(e, approx=True, mode=q) + group.decode(e, approx=True, mode=q)
+
+
+def idefics_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row]:
+    """fastflamingo (``from_idefics``) vs Hugging Face IDEFICS, same weights."""
+    label = "idefics shape"
+    if importlib.util.find_spec("fastflamingo.convert.idefics") is None:
+        why = "n/a: fastflamingo.convert.idefics.from_idefics is not in this build"
+        return [Row(kernel=s, provider="IDEFICS", mode="-", metric="time_ms", x=label, status=why,
+                    device=device_name(device), versions=versions(), sweep="stage")
+                for s in ("e2e prefill", "e2e decode", "e2e train step")]
+    from ..convert.idefics import from_idefics
+    from .peers import idefics_model
+    live = idefics_model(device, cfg.dtype)
+    ours = from_idefics(live)
+    c = live.config
+    image_size = c.vision_config.image_size
+    media_id = ours.config.media_token_id
+    specials = tuple(t for t in (ours.config.eos_token_id, ours.config.eoc_token_id, ours.config.pad_token_id)
+                     if t is not None and t >= 0)
+    inputs, train_inputs = _both_inputs(cfg, media_id, vocab=c.vocab_size, image_size=image_size, device=device,
+                                        dtype=cfg.dtype, specials=specials)
+    label = f"idefics shape B={cfg.batch} N={cfg.images} T={cfg.prompt}"
+    banned = {media_id, *specials}
+    ref = _reference_outputs(ours, inputs, train_inputs, cfg.new_tokens, banned)
+    vx, ids, mask = inputs
+    tvx, tids, tmask, labels = train_inputs
+
+    def hf_inputs(vx, ids, mask, n_images):
+        image_mask = torch.nn.functional.one_hot(ours.text_time(ids).long(), n_images + 1)[..., 1:].to(ids.dtype)
+        return dict(input_ids=ids, pixel_values=vx[:, :, 0], image_attention_mask=image_mask, attention_mask=mask)
+    hf, hf_train = hf_inputs(vx, ids, mask, cfg.images), hf_inputs(tvx, tids, tmask, cfg.train_images)
+    for n, p in live.named_parameters():  # IDEFICS trains its resampler and cross-attention blocks
+        p.requires_grad_(any(k in n for k in ("perceiver_resampler", "gated_cross_attn_layers")))
+
+    def hf_generate(n):
+        return live.generate(**hf, max_new_tokens=n, min_new_tokens=n, num_beams=1, do_sample=False,
+                             suppress_tokens=list(banned))
+    entrants = fastflamingo_entrants(ours, inputs, train_inputs, banned, device) + [
+        Entrant("IDEFICS", prefill=lambda: live(**hf).logits, loss=lambda: live(**hf_train, labels=labels).loss,
+                params=lambda: [p for p in live.parameters() if p.requires_grad], generate=hf_generate,
+                module=live)]
+    return Group(label, entrants, ref, cfg, device, progress, banned).run()
+
+
+def run(cfg: E2EConfig, device: str, *, progress: bool = True, on_rows=None) -> list[Row]:
+    """Both groups; ``on_rows(rows)`` is called after each (to save partial results)."""
+    rows = []
+    groups = [("open_flamingo", open_flamingo_group), ("IDEFICS", idefics_group)]
+    for name, fn in tqdm(groups, desc="e2e", disable=not progress, unit="group"):
+        if name == "open_flamingo" and not has_module("open_flamingo"):
+            rows.append(Row(kernel="e2e prefill", provider="open_flamingo", mode="-", metric="time_ms",
+                            x=cfg.preset, status="n/a: open_flamingo is not installed", device=device_name(device),
+                            versions=versions(), sweep="stage"))
+            continue
+        try:
+            rows += fn(cfg, device, progress)
+        except Exception as ex:  # noqa: BLE001 - one group failing must not lose the others' rows
+            rows.append(Row(kernel="e2e", provider=name, mode="-", metric="time_ms", x=cfg.preset,
+                            status=f"n/a: {type(ex).__name__}: {str(ex)[:200]}", device=device_name(device),
+                            versions=versions(), sweep="stage"))
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        if on_rows is not None:
+            on_rows(rows)
+    return rows

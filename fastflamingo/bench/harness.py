@@ -1,0 +1,195 @@
+"""Run one benchmark case: every provider on the same inputs, checked, then timed.
+
+The order is the point: a provider's output (and, for ``fwd+bwd``, its input gradients) is
+compared with the reference by the flash-attention tolerance rule (:mod:`fastflamingo.testing`)
+first. A provider that disagrees gets a ``FAILED`` row and is never timed, so a wrong kernel
+cannot put a number in the table.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from ..testing import assert_close_by_rule
+from .env import copy_bandwidth, device_name, versions
+from .rows import OK, Row
+from .timing import measure
+
+MODES = ("fwd", "fwd+bwd")
+
+
+def _same(x):
+    return x
+
+
+@dataclass
+class Prepared:
+    """A provider ready to run on one case's inputs (layouts converted, metadata prebuilt).
+
+    Attributes:
+        call: runs the op on the prepared inputs; returns the output in the provider's layout.
+        leaves: the tensors gradients flow to, in the provider's layout.
+        build: rebuilds the provider's per-layout metadata (FlexAttention's BlockMask, varlen's
+            cu_seqlens) from the case's image positions; timed on its own row.
+        call_with_build: build + run, timed as ``<provider>+build``.
+        to_common: provider layout -> the case's layout, for outputs and gradients (one per leaf).
+        dout: the case's output gradient -> the provider's output layout.
+    """
+    call: Callable[[], torch.Tensor]
+    leaves: tuple
+    build: Callable[[], object] | None = None
+    call_with_build: Callable[[], torch.Tensor] | None = None
+    to_common: Callable[[torch.Tensor], torch.Tensor] = _same
+    grads_to_common: Callable[[list], list] = _same
+    dout: Callable[[torch.Tensor], torch.Tensor] = _same
+
+
+@dataclass
+class Provider:
+    """A named way to compute a case. ``prepare(inputs)`` -> :class:`Prepared`; ``unavailable``
+    (a function of the mode) says why it cannot run here, or None.
+
+    ``floor=True`` marks a lower bound that computes something else on purpose (the matrix
+    products of a layer without the rest): it is timed without the output check, and its rows
+    say so. Every other provider must pass the check to be timed.
+    """
+    name: str
+    prepare: Callable[[tuple], Prepared] | None
+    unavailable: Callable[[str], str | None] = lambda mode: None
+    floor: bool = False
+
+
+@dataclass
+class Case:
+    """One point of a sweep: inputs in the working dtype and the readable reference math.
+
+    ``bytes_moved[mode]`` is the fewest bytes the op must move (each input read once, each
+    output written once), for the roofline row.
+    """
+    kernel: str
+    x: str
+    inputs: tuple
+    reference: Callable[..., torch.Tensor]
+    grad_inputs: Sequence[int] = (0, 1, 2)
+    sweep: str = ""
+    x_value: float | None = None
+    bytes_moved: dict = field(default_factory=dict)
+
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The 'upcast' precision: fp32 for 16-bit inputs, fp64 for fp32 inputs."""
+    return torch.float64 if dtype == torch.float32 else torch.float32
+
+
+def _leaves(inputs: tuple, grad_inputs, dtype=None, grad=False) -> tuple:
+    out = []
+    for i, t in enumerate(inputs):
+        t = t.detach().clone() if dtype is None or not t.is_floating_point() else t.detach().to(dtype)
+        out.append(t.requires_grad_(grad and i in grad_inputs))
+    return tuple(out)
+
+
+def _run_once(call, leaves, dout, grad_inputs):
+    out = call()
+    if dout is None:
+        return out, []
+    out.backward(dout)
+    return out, [leaves[i].grad for i in grad_inputs]
+
+
+def reference_results(case: Case, mode: str, dout: torch.Tensor | None):
+    """(out, grads) of the reference at high and at working precision."""
+    results = []
+    for dtype in (reference_dtype(case.inputs[0].dtype), None):
+        leaves = _leaves(case.inputs, case.grad_inputs, dtype, grad=mode == "fwd+bwd")
+        d = None if dout is None else dout.to(leaves[0].dtype)
+        out, grads = _run_once(lambda: case.reference(*leaves), leaves, d, case.grad_inputs)
+        results.append((out.detach(), [g.detach() for g in grads]))
+    return results
+
+
+def check(out, grads, ref_hi, ref_lo) -> str | None:
+    """None when the output (factor 2) and gradients (factor 3) pass the tolerance rule, else why not."""
+    try:
+        if tuple(out.shape) != tuple(ref_hi[0].shape):
+            return f"output shape {tuple(out.shape)} != {tuple(ref_hi[0].shape)}"
+        if not torch.isfinite(out).all():
+            return "non-finite output"
+        assert_close_by_rule(out, ref_hi[0], ref_lo[0], factor=2.0, name="output")
+        for i, (g, gh, gl) in enumerate(zip(grads, ref_hi[1], ref_lo[1])):
+            if g is None:
+                return f"no gradient for input {i}"
+            assert_close_by_rule(g, gh, gl, factor=3.0, name=f"grad of input {i}")
+    except AssertionError as e:
+        return str(e)
+    return None
+
+
+def run_case(case: Case, providers: Sequence[Provider], modes: Sequence[str], device: str, *,
+             quick: bool = False, roofline: bool = True) -> list[Row]:
+    """Check, then time, every provider on ``case`` for each mode. Returns the rows."""
+    rows = []
+    dev = device_name(device)
+    base = dict(kernel=case.kernel, x=case.x, device=dev, versions=versions(), sweep=case.sweep,
+                x_value=case.x_value, metric="time_ms")
+    for mode in modes:
+        dout = torch.randn_like(case.reference(*case.inputs).detach()) if mode == "fwd+bwd" else None
+        ref_hi, ref_lo = reference_results(case, mode, dout)
+        for p in providers:
+            rows += _provider_rows(p, case, mode, dout, ref_hi, ref_lo, device, quick, base)
+        if roofline and mode in case.bytes_moved:
+            bw = copy_bandwidth(device)
+            ms = case.bytes_moved[mode] / bw * 1e3
+            rows.append(Row(provider="roofline", mode=mode, median=ms, p20=ms, p80=ms,
+                            note=f"bytes / measured copy bandwidth {bw / 1e9:.0f} GB/s", **base))
+    return rows
+
+
+def prepare_checked(p: Provider, case: Case, mode: str, dout, ref_hi, ref_lo):
+    """Prepare ``p`` on ``case``, run it once and check it. Returns (prepared, its output
+    gradient, why it failed or None); raises if the provider cannot run these inputs."""
+    leaves = _leaves(case.inputs, case.grad_inputs, grad=mode == "fwd+bwd")
+    prep = p.prepare(leaves)
+    d = None if dout is None else prep.dout(dout)
+    out, grads = _run_once(prep.call, prep.leaves, d, case.grad_inputs)
+    failure = None if p.floor else check(prep.to_common(out.detach()), prep.grads_to_common(grads), ref_hi, ref_lo)
+    return prep, d, failure
+
+
+def timed_call(call, leaves, dout):
+    """What is timed: the forward, or forward + backward with the gradients cleared first."""
+    if dout is None:
+        return call
+
+    def step():
+        for t in leaves:
+            t.grad = None
+        call().backward(dout)
+    return step
+
+
+def _provider_rows(p: Provider, case, mode, dout, ref_hi, ref_lo, device, quick, base) -> list[Row]:
+    why = p.unavailable(mode)
+    if why:
+        return [Row(provider=p.name, mode=mode, status=f"n/a: {why}", **base)]
+    try:
+        prep, d, failure = prepare_checked(p, case, mode, dout, ref_hi, ref_lo)
+    except Exception as e:  # noqa: BLE001 - a provider that cannot run these inputs is reported, not fatal
+        return [Row(provider=p.name, mode=mode, status=f"n/a: {type(e).__name__}: {str(e)[:160]}", **base)]
+    if failure:
+        return [Row(provider=p.name, mode=mode, status=f"FAILED: {failure[:200]}", **base)]
+    note = "floor: computes only part of the op, output not checked" if p.floor else ""
+    rows = [Row(provider=p.name, mode=mode, note=note, **base).with_timing(
+        measure(timed_call(prep.call, prep.leaves, d), device, quick=quick))]
+    if prep.build is not None:
+        if mode == "fwd":
+            rows.append(Row(provider=f"{p.name} mask build", mode="build", **base).with_timing(
+                measure(prep.build, device, quick=quick)))
+        rows.append(Row(provider=f"{p.name}+build", mode=mode, **base).with_timing(
+            measure(timed_call(prep.call_with_build, prep.leaves, d), device, quick=quick)))
+    return rows
+
+
+__all__ = ["Case", "Provider", "Prepared", "run_case", "check", "prepare_checked", "timed_call", "MODES", "OK"]

@@ -1,0 +1,57 @@
+"""Peak memory of one call of a stage.
+
+GPU: ``torch.cuda.max_memory_allocated`` over the call (weights included: the footprint a user
+needs). CPU: the peak of the tensor memory allocated during the call, from the torch profiler's
+memory timeline (weights already resident are not included). tracemalloc does not see torch's
+allocations and RSS does not drop when torch frees, so neither would be right.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Callable
+
+import torch
+
+CPU_METHOD = "CPU: peak tensor memory allocated during the call (torch.profiler memory timeline; weights excluded)"
+GPU_METHOD = "GPU: torch.cuda.max_memory_allocated during the call (weights included)"
+
+
+def peak_memory_call(fn: Callable[[], object], device: str) -> tuple[object, float | None, str]:
+    """(fn's result, peak MiB, how it was measured)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        out = fn()
+        torch.cuda.synchronize()
+        return out, torch.cuda.max_memory_allocated() / 2**20, GPU_METHOD
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_native_output(), profile(activities=[ProfilerActivity.CPU], profile_memory=True,
+                                         record_shapes=True, with_stack=True) as prof:
+        out = fn()
+    try:
+        from torch.profiler._memory_profiler import MemoryProfileTimeline
+        _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+        peak = max((sum(s) for s in sizes), default=0) / 2**20
+    except Exception as e:  # noqa: BLE001 - a private API: say so rather than guess
+        return out, None, f"CPU memory timeline unavailable ({type(e).__name__})"
+    return out, peak, CPU_METHOD
+
+
+@contextlib.contextmanager
+def _quiet_native_output():
+    """Silence the profiler's native start/stop log lines (written to fds 1 and 2 from C++)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)

@@ -1,0 +1,76 @@
+"""The readable table: one block per (kernel or stage, mode, metric), one line per point, one
+column per provider, with fastflamingo's speedup over each baseline beside the baseline's number."""
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .rows import Row
+
+OURS = "fastflamingo"
+HIGHER_IS_BETTER = {"tokens_per_s"}
+UNITS = {"time_ms": "ms", "tokens_per_s": "tokens/s", "peak_mem_MB": "MiB", "weights_MB": "MiB"}
+NOT_A_SPEED = {"peak_mem_MB", "weights_MB"}
+
+
+def _fmt(v: float) -> str:
+    if v >= 100:
+        return f"{v:.0f}"
+    if v >= 1:
+        return f"{v:.2f}"
+    return f"{v:.3g}"
+
+
+def speedup(ours: Row | None, other: Row) -> float | None:
+    """How many times better fastflamingo is than ``other`` (>1: fastflamingo wins)."""
+    if ours is None or not ours.ok or not other.ok or not ours.median or not other.median:
+        return None
+    if other.metric in NOT_A_SPEED or ours.metric in NOT_A_SPEED:
+        return None
+    if ours.metric in HIGHER_IS_BETTER:
+        return ours.median / other.median
+    return other.median / ours.median
+
+
+def _cell(r: Row | None, ours: Row | None) -> str:
+    if r is None:
+        return "-"
+    if r.status.startswith("FAILED"):
+        return "FAILED"
+    if not r.ok:
+        return "n/a"
+    s = _fmt(r.median)
+    ratio = None if r.provider.startswith(OURS) or r.provider == "roofline" else speedup(ours, r)
+    return s + (f" ({ratio:.2f}x)" if ratio is not None else "")
+
+
+def blocks(rows: list[Row]) -> "OrderedDict":
+    out: OrderedDict = OrderedDict()
+    for r in rows:
+        out.setdefault((r.kernel, r.mode, r.metric), []).append(r)
+    return out
+
+
+def format_table(rows: list[Row]) -> str:
+    """The whole report as text. FAILED and n/a cells carry no number; reasons follow the block."""
+    lines = []
+    for (kernel, mode, metric), rs in blocks(rows).items():
+        providers = list(OrderedDict.fromkeys(r.provider for r in rs))
+        points = list(OrderedDict.fromkeys(r.x for r in rs))
+        grid = {(r.x, r.provider): r for r in rs}
+        header = ["x"] + providers
+        body = []
+        for x in points:
+            ours = grid.get((x, OURS))
+            body.append([x] + [_cell(grid.get((x, p)), ours) for p in providers])
+        widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
+        unit = UNITS.get(metric, metric)
+        lines.append(f"\n== {kernel} | {mode} | {metric} [{unit}], median; (Nx) = fastflamingo's speedup | "
+                     f"{rs[0].device}")
+        for row in [header] + body:
+            lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        reasons = OrderedDict()
+        for r in rs:
+            if not r.ok:
+                reasons.setdefault(f"{r.provider}: {r.status}", None)
+        lines += [f"  - {why}" for why in reasons]
+    return "\n".join(lines)

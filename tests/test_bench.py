@@ -1,0 +1,133 @@
+"""The benchmark suite: it runs end to end, writes its outputs, and never times a wrong provider."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+from fastflamingo.bench import e2e, image_causal, kernels
+from fastflamingo.bench.cli import run_bench
+from fastflamingo.bench.harness import Prepared, Provider, run_case
+from fastflamingo.bench.report import format_table
+
+pytest.importorskip("matplotlib")
+
+SMALL_KERNELS = kernels.KernelConfig(
+    dtype=torch.float32, heads=2, dim_head=16, latents=8, n_sweep=(1, 64, [1, 3]), t_sweep=(1, 2, [32, 96]),
+    extra=[], images=[2], tokens=17, r_heads=2, r_dim_head=16, dim=32)
+SMALL_E2E = e2e.E2EConfig("tiny", torch.float32, batch=1, images=1, prompt=12, new_tokens=3, train_tokens=12,
+                          train_images=1, reps=1)
+
+
+def _wrong_image_causal(L):
+    """Right shape, right dtype, 1% off: the kind of bug a timing table would hide."""
+    def prepare(args):
+        q, k, v, tt = args
+        return Prepared(call=lambda: image_causal.eager_open_flamingo(q, k, v, tt, L=L) * 1.01, leaves=args)
+    return Provider("planted wrong", prepare)
+
+
+class _WrongGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return 1.5 * g
+
+
+def _wrong_gradient(L):
+    def prepare(args):
+        q, k, v, tt = args
+        return Prepared(call=lambda: image_causal.eager_open_flamingo(_WrongGrad.apply(q), k, v, tt, L=L), leaves=args)
+    return Provider("planted wrong grad", prepare)
+
+
+def test_quick_suite_runs_and_writes_everything(tmp_path):
+    result = run_bench(suite="all", quick=True, out=str(tmp_path), device="cpu", progress=False,
+                       kernel_config=SMALL_KERNELS, e2e_config=SMALL_E2E, echo=lambda *a: None)
+    names = {os.path.basename(f) for f in result["files"]}
+    assert {"rows.csv", "rows.json", "table.txt", "kernels.png", "speedup.png", "memory.png"} <= names
+    for f in result["files"]:
+        assert os.path.getsize(f) > 0, f
+    rows = result["rows"]
+    kinds = {r.kernel for r in rows}
+    assert {"image-causal xattn", "perceiver attention", "resampler layer", "e2e prefill", "e2e decode",
+            "e2e train step"} <= kinds
+    ours = [r for r in rows if r.provider == "fastflamingo"]
+    assert ours and all(r.ok for r in ours), [r.status for r in ours if not r.ok]
+    assert all(r.device and r.versions for r in rows)
+    with open(tmp_path / "rows.csv") as f:
+        header = next(csv.reader(f))
+    assert header[:10] == ["kernel", "provider", "mode", "metric", "x", "median", "p20", "p80", "device", "versions"]
+    meta = json.loads((tmp_path / "rows.json").read_text())["meta"]
+    assert meta["device"] and meta["versions"]
+    assert "fastflamingo" in result["table"] and "x)" in result["table"]
+
+
+def test_planted_wrong_output_is_refused():
+    case = image_causal.make_case(1, 2, 48, 3, 8, 16, torch.float32, "cpu")
+    providers = image_causal.providers("cpu", 8)[:3] + [_wrong_image_causal(8), _wrong_gradient(8)]
+    rows = run_case(case, providers, ("fwd", "fwd+bwd"), "cpu", quick=True, roofline=False)
+    by = {(r.provider, r.mode): r for r in rows}
+    for mode in ("fwd", "fwd+bwd"):
+        bad = by[("planted wrong", mode)]
+        assert bad.status.startswith("FAILED") and bad.median is None and bad.p20 is None
+        assert by[("fastflamingo", mode)].ok and by[("eager einsum+mask", mode)].ok
+    assert by[("planted wrong grad", "fwd")].ok  # its forward is right...
+    bad = by[("planted wrong grad", "fwd+bwd")]  # ...its gradient is not
+    assert bad.status.startswith("FAILED") and "grad" in bad.status and bad.median is None
+    table = format_table(rows)
+    line = next(ln for ln in table.splitlines() if ln.startswith("B=1") and "FAILED" in ln)
+    assert "FAILED" in line
+
+
+def test_planted_wrong_provider_is_refused_through_the_cli(tmp_path, monkeypatch):
+    real = image_causal.providers
+    monkeypatch.setattr(image_causal, "providers", lambda device, L, **kw: real(device, L, **kw) + [_wrong_image_causal(L)])
+    cfg = kernels.KernelConfig(**{**SMALL_KERNELS.__dict__, "images": [], "t_sweep": (1, 2, [])})
+    run_bench(suite="kernels", quick=True, out=str(tmp_path), device="cpu", progress=False, plots=False,
+              kernel_config=cfg, echo=lambda *a: None)
+    with open(tmp_path / "rows.csv") as f:
+        planted = [r for r in csv.DictReader(f) if r["provider"] == "planted wrong"]
+    assert planted and all(r["status"].startswith("FAILED") and r["median"] == "" for r in planted)
+    assert "FAILED" in (tmp_path / "table.txt").read_text()
+
+
+def test_e2e_refuses_wrong_logits():
+    logits = torch.randn(1, 4, 8)
+    ref = {"logits": logits, "logits_hi": logits.double(), "tokens": torch.zeros(1, 6, dtype=torch.long), "loss": 1.0}
+    group = e2e.Group("x", [], ref, SMALL_E2E, "cpu", False)
+    wrong = e2e.Entrant("planted", prefill=lambda: ref["logits"] * 1.01, loss=lambda: torch.tensor(1.0),
+                        params=lambda: [])
+    rows = group.prefill(wrong)
+    assert len(rows) == 1 and rows[0].status.startswith("FAILED") and rows[0].median is None
+    assert group.train_check(e2e.Entrant("bad loss", prefill=None, loss=lambda: torch.tensor(1.1),
+                                         params=lambda: [])) is not None
+
+
+def _emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """varlen attention segment by segment with SDPA (what the CUDA kernel computes), so the
+    packing, cu_seqlens and unpacking of the varlen provider are tested on the CPU."""
+    outs = []
+    for i in range(len(cu_q) - 1):
+        qs, ks = slice(cu_q[i], cu_q[i + 1]), slice(cu_k[i], cu_k[i + 1])
+        if cu_q[i + 1] == cu_q[i]:
+            continue
+        if cu_k[i + 1] == cu_k[i]:
+            outs.append(torch.zeros_like(q[qs]))
+            continue
+        o = torch.nn.functional.scaled_dot_product_attention(q[qs].transpose(0, 1), k[ks].transpose(0, 1),
+                                                             v[ks].transpose(0, 1))
+        outs.append(o.transpose(0, 1))
+    return torch.cat(outs)
+
+
+def test_varlen_layout_matches_reference_on_cpu():
+    case = image_causal.make_case(3, 2, 40, 4, 8, 16, torch.float32, "cpu", seed=3)
+    p = Provider("varlen (emulated)", lambda a: image_causal._varlen(a, 8, _emulated_varlen))
+    rows = run_case(case, [p], ("fwd", "fwd+bwd"), "cpu", quick=True, roofline=False)
+    kernel_rows = [r for r in rows if r.provider == "varlen (emulated)"]
+    assert len(kernel_rows) == 2 and all(r.ok for r in kernel_rows), [r.status for r in kernel_rows]
