@@ -46,17 +46,19 @@ class E2EConfig:
     train_images: int
     reps: int
     quant: str | None = None  # "nf4": also fastflamingo with NF4 weights (fastflamingo.quant)
+    compiled: bool = False  # also fastflamingo's compiled static-cache decode (compiled in the check call)
 
 
 def default_config(preset: str, device: str, quick: bool) -> E2EConfig:
     if torch.device(device).type == "cuda":
         return E2EConfig(preset, torch.bfloat16, batch=4, images=8, prompt=512, new_tokens=32,
-                         train_tokens=256, train_images=5, reps=2 if quick else 3, quant="nf4")
+                         train_tokens=256, train_images=5, reps=2 if quick else 3, quant="nf4", compiled=True)
     if quick:
         return E2EConfig(preset, torch.float32, batch=2, images=2, prompt=32, new_tokens=8, train_tokens=32,
                          train_images=2, reps=3)
+    # the compiled decode costs ~5-50 s of compilation on a CPU: not in --quick's 2-minute budget
     return E2EConfig(preset, torch.float32, batch=4, images=4, prompt=128, new_tokens=16, train_tokens=128,
-                     train_images=4, reps=5, quant="nf4")
+                     train_images=4, reps=5, quant="nf4", compiled=True)
 
 
 # ------------------------------------------------------------------------- inputs
@@ -136,7 +138,7 @@ def open_flamingo_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row
     ref = _reference_outputs(ours, inputs, train_inputs, cfg.new_tokens, banned)
     vx, ids, mask = inputs
     tvx, tids, tmask, labels = train_inputs
-    entrants = fastflamingo_entrants(ours, inputs, train_inputs, banned, device) + [
+    entrants = fastflamingo_entrants(ours, inputs, train_inputs, banned, cfg.compiled) + [
         Entrant("open_flamingo", prefill=lambda: live(vx, ids, attention_mask=mask).logits,
                 loss=lambda: live(tvx, tids, attention_mask=tmask, labels=labels).loss,
                 params=lambda: [p for p in live.parameters() if p.requires_grad],
@@ -207,7 +209,7 @@ def idefics_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row]:
     def hf_generate(n):
         return live.generate(**hf, max_new_tokens=n, min_new_tokens=n, num_beams=1, do_sample=False,
                              suppress_tokens=list(banned))
-    entrants = fastflamingo_entrants(ours, inputs, train_inputs, banned, device) + [
+    entrants = fastflamingo_entrants(ours, inputs, train_inputs, banned, cfg.compiled) + [
         Entrant("IDEFICS", prefill=lambda: live(**hf).logits, loss=lambda: live(**hf_train, labels=labels).loss,
                 params=lambda: [p for p in live.parameters() if p.requires_grad], generate=hf_generate,
                 module=live)]
