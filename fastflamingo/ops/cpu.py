@@ -5,8 +5,8 @@ tokens of one image are contiguous. Scoring each token against all N·L keys and
 open_flamingo does) costs O(T·N·L·D); here the work is O(T·L·D), independent of the number of
 images, in one of two ways:
 
-* eager (the default): a row's tokens are cut into chunks spanning at most two images
-  (:func:`row_chunks`); each chunk scores only the keys of its images with one BLAS matmul, the
+* eager (the default): a row's tokens are cut into chunks spanning a few images
+  (:func:`row_chunks`, :func:`max_span`); each chunk scores only the keys of its images with one BLAS matmul, the
   way the Triton kernel skips key blocks. The chunks are planned on the host, which is free on
   the CPU.
 * under torch.compile (no host reads allowed in a graph): each token gathers the L keys of its
@@ -20,11 +20,18 @@ from .reference import image_causal_mask
 
 # tokens per chunk: bounds the temporary score / gathered-key tensors
 _CHUNK = 128
-# images one chunk of the eager path may span: bounds its work to _SPAN x the minimum
-_SPAN = 2
+# keys one chunk of the eager path may score: at least two images' worth (L = 64), more for small
+# images, where fewer, larger matmuls beat Python overhead. Either way a token's work is bounded
+# by max(2·L, _SPAN_KEYS)·D, whatever the number of images.
+_SPAN_KEYS = 128
 
 
-def row_chunks(tt_row: list[int], max_tokens: int = _CHUNK, max_span: int = _SPAN):
+def max_span(latents_per_media: int) -> int:
+    """How many images one chunk of the eager path may span."""
+    return max(2, _SPAN_KEYS // latents_per_media)
+
+
+def row_chunks(tt_row: list[int], max_tokens: int, max_span: int):
     """Cut one row's tokens into chunks ``(t0, t1, first_image, last_image)`` for the eager path.
 
     A chunk covers consecutive runs of tokens, at most ``max_tokens`` of them and at most
@@ -59,13 +66,14 @@ def _immediate_ranges(q, k, v, text_time, latents_per_media, scale):
         # no token sees an image: exact zeros, still connected to the inputs for autograd
         return out + (q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum())
     for b in range(B):
-        for t0, t1, first, last in row_chunks(tt_host[b]):
+        for t0, t1, first, last in row_chunks(tt_host[b], _CHUNK, max_span(L)):
             lo, hi = (first - 1) * L, last * L
-            visible = (text_time[b, t0:t1, None] == key_image[None, lo:hi])[None]  # (1, chunk, keys)
-            s = torch.matmul(q[b, :, t0:t1], k[b, :, lo:hi].transpose(-1, -2)) * scale
-            p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
-            p = p.masked_fill(~visible.any(-1, keepdim=True), 0.0)  # tokens with text_time 0
-            out[b, :, t0:t1] = torch.matmul(p, v[b, :, lo:hi])
+            tt = text_time[b, t0:t1, None]
+            none = tt == 0  # (chunk, 1): tokens with no image see every key, then get 0
+            visible = (tt == key_image[None, lo:hi]) | none
+            o = torch.nn.functional.scaled_dot_product_attention(
+                q[b, :, t0:t1], k[b, :, lo:hi], v[b, :, lo:hi], attn_mask=visible, scale=scale)
+            out[b, :, t0:t1] = o.masked_fill(none, 0.0)
     return out
 
 
