@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_suite.sh            # from the repository root; results in $OUT
 #
 # 1. installs the wheels collected in .whl/ (bitsandbytes, xformers, open_flamingo, open_clip...:
-#    ../shared/tools/gpu-wheels.sh) without network, and this package (editable, no deps: the
+#    ../shared/tools/gpu-wheels.sh hypothesis sortedcontainers attrs) without network, and this package (editable, no deps: the
 #    kernels/ folder is installed as fastflamingo.kernels, which a plain PYTHONPATH cannot do);
 # 2. runs the CUDA tests (pytest -k "cuda or gpu");
 # 3. runs `fastflamingo bench` (default on a GPU: the openflamingo-9b shape, random weights, bf16):
