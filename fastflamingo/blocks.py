@@ -229,6 +229,17 @@ class MediaState:
         return kv
 
 
+def _attend_to_media(attn: nn.Module, q: torch.Tensor, media: MediaState) -> torch.Tensor:
+    """Image-causal attention of queries q (B, H, T, D) over the media's visual K/V (projected by
+    ``attn.project_kv``, or read from the media's K/V cache) -> (B, T, H·D)."""
+    k, v = media.visual_kv(attn, attn.project_kv)
+    out = ops.image_causal_attention(
+        q, k, v, text_time=media.text_time, latents_per_media=media.visual.shape[2],
+        only_immediate=attn.only_attend_immediate_media, scale=attn.scale,
+        backend=attn.backend, validate=False)
+    return _merge_heads(out)
+
+
 class MaskedCrossAttention(nn.Module):
     """open_flamingo's image-causal cross-attention: LayerNorm, to_q, fused to_kv, to_out."""
 
@@ -253,12 +264,7 @@ class MaskedCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
         """x (B, T, D) -> (B, T, D); 0 for tokens that see no image."""
         q = _heads(self.to_q(self.norm(x)), self.heads)
-        k, v = media.visual_kv(self, self.project_kv)
-        out = ops.image_causal_attention(
-            q, k, v, text_time=media.text_time, latents_per_media=media.visual.shape[2],
-            only_immediate=self.only_attend_immediate_media, scale=self.scale,
-            backend=self.backend, validate=False)
-        return self.to_out(_merge_heads(out))
+        return self.to_out(_attend_to_media(self, q, media))
 
 
 class GatedCrossAttentionBlock(nn.Module):
@@ -309,12 +315,7 @@ class IdeficsCrossAttention(nn.Module):
         q = _heads(self.q_proj(x), self.heads)
         if self.qk_layer_norms:
             q = self.q_layer_norm(q)
-        k, v = media.visual_kv(self, self.project_kv)
-        out = ops.image_causal_attention(
-            q, k, v, text_time=media.text_time, latents_per_media=media.visual.shape[2],
-            only_immediate=self.only_attend_immediate_media, scale=self.scale,
-            backend=self.backend, validate=False)
-        return self.o_proj(_merge_heads(out))
+        return self.o_proj(_attend_to_media(self, q, media))
 
 
 class IdeficsGatedCrossAttentionBlock(nn.Module):
