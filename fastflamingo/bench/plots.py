@@ -113,7 +113,7 @@ def speedup_plot(rows: list[Row], path: str) -> str | None:
         ours = next((r for r in pts if r.provider == OURS), None)
         for r in pts:
             s = speedup(ours, r)
-            if s is not None and r.provider != OURS and "build" not in r.provider and r.provider != "roofline":
+            if s is not None and not r.provider.startswith(OURS) and "build" not in r.provider and r.provider != "roofline":
                 bars.append((f"{kernel} {mode} [{r.x}]\nvs {r.provider}", s))
     if not bars:
         return None
