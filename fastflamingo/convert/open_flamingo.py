@@ -16,15 +16,19 @@ from ..config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, Visi
 _DUPLICATE_PREFIXES = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
 
 
+def _is_duplicate(key: str, prefix: str = "") -> bool:
+    return key.startswith(tuple(prefix + p for p in _DUPLICATE_PREFIXES))
+
+
 def map_open_flamingo_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """open_flamingo state-dict keys -> fastflamingo keys (drops the duplicate registrations)."""
-    return {k: v for k, v in state_dict.items() if not k.startswith(_DUPLICATE_PREFIXES)}
+    return {k: v for k, v in state_dict.items() if not _is_duplicate(k)}
 
 
 def drop_duplicate_keys_hook(module, state_dict, prefix, *args) -> None:
-    """A load_state_dict pre-hook: an open_flamingo state dict loads with ``strict=False`` and
-    reports no spurious unexpected keys (its duplicate registrations are dropped first)."""
-    for key in [k for k in state_dict if k.startswith(tuple(prefix + p for p in _DUPLICATE_PREFIXES))]:
+    """A load_state_dict pre-hook, registered by every Flamingo: an open_flamingo state dict
+    loads as it is (its duplicate registrations are dropped first)."""
+    for key in [k for k in state_dict if _is_duplicate(k, prefix)]:
         del state_dict[key]
 
 
@@ -135,7 +139,7 @@ def _from_live(live: nn.Module, *, ln_post_on_tokens: bool | None, num_base_toke
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(hf_config)
     model = Flamingo(config, vision_encoder=live.vision_encoder, lang_encoder=lm)
-    model.load_state_dict(map_open_flamingo_state_dict(live.state_dict()), strict=True, assign=True)
+    model.load_state_dict(live.state_dict(), strict=True, assign=True)  # duplicates: drop_duplicate_keys_hook
     _fill_meta_buffers(model, live)
     if getattr(hf_config, "tie_word_embeddings", False):
         model.lang_encoder.tie_weights()
