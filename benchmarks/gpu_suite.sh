@@ -8,8 +8,8 @@
 #    kernels/ folder is installed as fastflamingo.kernels, which a plain PYTHONPATH cannot do);
 # 2. runs the CUDA tests (pytest -k "cuda or gpu");
 # 3. runs `fastflamingo bench` (default on a GPU: the openflamingo-9b shape, random weights, bf16):
-#    the kernel suite and the end-to-end suite as two processes, each with its own time limit,
-#    writing rows.csv, rows.json, table.txt and PNG plots to $OUT/kernels and $OUT/e2e.
+#    the kernel, NF4-linear and end-to-end suites as three processes, each with its own time limit,
+#    writing rows.csv, rows.json, table.txt and PNG plots to $OUT/kernels, $OUT/nf4 and $OUT/e2e.
 # Every step logs to $OUT/*.log; the script never stops at a failed step.
 set -u
 OUT=${OUT:-$PWD/gpu-results}
@@ -43,12 +43,16 @@ timeout 150 python3 -m fastflamingo.bench --suite kernels --out "$OUT/kernels" -
   > "$OUT/kernels.log" 2>&1
 echo "kernels exit $?" | tee -a "$OUT/steps.log"
 
+step "NF4 linear suite"
+timeout 60 python3 -m fastflamingo.bench --suite nf4 --out "$OUT/nf4" --no-progress > "$OUT/nf4.log" 2>&1
+echo "nf4 exit $?" | tee -a "$OUT/steps.log"
+
 step "end-to-end suite"
 timeout 170 python3 -m fastflamingo.bench --suite e2e --out "$OUT/e2e" --no-progress > "$OUT/e2e.log" 2>&1
 echo "e2e exit $?" | tee -a "$OUT/steps.log"
 
 # a suite cut off by its time limit still left rows.json: render its table and plots
-for d in kernels e2e; do
+for d in kernels nf4 e2e; do
   if [ -f "$OUT/$d/rows.json" ] && [ ! -f "$OUT/$d/table.txt" ]; then
     python3 -m fastflamingo.bench --from-json "$OUT/$d/rows.json" --out "$OUT/$d" > /dev/null 2>&1
   fi
@@ -56,4 +60,4 @@ done
 
 step "done"
 # the reply carries the end of the output: print the tables last
-tail -n 60 "$OUT/kernels/table.txt" "$OUT/e2e/table.txt" 2>/dev/null
+tail -n 60 "$OUT/kernels/table.txt" "$OUT/nf4/table.txt" "$OUT/e2e/table.txt" 2>/dev/null

@@ -14,6 +14,7 @@ from torch import nn
 
 from . import ops
 from .config import CrossAttentionConfig, ResamplerConfig
+from .distribute import to_execution_device
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -233,8 +234,9 @@ def _attend_to_media(attn: nn.Module, q: torch.Tensor, media: MediaState) -> tor
     """Image-causal attention of queries q (B, H, T, D) over the media's visual K/V (projected by
     ``attn.project_kv``, or read from the media's K/V cache) -> (B, T, H·D)."""
     k, v = media.visual_kv(attn, attn.project_kv)
+    k, v = k.to(q.device), v.to(q.device)  # no-ops on one device (see fastflamingo.distribute)
     out = ops.image_causal_attention(
-        q, k, v, text_time=media.text_time, latents_per_media=media.visual.shape[2],
+        q, k, v, text_time=media.text_time.to(q.device), latents_per_media=media.visual.shape[2],
         only_immediate=attn.only_attend_immediate_media, scale=attn.scale,
         backend=attn.backend, validate=False)
     return _merge_heads(out)
@@ -257,8 +259,9 @@ class MaskedCrossAttention(nn.Module):
         self.backend = "auto"
 
     def project_kv(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, N, L, D_vis) -> k, v (B, H, N·L, dim_head), views of one projection."""
-        k, v = self.to_kv(visual.flatten(1, 2)).chunk(2, dim=-1)
+        """(B, N, L, D_vis) -> k, v (B, H, N·L, dim_head), views of one projection, on the
+        device of ``to_kv`` (the visual KV cache stays where its block computes)."""
+        k, v = self.to_kv(to_execution_device(visual, self.to_kv).flatten(1, 2)).chunk(2, dim=-1)
         return _heads(k, self.heads), _heads(v, self.heads)
 
     def forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
@@ -305,7 +308,7 @@ class IdeficsCrossAttention(nn.Module):
         self.backend = "auto"
 
     def project_kv(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        visual = visual.flatten(1, 2)
+        visual = to_execution_device(visual, self.k_proj).flatten(1, 2)
         k = _heads(self.k_proj(visual), self.heads)
         if self.qk_layer_norms:
             k = self.k_layer_norm(k)

@@ -22,7 +22,7 @@ def create_model_and_transforms(clip_vision_encoder_path: str, clip_vision_encod
                                 use_local_files: bool = False, decoder_layers_attr_name: str | None = None,
                                 freeze_lm_embeddings: bool = False, cache_dir: str | None = None, *,
                                 ln_post_on_tokens: bool | None = None, trust_remote_code: bool = False,
-                                quantization=None, **flamingo_kwargs):
+                                quantization=None, device_map=None, max_memory=None, offload_folder=None, **flamingo_kwargs):
     """A Flamingo from an open_clip vision encoder and a Hugging Face LM, as open_flamingo builds it.
 
     Args:
@@ -39,6 +39,8 @@ def create_model_and_transforms(clip_vision_encoder_path: str, clip_vision_encod
         ln_post_on_tokens: required; whether open_clip's ``ln_post`` applies to the patch tokens.
         trust_remote_code: allow the LM's / tokenizer's own code (e.g. MosaicML's MPT repos).
         quantization: passed to :func:`fastflamingo.quant.quantize_model`.
+        device_map, max_memory, offload_folder: spread the model over devices with accelerate
+            (:func:`fastflamingo.distribute.dispatch`).
         **flamingo_kwargs: ``only_attend_immediate_media``; ``gradient_checkpointing`` is accepted
             for compatibility and ignored.
 
@@ -75,6 +77,7 @@ def create_model_and_transforms(clip_vision_encoder_path: str, clip_vision_encod
         num_base_tokens=None if freeze_lm_embeddings else 0)
     from .convert.load import finish
     from .model import Flamingo
-    model = finish(Flamingo(config, vision_encoder=visual, lang_encoder=lm), quantization=quantization)
+    model = finish(Flamingo(config, vision_encoder=visual, lang_encoder=lm), quantization=quantization,
+                   device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     record_sources(model, lang_encoder_path, (clip_vision_encoder_path, clip_vision_encoder_pretrained))
     return model, image_processor, tokenizer

@@ -11,6 +11,7 @@ from . import ops
 from .blocks import (ATTENTION_MODULES, GatedCrossAttentionBlock, IdeficsGatedCrossAttentionBlock,
                      MediaState, PerceiverResampler)
 from .config import FlamingoConfig
+from .distribute import to_execution_device
 from .convert.open_flamingo import drop_duplicate_keys_hook
 from .lm import (decoder_layers_attr_for, get_attr, lm_hidden_size, lm_intermediate_size, lm_num_heads,
                  wrap_decoder_layers)
@@ -93,9 +94,12 @@ class Flamingo(nn.Module):
 
     @classmethod
     def from_preset(cls, name: str, *, device=None, dtype: torch.dtype | None = None, seed: int = 0,
-                    quantization: str | None = None, **overrides) -> "Flamingo":
+                    quantization: str | None = None, device_map=None, max_memory=None, offload_folder=None,
+                    **overrides) -> "Flamingo":
         """A model of a named shape with random weights (see :mod:`fastflamingo.presets`);
-        ``quantization="nf4" | "int8"`` quantizes its frozen LM (:func:`fastflamingo.quant.quantize_model`)."""
+        ``quantization="nf4" | "int8"`` quantizes its frozen LM (:func:`fastflamingo.quant.quantize_model`);
+        ``device_map`` (with ``max_memory``, ``offload_folder``) spreads it over devices
+        (:func:`fastflamingo.distribute.dispatch`)."""
         from .presets import preset_config
         config = preset_config(name, **overrides)
         torch.manual_seed(seed)
@@ -103,10 +107,9 @@ class Flamingo(nn.Module):
             model = cls(config)
         if dtype is not None:
             model.to(dtype)
-        if quantization is not None:
-            from .quant import quantize_model
-            quantize_model(model, quantization)
-        return model.eval()
+        from .convert.load import finish
+        return finish(model, device=device, quantization=quantization, device_map=device_map, max_memory=max_memory,
+                      offload_folder=offload_folder)
 
     def set_trainable(self, train_embeddings: bool | None = None) -> None:
         """Freeze the vision encoder and the LM; train the resampler, the cross-attention blocks and,
@@ -150,7 +153,7 @@ class Flamingo(nn.Module):
             raise ValueError(f"vision_x has N={N} media per row but the model supports max_num_media={mx}")
         if N == 0:
             return None
-        pixels = vision_x.flatten(0, 2).to(self.vision_encoder_dtype)
+        pixels = to_execution_device(vision_x.flatten(0, 2).to(self.vision_encoder_dtype), self.vision_encoder)
         with torch.no_grad():
             feats = vision_features(self.vision_encoder, pixels, self.config.vision)
         feats = feats.reshape(B, N, F, *feats.shape[1:])
@@ -257,11 +260,13 @@ class Flamingo(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory, *, quantization=None, device=None, dtype: torch.dtype | None = None,
-                        lang_encoder=None, vision_encoder=None) -> "Flamingo":
+                        lang_encoder=None, vision_encoder=None, device_map=None, max_memory=None,
+                        offload_folder=None) -> "Flamingo":
         """Rebuild a model written by :meth:`save_pretrained` (see :mod:`fastflamingo.convert.pretrained`)."""
         from .convert.pretrained import load_pretrained
         return load_pretrained(directory, quantization=quantization, device=device, dtype=dtype,
-                               lang_encoder=lang_encoder, vision_encoder=vision_encoder)
+                               lang_encoder=lang_encoder, vision_encoder=vision_encoder, device_map=device_map,
+                               max_memory=max_memory, offload_folder=offload_folder)
 
     def generate(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor,
                  attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

@@ -10,6 +10,9 @@ eval/no-grad forward, and that kernel crashes unless ``in_features % 64 == 0`` a
 ``out_features`` is a multiple of its block (ENVIRONMENT.md): every NF4 layer of other shapes
 gets ``support_avx512bf16_for_cpu = False`` (the generic kernel), here and in
 :func:`guard_cpu_4bit` for models quantized elsewhere (e.g. transformers' BitsAndBytesConfig).
+Its native CPU dequantization also scales rows wrongly where ``in_features`` is not a multiple
+of the block size (silently wrong outputs, e.g. K = 48 or 96): those layers' CPU inputs take
+fastflamingo's reference dequantization (:mod:`fastflamingo.ops.nf4`).
 """
 from __future__ import annotations
 
@@ -41,14 +44,21 @@ def cpu_4bit_fast_path_ok(in_features: int, out_features: int) -> bool:
 
 def guard_cpu_4bit(model: nn.Module) -> int:
     """Route every bitsandbytes 4-bit layer whose shape crashes the AVX512-BF16 CPU kernel to the
-    generic kernel. Returns the number of layers changed."""
+    generic kernel, and every one whose shape bitsandbytes' CPU dequantization scales wrongly
+    (in_features not a multiple of the block size: silently wrong outputs) to fastflamingo's
+    reference dequantization (:func:`fastflamingo.ops.nf4.linear4bit_forward`) for CPU inputs.
+    Returns the number of layers changed."""
+    from .ops.nf4 import guard_cpu_dequantize
     bnb = _bnb()
     changed = 0
     for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit) and not cpu_4bit_fast_path_ok(m.in_features, m.out_features):
-            if getattr(m, "support_avx512bf16_for_cpu", False):
-                m.support_avx512bf16_for_cpu = False
-                changed += 1
+        if not isinstance(m, bnb.nn.Linear4bit):
+            continue
+        fixed = False
+        if not cpu_4bit_fast_path_ok(m.in_features, m.out_features) and getattr(m, "support_avx512bf16_for_cpu", False):
+            m.support_avx512bf16_for_cpu = False
+            fixed = True
+        changed += guard_cpu_dequantize(m) or fixed
     return changed
 
 
@@ -69,6 +79,9 @@ def _quantized_linear(linear: nn.Linear, quantization: str) -> nn.Module:
     q.weight._quantize(w.device)
     if has_bias:
         q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
+    if quantization == "nf4":
+        from .ops.nf4 import guard_cpu_dequantize
+        guard_cpu_dequantize(q)  # bitsandbytes' CPU dequantization mis-scales some shapes
     return q.train(linear.training)
 
 
@@ -87,7 +100,7 @@ def _replace_linears(root: nn.Module, quantization: str, skip: set[int], frozen_
 
 
 def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool = False,
-                   cross_attention: bool = False) -> nn.Module:
+                   cross_attention: bool = False, fused: bool = False) -> nn.Module:
     """Quantize a :class:`~fastflamingo.Flamingo` model's frozen linear layers in place.
 
     Args:
@@ -96,6 +109,9 @@ def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool =
         vision: also the vision encoder's linear layers.
         cross_attention: also the gated cross-attention blocks' layers, for inference only (they
             are what Flamingo trains): refused while ``model.training``.
+        fused: NF4 only: on CUDA, inputs of at most 16 rows (decode steps) take fastflamingo's
+            fused dequantize-matmul Triton kernel instead of bitsandbytes' own
+            (:func:`fastflamingo.ops.nf4.use_fused_nf4`); other inputs and the CPU are unchanged.
 
     Returns:
         ``model``. The LM head, the embeddings, the resampler, and any LM layer that requires
@@ -122,6 +138,11 @@ def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool =
             count += _replace_linears(block, quantization, set(), frozen_only=False)
     if count == 0:
         raise ValueError("quantize_model found no frozen nn.Linear layer to quantize in this model")
+    if fused:
+        if quantization != "nf4":
+            raise ValueError(f"fused=True is for NF4 weights; quantization={quantization!r}")
+        from .ops.nf4 import use_fused_nf4
+        use_fused_nf4(model)
     return model
 
 

@@ -11,6 +11,7 @@ from fastflamingo.generation.session import Session
 
 import peers
 from peers import EOC_ID, EOS_ID, MEDIA_ID, PAD_ID
+from prompts import batch
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,23 +31,6 @@ def tiny(**overrides):
             block.attn_gate.fill_(1.0)
             block.ff_gate.fill_(-0.5)
     return model
-
-
-def batch(model, images_per_row, lengths, seed=0):
-    """Left-padded rows: row i has lengths[i] tokens with images_per_row[i] <image> tokens at random
-    places; returns vision_x (B, N, 1, 3, 32, 32) (zeros for missing images), ids, mask."""
-    c, g = model.config, torch.Generator().manual_seed(seed)
-    B, T, N = len(lengths), max(lengths), max(max(images_per_row), 1)
-    ids = torch.full((B, T), c.pad_token_id)
-    mask = torch.zeros(B, T, dtype=torch.long)
-    for i, (n, t) in enumerate(zip(images_per_row, lengths)):
-        row = torch.randint(3, 500, (t,), generator=g)
-        row[torch.randperm(t, generator=g)[:n]] = c.media_token_id
-        ids[i, T - t:], mask[i, T - t:] = row, 1
-    vx = torch.zeros(B, N, 1, 3, 32, 32)
-    for i, n in enumerate(images_per_row):
-        vx[i, :n] = torch.randn(n, 1, 3, 32, 32, generator=g)
-    return vx, ids, mask
 
 
 @torch.no_grad()

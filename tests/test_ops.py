@@ -98,6 +98,32 @@ def test_torch_path_low_precision_by_tolerance_rule(dtype):
     assert_close_by_rule(fast, ref32, ref_lowp)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_torch_path_decode_step(dtype):
+    """T = 1 (one decode step per row) has its own path: rows before any image, at image 1, at
+    the last image, and a batch of one, forward and gradients, by the dtype's tolerance rule."""
+    L, N, H, D = 5, 3, 2, 7
+    for text_time in ([[0], [1], [3], [2]], [[3]], [[0]]):
+        tt = torch.tensor(text_time, dtype=torch.int32)
+        B = tt.shape[0]
+        g = torch.Generator().manual_seed(B)
+        q, k, v = (torch.randn(B, H, s, D, generator=g) for s in (1, N * L, N * L))
+        ref32 = reference.image_causal_attention_reference(q, k, v, tt, latents_per_media=L)
+        lowp = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+        ref_lowp = reference.image_causal_attention_reference(*lowp, tt, latents_per_media=L)
+        fast = ops.image_causal_attention(*lowp, text_time=tt, latents_per_media=L, backend="torch")
+        assert fast.dtype == dtype and fast.shape == (B, H, 1, D)
+        assert (fast[tt[:, 0] == 0] == 0).all()
+        if dtype == torch.float32:
+            torch.testing.assert_close(fast, ref32, atol=1e-6, rtol=1e-5)
+        else:
+            assert_close_by_rule(fast, ref32, ref_lowp)
+        grad = torch.randn(B, H, 1, D, generator=g).to(dtype)
+        for a, b in zip(torch.autograd.grad(fast, lowp, grad), torch.autograd.grad(ref_lowp, lowp, grad)):
+            torch.testing.assert_close(a.float(), b.float(), atol=2e-2 if dtype != torch.float32 else 1e-6,
+                                       rtol=2e-2 if dtype != torch.float32 else 1e-5)
+
+
 def test_text_time_input_equals_media_locations_input():
     q, k, v, media = make(2, 20, 4, 3, 2, 8, [[1, 2, 19], [10]], 0)
     tt = ops.text_time_from_media_locations(media)

@@ -19,7 +19,7 @@ from .plots import all_plots
 from .report import format_table
 from .rows import read_json, write_csv, write_json
 
-SUITES = ("kernels", "e2e", "all")
+SUITES = ("kernels", "e2e", "nf4", "all")
 
 
 def default_preset(device: str) -> str:
@@ -60,6 +60,9 @@ def run_bench(*, suite: str = "all", preset: str | None = None, quick: bool = Fa
         cfg = e2e_config or e2e.default_config(preset, device, quick)
         rows += e2e.run(cfg, device, progress=progress,
                         on_rows=lambda done: write_json(rows + done, files[1], meta))
+    if suite == "nf4" or (suite == "all" and torch.device(device).type == "cuda"):  # a CUDA kernel
+        from . import nf4
+        rows += nf4.run(device, quick=quick, progress=progress)
     meta["wall_s"] = round(time.perf_counter() - start, 1)
     meta["torch_threads"] = torch.get_num_threads()
     return write_outputs(rows, meta, out, plots=plots, echo=echo)

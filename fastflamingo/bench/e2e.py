@@ -171,7 +171,17 @@ def _quantized_rows(group: Group, ours, inputs, train_inputs) -> list[Row]:
     if torch.device(group.device).type == "cuda":
         torch.cuda.empty_cache()
     e = fastflamingo_entrant(f"fastflamingo {q}", model, inputs, train_inputs, group.banned)
-    return group.prefill(e, approx=True, mode=q) + group.decode(e, approx=True, mode=q)
+    rows = group.prefill(e, approx=True, mode=q) + group.decode(e, approx=True, mode=q)
+    if q == "nf4" and torch.device(group.device).type == "cuda":
+        # decode steps through fastflamingo's fused dequantize-matmul kernel (quantize_model(fused=True))
+        from ..ops.nf4 import use_fused_nf4
+        use_fused_nf4(model)
+        try:
+            fused = fastflamingo_entrant("fastflamingo nf4 fused", model, inputs, train_inputs, group.banned)
+            rows += group.decode(fused, approx=True, mode=q)
+        finally:
+            use_fused_nf4(model, 0)
+    return rows
 
 
 def idefics_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row]:

@@ -65,7 +65,7 @@ def fastflamingo_entrant(name, model, inputs, train_inputs, banned, **generate_o
                    params=lambda: [p for p in model.parameters() if p.requires_grad],
                    generate=generate if gen is not None else None,
                    why_no_generate="" if gen is not None else "fastflamingo's generate is not in this build",
-                   module=model)
+                   module=model, compiles=vx.is_cuda)  # compile="auto": the first CUDA call compiles
 
 
 def fastflamingo_entrants(model, inputs, train_inputs, banned, compiled: bool) -> list[Entrant]:

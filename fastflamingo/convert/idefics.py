@@ -101,7 +101,7 @@ def map_idefics_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, tor
 
 
 def from_idefics(source, *, media_token_id: int | None = None, dtype: torch.dtype | None = None,
-                 quantization=None):
+                 quantization=None, device_map=None, max_memory=None, offload_folder=None):
     """A fastflamingo :class:`~fastflamingo.Flamingo` computing what an IDEFICS model computes.
 
     Args:
@@ -111,6 +111,8 @@ def from_idefics(source, *, media_token_id: int | None = None, dtype: torch.dtyp
             convention, the last additional token (``vocab_size + additional_vocab_size - 1``).
         dtype: cast the model to this dtype.
         quantization: passed to :func:`fastflamingo.quant.quantize_model`.
+        device_map, max_memory, offload_folder: spread the model over devices with accelerate
+            (:func:`fastflamingo.distribute.dispatch`).
 
     The model accepts IDEFICS's inputs, ``model(input_ids=, pixel_values=, image_attention_mask=,
     attention_mask=)``, and open_flamingo's ``model(vision_x, lang_x)`` (image mask derived from
@@ -125,7 +127,8 @@ def from_idefics(source, *, media_token_id: int | None = None, dtype: torch.dtyp
     if media_token_id is None:
         media_token_id = cfg.vocab_size + cfg.additional_vocab_size - 1
     config = config_from_idefics(cfg, media_token_id=media_token_id)
-    return build_and_load(config, map_idefics_state_dict(state, cfg), dtype=dtype, quantization=quantization)
+    return build_and_load(config, map_idefics_state_dict(state, cfg), dtype=dtype, quantization=quantization,
+                          device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
 
 
 def _read_dir(directory):

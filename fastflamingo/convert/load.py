@@ -73,14 +73,15 @@ def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], *, requir
 
 def build_and_load(config: FlamingoConfig, state: dict[str, torch.Tensor], *, trainable_only: bool = False,
                    vision_encoder: nn.Module | None = None, lang_encoder: nn.Module | None = None,
-                   dtype: torch.dtype | None = None, device=None, quantization=None, hint: str = ""):
+                   dtype: torch.dtype | None = None, device=None, quantization=None, hint: str = "",
+                   device_map=None, max_memory=None, offload_folder=None):
     """Build a Flamingo of ``config`` (parts not passed are built without random initialisation)
     and load ``state`` into it, taking its tensors rather than copying them.
 
     Args:
         trainable_only: ``state`` must hold the resampler and cross-attention blocks only (the
             rest of the model comes from the encoders passed); otherwise every key of the model.
-        dtype, device, quantization: see :func:`finish`.
+        dtype, device, quantization, device_map, max_memory, offload_folder: see :func:`finish`.
         hint: appended to a :class:`CheckpointMismatchError`.
     """
     from ..model import Flamingo
@@ -93,17 +94,27 @@ def build_and_load(config: FlamingoConfig, state: dict[str, torch.Tensor], *, tr
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.lang_encoder.config, "tie_word_embeddings", False):
         model.lang_encoder.tie_weights()
-    return finish(model, dtype=dtype, device=device, quantization=quantization)
+    return finish(model, dtype=dtype, device=device, quantization=quantization, device_map=device_map,
+                  max_memory=max_memory, offload_folder=offload_folder)
 
 
-def finish(model, *, dtype: torch.dtype | None = None, device=None, quantization=None):
+def finish(model, *, dtype: torch.dtype | None = None, device=None, quantization=None, device_map=None,
+           max_memory=None, offload_folder=None):
     """The last steps of every import: trainable set, dtype/device, optional quantization (on the
-    device, as bitsandbytes needs; :func:`fastflamingo.quant.quantize_model`), eval."""
+    device, as bitsandbytes needs; :func:`fastflamingo.quant.quantize_model`), placement over
+    several devices (``device_map``: :func:`fastflamingo.distribute.dispatch`), eval."""
     model.set_trainable()
+    if device_map is not None and device is not None:
+        raise ValueError(f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})")
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("max_memory and offload_folder apply with device_map= only")
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     if quantization is not None:
         from ..quant import quantize_model
         quantized = quantize_model(model, quantization)
         model = model if quantized is None else quantized
+    if device_map is not None:
+        from ..distribute import dispatch
+        dispatch(model, device_map, max_memory=max_memory, offload_folder=offload_folder)
     return model.eval()

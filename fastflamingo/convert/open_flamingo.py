@@ -93,7 +93,8 @@ def from_open_flamingo(source, *, lang_encoder=None, vision_encoder=None, ln_pos
                        cross_attn_every_n_layers: int | None = None, tokenizer=None,
                        media_token_id: int | None = None, eoc_token_id: int | None = None,
                        num_base_tokens: int | None = None, decoder_layers_attr_name: str | None = None,
-                       trust_remote_code: bool = False, dtype: torch.dtype | None = None, quantization=None):
+                       trust_remote_code: bool = False, dtype: torch.dtype | None = None, quantization=None,
+                       device_map=None, max_memory=None, offload_folder=None):
     """A fastflamingo :class:`~fastflamingo.Flamingo` computing what an open_flamingo model does.
 
     Args:
@@ -108,6 +109,8 @@ def from_open_flamingo(source, *, lang_encoder=None, vision_encoder=None, ln_pos
             model it is read from its encoder unless given, so outputs match it.
         num_base_tokens: vocabulary size before the Flamingo tokens (to train only their rows).
         dtype, quantization: cast / quantize the result (:func:`fastflamingo.quant.quantize_model`).
+        device_map, max_memory, offload_folder: spread the result over devices with accelerate
+            (:func:`fastflamingo.distribute.dispatch`).
     """
     from .load import finish
     if not isinstance(source, nn.Module):
@@ -117,7 +120,7 @@ def from_open_flamingo(source, *, lang_encoder=None, vision_encoder=None, ln_pos
             cross_attn_every_n_layers=cross_attn_every_n_layers, tokenizer=tokenizer, media_token_id=media_token_id,
             eoc_token_id=eoc_token_id, num_base_tokens=num_base_tokens,
             decoder_layers_attr_name=decoder_layers_attr_name, trust_remote_code=trust_remote_code,
-            dtype=dtype, quantization=quantization)
+            dtype=dtype, quantization=quantization, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     unused = {k: v for k, v in dict(lang_encoder=lang_encoder, vision_encoder=vision_encoder, tokenizer=tokenizer,
                                     media_token_id=media_token_id, eoc_token_id=eoc_token_id,
                                     cross_attn_every_n_layers=cross_attn_every_n_layers,
@@ -127,7 +130,7 @@ def from_open_flamingo(source, *, lang_encoder=None, vision_encoder=None, ln_pos
                          "already holds its LM, vision encoder and token ids")
     model = _from_live(source, ln_post_on_tokens=ln_post_on_tokens, num_base_tokens=num_base_tokens)
     training = source.training
-    return finish(model, dtype=dtype, quantization=quantization).train(training)
+    return finish(model, dtype=dtype, quantization=quantization, device_map=device_map, max_memory=max_memory, offload_folder=offload_folder).train(training)
 
 
 def _from_live(live: nn.Module, *, ln_post_on_tokens: bool | None, num_base_tokens: int | None):

@@ -125,7 +125,8 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
                                   ln_post_on_tokens: bool | None = None, cross_attn_every_n_layers: int | None = None,
                                   tokenizer=None, media_token_id: int | None = None, eoc_token_id: int | None = None,
                                   num_base_tokens: int | None = None, decoder_layers_attr_name: str | None = None,
-                                  trust_remote_code: bool = False, dtype=None, quantization=None):
+                                  trust_remote_code: bool = False, dtype=None, quantization=None,
+                                  device_map=None, max_memory=None, offload_folder=None):
     """A fastflamingo model from an open_flamingo checkpoint and the models it was trained with.
 
     Args:
@@ -140,6 +141,8 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
         tokenizer: a tokenizer (or local path) to set up as open_flamingo does (adds ``<image>``,
             ``<|endofchunk|>``, resizes the LM); or give ``media_token_id`` and ``eoc_token_id``.
         num_base_tokens: vocabulary size before the Flamingo tokens (None: from the tokenizer set-up).
+        dtype, quantization, device_map, max_memory, offload_folder: see
+            :func:`fastflamingo.convert.load.finish`.
     """
     state = checkpoint if isinstance(checkpoint, dict) else load_state_file(checkpoint)
     state = map_open_flamingo_state_dict(state)
@@ -174,7 +177,8 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
             "(lang_encoder=, vision_encoder=), and leave cross_attn_every_n_layers=None to read it from the "
             "checkpoint.")
     model = build_and_load(config, state, trainable_only=True, vision_encoder=visual, lang_encoder=lm,
-                           dtype=dtype, quantization=quantization, hint=hint)
+                           dtype=dtype, quantization=quantization, hint=hint, device_map=device_map,
+                           max_memory=max_memory, offload_folder=offload_folder)
     vision_source = None
     if isinstance(vision_encoder, (str, tuple)):
         vision_source = (vision_name, None if isinstance(vision_encoder, str) else vision_encoder[1])

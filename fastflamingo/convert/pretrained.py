@@ -74,7 +74,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, trainable_only: 
 
 def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder: nn.Module | None = None,
                     quantization=None, device=None, dtype: torch.dtype | None = None,
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, device_map=None, max_memory=None, offload_folder=None):
     """Rebuild a model written by :func:`save_pretrained`.
 
     Args:
@@ -84,6 +84,8 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
             trainable-only, where no open_clip name/pretrained pair was recorded).
         quantization: passed to :func:`fastflamingo.quant.quantize_model`.
         device, dtype: where and in which dtype the model ends up.
+        device_map, max_memory, offload_folder: spread the model over devices with accelerate
+            (:func:`fastflamingo.distribute.dispatch`; after quantization).
     """
     from safetensors import safe_open
     d = Path(directory)
@@ -109,7 +111,8 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
         raise ValueError(f"{str(d)!r} holds the full model: lang_encoder= takes a module to load its weights into, "
                          f"not a path ({str(lang_encoder)!r})")
     model = build_and_load(config, state, trainable_only=trainable_only, vision_encoder=vision_encoder,
-                           lang_encoder=lang_encoder, dtype=dtype, device=device, quantization=quantization)
+                           lang_encoder=lang_encoder, dtype=dtype, device=device, quantization=quantization,
+                           device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     setattr(model, SOURCES_ATTR, sources)
     return model
 

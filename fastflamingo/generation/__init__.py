@@ -6,7 +6,7 @@ followed by the new tokens, finished rows filled with ``pad_token_id``), with:
 
 * a visual KV cache: each cross-attention layer projects the visual tokens to K/V once;
 * a static, preallocated LM KV cache where the LM family supports it, and a compiled decode
-  step (``compile=True``; CUDA graphs on GPU), else a dynamic cache;
+  step (``compile="auto"``: CUDA graphs on GPU; ``compile=True`` on the CPU too), else a dynamic cache;
 * few-shot prefix reuse (``prefix=encode_prefix(...)``): shared demonstrations encoded once;
 * logits for the prompt's last position only.
 
@@ -90,7 +90,7 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
            eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
            suppress_tokens: list[int] | None = None, generator: torch.Generator | None = None,
            visual_tokens: torch.Tensor | None = None, prefix: Prefix | None = None,
-           cache: str = "auto", compile: bool = False) -> Iterator[torch.Tensor]:
+           cache: str = "auto", compile: bool | str = "auto") -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding, one (B,) tensor of new tokens per step (finished rows get
     ``pad_token_id``) until every row has stopped or ``max_new_tokens`` steps.
 
@@ -105,7 +105,8 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
         visual_tokens: (B, N, L, D_vis) already encoded images instead of ``vision_x``.
         prefix: shared few-shot demonstrations from :func:`encode_prefix`, before every row.
         cache: ``"auto"`` | ``"static"`` | ``"dynamic"`` LM KV cache.
-        compile: compile the decode step (static cache; the first call pays the compilation).
+        compile: compile the decode step (static cache; the first call of a shape pays the
+            compilation): True, False, or ``"auto"`` (on CUDA with the static cache, not on the CPU).
         Other arguments: as Hugging Face's ``generate``.
     """
     sampling, pad = _sampling(model, eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
@@ -133,7 +134,7 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              suppress_tokens: list[int] | None = None, generator: torch.Generator | None = None,
              visual_tokens: torch.Tensor | None = None, prefix: Prefix | None = None,
-             cache: str = "auto", compile: bool = False) -> torch.Tensor:
+             cache: str = "auto", compile: bool | str = "auto") -> torch.Tensor:
     """Generate text after images and a prompt; returns (B, T + G): ``lang_x`` then the new tokens.
 
     Takes :func:`stream`'s arguments, plus beam search: ``num_beams`` > 1, ``length_penalty``,

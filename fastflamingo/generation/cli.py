@@ -44,7 +44,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--quantization", choices=["nf4", "int8"], default=None)
     p.add_argument("--cache", choices=["auto", "static", "dynamic"], default="auto")
-    p.add_argument("--compile", action="store_true", help="compile the decode step (static cache)")
+    p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
+                   help="compile the decode step (static cache); auto: on CUDA only")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -140,7 +141,8 @@ def run(args) -> int:
         ids = ids.masked_fill(mask == 0, c.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     vision = vision.to(device, model.vision_encoder_dtype) if vision.shape[1] else None
-    kw = dict(max_new_tokens=args.max_new_tokens, cache=args.cache, compile=args.compile)
+    compile_ = {"auto": "auto", "yes": True, "no": False}[args.compile]
+    kw = dict(max_new_tokens=args.max_new_tokens, cache=args.cache, compile=compile_)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     start = time.perf_counter()
     with torch.no_grad():
@@ -165,5 +167,5 @@ def run(args) -> int:
     detail = (f"first token after {first:.2f} s, then {(count - 1) / max(seconds - first, 1e-9):.1f} tokens/s"
               if ids.shape[0] == 1 and args.num_beams == 1 and count > 1 else "prefill included")
     print(f"{count} new tokens in {seconds:.2f} s ({detail}"
-          f"{'; the first compiled call compiles' if args.compile else ''})", file=sys.stderr)
+          f"{'; the first compiled call compiles' if args.compile == 'yes' else ''})", file=sys.stderr)
     return 0

@@ -18,6 +18,7 @@ import contextlib
 
 import torch
 
+from ..distribute import uses_several_devices
 from ..model import text_time_for
 from . import lm_cache
 from .prefix import Prefix
@@ -72,11 +73,14 @@ class Session:
         prefix: a shared few-shot prefix (:func:`fastflamingo.generation.encode_prefix`).
         max_new_tokens: decode steps to leave room for.
         cache: ``"static"``, ``"dynamic"`` or ``"auto"`` (static where the LM family supports it).
-        compile: compile the decode step (static cache only).
+        compile: compile the decode step (static cache only): True, False, or ``"auto"`` (on CUDA
+            where the static cache is used: CUDA graphs remove the launch overhead that dominates a
+            decode step there; not on the CPU, where compiling costs seconds per shape).
     """
 
     def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor | None, *,
-                 prefix: Prefix | None = None, max_new_tokens: int, cache: str = "auto", compile: bool = False):
+                 prefix: Prefix | None = None, max_new_tokens: int, cache: str = "auto",
+                 compile: bool | str = "auto"):
         if cache not in CACHE_MODES:
             raise ValueError(f"cache={cache!r} is not one of {CACHE_MODES}")
         lm = model.lang_encoder
@@ -85,6 +89,10 @@ class Session:
             raise ValueError(f"cache='static': {type(lm).__name__} does not support Hugging Face's StaticCache "
                              "(its modeling code is not compile-ready); use cache='dynamic' or 'auto'")
         self.static = cache == "static" or (cache == "auto" and self.call.static)
+        if compile not in (True, False, "auto"):
+            raise ValueError(f"compile={compile!r} is not one of True, False, 'auto'")
+        if compile == "auto":  # not across devices: one CUDA graph lives on one device
+            compile = self.static and ids.device.type == "cuda" and not uses_several_devices(model)
         if compile and not self.static:
             raise ValueError(f"compile=True needs the static cache, which {type(lm).__name__} does not support")
         B, T = ids.shape
@@ -100,7 +108,7 @@ class Session:
                       else lm_cache.dynamic_cache(lm))
         self._decode = _compiled_decode(device) if compile else _decode_logits
         self._guarded = False
-        self._prepare_media(ids, mask, visual, prefix)
+        self._prepare_media(ids, mask, None if visual is None else visual.detach(), prefix)
         if compile and self.visual is not None:  # image counts in one bucket share a compiled step
             self.visual, self.kv = _pad_media(self.visual, self.kv, _MEDIA_ROUND)
 
@@ -132,7 +140,8 @@ class Session:
         """Run the prompt (B, T); returns the last position's logits (B, V) in fp32."""
         kwargs = self.call.kwargs(self.cache, self._mask(self.length), self.prompt_positions, last_only=True)
         with self.model.conditioned(self.visual, self.prompt_text_time, self.kv):
-            return self.lm(input_ids=ids, **kwargs).logits[:, -1].float()
+            logits = self.lm(input_ids=ids, **kwargs).logits[:, -1].float()
+        return logits.to(ids.device)  # the LM head may sit on another device (device_map)
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -145,9 +154,11 @@ class Session:
         self.pos += 1
         kwargs = self.call.kwargs(self.cache, self._mask(self.length), self.pos)
         with self.model.conditioned(self.visual, self.tt, self.kv):
-            logits = self._run(tokens[:, None], kwargs)
+            logits = self._run(tokens[:, None].contiguous(), kwargs)  # one layout: no recompilation
         if self.eos_reset is not None:
             self.tt.masked_fill_(tokens[:, None] == self.eos_reset, 0)
+        if logits.device != tokens.device:  # the LM head on another device (device_map)
+            return logits.to(tokens.device)
         return logits.clone() if logits.is_cuda else logits
 
     def _run(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:

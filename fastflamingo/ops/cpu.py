@@ -9,6 +9,7 @@ images, in one of two ways:
   (:func:`row_chunks`, :func:`max_span`); each chunk scores only the keys of its images with one BLAS matmul, the
   way the Triton kernel skips key blocks. The chunks are planned on the host, which is free on
   the CPU.
+* a decode step (T = 1): each row's query gathers the L keys of its image, one SDPA for the batch.
 * under torch.compile (no host reads allowed in a graph): each token gathers the L keys of its
   image, chunk by chunk, with static shapes.
 """
@@ -77,6 +78,19 @@ def _immediate_ranges(q, k, v, text_time, latents_per_media, scale):
     return out
 
 
+def _immediate_one_token(q, k, v, text_time, latents_per_media, scale):
+    """T = 1 (a decode step): each row's query reads the L keys of its one image, one fused SDPA."""
+    B, H, _, D = q.shape
+    L = latents_per_media
+    N = k.shape[-2] // L
+    idx = (text_time[:, 0].long() - 1).clamp(min=0)  # rows with no image read image 1, zeroed below
+    rows = torch.arange(B, device=q.device)
+    kg = k.reshape(B, H, N, L, D)[rows, :, idx]  # (B, H, L, D)
+    vg = v.reshape(B, H, N, L, D)[rows, :, idx]
+    out = torch.nn.functional.scaled_dot_product_attention(q, kg, vg, scale=scale)
+    return out.masked_fill((text_time == 0)[:, None, :, None], 0.0)
+
+
 def _immediate_gather(q, k, v, text_time, latents_per_media, scale):
     B, H, T, D = q.shape
     L = latents_per_media
@@ -123,6 +137,8 @@ def image_causal_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not only_immediate:
         fn = _all_previous
+    elif q.shape[2] == 1:
+        fn = _immediate_one_token  # decoding: no host read, one SDPA for the batch
     elif torch.compiler.is_compiling() or q.device.type != "cpu":
         fn = _immediate_gather  # no host reads: traceable, and no device sync off the CPU
     else:

@@ -1,0 +1,112 @@
+"""Spreading one model over several devices with accelerate's ``device_map`` (and offloading).
+
+:func:`dispatch` places a built :class:`~fastflamingo.Flamingo` as Hugging Face models are placed
+by ``from_pretrained(device_map=...)``: accelerate plans which device holds which module and
+attaches hooks that move each module's inputs to its device. The units it never splits are the
+decoder layers with their cross-attention block (:class:`~fastflamingo.lm.FlamingoLayer`: a
+block and the layer after it share a device), the vision encoder, and the resampler.
+
+What no hook can see is moved where it is read: the visual tokens and ``text_time`` shared by
+all cross-attention blocks go to each block's device, and the visual K/V of a block is projected
+on the device of its weights (:func:`execution_device`), so the visual KV cache of every block
+stays on that block's device. ``"cpu"`` / ``"disk"`` entries offload those weights: they stay in
+CPU memory (or on disk) and visit the execution device for each forward.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def execution_device(module: nn.Module) -> torch.device | None:
+    """The device ``module`` computes on: its accelerate hook's execution device when it has one,
+    else the device of its first parameter that is not on ``meta``; None when neither is known
+    (offloaded weights whose hooks sit on submodules: those hooks move the inputs)."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device) if not isinstance(device, int) else torch.device("cuda", device)
+    for p in module.parameters():
+        if p.device.type != "meta":
+            return p.device
+    return None
+
+
+def to_execution_device(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``x`` on ``module``'s execution device (unchanged when unknown or already there)."""
+    device = execution_device(module)
+    return x if device is None or x.device == device else x.to(device)
+
+
+def no_split_module_classes(model: nn.Module) -> list[str]:
+    """Class names accelerate must keep whole: decoder layers with their block, the vision
+    encoder, the resampler."""
+    from .lm import FlamingoLayer
+    names = [FlamingoLayer.__name__, type(model.vision_encoder).__name__]
+    if getattr(model, "perceiver", None) is not None:
+        names.append(type(model.perceiver).__name__)
+    return names
+
+
+def infer_device_map(model: nn.Module, device_map: str = "auto", max_memory: dict | None = None) -> dict:
+    """accelerate's plan for ``model``: ``"auto"`` / ``"balanced"`` (spread evenly over the GPUs),
+    ``"balanced_low_0"`` (leave room on GPU 0 for generation), ``"sequential"`` (fill GPU 0 first).
+    ``max_memory`` as accelerate's ({0: "20GiB", "cpu": "64GiB"}); beyond it modules go to the CPU."""
+    if device_map not in DEVICE_MAP_STRATEGIES:
+        raise ValueError(f"device_map={device_map!r}: use a dict {{module name: device}} or one of "
+                         f"{DEVICE_MAP_STRATEGIES}")
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import get_balanced_memory, get_max_memory
+    no_split = no_split_module_classes(model)
+    if device_map == "sequential":
+        budget = get_max_memory(max_memory)
+    else:
+        budget = get_balanced_memory(model, max_memory, no_split_module_classes=no_split,
+                                     low_zero=device_map == "balanced_low_0")
+    return infer_auto_device_map(model, max_memory=budget, no_split_module_classes=no_split)
+
+
+def dispatch(model: nn.Module, device_map: str | dict = "auto", *, max_memory: dict | None = None,
+             offload_folder: str | None = None) -> nn.Module:
+    """Place ``model`` over devices (in place; returns it). ``device_map``: a strategy name (see
+    :func:`infer_device_map`) or a dict {module name: device} (``0``, ``"cuda:1"``, ``"cpu"``,
+    ``"disk"``), ``""`` naming the whole model. ``"disk"`` entries need ``offload_folder``.
+    The plan is kept in ``model.hf_device_map``."""
+    try:
+        from accelerate import dispatch_model
+    except ImportError as e:
+        raise ImportError("device_map needs accelerate: pip install accelerate") from e
+    if isinstance(device_map, str):
+        device_map = infer_device_map(model, device_map, max_memory)
+    elif not isinstance(device_map, dict):
+        raise TypeError(f"device_map must be a strategy name or a dict, got {type(device_map).__name__}")
+    _check_device_map(model, device_map)
+    if "disk" in device_map.values() and offload_folder is None:
+        raise ValueError("device_map puts modules on 'disk': pass offload_folder=<a directory> for their weights")
+    dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
+    model.hf_device_map = dict(device_map)
+    return model
+
+
+def _check_device_map(model: nn.Module, device_map: dict) -> None:
+    """Every parameter covered by exactly the names given; no unknown module names."""
+    names = {n for n, _ in model.named_modules()}
+    unknown = [k for k in device_map if k and k not in names]
+    if unknown:
+        raise ValueError(f"device_map names modules the model does not have: {unknown[:5]}; "
+                         "see [n for n, _ in model.named_modules()]")
+
+    def covered(param_name: str) -> bool:
+        return any(k == "" or param_name == k or param_name.startswith(k + ".") for k in device_map)
+    missing = [n for n, _ in model.named_parameters() if not covered(n)]
+    if missing:
+        raise ValueError(f"device_map leaves {len(missing)} parameters without a device, e.g. {missing[:3]}; "
+                         "name their modules (or a parent) in device_map")
+
+
+def uses_several_devices(model: nn.Module) -> bool:
+    """Whether ``model`` was dispatched over more than one device (or offloaded)."""
+    plan = getattr(model, "hf_device_map", None)
+    return bool(plan) and len({str(d) for d in plan.values()}) > 1

@@ -1,0 +1,141 @@
+"""device_map placement (fastflamingo.distribute) through accelerate's hooks.
+
+This machine has one device, so the placements here offload: modules on ``"disk"`` keep their
+weights on the meta device and receive them, through accelerate's hooks, for each forward. That
+is the machinery a multi-GPU map uses (hooks that move a module's inputs and weights to its
+execution device), and the path where fastflamingo's own reads outside a module's forward (the
+visual K/V projection, the media state shared by the cross-attention blocks) would break first.
+"""
+import copy
+
+import pytest
+import torch
+
+import fastflamingo
+from fastflamingo.distribute import dispatch, execution_device, infer_device_map, uses_several_devices
+
+pytest.importorskip("accelerate")
+
+
+def _model():
+    model = fastflamingo.Flamingo.from_preset("tiny", seed=3)
+    with torch.no_grad():  # open gates: the cross-attention output reaches the logits
+        for block in model.gated_cross_attn_layers:
+            block.attn_gate.fill_(0.7)
+            block.ff_gate.fill_(0.4)
+    return model
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 500, (3, 24), generator=g)
+    ids[:, 0] = 510
+    ids[0, 11] = 510  # row 0: two images; row 2: left padding before its image
+    ids[2, :4] = 0
+    ids[2, 4] = 510
+    mask = torch.ones_like(ids)
+    mask[2, :4] = 0
+    return torch.randn(3, 2, 1, 3, 32, 32, generator=g), ids, mask
+
+
+def _offload_map(model, disk_layers=(1, 3)):
+    """Every top unit on the CPU, the decoder layers ``disk_layers`` (those with a cross-attention
+    block in the tiny preset: 1 and 3) offloaded to disk."""
+    layers = len(model.lang_encoder.model.layers)
+    plan = {"vision_encoder": "cpu", "perceiver": "cpu", "lang_encoder.model.embed_tokens": "cpu",
+            "lang_encoder.model.norm": "cpu", "lang_encoder.model.rotary_emb": "cpu", "lang_encoder.lm_head": "cpu"}
+    plan |= {f"lang_encoder.model.layers.{i}": "disk" if i in disk_layers else "cpu" for i in range(layers)}
+    return plan
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    ref = _model()
+    placed = dispatch(copy.deepcopy(ref), _offload_map(ref), offload_folder=str(tmp_path_factory.mktemp("offload")))
+    return ref, placed
+
+
+def test_offloaded_blocks_really_are_offloaded(pair):
+    _, placed = pair
+    block = placed.lang_encoder.model.layers[1].gated_cross_attn_layer
+    assert block.attn.to_kv.weight.device.type == "meta"  # weights arrive only inside forward
+    assert execution_device(block.attn.to_kv) == torch.device("cpu")
+    assert uses_several_devices(placed) and placed.hf_device_map["lang_encoder.model.layers.1"] == "disk"
+
+
+def test_offloaded_model_gives_the_same_logits_and_loss(pair):
+    ref, placed = pair
+    vx, ids, mask = _batch()
+    with torch.no_grad():
+        want = ref(vx, ids, attention_mask=mask, labels=ids)
+        got = placed(vx, ids, attention_mask=mask, labels=ids)
+    assert torch.equal(got.logits, want.logits)
+    assert got.loss.item() == want.loss.item()
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_offloaded_model_generates_the_same_tokens(pair, cache):
+    """The visual KV cache of an offloaded block is projected inside its hooks."""
+    ref, placed = pair
+    vx, ids, mask = _batch()
+    kw = dict(max_new_tokens=6, eos_token_id=[], cache=cache)
+    assert torch.equal(placed.generate(vx, ids, mask, **kw), ref.generate(vx, ids, mask, **kw))
+    beams = dict(kw, num_beams=3)
+    assert torch.equal(placed.generate(vx, ids, mask, **beams), ref.generate(vx, ids, mask, **beams))
+
+
+def test_offloaded_model_reuses_a_prefix(pair):
+    from fastflamingo.generation import encode_prefix
+    ref, placed = pair
+    vx, ids, mask = _batch()
+    demo_vx, demo_ids = vx[1:2, :1], ids[1:2, :12]  # one image, then text
+    query = ids[:, 12:].clone()
+    query[:, 0] = 510  # each query row: its own image, then text
+    outs = []
+    for model in (ref, placed):
+        prefix = encode_prefix(model, demo_vx, demo_ids)
+        outs.append(model.generate(vx[:, 1:], query, max_new_tokens=5, eos_token_id=[], prefix=prefix))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_device_map_through_the_builders(tmp_path):
+    ref = _model()
+    ref.save_pretrained(tmp_path / "m")
+    vx, ids, mask = _batch()
+    plan = _offload_map(ref, disk_layers=(3,))
+    loaded = fastflamingo.Flamingo.from_pretrained(tmp_path / "m", device_map=plan, offload_folder=str(tmp_path / "o"))
+    auto = fastflamingo.Flamingo.from_preset("tiny", seed=3, device_map="auto")  # one device here: all on it
+    assert set(map(str, auto.hf_device_map.values())) == {"cpu"}
+    with torch.no_grad():
+        assert torch.equal(loaded(vx, ids, attention_mask=mask).logits, ref(vx, ids, attention_mask=mask).logits)
+        fresh = fastflamingo.Flamingo.from_preset("tiny", seed=3)
+        assert torch.equal(auto(vx, ids, attention_mask=mask).logits, fresh(vx, ids, attention_mask=mask).logits)
+
+
+def test_device_map_errors_name_the_problem(tmp_path):
+    model = _model()
+    with pytest.raises(ValueError, match="not both"):
+        fastflamingo.Flamingo.from_preset("tiny", device="cpu", device_map="auto")
+    with pytest.raises(ValueError, match="device_map= only"):
+        fastflamingo.Flamingo.from_preset("tiny", max_memory={"cpu": "1GiB"})
+    with pytest.raises(ValueError, match="'nowhere'"):
+        infer_device_map(model, "nowhere")
+    with pytest.raises(ValueError, match="lang_encoder.model.layers.99"):
+        dispatch(model, {"": "cpu", "lang_encoder.model.layers.99": "cpu"})
+    partial = {k: v for k, v in _offload_map(model).items() if k != "perceiver"}
+    with pytest.raises(ValueError, match="perceiver"):
+        dispatch(model, partial)
+    with pytest.raises(ValueError, match="offload_folder"):
+        dispatch(model, _offload_map(model))
+
+
+def test_compile_auto_is_off_on_the_cpu_and_across_devices(pair):
+    from fastflamingo.generation.session import Session, _decode_logits
+    ref, placed = pair
+    vx, ids, mask = _batch()
+    for model in (ref, placed):
+        visual = model.encode_vision(vx)
+        session = Session(model, ids, mask, visual, max_new_tokens=2, cache="static")
+        assert session._decode is _decode_logits
+    with pytest.raises(ValueError, match="'sometimes'"):
+        Session(ref, ids, mask, None, max_new_tokens=2, compile="sometimes")
