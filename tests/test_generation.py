@@ -276,6 +276,14 @@ def test_cli_generate_preset_and_saved_model_with_tokenizer(tmp_path, capsys):
                  "--num-beams", "2"]) == 0
     out, _ = capsys.readouterr()
     assert out.startswith("[0] w") and "\n[1] " in out
+    # --device-map (one device here: accelerate places everything on the CPU) gives the same tokens
+    args = ["generate", "--preset", "tiny", "--random-images", "1", "--prompt-ids", "510 17 42", "--max-new-tokens", "3"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--device-map", "auto"]) == 0
+    assert capsys.readouterr().out == plain
+    with pytest.raises(SystemExit, match="not both"):
+        main(args + ["--device-map", "auto", "--device", "cpu"])
 
 
 def test_interleaved_streams_do_not_share_a_static_cache():

@@ -46,7 +46,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cache", choices=["auto", "static", "dynamic"], default="auto")
     p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
                    help="compile the decode step (static cache); auto: on CUDA only")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="spread the model over the GPUs (and CPU memory beyond them) with accelerate")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
@@ -74,10 +76,14 @@ def _images(sources: list[str], size: int, generator: torch.Generator) -> torch.
 def _load(args):
     from ..model import Flamingo
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    if args.device_map is not None and args.device is not None:
+        raise SystemExit("give --device or --device-map, not both")
+    where = dict(device_map=args.device_map) if args.device_map else dict(
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.preset:
-        return Flamingo.from_preset(args.preset, device=args.device, dtype=dtype, quantization=args.quantization,
-                                    seed=args.seed), None
-    model = Flamingo.from_pretrained(args.model, quantization=args.quantization, device=args.device, dtype=dtype)
+        return Flamingo.from_preset(args.preset, dtype=dtype, quantization=args.quantization, seed=args.seed,
+                                    **where), None
+    model = Flamingo.from_pretrained(args.model, quantization=args.quantization, dtype=dtype, **where)
     try:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -131,10 +137,13 @@ def _show(tokens: list[int], tokenizer) -> str:
 
 
 def run(args) -> int:
+    from ..distribute import execution_device
     from . import encode_prefix, generate, stream
     torch.manual_seed(args.seed)
     model, tokenizer = _load(args)
-    c, device = model.config, torch.device(args.device)
+    c = model.config
+    # the inputs go where the token embeddings compute (the first device of a device map)
+    device = execution_device(model.lang_encoder.get_input_embeddings()) or torch.device("cpu")
     g = torch.Generator().manual_seed(args.seed)
     pre_ids, pre_images, ids, mask, vision = _requests(args, tokenizer, c.vision.image_size, g)
     if c.pad_token_id is not None:
