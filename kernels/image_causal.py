@@ -301,20 +301,27 @@ def _block_sizes(q: torch.Tensor, latents_per_media: int, only_immediate: bool,
     a key block much larger than an image would mostly load keys nobody in the tile sees.
     Query tiles shrink for heads over 128 or fp32 (registers), for short T (decoding, T = 1),
     and when full-size tiles would leave the GPU's multiprocessors with less than two programs
-    each. Unmeasured starting points: tune them on the GPU with the benchmarks.
+    each. fp32 takes exact ("ieee") dots, which the GPU runs as FMA loops holding their operands
+    in registers: smaller tiles and 8 warps, which compile for sm_90 without register spills in
+    Triton 3.6 and 3.8 (``benchmarks/compile_check.py``; 64-key blocks spilled). Unmeasured
+    starting points: tune them on the GPU with the benchmarks.
     """
     B, H, T, D = q.shape
     block_d = padded_head_dim(D)
     block_n = min(64, max(16, triton.next_power_of_2(latents_per_media))) if only_immediate else 64
     block_m = max_block_m
+    fp32 = q.dtype == torch.float32
     if block_d > 128:
         block_n, block_m = min(block_n, 32), block_m // 2
-    elif q.dtype == torch.float32:
+    elif fp32:
         block_m //= 2
+    if fp32:
+        block_m = min(block_m, 64 if block_d <= 64 else 32)
+        block_n = min(block_n, 32 if block_d <= 64 else 16)
     if block_m > 64 and triton.cdiv(T, block_m) * B * H < 2 * num_sms(q.device):
         block_m //= 2
     block_m = min(block_m, max(16, triton.next_power_of_2(T)))
-    num_warps = 8 if block_d > 64 else 4
+    num_warps = 8 if block_d > 64 or fp32 else 4
     return block_m, block_n, block_d, num_warps
 
 

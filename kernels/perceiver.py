@@ -45,18 +45,41 @@ __all__ = ["perceiver_fwd", "perceiver_bwd", "empty_bshd", "INTERPRET", "DTYPES"
 _SPLIT_GRANULE = 64
 
 
-def _configs(gpu: list[tuple[int, int, int]]) -> list[triton.Config]:
-    """(BLOCK_N, num_warps, num_stages) triples -> autotune configs; one under the interpreter,
-    where autotuning with more than one config fails (no GPU to time on)."""
+def _configs(table: dict[tuple[bool, bool], list[tuple[int, int, int]]]) -> list[triton.Config]:
+    """Every (BLOCK_N, num_warps, num_stages) triple of ``table`` -> autotune configs; one under
+    the interpreter, where autotuning with more than one config fails (no GPU to time on)."""
+    gpu = list(dict.fromkeys(t for triples in table.values() for t in triples))
     if INTERPRET:
         gpu = [(64, 4, 1)]
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n, w, s in gpu]
 
 
+def _prune(table: dict[tuple[bool, bool], list[tuple[int, int, int]]]):
+    """Autotune pruning: the configs of ``table[(fp32, BLOCK_D > 64)]`` (all of them under the
+    interpreter, which has one)."""
+    def prune(configs, named_args, **kwargs):
+        if INTERPRET:
+            return configs
+        want = table[(kwargs["DOT_PRECISION"] == "ieee", kwargs["BLOCK_D"] > 64)]
+        return [c for c in configs if (c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in want]
+    return prune
+
+
 # Both kernels are memory-bound at the resampler's shapes (L = 64 queries per head, D = 64):
-# the candidates trade pipelining depth against registers.
-_FWD_CONFIGS = _configs([(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 3), (64, 8, 2)])
-_BWD_CONFIGS = _configs([(32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 4, 2), (64, 8, 1), (64, 8, 2)])
+# the candidates trade pipelining depth against registers. Keyed by (fp32, BLOCK_D > 64): each
+# list holds only configs that compile for sm_90 without register spills in Triton 3.6 and 3.8
+# at the BLOCK_M the launchers pick for 64 latents and heads of 64 and 96
+# (``benchmarks/compile_check.py``; heads of 256 still spill in the backward). fp32 takes exact
+# ("ieee") dots, which the GPU runs as FMA loops holding their operands in registers: small key
+# blocks and 8 warps; the backward of bf16 / fp16 heads over 64 spills with 4 warps.
+_FWD_16BIT = [(64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 3), (32, 4, 3), (64, 8, 2)]
+_FWD_FP32 = [(16, 8, 2), (16, 8, 3), (32, 8, 2)]
+_FWD_TABLE = {(False, False): _FWD_16BIT, (False, True): _FWD_16BIT, (True, False): _FWD_FP32, (True, True): _FWD_FP32}
+_BWD_TABLE = {(False, False): [(32, 4, 1), (32, 4, 2), (64, 4, 1), (64, 4, 2), (64, 8, 1), (64, 8, 2)],
+              (False, True): [(16, 8, 2), (32, 8, 1), (32, 8, 2), (64, 8, 2)],
+              (True, False): [(16, 8, 1), (16, 8, 2)], (True, True): [(16, 8, 1), (32, 8, 1)]}
+_FWD_CONFIGS = _configs(_FWD_TABLE)
+_BWD_CONFIGS = _configs(_BWD_TABLE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,7 +108,8 @@ def _fwd_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, n_keys, 
     return acc, m_i, l_i
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["L", "V", "D"])
+@triton.autotune(configs=_FWD_CONFIGS, key=["L", "V", "D"],
+                 prune_configs_by={"early_config_prune": _prune(_FWD_TABLE)})
 @triton.jit
 def _perceiver_fwd_kernel(
         Q, KM, VM, KL, VL, O, LSE,
@@ -191,7 +215,8 @@ def _bwd_source(dq, q, do, lse2, delta,
     return dq
 
 
-@triton.autotune(configs=_BWD_CONFIGS, key=["L", "V", "D", "SINGLE_M"])
+@triton.autotune(configs=_BWD_CONFIGS, key=["L", "V", "D", "SINGLE_M"],
+                 prune_configs_by={"early_config_prune": _prune(_BWD_TABLE)})
 @triton.jit
 def _perceiver_bwd_kernel(
         Q, KM, VM, KL, VL, O, DO, LSE, DQ, DKM, DVM, DKL, DVL,
@@ -296,10 +321,15 @@ def _check_inputs(q, k_media, v_media, k_latents, v_latents) -> None:
 def _block_m(q: torch.Tensor, block_m: int | None) -> int:
     """Query tile: all L latents in one tile up to 128 (the resampler has 64; the backward then
     keeps dq in registers), unless a (BLOCK_M, BLOCK_D) tile would pass 32 KiB (fp32 with heads
-    over 128), which would not leave shared memory for the backward's other tiles."""
+    over 128), which would not leave shared memory for the backward's other tiles. fp32 heads
+    over 64 take 16 rows: exact fp32 dots are FMA loops with their operands in registers, and
+    larger tiles spill on sm_90 (``benchmarks/compile_check.py``)."""
     if block_m is not None:
         return block_m
-    cap = max(16, 32768 // (padded_head_dim(q.shape[-1]) * q.element_size()))
+    block_d = padded_head_dim(q.shape[-1])
+    cap = max(16, 32768 // (block_d * q.element_size()))
+    if q.dtype == torch.float32 and block_d > 64:
+        cap = 16
     return min(128, cap, max(16, triton.next_power_of_2(q.shape[2])))
 
 
