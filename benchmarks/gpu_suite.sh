@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole benchmark suite on one GPU machine (H100 / H200), in under 6 minutes.
+# The whole benchmark suite on one GPU machine (H100 / H200), in under 8 minutes.
 #
 #   bash benchmarks/gpu_suite.sh            # from the repository root; results in $OUT
 #
