@@ -108,6 +108,17 @@ def test_e2e_refuses_wrong_logits():
                                          params=lambda: [])) is not None
 
 
+def test_train_stage_leaves_the_weights_as_checked():
+    """The timed AdamW steps must not change the weights the later stages (the quantized models,
+    the peers sharing tensors) are checked and timed with."""
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    before = w.detach().clone()
+    group = e2e.Group("x", [], {"loss": 1.0}, SMALL_E2E, "cpu", False)
+    rows = group.train(e2e.Entrant("e", prefill=None, loss=lambda: (w ** 2).sum(), params=lambda: [w]), None)
+    assert rows[0].median is not None and rows[0].median > 0
+    assert torch.equal(w.detach(), before)
+
+
 def _emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
     """varlen attention segment by segment with SDPA (what the CUDA kernel computes), so the
     packing, cu_seqlens and unpacking of the varlen provider are tested on the CPU."""

@@ -45,20 +45,20 @@ class E2EConfig:
     train_tokens: int
     train_images: int
     reps: int
-    quant: str | None = None  # "nf4": also fastflamingo with NF4 weights (fastflamingo.quant)
+    quant: tuple[str, ...] | str | None = None  # also fastflamingo with these weights: "nf4", "int8"
     compiled: bool = False  # also fastflamingo's compiled static-cache decode (compiled in the check call)
 
 
 def default_config(preset: str, device: str, quick: bool) -> E2EConfig:
     if torch.device(device).type == "cuda":
         return E2EConfig(preset, torch.bfloat16, batch=4, images=8, prompt=512, new_tokens=32,
-                         train_tokens=256, train_images=5, reps=2 if quick else 3, quant="nf4", compiled=True)
+                         train_tokens=256, train_images=5, reps=2 if quick else 3, quant=("nf4",), compiled=True)
     if quick:
         return E2EConfig(preset, torch.float32, batch=2, images=2, prompt=32, new_tokens=8, train_tokens=32,
                          train_images=2, reps=3)
     # the compiled decode costs ~5-50 s of compilation on a CPU: not in --quick's 2-minute budget
     return E2EConfig(preset, torch.float32, batch=4, images=4, prompt=128, new_tokens=16, train_tokens=128,
-                     train_images=4, reps=5, quant="nf4", compiled=True)
+                     train_images=4, reps=5, quant=("nf4", "int8"), compiled=True)
 
 
 # ------------------------------------------------------------------------- inputs
@@ -153,17 +153,23 @@ def open_flamingo_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row
 
 
 def _quantized_rows(group: Group, ours, inputs, train_inputs) -> list[Row]:
-    """fastflamingo with ``cfg.quant`` weights (quantized in place, after the 16-bit stages):
-    prefill and decode, checked against the 16-bit reference within the NF4 bound."""
-    q = group.cfg.quant
-    if not q:
-        return []
+    """fastflamingo with each of ``cfg.quant``'s weights (after the 16-bit stages; the last one
+    quantizes ``ours`` in place, the others a copy): prefill and decode, checked against the
+    16-bit reference within the NF4 bound."""
+    modes = (group.cfg.quant,) if isinstance(group.cfg.quant, str) else tuple(group.cfg.quant or ())
+    rows = []
+    for i, q in enumerate(modes):
+        rows += _one_quantized(group, ours if i == len(modes) - 1 else copy.deepcopy(ours), q, inputs, train_inputs)
+    return rows
+
+
+def _one_quantized(group: Group, model, q: str, inputs, train_inputs) -> list[Row]:
     if not (importlib.util.find_spec("fastflamingo.quant") and has_module("bitsandbytes")):
         return [group.row("e2e prefill", f"fastflamingo {q}", "time_ms", mode=q,
                           status="n/a: fastflamingo.quant (quantize_model) is not in this build")]
     from ..quant import quantize_model
     try:
-        model = quantize_model(ours, q)
+        model = quantize_model(model, q)
     except Exception as ex:  # noqa: BLE001 - reported in the table
         return [group.row("e2e prefill", f"fastflamingo {q}", "time_ms", mode=q,
                           status=f"n/a: quantize_model failed: {type(ex).__name__}: {str(ex)[:120]}")]

@@ -208,6 +208,9 @@ class Group:
         if failure:
             return [self.row("e2e train step", e.name, "time_ms", status=f"FAILED: {failure}")]
         params = e.params()
+        # the steps change the weights (shared with the other entrants, and used by the later
+        # quantized stages): put them back afterwards, so every stage sees the checked weights
+        saved = [p.detach().clone() for p in params]
         opt = torch.optim.AdamW(params, lr=1e-5)
 
         def step():
@@ -218,6 +221,10 @@ class Group:
         _, peak, how = peak_memory_call(step, self.device)  # the first step also allocates AdamW's state
         _, t = measure_calls(step, self.device, self.cfg.reps)
         del opt
+        with torch.no_grad():
+            for p, w in zip(params, saved):
+                p.copy_(w)
+        del saved
         n = sum(p.numel() for p in params)
         note = f"AdamW over {n / 1e6:.1f}M trainable parameters"
         return [self.row("e2e train step", e.name, "time_ms", note=note).with_timing(t),
