@@ -9,8 +9,8 @@ import torch
 from fastflamingo import Flamingo, from_idefics
 from fastflamingo.convert.cli import add_parser
 
-from peers_idefics import (EOS_ID, IMAGE_ID, PAD_ID, VOCAB, idefics_inputs, idefics_model, idefics_tokenizer,
-                           text_time_from_image_mask)
+from peers_idefics import (EOS_ID, IMAGE_ID, PAD_ID, VOCAB, idefics_config, idefics_inputs, idefics_model,
+                           idefics_tokenizer, text_time_from_image_mask)
 
 # every option on and off at least once, in different combinations
 CONFIGS = [
@@ -102,3 +102,16 @@ def test_round_trip_through_fastflamingo_format(tmp_path):
 def test_not_an_idefics_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         from_idefics(tmp_path)
+
+
+def test_import_keeps_every_tensor_on_the_weights_device():
+    """Tensors a state dict does not hold (non-persistent buffers: the vision embeddings'
+    position ids, the LM's rotary frequencies) follow the imported weights' device: an IDEFICS
+    model on a GPU gave a CPU ``position_ids`` buffer and an embedding lookup across devices.
+    Checked with the meta device, which this CPU machine has."""
+    from transformers import IdeficsForVisionText2Text
+    with torch.device("meta"):
+        live = IdeficsForVisionText2Text(idefics_config())
+    ours = from_idefics(live, media_token_id=live.config.vocab_size)
+    wrong = [n for n, t in [*ours.named_parameters(), *ours.named_buffers()] if t.device.type != "meta"]
+    assert not wrong, wrong[:5]

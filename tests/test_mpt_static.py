@@ -127,6 +127,8 @@ def test_lm_forward_unchanged_and_class_untouched():
     the class and other instances are untouched; a deepcopy runs its own weights."""
     from transformers import DynamicCache, StaticCache
     from transformers.models.mpt.modeling_mpt import MptAttention
+
+    from fastflamingo.generation.lm_cache import LMCall
     class_forward = MptAttention.forward
     lm = peers.tiny_lm("mpt")
     other = peers.tiny_lm("mpt", seed=1)
@@ -144,8 +146,9 @@ def test_lm_forward_unchanged_and_class_untouched():
             masks = [torch.cat([mask, mask.new_zeros(2, 53)], 1)] * 5
         else:
             cache, masks = DynamicCache(config=model.config), [mask[:, :n] for n in range(7, 12)]
-        steps = [model(input_ids=ids[:, :7], cache=cache, use_cache=True, attention_mask=masks[0]).logits]
-        steps += [model(input_ids=ids[:, n:n + 1], cache=cache, use_cache=True, attention_mask=masks[n - 6]).logits
+        arg = {LMCall(model).cache_arg: cache}  # `cache`, or `past_key_values` before transformers 5.2x
+        steps = [model(input_ids=ids[:, :7], use_cache=True, attention_mask=masks[0], **arg).logits]
+        steps += [model(input_ids=ids[:, n:n + 1], use_cache=True, attention_mask=masks[n - 6], **arg).logits
                   for n in range(7, 11)]
         return plain, torch.cat(steps, 1)
 

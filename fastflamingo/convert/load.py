@@ -94,6 +94,12 @@ def build_and_load(config: FlamingoConfig, state: dict[str, torch.Tensor], *, tr
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.lang_encoder.config, "tie_word_embeddings", False):
         model.lang_encoder.tie_weights()
+    if device is None and device_map is None:
+        # tensors the state does not hold (non-persistent buffers: position ids, rotary
+        # frequencies) were built on the CPU: put them where the loaded weights are
+        devices = {t.device for t in state.values() if torch.is_tensor(t)}
+        if len(devices) == 1 and next(iter(devices)).type != "cpu":
+            model.to(next(iter(devices)))
     return finish(model, dtype=dtype, device=device, quantization=quantization, device_map=device_map,
                   max_memory=max_memory, offload_folder=offload_folder)
 

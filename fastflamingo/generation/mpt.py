@@ -75,17 +75,21 @@ def alibi_bias(position_bias: torch.Tensor, key_length: int, length: torch.Tenso
 def forward(self, hidden_states: torch.Tensor, position_bias: torch.Tensor, cache=None,
             attention_mask: torch.Tensor | None = None, **kwargs):
     """``MptAttention.forward`` (transformers 5.x) with the static-cache ALiBi of :func:`alibi_bias`;
-    any call without a static cache runs the original forward."""
+    any call without a static cache runs the original forward. transformers before the rename
+    (5.1x, e.g. 5.17) passes the cache as ``past_key_values``: taken under either name."""
+    name = "cache"
+    if cache is None and "past_key_values" in kwargs:
+        name, cache = "past_key_values", kwargs.pop("past_key_values")
     if cache is None or not getattr(cache, "is_compileable", False):
-        return type(self).forward(self, hidden_states, position_bias, cache=cache, attention_mask=attention_mask,
-                                  **kwargs)
+        return type(self).forward(self, hidden_states, position_bias, attention_mask=attention_mask,
+                                  **{name: cache}, **kwargs)
     batch_size, seq_length = hidden_states.shape[:2]
     mixed_qkv = self.Wqkv(hidden_states)
     if self.clip_qkv:
         mixed_qkv = mixed_qkv.clamp(min=-self.clip_qkv, max=self.clip_qkv)
     query_states, key_states, value_states = (t.reshape(batch_size, seq_length, self.n_heads, self.head_dim)
                                               .transpose(1, 2) for t in mixed_qkv.chunk(3, dim=2))
-    key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+    key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
     attention_scores = torch.matmul(query_states, key_states.transpose(-1, -2)) * self.softmax_scale
     if position_bias is not None:
         length = cache.get_seq_length(self.layer_idx)  # a tensor: tokens held, this call's included
