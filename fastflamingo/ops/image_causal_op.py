@@ -101,5 +101,27 @@ def image_causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not use_triton("image_causal_attention", q, backend, lambda: _kernels().INTERPRET):
         return image_causal_attention_torch(q, k, v, text_time, latents_per_media=latents_per_media,
                                             only_immediate=only_immediate, scale=scale)
-    out, _ = _image_causal_attention(q, k, v, text_time, int(latents_per_media), bool(only_immediate), scale)
-    return out
+    options = (int(latents_per_media), bool(only_immediate), scale)
+    if torch.compiler.is_compiling():
+        out, _ = _image_causal_attention(q, k, v, text_time, *options)
+        return out
+    return _EagerImageCausal.apply(q, k, v, text_time, *options)
+
+
+class _EagerImageCausal(torch.autograd.Function):
+    """The same kernels as the custom op, for eager calls: a custom op's eager dispatch cost
+    ~100-200 us of host time per call on the H100 machine (torch 2.11; benchmarks/RESULTS.md),
+    several times the kernel's own GPU time. torch.compile traces the custom op instead."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, text_time, latents_per_media, only_immediate, scale):
+        out, lse = _kernels().image_causal_fwd(q, k, v, text_time, latents_per_media, only_immediate, scale)
+        ctx.save_for_backward(q, k, v, text_time, out, lse)
+        ctx.options = (latents_per_media, only_immediate, scale)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, text_time, out, lse = ctx.saved_tensors
+        dq, dk, dv = _kernels().image_causal_bwd(dout, q, k, v, out, lse, text_time, *ctx.options)
+        return dq, dk, dv, None, None, None, None

@@ -268,8 +268,12 @@ def nf4_linear(x: torch.Tensor, weight_packed: torch.Tensor, quant_state, bias: 
     if _use_triton(x, rows, backend):
         w = _packed_bytes(weight_packed, qt)
         x2 = x if x.dim() == 2 else x.reshape(rows, qt.in_features)
-        y = _nf4_linear_op(x2, w, qt.absmax, qt.code, qt.absmax2, qt.code2, qt.offset, bias,
-                           qt.out_features, qt.in_features, qt.blocksize, qt.blocksize2)
+        args = (x2, w, qt.absmax, qt.code, qt.absmax2, qt.code2, qt.offset, bias)
+        grad = torch.is_grad_enabled() and (x2.requires_grad or (bias is not None and bias.requires_grad))
+        if grad or torch.compiler.is_compiling():
+            y = _nf4_linear_op(*args, qt.out_features, qt.in_features, qt.blocksize, qt.blocksize2)
+        else:  # inference, eager: the kernel without the custom op's eager dispatch cost (~100 us, H100)
+            y = _kernels().nf4_matmul(*args, qt.out_features, qt.blocksize, qt.blocksize2)
         return y.reshape(*lead, qt.out_features)
     if backend == "auto" and (x.is_cuda or qt.in_features % qt.blocksize == 0):
         try:
