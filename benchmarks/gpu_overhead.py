@@ -113,6 +113,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_overhead: needs a CUDA GPU (it times the Triton kernels and their launch)")
+        return
     os.makedirs(a.out, exist_ok=True)
     results = {}
     for name, fns in cases():

@@ -1,63 +1,78 @@
 #!/usr/bin/env bash
-# The whole benchmark suite on one GPU machine (H100 / H200), in under 9 minutes.
+# The benchmark suite on one GPU machine (H100 / H200), in two parts that each fit one call.
 #
-#   bash benchmarks/gpu_suite.sh            # from the repository root; results in $OUT
+#   bash benchmarks/gpu_suite.sh kernels   # CUDA tests, kernel suite, NF4 linear, overhead probe (~7 min)
+#   bash benchmarks/gpu_suite.sh e2e       # end-to-end suite: two 9B groups, compiled decode (~8 min)
+#   bash benchmarks/gpu_suite.sh all       # both (more than one 10-minute device call)
+#
+# From the repository root. Results go to $WORK (default /tmp/gpu-results) and, packed in one
+# file, to $OUT/gpu-results-<part>.tgz when $OUT is set (the device tool brings back 8 files at
+# most); the tables are printed at the end.
 #
 # 1. installs the wheels collected in .whl/ (bitsandbytes, xformers, open_flamingo, open_clip...:
-#    ../shared/tools/gpu-wheels.sh hypothesis sortedcontainers attrs) without network, and this package (editable, no deps: the
-#    kernels/ folder is installed as fastflamingo.kernels, which a plain PYTHONPATH cannot do);
-# 2. runs the CUDA tests (pytest -k "cuda or gpu"; 120 s: every kernel variant compiles on first use);
-# 3. runs `fastflamingo bench` (default on a GPU: the openflamingo-9b shape, random weights, bf16):
-#    the kernel, NF4-linear and end-to-end suites as three processes, each with its own time limit,
-#    writing rows.csv, rows.json, table.txt and PNG plots to $OUT/kernels, $OUT/nf4 and $OUT/e2e.
-# Every step logs to $OUT/*.log; the script never stops at a failed step.
+#    ../shared/tools/gpu-wheels.sh hypothesis sortedcontainers attrs) without network, and this
+#    package (editable, no deps: the kernels/ folder is installed as fastflamingo.kernels, which a
+#    plain PYTHONPATH cannot do);
+# 2. kernels: the CUDA tests (pytest -k "cuda or gpu"; 120 s: every kernel variant compiles on
+#    first use), `fastflamingo bench --suite kernels` and `--suite nf4`, and
+#    benchmarks/gpu_overhead.py (launch / dispatch / kernel time of one call);
+# 3. e2e: `fastflamingo bench --suite e2e` (default on a GPU: the openflamingo-9b shape and the
+#    IDEFICS-9B shape, random weights, bf16; rows are kept per finished group).
+# Every step logs to $WORK/*.log; the script never stops at a failed step.
 set -u
-OUT=${OUT:-$PWD/gpu-results}
-mkdir -p "$OUT"
+PART=${1:-all}
+case "$PART" in kernels|e2e|all) ;; *) echo "usage: bash benchmarks/gpu_suite.sh kernels|e2e|all" >&2; exit 2;; esac
+WORK=${WORK:-/tmp/gpu-results}
+mkdir -p "$WORK"
 T0=$(date +%s)
-step() { echo "== $(($(date +%s) - T0)) s: $*" | tee -a "$OUT/steps.log"; }
+step() { echo "== $(($(date +%s) - T0)) s: $*" | tee -a "$WORK/steps.log"; }
 
 step "install wheels and fastflamingo"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl > "$OUT/install.log" 2>&1
+  python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl > "$WORK/install.log" 2>&1
   export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
 fi
-if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$OUT/install.log" 2>&1; then
+if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$WORK/install.log" 2>&1; then
   # no setuptools build here: point the package at kernels/ in this throw-away checkout instead
   ln -sfn ../kernels fastflamingo/kernels
   export PYTHONPATH=$PWD:${PYTHONPATH:-}
 fi
-python3 -c "import json, fastflamingo.info as i; print(json.dumps(i.collect(), indent=1))" > "$OUT/info.json" 2>&1
+export PYTHONUNBUFFERED=1
+python3 -c "import json, fastflamingo.info as i; print(json.dumps(i.collect(), indent=1))" > "$WORK/info.json" 2>&1
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv \
-  > "$OUT/gpu.csv" 2>&1
+  > "$WORK/gpu.csv" 2>&1
 
-step "CUDA tests"
-# (a test module whose imports are missing there, e.g. hypothesis, must not stop the others)
-timeout 120 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors tests -k "cuda or gpu" \
-  > "$OUT/tests.log" 2>&1
-echo "tests exit $?" | tee -a "$OUT/steps.log"
-tail -3 "$OUT/tests.log"
-
-step "kernel suite"
-timeout 150 python3 -m fastflamingo.bench --suite kernels --out "$OUT/kernels" --no-progress \
-  > "$OUT/kernels.log" 2>&1
-echo "kernels exit $?" | tee -a "$OUT/steps.log"
-
-step "end-to-end suite"
-timeout 200 python3 -m fastflamingo.bench --suite e2e --out "$OUT/e2e" --no-progress > "$OUT/e2e.log" 2>&1
-echo "e2e exit $?" | tee -a "$OUT/steps.log"
-
-step "NF4 linear suite"
-timeout 45 python3 -m fastflamingo.bench --suite nf4 --out "$OUT/nf4" --no-progress > "$OUT/nf4.log" 2>&1
-echo "nf4 exit $?" | tee -a "$OUT/steps.log"
-
-# a suite cut off by its time limit still left rows.json: render its table and plots
-for d in kernels nf4 e2e; do
-  if [ -f "$OUT/$d/rows.json" ] && [ ! -f "$OUT/$d/table.txt" ]; then
-    python3 -m fastflamingo.bench --from-json "$OUT/$d/rows.json" --out "$OUT/$d" > /dev/null 2>&1
+bench() {  # bench <suite> <seconds>
+  step "$1 suite"
+  timeout "$2" python3 -m fastflamingo.bench --suite "$1" --out "$WORK/$1" --no-progress > "$WORK/$1.log" 2>&1
+  echo "$1 exit $?" | tee -a "$WORK/steps.log"
+  # a suite cut off by its time limit still left rows.json: render its table and plots
+  if [ -f "$WORK/$1/rows.json" ] && [ ! -f "$WORK/$1/table.txt" ]; then
+    python3 -m fastflamingo.bench --from-json "$WORK/$1/rows.json" --out "$WORK/$1" > /dev/null 2>&1
   fi
-done
+}
+
+if [ "$PART" != e2e ]; then
+  step "CUDA tests"
+  # (a test module whose imports are missing there, e.g. hypothesis, must not stop the others)
+  timeout 120 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors tests -k "cuda or gpu" \
+    > "$WORK/tests.log" 2>&1
+  echo "tests exit $?" | tee -a "$WORK/steps.log"
+  tail -3 "$WORK/tests.log"
+  bench kernels 150
+  bench nf4 45
+  step "overhead probe"
+  timeout 75 python3 benchmarks/gpu_overhead.py --out "$WORK/overhead" > "$WORK/overhead.log" 2>&1
+  echo "overhead exit $?" | tee -a "$WORK/steps.log"
+fi
+if [ "$PART" != kernels ]; then
+  bench e2e 480
+fi
 
 step "done"
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu-results-$PART.tgz" -C "$WORK" . && cp "$WORK/steps.log" "$OUT/"
+fi
 # the reply carries the end of the output: print the tables last
-tail -n 60 "$OUT/kernels/table.txt" "$OUT/nf4/table.txt" "$OUT/e2e/table.txt" 2>/dev/null
+grep -v "hot_spots" "$WORK/overhead.log" 2>/dev/null | head -20
+tail -n 60 "$WORK/kernels/table.txt" "$WORK/nf4/table.txt" "$WORK/e2e/table.txt" 2>/dev/null
