@@ -233,8 +233,7 @@ class MediaState:
 def _attend_to_media(attn: nn.Module, q: torch.Tensor, media: MediaState) -> torch.Tensor:
     """Image-causal attention of queries q (B, H, T, D) over the media's visual K/V (projected by
     ``attn.project_kv``, or read from the media's K/V cache) -> (B, T, H·D)."""
-    k, v = media.visual_kv(attn, attn.project_kv)
-    k, v = k.to(q.device), v.to(q.device)  # no-ops on one device (see fastflamingo.distribute)
+    k, v = media.visual_kv(attn, attn.project_kv)  # on the block's device (project_kv)
     out = ops.image_causal_attention(
         q, k, v, text_time=media.text_time.to(q.device), latents_per_media=media.visual.shape[2],
         only_immediate=attn.only_attend_immediate_media, scale=attn.scale,

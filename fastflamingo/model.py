@@ -105,11 +105,9 @@ class Flamingo(nn.Module):
         torch.manual_seed(seed)
         with torch.device(device) if device is not None else contextlib.nullcontext():
             model = cls(config)
-        if dtype is not None:
-            model.to(dtype)
         from .convert.load import finish
-        return finish(model, device=device, quantization=quantization, device_map=device_map, max_memory=max_memory,
-                      offload_folder=offload_folder)
+        return finish(model, dtype=dtype, device=device, quantization=quantization, device_map=device_map,
+                      max_memory=max_memory, offload_folder=offload_folder)
 
     def set_trainable(self, train_embeddings: bool | None = None) -> None:
         """Freeze the vision encoder and the LM; train the resampler, the cross-attention blocks and,

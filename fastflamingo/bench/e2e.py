@@ -45,7 +45,7 @@ class E2EConfig:
     train_tokens: int
     train_images: int
     reps: int
-    quant: tuple[str, ...] | str | None = None  # also fastflamingo with these weights: "nf4", "int8"
+    quant: tuple[str, ...] = ()  # also fastflamingo with these weights: "nf4", "int8"
     compiled: bool = False  # also fastflamingo's compiled static-cache decode (compiled in the check call)
 
 
@@ -156,7 +156,7 @@ def _quantized_rows(group: Group, ours, inputs, train_inputs) -> list[Row]:
     """fastflamingo with each of ``cfg.quant``'s weights (after the 16-bit stages; the last one
     quantizes ``ours`` in place, the others a copy): prefill and decode, checked against the
     16-bit reference within the NF4 bound."""
-    modes = (group.cfg.quant,) if isinstance(group.cfg.quant, str) else tuple(group.cfg.quant or ())
+    modes = group.cfg.quant
     rows = []
     for i, q in enumerate(modes):
         rows += _one_quantized(group, ours if i == len(modes) - 1 else copy.deepcopy(ours), q, inputs, train_inputs)
