@@ -127,7 +127,12 @@ def _dt(name):
 
 
 def image_causal_points(quick: bool):
-    """(label, callable running the launcher) for the image-causal cross-attention."""
+    """(label, callable running the launcher) for the image-causal cross-attention. Its forward
+    and backward kernels are autotuned: the recorder builds every config their autotuners are
+    offered at each point (:func:`image_causal._launch_configs`, with autotuning on whatever
+    ``FASTFLAMINGO_AUTOTUNE`` says here), so the check covers whatever they may pick on the GPU.
+    T = 1 (decoding) launches take the heuristic config alone; T = 300 is a length that is not
+    a multiple of 16 (Triton specialises on that)."""
     import torch
 
     from fastflamingo.kernels import image_causal as ic
@@ -139,8 +144,17 @@ def image_causal_points(quick: bool):
     Ns = (32,) if quick else (4, 32, 64)
     dts = ("bf16",) if quick else ("bf16", "fp16", "fp32")
     grid = [(T, D, L, N, "") for T in Ts for D in Ds for L in Ls for N in Ns]
-    if not quick:  # the largest head the kernels take (MAX_HEAD_DIM), beyond the benchmark grid
+    if not quick:
+        grid += [(300, D, 64, 4, "") for D in Ds]
+        # the largest head the kernels take (MAX_HEAD_DIM), beyond the benchmark grid
         grid += [(T, MAX_HEAD_DIM, 64, 32, " (extra)") for T in (1, 2048)]
+
+    def autotuned(launch):
+        saved, ic.autotune_enabled = ic.autotune_enabled, lambda: True
+        try:
+            launch()
+        finally:
+            ic.autotune_enabled = saved
     for T, D, L, N, tag in grid:
         for immediate in (True, False):
             for dt in dts:
@@ -161,8 +175,8 @@ def image_causal_points(quick: bool):
                     tt = torch.zeros(B, T, dtype=torch.int32)
                     ic.image_causal_bwd(do, q, k, v, o, lse, tt, L, immediate, D ** -0.5)
 
-                yield "image_causal", f"fwd {shape}", fwd
-                yield "image_causal", f"bwd {shape}", bwd
+                yield "image_causal", f"fwd {shape}", lambda fwd=fwd: autotuned(fwd)
+                yield "image_causal", f"bwd {shape}", lambda bwd=bwd: autotuned(bwd)
 
 
 def perceiver_points(quick: bool):
@@ -212,28 +226,34 @@ def perceiver_points(quick: bool):
 
 def nf4_points(quick: bool):
     """The NF4 linear: the bench's (N, K) weights x M rows (bf16, nested statistics, blocksize
-    64, no bias), plus a few other paths users reach (fp16 / fp32 x, a bias, plain statistics,
-    32 rows, and K not a multiple of 32: the general path)."""
+    64, no bias), plus the other paths users reach: every row count class (BLOCK_M is M up to 4,
+    then 8 and 16; 32 rows take two M tiles), fp16 / fp32 x, a bias with plain statistics,
+    blocksize 128, a small N that splits K (fp32 atomics), and K not a multiple of 32 (the
+    general path). The aligned launches are autotuned: every candidate config the autotuner may
+    time (``nf4.TUNE_CONFIGS`` after its pruning) is built."""
     import torch
 
     from fastflamingo.bench import nf4 as bench_nf4
     from fastflamingo.kernels import nf4 as k4
     shapes = bench_nf4.SHAPES[:1] if quick else bench_nf4.SHAPES
     rows = (1, 16) if quick else bench_nf4.ROWS
-    points = [(N, K, M, "bf16", True, False, "bench") for N, K in shapes for M in rows]
+    points = [(N, K, M, "bf16", True, False, 64, "bench") for N, K in shapes for M in rows]
     if not quick:
-        points += [(4096, 4096, 32, "bf16", True, False, "extra"),
-                   (4096, 4096, 16, "fp16", True, False, "extra"),
-                   (4096, 4096, 16, "fp32", True, False, "extra"),
-                   (4096, 4096, 16, "bf16", False, True, "extra"),
-                   (4096, 4100, 16, "bf16", True, False, "extra"),
-                   (4096, 4100, 32, "fp32", True, False, "extra")]
-    blocksize = 64
-    for N, K, M, dt, nested, bias, tag in points:
+        points += [(4096, 4096, M, "bf16", True, False, 64, "extra") for M in (2, 3, 8, 32)]
+        points += [(4096, 4096, 4, "fp16", True, False, 64, "extra"),
+                   (4096, 4096, 4, "fp32", True, False, 64, "extra"),
+                   (4096, 4096, 16, "fp32", True, False, 64, "extra"),
+                   (4096, 4096, 4, "bf16", False, True, 64, "extra"),
+                   (4096, 4096, 4, "bf16", True, False, 128, "extra"),
+                   (1024, 4096, 4, "bf16", True, True, 64, "extra"),
+                   (4096, 4100, 4, "bf16", True, False, 64, "extra"),
+                   (4096, 4100, 16, "fp32", True, False, 64, "extra")]
+    for N, K, M, dt, nested, bias, blocksize, tag in points:
         dtype = _dt(dt)
-        label = f"N={N} K={K} M={M} {dt} {'nested' if nested else 'plain'}{' bias' if bias else ''} ({tag})"
+        label = (f"N={N} K={K} M={M} {dt} {'nested' if nested else 'plain'}{' bias' if bias else ''}"
+                 f"{'' if blocksize == 64 else f' bs={blocksize}'} ({tag})")
 
-        def run(N=N, K=K, M=M, dtype=dtype, nested=nested, bias=bias):
+        def run(N=N, K=K, M=M, dtype=dtype, nested=nested, bias=bias, blocksize=blocksize):
             x = _meta(M, K, dtype=dtype)
             w = _meta((N * K + 1) // 2, 1, dtype=torch.uint8)
             nblocks = -(-N * K // blocksize)

@@ -5,8 +5,12 @@
 For the image-causal cross-attention, the Perceiver attention and the NF4 linear, at benchmark
 shapes, in bf16: ``triton.testing.do_bench`` of the raw Triton launcher, of the custom op and of
 the public function; the host time per call (a loop of calls, one synchronisation at the end);
-the kernels' own GPU time per call (torch.profiler's device time); and the Python functions
-that take the host time of the public call (cProfile). Writes ``DIR/overhead.json``.
+the kernels' own GPU time per call (torch.profiler's device time); the benchmark suite's GPU time
+per call (``graph_us``: CUDA-graph replay, L2 flushed, :mod:`fastflamingo.bench.timing`; where the
+capture fails, ``graph_method`` says ``events`` and ``graph_fallback`` why); and the Python
+functions that take the host time of the public call (cProfile). The first case, ``graph floor``,
+is a one-element add: what graph replay reports for (almost) no GPU work. Writes
+``DIR/overhead.json``.
 """
 from __future__ import annotations
 
@@ -50,6 +54,18 @@ def bench_us(fn) -> float:
     return do_bench(fn, warmup=25, rep=100) * 1e3
 
 
+def graph_us(fn) -> dict:
+    """The benchmark suite's own GPU timing of ``fn`` (CUDA-graph replay; events if the capture fails)."""
+    from fastflamingo.bench.timing import measure
+    fn()
+    t = measure(fn, "cuda")
+    out = dict(graph_us=round(t.median * 1e3, 1), graph_p20_p80_us=[round(t.p20 * 1e3, 1), round(t.p80 * 1e3, 1)],
+               graph_method=t.method)
+    if t.fallback:
+        out["graph_fallback"] = t.fallback
+    return out
+
+
 def hot_spots(fn, n: int = 200) -> str:
     fn()
     pr = cProfile.Profile()
@@ -71,6 +87,8 @@ def cases():
     from fastflamingo.ops.image_causal_op import _image_causal_attention
     dev, bf = "cuda", torch.bfloat16
     g = torch.Generator().manual_seed(0)
+    one = torch.zeros(1, device=dev)
+    yield "graph floor (1-element add)", {"x.add_(1)": lambda: one.add_(1)}
     for B, N, T in ((8, 32, 2048), (8, 4, 256)):
         H, D, L = 8, 64, 64
         q = torch.randn(B, H, T, D, device=dev, dtype=bf)
@@ -126,7 +144,12 @@ def main() -> None:
                                   gpu_us=round(gpu_us(fn), 1))
             except Exception as e:  # noqa: BLE001 - reported
                 row[label] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            try:
+                row[label].update(graph_us(fn))
+            except Exception as e:  # noqa: BLE001 - reported
+                row[label]["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
             print(f"{name:36s} {label:14s} {row[label]}", flush=True)
+        torch.cuda.empty_cache()
         public = fns.get("public")
         if public is not None:
             row["hot_spots"] = hot_spots(public)

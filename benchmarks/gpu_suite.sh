@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark suite on one GPU machine (H100 / H200), in two parts that each fit one call.
 #
-#   bash benchmarks/gpu_suite.sh kernels   # CUDA tests, kernel suite, NF4 linear, overhead probe (~7 min)
+#   bash benchmarks/gpu_suite.sh kernels   # CUDA tests, kernel suite, NF4 linear, overhead probe (~8.5 min)
 #   bash benchmarks/gpu_suite.sh e2e       # end-to-end suite: two 9B groups, compiled decode (~8 min)
 #   bash benchmarks/gpu_suite.sh all       # both (more than one 10-minute device call)
 #
@@ -13,11 +13,14 @@
 #    ../shared/tools/gpu-wheels.sh hypothesis sortedcontainers attrs) without network, and this
 #    package (editable, no deps: the kernels/ folder is installed as fastflamingo.kernels, which a
 #    plain PYTHONPATH cannot do);
-# 2. kernels: the CUDA tests (pytest -k "cuda or gpu"; 120 s: every kernel variant compiles on
-#    first use), `fastflamingo bench --suite kernels` and `--suite nf4`, and
-#    benchmarks/gpu_overhead.py (launch / dispatch / kernel time of one call);
+# 2. kernels: the CUDA tests (pytest -k "cuda or gpu"; <= 150 s: every kernel variant compiles on
+#    first use, every autotune candidate of the image-causal kernel is checked), `fastflamingo
+#    bench --suite kernels` (200 s; GPU time by CUDA-graph replay, the first launch of each shape
+#    class autotunes) and `--suite nf4` (75 s), and benchmarks/gpu_overhead.py (60 s: launch /
+#    dispatch / kernel time of one call);
 # 3. e2e: `fastflamingo bench --suite e2e` (default on a GPU: the openflamingo-9b shape and the
-#    IDEFICS-9B shape, random weights, bf16; rows are kept per finished group).
+#    IDEFICS-9B shape, random weights, bf16; rows are kept per finished group), with one more
+#    profiled call per stage: GPU time by kind of kernel in $WORK/breakdown/.
 # Every step logs to $WORK/*.log; the script never stops at a failed step.
 set -u
 PART=${1:-all}
@@ -55,17 +58,19 @@ bench() {  # bench <suite> <seconds>
 if [ "$PART" != e2e ]; then
   step "CUDA tests"
   # (a test module whose imports are missing there, e.g. hypothesis, must not stop the others)
-  timeout 120 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors tests -k "cuda or gpu" \
+  timeout 150 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors tests -k "cuda or gpu" \
     > "$WORK/tests.log" 2>&1
   echo "tests exit $?" | tee -a "$WORK/steps.log"
   tail -3 "$WORK/tests.log"
-  bench kernels 150
-  bench nf4 45
+  bench kernels 200
+  bench nf4 75
   step "overhead probe"
-  timeout 75 python3 benchmarks/gpu_overhead.py --out "$WORK/overhead" > "$WORK/overhead.log" 2>&1
+  timeout 60 python3 benchmarks/gpu_overhead.py --out "$WORK/overhead" > "$WORK/overhead.log" 2>&1
   echo "overhead exit $?" | tee -a "$WORK/steps.log"
 fi
 if [ "$PART" != kernels ]; then
+  # one more profiled call per end-to-end stage: GPU time by kind of kernel (fastflamingo.bench.breakdown)
+  export FASTFLAMINGO_BREAKDOWN="$WORK/breakdown"
   bench e2e 480
 fi
 
@@ -75,4 +80,4 @@ if [ -n "${OUT:-}" ]; then
 fi
 # the reply carries the end of the output: print the tables last
 grep -v "hot_spots" "$WORK/overhead.log" 2>/dev/null | head -20
-tail -n 60 "$WORK/kernels/table.txt" "$WORK/nf4/table.txt" "$WORK/e2e/table.txt" 2>/dev/null
+tail -n 60 "$WORK/kernels/table.txt" "$WORK/nf4/table.txt" "$WORK/e2e/table.txt" "$WORK/breakdown/breakdown.txt" 2>/dev/null

@@ -7,7 +7,7 @@ import contextlib
 import torch
 from torch import nn
 
-from . import ops
+from . import mpt, ops
 from .blocks import (ATTENTION_MODULES, GatedCrossAttentionBlock, IdeficsGatedCrossAttentionBlock,
                      MediaState, PerceiverResampler)
 from .config import FlamingoConfig
@@ -76,6 +76,7 @@ class Flamingo(nn.Module):
         n_layers = len(get_attr(self.lang_encoder, self.decoder_layers_attr))
         blocks = [self._make_block(i) if config.has_cross_attention(i) else None for i in range(n_layers)]
         wrap_decoder_layers(self.lang_encoder, self.decoder_layers_attr, blocks, self._media)
+        mpt.prepare(self.lang_encoder)  # an MPT LM's attention as one SDPA call (fastflamingo.mpt)
         self.gated_cross_attn_layers = [b for b in blocks if b is not None]  # plain list: no duplicate keys
         # open_flamingo checkpoints hold every block twice: load_state_dict drops the copies
         self.register_load_state_dict_pre_hook(drop_duplicate_keys_hook)

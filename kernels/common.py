@@ -68,6 +68,19 @@ def padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def autotune_enabled() -> bool:
+    """Whether a launch may time several configs on first use of a shape class: on a GPU unless
+    ``FASTFLAMINGO_AUTOTUNE=0`` (read at each launch); never under the interpreter."""
+    return not INTERPRET and os.environ.get("FASTFLAMINGO_AUTOTUNE", "1") != "0"
+
+
+def tune_bench(kernel_call, quantiles):
+    """The autotuners' timer: ``triton.testing.do_bench`` with 5 ms of warm-up and 25 ms of
+    repetitions per config (Triton's defaults: 25 / 100 ms). A shape class's first launch times
+    every candidate config; these kernels run for microseconds, so 25 ms holds hundreds of runs."""
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
 def num_sms(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device, 0 for others (torch caches the properties:
     no sync, no query per call)."""

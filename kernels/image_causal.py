@@ -24,11 +24,22 @@ Design (memory-bound op: every choice is about reading q, k, v once and skipping
   The query range of each image comes from an on-device search: ``searchsorted`` on
   ``cummax(text_time)`` gives the first token whose image is >= m, for every m.
 
+Launch configs: key blocks are sized to one image (BLOCK_N, fixed by L); on a GPU Triton's
+autotuner picks the query tile, warps and pipeline stages (BLOCK_M, num_warps, num_stages) of the
+forward and of the backward's main kernel among spill-free candidates, the heuristic's
+(``_block_sizes``) among them, once per (T and B·H rounded up to powers of two, L, head size,
+dtype, mode). ``FASTFLAMINGO_AUTOTUNE=0`` (read at each launch) turns that off: the heuristic
+config only, no timing runs. Small launches (under one wave of programs) and the interpreter
+always take the heuristic config. Timing runs repeat a launch on its real arguments, which is
+safe: every output element is written once, never accumulated (no reset between runs).
+
 Under the Triton interpreter (``TRITON_INTERPRET=1``, the CPU) bf16 arithmetic and bf16
 ``tl.dot`` are wrong, so bf16 tiles are upcast to fp32 at load there (``UPCAST``); on a GPU
 the dots run in the input dtype on the tensor cores, fp32 inputs with exact ("ieee") dots.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -37,10 +48,134 @@ import triton.language as tl
 # INTERPRET: the kernels are defined for Triton's interpreter; LOG2E: they work in base 2;
 # DTYPES, MAX_HEAD_DIM: what they take (larger heads would not fit a tile in registers)
 # (load_tile / store_tile get HEAD_DIM with EVEN_D=False: the head-dim mask always applies)
-from .common import (DTYPES, INTERPRET, LOG2E, MAX_HEAD_DIM, bhs_strides, check_dtype_and_head_dim,
-                     check_row_offsets, dtype_options, load_tile, num_sms, padded_head_dim, slab, store_tile)
+from .common import (DTYPES, INTERPRET, LOG2E, MAX_HEAD_DIM, autotune_enabled, bhs_strides,
+                     check_dtype_and_head_dim, check_row_offsets, dtype_options, load_tile, num_sms,
+                     padded_head_dim, slab, store_tile, tune_bench)
 
 __all__ = ["image_causal_fwd", "image_causal_bwd", "image_query_start", "INTERPRET", "DTYPES", "MAX_HEAD_DIM"]
+
+
+# ----------------------------------------------------------------------------- launch configs
+
+
+def _block_sizes(q: torch.Tensor, latents_per_media: int, only_immediate: bool,
+                 *, max_block_m: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for queries q (B, H, T, D) from its head size,
+    dtype and length, and the image size: the heuristic launch (with 2 stages), which is what
+    runs without autotuning.
+
+    BLOCK_D is the head size padded to a power of two (>= 16, tl.dot's minimum). In immediate
+    mode a token sees L keys, so key blocks are sized to L (a power of two between 16 and 64):
+    a key block much larger than an image would mostly load keys nobody in the tile sees.
+    Query tiles shrink for heads over 128 or fp32 (registers), for short T (decoding, T = 1),
+    and when full-size tiles would leave the GPU's multiprocessors with less than two programs
+    each. fp32 takes exact ("ieee") dots, which the GPU runs as FMA loops holding their operands
+    in registers: smaller tiles and 8 warps, which compile for sm_90 without register spills in
+    Triton 3.6 and 3.8 (``benchmarks/compile_check.py``; 64-key blocks spilled).
+    """
+    B, H, T, D = q.shape
+    block_d = padded_head_dim(D)
+    block_n = min(64, max(16, triton.next_power_of_2(latents_per_media))) if only_immediate else 64
+    block_m = max_block_m
+    fp32 = q.dtype == torch.float32
+    if block_d > 128:
+        block_n, block_m = min(block_n, 32), block_m // 2
+    elif fp32:
+        block_m //= 2
+    if fp32:
+        block_m = min(block_m, 64 if block_d <= 64 else 32)
+        block_n = min(block_n, 32 if block_d <= 64 else 16)
+    if block_m > 64 and triton.cdiv(T, block_m) * B * H < 2 * num_sms(q.device):
+        block_m //= 2
+    block_m = min(block_m, max(16, triton.next_power_of_2(T)))
+    num_warps = 8 if block_d > 64 or fp32 else 4
+    return block_m, block_n, block_d, num_warps
+
+
+def _stages(block_m: int, num_warps: int, stages=(1, 2, 3)) -> list[tuple[int, int, int]]:
+    """(block_m, num_warps, s) for each number of pipeline stages s."""
+    return [(block_m, num_warps, s) for s in stages]
+
+
+# What autotuning may offer, as (BLOCK_M, num_warps, num_stages), by (backward, fp32, BLOCK_D
+# class: 64 for heads up to 64, 128, 256). Each list holds the heuristic's configs at long T and
+# only triples that compile for sm_90 without register spills in Triton 3.6 and 3.8 with every
+# BLOCK_N the heuristic pairs with them (``benchmarks/compile_check.py`` builds every one).
+# BLOCK_N stays the heuristic's (key blocks sized to one image). What is missing spilled in one
+# version at some point: bf16 / fp16 forward 128-token tiles with 4 warps for heads over 64, the
+# backward's 128-token tiles but for (128, 8 warps, 1 stage) at heads up to 64, and for fp32
+# (exact dots: FMA loops with their operands in registers) every alternative to the heuristic's
+# (32, 8, 2) for heads over 64, 4 warps in the backward, (32, 8, 2) in the forward at head 64.
+_TUNE_TABLE = {
+    (False, False, 64): _stages(128, 4) + _stages(128, 8) + _stages(64, 4) + _stages(64, 8),
+    (False, False, 128): _stages(128, 8) + _stages(64, 8) + _stages(64, 4),
+    (False, False, 256): _stages(64, 8) + _stages(32, 8),
+    (False, True, 64): _stages(64, 8, (2, 3)) + _stages(32, 8, (1, 3)) + _stages(32, 4),
+    (False, True, 128): [(32, 8, 2)],
+    (False, True, 256): [(32, 8, 2)],
+    (True, False, 64): _stages(64, 4) + _stages(64, 8) + _stages(32, 4, (2,)) + _stages(32, 8, (2,)) + [(128, 8, 1)],
+    (True, False, 128): _stages(64, 8) + _stages(32, 8) + _stages(32, 4, (2,)),
+    (True, False, 256): _stages(32, 8),
+    (True, True, 64): _stages(32, 8),
+    (True, True, 128): [(32, 8, 2)],
+    (True, True, 256): [(32, 8, 2)],
+}
+
+
+def _launch_configs(q: torch.Tensor, latents_per_media: int, only_immediate: bool,
+                    *, backward: bool) -> list[tuple[int, int, int]]:
+    """(BLOCK_M, num_warps, num_stages) candidates for one launch, the heuristic's first.
+
+    Only the heuristic's without autotuning, and for launches of less than one program per
+    multiprocessor at 64-token tiles (decoding, short prompts, small batches): their time is
+    mostly launch latency, not worth seconds of compiling and timing the candidates.
+    """
+    block_m, _, block_d, num_warps = _block_sizes(q, latents_per_media, only_immediate,
+                                                  max_block_m=64 if backward else 128)
+    heuristic = (block_m, num_warps, 2)
+    B, H, T, _ = q.shape
+    if not autotune_enabled() or B * H * triton.cdiv(T, 64) < num_sms(q.device):
+        return [heuristic]
+    fits = max(16, triton.next_power_of_2(T))
+    table = _TUNE_TABLE[(backward, q.dtype == torch.float32, max(64, block_d))]
+    return [heuristic] + [c for c in table if c[0] <= fits and c != heuristic]
+
+
+def _tune_configs() -> list[triton.Config]:
+    """Every config the kernels' autotuners may be offered; :func:`_prune` keeps a launch's."""
+    triples = dict.fromkeys((m, w, s) for m in (16, 32, 64, 128) for w in (4, 8) for s in (1, 2, 3))
+    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in triples]
+
+
+# what changes the best config (with the dtypes, which Triton's autotuner adds itself)
+_TUNE_KEY = ["T_BUCKET", "BH_BUCKET", "L", "HEAD_DIM", "IMMEDIATE"]
+
+
+def _prune(backward: bool):
+    """Autotune pruning: the configs of :func:`_launch_configs` for this launch."""
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        want = _launch_configs(args["Q"], args["L"], args["IMMEDIATE"], backward=backward)
+        return [c for triple in want for c in configs
+                if (c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) == triple]
+    return prune
+
+
+def _tune_buckets(q: torch.Tensor) -> dict:
+    """The autotune key's size classes: T and B·H rounded up to powers of two (>= 16, so that
+    Triton specialises them alike), so that a new length re-tunes only in a new class."""
+    B, H, T, _ = q.shape
+    return dict(T_BUCKET=max(16, triton.next_power_of_2(T)), BH_BUCKET=max(16, triton.next_power_of_2(B * H)))
+
+
+def _launch(kernel, grid, configs: list[tuple[int, int, int]], *args, **meta) -> None:
+    """Run autotuned ``kernel`` with the one config of ``configs`` (no timing runs, no autotuner),
+    or let its autotuner time them (its pruning offers exactly ``configs``)."""
+    if len(configs) == 1:
+        block_m, num_warps, num_stages = configs[0]
+        kernel.fn[grid](*args, **meta, BLOCK_M=block_m, num_warps=num_warps, num_stages=num_stages)
+    else:
+        kernel[grid](*args, **meta)
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -76,9 +211,11 @@ def _query_tile(q_base, tt_row, m0, T, stride_qt, L, NKEYS, IMMEDIATE: tl.conste
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T
+    # q before text_time: both loads are then in flight together, and the first key block's,
+    # which waits for text_time's reduction, follows one memory round trip later, not two
+    q = load_tile(q_base, offs_m, stride_qt, m_ok, offs_d, HEAD_DIM, False, UPCAST)
     tt = tl.load(tt_row + offs_m, mask=m_ok, other=0)
     k_lo, k_hi = _visible_key_range(tt, L, NKEYS, IMMEDIATE)
-    q = load_tile(q_base, offs_m, stride_qt, m_ok, offs_d, HEAD_DIM, False, UPCAST)
     return offs_m, offs_d, m_ok, tt, q, k_lo, k_hi
 
 
@@ -99,16 +236,19 @@ def _key_block(q, tt, k_base, v_base, start_n, k_hi, stride_kn, stride_vn, offs_
 
 # ----------------------------------------------------------------------------- forward
 
+@triton.autotune(configs=_tune_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune(False)},
+                 do_bench=tune_bench)
 @triton.jit
 def _fwd_kernel(Q, K, V, TT, Out, Lse,
                 stride_qb, stride_qh, stride_qt,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
                 stride_ob, stride_oh, stride_ot,
-                H, T, NKEYS, L, qk_scale_log2,
+                H, T, NKEYS, L, qk_scale_log2, T_BUCKET, BH_BUCKET,
                 IMMEDIATE: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # T_BUCKET, BH_BUCKET: the autotune key's size classes (unused here).
     # 1-D grid, tiles fastest: neighbouring programs share (b, h) and mostly the same image's
     # K/V in L2, and B·H is not limited to the 65535 of a second grid axis.
     n_tiles = tl.cdiv(T, BLOCK_M)
@@ -246,6 +386,8 @@ def _bwd_dq(q_base, k_base, v_base, do_base, dq_base, tt_row, lse_row, delta_row
     store_tile(dq_base, dq * sm_scale, offs_m, stride_dqt, m_ok, offs_d, HEAD_DIM, False)
 
 
+@triton.autotune(configs=_tune_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune(True)},
+                 do_bench=tune_bench)
 @triton.jit
 def _bwd_kernel(Q, K, V, DO, TT, Lse, Delta, QStart, DQ, DK, DV,
                 stride_qb, stride_qh, stride_qt,
@@ -255,11 +397,12 @@ def _bwd_kernel(Q, K, V, DO, TT, Lse, Delta, QStart, DQ, DK, DV,
                 stride_dqb, stride_dqh, stride_dqt,
                 stride_dkb, stride_dkh, stride_dkn,
                 stride_dvb, stride_dvh, stride_dvn,
-                H, T, NKEYS, L, qk_scale_log2, sm_scale,
+                H, T, NKEYS, L, qk_scale_log2, sm_scale, T_BUCKET, BH_BUCKET,
                 IMMEDIATE: tl.constexpr, HEAD_DIM: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                 UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One launch, per batch·head: cdiv(N·L, BLOCK_N) dK/dV programs, then cdiv(T, BLOCK_M) dQ ones."""
+    """One launch, per batch·head: cdiv(N·L, BLOCK_N) dK/dV programs, then cdiv(T, BLOCK_M) dQ ones.
+    T_BUCKET, BH_BUCKET: the autotune key's size classes (unused here)."""
     n_kv = tl.cdiv(NKEYS, BLOCK_N)
     n_per_bh = n_kv + tl.cdiv(T, BLOCK_M)
     pid = tl.program_id(0)
@@ -290,40 +433,6 @@ def _bwd_kernel(Q, K, V, DO, TT, Lse, Delta, QStart, DQ, DK, DV,
 
 
 # ----------------------------------------------------------------------------- host side
-
-def _block_sizes(q: torch.Tensor, latents_per_media: int, only_immediate: bool,
-                 *, max_block_m: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_D, num_warps) for queries q (B, H, T, D) from its head size,
-    dtype and length, and the image size.
-
-    BLOCK_D is the head size padded to a power of two (>= 16, tl.dot's minimum). In immediate
-    mode a token sees L keys, so key blocks are sized to L (a power of two between 16 and 64):
-    a key block much larger than an image would mostly load keys nobody in the tile sees.
-    Query tiles shrink for heads over 128 or fp32 (registers), for short T (decoding, T = 1),
-    and when full-size tiles would leave the GPU's multiprocessors with less than two programs
-    each. fp32 takes exact ("ieee") dots, which the GPU runs as FMA loops holding their operands
-    in registers: smaller tiles and 8 warps, which compile for sm_90 without register spills in
-    Triton 3.6 and 3.8 (``benchmarks/compile_check.py``; 64-key blocks spilled). Unmeasured
-    starting points: tune them on the GPU with the benchmarks.
-    """
-    B, H, T, D = q.shape
-    block_d = padded_head_dim(D)
-    block_n = min(64, max(16, triton.next_power_of_2(latents_per_media))) if only_immediate else 64
-    block_m = max_block_m
-    fp32 = q.dtype == torch.float32
-    if block_d > 128:
-        block_n, block_m = min(block_n, 32), block_m // 2
-    elif fp32:
-        block_m //= 2
-    if fp32:
-        block_m = min(block_m, 64 if block_d <= 64 else 32)
-        block_n = min(block_n, 32 if block_d <= 64 else 16)
-    if block_m > 64 and triton.cdiv(T, block_m) * B * H < 2 * num_sms(q.device):
-        block_m //= 2
-    block_m = min(block_m, max(16, triton.next_power_of_2(T)))
-    num_warps = 8 if block_d > 64 or fp32 else 4
-    return block_m, block_n, block_d, num_warps
-
 
 def _as_kernel_operand(name: str, x: torch.Tensor) -> torch.Tensor:
     """x with a unit-stride last dim (a copy only if it had none: the custom op's fake functions
@@ -373,14 +482,13 @@ def image_causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tim
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    block_m, block_n, block_d, num_warps = _block_sizes(q, latents_per_media, only_immediate, max_block_m=128)
-    grid = (triton.cdiv(T, block_m) * B * H,)
-    _fwd_kernel[grid](
-        q, k, v, text_time, out, lse,
-        *bhs_strides(q), *bhs_strides(k), *bhs_strides(v), *bhs_strides(out),
-        H, T, nkeys, latents_per_media, scale * LOG2E.value,
-        IMMEDIATE=only_immediate, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=2, **dtype_options(q.dtype))
+    _, block_n, block_d, _ = _block_sizes(q, latents_per_media, only_immediate, max_block_m=128)
+    configs = _launch_configs(q, latents_per_media, only_immediate, backward=False)
+    _launch(_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,), configs,
+            q, k, v, text_time, out, lse,
+            *bhs_strides(q), *bhs_strides(k), *bhs_strides(v), *bhs_strides(out),
+            H, T, nkeys, latents_per_media, scale * LOG2E.value, **_tune_buckets(q),
+            IMMEDIATE=only_immediate, HEAD_DIM=D, BLOCK_N=block_n, BLOCK_D=block_d, **dtype_options(q.dtype))
     return out, lse
 
 
@@ -421,7 +529,7 @@ def image_causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         return dq, dk.zero_(), dv.zero_()
     lse = lse.contiguous()
 
-    block_m, block_n, block_d, num_warps = _block_sizes(q, latents_per_media, only_immediate, max_block_m=64)
+    block_m, block_n, block_d, _ = _block_sizes(q, latents_per_media, only_immediate, max_block_m=64)
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     _bwd_delta_kernel[(triton.cdiv(T, block_m) * B * H,)](
         out, dout, delta,
@@ -429,12 +537,12 @@ def image_causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         H, T, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=4)
     qstart = image_query_start(text_time, nkeys // latents_per_media)
 
-    grid = ((triton.cdiv(nkeys, block_n) + triton.cdiv(T, block_m)) * B * H,)
-    _bwd_kernel[grid](
-        q, k, v, dout, text_time, lse, delta, qstart, dq, dk, dv,
-        *bhs_strides(q), *bhs_strides(k), *bhs_strides(v), *bhs_strides(dout),
-        *bhs_strides(dq), *bhs_strides(dk), *bhs_strides(dv),
-        H, T, nkeys, latents_per_media, scale * LOG2E.value, scale,
-        IMMEDIATE=only_immediate, HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        num_warps=num_warps, num_stages=2, **dtype_options(q.dtype))
+    n_kv = triton.cdiv(nkeys, block_n)
+    configs = _launch_configs(q, latents_per_media, only_immediate, backward=True)
+    _launch(_bwd_kernel, lambda meta: ((n_kv + triton.cdiv(T, meta["BLOCK_M"])) * B * H,), configs,
+            q, k, v, dout, text_time, lse, delta, qstart, dq, dk, dv,
+            *bhs_strides(q), *bhs_strides(k), *bhs_strides(v), *bhs_strides(dout),
+            *bhs_strides(dq), *bhs_strides(dk), *bhs_strides(dv),
+            H, T, nkeys, latents_per_media, scale * LOG2E.value, scale, **_tune_buckets(q),
+            IMMEDIATE=only_immediate, HEAD_DIM=D, BLOCK_N=block_n, BLOCK_D=block_d, **dtype_options(q.dtype))
     return dq, dk, dv

@@ -12,203 +12,312 @@ bitsandbytes' ``Params4bit`` stores it (``bitsandbytes.functional.quantize_4bit`
   scale is ``code2[absmax[b]] · absmax2[b // BLOCKSIZE2] + offset`` (``code2``: bitsandbytes'
   256-entry dynamic map; BLOCKSIZE2 is 256 in every bitsandbytes layer).
 
-The kernel reads each packed byte and each scale once, dequantizes in registers and accumulates
-in fp32: the op is bound by the weight bytes (0.5 per weight plus the scales), four times less
-than a bf16 weight.
+The op is bound by the weight bytes (0.5 per weight plus the scales: 8.4 MB for 4096 x 4096,
+~2.8 us at the H100's 3 TB/s); the kernel reads each packed byte and scale once.
 
-Tiling (a GEMV with up to 32 rows; every choice is about streaming W once at full bandwidth):
+Design: a GEMV on the CUDA cores, no ``tl.dot``. The first version padded x to 16 rows for
+``tl.dot`` and gathered codes into 64 x 32-byte tiles; on an H100 it took 68.9 us at 4096 x 4096
+(bitsandbytes' gemv: 10.6 us): at M <= 16 the tensor cores have nothing to do, while the dot
+operands went through shared-memory layout conversions every step. Here every value stays in the
+registers of the thread that loaded it:
 
-* Grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M)). A program owns BLOCK_N output features
-  and a contiguous range of K steps, and keeps all (<= 32) rows of x for them, so W is read
-  exactly once (M > 32 re-reads it per 32 rows: large M belongs to bitsandbytes' dequantize +
-  cuBLAS path). At decode shapes cdiv(N, BLOCK_N) alone is 64-172 programs, about one per SM of
-  an H100: too few loads in flight to saturate HBM, so K is split (SPLIT_K programs per tile,
-  chosen for ~4 programs per SM, each keeping at least a few K steps) and the partial sums are
-  added with fp32 atomics into a zeroed fp32 buffer (then one cast). Atomics make the summation
-  order, hence the last bits of fp32 partials, vary from run to run; SPLIT_K = 1 (one plain
-  store, bias and cast fused) is deterministic.
-* x tiles go through ``tl.dot`` padded to 16 rows (its minimum): with M <= 16 the tensor cores
-  are idle most of the time anyway, and the padding costs no memory traffic.
-* Aligned path (ALIGNED, the common case: K a multiple of BLOCK_K, BLOCK_K a power of two
-  <= BLOCKSIZE, so every (row, K step) segment lies inside one quantization block): a step
-  loads a (BLOCK_N, BLOCK_K / 2) tile of bytes, splits it into the even (high nibble) and odd
-  (low nibble) columns, looks the codes up in the 16-entry table (an L1-resident gather), and
-  takes two dots against the even and odd columns of x — no interleave. The scale, one per
-  (row, step), multiplies the step's partial dot in fp32 (not every weight).
-* General path (any K, odd included, any block layout): per element byte gather with the
-  nibble chosen by the parity of ``n·K + k`` and a per-element scale; masks on N and K. Slower,
-  exact, for shapes that real models do not have.
-
-Under the Triton interpreter (the CPU) bf16 arithmetic is wrong, so bf16 x is upcast to fp32 at
-load there (``UPCAST``); on a GPU the codes are cast to x's dtype and the dots run in it
-(fp32 x: exact "ieee" dots).
+* Grid (cdiv(N, BLOCK_N), SPLIT_K, cdiv(M, BLOCK_M)). A program owns BLOCK_N rows of W and a
+  range of K; it walks K in steps of BLOCK_KB bytes per row, a (BLOCK_N, BLOCK_KB / 16, 16) tile:
+  each thread loads 16 contiguous bytes of one row (one 128-bit load; a warp reads 256-512
+  contiguous bytes per row) and keeps all 32 weights of them. The next step's bytes and scales
+  are loaded before the current step is computed (a two-deep software pipeline by hand: Triton's
+  own pipeliner only stages loads that feed dots).
+* Codes: a byte holds two codes; one gather from a 256-entry table of code pairs (2 KB, L1-
+  resident, built once per code table and cached: :func:`pair_table`) gives both as one 64-bit
+  load; its halves are the two fp32 weights (no shifts, half the gathers and address arithmetic
+  of two 16-entry lookups: 199 vs 295 SASS instructions per 16-byte step at M = 1, sm_90).
+* x is read as pairs (bf16 / fp16 pairs as int32, fp32 pairs as int64: ``(x[2j], x[2j+1])``
+  lines up with byte j), loaded with the pointers broadcast over the tile's rows, so the load takes
+  the byte tile's register layout: no shared-memory layout conversion in the loop (a plain
+  (BLOCK_KB,) x tile costs 8 barriers per step through shared memory). Unpacking is bit
+  operations (exact, and free of the interpreter's bf16 trap), math in fp32.
+* The M rows are a static loop inside the program over a tuple of accumulators: W is read and
+  decoded once for all rows. Each (row, 16-byte vector) partial dot is reduced in the thread,
+  then scaled once (all 32 weights of a vector lie in one quantization block: K and the block
+  size are multiples of 32), and accumulated per vector; one cross-thread sum at the end.
+  BLOCK_M is M for M <= 4, else 8; larger M takes M tiles of 8 (W is read once per tile, the
+  second time mostly from L2; 16 rows in one program spilled registers with Triton 3.6. Large M
+  belongs to bitsandbytes' dequantize + cuBLAS path, which ``"auto"`` takes above 16 rows).
+* Enough programs: N / BLOCK_N is 512 for N = 4096 at BLOCK_N = 8, several per SM. Small N
+  (fewer than ~2 programs per SM) splits K: SPLIT_K programs per tile add fp32 partial sums with
+  atomics into a zeroed fp32 buffer (then one cast; the run-to-run summation order, hence the
+  last bits, vary). Without a split (every decode shape of a 7B/9B model) each output element
+  is written once, in x's dtype, with the bias: no zero-fill, no extra kernel, deterministic.
+* Launch config: on a GPU Triton's autotuner picks (BLOCK_N, BLOCK_KB, num_warps) among
+  :data:`TUNE_CONFIGS` once per (N, K, BLOCK_M, statistics, dtype); every candidate compiles for
+  sm_90 without register spills (``benchmarks/compile_check.py``). ``FASTFLAMINGO_AUTOTUNE=0``
+  (read at each launch) and the interpreter take the heuristic config
+  (:data:`HEURISTIC_CONFIG`) only.
+* General path (K not a multiple of 32, odd K included, or a block size that is not; blocks
+  crossing rows): per element byte gather with the nibble chosen by the parity of ``n·K + k``
+  and a per-element scale; masks on N and K. Slower, exact, for shapes real models do not have.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import DTYPES, INTERPRET, dtype_options, num_sms
+from .common import DTYPES, INTERPRET, autotune_enabled, num_sms, tune_bench
 
-__all__ = ["nf4_matmul", "block_sizes", "INTERPRET", "DTYPES", "MAX_BLOCK_M"]
+__all__ = ["nf4_matmul", "launch_config", "pair_table", "autotune_enabled", "INTERPRET", "DTYPES",
+           "MAX_BLOCK_M", "TUNE_CONFIGS", "HEURISTIC_CONFIG"]
 
-MAX_BLOCK_M = 32        # rows of x one program keeps (registers); more rows -> more M tiles
-MIN_BLOCK_K = 32        # tl.dot needs >= 16 along K, and the aligned path takes half a step per dot
-MAX_BLOCK_K = 64        # 128 doubles the registers (214 at BLOCK_M 16, spills at 32; ptxas, sm_90)
+MAX_BLOCK_M = 8         # rows of x one program keeps (a static loop over them); more -> M tiles
+VEC = 16                # bytes of W per thread per step: one 128-bit load, 32 weights
+
+# (BLOCK_N, BLOCK_KB bytes, num_warps): each gives every thread exactly one 16-byte vector of one
+# row per step (BLOCK_N · BLOCK_KB / 16 == 32 · num_warps, with Triton's thread order over the
+# tile: a thread holding two rows would load and unpack x twice). They trade programs per SM
+# (N / BLOCK_N) against bytes per program step.
+TUNE_CONFIGS = ((8, 256, 4), (4, 512, 4), (2, 1024, 4), (16, 256, 8), (8, 512, 8), (4, 1024, 8))
+HEURISTIC_CONFIG = (8, 256, 4)
+GENERAL_CONFIG = (16, 64, 4)  # general path: BLOCK_N, BLOCK_K (elements), num_warps
+if INTERPRET:  # the interpreter's time goes by programs and ops, not elements: fewer, wider tiles
+    HEURISTIC_CONFIG, GENERAL_CONFIG = (32, 128, 4), (32, 64, 4)
+
 
 
 # ----------------------------------------------------------------------------- device helpers
 
 @triton.jit
-def _scales(Absmax, Absmax2, Code2, offset, blk, mask, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr):
-    """fp32 scales of quantization blocks ``blk`` (any shape); 0 where ``mask`` is False."""
+def _raw_scales(Absmax, blk, mask):
+    """The stored statistics of quantization blocks ``blk``: uint8 (nested) or fp32."""
+    return tl.load(Absmax + blk, mask=mask, other=0)
+
+
+@triton.jit
+def _decode_scales(raw, Absmax2, Code2, offset, blk, mask, NESTED: tl.constexpr, BLOCKSIZE2: tl.constexpr):
+    """fp32 scales of blocks ``blk`` from their stored statistics ``raw``; 0 where ``mask`` is False."""
     if NESTED:
-        q = tl.load(Absmax + blk, mask=mask, other=0).to(tl.int32)
-        s = tl.load(Code2 + q) * tl.load(Absmax2 + blk // BLOCKSIZE2, mask=mask, other=0.0) + offset
+        s = tl.load(Code2 + raw.to(tl.int32)) * tl.load(Absmax2 + blk // BLOCKSIZE2, mask=mask, other=0.0) + offset
         return tl.where(mask, s, 0.0)
-    return tl.load(Absmax + blk, mask=mask, other=0.0).to(tl.float32)
+    return raw.to(tl.float32)
 
 
 @triton.jit
-def _x_tile(X, offs_m, m_ok, cols, col_ok, stride_xm, stride_xk, UPCAST: tl.constexpr):
-    """(BLOCK_M, len(cols)) tile of x, zeros outside the rows and columns given."""
-    x = tl.load(X + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
-                mask=m_ok[:, None] & col_ok[None, :], other=0.0)
-    if UPCAST:
-        x = x.to(tl.float32)
-    return x
+def _unpair(p, XKIND: tl.constexpr):
+    """(even, odd) fp32 halves of pairs ``p``: int32 pairs of bf16 (XKIND 0) or fp16 (1), int64
+    pairs of fp32 (2); little-endian, the even element in the low half. Bit operations only:
+    exact, and free of the interpreter's bf16 trap."""
+    if XKIND == 0:
+        even = (p << 16).to(tl.float32, bitcast=True)
+        odd = (p & -65536).to(tl.float32, bitcast=True)
+    elif XKIND == 1:
+        even = (p & 65535).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        odd = ((p >> 16) & 65535).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        even = (p & 4294967295).to(tl.uint32).to(tl.float32, bitcast=True)
+        odd = ((p >> 32) & 4294967295).to(tl.uint32).to(tl.float32, bitcast=True)
+    return even, odd
 
 
 @triton.jit
-def _codes(Code, q, like, UPCAST: tl.constexpr):
-    """Code-table values of 4-bit codes q, in the dtype the dot takes against ``like``."""
-    c = tl.load(Code + q)
-    if UPCAST:
-        return c
-    return c.to(like.dtype)
+def _store_rows(Out, Bias, ys, offs_n, n_ok, m0, M, stride_om, pid_k,
+                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Write (or, split over K, atomically add) the BLOCK_M rows ``ys`` of (BLOCK_N,) sums."""
+    bias = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        if SPLIT_K > 1:
+            bias = tl.where(pid_k == 0, bias, 0.0)   # added once, by the first K split
+    for m in tl.static_range(BLOCK_M):
+        out_ptrs = Out + (m0 + m).to(tl.int64) * stride_om + offs_n
+        out_ok = n_ok & (m0 + m < M)
+        if SPLIT_K > 1:
+            tl.atomic_add(out_ptrs, ys[m] + bias, mask=out_ok)
+        else:
+            tl.store(out_ptrs, (ys[m] + bias).to(Out.dtype.element_ty), mask=out_ok)
 
 
 # ----------------------------------------------------------------------------- kernel
 
+# what changes the best config (with the dtypes, which Triton's autotuner adds itself)
+_TUNE_KEY = ["N", "K", "BLOCK_M", "NESTED", "HAS_BIAS", "SPLIT_K", "BLOCKSIZE"]
+
+
+def _tune_configs() -> list[triton.Config]:
+    """The candidates as autotune configs (one stage: the kernel pipelines its loads by hand)."""
+    return [triton.Config({"BLOCK_N": n, "BLOCK_KB": kb}, num_warps=w, num_stages=1) for n, kb, w in TUNE_CONFIGS]
+
+
+def _prune(configs, named_args, **kwargs):
+    """No tile wider than N needs (rounded up to a power of two); never an empty list."""
+    fits = max(2, triton.next_power_of_2(named_args["N"]))
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= fits]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=_tune_configs(), key=_TUNE_KEY, prune_configs_by={"early_config_prune": _prune},
+                 reset_to_zero=["Out"], do_bench=tune_bench)  # split K adds into Out: every timing run starts from zeros
 @triton.jit
-def _nf4_matmul_kernel(X, W, Absmax, Code, Absmax2, Code2, Offset, Bias, Out,
-                       M, N, K, stride_xm, stride_xk, stride_om, steps_per_split,
+def _nf4_matmul_kernel(X, XP, W, Absmax, Pairs, Code, Absmax2, Code2, Offset, Bias, Out,
+                       M, N, K, stride_wn, stride_xm, stride_xk, stride_pm, stride_om,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, ATOMIC: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, ALIGNED: tl.constexpr, XKIND: tl.constexpr,
+                       SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                       BLOCK_KB: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    m0 = tl.program_id(2) * BLOCK_M
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_ok = offs_m < M
     n_ok = offs_n < N
     offset = 0.0
     if NESTED:
         offset = tl.load(Offset).to(tl.float32)
     row_start = offs_n.to(tl.int64) * K            # flat index of W[n, 0]: N·K may pass 2**31
-    s_lo = pid_k * steps_per_split
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-
     if ALIGNED:
-        s_hi = tl.minimum(s_lo + steps_per_split, K // BLOCK_K)
-        offs_j = tl.arange(0, BLOCK_K // 2)
-        all_cols = offs_j < BLOCK_K // 2           # no K mask: K is a multiple of BLOCK_K
+        # K % 32 == 0: a row is K / 2 bytes, a multiple of 16, and each 16-byte vector (32
+        # weights) lies in one quantization block (the block size is a multiple of 32 too)
+        NVEC: tl.constexpr = BLOCK_KB // 16
+        KB = stride_wn                                   # bytes per row, K / 2: a multiple of 16
+        XP = XP + m0.to(tl.int64) * stride_pm
+        offs_v = tl.arange(0, NVEC) * 16
+        offs_b = tl.arange(0, 16)
+        n_steps = tl.cdiv(KB, BLOCK_KB)
+        per_split = tl.cdiv(n_steps, SPLIT_K)
+        s_lo = pid_k * per_split
+        s_hi = tl.minimum(s_lo + per_split, n_steps)
+        w_rows = W + offs_n.to(tl.int64)[:, None, None] * stride_wn   # (the divisibility of stride_wn
+        # by 16, which Triton specialises on, is what lets each thread load 16 bytes at once)
+        accs = ()
+        for m in tl.static_range(BLOCK_M):
+            accs = accs + (tl.zeros([BLOCK_N, NVEC], tl.float32),)
+        # step s_lo's bytes and statistics; each iteration loads the next step's first
+        kb = s_lo * BLOCK_KB + offs_v                    # (NVEC,) byte offset of each vector in its row
+        ok = n_ok[:, None] & (kb < KB)[None, :] & (s_lo < s_hi)
+        b = tl.load(w_rows + (kb[None, :, None] + offs_b[None, None, :]), mask=ok[:, :, None], other=0)
+        blk = (row_start[:, None] + 2 * kb[None, :]) // BLOCKSIZE
+        raw = _raw_scales(Absmax, blk, ok)
         for step in range(s_lo, s_hi):
-            k0 = step * BLOCK_K
-            # bytes (n, k0/2 + j) hold elements k0 + 2j (high nibble) and k0 + 2j + 1 (low)
-            b = tl.load(W + (row_start[:, None] + k0) // 2 + offs_j[None, :], mask=n_ok[:, None], other=0)
-            b = b.to(tl.int32)
-            x_even = _x_tile(X, offs_m, m_ok, k0 + 2 * offs_j, all_cols, stride_xm, stride_xk, UPCAST)
-            x_odd = _x_tile(X, offs_m, m_ok, k0 + 2 * offs_j + 1, all_cols, stride_xm, stride_xk, UPCAST)
-            w_even = _codes(Code, b >> 4, x_even, UPCAST)
-            w_odd = _codes(Code, b & 15, x_even, UPCAST)
-            part = tl.dot(x_even, tl.trans(w_even), input_precision=DOT_PRECISION)
-            part = tl.dot(x_odd, tl.trans(w_odd), part, input_precision=DOT_PRECISION)
-            # the whole (row, step) segment lies in block (n·K + k0) // BLOCKSIZE: one scale
-            scale = _scales(Absmax, Absmax2, Code2, offset, (row_start + k0) // BLOCKSIZE, n_ok,
-                            NESTED, BLOCKSIZE2)
-            acc += part * scale[None, :]
+            kb_next = kb + BLOCK_KB
+            ok_next = n_ok[:, None] & (kb_next < KB)[None, :] & (step + 1 < s_hi)
+            b_next = tl.load(w_rows + (kb_next[None, :, None] + offs_b[None, None, :]),
+                             mask=ok_next[:, :, None], other=0)
+            blk_next = (row_start[:, None] + 2 * kb_next[None, :]) // BLOCKSIZE
+            raw_next = _raw_scales(Absmax, blk_next, ok_next)
+
+            # both codes of a byte with one 64-bit gather: (code[b >> 4], code[b & 15])
+            w_even, w_odd = _unpair(tl.load(Pairs + b.to(tl.int32)), 2)
+            scale = _decode_scales(raw, Absmax2, Code2, offset, blk, ok, NESTED, BLOCKSIZE2)
+            # x pair j of a vector meets byte j; the pointers span the tile (see the docstring)
+            x_ptrs = tl.broadcast_to(XP + ((kb[:, None] + offs_b[None, :]))[None, :, :], (BLOCK_N, NVEC, 16))
+            x_ok = tl.broadcast_to((kb < KB)[None, :, None], (BLOCK_N, NVEC, 16))
+            new = ()
+            for m in tl.static_range(BLOCK_M):
+                x_even, x_odd = _unpair(tl.load(x_ptrs + m * stride_pm, mask=x_ok & (m0 + m < M), other=0), XKIND)
+                part = tl.sum(w_even * x_even + w_odd * x_odd, axis=2)      # (BLOCK_N, NVEC), in-thread
+                new = new + (accs[m] + part * scale,)
+            accs = new
+            kb, ok, b, blk, raw = kb_next, ok_next, b_next, blk_next, raw_next
+        ys = ()
+        for m in tl.static_range(BLOCK_M):
+            ys = ys + (tl.sum(accs[m], axis=1),)
     else:
-        s_hi = tl.minimum(s_lo + steps_per_split, tl.cdiv(K, BLOCK_K))
-        offs_k = tl.arange(0, BLOCK_K)
+        X = X + m0.to(tl.int64) * stride_xm
+        offs_k = tl.arange(0, BLOCK_KB)                  # BLOCK_KB counts elements here
+        n_steps = tl.cdiv(K, BLOCK_KB)
+        per_split = tl.cdiv(n_steps, SPLIT_K)
+        s_lo = pid_k * per_split
+        s_hi = tl.minimum(s_lo + per_split, n_steps)
+        accs = ()
+        for m in tl.static_range(BLOCK_M):
+            accs = accs + (tl.zeros([BLOCK_N, BLOCK_KB], tl.float32),)
         for step in range(s_lo, s_hi):
-            cols = step * BLOCK_K + offs_k
+            cols = step * BLOCK_KB + offs_k
             k_ok = cols < K
             ok = n_ok[:, None] & k_ok[None, :]
             idx = row_start[:, None] + cols[None, :]
-            b = tl.load(W + (idx >> 1), mask=ok, other=0).to(tl.int32)
-            q = (b >> (4 - 4 * (idx & 1)).to(tl.int32)) & 15      # even index: high nibble
-            x = _x_tile(X, offs_m, m_ok, cols, k_ok, stride_xm, stride_xk, UPCAST)
-            w = tl.load(Code + q) * _scales(Absmax, Absmax2, Code2, offset, idx // BLOCKSIZE, ok,
-                                            NESTED, BLOCKSIZE2)
-            if not UPCAST:
-                w = w.to(x.dtype)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-
-    if HAS_BIAS:
-        bias = tl.load(Bias + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        if ATOMIC:
-            bias = tl.where(pid_k == 0, bias, 0.0)   # added once, by the first K split
-        acc += bias[None, :]
-    out_ptrs = Out + offs_m[:, None] * stride_om + offs_n[None, :]
-    out_ok = m_ok[:, None] & n_ok[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=out_ok)
-    else:
-        tl.store(out_ptrs, acc.to(Out.dtype.element_ty), mask=out_ok)
+            byte = tl.load(W + (idx >> 1), mask=ok, other=0).to(tl.int32)
+            q = (byte >> (4 - 4 * (idx & 1)).to(tl.int32)) & 15      # even index: high nibble
+            blk = idx // BLOCKSIZE
+            w = tl.load(Code + q) * _decode_scales(_raw_scales(Absmax, blk, ok), Absmax2, Code2, offset, blk, ok,
+                                                   NESTED, BLOCKSIZE2)
+            new = ()
+            for m in tl.static_range(BLOCK_M):
+                x = tl.load(X + m * stride_xm + cols * stride_xk, mask=k_ok & (m0 + m < M), other=0.0)
+                new = new + (accs[m] + w * x.to(tl.float32)[None, :],)
+            accs = new
+        ys = ()
+        for m in tl.static_range(BLOCK_M):
+            ys = ys + (tl.sum(accs[m], axis=1),)
+    _store_rows(Out, Bias, ys, offs_n, n_ok, m0, M, stride_om, pid_k, HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- host side
 
-def _aligned_block_k(K: int, blocksize: int) -> int | None:
-    """The largest power of two in [MIN_BLOCK_K, min(MAX_BLOCK_K, blocksize)] dividing K, or
-    None (then the general path runs). Such a BLOCK_K divides the block size too, so every
-    BLOCK_K-long segment of a row starting at a multiple of BLOCK_K lies in one block."""
-    bk = min(MAX_BLOCK_K, blocksize)
-    while bk >= MIN_BLOCK_K:
-        if K % bk == 0:
-            return bk
-        bk //= 2
-    return None
+_PAIR_TABLES: dict = {}
 
 
-def block_sizes(M: int, N: int, K: int, blocksize: int, device: torch.device, *,
-                split_k: int | None = None, block_n: int | None = None) -> dict:
-    """Launch parameters: BLOCK_M, BLOCK_N, BLOCK_K, ALIGNED, the K split, the grid, warps and stages.
+def pair_table(code: torch.Tensor) -> torch.Tensor:
+    """(256,) int64: entry b holds the fp32 pair (code[b >> 4], code[b & 15]) (low half first),
+    the codes of both nibbles of byte b. Built once per code table and cached (the cache keeps
+    the code tensor alive, so its address names it; an in-place change bumps its version). Not
+    cached while a CUDA graph is being captured (its kernels would not have run)."""
+    key = (code.device, code.data_ptr(), code._version)
+    hit = _PAIR_TABLES.get(key)
+    if hit is not None:
+        return hit[1]
+    c = code.reshape(16).float()
+    table = torch.stack((c.repeat_interleave(16), c.repeat(16)), dim=1).contiguous().view(torch.int64).reshape(256)
+    capturing = code.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing:
+        if len(_PAIR_TABLES) >= 4096:
+            _PAIR_TABLES.clear()
+        _PAIR_TABLES[key] = (code, table)
+    return table
 
-    Chosen without a GPU at hand: the tiles are the largest whose sm_90 build (ptxas -v on the
-    kernel compiled for an H100 target) needs no register spills with 4 warps, about 120
-    registers on the aligned path at BLOCK_M 16 (four programs per SM); the split and BLOCK_N
-    are unmeasured starting points to tune with ``fastflamingo.bench.nf4`` on the GPU.
-    ``split_k`` / ``block_n`` override them.
-    """
-    block_m = max(16, min(MAX_BLOCK_M, triton.next_power_of_2(max(M, 1))))
-    bk = _aligned_block_k(K, blocksize)
-    aligned = bk is not None
-    # the general path's per-element gathers hold more registers: smaller tiles, no pipelining
-    # (fp32, 32 rows: 96 registers, no spills, where 64x64 with 3 stages spilled kilobytes)
-    block_n = block_n or (64 if aligned else 32)
-    block_k = bk if aligned else MIN_BLOCK_K
-    n_steps = K // block_k if aligned else triton.cdiv(K, block_k)
-    n_tiles, m_tiles = triton.cdiv(N, block_n), triton.cdiv(M, block_m)
+
+def _x_pairs(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K), K even, viewed as (M, K / 2) pairs: int32 for 16-bit x, int64 for fp32 (a copy
+    only when x's rows are not contiguous pairs)."""
+    dtype = torch.int64 if x.dtype == torch.float32 else torch.int32
+    try:
+        return x.view(dtype)
+    except RuntimeError:
+        return x.contiguous().view(dtype)
+
+
+def _block_m(M: int) -> int:
+    """Rows per program: M itself up to 4 (decode batches, no wasted row), then 8."""
+    return M if M <= 4 else min(MAX_BLOCK_M, triton.next_power_of_2(M))
+
+
+def launch_config(M: int, N: int, K: int, blocksize: int, device: torch.device, *,
+                  split_k: int | None = None, block_n: int | None = None, block_kb: int | None = None,
+                  num_warps: int | None = None) -> dict:
+    """The launch: BLOCK_M, ALIGNED, SPLIT_K, the M tiles, and the heuristic tile
+    (BLOCK_N, BLOCK_KB, num_warps), which runs without autotuning (``configs`` lists what the
+    autotuner may time instead). The keyword arguments override the heuristic (tests)."""
+    aligned = K % 32 == 0 and blocksize % 32 == 0
+    n, kb, w = HEURISTIC_CONFIG if aligned else GENERAL_CONFIG
+    block_n, block_kb, num_warps = block_n or n, block_kb or kb, num_warps or w
+    block_m = _block_m(M)
+    m_tiles = triton.cdiv(M, block_m)
+    n_steps = triton.cdiv(K // 2, block_kb) if aligned else triton.cdiv(K, block_kb)
     if split_k is None:
-        # ~4 programs per SM, each with at least 4 K steps (CPU tensors: no split)
-        target = 4 * num_sms(device)
-        split_k = max(1, min(triton.cdiv(target, n_tiles * m_tiles), n_steps // 4))
+        # at least ~2 programs per SM (CPU tensors: no split), each with >= 2 K steps
+        tiles = triton.cdiv(N, block_n) * m_tiles
+        target = 2 * num_sms(device)
+        split_k = max(1, min(triton.cdiv(target, tiles), n_steps // 2)) if tiles < target else 1
     split_k = max(1, min(split_k, n_steps))
-    steps_per_split = triton.cdiv(n_steps, split_k)
-    split_k = triton.cdiv(n_steps, steps_per_split)         # no program without a step
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, ALIGNED=aligned, split_k=split_k,
-                steps_per_split=steps_per_split, grid=(n_tiles, split_k, m_tiles),
-                num_warps=4, num_stages=3 if aligned else 1)
+    tune = aligned and autotune_enabled() and block_n == n and block_kb == kb and num_warps == w
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KB=block_kb, num_warps=num_warps, ALIGNED=aligned,
+                SPLIT_K=split_k, m_tiles=m_tiles, n_steps=n_steps, autotune=tune)
 
 
 def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor,
                absmax2: torch.Tensor | None, code2: torch.Tensor | None, offset: torch.Tensor | None,
                bias: torch.Tensor | None, out_features: int, blocksize: int, blocksize2: int = 256, *,
-               split_k: int | None = None, block_n: int | None = None) -> torch.Tensor:
+               split_k: int | None = None, block_n: int | None = None, block_kb: int | None = None,
+               num_warps: int | None = None) -> torch.Tensor:
     """``x @ W.T (+ bias)`` with W (out_features, K) in bitsandbytes' packed 4-bit layout.
 
     The caller (:mod:`fastflamingo.ops.nf4`) validates shapes and dtypes; this checks only what
@@ -224,7 +333,8 @@ def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, code
         bias: (N,) or None.
         out_features: N.
         blocksize, blocksize2: elements per scale, scales per nested scale.
-        split_k, block_n: override the launch heuristic (:func:`block_sizes`).
+        split_k, block_n, block_kb, num_warps: override the heuristic launch (:func:`launch_config`;
+            no autotuning then).
 
     Returns:
         (M, N) in x's dtype.
@@ -241,18 +351,27 @@ def nf4_matmul(x: torch.Tensor, weight: torch.Tensor, absmax: torch.Tensor, code
         return out
     if K == 0:
         return out.zero_() if bias is None else out.copy_(bias.expand(M, N))
-    p = block_sizes(M, N, K, blocksize, x.device, split_k=split_k, block_n=block_n)
-    atomic = p["split_k"] > 1
-    # split K: partial sums meet in an fp32 buffer (fp32 x: the output itself)
+    p = launch_config(M, N, K, blocksize, x.device, split_k=split_k, block_n=block_n, block_kb=block_kb,
+                      num_warps=num_warps)
+    atomic = p["SPLIT_K"] > 1
+    # split K: partial sums meet in a zeroed fp32 buffer (fp32 x: the output itself)
     acc = (out.zero_() if x.dtype == torch.float32 else torch.zeros((M, N), device=x.device,
                                                                    dtype=torch.float32)) if atomic else out
+    xp = _x_pairs(x) if p["ALIGNED"] else x
+    pairs = pair_table(code) if p["ALIGNED"] else code
     dummy = absmax  # never read: stands in for the absent optional tensors
-    _nf4_matmul_kernel[p["grid"]](
-        x, weight, absmax, code,
-        absmax2 if nested else dummy, code2 if nested else dummy, offset if nested else dummy,
-        bias if bias is not None else dummy, acc,
-        M, N, K, x.stride(0), x.stride(1), acc.stride(0), p["steps_per_split"],
-        BLOCKSIZE=int(blocksize), BLOCKSIZE2=int(blocksize2), NESTED=nested, HAS_BIAS=bias is not None,
-        ALIGNED=p["ALIGNED"], ATOMIC=atomic, BLOCK_M=p["BLOCK_M"], BLOCK_N=p["BLOCK_N"], BLOCK_K=p["BLOCK_K"],
-        num_warps=p["num_warps"], num_stages=p["num_stages"], **dtype_options(x.dtype))
+    args = (x, xp, weight, absmax, pairs, code,
+            absmax2 if nested else dummy, code2 if nested else dummy, offset if nested else dummy,
+            bias if bias is not None else dummy, acc,
+            M, N, K, K // 2, x.stride(0), x.stride(1), xp.stride(0), acc.stride(0))
+    meta = dict(BLOCKSIZE=int(blocksize), BLOCKSIZE2=int(blocksize2), NESTED=nested, HAS_BIAS=bias is not None,
+                ALIGNED=p["ALIGNED"], XKIND={torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[x.dtype],
+                SPLIT_K=p["SPLIT_K"], BLOCK_M=p["BLOCK_M"])
+    if p["autotune"]:
+        grid = lambda cfg: (triton.cdiv(N, cfg["BLOCK_N"]), p["SPLIT_K"], p["m_tiles"])  # noqa: E731
+        _nf4_matmul_kernel[grid](*args, **meta)
+    else:
+        grid = (triton.cdiv(N, p["BLOCK_N"]), p["SPLIT_K"], p["m_tiles"])
+        _nf4_matmul_kernel.fn[grid](*args, **meta, BLOCK_N=p["BLOCK_N"], BLOCK_KB=p["BLOCK_KB"],
+                                    num_warps=p["num_warps"], num_stages=1)
     return out if acc is out else out.copy_(acc)

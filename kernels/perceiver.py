@@ -32,7 +32,8 @@ import triton.language as tl
 # INTERPRET: the kernels are defined for Triton's interpreter; LOG2E: they work in base 2 (exp2
 # is the native instruction); DTYPES, MAX_HEAD_DIM: what they take
 from .common import (DTYPES, INTERPRET, LOG2E, MAX_HEAD_DIM, bhs_strides, check_dtype_and_head_dim,
-                     check_row_offsets, dtype_options, load_tile, num_sms, padded_head_dim, slab, store_tile)
+                     check_row_offsets, dtype_options, load_tile, num_sms, padded_head_dim, slab, store_tile,
+                     tune_bench)
 
 # lse is kept in natural log
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
@@ -109,7 +110,7 @@ def _fwd_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, n_keys, 
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["L", "V", "D"],
-                 prune_configs_by={"early_config_prune": _prune(_FWD_TABLE)})
+                 prune_configs_by={"early_config_prune": _prune(_FWD_TABLE)}, do_bench=tune_bench)
 @triton.jit
 def _perceiver_fwd_kernel(
         Q, KM, VM, KL, VL, O, LSE,
@@ -216,7 +217,7 @@ def _bwd_source(dq, q, do, lse2, delta,
 
 
 @triton.autotune(configs=_BWD_CONFIGS, key=["L", "V", "D", "SINGLE_M"],
-                 prune_configs_by={"early_config_prune": _prune(_BWD_TABLE)})
+                 prune_configs_by={"early_config_prune": _prune(_BWD_TABLE)}, do_bench=tune_bench)
 @triton.jit
 def _perceiver_bwd_kernel(
         Q, KM, VM, KL, VL, O, DO, LSE, DQ, DKM, DVM, DKL, DVL,

@@ -354,6 +354,42 @@ def test_kernel_rejects_bad_text_time():
         image_causal_fwd(q, k, v, torch.ones(1, 5, dtype=torch.int32, device=DEVICE), 4, True, 0.25)
 
 
+# ----------------------------------------------------------------------------- launch configs
+
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "bwd"])
+@MODES
+def test_autotune_candidates(backward, only_immediate, monkeypatch):
+    """At the benchmark's big shape on an H100 (132 SMs) the autotuner is offered several
+    configs, the heuristic's first, each one exactly once and each an actual config of the
+    kernel's autotuner (its pruning returns exactly them). ``FASTFLAMINGO_AUTOTUNE=0`` and small
+    launches leave the heuristic's alone. (That every candidate compiles for sm_90 without
+    spills: ``tests/test_sm90_compile.py``.)"""
+    from fastflamingo.kernels import common, image_causal as ic
+    monkeypatch.setattr(common, "INTERPRET", False)  # as on a GPU (autotune_enabled reads it)
+    monkeypatch.setattr(ic, "INTERPRET", False)
+    monkeypatch.setattr(ic, "num_sms", lambda device: 132)
+    monkeypatch.delenv("FASTFLAMINGO_AUTOTUNE", raising=False)
+    kernel = ic._bwd_kernel if backward else ic._fwd_kernel
+
+    def configs(B, T, D, dtype):
+        q = torch.empty(B, 8, T, D, device="meta", dtype=dtype)
+        return q, ic._launch_configs(q, 64, only_immediate, backward=backward)
+
+    for D, dtype in [(64, torch.bfloat16), (128, torch.float16), (64, torch.float32)]:
+        q, candidates = configs(8, 2048, D, dtype)
+        block_m, _, _, num_warps = ic._block_sizes(q, 64, only_immediate, max_block_m=64 if backward else 128)
+        assert candidates[0] == (block_m, num_warps, 2), "the heuristic's config must compete"
+        assert len(candidates) > 1 and len(set(candidates)) == len(candidates), candidates
+        meta = dict(IMMEDIATE=only_immediate, BLOCK_D=ic.padded_head_dim(D), **ic.dtype_options(dtype))
+        pruned = kernel.early_config_prune(kernel.configs, {"Q": q, "L": 64}, **meta)
+        assert [(c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in pruned] == candidates
+    _, candidates = configs(8, 2048, 64, torch.bfloat16)
+    assert (64 if backward else 128, 4, 2) in candidates
+    assert len(configs(1, 1, 64, torch.bfloat16)[1]) == 1, "decoding: no timing runs"
+    monkeypatch.setenv("FASTFLAMINGO_AUTOTUNE", "0")
+    assert configs(8, 2048, 64, torch.bfloat16)[1] == [candidates[0]]
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 @needs_cuda
@@ -376,3 +412,25 @@ def test_cuda_decoding(dtype):
     q, k, v = make_qkv(4, 8, 1, 64, 3, 64, dtype, projection=True)
     text_time = torch.tensor([[3], [1], [0], [2]], dtype=torch.int32, device=DEVICE)
     check_against_references("triton", q, k, v, text_time, 64, True)
+
+
+@needs_cuda
+def test_cuda_every_autotune_candidate(monkeypatch):
+    """The autotuner's own pick, then each candidate config forced in turn: all are correct
+    (a shape big enough to be autotuned; bf16 immediate mode, the benchmark's)."""
+    from fastflamingo.kernels import image_causal as ic
+    monkeypatch.delenv("FASTFLAMINGO_AUTOTUNE", raising=False)
+    B, H, T, D, N, L = 4, 8, 2048, 64, 16, 64
+    g = torch.Generator().manual_seed(0)
+    text_time = text_time_from_rows(T, [sorted(torch.randperm(T, generator=g)[:N].tolist()) for _ in range(B)])
+    q, k, v = make_qkv(B, H, T, D, N, L, torch.bfloat16, projection=True)
+    fwd = ic._launch_configs(q, L, True, backward=False)
+    bwd = ic._launch_configs(q, L, True, backward=True)
+    assert len(fwd) > 1 and len(bwd) > 1
+    check_against_references("triton", q, k, v, text_time, L, True)
+    assert (ic._fwd_kernel.best_config.kwargs["BLOCK_M"], ic._fwd_kernel.best_config.num_warps,
+            ic._fwd_kernel.best_config.num_stages) in fwd
+    for i in range(max(len(fwd), len(bwd))):
+        forced = {False: fwd[i % len(fwd)], True: bwd[i % len(bwd)]}
+        monkeypatch.setattr(ic, "_launch_configs", lambda *args, backward, forced=forced: [forced[backward]])
+        check_against_references("triton", q, k, v, text_time, L, True)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastflamingo import CrossAttentionConfig, Flamingo, FlamingoConfig, ResamplerConfig, VisionConfig, setup_tokenizer
+from fastflamingo import CrossAttentionConfig, Flamingo, FlamingoConfig, ResamplerConfig, VisionConfig, mpt, setup_tokenizer
 from fastflamingo.vision import vision_features
 
 from peers import EOS_ID, MEDIA_ID, tiny_lm, tiny_open_clip, tiny_tokenizer
@@ -45,6 +45,9 @@ def test_every_supported_lm_family(family):
     lm = tiny_lm(family)
     plain = copy.deepcopy(lm)
     model = Flamingo(config(), lang_encoder=lm).eval()
+    # the model runs an MPT's attention with SDPA (fastflamingo.mpt; Hugging Face's logits within
+    # fp32 rounding, tests/test_mpt.py): the plain LM too, for the bitwise comparison below
+    assert mpt.prepare(plain) == (family == "mpt")
     vx, ids = batch()
     with torch.no_grad():
         # gates start at 0: the frozen LM's own output, exactly

@@ -107,59 +107,105 @@ def test_reference_dequantize_is_bitsandbytes(blocksize, nested):
 
 # ----------------------------------------------------------------------------- Triton kernel
 
+def kernel_args(packed, state):
+    qt = nf4_ops.quant_tensors(state)
+    return packed.reshape(-1), qt.absmax, qt.code, qt.absmax2, qt.code2, qt.offset
+
+
 @pytest.mark.parametrize("with_bias", [False, True], ids=["no_bias", "bias"])
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
-@pytest.mark.parametrize("blocksize", [64, 128])
-@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("N,K,blocksize", [(N, K, 64) for N, K in SHAPES] + [(64, 64, 128), (130, 72, 128)])
 def test_triton_matches_reference(N, K, blocksize, nested, with_bias):
+    """Both paths (K % 32 == 0: the vector path, blocks crossing rows included; otherwise the
+    general one), rows in every class the kernel keeps (M itself up to 4, then 8, and tiles
+    of 8 beyond: 16, 17), fp32 and fp16 x."""
     packed, state = quantized(N, K, blocksize, nested)
     bias = randn(N, seed=3) if with_bias else None
-    for M in (1, 3, 16):
-        for dtype in (torch.float32, torch.float16):
+    for dtype, rows in ((torch.float32, (1, 2, 3, 4, 5, 16, 17)), (torch.float16, (1, 4, 16))):
+        for M in rows:
             x = randn(M, K, dtype=dtype, seed=M)
             y = nf4_linear(x, packed, state, None if bias is None else bias.to(dtype), backend="triton")
             check(y, x, packed, state, None if bias is None else bias.to(dtype), name=f"M={M} {dtype}")
 
 
+def test_triton_equals_bitsandbytes_dequantize_in_fp32():
+    """Against bitsandbytes' own dequantization (its generic kernel) + an fp64 matmul: the kernel
+    accumulates in fp32, so fp32 x lands within fp32 rounding of it, on both paths."""
+    for N, K, blocksize, nested in ((96, 320, 64, True), (130, 72, 128, False), (33, 45, 64, True)):
+        packed, state = quantized(N, K, blocksize, nested)
+        w = bnb_generic_dequantize(packed, state).double()
+        for M in (1, 4, 17):
+            x = randn(M, K, seed=M)
+            y = nf4_linear(x, packed, state, backend="triton")
+            torch.testing.assert_close(y.double(), x.double() @ w.T, rtol=1e-5, atol=1e-5)
+
+
 def test_triton_takes_both_kernel_paths():
-    """The shapes above reach both the aligned path (K a multiple of a power-of-two step inside
-    one block) and the general one (per-element bytes and scales)."""
-    from fastflamingo.kernels.nf4 import block_sizes
-    paths = {(N, K, bs): block_sizes(3, N, K, bs, torch.device(DEVICE))["ALIGNED"]
-             for N, K in SHAPES for bs in (64, 128)}
-    assert paths[(64, 64, 64)] and paths[(40, 256, 128)] and paths[(64, 64, 128)]
-    assert not paths[(96, 200, 64)] and not paths[(33, 45, 64)] and not paths[(130, 72, 128)]
+    """The vector path needs K and the block size to be multiples of 32 (each 16-byte vector in
+    one block); the shapes above reach both paths. Rows per program: M itself up to 4, then
+    8 rows, then tiles of 8."""
+    from fastflamingo.kernels.nf4 import launch_config
+    cpu = torch.device("cpu")
+    paths = {(N, K, bs): launch_config(3, N, K, bs, cpu)["ALIGNED"] for N, K in SHAPES for bs in (64, 128)}
+    assert paths[(64, 64, 64)] and paths[(40, 256, 128)] and paths[(64, 64, 128)] and paths[(96, 200, 64)] is False
+    assert paths[(130, 72, 128)] is False and paths[(33, 45, 64)] is False
+    assert [launch_config(M, 64, 64, 64, cpu)["BLOCK_M"] for M in (1, 3, 4, 5, 9, 16, 17)] == [1, 3, 4, 8, 8, 8, 8]
+    assert [launch_config(M, 64, 64, 64, cpu)["m_tiles"] for M in (8, 16, 17)] == [1, 2, 3]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("N,K,blocksize", [(96, 320, 64), (130, 150, 64), (72, 320, 256)],
                          ids=["aligned", "general", "aligned_bs256_blocks_across_rows"])
-def test_triton_split_k(N, K, blocksize, dtype):
-    """K split across programs (fp32 atomics into a zeroed buffer, bias added once): 5 K steps
-    in 2 uneven splits (3 + 2) and in 5; block_n 16 gives several N tiles. bf16 here is the
-    interpreter's upcast path on the CPU."""
-    from fastflamingo.kernels.nf4 import block_sizes, nf4_matmul
+def test_triton_split_k_and_tiles(N, K, blocksize, dtype):
+    """K split across programs (fp32 atomics into a zeroed buffer, bias added once), in uneven
+    splits and in more splits than some configs have steps; several N tiles, N not a multiple of
+    the tile; other tiles than the heuristic's (the autotuner's candidates). bf16 x is read as
+    bit pairs (exact in the interpreter too)."""
+    from fastflamingo.kernels.nf4 import TUNE_CONFIGS, launch_config, nf4_matmul
     packed, state = quantized(N, K, blocksize, nested=True)
-    qt = nf4_ops.quant_tensors(state)
     bias = randn(N, dtype=dtype, seed=4)
     x = randn(5, K, dtype=dtype)
-    for split_k in (2, 5):
-        p = block_sizes(5, N, K, blocksize, x.device, split_k=split_k, block_n=16)
-        assert p["split_k"] == split_k and p["steps_per_split"] == (3 if split_k == 2 else 1)
-        y = nf4_matmul(x, packed.reshape(-1), qt.absmax, qt.code, qt.absmax2, qt.code2, qt.offset, bias, N,
-                       blocksize, qt.blocksize2, split_k=split_k, block_n=16)
+    aligned = launch_config(5, N, K, blocksize, x.device)["ALIGNED"]
+    block_kb = 32 if aligned else 16   # 5 steps of 32 bytes (aligned) / 10 of 16 elements
+    for split_k in (2, 3):
+        p = launch_config(5, N, K, blocksize, x.device, split_k=split_k, block_n=16, block_kb=block_kb)
+        assert p["SPLIT_K"] == split_k, p
+        y = nf4_matmul(x, *kernel_args(packed, state), bias, N, blocksize, 256, split_k=split_k, block_n=16,
+                       block_kb=block_kb, num_warps=1)
         check(y, x, packed, state, bias, name=f"split_k={split_k}")
+    if aligned and dtype == torch.float32:
+        for block_n, block_kb, num_warps in TUNE_CONFIGS[1:]:
+            y = nf4_matmul(x, *kernel_args(packed, state), bias, N, blocksize, 256, block_n=block_n,
+                           block_kb=block_kb, num_warps=num_warps)
+            check(y, x, packed, state, bias, name=f"config {(block_n, block_kb, num_warps)}")
 
 
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "nested"])
 def test_triton_bf16_and_fp4(nested):
-    """bf16 activations (upcast at load in the interpreter, bf16 dots on a GPU) and the FP4 code
-    table (same layout, another table)."""
+    """bf16 activations (bit pairs on the vector path, upcast at load on the general one) and the
+    FP4 code table (same layout, another table), on both paths, with and without a bias."""
     for quant_type, dtype in (("nf4", torch.bfloat16), ("fp4", torch.float32), ("fp4", torch.bfloat16)):
-        packed, state = quantized(96, 128, 64, nested, quant_type=quant_type)
-        x, bias = randn(4, 128, dtype=dtype), randn(96, dtype=dtype, seed=2)
-        check(nf4_linear(x, packed, state, bias, backend="triton"), x, packed, state, bias,
-              name=f"{quant_type} {dtype}")
+        for N, K in ((96, 128), (40, 90)):
+            packed, state = quantized(N, K, 64, nested, quant_type=quant_type)
+            for M, bias in ((1, None), (4, randn(N, dtype=dtype, seed=2)), (17, None)):
+                x = randn(M, K, dtype=dtype, seed=M)
+                check(nf4_linear(x, packed, state, bias, backend="triton"), x, packed, state, bias,
+                      name=f"{quant_type} {dtype} M={M} K={K}")
+
+
+def test_pair_table_and_its_cache():
+    """Entry b of the pair table holds (code[b >> 4], code[b & 15]) as one int64 (low half
+    first); it is built once per code table and rebuilt when the table changes in place."""
+    from fastflamingo.kernels.nf4 import pair_table
+    code = BF.get_4bit_type("nf4", device=DEVICE).float()
+    table = pair_table(code)
+    assert table.dtype == torch.int64 and table.shape == (256,)
+    pairs = table.view(torch.float32).reshape(256, 2)
+    b = torch.arange(256, device=DEVICE)
+    assert torch.equal(pairs[:, 0], code[b >> 4]) and torch.equal(pairs[:, 1], code[b & 15])
+    assert pair_table(code) is table
+    code.mul_(2)
+    assert torch.equal(pair_table(code).view(torch.float32).reshape(256, 2)[:, 1], code[b & 15])
 
 
 @pytest.mark.parametrize("N,K", [(64, 128), (33, 45)])
@@ -181,7 +227,7 @@ def test_triton_strided_and_3d_inputs(N, K):
 
 
 def test_triton_empty_and_many_rows():
-    """Zero rows; more rows than one program keeps (M tiles of 32)."""
+    """Zero rows; more rows than one program keeps (M tiles of 8)."""
     packed, state = quantized(40, 64, 64)
     assert nf4_linear(randn(0, 64), packed, state, backend="triton").shape == (0, 40)
     x = randn(40, 64)

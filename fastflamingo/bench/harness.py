@@ -184,11 +184,13 @@ def _provider_rows(p: Provider, case, mode, dout, ref_hi, ref_lo, device, quick,
     rows = [Row(provider=p.name, mode=mode, note=note, **base).with_timing(
         measure(timed_call(prep.call, prep.leaves, d), device, quick=quick))]
     if prep.build is not None:
+        # a new batch layout costs its user the build's host time too: timed eagerly (CUDA events
+        # around the call), never by graph replay, which would leave the host work out
         if mode == "fwd":
             rows.append(Row(provider=f"{p.name} mask build", mode="build", **base).with_timing(
-                measure(prep.build, device, quick=quick)))
+                measure(prep.build, device, quick=quick, method="events")))
         rows.append(Row(provider=f"{p.name}+build", mode=mode, **base).with_timing(
-            measure(timed_call(prep.call_with_build, prep.leaves, d), device, quick=quick)))
+            measure(timed_call(prep.call_with_build, prep.leaves, d), device, quick=quick, method="events")))
     return rows
 
 

@@ -5,8 +5,11 @@ One case per (N, K) weight of a 7B LM (LLaMA-7B / IDEFICS-9B: 4096x4096 attentio
 batch M (rows of x). Providers, all on the same x (bf16) and the same NF4 weight (nested
 statistics, blocksize 64: ``Linear4bit``'s defaults):
 
-* ``fastflamingo nf4``: :func:`fastflamingo.ops.nf4.nf4_linear`, backend ``"triton"``.
-* ``bitsandbytes Linear4bit``: the layer's own forward (its CUDA gemv / gemm kernels).
+* ``fastflamingo nf4``: :func:`fastflamingo.ops.nf4.nf4_linear`, backend ``"triton"``: the GEMV kernel
+  (:mod:`fastflamingo.kernels.nf4`), autotuned on its first (checking) call of each case unless
+  ``FASTFLAMINGO_AUTOTUNE=0``, so the timed calls run the chosen config.
+* ``bitsandbytes Linear4bit``: the layer's own forward, ``bitsandbytes.matmul_4bit`` (its gemv kernel
+  for one row; dequantize + cuBLAS for more).
 * ``bf16 F.linear``: cuBLAS on the dequantized weight in bf16 (the same math, 4x the bytes).
 
 Every provider's output is checked against the fp32 reference (the dequantized weight) by the

@@ -1,10 +1,14 @@
 """The readable table: one block per (kernel or stage, mode, metric), one line per point, one
-column per provider, with fastflamingo's speedup over each baseline beside the baseline's number."""
+column per provider, with fastflamingo's speedup over each baseline beside the baseline's number.
+On a GPU, a line under each block says how its cells were timed (:mod:`.timing`): CUDA-graph
+replay (GPU time) unless listed as eager calls timed by CUDA events, with the reason where the
+graph capture failed."""
 from __future__ import annotations
 
 from collections import OrderedDict
 
 from .rows import Row
+from .timing import EVENTS, GRAPH
 
 OURS = "fastflamingo"
 HIGHER_IS_BETTER = {"tokens_per_s"}
@@ -73,4 +77,27 @@ def format_table(rows: list[Row]) -> str:
             if not r.ok:
                 reasons.setdefault(f"{r.provider}: {r.status}", None)
         lines += [f"  - {why}" for why in reasons]
+        lines += timing_lines(rs)
     return "\n".join(lines)
+
+
+def timing_lines(rs: list[Row]) -> list[str]:
+    """How a block's GPU cells were timed (nothing for the CPU's wall clock): GPU time by graph
+    replay, then the cells timed as eager calls by CUDA events, grouped by why (asked for, or the
+    graph capture failed)."""
+    timed = [r for r in rs if r.ok and r.timing in (GRAPH, EVENTS)]
+    if not timed:
+        return []
+    eager: OrderedDict = OrderedDict()  # why the capture failed ("": asked for) -> providers
+    for r in timed:
+        if r.timing == EVENTS:
+            names = eager.setdefault(r.extra.get("timing_fallback", ""), [])
+            if r.provider not in names:
+                names.append(r.provider)
+    if not any(r.timing == GRAPH for r in timed) and list(eager) == [""]:
+        return ["  timing: eager calls by CUDA events, L2 flushed (host launch time included)"]
+    head = "  timing: GPU time by CUDA-graph replay, L2 flushed"
+    if "" in eager:
+        head += f"; eager calls by CUDA events (host launch time included): {', '.join(eager.pop(''))}"
+    return [head] + [f"    by CUDA events, graph capture failed ({why[:110]}): {', '.join(names)}"
+                     for why, names in eager.items()]

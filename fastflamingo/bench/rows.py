@@ -5,7 +5,7 @@ import csv
 import json
 from dataclasses import asdict, dataclass, field, fields
 
-from .timing import Timing
+from .timing import Timing, describe
 
 OK = "ok"
 
@@ -16,7 +16,10 @@ class Row:
 
     ``status`` is ``ok``, ``FAILED: <why>`` (the provider's output disagreed with the reference:
     no time is reported), or ``n/a: <why>`` (the provider cannot run here). ``x`` labels the
-    point (``B=8 N=4 T=256``); ``sweep``/``x_value`` place it on a plot axis.
+    point (``B=8 N=4 T=256``); ``sweep``/``x_value`` place it on a plot axis. ``timing`` says how
+    the number was measured (:mod:`.timing`: ``cuda-graph``, ``events``, ``wall-clock``); on a GPU
+    the note says it too, and why the graph capture failed where it did
+    (``extra["timing_fallback"]``).
     """
     kernel: str
     provider: str
@@ -33,6 +36,7 @@ class Row:
     x_value: float | None = None
     note: str = ""
     extra: dict = field(default_factory=dict)
+    timing: str = ""
 
     @property
     def ok(self) -> bool:
@@ -40,6 +44,12 @@ class Row:
 
     def with_timing(self, t: Timing) -> "Row":
         self.median, self.p20, self.p80 = t.median, t.p20, t.p80
+        self.timing = t.method
+        how = describe(t)
+        if how:
+            self.note = f"{self.note}; {how}" if self.note else how
+        if t.fallback:
+            self.extra = {**self.extra, "timing_fallback": t.fallback}
         return self
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from . import breakdown
 from .env import device_name, versions
 from .memory import peak_memory_call
 from .rows import Row
@@ -145,6 +146,7 @@ class Group:
                 return [self.row("e2e prefill", e.name, "time_ms", status=f"FAILED: logits relative error "
                                  f"{err:.2e} > {bound:.2e} vs the high-precision reference", **kw)]
             _, t = measure_calls(e.prefill, self.device, self.cfg.reps)
+            breakdown.record(self.label, e.name, "prefill", e.prefill, self.device)
         note = f"logits rel. error vs {str(self.ref['logits_hi'].dtype)[6:]} reference {err:.1e} (bound {bound:.1e})"
         rows = [self.row("e2e prefill", e.name, "time_ms", note=note, **kw).with_timing(t),
                 self.row("e2e prefill", e.name, "peak_mem_MB", median=peak, note=how, **kw)]
@@ -190,13 +192,33 @@ class Group:
                 return [self.row("e2e decode", e.name, "tokens_per_s", status=f"FAILED: generated tokens "
                                  f"{tuple(new.shape)} agree {agree:.0%} with the greedy reference", **kw)]
             _, t = measure_calls(lambda: e.generate(n), self.device, max(1, self.cfg.reps - 1))
+            if e.name.startswith("fastflamingo"):  # a peer's eager loop: ~10^5 events to profile, no question
+                breakdown.record(self.label, e.name, f"generate {n} tokens", lambda: e.generate(n), self.device)
         tokens = new.numel()
         rate = {k: tokens / (getattr(t, k) * 1e-3) for k in ("median", "p20", "p80")}
         note = (f"{tokens} new tokens (batch {new.shape[0]}) per call, prefill included; {agree:.0%} equal to greedy "
                 f"reference{first_call}")
         return [self.row("e2e decode", e.name, "tokens_per_s", median=rate["median"], p20=rate["p80"],
                          p80=rate["p20"], note=note, **kw),
-                self.row("e2e decode", e.name, "peak_mem_MB", median=peak, note=how, **kw)]
+                self.row("e2e decode", e.name, "peak_mem_MB", median=peak, note=how, **kw),
+                *self.decode_steps(e, t, new.shape[0], **kw)]
+
+    def decode_steps(self, e: Entrant, t_n, batch: int, **kw) -> list[Row]:
+        """The decode steps alone: (time of generate(n) - time of generate(1)) / (n - 1) per step,
+        as new tokens/s of the batch (what the weight-bandwidth limit bounds; the prefill-included
+        rate above is what a user of one call sees)."""
+        n = self.cfg.new_tokens
+        if n < 2:
+            return []
+        with torch.no_grad():
+            _, t_1 = measure_calls(lambda: e.generate(1), self.device, max(1, self.cfg.reps - 1))
+        step_ms = (t_n.median - t_1.median) / (n - 1)
+        if step_ms <= 0:
+            return [self.row("e2e decode step", e.name, "tokens_per_s", status=f"n/a: generate({n}) "
+                             f"{t_n.median:.1f} ms was not slower than generate(1) {t_1.median:.1f} ms", **kw)]
+        note = (f"({t_n.median:.1f} - {t_1.median:.1f} ms) / {n - 1} steps = {step_ms:.2f} ms per step of "
+                f"batch {batch}: generate({n}) minus generate(1), medians")
+        return [self.row("e2e decode step", e.name, "tokens_per_s", median=batch / (step_ms * 1e-3), note=note, **kw)]
 
     def train_check(self, e: Entrant) -> str | None:
         with torch.no_grad():

@@ -3,7 +3,7 @@
 Two kinds: Hugging Face's ``StaticCache`` (preallocated (B, H, S_max, D) buffers written in place:
 the decode step has fixed shapes and addresses, so it can be compiled and CUDA-graphed) for the
 families whose modeling code supports it (``_can_compile_fullgraph``: LLaMA, Mistral, Qwen2,
-GPT-NeoX, OPT, GPT-J, ...) and for MPT, whose attention layers :mod:`.mpt` adapts per instance,
+GPT-NeoX, OPT, GPT-J, ...) and for MPT, whose attention layers :mod:`fastflamingo.mpt` adapts per instance,
 and ``DynamicCache`` (grows by concatenation) for the rest.
 
 transformers renamed the forward argument ``past_key_values`` to ``cache`` (5.2x); the name is
@@ -17,7 +17,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import mpt
+from .. import mpt
 
 # static caches are reused across generate calls of one model (same objects = no recompilation)
 _STATIC_POOL: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
@@ -32,7 +32,7 @@ class LMCall:
         positions: whether forward takes ``position_ids`` (MPT does not: ALiBi).
         logits_to_keep: whether forward can compute logits for the last position only.
         static: whether Hugging Face's StaticCache works with this family (for MPT once
-            :func:`.mpt.prepare_static` has adapted the LM's attention layers, done here).
+            :func:`fastflamingo.mpt.prepare` has adapted the LM's attention layers, done here).
     """
 
     def __init__(self, lm: nn.Module):
@@ -46,7 +46,7 @@ class LMCall:
                              "fastflamingo cannot keep its KV cache; use cache='none'")
         self.positions = "position_ids" in params
         self.logits_to_keep = "logits_to_keep" in params
-        self.static = bool(getattr(type(lm), "_can_compile_fullgraph", False)) or mpt.prepare_static(lm)
+        self.static = bool(getattr(type(lm), "_can_compile_fullgraph", False)) or mpt.prepare(lm)
 
     def kwargs(self, cache, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
                last_only: bool = False) -> dict:

@@ -1,6 +1,6 @@
-"""MPT (OpenFlamingo-3B/9B's LM) with the static LM cache and the compiled decode step
-(fastflamingo.generation.mpt): the tokens of the plain no-cache loop and of the dynamic cache, one
-compilation of the decode step, and the LM's own forward unchanged."""
+"""MPT (OpenFlamingo-3B/9B's LM) with fastflamingo's SDPA attention (fastflamingo.mpt): Hugging
+Face's logits in every forward, the static LM cache and the compiled decode step giving the tokens
+of the plain no-cache loop and of the dynamic cache, one compilation of the decode step."""
 import contextlib
 import copy
 
@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 from fastflamingo import Flamingo
 from fastflamingo.bench.stages import reference_greedy
-from fastflamingo.generation import generate, mpt, session as session_module
+from fastflamingo import mpt
+from fastflamingo.generation import generate, session as session_module
 from fastflamingo.generation.session import Session
 
 import peers
@@ -121,70 +122,126 @@ def test_compiled_step_compiles_once(monkeypatch):
     torch._dynamo.reset()
 
 
-def test_lm_forward_unchanged_and_class_untouched():
-    """The LM alone (no fastflamingo): plain and DynamicCache forwards give bitwise the logits they
-    gave before the patch; with a StaticCache the patched forward gives the plain forward's logits;
-    the class and other instances are untouched; a deepcopy runs its own weights."""
+def _lm_outputs(model, ids, mask, static=False):
+    """(plain forward logits, logits of a 7-token prefill and 4 one-token steps with a cache)."""
     from transformers import DynamicCache, StaticCache
-    from transformers.models.mpt.modeling_mpt import MptAttention
 
     from fastflamingo.generation.lm_cache import LMCall
-    class_forward = MptAttention.forward
-    lm = peers.tiny_lm("mpt")
-    other = peers.tiny_lm("mpt", seed=1)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, 120, (2, 11), generator=g)
-    mask = torch.ones_like(ids)
-    mask[0, :4] = 0
-
-    @torch.no_grad()
-    def outputs(model, static=False):
-        """(plain forward logits, logits of a 7-token prefill and 4 one-token steps with a cache)."""
+    with torch.no_grad():
         plain = model(input_ids=ids, attention_mask=mask).logits
+        B = ids.shape[0]
         if static:  # the mask spans the whole buffer; causality hides the slots not yet written
             cache = StaticCache(config=model.config, max_cache_len=64)
-            masks = [torch.cat([mask, mask.new_zeros(2, 53)], 1)] * 5
+            masks = [torch.cat([mask, mask.new_zeros(B, 64 - ids.shape[1])], 1)] * 5
         else:
             cache, masks = DynamicCache(config=model.config), [mask[:, :n] for n in range(7, 12)]
         arg = {LMCall(model).cache_arg: cache}  # `cache`, or `past_key_values` before transformers 5.2x
         steps = [model(input_ids=ids[:, :7], use_cache=True, attention_mask=masks[0], **arg).logits]
         steps += [model(input_ids=ids[:, n:n + 1], use_cache=True, attention_mask=masks[n - 6], **arg).logits
                   for n in range(7, 11)]
-        return plain, torch.cat(steps, 1)
+    return plain, torch.cat(steps, 1)
 
-    before = outputs(lm)
-    unpatched = copy.deepcopy(lm)
-    assert mpt.prepare_static(lm) and not mpt.prepare_static(torch.nn.Linear(2, 2))
-    after = outputs(lm)
-    assert all(torch.equal(a, b) for a, b in zip(before, after))
-    real = mask.bool()  # padding positions' logits are whatever a fully masked row gives
-    torch.testing.assert_close(before[1][real], before[0][real], atol=1e-5, rtol=1e-5)  # the dynamic cache's own
-    static = outputs(lm, static=True)[1]
-    torch.testing.assert_close(static[real], before[0][real], atol=1e-5, rtol=1e-5)
+
+def _ids_and_mask(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 120, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0   # left padding
+    mask[2, :1] = 0
+    return ids, mask
+
+
+def test_sdpa_attention_equals_hugging_face():
+    """The LM alone: with the SDPA forward, plain, DynamicCache and StaticCache forwards give Hugging
+    Face's eager logits (fp32, padding included: a fully masked pad query averages the values as
+    Hugging Face's does); restore() gives back Hugging Face's forward, bitwise."""
+    from transformers.models.mpt.modeling_mpt import MptAttention
+    class_forward = MptAttention.forward
+    lm = peers.tiny_lm("mpt")
+    ids, mask = _ids_and_mask()
+    hf = {static: _lm_outputs(lm, ids, mask, static) for static in (False, True)}
+    real = mask.bool()  # a pad query's logits are whatever its fully masked row gives
+    for static in (False, True):  # Hugging Face's own caches agree with its plain forward
+        torch.testing.assert_close(hf[static][1][real], hf[False][0][real], atol=1e-5, rtol=1e-5)
+    assert mpt.prepare(lm) and mpt.is_prepared(lm) and not mpt.prepare(torch.nn.Linear(2, 2))
+    assert mpt.prepare(lm)  # idempotent
+    for static in (False, True):  # every position, pads included: the same keys, the same average
+        for got, want in zip(_lm_outputs(lm, ids, mask, static=static), hf[static]):
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     assert MptAttention.forward is class_forward
+    mpt.restore(lm)
+    assert not mpt.is_prepared(lm)
+    assert all(torch.equal(a, b) for a, b in zip(_lm_outputs(lm, ids, mask), hf[False]))
+
+
+def test_sdpa_attention_per_instance():
+    """Other instances and the class untouched; someone else's instance forward is left alone; a
+    deepcopy runs its own weights; output_attentions is refused with a clear error, until restore()."""
+    from transformers.models.mpt.modeling_mpt import MptAttention
+    lm, other = peers.tiny_lm("mpt"), peers.tiny_lm("mpt", seed=1)
+    ids, mask = _ids_and_mask(1)
+    assert mpt.prepare(lm)
     patched = [m for m in lm.modules() if isinstance(m, MptAttention)]
-    assert len(patched) == 4 and all("forward" in m.__dict__ for m in patched)
+    assert len(patched) == 4 and all(m.forward.__func__ is mpt.forward for m in patched)
     assert not any("forward" in m.__dict__ for m in other.modules() if isinstance(m, MptAttention))
     hooked = next(m for m in other.modules() if isinstance(m, MptAttention))
     hooked.forward = hooked.forward  # someone else's instance forward (e.g. a hook): left alone
-    assert not mpt.prepare_static(other) and hooked.forward.__func__ is not mpt.forward
-    assert not any(getattr(m, "_fastflamingo_static", False) for m in other.modules())
-    twin = copy.deepcopy(lm)  # its forwards are bound to its own attention layers, with their own weights
+    assert not mpt.prepare(other) and hooked.forward.__func__ is not mpt.forward
+    twin, unpatched = copy.deepcopy(lm), peers.tiny_lm("mpt")
     assert all(m.forward.__self__ is m for m in twin.modules() if isinstance(m, MptAttention))
     with torch.no_grad():
         for p in (*twin.parameters(), *unpatched.parameters()):
             p.mul_(0.5)
-    assert all(torch.equal(a, b) for a, b in zip(outputs(twin), outputs(unpatched)))
-    assert not torch.equal(outputs(twin)[0], before[0])
+    for a, b in zip(_lm_outputs(twin, ids, mask), _lm_outputs(unpatched, ids, mask)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="output_attentions.*fastflamingo.mpt.restore"):
+        lm(input_ids=ids, attention_mask=mask, output_attentions=True)
+    mpt.restore(lm)
+    assert len(lm(input_ids=ids, attention_mask=mask, output_attentions=True).attentions) == 4
 
 
-def test_static_alibi_is_hugging_face_bias():
-    """The static-cache bias of the keys held is bitwise Hugging Face's slice of its ALiBi table
-    (4 heads, and 6: the non-power-of-two slope order), also in a buffer longer than max_seq_len."""
+def test_attention_bias_is_hugging_face_alibi_per_row():
+    """The relative ALiBi bias differs from Hugging Face's slice of its table by one constant per
+    query row (the same softmax), over a whole static buffer too (4 heads, and 6: the non-power-of-two
+    slope order); masked pairs get finfo.min."""
     from transformers.models.mpt.modeling_mpt import build_mpt_alibi_tensor
     for heads in (4, 6):
         table = build_mpt_alibi_tensor(heads, 256)
-        for length in (1, 2, 77, 256):
-            bias = mpt.alibi_bias(table, 320, torch.tensor(length))
-            assert bias.shape == (heads, 1, 320) and bias.dtype == table.dtype
-            assert torch.equal(bias[..., :length], table[:, :, 256 - length:]), (heads, length)
+        for q_len, length, k_len in ((1, 1, 1), (5, 77, 77), (1, 200, 256), (3, 40, 64)):
+            for n in (length, torch.tensor(length)):
+                bias = mpt.attention_bias(table, None, q_len, k_len, n, torch.float64)
+                assert bias.shape == (1, heads, q_len, k_len)
+                hf = table[:, :, 256 - length:].double()          # HF: keys 0..length-1, any query
+                diff = bias[0, :, :, :length] - hf
+                torch.testing.assert_close(diff, diff[..., :1].expand_as(diff), rtol=0, atol=1e-9)
+                # the key at the query's own position gets 0
+                pos = length - q_len + torch.arange(q_len)
+                assert torch.all(bias[0, :, torch.arange(q_len), pos] == 0)
+        mask = torch.zeros(2, 1, 3, 10, dtype=torch.bool)
+        mask[1, 0, :, :4] = True
+        bias = mpt.attention_bias(table, mask, 3, 10, 10, torch.bfloat16)
+        assert bias.shape == (2, heads, 3, 10) and bias.dtype == torch.bfloat16
+        assert torch.all(bias[1, :, :, :4] == torch.finfo(torch.bfloat16).min)
+
+
+def test_sdpa_attention_bf16_accuracy():
+    """bf16: the SDPA forward's logits are at least as close to the fp32 computation as Hugging
+    Face's eager bf16 attention (the flash-attention rule, with its factor 2), on a 300-token
+    sequence where Hugging Face's ALiBi values reach -150 (bf16 spacing 1 there)."""
+    cfg = peers.tiny_lm_config("mpt")
+    cfg.max_seq_len = 512
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    # fp32, not fp64: Hugging Face's fp64 MPT gives NaN at pad positions, which reach every row
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 120, (2, 300), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits.float()
+        hf = copy.deepcopy(ref).to(torch.bfloat16)
+        eager_err = (hf(input_ids=ids, attention_mask=mask).logits.float() - want)[mask.bool()].abs().max()
+        assert mpt.prepare(hf)
+        sdpa_err = (hf(input_ids=ids, attention_mask=mask).logits.float() - want)[mask.bool()].abs().max()
+    assert sdpa_err <= 2 * eager_err + 1e-3, (sdpa_err, eager_err)
