@@ -295,3 +295,42 @@ def test_interleaved_streams_do_not_share_a_static_cache():
     steps = [(next(a), next(b)) for _ in range(4)]
     assert torch.equal(torch.stack([s[0] for s in steps], 1), alone[:, 8:])
     assert torch.equal(torch.stack([s[1] for s in steps], 1), alone[:, 8:].flip(0))
+
+
+def test_decode_steps_do_not_sync_where_no_row_can_stop():
+    """On a GPU a host sync (``.item()``, ``bool(tensor)``) drains the queue: fastflamingo's prompt
+    checks sync once each, and a decode step syncs only where a row may stop (a stop token is
+    allowed); counted as the scalar reads torch dispatches from fastflamingo's own code (the same on
+    the CPU; the LM's Hugging Face code has its own, which the compiled step traces away)."""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def ours() -> bool:
+        """Whether the innermost frame outside torch is fastflamingo's."""
+        for frame in reversed(traceback.extract_stack()[:-2]):
+            if "/torch/" not in frame.filename:
+                return "/fastflamingo/" in frame.filename
+        return False
+
+    class Syncs(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._local_scalar_dense.default and ours():
+                Syncs.count += 1
+            return func(*args, **(kwargs or {}))
+
+    model = tiny()
+    vx, ids, mask = batch(model, [1, 2], [9, 12], seed=3)
+
+    def syncs(n, **kw):
+        Syncs.count = 0
+        with Syncs():
+            generate(model, vx, ids, mask, max_new_tokens=n, cache="static", **kw)
+        return Syncs.count
+
+    base = syncs(2, eos_token_id=[])
+    assert syncs(7, eos_token_id=[]) == base  # no stop token: none per step
+    assert syncs(7, eos_token_id=[EOS_ID], min_new_tokens=7) == base  # stops banned until the end
+    assert syncs(7, eos_token_id=[EOS_ID], suppress_tokens=[MEDIA_ID]) > base  # may stop: checked per step

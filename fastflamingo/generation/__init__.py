@@ -121,9 +121,12 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
             logits = session.step(tokens)
         tokens = torch.where(running, sampling.choose(logits, i), pad)
         yield tokens
-        running &= ~torch.isin(tokens, stop_ids)
-        if not bool(running.any()):
-            return
+        # a row can stop only on a stop token, which min_new_tokens bans before step min_new_tokens:
+        # until then no check, whose host sync would drain the GPU's queue at every step
+        if stop_ids.numel() and i >= sampling.min_new_tokens:
+            running &= ~torch.isin(tokens, stop_ids)
+            if not bool(running.any()):
+                return
 
 
 @torch.no_grad()

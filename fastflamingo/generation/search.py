@@ -25,6 +25,9 @@ class Sampling:
     eos_token_id: list[int] = field(default_factory=list)
     suppress_tokens: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    # (device, eos banned too) -> the banned ids on that device: made once, not per step (a
+    # tensor made from a Python list on a GPU is a host-to-device copy, which waits for the queue)
+    _banned: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -36,9 +39,9 @@ class Sampling:
 
     def process(self, scores: torch.Tensor, num_new: int) -> torch.Tensor:
         """(B, V) logits (or log-probs) -> processed scores, before choosing token ``num_new``."""
-        ban = list(self.suppress_tokens) + (list(self.eos_token_id) if num_new < self.min_new_tokens else [])
-        if ban:
-            scores = scores.index_fill(-1, torch.tensor(ban, device=scores.device), float("-inf"))
+        ban = self.banned(scores.device, num_new < self.min_new_tokens)
+        if ban is not None:
+            scores = scores.index_fill(-1, ban, float("-inf"))
         if not self.do_sample:
             return scores
         if self.temperature != 1.0:
@@ -52,6 +55,14 @@ class Sampling:
             drop[..., -1] = False  # always keep the most likely token
             scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         return scores
+
+    def banned(self, device: torch.device, eos_too: bool) -> torch.Tensor | None:
+        """The token ids no step may choose (with the stop tokens before min_new_tokens), or None."""
+        key = (str(device), eos_too)
+        if key not in self._banned:
+            ids = list(self.suppress_tokens) + (list(self.eos_token_id) if eos_too else [])
+            self._banned[key] = torch.tensor(ids, device=device, dtype=torch.long) if ids else None
+        return self._banned[key]
 
     def choose(self, logits: torch.Tensor, num_new: int) -> torch.Tensor:
         """(B, V) logits -> (B,) next tokens (greedy or sampled)."""

@@ -48,14 +48,14 @@ def check_text_time(text_time: torch.Tensor, num_media: int) -> None:
     """Raise if any token refers to an image beyond the ``num_media`` given (one host sync)."""
     if text_time.numel() == 0:
         return
-    worst = int(text_time.max())
+    worst, least = torch.stack((text_time.max(), text_time.min())).tolist()  # one sync for both
     if worst > num_media:
         row = int((text_time.max(dim=-1).values > num_media).nonzero()[0, 0])
         raise ValueError(
             f"row {row} of the batch has {int(text_time[row].max())} <image> tokens but only "
             f"{num_media} images were given (vision_x has N={num_media} media per row): pass one image "
             "per <image> token, padding rows with fewer images with zero images at the end")
-    if int(text_time.min()) < 0:
+    if least < 0:
         raise ValueError("text_time must be >= 0 (0 = no image yet)")
 
 
