@@ -144,15 +144,18 @@ def _shared_bias(position_bias, mask, q_len, k_len, length, dtype):
         # reading it would be a host sync per layer
         return attention_bias(position_bias, mask, q_len, k_len, length, dtype)
     key = (q_len, k_len, length, dtype)
-    hit = _SHARED.get("key") == key and _SHARED["table"]() is position_bias and (
-        (mask is None and _SHARED["mask"] is None) or (mask is not None and _SHARED["mask"] is not None
-                                                       and _SHARED["mask"]() is mask))
-    if not hit:
+    if not (_SHARED.get("key") == key and _refers_to(_SHARED["table"], position_bias)
+            and _refers_to(_SHARED["mask"], mask)):
         _SHARED.clear()
         _SHARED.update(key=key, table=weakref.ref(position_bias, _forget),
                        mask=None if mask is None else weakref.ref(mask, _forget),
                        bias=attention_bias(position_bias, mask, q_len, k_len, length, dtype))
     return _SHARED["bias"]
+
+
+def _refers_to(ref: weakref.ref | None, obj) -> bool:
+    """Whether ``ref`` (a weak reference, or None for an absent tensor) points at ``obj``."""
+    return obj is None if ref is None else ref() is obj
 
 
 def _forget(_ref) -> None:

@@ -15,8 +15,8 @@ import warnings
 import pytest
 import torch
 
-from fastflamingo.bench import image_causal, kernels, timing
-from fastflamingo.bench.harness import run_case, timed_call
+from fastflamingo.bench import harness, image_causal, timing
+from fastflamingo.bench.harness import EAGER, run_case, timed_call
 from fastflamingo.bench.report import format_table, timing_lines
 from fastflamingo.bench.rows import Row, write_csv
 from fastflamingo.bench.timing import EVENTS, GRAPH, WALL, Timing
@@ -135,12 +135,12 @@ def test_rows_say_how_they_were_timed(tmp_path):
 
 def test_table_says_which_cells_were_timed_eagerly():
     rows = [_row("fastflamingo", Timing(0.01, 0.009, 0.011, 100, GRAPH)),
-            _row(kernels.EAGER, Timing(0.06, 0.05, 0.07, -1, EVENTS)),
+            _row(EAGER, Timing(0.06, 0.05, 0.07, -1, EVENTS)),
             _row("sdpa dense mask", Timing(0.02, 0.019, 0.021, 100, GRAPH)),
             _row("varlen+build", Timing(0.3, 0.2, 0.4, -1, EVENTS, "RuntimeError: not permitted when capturing"))]
     table = format_table(rows)
     assert ("  timing: GPU time by CUDA-graph replay, L2 flushed; eager calls by CUDA events (host launch time "
-            f"included): {kernels.EAGER}\n") in table
+            f"included): {EAGER}\n") in table
     assert "    by CUDA events, graph capture failed (RuntimeError: not permitted when capturing): varlen+build" in table
     assert "0.06" in table and "(2.00x)" in table  # sdpa's ratio; none for fastflamingo's eager column
     assert timing_lines([_row("fastflamingo", Timing(1.0, 0.9, 1.1, 9))]) == []
@@ -157,22 +157,32 @@ def test_cpu_rows_carry_the_method_and_get_no_eager_column():
     ps = image_causal.providers("cpu", 8)[:2]
     rows = run_case(case, ps, ("fwd",), "cpu", quick=True, roofline=False)
     assert rows and all(r.ok and r.timing == WALL for r in rows)
-    assert kernels.with_eager_rows(rows, case, ps, "cpu", True) == rows
+    assert EAGER not in {r.provider for r in rows}
 
 
-def test_eager_row_times_the_same_call_as_fastflamingos_row():
+def test_eager_row_times_the_same_call_as_fastflamingos_row(monkeypatch):
+    """Where fastflamingo's row was timed by graph replay, the next row times the same prepared call
+    (same mode, same inputs) by CUDA events; no other provider gets one. The timer is faked: the
+    CPU has no graph replay."""
+    calls = []
+
+    def fake_measure(fn, device, *, quick=False, method=None):
+        calls.append((fn, method))
+        return Timing(0.06, 0.05, 0.07, -1, EVENTS) if method == EVENTS else Timing(0.01, 0.009, 0.011, 100, GRAPH)
+
+    monkeypatch.setattr(harness, "measure", fake_measure)
     case = _small_case()
-    ours = image_causal.providers("cpu", 8)[0]
+    ps = image_causal.providers("cpu", 8)[:2]
+    assert ps[0].name == "fastflamingo" and ps[1].name != "fastflamingo"
+    rows = run_case(case, ps, ("fwd", "fwd+bwd"), "cpu", quick=True, roofline=False)
     for mode in ("fwd", "fwd+bwd"):
-        base = Row(kernel=case.kernel, provider="fastflamingo", mode=mode, metric="time_ms", x=case.x,
-                   sweep="N", x_value=2, note="GPU time", extra={"k": 1}, timing=GRAPH)
-        r = kernels.eager_row(base, case, ours, "cpu", True)
-        assert r.ok and r.provider == kernels.EAGER and r.mode == mode and r.x == case.x and r.sweep == "N"
-        assert r.extra == {} and base.extra == {"k": 1} and r.note == ""
-    broken = image_causal.providers("cpu", 8)[0]
-    broken.prepare = lambda a: (_ for _ in ()).throw(RuntimeError("no"))
-    r = kernels.eager_row(base, case, broken, "cpu", True)
-    assert not r.ok and r.status.startswith("n/a: RuntimeError") and r.median is None
+        names = [r.provider for r in rows if r.mode == mode]
+        assert names == ["fastflamingo", EAGER, ps[1].name], names
+        eager = next(r for r in rows if r.mode == mode and r.provider == EAGER)
+        assert eager.ok and eager.timing == EVENTS and eager.median == 0.06 and eager.x == case.x
+    graph_calls = [fn for fn, m in calls if m is None]
+    eager_calls = [fn for fn, m in calls if m == EVENTS]
+    assert len(eager_calls) == 2 and all(fn in graph_calls for fn in eager_calls)  # the very same callables
 
 
 # ------------------------------------------------------------------------- the graph path, on a fake CUDA

@@ -5,9 +5,9 @@ resampler heads, vision width, ViT tokens per image); the sweep sizes from the d
 ``--quick``.
 
 On a GPU every provider is timed by CUDA-graph replay (its GPU time, :mod:`.timing`), and
-fastflamingo gets one more column, ``fastflamingo eager``: its eager call timed by CUDA events
-(what a call costs with its host launch and dispatch time, where that is longer than the GPU
-work), next to its GPU time.
+fastflamingo gets one more column, ``fastflamingo eager`` (:data:`.harness.EAGER`): its eager call
+timed by CUDA events (what a call costs with its host launch and dispatch time, where that is
+longer than the GPU work), next to its GPU time.
 """
 from __future__ import annotations
 
@@ -20,12 +20,8 @@ from tqdm.auto import tqdm
 
 from ..presets import preset_config
 from . import image_causal, perceiver
-from .harness import Case, Provider, run_case, timed_call
-from .report import OURS
-from .rows import OK, Row
-from .timing import EVENTS, measure
-
-EAGER = f"{OURS} eager"
+from .harness import run_case
+from .rows import Row
 
 
 @dataclass
@@ -94,58 +90,19 @@ def run(cfg: KernelConfig, device: str, *, quick: bool = False, progress: bool =
             key = (B, N, T, modes)
             if key not in done:
                 case = image_causal.make_case(B, cfg.heads, T, N, cfg.latents, cfg.dim_head, cfg.dtype, device)
-                ps = image_causal.providers(device, cfg.latents)
-                done[key] = with_eager_rows(run_case(case, ps, modes, device, quick=quick), case, ps, device, quick)
+                done[key] = run_case(case, image_causal.providers(device, cfg.latents), modes, device, quick=quick)
             rows += [dataclasses.replace(r, sweep=sweep, x_value=xv) for r in done[key]]
         elif kind == "perceiver":
             case = perceiver.attention_case(point, cfg.tokens, cfg.latents, cfg.r_heads, cfg.r_dim_head,
                                             cfg.dtype, device)
-            ps = perceiver.attention_providers()
-            rows += with_eager_rows(run_case(case, ps, ("fwd", "fwd+bwd"), device, quick=quick), case, ps, device,
-                                    quick)
+            rows += run_case(case, perceiver.attention_providers(), ("fwd", "fwd+bwd"), device, quick=quick)
         else:
             case, layer = perceiver.layer_case(point, cfg.tokens, cfg.latents, cfg.dim, cfg.r_heads,
                                                cfg.r_dim_head, cfg.dtype, device)
-            ps = perceiver.layer_providers(layer)
-            rows += with_eager_rows(run_case(case, ps, ("fwd", "fwd+bwd"), device, quick=quick, roofline=False),
-                                    case, ps, device, quick)
+            rows += run_case(case, perceiver.layer_providers(layer), ("fwd", "fwd+bwd"), device, quick=quick,
+                             roofline=False)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
         if on_rows is not None:
             on_rows(rows)
     return rows
-
-
-def with_eager_rows(rows: list[Row], case: Case, providers, device: str, quick: bool) -> list[Row]:
-    """``rows`` with a ``fastflamingo eager`` row after each fastflamingo row that the GPU timed by
-    graph replay: the same call (already checked in that row) timed eagerly by CUDA events. None
-    on the CPU, where every row is an eager call already."""
-    if torch.device(device).type != "cuda":
-        return rows
-    ours = next((p for p in providers if p.name == OURS and p.prepare is not None), None)
-    out = []
-    for r in rows:
-        out.append(r)
-        if ours is not None and r.provider == OURS and r.ok and r.timing != EVENTS:
-            out.append(eager_row(r, case, ours, device, quick))
-    return out
-
-
-def eager_row(ours_row: Row, case: Case, provider: Provider, device: str, quick: bool) -> Row:
-    """The eager time of the call ``ours_row`` timed (its mode, its case's inputs)."""
-    row = dataclasses.replace(ours_row, provider=EAGER, median=None, p20=None, p80=None, status=OK, note="",
-                              extra={}, timing="")
-    try:
-        grad = ours_row.mode == "fwd+bwd"
-        leaves = tuple(t.detach().clone().requires_grad_(grad and i in case.grad_inputs and t.is_floating_point())
-                       for i, t in enumerate(case.inputs))
-        prep = provider.prepare(leaves)
-        out = prep.call()
-        dout = torch.randn_like(out) if grad else None
-        call = timed_call(prep.call, prep.leaves, dout)
-        call()
-        del out
-        return row.with_timing(measure(call, device, quick=quick, method=EVENTS))
-    except Exception as e:  # noqa: BLE001 - the fastflamingo row stands; this one says why it is missing
-        row.status = f"n/a: {type(e).__name__}: {str(e)[:160]}"
-        return row
