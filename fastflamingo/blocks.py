@@ -27,6 +27,12 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).flatten(-2)
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The Perceiver attention over keys already concatenated ([media ; latents]): the layers'
+    PyTorch path, one SDPA call, equal to :func:`fastflamingo.ops.perceiver_attention` of the parts."""
+    return nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:
     """open_flamingo's feed-forward: LayerNorm -> Linear(mult·dim) -> GELU -> Linear."""
     inner = int(dim * mult)
@@ -70,8 +76,10 @@ class PerceiverAttention(nn.Module):
     """Latents attend to [media tokens ; latents] (open_flamingo layout).
 
     open_flamingo projects ``cat(media, latents)`` with ``to_kv``; the projection of a
-    concatenation is the concatenation of projections, so the media and the latents are
-    projected separately and the op attends over both without building the concatenation.
+    concatenation is the concatenation of projections, so where the Triton kernel runs the media
+    and the latents are projected separately and it attends over both without building the
+    concatenation. PyTorch's SDPA (the CPU path) takes one key tensor: there the concatenated
+    input is projected once, the cheaper way to the same keys.
     """
 
     def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8):
@@ -92,6 +100,10 @@ class PerceiverAttention(nn.Module):
         latents = self.norm_latents(latents)
         h = self.heads
         q = _heads(self.to_q(latents), h)
+        if ops.perceiver_backend(q, self.backend) == "torch":
+            # PyTorch's SDPA takes one key tensor: project the concatenation once
+            k, v = (_heads(t, h) for t in self.to_kv(torch.cat([x, latents], dim=-2)).chunk(2, dim=-1))
+            return self.to_out(_merge_heads(_sdpa(q, k, v, self.scale)))
         k_media, v_media = (_heads(t, h) for t in self.to_kv(x).chunk(2, dim=-1))
         k_lat, v_lat = (_heads(t, h) for t in self.to_kv(latents).chunk(2, dim=-1))
         out = ops.perceiver_attention(q, k_media, v_media, k_lat, v_lat, scale=self.scale,
@@ -123,6 +135,13 @@ class IdeficsPerceiverAttention(nn.Module):
         latents = self.latents_layer_norm(latents)
         h = self.heads
         q = _heads(self.q_proj(latents), h)
+        if ops.perceiver_backend(q, self.backend) == "torch":
+            # PyTorch's SDPA takes one key tensor: project the concatenation once
+            both = torch.cat([x, latents], dim=-2)
+            k, v = _heads(self.k_proj(both), h), _heads(self.v_proj(both), h)
+            if self.qk_layer_norms:
+                q, k = self.q_layer_norm(q), self.k_layer_norm(k)
+            return self.output_proj(_merge_heads(_sdpa(q, k, v, self.scale)))
         k_media, k_lat = _heads(self.k_proj(x), h), _heads(self.k_proj(latents), h)
         v_media, v_lat = _heads(self.v_proj(x), h), _heads(self.v_proj(latents), h)
         if self.qk_layer_norms:

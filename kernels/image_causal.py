@@ -123,15 +123,16 @@ _TUNE_TABLE = {
 
 
 def _launch_configs(q: torch.Tensor, latents_per_media: int, only_immediate: bool,
-                    *, backward: bool) -> list[tuple[int, int, int]]:
+                    *, backward: bool, sizes: tuple[int, int, int, int] | None = None) -> list[tuple[int, int, int]]:
     """(BLOCK_M, num_warps, num_stages) candidates for one launch, the heuristic's first.
 
     Only the heuristic's without autotuning, and for launches of less than one program per
     multiprocessor at 64-token tiles (decoding, short prompts, small batches): their time is
     mostly launch latency, not worth seconds of compiling and timing the candidates.
+    ``sizes``: the launch's :func:`_block_sizes`, where the caller has them already.
     """
-    block_m, _, block_d, num_warps = _block_sizes(q, latents_per_media, only_immediate,
-                                                  max_block_m=64 if backward else 128)
+    block_m, _, block_d, num_warps = sizes or _block_sizes(q, latents_per_media, only_immediate,
+                                                           max_block_m=64 if backward else 128)
     heuristic = (block_m, num_warps, 2)
     B, H, T, _ = q.shape
     if not autotune_enabled() or B * H * triton.cdiv(T, 64) < num_sms(q.device):
@@ -482,8 +483,9 @@ def image_causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tim
     lse = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    _, block_n, block_d, _ = _block_sizes(q, latents_per_media, only_immediate, max_block_m=128)
-    configs = _launch_configs(q, latents_per_media, only_immediate, backward=False)
+    sizes = _block_sizes(q, latents_per_media, only_immediate, max_block_m=128)
+    _, block_n, block_d, _ = sizes
+    configs = _launch_configs(q, latents_per_media, only_immediate, backward=False, sizes=sizes)
     _launch(_fwd_kernel, lambda meta: (triton.cdiv(T, meta["BLOCK_M"]) * B * H,), configs,
             q, k, v, text_time, out, lse,
             *bhs_strides(q), *bhs_strides(k), *bhs_strides(v), *bhs_strides(out),
@@ -529,7 +531,8 @@ def image_causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         return dq, dk.zero_(), dv.zero_()
     lse = lse.contiguous()
 
-    block_m, block_n, block_d, _ = _block_sizes(q, latents_per_media, only_immediate, max_block_m=64)
+    sizes = _block_sizes(q, latents_per_media, only_immediate, max_block_m=64)
+    block_m, block_n, block_d, _ = sizes
     delta = torch.empty((B, H, T), device=q.device, dtype=torch.float32)
     _bwd_delta_kernel[(triton.cdiv(T, block_m) * B * H,)](
         out, dout, delta,
@@ -538,7 +541,7 @@ def image_causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     qstart = image_query_start(text_time, nkeys // latents_per_media)
 
     n_kv = triton.cdiv(nkeys, block_n)
-    configs = _launch_configs(q, latents_per_media, only_immediate, backward=True)
+    configs = _launch_configs(q, latents_per_media, only_immediate, backward=True, sizes=sizes)
     _launch(_bwd_kernel, lambda meta: ((n_kv + triton.cdiv(T, meta["BLOCK_M"])) * B * H,), configs,
             q, k, v, dout, text_time, lse, delta, qstart, dq, dk, dv,
             *bhs_strides(q), *bhs_strides(k), *bhs_strides(v), *bhs_strides(dout),

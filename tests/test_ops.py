@@ -84,6 +84,47 @@ def test_torch_path_matches_reference_forward_and_grads(layout, only_immediate):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+# the eager path's plans: its cost model; one call per run (calls free); runs merged up to the span
+# limit and never one masked call for the batch (calls dear)
+PLANS = pytest.mark.parametrize("plan", [{}, {"_CALL_NS": 0.0}, {"_CALL_NS": 1e12, "_SPAN_KEYS": 0}],
+                                ids=["cost-model", "per-run", "merged"])
+
+
+@PLANS
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_torch_path_plans_match_reference_on_any_text_time(plan, data):
+    """Hand-made text_time too: IDEFICS's zero runs after an EOS, and arbitrary (non-monotonic)
+    image indices, whose chunks' key ranges overlap."""
+    B, T, L, N = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 48)), data.draw(st.sampled_from([1, 4, 8])), \
+        data.draw(st.integers(1, 6))
+    kind = data.draw(st.sampled_from(["resets", "arbitrary"]))
+    rows = []
+    for _ in range(B):
+        if kind == "arbitrary":
+            rows.append(data.draw(st.lists(st.integers(0, N), min_size=T, max_size=T)))
+            continue
+        row, m = [], 0
+        for _ in range(T):
+            step = data.draw(st.sampled_from(["same", "same", "next", "zero"]))
+            m = min(N, m + 1) if step == "next" else m
+            row.append(0 if step == "zero" else m)
+        rows.append(row)
+    tt = torch.tensor(rows, dtype=torch.int32)
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 16)))
+    q, k, v = (torch.randn(B, 2, S, 8, generator=g, requires_grad=True) for S in (T, N * L, N * L))
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in plan.items():
+            mp.setattr(cpu, name, value)
+        fast = cpu.image_causal_attention_torch(q, k, v, tt, latents_per_media=L)
+    ref = reference.image_causal_attention_reference(q, k, v, tt, latents_per_media=L)
+    torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-5)
+    assert (fast[(tt == 0)[:, None, :].expand(-1, 2, -1)] == 0).all()
+    dout = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(fast, (q, k, v), dout), torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_torch_path_low_precision_by_tolerance_rule(dtype):
     layout = (2, 33, 8, 4, 2, 16, [[0, 7, 8, 32], [5]], 3)
@@ -162,15 +203,56 @@ def test_cost_of_torch_path_does_not_grow_with_images(eager, monkeypatch):
     assert dense[1] == 32 * dense[0]
 
 
-def test_row_chunks_cover_every_token_that_sees_an_image():
+def test_row_runs_and_chunks_cover_every_token_that_sees_an_image():
     row = [0, 0, 1, 1, 1, 2, 3, 3, 0, 0, 4] + [5] * 300
-    chunks = cpu.row_chunks(row, 128, 2)
-    covered = [t for t0, t1, _, _ in chunks for t in range(t0, t1)]
-    assert covered == sorted(set(covered))
-    assert {t for t, m in enumerate(row) if m > 0} <= set(covered)
-    for t0, t1, first, last in chunks:
-        images = {m for m in row[t0:t1] if m > 0}
-        assert min(images) == first and max(images) == last and last - first < 2 and t1 - t0 <= 128
+    runs = cpu.row_runs(torch.tensor([row, [0] * len(row)]))
+    assert runs[0] == [(0, 2, 0), (2, 5, 1), (5, 6, 2), (6, 8, 3), (8, 10, 0), (10, 11, 4), (11, 311, 5)]
+    assert runs[1] == [(0, 311, 0)]
+    for L, pair_ns in [(64, 1.0), (8, 1.0), (8, 1e-3), (64, 1e9)]:
+        chunks = cpu.row_chunks(runs[0], L, 2, pair_ns)
+        covered = [t for t0, t1, *_ in chunks for t in range(t0, t1)]
+        assert covered == sorted(set(covered))
+        assert {t for t, m in enumerate(row) if m > 0} <= set(covered)
+        for t0, t1, first, last, masked in chunks:
+            images = {m for m in row[t0:t1] if m > 0}
+            assert min(images) == first and max(images) == last and last - first < 2
+            assert masked == (last > first or 0 in row[t0:t1])
+            assert not masked or (t1 - t0) * (last - first + 1) * L <= cpu._SCORES
+        if pair_ns > cpu._CALL_NS:  # scoring costs more than a call: one chunk per image
+            assert [(t0, t1, m, m, False) for t0, t1, m in runs[0] if m > 0] == chunks
+    assert cpu.row_chunks(runs[1], 8, 2) == []
+
+
+def test_torch_path_backward_does_not_write_a_whole_input_per_chunk():
+    """The eager path's backward writes O(inputs) elements, not a zero tensor of a whole input per
+    chunk (what slicing each chunk out of q, k, v would cost: quadratic in the images)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountWrites(TorchDispatchMode):
+        written = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    CountWrites.written += t.numel()
+            return out
+
+    T, L, H, D, N = 512, 64, 2, 16, 32
+    q, k, v, media = make(2, T, L, N, H, D, [list(range(0, T, T // N)), list(range(0, T, 2 * T // N))], 0)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    tt = ops.text_time_from_media_locations(media)
+    plan = [cpu.row_chunks(r, L, cpu.max_span(L), cpu.score_ns(H, D)) for r in cpu.row_runs(tt)]
+    assert sum(map(len, plan)) >= 16  # many chunks
+    out = cpu.image_causal_attention_torch(q, k, v, tt, latents_per_media=L)
+    dout = torch.randn_like(out)
+    with CountWrites():
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    assert CountWrites.written <= 8 * (q.numel() + k.numel() + v.numel()), CountWrites.written
+    ref = reference.image_causal_attention_reference(q, k, v, tt, latents_per_media=L)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, torch.autograd.grad(ref, (q, k, v), dout)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @settings(max_examples=30, deadline=None)

@@ -19,7 +19,7 @@ BACKENDS = ("auto", "triton", "torch", "reference")
 
 __all__ = ["image_causal_attention", "perceiver_attention", "text_time_from_media_locations",
            "image_causal_attention_reference", "perceiver_attention_reference",
-           "image_causal_mask", "BACKENDS", "check_text_time"]
+           "image_causal_mask", "BACKENDS", "check_text_time", "perceiver_backend"]
 
 
 def _check_backend(backend: str) -> None:
@@ -138,3 +138,14 @@ def perceiver_attention(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.T
         return perceiver_attention_reference(q, k_media, v_media, k_latents, v_latents, scale=scale)
     from .perceiver_op import perceiver_attention_op
     return perceiver_attention_op(q, k_media, v_media, k_latents, v_latents, scale=scale, backend=backend)
+
+
+def perceiver_backend(q: torch.Tensor, backend: str = "auto") -> str:
+    """The backend :func:`perceiver_attention` runs for latent queries ``q`` (B, H, L, D) given
+    ``backend``: "triton", "torch" or "reference" ("auto" resolved; a forced "triton" the
+    inputs cannot take raises here as it would there)."""
+    _check_backend(backend)
+    if backend == "reference":
+        return "reference"
+    from .perceiver_op import runs_triton
+    return "triton" if runs_triton(q, backend) else "torch"

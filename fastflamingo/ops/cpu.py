@@ -3,27 +3,42 @@
 Immediate mode is block-diagonal: every token sees exactly the L keys of one image, and the
 tokens of one image are contiguous. Scoring each token against all N·L keys and masking (what
 open_flamingo does) costs O(T·N·L·D); here the work is O(T·L·D), independent of the number of
-images, in one of two ways:
+images, in one of these ways:
 
 * eager (the default): a row's tokens are cut into chunks spanning a few images
-  (:func:`row_chunks`, :func:`max_span`); each chunk scores only the keys of its images with one BLAS matmul, the
-  way the Triton kernel skips key blocks. The chunks are planned on the host, which is free on
-  the CPU.
+  (:func:`row_chunks`, :func:`max_span`); each chunk scores only the keys of its images with one
+  fused SDPA call (no mask where the chunk is one image), the way the Triton kernel skips key
+  blocks. The chunks are planned on the host from the runs of equal image index
+  (:func:`row_runs`: O(images) Python work per row, not O(T)), which is free on the CPU. Where the
+  keys of all images fit one chunk (N·L <= 128), one masked SDPA serves the whole batch.
 * a decode step (T = 1): each row's query gathers the L keys of its image, one SDPA for the batch.
 * under torch.compile (no host reads allowed in a graph): each token gathers the L keys of its
   image, chunk by chunk, with static shapes.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .reference import image_causal_mask
 
-# tokens per chunk: bounds the temporary score / gathered-key tensors
+# tokens per chunk of the compiled gather path: bounds its gathered-key tensors
 _CHUNK = 128
+# The eager path's cost model (measured with torch 2.14 on a 2-core EPYC): one SDPA call of a chunk
+# costs ~_CALL_NS of fixed overhead (dispatch, slicing, the mask), plus ~score_ns(H, D) per
+# (token, key) pair it scores, plus per token as much as _TOKEN_KEYS more keys would (the fused
+# kernel's per-query work); each row with chunks costs ~_ROW_NS more (its views, zeros and
+# concatenation). It decides which runs of tokens share a call, and whether one masked call for
+# the whole batch would cost less.
+_CALL_NS = 20_000.0
+_TOKEN_KEYS = 24
+_ROW_NS = 35_000.0
+# (tokens x keys) one masked chunk may score: bounds its mask and temporaries
+_SCORES = 256 * 256
 # keys one chunk of the eager path may score: at least two images' worth (L = 64), more for small
-# images, where fewer, larger matmuls beat Python overhead. Either way a token's work is bounded
-# by max(2·L, _SPAN_KEYS)·D, whatever the number of images.
+# images. Either way a token's work is bounded by max(2·L, _SPAN_KEYS)·D, whatever the number of
+# images.
 _SPAN_KEYS = 128
 
 
@@ -32,50 +47,138 @@ def max_span(latents_per_media: int) -> int:
     return max(2, _SPAN_KEYS // latents_per_media)
 
 
-def row_chunks(tt_row: list[int], max_tokens: int, max_span: int):
-    """Cut one row's tokens into chunks ``(t0, t1, first_image, last_image)`` for the eager path.
+def score_ns(heads: int, head_dim: int) -> float:
+    """Estimated CPU time of scoring one (token, key) pair over all heads: q·k, exp, p·v."""
+    return heads * (head_dim + 16) / 24
 
-    A chunk covers consecutive runs of tokens, at most ``max_tokens`` of them and at most
-    ``max_span`` images, so scoring it against the keys of its images costs at most
+
+def row_runs(text_time: torch.Tensor) -> list[list[tuple[int, int, int]]]:
+    """Per row of ``text_time`` (B, T), its maximal runs ``(t0, t1, image)`` of equal image index:
+    O(number of runs) host work (at most 2·N + 1 per row), not O(T)."""
+    B, T = text_time.shape
+    change = torch.ones(B, T, dtype=torch.bool, device=text_time.device)
+    change[:, 1:] = text_time[:, 1:] != text_time[:, :-1]
+    rows, starts = change.nonzero(as_tuple=True)
+    values = text_time[rows, starts]
+    runs: list[list[tuple[int, int, int]]] = [[] for _ in range(B)]
+    for b, t0, m in zip(rows.tolist(), starts.tolist(), values.tolist()):
+        if runs[b]:
+            p0, _, pm = runs[b][-1]
+            runs[b][-1] = (p0, t0, pm)
+        runs[b].append((t0, T, m))
+    return runs
+
+
+def row_chunks(runs: list[tuple[int, int, int]], latents_per_media: int, max_span: int,
+               pair_ns: float = 1.0):
+    """Cut one row's runs (:func:`row_runs`) into chunks ``(t0, t1, first_image, last_image,
+    masked)``, one SDPA call each, for the eager path.
+
+    A chunk covers consecutive tokens spanning at most ``max_span`` images (and, if masked, at
+    most ``_SCORES`` token-key pairs), so scoring it against the keys of its images costs at most
     ``max_span`` x the O(len·L·D) a token needs: the total stays O(T·L·D) whatever the number of
-    images. Tokens before any image (and IDEFICS's tokens after an EOS) need no chunk of their own.
+    images. Within that, the next run joins the chunk where the extra pairs it adds to score
+    (``pair_ns`` each) cost less than a call of its own (``_CALL_NS``). ``masked``: the chunk
+    holds more than one image or tokens that see none (else every token sees every key: no
+    mask). Tokens before any image (and IDEFICS's tokens after an EOS) get no chunk of their own.
     """
+    L = latents_per_media
     chunks = []
-    t0 = first = last = None
-    for t, m in enumerate(tt_row):
-        if t0 is not None and (t - t0 >= max_tokens or (m > 0 and m - first + 1 > max_span)):
-            chunks.append((t0, t, first, last))
-            t0 = None
-        if t0 is None:
-            if m == 0:
+    cur = None  # [t0, t1, first, last, has_zero]
+
+    def close():
+        t0, t1, first, last, zero = cur
+        chunks.append((t0, t1, first, last, zero or last > first))
+
+    for t0, t1, m in runs:
+        if cur is not None:
+            first, last = cur[2], max(cur[3], m)
+            keys, n = (last - first + 1) * L, t1 - t0
+            extra = (cur[1] - cur[0]) * (keys - (cur[3] - first + 1) * L) + n * keys  # pairs if merged
+            alone = n * L if m > 0 else 0  # pairs if not (tokens with no image need no call)
+            if (m == 0 or first <= m < first + max_span) and (cur[1] - cur[0] + n) * keys <= _SCORES \
+                    and (extra - alone) * pair_ns <= (_CALL_NS if m > 0 else 0.0):
+                cur[1], cur[3], cur[4] = t1, last, cur[4] or m == 0
                 continue
-            t0, first = t, m
+            close()
+            cur = None
         if m > 0:
-            last = m
-    if t0 is not None:
-        chunks.append((t0, len(tt_row), first, last))
+            cur = [t0, t1, m, m, False]
+    if cur is not None:
+        close()
     return chunks
+
+
+def _dense(q, k, v, text_time, latents_per_media, scale, only_immediate):
+    """One SDPA over every key with the image-causal mask: the path for all-previous mode, and
+    for immediate mode where the keys of all images fit one chunk anyway."""
+    N = k.shape[-2] // latents_per_media
+    mask = image_causal_mask(text_time, N, latents_per_media, only_immediate=only_immediate)[:, None]
+    has_media = (text_time > 0)[:, None, :, None]
+    # a row with no visible key: let it see everything, then zero it (softmax of all -inf is nan)
+    mask = mask | ~has_media
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.masked_fill(~has_media, 0.0)
 
 
 def _immediate_ranges(q, k, v, text_time, latents_per_media, scale):
     B, H, T, D = q.shape
     L = latents_per_media
-    key_image = torch.arange(k.shape[2], device=k.device) // L + 1
-    out = q.new_zeros(B, H, T, D)
-    tt_host = text_time.tolist()
-    if not any(m > 0 for row in tt_host for m in row):
+    runs = row_runs(text_time)
+    if not any(m > 0 for row in runs for _, _, m in row):
         # no token sees an image: exact zeros, still connected to the inputs for autograd
-        return out + (q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum())
-    for b in range(B):
-        for t0, t1, first, last in row_chunks(tt_host[b], _CHUNK, max_span(L)):
-            lo, hi = (first - 1) * L, last * L
-            tt = text_time[b, t0:t1, None]
-            none = tt == 0  # (chunk, 1): tokens with no image see every key, then get 0
-            visible = (tt == key_image[None, lo:hi]) | none
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q[b, :, t0:t1], k[b, :, lo:hi], v[b, :, lo:hi], attn_mask=visible, scale=scale)
-            out[b, :, t0:t1] = o.masked_fill(none, 0.0)
-    return out
+        return q.new_zeros(B, H, T, D) + (q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum())
+    pair_ns = score_ns(H, D)
+    plan = [row_chunks(row, L, max_span(L), pair_ns) for row in runs]
+    chunked_ns = sum(_CALL_NS + (t1 - t0) * ((last - first + 1) * L + _TOKEN_KEYS) * pair_ns
+                     for row in plan for t0, t1, first, last, _ in row) + _ROW_NS * sum(map(bool, plan))
+    if k.shape[2] <= _SPAN_KEYS and _CALL_NS + B * T * (k.shape[2] + _TOKEN_KEYS) * pair_ns < chunked_ns:
+        return _dense(q, k, v, text_time, L, scale, True)  # one call for the batch costs less
+    key_image = torch.arange(k.shape[2], device=k.device) // L + 1
+    rows = []
+    # each chunk reads views of its row's q, k, v, and the row's output is the concatenation of
+    # its pieces: backwards of one cat / split per row, where indexing or slicing per chunk (or
+    # writing chunks into one zero tensor in place) would cost the backward a zero tensor or
+    # copy of a whole input per chunk
+    for b, (chunks, qb, kb, vb) in enumerate(zip(plan, q.unbind(0), k.unbind(0), v.unbind(0))):
+        qs = _views(qb, [(t0, t1) for t0, t1, *_ in chunks])
+        ks = _views(kb, [((first - 1) * L, last * L) for _, _, first, last, _ in chunks])
+        vs = _views(vb, [((first - 1) * L, last * L) for _, _, first, last, _ in chunks])
+        pieces, t = [], 0
+        for (t0, t1, first, last, masked), qc, kc, vc in zip(chunks, qs, ks, vs):
+            if t0 > t:  # tokens that see no image
+                pieces.append(q.new_zeros(H, t0 - t, D))
+            if masked:
+                tt = text_time[b, t0:t1, None]
+                none = tt == 0  # (chunk, 1): tokens with no image see every key, then get 0
+                visible = (tt == key_image[None, (first - 1) * L:last * L]) | none
+                o = torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, attn_mask=visible, scale=scale)
+                pieces.append(o.masked_fill(none, 0.0))
+            else:  # one image, every token sees it
+                pieces.append(torch.nn.functional.scaled_dot_product_attention(qc, kc, vc, scale=scale))
+            t = t1
+        if t < T:
+            pieces.append(q.new_zeros(H, T - t, D))
+        rows.append(torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0])
+    return torch.stack(rows)
+
+
+def _views(x: torch.Tensor, ranges: list[tuple[int, int]]) -> list[torch.Tensor]:
+    """``x[:, lo:hi]`` for each range, through one ``torch.split`` where the ranges are sorted and
+    disjoint (always, for text_time from media_locations): its backward is one cat."""
+    sizes, picks, pos = [], [], 0
+    for lo, hi in ranges:
+        if lo < pos:  # overlapping ranges (a hand-made text_time): plain slices
+            return [x[:, lo:hi] for lo, hi in ranges]
+        if lo > pos:
+            sizes.append(lo - pos)
+        picks.append(len(sizes))
+        sizes.append(hi - lo)
+        pos = hi
+    if pos < x.shape[1]:
+        sizes.append(x.shape[1] - pos)
+    parts = torch.split(x, sizes, dim=1)
+    return [parts[i] for i in picks]
 
 
 def _immediate_one_token(q, k, v, text_time, latents_per_media, scale):
@@ -113,16 +216,6 @@ def _immediate_gather(q, k, v, text_time, latents_per_media, scale):
     return out.masked_fill(~has_media[:, None, :, None], 0.0)
 
 
-def _all_previous(q, k, v, text_time, latents_per_media, scale):
-    N = k.shape[-2] // latents_per_media
-    mask = image_causal_mask(text_time, N, latents_per_media, only_immediate=False)[:, None]
-    has_media = (text_time > 0)[:, None, :, None]
-    # a row with no visible key: let it see everything, then zero it (softmax of all -inf is nan)
-    mask = mask | ~has_media
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return out.masked_fill(~has_media, 0.0)
-
-
 def image_causal_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                  text_time: torch.Tensor, *, latents_per_media: int,
                                  only_immediate: bool = True,
@@ -136,7 +229,7 @@ def image_causal_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         q, k, v = q.float(), k.float(), v.float()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if not only_immediate:
-        fn = _all_previous
+        fn = functools.partial(_dense, only_immediate=False)
     elif q.shape[2] == 1:
         fn = _immediate_one_token  # decoding: no host read, one SDPA for the batch
     elif torch.compiler.is_compiling() or q.device.type != "cpu":

@@ -76,6 +76,11 @@ def _backward(ctx, dout, _dlse):
 _perceiver_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def runs_triton(q: torch.Tensor, backend: str) -> bool:
+    """Whether :func:`perceiver_attention_op` runs the Triton kernels for queries ``q``."""
+    return use_triton("perceiver_attention", q, backend, lambda: _kernels().INTERPRET)
+
+
 def perceiver_attention_op(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor,
                            k_latents: torch.Tensor, v_latents: torch.Tensor, *,
                            scale: float | None = None, backend: str = "auto") -> torch.Tensor:
@@ -95,7 +100,7 @@ def perceiver_attention_op(q: torch.Tensor, k_media: torch.Tensor, v_media: torc
         ``out.transpose(1, 2).reshape(B, L, H * D)`` is a free view.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if use_triton("perceiver_attention", q, backend, lambda: _kernels().INTERPRET):
+    if runs_triton(q, backend):
         if torch.compiler.is_compiling():
             out, _ = _perceiver_fwd_op(q, k_media, v_media, k_latents, v_latents, scale)
             return out
