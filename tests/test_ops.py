@@ -84,6 +84,33 @@ def test_torch_path_matches_reference_forward_and_grads(layout, only_immediate):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_torch_path_plan_is_shared_until_text_time_changes():
+    """The layers of one forward share the plan of their text_time tensor; an in-place change of
+    that tensor, or another tensor, gets a plan of its own."""
+    q, k, v, media = make(2, 300, 64, 6, 2, 8, [[3, 40, 41, 200], [0, 150]], 0)
+    tt = ops.text_time_from_media_locations(media)
+
+    def check(text_time):
+        want = reference.image_causal_attention_reference(q, k, v, text_time, latents_per_media=64)
+        got = cpu.image_causal_attention_torch(q, k, v, text_time, latents_per_media=64)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+    check(tt)
+    shared = cpu._PLAN["entry"][2]
+    check(tt)
+    assert cpu._PLAN["entry"][2] is shared
+    tt[0, 100:] = 5  # in place: a new version
+    check(tt)
+    assert cpu._PLAN["entry"][2] is not shared
+    clone = tt.clone()
+    check(clone)
+    old = cpu._PLAN["entry"]
+    del tt
+    assert cpu._PLAN.get("entry") is old  # the clone's plan stays when the first tensor dies
+    del clone
+    assert "entry" not in cpu._PLAN  # and goes with the clone
+
+
 # the eager path's plans: its cost model; one call per run (calls free); runs merged up to the span
 # limit and never one masked call for the batch (calls dear)
 PLANS = pytest.mark.parametrize("plan", [{}, {"_CALL_NS": 0.0}, {"_CALL_NS": 1e12, "_SPAN_KEYS": 0}],

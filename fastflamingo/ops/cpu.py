@@ -161,22 +161,30 @@ def _immediate_ranges(q, k, v, text_time, latents_per_media, scale):
 
 
 # The layers of one model forward pass the same text_time: its plan is made once and shared (one
-# entry, dropped with the tensor; an in-place change of the tensor bumps its version)
+# entry (key, weak reference to the tensor, plan), replaced whole; it goes with the tensor, and an
+# in-place change of the tensor bumps its version)
 _PLAN: dict = {}
 
 
 def _eager_plan(text_time: torch.Tensor, L: int, N: int, H: int, D: int):
     """For the eager path: None where no token sees an image; (mask, has_media) where one masked
     call for the batch costs less than chunks; else each row's chunks (:func:`row_chunks`)."""
-    cacheable = not text_time.is_inference()
-    key = (L, N, H, D, text_time._version if cacheable else None)
-    if cacheable and _PLAN.get("key") == key and _PLAN["text_time"]() is text_time:
-        return _PLAN["plan"]
+    if text_time.is_inference():  # no version counter: not shared
+        return _make_plan(text_time, L, N, H, D)
+    key = (L, N, H, D, text_time._version)
+    entry = _PLAN.get("entry")
+    if entry is not None and entry[0] == key and entry[1]() is text_time:
+        return entry[2]
     plan = _make_plan(text_time, L, N, H, D)
-    _PLAN.clear()
-    if cacheable:
-        _PLAN.update(key=key, text_time=weakref.ref(text_time, lambda _: _PLAN.clear()), plan=plan)
+    _PLAN["entry"] = (key, weakref.ref(text_time, _forget_plan), plan)
     return plan
+
+
+def _forget_plan(ref: weakref.ref) -> None:
+    """The text_time of the shared plan is gone: drop the plan (not a newer tensor's)."""
+    entry = _PLAN.get("entry")
+    if entry is not None and entry[1] is ref:
+        _PLAN.pop("entry", None)
 
 
 def _make_plan(text_time: torch.Tensor, L: int, N: int, H: int, D: int):
