@@ -390,6 +390,23 @@ def test_autotune_candidates(backward, only_immediate, monkeypatch):
     assert configs(8, 2048, 64, torch.bfloat16)[1] == [candidates[0]]
 
 
+@MODES
+def test_every_tile_height_the_autotuner_may_pick(only_immediate, monkeypatch):
+    """Each query-tile height (BLOCK_M) of the autotune table, forced for the forward and the
+    backward, gives correct results: in the interpreter (which ignores warps and stages) here,
+    every full config on a GPU (test_cuda_every_autotune_candidate)."""
+    from fastflamingo.kernels import image_causal as ic
+    heights = {backward: sorted({m for (bwd, fp32, _), table in ic._TUNE_TABLE.items() if bwd == backward
+                                 for m, _, _ in table}) for backward in (False, True)}
+    assert heights[False][-1] == 128 and heights[True][-1] == 128
+    text_time = idefics_text_time(150, [[0, 40, 41, 100, 149], [70]], [[60, 120], []])
+    q, k, v = make_qkv(2, 1, 150, 16, 5, 16, torch.float16, projection=True)
+    for i in range(max(map(len, heights.values()))):
+        forced = {b: (h[i % len(h)], 4, 1) for b, h in heights.items()}
+        monkeypatch.setattr(ic, "_launch_configs", lambda *args, backward, forced=forced, **kw: [forced[backward]])
+        check_against_references("triton", q, k, v, text_time, 16, only_immediate)
+
+
 # ----------------------------------------------------------------------------- GPU only
 
 @needs_cuda
@@ -432,5 +449,5 @@ def test_cuda_every_autotune_candidate(monkeypatch):
             ic._fwd_kernel.best_config.num_stages) in fwd
     for i in range(max(len(fwd), len(bwd))):
         forced = {False: fwd[i % len(fwd)], True: bwd[i % len(bwd)]}
-        monkeypatch.setattr(ic, "_launch_configs", lambda *args, backward, forced=forced: [forced[backward]])
+        monkeypatch.setattr(ic, "_launch_configs", lambda *args, backward, forced=forced, **kw: [forced[backward]])
         check_against_references("triton", q, k, v, text_time, L, True)
