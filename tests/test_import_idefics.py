@@ -115,3 +115,20 @@ def test_import_keeps_every_tensor_on_the_weights_device():
     ours = from_idefics(live, media_token_id=live.config.vocab_size)
     wrong = [n for n, t in [*ours.named_parameters(), *ours.named_buffers()] if t.device.type != "meta"]
     assert not wrong, wrong[:5]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_logits_match_idefics_on_other_attention_backends(backend):
+    """The IDEFICS-style attentions (q/k norms, EOS resets) forced to the Triton kernels (the
+    interpreter on the CPU) or the reference: the same logits as Hugging Face's IDEFICS."""
+    from fastflamingo.ops import dispatch
+    if backend == "triton" and not dispatch.HAS_TRITON:
+        pytest.skip("triton is not installed")
+    hf = idefics_model(**CONFIGS[0])
+    ours = from_idefics(hf)
+    ours.set_attention_backend(backend)
+    x = idefics_inputs()
+    with torch.no_grad():
+        ref = hf(**x).logits
+        got = ours(**x).logits
+    assert _max_diff(ref, got, x["attention_mask"]) <= TOL
