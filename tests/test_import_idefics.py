@@ -124,6 +124,9 @@ def test_logits_match_idefics_on_other_attention_backends(backend):
     from fastflamingo.ops import dispatch
     if backend == "triton" and not dispatch.HAS_TRITON:
         pytest.skip("triton is not installed")
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("the Triton kernels take these CPU tensors only in the interpreter, which conftest "
+                    "sets where there is no GPU; on a GPU machine the cuda tests run them")
     hf = idefics_model(**CONFIGS[0])
     ours = from_idefics(hf)
     ours.set_attention_backend(backend)

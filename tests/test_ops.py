@@ -152,8 +152,12 @@ def test_torch_path_plans_match_reference_on_any_text_time(plan, data):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@PLANS
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_torch_path_low_precision_by_tolerance_rule(dtype):
+def test_torch_path_low_precision_by_tolerance_rule(dtype, plan, monkeypatch):
+    for name, value in plan.items():
+        monkeypatch.setattr(cpu, name, value)
+    # images at the first and last tokens, consecutive images, a row with one image late
     layout = (2, 33, 8, 4, 2, 16, [[0, 7, 8, 32], [5]], 3)
     q, k, v, media = make(*layout)
     kw = dict(latents_per_media=8)

@@ -107,6 +107,9 @@ def test_parity_holds_on_every_attention_backend(backend):
     from fastflamingo.ops import dispatch
     if backend == "triton" and not dispatch.HAS_TRITON:
         pytest.skip("triton is not installed")
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("the Triton kernels take these CPU tensors only in the interpreter, which conftest "
+                    "sets where there is no GPU; on a GPU machine the cuda tests run them")
     live = open_flamingo_model("llama", every_n=1)
     ours = from_open_flamingo(live)
     default = from_open_flamingo(live)
