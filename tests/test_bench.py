@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from fastflamingo.bench import e2e, image_causal, kernels
+from fastflamingo.bench import e2e, image_causal, kernels, stages, timing
 from fastflamingo.bench.cli import run_bench
 from fastflamingo.bench.harness import Prepared, Provider, run_case
 from fastflamingo.bench.report import format_table
@@ -117,6 +117,31 @@ def test_train_stage_leaves_the_weights_as_checked():
     rows = group.train(e2e.Entrant("e", prefill=None, loss=lambda: (w ** 2).sum(), params=lambda: [w]), None)
     assert rows[0].median is not None and rows[0].median > 0
     assert torch.equal(w.detach(), before)
+
+
+def test_train_stages_timed_together_leave_shared_weights_as_checked():
+    """Entrants sharing a weight (fastflamingo and the peer it was imported from): each one's
+    checked first step moves it before the next one's check; timed together, then restored."""
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    before = w.detach().clone()
+    group = e2e.Group("x", [], {"loss": 1.0}, SMALL_E2E, "cpu", False)
+    entrants = [e2e.Entrant(name, prefill=None, loss=lambda: (w ** 2).sum(), params=lambda: [w]) for name in "ab"]
+    rows = stages.time_stages([group.check_train(e, None) for e in entrants], "cpu")
+    assert [r.provider for r in rows if r.metric == "time_ms"] == ["a", "b"]
+    assert all(r.median is not None and r.median > 0 for r in rows)
+    assert torch.equal(w.detach(), before)
+
+
+def test_measure_together_rotates_and_counts_each_calls_reps():
+    """Every fn gets its own number of timed calls, in rounds whose order rotates (on a CPU each
+    timed call follows an untimed one of the same fn)."""
+    log = []
+    calls = [(lambda name=name: log.append(name), reps) for name, reps in (("a", 3), ("b", 2), ("c", 1))]
+    timings = timing.measure_together(calls, "cpu")
+    assert [t.reps for t in timings] == [3, 2, 1]
+    assert log == ["a", "a", "b", "b", "c", "c",   # round 0: a b c, each twice (untimed, timed)
+                   "b", "b", "a", "a",             # round 1: rotated by one, c done
+                   "a", "a"]                       # round 2: only a
 
 
 def _emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k):

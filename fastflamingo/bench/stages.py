@@ -2,7 +2,9 @@
 
 :class:`Group` runs prefill, decode (generate) and one training step for each :class:`Entrant`
 and refuses (``FAILED`` row, no time) one whose output disagrees with the reference outputs;
-see :mod:`fastflamingo.bench.e2e` for the tolerances.
+see :mod:`fastflamingo.bench.e2e` for the tolerances. The entrants that pass a stage's check are
+then timed together, in rounds (:func:`fastflamingo.bench.timing.measure_together`): their
+ratios do not depend on which one ran while the machine was busier.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from . import breakdown
 from .env import device_name, versions
 from .memory import peak_memory_call
 from .rows import Row
-from .timing import measure_calls, time_once
+from .timing import Timing, measure_together, time_once
 
 if TYPE_CHECKING:
     from .e2e import E2EConfig
@@ -38,6 +40,28 @@ class Entrant:
     stages: tuple = ("prefill", "decode", "train")
     module: torch.nn.Module | None = None  # for the weights_MB row
     compiles: bool = False  # its first generate compiles: run it once before the measured calls
+
+
+@dataclass
+class Timed:
+    """A stage that passed its check: the calls to time (name -> (fn, reps)), the rows their
+    timings give, and what to do once they are timed (the training stage restores the weights)."""
+    calls: dict[str, tuple[Callable[[], object], int]]
+    rows: Callable[[dict[str, Timing]], list[Row]]
+    done: Callable[[], None] = lambda: None
+
+
+def time_stages(stages: list[list[Row] | Timed], device: str) -> list[Row]:
+    """The rows of ``stages`` (rows already final, or :class:`Timed`), every call timed together."""
+    timed = [s for s in stages if isinstance(s, Timed)]
+    keys = [(t, name) for t in timed for name in t.calls]
+    timings = measure_together([t.calls[name] for t, name in keys], device)
+    by_stage: dict[int, dict[str, Timing]] = {}
+    for (t, name), timing in zip(keys, timings):
+        by_stage.setdefault(id(t), {})[name] = timing
+    for t in reversed(timed):  # last checked first: the first one's saved state is the oldest
+        t.done()
+    return [row for s in stages for row in (s.rows(by_stage[id(s)]) if isinstance(s, Timed) else s)]
 
 
 def generate_fn(model) -> Callable | None:
@@ -138,6 +162,10 @@ class Group:
         return Row(kernel=stage, provider=provider, mode=mode, metric=metric, x=self.label, **self.base, **kw)
 
     def prefill(self, e: Entrant, approx: bool = False, mode: str | None = None) -> list[Row]:
+        """The prefill rows of ``e`` alone: :meth:`check_prefill`, then its timing."""
+        return time_stages([self.check_prefill(e, approx, mode)], self.device)
+
+    def check_prefill(self, e: Entrant, approx: bool = False, mode: str | None = None) -> list[Row] | Timed:
         kw = {"mode": mode} if mode else {}
         with torch.no_grad():
             logits, peak, how = peak_memory_call(e.prefill, self.device)
@@ -145,15 +173,16 @@ class Group:
             if not torch.isfinite(logits).all() or not err <= bound:
                 return [self.row("e2e prefill", e.name, "time_ms", status=f"FAILED: logits relative error "
                                  f"{err:.2e} > {bound:.2e} vs the high-precision reference", **kw)]
-            _, t = measure_calls(e.prefill, self.device, self.cfg.reps)
             breakdown.record(self.label, e.name, "prefill", e.prefill, self.device)
         note = f"logits rel. error vs {str(self.ref['logits_hi'].dtype)[6:]} reference {err:.1e} (bound {bound:.1e})"
-        rows = [self.row("e2e prefill", e.name, "time_ms", note=note, **kw).with_timing(t),
-                self.row("e2e prefill", e.name, "peak_mem_MB", median=peak, note=how, **kw)]
+        rest = [self.row("e2e prefill", e.name, "peak_mem_MB", median=peak, note=how, **kw)]
         if e.module is not None:
-            rows.append(self.row("e2e weights", e.name, "weights_MB", median=weights_mb(e.module),
+            rest.append(self.row("e2e weights", e.name, "weights_MB", median=weights_mb(e.module),
                                  note="parameters, buffers and quantization statistics", **kw))
-        return rows
+
+        def rows(t):
+            return [self.row("e2e prefill", e.name, "time_ms", note=note, **kw).with_timing(t["prefill"])] + rest
+        return Timed({"prefill": (_no_grad(e.prefill), self.cfg.reps)}, rows)
 
     def logits_error(self, logits: torch.Tensor, approx: bool = False) -> tuple[float, float]:
         """(relative error of ``logits`` vs the high-precision reference, the bound it must meet).
@@ -169,6 +198,10 @@ class Group:
         return err, 2 * base + torch.finfo(self.ref["logits"].dtype).eps
 
     def decode(self, e: Entrant, approx: bool = False, mode: str | None = None) -> list[Row]:
+        """The decode rows of ``e`` alone: :meth:`check_decode`, then its timing."""
+        return time_stages([self.check_decode(e, approx, mode)], self.device)
+
+    def check_decode(self, e: Entrant, approx: bool = False, mode: str | None = None) -> list[Row] | Timed:
         kw = {"mode": mode} if mode else {}
         if e.generate is None:
             return [self.row("e2e decode", e.name, "tokens_per_s", status=f"n/a: {e.why_no_generate}", **kw)]
@@ -191,27 +224,31 @@ class Group:
             if not ok:
                 return [self.row("e2e decode", e.name, "tokens_per_s", status=f"FAILED: generated tokens "
                                  f"{tuple(new.shape)} agree {agree:.0%} with the greedy reference", **kw)]
-            _, t = measure_calls(lambda: e.generate(n), self.device, max(1, self.cfg.reps - 1))
             if e.name.startswith("fastflamingo"):  # a peer's eager loop: ~10^5 events to profile, no question
                 breakdown.record(self.label, e.name, f"generate {n} tokens", lambda: e.generate(n), self.device)
-        tokens = new.numel()
-        rate = {k: tokens / (getattr(t, k) * 1e-3) for k in ("median", "p20", "p80")}
-        note = (f"{tokens} new tokens (batch {new.shape[0]}) per call, prefill included; {agree:.0%} equal to greedy "
+        tokens, batch = new.numel(), new.shape[0]
+        note = (f"{tokens} new tokens (batch {batch}) per call, prefill included; {agree:.0%} equal to greedy "
                 f"reference{first_call}")
-        return [self.row("e2e decode", e.name, "tokens_per_s", median=rate["median"], p20=rate["p80"],
-                         p80=rate["p20"], note=note, **kw),
-                self.row("e2e decode", e.name, "peak_mem_MB", median=peak, note=how, **kw),
-                *self.decode_steps(e, t, new.shape[0], **kw)]
+        reps = max(1, self.cfg.reps - 1)
+        calls = {"n": (_no_grad(lambda: e.generate(n)), reps)}
+        if n >= 2:
+            calls["1"] = (_no_grad(lambda: e.generate(1)), reps)
 
-    def decode_steps(self, e: Entrant, t_n, batch: int, **kw) -> list[Row]:
+        def rows(t):
+            rate = {k: tokens / (getattr(t["n"], k) * 1e-3) for k in ("median", "p20", "p80")}
+            return [self.row("e2e decode", e.name, "tokens_per_s", median=rate["median"], p20=rate["p80"],
+                             p80=rate["p20"], note=note, **kw),
+                    self.row("e2e decode", e.name, "peak_mem_MB", median=peak, note=how, **kw),
+                    *self.decode_steps(e, t["n"], t.get("1"), batch, **kw)]
+        return Timed(calls, rows)
+
+    def decode_steps(self, e: Entrant, t_n: Timing, t_1: Timing | None, batch: int, **kw) -> list[Row]:
         """The decode steps alone: (time of generate(n) - time of generate(1)) / (n - 1) per step,
         as new tokens/s of the batch (what the weight-bandwidth limit bounds; the prefill-included
         rate above is what a user of one call sees)."""
         n = self.cfg.new_tokens
-        if n < 2:
+        if t_1 is None:
             return []
-        with torch.no_grad():
-            _, t_1 = measure_calls(lambda: e.generate(1), self.device, max(1, self.cfg.reps - 1))
         step_ms = (t_n.median - t_1.median) / (n - 1)
         if step_ms <= 0:
             return [self.row("e2e decode step", e.name, "tokens_per_s", status=f"n/a: generate({n}) "
@@ -227,11 +264,16 @@ class Group:
         return None if err <= self.loss_tol else f"loss {loss:.5f} vs reference {self.ref['loss']:.5f} (rel. {err:.1e})"
 
     def train(self, e: Entrant, failure: str | None) -> list[Row]:
+        """The training rows of ``e`` alone: :meth:`check_train`, then its timing."""
+        return time_stages([self.check_train(e, failure)], self.device)
+
+    def check_train(self, e: Entrant, failure: str | None) -> list[Row] | Timed:
+        """A step with AdamW (its first one, which allocates the optimizer's state, measured for
+        peak memory). The steps change the weights (shared with the other entrants, and used by
+        the later quantized stages): they are put back once the steps are timed."""
         if failure:
             return [self.row("e2e train step", e.name, "time_ms", status=f"FAILED: {failure}")]
         params = e.params()
-        # the steps change the weights (shared with the other entrants, and used by the later
-        # quantized stages): put them back afterwards, so every stage sees the checked weights
         saved = [p.detach().clone() for p in params]
         opt = torch.optim.AdamW(params, lr=1e-5)
 
@@ -240,26 +282,42 @@ class Group:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        _, peak, how = peak_memory_call(step, self.device)  # the first step also allocates AdamW's state
-        _, t = measure_calls(step, self.device, self.cfg.reps)
-        del opt
-        with torch.no_grad():
-            for p, w in zip(params, saved):
-                p.copy_(w)
-        del saved
+        _, peak, how = peak_memory_call(step, self.device)
+
+        def restore():
+            opt.state.clear()
+            with torch.no_grad():
+                for p, w in zip(params, saved):
+                    p.copy_(w)
+            saved.clear()
         n = sum(p.numel() for p in params)
         note = f"AdamW over {n / 1e6:.1f}M trainable parameters"
-        return [self.row("e2e train step", e.name, "time_ms", note=note).with_timing(t),
-                self.row("e2e train step", e.name, "peak_mem_MB", median=peak, note=how)]
+
+        def rows(t):
+            return [self.row("e2e train step", e.name, "time_ms", note=note).with_timing(t["step"]),
+                    self.row("e2e train step", e.name, "peak_mem_MB", median=peak, note=how)]
+        return Timed({"step": (step, self.cfg.reps)}, rows, restore)
 
     def run(self) -> list[Row]:
-        rows = []
+        stages = []
         for e in self.entrants:
-            rows += (self.prefill(e) if "prefill" in e.stages else []) + \
-                    (self.decode(e) if "decode" in e.stages else [])
+            stages += ([self.check_prefill(e)] if "prefill" in e.stages else []) + \
+                      ([self.check_decode(e)] if "decode" in e.stages else [])
+        rows = time_stages(stages, self.device)
         # the entrants share weights: check every loss before any optimizer step moves them
         trained = [e for e in self.entrants if "train" in e.stages]
         failures = [self.train_check(e) for e in trained]
-        for e, f in zip(trained, failures):
-            rows += self.train(e, f)
+        if torch.device(self.device).type == "cuda":
+            # one at a time: every entrant's optimizer state at once may not fit next to the models
+            for e, f in zip(trained, failures):
+                rows += self.train(e, f)
+        else:
+            rows += time_stages([self.check_train(e, f) for e, f in zip(trained, failures)], self.device)
         return rows
+
+
+def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
+    def call():
+        with torch.no_grad():
+            return fn()
+    return call
