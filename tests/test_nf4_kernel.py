@@ -423,6 +423,35 @@ def test_use_fused_nf4_model_compiles_fullgraph(tiny_model):
     torch.testing.assert_close(torch.compile(tiny_model, fullgraph=True)(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_nf4_flamingo_compiled_decode_is_one_graph(monkeypatch):
+    """The e2e suite's "fastflamingo nf4 fused" entrant on a GPU: a Flamingo model with every
+    frozen layer in NF4 (LM, vision, cross-attention), decode steps through the kernel, the decode
+    step compiled. Here with the interpreter: one graph, no break, the kernel called, the same
+    tokens as the eager decode."""
+    from torch._dynamo.utils import counters
+    import fastflamingo
+    from fastflamingo.generation import generate
+    from fastflamingo.quant import quantize_model
+    torch.manual_seed(0)
+    model = fastflamingo.Flamingo.from_preset("tiny").eval()
+    c = model.config
+    quantize_model(model, "nf4", vision=True, cross_attention=True)
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False  # the standard layout the kernel reads (a GPU's)
+    assert use_fused_nf4(model, backend="triton") > 0
+    vx = torch.randn(2, 2, 1, 3, c.vision.image_size, c.vision.image_size)
+    ids = torch.randint(0, 100, (2, 24))
+    ids[:, [0, 10]] = c.media_token_id
+    torch._dynamo.reset()
+    counters.clear()
+    calls = KernelCalls(monkeypatch)
+    compiled = generate(model, vx, ids, max_new_tokens=3, cache="static", compile=True)
+    assert calls.n > 0
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, dict(counters["graph_break"])
+    assert torch.equal(compiled, generate(model, vx, ids, max_new_tokens=3, cache="static", compile=False))
+
+
 @torch.no_grad()
 def test_use_fused_nf4_auto_falls_back_off_cuda(tiny_model, monkeypatch):
     calls = KernelCalls(monkeypatch)
