@@ -58,3 +58,32 @@ def test_compiled_resampler_matches_eager():
     torch._dynamo.reset()
     compiled = torch.compile(resampler, fullgraph=True)(x)
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_decode_through_the_triton_kernel_is_one_graph(monkeypatch):
+    """What `generate` does on CUDA by default: the decode step compiled, with the cross-attention
+    on the Triton custom op (here in the interpreter, forced): one graph, no break, the kernel
+    called from it, the tokens of the eager decode."""
+    from torch._dynamo.utils import counters
+
+    import fastflamingo
+    from fastflamingo.generation import generate
+    from fastflamingo.kernels import image_causal
+    from fastflamingo.ops import dispatch
+    if not dispatch.HAS_TRITON or not image_causal.INTERPRET:
+        pytest.skip("needs Triton's interpreter (conftest sets it where there is no GPU)")
+    torch.manual_seed(0)
+    model = fastflamingo.Flamingo.from_preset("tiny").eval()
+    model.set_attention_backend("triton")
+    c = model.config
+    vx = torch.randn(2, 2, 1, 3, c.vision.image_size, c.vision.image_size)
+    ids = torch.randint(0, 100, (2, 24))
+    ids[:, [0, 10]] = c.media_token_id
+    calls, real = [], image_causal.image_causal_fwd
+    monkeypatch.setattr(image_causal, "image_causal_fwd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = generate(model, vx, ids, max_new_tokens=3, cache="static", compile=True)
+    assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, dict(counters["graph_break"])
+    assert calls
+    assert torch.equal(compiled, generate(model, vx, ids, max_new_tokens=3, cache="static", compile=False))
