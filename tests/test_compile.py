@@ -60,10 +60,15 @@ def test_compiled_resampler_matches_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
-def test_compiled_decode_through_the_triton_kernel_is_one_graph(monkeypatch):
+MPT_LM = dict(model_type="mpt", d_model=64, n_layers=4, n_heads=4, expansion_ratio=4, max_seq_len=256, vocab_size=512)
+
+
+@pytest.mark.parametrize("lm", ["llama", "mpt"])
+def test_compiled_decode_through_the_triton_kernel_is_one_graph(lm, monkeypatch):
     """What `generate` does on CUDA by default: the decode step compiled, with the cross-attention
     on the Triton custom op (here in the interpreter, forced): one graph, no break, the kernel
-    called from it, the tokens of the eager decode."""
+    called from it, the tokens of the eager decode. LLaMA (IDEFICS's LM) and MPT
+    (OpenFlamingo-9B's, its attention adapted by fastflamingo.mpt)."""
     from torch._dynamo.utils import counters
 
     import fastflamingo
@@ -73,7 +78,10 @@ def test_compiled_decode_through_the_triton_kernel_is_one_graph(monkeypatch):
     if not dispatch.HAS_TRITON or not image_causal.INTERPRET:
         pytest.skip("needs Triton's interpreter (conftest sets it where there is no GPU)")
     torch.manual_seed(0)
-    model = fastflamingo.Flamingo.from_preset("tiny").eval()
+    model = fastflamingo.Flamingo.from_preset("tiny", **({"lm": MPT_LM} if lm == "mpt" else {})).eval()
+    with torch.no_grad():  # gates open: the cross-attention decides the tokens
+        for block in model.gated_cross_attn_layers:
+            block.attn_gate.fill_(1.0)
     model.set_attention_backend("triton")
     c = model.config
     vx = torch.randn(2, 2, 1, 3, c.vision.image_size, c.vision.image_size)
