@@ -325,16 +325,6 @@ def time_once(fn: Callable[[], object], device: str) -> tuple[object, float]:
     return out, (time.perf_counter() - t0) * 1e3
 
 
-def measure_calls(fn: Callable[[], object], device: str, reps: int) -> tuple[object, Timing]:
-    """For stages of tens of milliseconds or more, already run once (checked, warmed up):
-    ``reps`` synchronised calls. Returns the last result and the timing."""
-    out, samples = None, []
-    for _ in range(reps):
-        out, ms = time_once(fn, device)
-        samples.append(ms)
-    return out, _quantiles(samples)
-
-
 def measure_together(calls: list[tuple[Callable[[], object], int]], device: str) -> list[Timing]:
     """Time several stages side by side: ``calls`` = [(fn, reps), ...], each fn already run once.
 
