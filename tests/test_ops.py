@@ -111,6 +111,18 @@ def test_torch_path_plan_is_shared_until_text_time_changes():
     assert "entry" not in cpu._PLAN  # and goes with the clone
 
 
+def test_torch_path_under_inference_mode():
+    """Inference tensors have no version counter: their plan is made per call, not shared."""
+    with torch.inference_mode():
+        q, k, v, media = make(2, 300, 64, 6, 2, 8, [[3, 40, 41, 200], [0, 150]], 0)
+        tt = ops.text_time_from_media_locations(media)
+        got = cpu.image_causal_attention_torch(q, k, v, tt, latents_per_media=64)
+        want = reference.image_causal_attention_reference(q, k, v, tt, latents_per_media=64)
+        entry = cpu._PLAN.get("entry")
+        assert entry is None or entry[1]() is not tt
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 # the eager path's plans: its cost model; one call per run (calls free); runs merged up to the span
 # limit and never one masked call for the batch (calls dear)
 PLANS = pytest.mark.parametrize("plan", [{}, {"_CALL_NS": 0.0}, {"_CALL_NS": 1e12, "_SPAN_KEYS": 0}],
