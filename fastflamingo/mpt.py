@@ -34,11 +34,12 @@ the causal mask): one graph, no recompilation on later steps or prompts of the s
 from __future__ import annotations
 
 import types
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .tensor_cache import SharedByTensors
 
 __all__ = ["prepare", "restore", "forward", "attention_bias", "is_prepared"]
 
@@ -135,7 +136,7 @@ def attention_bias(position_bias: torch.Tensor, mask: torch.Tensor | None, q_len
 
 
 # one LM forward builds its mask once: the layers get the same (mask, ALiBi table) objects
-_SHARED: dict = {}
+_SHARED = SharedByTensors()
 
 
 def _shared_bias(position_bias, mask, q_len, k_len, length, dtype):
@@ -143,24 +144,8 @@ def _shared_bias(position_bias, mask, q_len, k_len, length, dtype):
         # compiled: inductor fuses it into the step; a tensor length (a static cache run eagerly):
         # reading it would be a host sync per layer
         return attention_bias(position_bias, mask, q_len, k_len, length, dtype)
-    key = (q_len, k_len, length, dtype)
-    if not (_SHARED.get("key") == key and _refers_to(_SHARED["table"], position_bias)
-            and _refers_to(_SHARED["mask"], mask)):
-        _SHARED.clear()
-        _SHARED.update(key=key, table=weakref.ref(position_bias, _forget),
-                       mask=None if mask is None else weakref.ref(mask, _forget),
-                       bias=attention_bias(position_bias, mask, q_len, k_len, length, dtype))
-    return _SHARED["bias"]
-
-
-def _refers_to(ref: weakref.ref | None, obj) -> bool:
-    """Whether ``ref`` (a weak reference, or None for an absent tensor) points at ``obj``."""
-    return obj is None if ref is None else ref() is obj
-
-
-def _forget(_ref) -> None:
-    """The forward that built the shared mask is over (its mask or table is gone): free it."""
-    _SHARED.clear()
+    return _SHARED.get((q_len, k_len, length, dtype), (position_bias, mask),
+                       lambda: attention_bias(position_bias, mask, q_len, k_len, length, dtype))
 
 
 def forward(self, hidden_states: torch.Tensor, position_bias: torch.Tensor | None, cache=None,

@@ -245,3 +245,19 @@ def test_sdpa_attention_bf16_accuracy():
         assert mpt.prepare(hf)
         sdpa_err = (hf(input_ids=ids, attention_mask=mask).logits.float() - want)[mask.bool()].abs().max()
     assert sdpa_err <= 2 * eager_err + 1e-3, (sdpa_err, eager_err)
+
+
+def test_layers_of_one_forward_share_one_attention_bias(monkeypatch):
+    """The ALiBi + mask bias is built once per LM forward, not once per layer, and not reused
+    by the next forward (its mask is another tensor)."""
+    lm = peers.tiny_lm("mpt")
+    assert mpt.prepare(lm)
+    ids, mask = _ids_and_mask()
+    built, real = [], mpt.attention_bias
+    monkeypatch.setattr(mpt, "attention_bias", lambda *a, **k: built.append(1) or real(*a, **k))
+    with torch.no_grad():
+        first = lm(input_ids=ids, attention_mask=mask).logits
+        assert len(built) == 1  # 4 layers, one bias
+        second = lm(input_ids=ids, attention_mask=mask).logits
+    assert len(built) == 2
+    torch.testing.assert_close(first, second)

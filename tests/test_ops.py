@@ -96,19 +96,19 @@ def test_torch_path_plan_is_shared_until_text_time_changes():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
     check(tt)
-    shared = cpu._PLAN["entry"][2]
+    shared = cpu._PLAN.value
     check(tt)
-    assert cpu._PLAN["entry"][2] is shared
+    assert cpu._PLAN.value is shared
     tt[0, 100:] = 5  # in place: a new version
     check(tt)
-    assert cpu._PLAN["entry"][2] is not shared
+    assert cpu._PLAN.value is not shared
     clone = tt.clone()
     check(clone)
-    old = cpu._PLAN["entry"]
+    old = cpu._PLAN.value
     del tt
-    assert cpu._PLAN.get("entry") is old  # the clone's plan stays when the first tensor dies
+    assert cpu._PLAN.value is old  # the clone's plan stays when the first tensor dies
     del clone
-    assert "entry" not in cpu._PLAN  # and goes with the clone
+    assert cpu._PLAN.value is None  # and goes with the clone
 
 
 def test_torch_path_under_inference_mode():
@@ -118,8 +118,7 @@ def test_torch_path_under_inference_mode():
         tt = ops.text_time_from_media_locations(media)
         got = cpu.image_causal_attention_torch(q, k, v, tt, latents_per_media=64)
         want = reference.image_causal_attention_reference(q, k, v, tt, latents_per_media=64)
-        entry = cpu._PLAN.get("entry")
-        assert entry is None or entry[1]() is not tt
+        assert not cpu._PLAN.holds(tt)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

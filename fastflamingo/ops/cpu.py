@@ -18,10 +18,9 @@ images, in one of these ways:
 """
 from __future__ import annotations
 
-import weakref
-
 import torch
 
+from ..tensor_cache import SharedByTensors
 from .reference import image_causal_mask
 
 # tokens per chunk of the compiled gather path: bounds its gathered-key tensors
@@ -160,10 +159,9 @@ def _immediate_ranges(q, k, v, text_time, latents_per_media, scale):
     return torch.stack(rows)
 
 
-# The layers of one model forward pass the same text_time: its plan is made once and shared (one
-# entry (key, weak reference to the tensor, plan), replaced whole; it goes with the tensor, and an
-# in-place change of the tensor bumps its version)
-_PLAN: dict = {}
+# The layers of one model forward pass the same text_time: its plan is made once and shared
+# (an in-place change of the tensor bumps its version, part of the key)
+_PLAN = SharedByTensors()
 
 
 def _eager_plan(text_time: torch.Tensor, L: int, N: int, H: int, D: int):
@@ -171,20 +169,7 @@ def _eager_plan(text_time: torch.Tensor, L: int, N: int, H: int, D: int):
     call for the batch costs less than chunks; else each row's chunks (:func:`row_chunks`)."""
     if text_time.is_inference():  # no version counter: not shared
         return _make_plan(text_time, L, N, H, D)
-    key = (L, N, H, D, text_time._version)
-    entry = _PLAN.get("entry")
-    if entry is not None and entry[0] == key and entry[1]() is text_time:
-        return entry[2]
-    plan = _make_plan(text_time, L, N, H, D)
-    _PLAN["entry"] = (key, weakref.ref(text_time, _forget_plan), plan)
-    return plan
-
-
-def _forget_plan(ref: weakref.ref) -> None:
-    """The text_time of the shared plan is gone: drop the plan (not a newer tensor's)."""
-    entry = _PLAN.get("entry")
-    if entry is not None and entry[1] is ref:
-        _PLAN.pop("entry", None)
+    return _PLAN.get((L, N, H, D, text_time._version), (text_time,), lambda: _make_plan(text_time, L, N, H, D))
 
 
 def _make_plan(text_time: torch.Tensor, L: int, N: int, H: int, D: int):
