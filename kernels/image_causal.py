@@ -39,8 +39,6 @@ the dots run in the input dtype on the tensor cores, fp32 inputs with exact ("ie
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl

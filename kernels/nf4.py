@@ -59,8 +59,6 @@ registers of the thread that loaded it:
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl

@@ -135,14 +135,14 @@ def test_train_stages_timed_together_leave_shared_weights_as_checked():
 
 def test_measure_together_rotates_and_counts_each_calls_reps():
     """Every fn gets its own number of timed calls, in rounds whose order rotates (on a CPU each
-    timed call follows an untimed one of the same fn)."""
+    timed call follows an untimed one of the same fn, unless it is the round's only fn)."""
     log = []
     calls = [(lambda name=name: log.append(name), reps) for name, reps in (("a", 3), ("b", 2), ("c", 1))]
     timings = timing.measure_together(calls, "cpu")
     assert [t.reps for t in timings] == [3, 2, 1]
     assert log == ["a", "a", "b", "b", "c", "c",   # round 0: a b c, each twice (untimed, timed)
                    "b", "b", "a", "a",             # round 1: rotated by one, c done
-                   "a", "a"]                       # round 2: only a
+                   "a"]                            # round 2: only a, still warm: timed alone
 
 
 def _emulated_varlen(q, k, v, cu_q, cu_k, max_q, max_k):

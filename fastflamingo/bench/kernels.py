@@ -98,6 +98,9 @@ def run(cfg: KernelConfig, device: str, *, quick: bool = False, progress: bool =
             [("xattn", p) for p in _points(cfg)]
     order = sorted(range(len(tasks)), key=lambda i: (_priority(tasks[i]), i))
     by_task: dict[int, list[Row]] = {}
+
+    def in_sweep_order() -> list[Row]:
+        return [r for j in sorted(by_task) for r in by_task[j]]
     done: dict = {}
     for i in tqdm(order, desc="kernels", disable=not progress, unit="case"):
         kind, point = tasks[i]
@@ -122,5 +125,5 @@ def run(cfg: KernelConfig, device: str, *, quick: bool = False, progress: bool =
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
         if on_rows is not None:
-            on_rows([r for j in sorted(by_task) for r in by_task[j]])
-    return [r for j in sorted(by_task) for r in by_task[j]]
+            on_rows(in_sweep_order())
+    return in_sweep_order()

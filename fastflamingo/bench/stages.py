@@ -45,7 +45,8 @@ class Entrant:
 @dataclass
 class Timed:
     """A stage that passed its check: the calls to time (name -> (fn, reps)), the rows their
-    timings give, and what to do once they are timed (the training stage restores the weights)."""
+    timings give, and what to do once they are timed (the training stage restores the weights;
+    prefill and decode profile one more call for :mod:`.breakdown`, outside the timed ones)."""
     calls: dict[str, tuple[Callable[[], object], int]]
     rows: Callable[[dict[str, Timing]], list[Row]]
     done: Callable[[], None] = lambda: None
@@ -173,7 +174,6 @@ class Group:
             if not torch.isfinite(logits).all() or not err <= bound:
                 return [self.row("e2e prefill", e.name, "time_ms", status=f"FAILED: logits relative error "
                                  f"{err:.2e} > {bound:.2e} vs the high-precision reference", **kw)]
-            breakdown.record(self.label, e.name, "prefill", e.prefill, self.device)
         note = f"logits rel. error vs {str(self.ref['logits_hi'].dtype)[6:]} reference {err:.1e} (bound {bound:.1e})"
         rest = [self.row("e2e prefill", e.name, "peak_mem_MB", median=peak, note=how, **kw)]
         if e.module is not None:
@@ -182,7 +182,8 @@ class Group:
 
         def rows(t):
             return [self.row("e2e prefill", e.name, "time_ms", note=note, **kw).with_timing(t["prefill"])] + rest
-        return Timed({"prefill": (_no_grad(e.prefill), self.cfg.reps)}, rows)
+        return Timed({"prefill": (_no_grad(e.prefill), self.cfg.reps)}, rows,
+                     lambda: breakdown.record(self.label, e.name, "prefill", e.prefill, self.device))
 
     def logits_error(self, logits: torch.Tensor, approx: bool = False) -> tuple[float, float]:
         """(relative error of ``logits`` vs the high-precision reference, the bound it must meet).
@@ -224,8 +225,6 @@ class Group:
             if not ok:
                 return [self.row("e2e decode", e.name, "tokens_per_s", status=f"FAILED: generated tokens "
                                  f"{tuple(new.shape)} agree {agree:.0%} with the greedy reference", **kw)]
-            if e.name.startswith("fastflamingo"):  # a peer's eager loop: ~10^5 events to profile, no question
-                breakdown.record(self.label, e.name, f"generate {n} tokens", lambda: e.generate(n), self.device)
         tokens, batch = new.numel(), new.shape[0]
         note = (f"{tokens} new tokens (batch {batch}) per call, prefill included; {agree:.0%} equal to greedy "
                 f"reference{first_call}")
@@ -240,7 +239,10 @@ class Group:
                              p80=rate["p20"], note=note, **kw),
                     self.row("e2e decode", e.name, "peak_mem_MB", median=peak, note=how, **kw),
                     *self.decode_steps(e, t["n"], t.get("1"), batch, **kw)]
-        return Timed(calls, rows)
+        def profile():  # a peer's eager loop: ~10^5 events to profile, no question
+            if e.name.startswith("fastflamingo"):
+                breakdown.record(self.label, e.name, f"generate {n} tokens", lambda: e.generate(n), self.device)
+        return Timed(calls, rows, profile)
 
     def decode_steps(self, e: Entrant, t_n: Timing, t_1: Timing | None, batch: int, **kw) -> list[Row]:
         """The decode steps alone: (time of generate(n) - time of generate(1)) / (n - 1) per step,

@@ -331,16 +331,17 @@ def measure_together(calls: list[tuple[Callable[[], object], int]], device: str)
     In rounds, each fn timed once per round (while it has reps left), the order rotating from
     round to round, so that a machine that speeds up or slows down during the run (a shared CPU)
     moves every provider's samples alike instead of the ones timed last. On a CPU each timed call
-    follows an untimed one of the same fn: the others' calls in between evict its weights from
-    the caches, which back-to-back calls of one model would find warm. On CUDA the weights never
-    fit the caches anyway: no extra call.
+    follows an untimed one of the same fn where other fns ran in the round: their calls evict its
+    weights from the caches, which back-to-back calls of one model would find warm. On CUDA the
+    weights never fit the caches anyway: no extra call.
     """
-    rewarm = torch.device(device).type != "cuda"
+    cpu = torch.device(device).type != "cuda"
     samples: list[list[float]] = [[] for _ in calls]
     rounds = max((reps for _, reps in calls), default=0)
     for r in range(rounds):
         live = [i for i, (_, reps) in enumerate(calls) if reps > r]
         shift = r % len(live)
+        rewarm = cpu and len(live) > 1
         for i in live[shift:] + live[:shift]:
             fn = calls[i][0]
             if rewarm:
