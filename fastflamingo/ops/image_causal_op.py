@@ -65,18 +65,28 @@ def _(dout, q, k, v, out, lse, text_time, latents_per_media, only_immediate, sca
     return _empty_like_operand(q), _empty_like_operand(k), _empty_like_operand(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, text_time, latents_per_media, only_immediate, scale = inputs
-    out, lse = output
+def _save(ctx, q, k, v, text_time, out, lse, options) -> None:
+    """What the backward needs, for the custom op's autograd and the eager Function alike."""
     ctx.save_for_backward(q, k, v, text_time, out, lse)
-    ctx.options = (latents_per_media, only_immediate, scale)
+    ctx.options = options
+
+
+def _grads(ctx, dout, backward) -> tuple:
+    """The inputs' gradients from ``backward`` (the backward custom op, or the kernels' launcher)."""
+    q, k, v, text_time, out, lse = ctx.saved_tensors
+    dq, dk, dv = backward(dout, q, k, v, out, lse, text_time, *ctx.options)
+    return dq, dk, dv, None, None, None, None
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, text_time, *options = inputs
+    out, lse = output
+    _save(ctx, q, k, v, text_time, out, lse, tuple(options))
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, text_time, out, lse = ctx.saved_tensors
-    dq, dk, dv = _image_causal_attention_backward(dout, q, k, v, out, lse, text_time, *ctx.options)
-    return dq, dk, dv, None, None, None, None
+    return _grads(ctx, dout, _image_causal_attention_backward)
 
 
 _image_causal_attention.register_autograd(_backward, setup_context=_setup_context)
@@ -116,12 +126,9 @@ class _EagerImageCausal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, text_time, latents_per_media, only_immediate, scale):
         out, lse = _kernels().image_causal_fwd(q, k, v, text_time, latents_per_media, only_immediate, scale)
-        ctx.save_for_backward(q, k, v, text_time, out, lse)
-        ctx.options = (latents_per_media, only_immediate, scale)
+        _save(ctx, q, k, v, text_time, out, lse, (latents_per_media, only_immediate, scale))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, text_time, out, lse = ctx.saved_tensors
-        dq, dk, dv = _kernels().image_causal_bwd(dout, q, k, v, out, lse, text_time, *ctx.options)
-        return dq, dk, dv, None, None, None, None
+        return _grads(ctx, dout, _kernels().image_causal_bwd)

@@ -59,18 +59,26 @@ def _(dout, q, k_media, v_media, k_latents, v_latents, out, lse, scale):
     return _bshd_like(q, L), _bshd_like(q, V), _bshd_like(q, V), _bshd_like(q, L), _bshd_like(q, L)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k_media, v_media, k_latents, v_latents, scale = inputs
-    out, lse = output
-    ctx.mark_non_differentiable(lse)  # an auxiliary output for the backward only
-    ctx.save_for_backward(q, k_media, v_media, k_latents, v_latents, out, lse)
+def _save(ctx, inputs, out, lse) -> None:
+    """What the backward needs, for the custom op's autograd and the eager Function alike."""
+    *tensors, scale = inputs
+    ctx.save_for_backward(*tensors, out, lse)
     ctx.scale = scale
 
 
+def _grads(ctx, dout, backward) -> tuple:
+    """The inputs' gradients from ``backward`` (the backward custom op, or the kernels' launcher)."""
+    return (*backward(dout, *ctx.saved_tensors, ctx.scale), None)
+
+
+def _setup_context(ctx, inputs, output):
+    out, lse = output
+    ctx.mark_non_differentiable(lse)  # an auxiliary output for the backward only
+    _save(ctx, inputs, out, lse)
+
+
 def _backward(ctx, dout, _dlse):
-    q, k_media, v_media, k_latents, v_latents, out, lse = ctx.saved_tensors
-    grads = _perceiver_bwd_op(dout, q, k_media, v_media, k_latents, v_latents, out, lse, ctx.scale)
-    return (*grads, None)
+    return _grads(ctx, dout, _perceiver_bwd_op)
 
 
 _perceiver_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -115,12 +123,9 @@ class _EagerPerceiver(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k_media, v_media, k_latents, v_latents, scale):
         out, lse = _kernels().perceiver_fwd(q, k_media, v_media, k_latents, v_latents, scale)
-        ctx.save_for_backward(q, k_media, v_media, k_latents, v_latents, out, lse)
-        ctx.scale = scale
+        _save(ctx, (q, k_media, v_media, k_latents, v_latents, scale), out, lse)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k_media, v_media, k_latents, v_latents, out, lse = ctx.saved_tensors
-        grads = _kernels().perceiver_bwd(dout, q, k_media, v_media, k_latents, v_latents, out, lse, ctx.scale)
-        return (*grads, None)
+        return _grads(ctx, dout, _kernels().perceiver_bwd)
