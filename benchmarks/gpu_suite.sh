@@ -1,34 +1,53 @@
 #!/usr/bin/env bash
 # The benchmark suite on one GPU machine (H100 / H200), in two parts that each fit one call.
 #
-#   bash benchmarks/gpu_suite.sh kernels   # CUDA tests, kernel suite, NF4 linear, overhead probe (~8.5 min)
-#   bash benchmarks/gpu_suite.sh e2e       # end-to-end suite: two 9B groups, compiled decode (~8 min)
+#   bash benchmarks/gpu_suite.sh kernels   # CUDA tests, kernel suite, generation on CUDA, NF4 linear, overhead probe
+#   bash benchmarks/gpu_suite.sh e2e       # end-to-end suite: two 9B groups, compiled decode
 #   bash benchmarks/gpu_suite.sh all       # both (more than one 10-minute device call)
 #
 # From the repository root. Results go to $WORK (default /tmp/gpu-results) and, packed in one
 # file, to $OUT/gpu-results-<part>.tgz when $OUT is set (the device tool brings back 8 files at
-# most); the tables are printed at the end.
+# most), packed again after every step: a call cut off by its limit still brings back what the
+# finished steps wrote. The script keeps within $BUDGET seconds in all (default 570: a device
+# call of timeout_s=600 less the transfers): each step's limit is its own or what is left of the
+# budget, and a step with under 20 s left is skipped (steps.log says so).
 #
 # 1. installs the wheels collected in .whl/ (bitsandbytes, xformers, open_flamingo, open_clip...:
 #    ../shared/tools/gpu-wheels.sh hypothesis sortedcontainers attrs) without network, and this
 #    package (editable, no deps: the kernels/ folder is installed as fastflamingo.kernels, which a
 #    plain PYTHONPATH cannot do);
-# 2. kernels: the CUDA tests (pytest -k "cuda or gpu"; <= 150 s: every kernel variant compiles on
-#    first use, every autotune candidate of the image-causal kernel is checked), `fastflamingo
-#    bench --suite kernels` (200 s; GPU time by CUDA-graph replay, the first launch of each shape
-#    class autotunes) and `--suite nf4` (75 s), and benchmarks/gpu_overhead.py (60 s: launch /
-#    dispatch / kernel time of one call);
+# 2. kernels, in order of what they decide: the kernels' CUDA tests (pytest -k "cuda or gpu";
+#    <= 150 s: every kernel variant compiles on first use, every autotune candidate of the
+#    image-causal kernel is checked), `fastflamingo bench --suite kernels` (200 s; GPU time by
+#    CUDA-graph replay, the first launch of each shape class autotunes), the generation tests on
+#    CUDA (tests/test_cuda_generation.py, 120 s: the default generate compiled with CUDA graphs,
+#    a skipped graph an error), `--suite nf4` (75 s) and benchmarks/gpu_overhead.py (60 s:
+#    launch / dispatch / kernel time of one call);
 # 3. e2e: `fastflamingo bench --suite e2e` (default on a GPU: the openflamingo-9b shape and the
-#    IDEFICS-9B shape, random weights, bf16; rows are kept per finished group), with one more
-#    profiled call per stage: GPU time by kind of kernel in $WORK/breakdown/.
+#    IDEFICS-9B shape, random weights, bf16; rows are kept per finished group; $E2E_GROUPS, e.g.
+#    "idefics", runs only those), with one more profiled call per stage: GPU time by kind of
+#    kernel in $WORK/breakdown/.
 # Every step logs to $WORK/*.log; the script never stops at a failed step.
 set -u
 PART=${1:-all}
 case "$PART" in kernels|e2e|all) ;; *) echo "usage: bash benchmarks/gpu_suite.sh kernels|e2e|all" >&2; exit 2;; esac
 WORK=${WORK:-/tmp/gpu-results}
 mkdir -p "$WORK"
+BUDGET=${BUDGET:-570}
 T0=$(date +%s)
 step() { echo "== $(($(date +%s) - T0)) s: $*" | tee -a "$WORK/steps.log"; }
+pack() {  # the results so far, in $OUT (overwritten after every step)
+  if [ -n "${OUT:-}" ]; then
+    tar czf "$OUT/gpu-results-$PART.tgz" -C "$WORK" . && cp "$WORK/steps.log" "$OUT/"
+  fi
+}
+limit() {  # limit <seconds> <name>: the step's own limit, or what the budget leaves (15 s kept to pack)
+  local left=$((BUDGET - ($(date +%s) - T0) - 15))
+  if [ "$left" -lt 20 ]; then
+    echo "== skipped $2: $left s of the ${BUDGET} s budget left" | tee -a "$WORK/steps.log" >&2
+    echo 0
+  elif [ "$1" -lt "$left" ]; then echo "$1"; else echo "$left"; fi
+}
 
 step "install wheels and fastflamingo"
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -45,39 +64,50 @@ python3 -c "import json, fastflamingo.info as i; print(json.dumps(i.collect(), i
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv \
   > "$WORK/gpu.csv" 2>&1
 
-bench() {  # bench <suite> <seconds>
-  step "$1 suite"
-  timeout "$2" python3 -m fastflamingo.bench --suite "$1" --out "$WORK/$1" --no-progress > "$WORK/$1.log" 2>&1
+bench() {  # bench <suite> <seconds> [options]
+  local t; t=$(limit "$2" "$1 suite"); [ "$t" -gt 0 ] || return 0
+  step "$1 suite (limit $t s)"
+  timeout "$t" python3 -m fastflamingo.bench --suite "$1" --out "$WORK/$1" --no-progress "${@:3}" > "$WORK/$1.log" 2>&1
   echo "$1 exit $?" | tee -a "$WORK/steps.log"
   # a suite cut off by its time limit still left rows.json: render its table and plots
   if [ -f "$WORK/$1/rows.json" ] && [ ! -f "$WORK/$1/table.txt" ]; then
     python3 -m fastflamingo.bench --from-json "$WORK/$1/rows.json" --out "$WORK/$1" > /dev/null 2>&1
   fi
+  pack
+}
+
+tests() {  # tests <name> <seconds> <pytest -k expression> [files]
+  local t; t=$(limit "$2" "$1"); [ "$t" -gt 0 ] || return 0
+  step "$1 (limit $t s)"
+  # (a test module whose imports are missing there, e.g. hypothesis, must not stop the others)
+  timeout "$t" python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -k "$3" "${@:4}" \
+    > "$WORK/$1.log" 2>&1
+  echo "$1 exit $?" | tee -a "$WORK/steps.log"
+  tail -3 "$WORK/$1.log"
+  pack
 }
 
 if [ "$PART" != e2e ]; then
-  step "CUDA tests"
-  # (a test module whose imports are missing there, e.g. hypothesis, must not stop the others)
-  timeout 150 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors tests -k "cuda or gpu" \
-    > "$WORK/tests.log" 2>&1
-  echo "tests exit $?" | tee -a "$WORK/steps.log"
-  tail -3 "$WORK/tests.log"
+  tests tests 150 "(cuda or gpu) and not cuda_generate" tests
   bench kernels 200
+  tests generation 120 "cuda_generate" tests/test_cuda_generation.py
   bench nf4 75
-  step "overhead probe"
-  timeout 60 python3 benchmarks/gpu_overhead.py --out "$WORK/overhead" > "$WORK/overhead.log" 2>&1
-  echo "overhead exit $?" | tee -a "$WORK/steps.log"
+  t=$(limit 60 "overhead probe")
+  if [ "$t" -gt 0 ]; then
+    step "overhead probe (limit $t s)"
+    timeout "$t" python3 benchmarks/gpu_overhead.py --out "$WORK/overhead" > "$WORK/overhead.log" 2>&1
+    echo "overhead exit $?" | tee -a "$WORK/steps.log"
+    pack
+  fi
 fi
 if [ "$PART" != kernels ]; then
   # one more profiled call per end-to-end stage: GPU time by kind of kernel (fastflamingo.bench.breakdown)
   export FASTFLAMINGO_BREAKDOWN="$WORK/breakdown"
-  bench e2e 480
+  bench e2e 540 ${E2E_GROUPS:+--groups "$E2E_GROUPS"}
 fi
 
 step "done"
-if [ -n "${OUT:-}" ]; then
-  tar czf "$OUT/gpu-results-$PART.tgz" -C "$WORK" . && cp "$WORK/steps.log" "$OUT/"
-fi
+pack
 # the reply carries the end of the output: print the tables last
 grep -v "hot_spots" "$WORK/overhead.log" 2>/dev/null | head -20
 tail -n 60 "$WORK/kernels/table.txt" "$WORK/nf4/table.txt" "$WORK/e2e/table.txt" "$WORK/breakdown/breakdown.txt" 2>/dev/null

@@ -1,4 +1,4 @@
-"""Prompt batches shared by the generation tests."""
+"""Prompt batches and the no-cache greedy reference shared by the generation tests."""
 import torch
 
 
@@ -17,3 +17,15 @@ def batch(model, images_per_row, lengths, seed=0):
     for i, n in enumerate(images_per_row):
         vx[i, :n] = torch.randn(n, 1, 3, 32, 32, generator=g)
     return vx, ids, mask
+
+
+@torch.no_grad()
+def plain_greedy(model, vx, ids, mask, steps):
+    """The reference: the whole sequence through model.forward at every step, no cache of any kind."""
+    out, m = ids, mask
+    for _ in range(steps):
+        pos = (m.cumsum(-1) - 1).clamp(min=0)
+        logits = model(vx, out, attention_mask=m, position_ids=pos).logits[:, -1]
+        out = torch.cat([out, logits.argmax(-1, keepdim=True)], 1)
+        m = torch.cat([m, m.new_ones(m.shape[0], 1)], 1)
+    return out

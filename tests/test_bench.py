@@ -193,3 +193,22 @@ def test_kernel_suite_runs_the_goal_points_first_and_reports_in_sweep_order(monk
     assert set(kernels.GOAL_POINTS) <= set(ran)
     xs = dict.fromkeys(r.x for r in rows if "perceiver" not in r.x and "layer" not in r.x)
     assert list(xs) == list(dict.fromkeys(str((B, N, T)) for _, _, B, N, T in kernels._points(cfg)))
+
+
+def test_e2e_runs_the_named_groups_and_notes_what_the_compiled_decode_compiled():
+    """``groups`` picks the end-to-end groups (the GPU script can run one per device call); the
+    compiled decode's row says what its first call compiled, so a silent fallback to eager (no
+    frame compiled, a graph break, a skipped CUDA graph) shows in the table."""
+    pytest.importorskip("open_flamingo")
+    import dataclasses
+    from fastflamingo.bench.cli import main
+    cfg = dataclasses.replace(SMALL_E2E, compiled=True)
+    rows = e2e.run(cfg, "cpu", progress=False, groups=["open_flamingo"])
+    assert rows and not any("idefics" in r.x for r in rows), {r.x for r in rows}
+    decode = next(r for r in rows if (r.kernel, r.provider, r.metric) ==
+                  ("e2e decode", "fastflamingo compiled", "tokens_per_s"))
+    assert decode.ok and "1 frame(s) compiled, 0 graph break(s), 0 CUDA graph(s) skipped" in decode.note, decode
+    with pytest.raises(ValueError, match="unknown e2e group"):
+        e2e.run(cfg, "cpu", progress=False, groups=["vllm"])
+    with pytest.raises(SystemExit, match="unknown group"):
+        main(["--suite", "e2e", "--groups", "open_flamingo,vllm"])

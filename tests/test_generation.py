@@ -11,7 +11,7 @@ from fastflamingo.generation.session import Session
 
 import peers
 from peers import EOC_ID, EOS_ID, MEDIA_ID, PAD_ID
-from prompts import batch
+from prompts import batch, plain_greedy
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,18 +31,6 @@ def tiny(**overrides):
             block.attn_gate.fill_(1.0)
             block.ff_gate.fill_(-0.5)
     return model
-
-
-@torch.no_grad()
-def plain_greedy(model, vx, ids, mask, steps):
-    """The reference: the whole sequence through model.forward at every step, no cache of any kind."""
-    out, m = ids, mask
-    for _ in range(steps):
-        pos = (m.cumsum(-1) - 1).clamp(min=0)
-        logits = model(vx, out, attention_mask=m, position_ids=pos).logits[:, -1]
-        out = torch.cat([out, logits.argmax(-1, keepdim=True)], 1)
-        m = torch.cat([m, m.new_ones(m.shape[0], 1)], 1)
-    return out
 
 
 _TINY = {True: tiny(), False: tiny(only_attend_immediate_media=False)}
@@ -106,6 +94,29 @@ def test_compiled_static_step_equals_plain_loop():
     got2 = generate(model, vx2, ids2, mask2, max_new_tokens=6, eos_token_id=[], cache="static", compile=True)
     assert torch.equal(got2, plain_greedy(model, vx2, ids2, mask2, 6))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "the second prompt recompiled"
+
+
+def test_every_shape_stays_compiled_past_dynamos_recompile_limit():
+    """Each static-cache shape gets its own compiled step (a code object of its own). One shared
+    step function hit dynamo's recompile limit (8 per code object) at the ninth model or batch
+    shape of a process and ran every later one eagerly, with only a log warning; here the limit is
+    lowered to 2 and three batch shapes must each compile. The model, its caches and its compiled
+    steps are freed together."""
+    import gc
+    import weakref
+    model = tiny()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for B in (1, 2, 3):
+            vx, ids, mask = batch(model, [1] * B, [8 + B] * B, seed=40 + B)
+            got = generate(model, vx, ids, mask, max_new_tokens=4, eos_token_id=[], cache="static", compile=True)
+            assert torch.equal(got, plain_greedy(model, vx, ids, mask, 4)), B
+    assert dict(counters["frames"]) == {"total": 3, "ok": 3}, dict(counters["frames"])
+    alive = weakref.ref(model)
+    del model, vx, ids, mask, got
+    gc.collect()
+    assert alive() is None, "the compiled steps keep the model alive"
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

@@ -234,3 +234,36 @@ def test_config_json_round_trip_and_errors():
     from fastflamingo import preset_config
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         preset_config("huge")
+
+
+def test_kernels_folder_never_takes_the_top_level_name(tmp_path):
+    """The repository's kernels/ is fastflamingo.kernels. Run from the repository root (its folder
+    first on sys.path), ``import kernels`` must give PyPI's package of that name where one is
+    installed (transformers and bitsandbytes import it), and otherwise an empty module, as a folder
+    without ``__init__.py`` would give, which transformers takes for "not installed"; never
+    fastflamingo's kernels."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    other = tmp_path / "kernels"
+    other.mkdir()
+    (other / "__init__.py").write_text("def get_kernel(name):\n    return 'hub ' + name\n")
+    probe = ("import kernels, fastflamingo.kernels.image_causal as ours\n"
+             "print(kernels.get_kernel('x'), ours.__name__)")
+
+    def run(code, path):
+        return subprocess.run([sys.executable, "-c", code], cwd=root, env={**os.environ, "PYTHONPATH": path},
+                              capture_output=True, text=True)
+    out = run(probe, str(tmp_path))
+    assert out.returncode == 0 and out.stdout.split() == ["hub", "x", "fastflamingo.kernels.image_causal"], out
+    probe = ("import kernels\n"
+             "assert kernels.__file__ is None and not hasattr(kernels, 'image_causal'), vars(kernels)\n"
+             "try:\n    import kernels.image_causal\nexcept ImportError:\n    pass\n"
+             "else:\n    raise AssertionError('fastflamingo kernels imported as kernels')\n"
+             "from transformers.utils import is_kernels_available\n"
+             "from transformers import CLIPVisionModel\n"
+             "import fastflamingo.kernels.image_causal\n"
+             "print(is_kernels_available())")
+    out = run(probe, "")
+    assert out.returncode == 0 and out.stdout.split() == ["False"], out.stderr[-800:]

@@ -29,11 +29,12 @@ def default_preset(device: str) -> str:
 def run_bench(*, suite: str = "all", preset: str | None = None, quick: bool = False, out: str = "bench-results",
               device: str | None = None, progress: bool = True, plots: bool = True,
               kernel_config: kernels.KernelConfig | None = None, e2e_config: e2e.E2EConfig | None = None,
-              threads: int | None = None, echo=print) -> dict:
+              threads: int | None = None, groups: list[str] | None = None, echo=print) -> dict:
     """Run the suite; returns ``{"rows", "table", "files", "meta"}``. The configs override the
     defaults (tests pass smaller ones). ``threads``: torch CPU threads; None = torch's own
     choice, or 1 when other work keeps the CPU busy (1-minute load average >= half the cores):
-    there, threads waiting on each other's time slices made calls 5-10x slower and far noisier."""
+    there, threads waiting on each other's time slices made calls 5-10x slower and far noisier.
+    ``groups``: the end-to-end groups to run (default: all of ``e2e.GROUPS``)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     preset = preset or default_preset(device)
     os.makedirs(out, exist_ok=True)
@@ -58,7 +59,7 @@ def run_bench(*, suite: str = "all", preset: str | None = None, quick: bool = Fa
                             on_rows=lambda done: write_json(done, files[1], meta))  # kept if interrupted
     if suite in ("e2e", "all"):
         cfg = e2e_config or e2e.default_config(preset, device, quick)
-        rows += e2e.run(cfg, device, progress=progress,
+        rows += e2e.run(cfg, device, progress=progress, groups=groups,
                         on_rows=lambda done: write_json(rows + done, files[1], meta))
     if suite == "nf4" or (suite == "all" and torch.device(device).type == "cuda"):  # a CUDA kernel
         from . import nf4
@@ -90,8 +91,20 @@ def run(args) -> int:
         write_outputs(rows, meta, args.out, plots=not args.no_plots)
         return 0
     run_bench(suite=args.suite, preset=args.preset, quick=args.quick, out=args.out, device=args.device,
-              progress=not args.no_progress, plots=not args.no_plots, threads=args.threads or None)
+              progress=not args.no_progress, plots=not args.no_plots, threads=args.threads or None,
+              groups=_groups(args.groups))
     return 0
+
+
+def _groups(text: str | None) -> list[str] | None:
+    if not text:
+        return None
+    names = [g.strip() for g in text.split(",") if g.strip()]
+    unknown = [g for g in names if g not in e2e.GROUPS]
+    if unknown:
+        raise SystemExit(f"fastflamingo bench: --groups {text!r}: unknown group(s) {unknown}; "
+                         f"choose from {', '.join(e2e.GROUPS)}")
+    return names
 
 
 def add_parser(subparsers) -> None:
@@ -107,6 +120,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results", help="directory for rows.csv, rows.json, table.txt, PNGs")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice; 1 on a CPU kept busy by other work)")
+    p.add_argument("--groups", default=None, metavar="NAMES",
+                   help=f"end-to-end groups to run, comma-separated (default: all: {','.join(e2e.GROUPS)})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--from-json", default=None, metavar="ROWS_JSON",

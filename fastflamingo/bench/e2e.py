@@ -236,18 +236,25 @@ def idefics_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row]:
     return Group(label, entrants, ref, cfg, device, progress, banned).run()
 
 
-def run(cfg: E2EConfig, device: str, *, progress: bool = True, on_rows=None) -> list[Row]:
-    """Both groups; ``on_rows(rows)`` is called after each (to save partial results)."""
+GROUPS = {"open_flamingo": open_flamingo_group, "idefics": idefics_group}
+
+
+def run(cfg: E2EConfig, device: str, *, progress: bool = True, on_rows=None, groups=None) -> list[Row]:
+    """The groups named in ``groups`` (default: all of :data:`GROUPS`, in order); ``on_rows(rows)``
+    is called after each (to save partial results)."""
+    groups = list(GROUPS) if groups is None else list(groups)
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise ValueError(f"unknown e2e group(s) {unknown}: choose from {list(GROUPS)}")
     rows = []
-    groups = [("open_flamingo", open_flamingo_group), ("IDEFICS", idefics_group)]
-    for name, fn in tqdm(groups, desc="e2e", disable=not progress, unit="group"):
+    for name in tqdm(groups, desc="e2e", disable=not progress, unit="group"):
         if name == "open_flamingo" and not has_module("open_flamingo"):
             rows.append(Row(kernel="e2e prefill", provider="open_flamingo", mode="-", metric="time_ms",
                             x=cfg.preset, status="n/a: open_flamingo is not installed", device=device_name(device),
                             versions=versions(), sweep="stage"))
             continue
         try:
-            rows += fn(cfg, device, progress)
+            rows += GROUPS[name](cfg, device, progress)
         except Exception as ex:  # noqa: BLE001 - one group failing must not lose the others' rows
             rows.append(Row(kernel="e2e", provider=name, mode="-", metric="time_ms", x=cfg.preset,
                             status=f"n/a: {type(ex).__name__}: {str(ex)[:200]}", device=device_name(device),

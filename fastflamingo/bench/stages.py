@@ -211,8 +211,10 @@ class Group:
         with torch.no_grad():
             try:
                 if e.compiles:  # compile outside the memory profiler (it would record the compiler)
+                    before = compile_counts()
                     _, first_ms = time_once(lambda: e.generate(n), self.device)
-                    first_call = f"; its first call (compiling) took {first_ms / 1e3:.1f} s, outside the timed calls"
+                    first_call = (f"; its first call (compiling) took {first_ms / 1e3:.1f} s, outside the timed "
+                                  f"calls: {describe_counts(compile_counts(), before)}")
                 out, peak, how = peak_memory_call(lambda: e.generate(n), self.device)
             except Exception as ex:  # noqa: BLE001 - a generate that cannot run here is reported
                 return [self.row("e2e decode", e.name, "tokens_per_s",
@@ -232,8 +234,12 @@ class Group:
         calls = {"n": (_no_grad(lambda: e.generate(n)), reps)}
         if n >= 2:
             calls["1"] = (_no_grad(lambda: e.generate(1)), reps)
+        checked = compile_counts()
 
         def rows(t):
+            nonlocal note
+            if e.compiles and compile_counts()[0] != checked[0]:  # the timed (or profiled) calls compiled again
+                note += f"; WARNING: later calls compiled: {describe_counts(compile_counts(), checked)}"
             rate = {k: tokens / (getattr(t["n"], k) * 1e-3) for k in ("median", "p20", "p80")}
             return [self.row("e2e decode", e.name, "tokens_per_s", median=rate["median"], p20=rate["p80"],
                              p80=rate["p20"], note=note, **kw),
@@ -316,6 +322,19 @@ class Group:
         else:
             rows += time_stages([self.check_train(e, f) for e, f in zip(trained, failures)], self.device)
         return rows
+
+
+def compile_counts() -> tuple[int, int, int]:
+    """(frames dynamo compiled, graph breaks, CUDA graphs inductor skipped) so far in this process."""
+    c = torch._dynamo.utils.counters
+    return c["frames"]["ok"], sum(c["graph_break"].values()), c["inductor"]["cudagraph_skips"]
+
+
+def describe_counts(after: tuple[int, int, int], before: tuple[int, int, int]) -> str:
+    """What was compiled between two :func:`compile_counts`: a silent fallback (no frame compiled, a
+    graph break, a skipped CUDA graph) shows in the decode row's note."""
+    frames, breaks, skips = (a - b for a, b in zip(after, before))
+    return f"{frames} frame(s) compiled, {breaks} graph break(s), {skips} CUDA graph(s) skipped"
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:

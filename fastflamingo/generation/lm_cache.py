@@ -13,15 +13,27 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .. import mpt
 
-# static caches are reused across generate calls of one model (same objects = no recompilation)
-_STATIC_POOL: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _POOL_SIZE = 4  # batch / length shapes kept per model
+
+
+@dataclass
+class Pooled:
+    """A static cache kept for reuse, the session using it (weakly), and the decode steps compiled
+    for it (:mod:`fastflamingo.generation.session`): they go when the cache leaves the pool."""
+    cache: object
+    owner: weakref.ref
+    steps: dict = field(default_factory=dict)
+
+
+# static caches are reused across generate calls of one model (same objects = no recompilation)
+_STATIC_POOL: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Pooled]]" = weakref.WeakKeyDictionary()
 
 
 class LMCall:
@@ -66,24 +78,26 @@ def dynamic_cache(lm: nn.Module):
         return DynamicCache()
 
 
-def static_cache(lm: nn.Module, batch: int, max_len: int, dtype: torch.dtype, device: torch.device, owner):
+def static_cache(lm: nn.Module, batch: int, max_len: int, dtype: torch.dtype, device: torch.device, owner) -> Pooled:
     """A reset StaticCache of ``batch`` rows x ``max_len`` slots for ``owner`` (a session), reused
-    from the last session of this shape when that one is gone (same buffers: no recompilation)."""
+    from the last session of this shape when that one is gone (same buffers and compiled steps: no
+    recompilation). While that session still decodes (an open stream), a new one outside the pool."""
     from transformers import StaticCache
     pool = _STATIC_POOL.setdefault(lm, {})
     key = (batch, max_len, dtype, str(device))
-    cache, last_owner = pool.pop(key, (None, None))
-    if cache is not None and last_owner() is not None:  # still decoding (e.g. an open stream)
-        pool[key] = (cache, last_owner)
-        return StaticCache(config=lm.config, max_cache_len=max_len)
-    if cache is None:
+    entry = pool.pop(key, None)
+    if entry is not None and entry.owner() is not None:  # still decoding (e.g. an open stream)
+        pool[key] = entry
+        return Pooled(StaticCache(config=lm.config, max_cache_len=max_len), weakref.ref(owner))
+    if entry is None:
         while len(pool) >= _POOL_SIZE:  # drop the least recently used shape
             pool.pop(next(iter(pool)))
-        cache = StaticCache(config=lm.config, max_cache_len=max_len)
+        entry = Pooled(StaticCache(config=lm.config, max_cache_len=max_len), weakref.ref(owner))
     else:
-        cache.reset()
-    pool[key] = (cache, weakref.ref(owner))
-    return cache
+        entry.cache.reset()
+        entry.owner = weakref.ref(owner)
+    pool[key] = entry
+    return entry
 
 
 def release_static_caches(lm: nn.Module) -> None:

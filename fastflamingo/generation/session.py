@@ -15,6 +15,7 @@ A generated ``<image>`` token has no pixels: it is decoded as text and adds no i
 from __future__ import annotations
 
 import contextlib
+import types
 
 import torch
 
@@ -24,7 +25,6 @@ from . import lm_cache
 from .prefix import Prefix
 
 CACHE_MODES = ("auto", "static", "dynamic")
-_COMPILED: dict = {}
 _STATIC_ROUND = 64  # static cache lengths are rounded up so that prompts of similar length share a graph
 _MEDIA_ROUND = 4  # so are image counts of compiled steps (padding images no token refers to)
 
@@ -42,11 +42,20 @@ def _without_guards():
         return contextlib.nullcontext()
 
 
-def _compiled_decode(device: torch.device):
+def _compiled_decode(steps: dict, media: int, device: torch.device):
+    """The compiled decode step of one static cache (one model, batch and length) and image count,
+    kept in ``steps`` (the pooled cache's). Each gets a copy of the step's code object of its own:
+    dynamo keeps compiled graphs per code object and, past ``torch._dynamo.config.recompile_limit``
+    (8) of them, runs every further shape eagerly with only a log warning; one shared function lost
+    its compilation (and, on CUDA, its CUDA graphs) at the ninth model or batch shape of a process."""
     mode = "reduce-overhead" if device.type == "cuda" else None
-    if mode not in _COMPILED:
-        _COMPILED[mode] = torch.compile(_decode_logits, mode=mode, dynamic=False)
-    return _COMPILED[mode]
+    key = (media, mode)
+    if key not in steps:
+        code = _decode_logits.__code__
+        code = code.replace(co_name=f"{code.co_name}_{len(steps)}")  # a distinct object
+        fn = types.FunctionType(code, _decode_logits.__globals__, code.co_name)
+        steps[key] = torch.compile(fn, mode=mode, dynamic=False)
+    return steps[key]
 
 
 def cross_attention_modules(model) -> list[torch.nn.Module]:
@@ -104,13 +113,14 @@ class Session:
         self.mask = torch.zeros(B, max_len, dtype=torch.long, device=device)
         self.mask[:, :P] = 1
         self.mask[:, P:P + T] = mask
-        self.cache = (lm_cache.static_cache(lm, B, max_len, model.dtype, device, owner=self) if self.static
-                      else lm_cache.dynamic_cache(lm))
-        self._decode = _compiled_decode(device) if compile else _decode_logits
-        self._guarded = False
+        pooled = lm_cache.static_cache(lm, B, max_len, model.dtype, device, owner=self) if self.static else None
+        self.cache = pooled.cache if self.static else lm_cache.dynamic_cache(lm)
         self._prepare_media(ids, mask, None if visual is None else visual.detach(), prefix)
         if compile and self.visual is not None:  # image counts in one bucket share a compiled step
             self.visual, self.kv = _pad_media(self.visual, self.kv, _MEDIA_ROUND)
+        media = 0 if self.visual is None else self.visual.shape[1]
+        self._decode = _compiled_decode(pooled.steps, media, device) if compile else _decode_logits
+        self._guarded = False
 
     @torch.no_grad()
     def _prepare_media(self, ids, mask, visual, prefix: Prefix | None) -> None:
