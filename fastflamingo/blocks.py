@@ -219,7 +219,7 @@ class PerceiverResampler(nn.Module):
         for attn, ff in layers:
             latents = attn(x, latents) + latents
             latents = ff(latents) + latents
-        return norm(latents).reshape(B, N, -1, D)
+        return norm(latents.reshape(B, N, -1, D))  # not a view of an inner tensor (FSDP2 warns of those)
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,7 +2,10 @@
 that belongs to it. Adding them grows the LM's embeddings; only the new rows are trained."""
 from __future__ import annotations
 
+import types
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 MEDIA_TOKEN = "<image>"
@@ -38,22 +41,98 @@ def train_new_embedding_rows(model: nn.Module, num_base_tokens: int | None) -> N
     embeddings and, when it is a separate matrix of the same rows, the output embeddings too
     (IDEFICS trains both; with tied embeddings they are one matrix).
 
-    Each embedding stays one matrix (checkpoints keep their layout); a gradient hook zeroes the
-    rows of the original vocabulary. Use :meth:`Flamingo.parameter_groups` (no weight decay on
-    embeddings) so the optimizer leaves those rows exactly as they are.
+    Each embedding stays one matrix (checkpoints keep their layout). The rows of the original
+    vocabulary get no gradient, by masks in the modules' own forward: the input embedding's output
+    passes gradient only at positions holding a new token, and an ``nn.Linear`` output embedding
+    multiplies its weight by a row mask that only acts on the gradient (:class:`RowMaskedLinear`).
+    The masks live in the graph, not on the parameter, so they survive what replaces parameters:
+    FSDP2's ``fully_shard`` (a hook on the parameter was lost there, and the whole vocabulary
+    trained). An output embedding that is not an ``nn.Linear`` gets a gradient hook on its weight.
+    Use :meth:`Flamingo.parameter_groups` (no weight decay on embeddings) so the optimizer leaves
+    the masked rows exactly as they are.
     """
     for handle in getattr(model, "_embedding_hooks", ()):
         handle.remove()
     model._embedding_hooks = []
     if num_base_tokens is None:
         return
+    lm = model.lang_encoder
+    inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
     for weight in embedding_matrices(model):
-        if num_base_tokens >= weight.shape[0]:
-            continue
-        weight.requires_grad_(True)
-        keep = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
-        keep[num_base_tokens:] = True
-        model._embedding_hooks.append(weight.register_hook(lambda g, keep=keep: g * keep.to(g.device, g.dtype)))
+        if num_base_tokens < weight.shape[0]:
+            weight.requires_grad_(True)
+    if num_base_tokens >= inp.weight.shape[0]:
+        return
+    model._embedding_hooks.append(inp.register_forward_hook(_NewTokenPositions(num_base_tokens), with_kwargs=True))
+    if out is None or getattr(out, "weight", None) is None or not out.weight.requires_grad:
+        return
+    if type(out) in (nn.Linear, RowMaskedLinear):
+        model._embedding_hooks.append(_RowMaskedLinear(out, num_base_tokens))
+    else:
+        keep = _keep_rows(out.weight, num_base_tokens)
+        model._embedding_hooks.append(out.weight.register_hook(lambda g, keep=keep: g * keep.to(g.device, g.dtype)))
+
+
+def _keep_rows(weight: torch.Tensor, num_base_tokens: int) -> torch.Tensor:
+    keep = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+    keep[num_base_tokens:] = True
+    return keep
+
+
+class _NewTokenPositions:
+    """Forward hook of the input embedding: its output carries gradient only where the token is a
+    new one (id >= ``num_base_tokens``), so only those rows of the matrix get any."""
+
+    def __init__(self, num_base_tokens: int):
+        self.num_base_tokens = num_base_tokens
+
+    def __call__(self, module, args, kwargs, output):
+        if not (torch.is_grad_enabled() and output.requires_grad):
+            return None  # inference: nothing to mask
+        ids = args[0] if args else kwargs["input"]
+        new = (ids >= self.num_base_tokens).unsqueeze(-1)
+        return torch.where(new, output, output.detach())
+
+
+class _KeepRows(torch.autograd.Function):
+    """The identity; its gradient keeps the rows where ``keep`` is True (zeros elsewhere)."""
+
+    @staticmethod
+    def forward(ctx, weight, keep):
+        ctx.save_for_backward(keep)
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return grad * keep.to(grad.device, grad.dtype), None
+
+
+class RowMaskedLinear(nn.Linear):
+    """An ``nn.Linear`` output embedding whose weight gradient keeps only the rows where
+    ``keep_rows`` is True. :func:`train_new_embedding_rows` switches a plain ``nn.Linear``'s class
+    to this one and back: same parameters and state dict; the model still deep-copies and pickles."""
+
+    keep_rows: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = _KeepRows.apply(self.weight, self.keep_rows) if torch.is_grad_enabled() else self.weight
+        return F.linear(x, weight, self.bias)
+
+
+class _RowMaskedLinear:
+    """Makes ``linear`` a :class:`RowMaskedLinear`; ``remove()`` makes it a plain ``nn.Linear``
+    again (a handle, like a hook's)."""
+
+    def __init__(self, linear: nn.Linear, num_base_tokens: int):
+        self.linear = linear
+        linear.keep_rows = _keep_rows(linear.weight, num_base_tokens)
+        linear.__class__ = RowMaskedLinear
+
+    def remove(self) -> None:
+        if type(self.linear) is RowMaskedLinear:
+            self.linear.__class__ = nn.Linear
+            del self.linear.keep_rows
 
 
 def embedding_matrices(model: nn.Module) -> list[torch.Tensor]:

@@ -8,6 +8,7 @@ from fastflamingo import Flamingo
 from fastflamingo.generation import generate
 from fastflamingo.presets import preset_config
 from fastflamingo.quant import cpu_4bit_fast_path_ok, guard_cpu_4bit, model_bytes, quantize_model
+from fastflamingo.tokens import RowMaskedLinear
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -39,7 +40,8 @@ def test_quantized_tiny_model_generates_close_to_full_precision(shape, quantizat
     quant = build(shape, quantization)  # same seed: same weights before quantization
     lm_layers = [m for m in quant.lang_encoder.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
     assert len(lm_layers) == 4 * 7  # q, k, v, o, gate, up, down per decoder layer
-    assert type(quant.lang_encoder.get_output_embeddings()) is nn.Linear  # the head stays
+    # the head stays (an nn.Linear; its added tokens' rows train: fastflamingo.tokens.RowMaskedLinear)
+    assert type(quant.lang_encoder.get_output_embeddings()) in (nn.Linear, RowMaskedLinear)
     for block in quant.gated_cross_attn_layers:  # trained blocks stay full precision
         assert all(type(m) is not bnb.nn.Linear4bit for m in block.modules())
     vx, ids = inputs(full)

@@ -1,0 +1,81 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) over a Flamingo model, two CPU processes (gloo):
+one training step gives the loss and the gradients of the unsharded model, with the fused ops'
+custom autograd inside, and only the added tokens' embedding rows get gradient (the mask used to
+be a hook on the parameter, which FSDP2's sharded parameters lost: the whole vocabulary trained).
+The LM families: LLaMA (IDEFICS-9B's, untied embeddings) and MPT (OpenFlamingo-9B's, tied)."""
+import operator
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastflamingo import Flamingo
+from fastflamingo.lm import decoder_layers_attr_for
+
+from prompts import batch
+
+MPT = dict(model_type="mpt", d_model=64, n_layers=4, n_heads=4, expansion_ratio=4, max_seq_len=256, vocab_size=512)
+FAMILIES = {"llama": {}, "mpt": {"lm": MPT}}
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def _model(family: str) -> Flamingo:
+    torch.manual_seed(0)
+    model = Flamingo.from_preset("tiny", **FAMILIES[family]).train()
+    with torch.no_grad():
+        for block in model.gated_cross_attn_layers:
+            block.attn_gate.fill_(1.0)
+            block.ff_gate.fill_(-0.5)
+    return model
+
+
+def _step(model: Flamingo):
+    c = model.config
+    vx, ids, mask = batch(model, [2, 1], [12, 9], seed=0)
+    ids[0, -2:] = c.eoc_token_id  # an added token besides <image>
+    labels = ids.masked_fill(ids == c.media_token_id, -100)
+    loss = model(vx, ids, attention_mask=mask, labels=labels).loss
+    loss.backward()
+    return loss.item()
+
+
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    from torch.distributed.fsdp import fully_shard
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    results = {}
+    for family in FAMILIES:
+        model = _model(family)
+        layers = operator.attrgetter(decoder_layers_attr_for(model.lang_encoder))(model.lang_encoder)
+        for m in [*model.gated_cross_attn_layers, *layers, model.perceiver]:
+            fully_shard(m)  # innermost first: the cross-attention blocks sit inside the decoder layers
+        fully_shard(model)
+        loss = _step(model)
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
+        results[family] = (loss, grads)
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_fsdp2_training_step_equals_the_unsharded_model(tmp_path):
+    out = str(tmp_path / "results.pt")
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2)
+    results = torch.load(out, weights_only=True)
+    for family in FAMILIES:
+        ref = _model(family)
+        loss, grads = results[family]
+        assert abs(loss - _step(ref)) < 1e-6, family
+        want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+        assert grads.keys() == want.keys(), (family, sorted(grads.keys() ^ want.keys()))
+        for n, g in want.items():
+            assert torch.allclose(grads[n], g, rtol=1e-5, atol=1e-6 * g.abs().max()), (family, n)
+        base = ref.config.num_base_tokens
+        for emb in (ref.lang_encoder.get_input_embeddings(), ref.lang_encoder.get_output_embeddings()):
+            name = next(n for n, p in ref.named_parameters() if p is emb.weight)
+            assert grads[name][:base].abs().sum() == 0 and grads[name][base:].abs().sum() > 0, (family, name)
