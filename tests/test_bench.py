@@ -208,6 +208,11 @@ def test_e2e_runs_the_named_groups_and_notes_what_the_compiled_decode_compiled()
     decode = next(r for r in rows if (r.kernel, r.provider, r.metric) ==
                   ("e2e decode", "fastflamingo compiled", "tokens_per_s"))
     assert decode.ok and "1 frame(s) compiled, 0 graph break(s), 0 CUDA graph(s) skipped" in decode.note, decode
+    assert "WARNING" not in format_table(rows)
+    fallback = stages.describe_counts((5, 1, 0), (5, 0, 0))  # no frame, one graph break
+    assert fallback.startswith("WARNING: 0 frame(s) compiled, 1 graph break(s)")
+    decode.note += f"; its first call: {fallback}"
+    assert f"fastflamingo compiled: {fallback}" in format_table(rows)  # printed under the table
     with pytest.raises(ValueError, match="unknown e2e group"):
         e2e.run(cfg, "cpu", progress=False, groups=["vllm"])
     with pytest.raises(SystemExit, match="unknown group"):

@@ -76,6 +76,8 @@ def format_table(rows: list[Row]) -> str:
         for r in rs:
             if not r.ok:
                 reasons.setdefault(f"{r.provider}: {r.status}", None)
+            elif "WARNING" in (r.note or ""):  # e.g. a compiled decode that fell back in part
+                reasons.setdefault(f"{r.provider}: {r.note[r.note.index('WARNING'):]}", None)
         lines += [f"  - {why}" for why in reasons]
         lines += timing_lines(rs)
     return "\n".join(lines)

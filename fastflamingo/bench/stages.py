@@ -239,7 +239,8 @@ class Group:
         def rows(t):
             nonlocal note
             if e.compiles and compile_counts()[0] != checked[0]:  # the timed (or profiled) calls compiled again
-                note += f"; WARNING: later calls compiled: {describe_counts(compile_counts(), checked)}"
+                again = describe_counts(compile_counts(), checked).removeprefix("WARNING: ")
+                note += f"; WARNING: later calls compiled again: {again}"
             rate = {k: tokens / (getattr(t["n"], k) * 1e-3) for k in ("median", "p20", "p80")}
             return [self.row("e2e decode", e.name, "tokens_per_s", median=rate["median"], p20=rate["p80"],
                              p80=rate["p20"], note=note, **kw),
@@ -331,10 +332,11 @@ def compile_counts() -> tuple[int, int, int]:
 
 
 def describe_counts(after: tuple[int, int, int], before: tuple[int, int, int]) -> str:
-    """What was compiled between two :func:`compile_counts`: a silent fallback (no frame compiled, a
-    graph break, a skipped CUDA graph) shows in the decode row's note."""
+    """What was compiled between two :func:`compile_counts`. A fallback (no frame compiled, a graph
+    break, a skipped CUDA graph) is marked WARNING, which the table prints under its block."""
     frames, breaks, skips = (a - b for a, b in zip(after, before))
-    return f"{frames} frame(s) compiled, {breaks} graph break(s), {skips} CUDA graph(s) skipped"
+    text = f"{frames} frame(s) compiled, {breaks} graph break(s), {skips} CUDA graph(s) skipped"
+    return f"WARNING: {text}" if frames == 0 or breaks or skips else text
 
 
 def _no_grad(fn: Callable[[], object]) -> Callable[[], object]:
