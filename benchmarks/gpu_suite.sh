@@ -20,8 +20,8 @@
 #    <= 150 s: every kernel variant compiles on first use, every autotune candidate of the
 #    image-causal kernel is checked), `fastflamingo bench --suite kernels` (200 s; GPU time by
 #    CUDA-graph replay, the first launch of each shape class autotunes), the generation tests on
-#    CUDA (tests/test_cuda_generation.py, 120 s: the default generate compiled with CUDA graphs,
-#    a skipped graph an error), `--suite nf4` (75 s) and benchmarks/gpu_overhead.py (60 s:
+#    CUDA (tests/test_cuda_generation.py, 150 s: six compilations of the default generate's step
+#    with CUDA graphs, a skipped graph an error), `--suite nf4` (75 s) and benchmarks/gpu_overhead.py (60 s:
 #    launch / dispatch / kernel time of one call);
 # 3. e2e: `fastflamingo bench --suite e2e` (default on a GPU: the openflamingo-9b shape and the
 #    IDEFICS-9B shape, random weights, bf16; rows are kept per finished group; $E2E_GROUPS, e.g.
@@ -80,7 +80,7 @@ tests() {  # tests <name> <seconds> <pytest -k expression> [files]
   local t; t=$(limit "$2" "$1"); [ "$t" -gt 0 ] || return 0
   step "$1 (limit $t s)"
   # (a test module whose imports are missing there, e.g. hypothesis, must not stop the others)
-  timeout "$t" python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -k "$3" "${@:4}" \
+  timeout "$t" python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors --durations=15 -k "$3" "${@:4}" \
     > "$WORK/$1.log" 2>&1
   echo "$1 exit $?" | tee -a "$WORK/steps.log"
   tail -3 "$WORK/$1.log"
@@ -90,7 +90,7 @@ tests() {  # tests <name> <seconds> <pytest -k expression> [files]
 if [ "$PART" != e2e ]; then
   tests tests 150 "(cuda or gpu) and not cuda_generate" tests
   bench kernels 200
-  tests generation 120 "cuda_generate" tests/test_cuda_generation.py
+  tests generation 150 "cuda_generate" tests/test_cuda_generation.py
   bench nf4 75
   t=$(limit 60 "overhead probe")
   if [ "$t" -gt 0 ]; then

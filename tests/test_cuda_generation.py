@@ -97,21 +97,18 @@ def test_cuda_generate_nf4_compiled_equals_uncompiled(fused):
 
 def test_cuda_generate_equals_idefics_generate_on_the_gpu():
     """An IDEFICS import on the GPU (the first H100 run found its non-persistent buffers left on the
-    CPU): greedy tokens equal Hugging Face's generate there, compiled step and all; 3-beam tokens
-    equal the uncompiled step's (Hugging Face's own 3-beam IDEFICS generate fails under
-    transformers 5.17, the GPU machine's; the CPU tests compare it under newer versions)."""
+    CPU): greedy tokens equal Hugging Face's generate there, compiled step and all. (3-beam tokens
+    are compared with Hugging Face's on the CPU: its 3-beam IDEFICS generate fails under
+    transformers 5.17, the GPU machine's.)"""
     from fastflamingo.convert.idefics import from_idefics
     from peers_idefics import EOS_ID, PAD_ID, idefics_inputs, idefics_model
     live = idefics_model(cross_layer_interval=2).to("cuda")
     ours = from_idefics(live)
     inp = {k: v.to("cuda") for k, v in idefics_inputs().items()}
-    args = (ours, inp["pixel_values"][:, :, None], inp["input_ids"], inp["attention_mask"])
-    kw = dict(max_new_tokens=8, eos_token_id=[EOS_ID], pad_token_id=PAD_ID)
     with torch.no_grad():
         want = live.generate(**inp, max_new_tokens=8, num_beams=1, do_sample=False)
     with _cuda_graphs_required() as counters:
-        got = generate(*args, **kw)
-        beams = generate(*args, num_beams=3, **kw)
-    assert counters["frames"]["ok"] >= 1, dict(counters["frames"])
+        got = generate(ours, inp["pixel_values"][:, :, None], inp["input_ids"], inp["attention_mask"],
+                       max_new_tokens=8, eos_token_id=[EOS_ID], pad_token_id=PAD_ID)
+    assert counters["frames"]["ok"] == 1, dict(counters["frames"])
     assert torch.equal(got, want), (got[:, -8:], want[:, -8:])
-    assert torch.equal(beams, generate(*args, num_beams=3, compile=False, **kw))
