@@ -19,7 +19,8 @@
 # 2. kernels, in order of what they decide: the kernels' CUDA tests (pytest -k "cuda or gpu";
 #    <= 150 s: every kernel variant compiles on first use, every autotune candidate of the
 #    image-causal kernel is checked), `fastflamingo bench --suite kernels` (200 s; GPU time by
-#    CUDA-graph replay, the first launch of each shape class autotunes), the generation tests on
+#    CUDA-graph replay, the first launch of each shape class autotunes), the compile tests on CUDA
+#    (tests/test_compile.py, test_torch_compile_fullgraph*: 60 s), the generation tests on
 #    CUDA (tests/test_cuda_generation.py, 150 s: six compilations of the default generate's step
 #    with CUDA graphs, a skipped graph an error), `--suite nf4` (75 s) and benchmarks/gpu_overhead.py (60 s:
 #    launch / dispatch / kernel time of one call);
@@ -90,6 +91,8 @@ tests() {  # tests <name> <seconds> <pytest -k expression> [files]
 if [ "$PART" != e2e ]; then
   tests tests 150 "(cuda or gpu) and not cuda_generate" tests
   bench kernels 200
+  # torch.compile(fullgraph=True) over the Triton custom ops (issue 3 asks for it on a GPU too)
+  tests compile 60 "(test_compile.py or torch_compile_fullgraph) and not cuda_generate" tests
   tests generation 150 "cuda_generate" tests/test_cuda_generation.py
   bench nf4 75
   t=$(limit 60 "overhead probe")
