@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The benchmark suite on one GPU machine (H100 / H200), in two parts that each fit one call.
+# The benchmark suite on one GPU machine (H100 / H200), in three parts that each fit one call.
 #
-#   bash benchmarks/gpu_suite.sh kernels   # CUDA tests, kernel suite, generation on CUDA, NF4 linear, overhead probe
-#   bash benchmarks/gpu_suite.sh e2e       # end-to-end suite: two 9B groups, compiled decode
-#   bash benchmarks/gpu_suite.sh all       # both (more than one 10-minute device call)
+#   bash benchmarks/gpu_suite.sh kernels     # issues 3, 6: CUDA tests, kernel suite, compile tests, kernel tests on the device
+#   bash benchmarks/gpu_suite.sh generation  # issue 7's pieces: generation on CUDA, NF4 linear, overhead probe
+#   bash benchmarks/gpu_suite.sh e2e         # issue 7: end-to-end suite, two 9B groups, compiled decode
+#   bash benchmarks/gpu_suite.sh all         # all three (more than one 10-minute device call)
 #
 # From the repository root. Results go to $WORK (default /tmp/gpu-results) and, packed in one
 # file, to $OUT/gpu-results-<part>.tgz when $OUT is set (the device tool brings back 8 files at
@@ -20,18 +21,21 @@
 #    <= 150 s: every kernel variant compiles on first use, every autotune candidate of the
 #    image-causal kernel is checked), `fastflamingo bench --suite kernels` (200 s; GPU time by
 #    CUDA-graph replay, the first launch of each shape class autotunes), the compile tests on CUDA
-#    (tests/test_compile.py, test_torch_compile_fullgraph*: 60 s), the generation tests on
-#    CUDA (tests/test_cuda_generation.py, 150 s: six compilations of the default generate's step
-#    with CUDA graphs, a skipped graph an error), `--suite nf4` (75 s) and benchmarks/gpu_overhead.py (60 s:
-#    launch / dispatch / kernel time of one call);
-# 3. e2e: `fastflamingo bench --suite e2e` (default on a GPU: the openflamingo-9b shape and the
+#    (tests/test_compile.py, test_torch_compile_fullgraph*: 60 s), and the kernel test files'
+#    other tests, which run the interpreter's cases (edge cases, random layouts, every V of the
+#    Perceiver) through the real kernels here (90 s);
+# 3. generation: the generation tests on CUDA (tests/test_cuda_generation.py, 150 s: six
+#    compilations of the default generate's step with CUDA graphs, a skipped graph an error),
+#    `--suite nf4` (75 s) and benchmarks/gpu_overhead.py (60 s: launch / dispatch / kernel time
+#    of one call);
+# 4. e2e: `fastflamingo bench --suite e2e` (default on a GPU: the openflamingo-9b shape and the
 #    IDEFICS-9B shape, random weights, bf16; rows are kept per finished group; $E2E_GROUPS, e.g.
 #    "idefics", runs only those), with one more profiled call per stage: GPU time by kind of
 #    kernel in $WORK/breakdown/.
 # Every step logs to $WORK/*.log; the script never stops at a failed step.
 set -u
 PART=${1:-all}
-case "$PART" in kernels|e2e|all) ;; *) echo "usage: bash benchmarks/gpu_suite.sh kernels|e2e|all" >&2; exit 2;; esac
+case "$PART" in kernels|generation|e2e|all) ;; *) echo "usage: bash benchmarks/gpu_suite.sh kernels|generation|e2e|all" >&2; exit 2;; esac
 WORK=${WORK:-/tmp/gpu-results}
 mkdir -p "$WORK"
 BUDGET=${BUDGET:-570}
@@ -88,11 +92,15 @@ tests() {  # tests <name> <seconds> <pytest -k expression> [files]
   pack
 }
 
-if [ "$PART" != e2e ]; then
+if [ "$PART" = kernels ] || [ "$PART" = all ]; then
   tests tests 150 "(cuda or gpu) and not cuda_generate" tests
   bench kernels 200
   # torch.compile(fullgraph=True) over the Triton custom ops (issue 3 asks for it on a GPU too)
   tests compile 60 "(test_compile.py or torch_compile_fullgraph) and not cuda_generate" tests
+  tests kernel-tests 90 "not cuda and not gpu and not torch_compile_fullgraph" \
+    tests/test_image_causal_kernel.py tests/test_perceiver_kernel.py
+fi
+if [ "$PART" = generation ] || [ "$PART" = all ]; then
   tests generation 150 "cuda_generate" tests/test_cuda_generation.py
   bench nf4 75
   t=$(limit 60 "overhead probe")
@@ -103,7 +111,7 @@ if [ "$PART" != e2e ]; then
     pack
   fi
 fi
-if [ "$PART" != kernels ]; then
+if [ "$PART" = e2e ] || [ "$PART" = all ]; then
   # one more profiled call per end-to-end stage: GPU time by kind of kernel (fastflamingo.bench.breakdown)
   export FASTFLAMINGO_BREAKDOWN="$WORK/breakdown"
   bench e2e 540 ${E2E_GROUPS:+--groups "$E2E_GROUPS"}
