@@ -89,8 +89,8 @@ class _NewTokenPositions:
     def __call__(self, module, args, kwargs, output):
         if not (torch.is_grad_enabled() and output.requires_grad):
             return None  # inference: nothing to mask
-        ids = args[0] if args else kwargs["input"]
-        new = (ids >= self.num_base_tokens).unsqueeze(-1)
+        ids = args[0] if args else kwargs["input"]  # as given: accelerate's hook moves them only for forward
+        new = (ids >= self.num_base_tokens).unsqueeze(-1).to(output.device)
         return torch.where(new, output, output.detach())
 
 
@@ -113,25 +113,30 @@ class RowMaskedLinear(nn.Linear):
     ``keep_rows`` is True. :func:`train_new_embedding_rows` switches a plain ``nn.Linear``'s class
     to this one and back: same parameters and state dict; the model still deep-copies and pickles."""
 
-    keep_rows: torch.Tensor
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = _KeepRows.apply(self.weight, self.keep_rows) if torch.is_grad_enabled() else self.weight
+        keep = getattr(self, "keep_rows", None)  # None: a forward bound before the switch back
+        weight = _KeepRows.apply(self.weight, keep) if keep is not None and torch.is_grad_enabled() else self.weight
         return F.linear(x, weight, self.bias)
 
 
 class _RowMaskedLinear:
     """Makes ``linear`` a :class:`RowMaskedLinear`; ``remove()`` makes it a plain ``nn.Linear``
-    again (a handle, like a hook's)."""
+    again (a handle, like a hook's). A layer placed by accelerate (``device_map``) calls the
+    forward its hook saved (``_old_forward``): that one is switched too."""
 
     def __init__(self, linear: nn.Linear, num_base_tokens: int):
         self.linear = linear
         linear.keep_rows = _keep_rows(linear.weight, num_base_tokens)
-        linear.__class__ = RowMaskedLinear
+        self._switch(RowMaskedLinear)
+
+    def _switch(self, cls: type) -> None:
+        self.linear.__class__ = cls
+        if "_old_forward" in self.linear.__dict__:
+            self.linear._old_forward = types.MethodType(cls.forward, self.linear)
 
     def remove(self) -> None:
         if type(self.linear) is RowMaskedLinear:
-            self.linear.__class__ = nn.Linear
+            self._switch(nn.Linear)
             del self.linear.keep_rows
 
 

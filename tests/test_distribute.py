@@ -139,3 +139,24 @@ def test_compile_auto_is_off_on_the_cpu_and_across_devices(pair):
         assert session._decode is _decode_logits
     with pytest.raises(ValueError, match="'sometimes'"):
         Session(ref, ids, mask, None, max_new_tokens=2, compile="sometimes")
+
+
+def test_added_token_rows_train_alone_when_set_on_a_placed_model(tmp_path):
+    """Embedding training switched on after placement (accelerate's hooks saved each layer's
+    forward when they were attached): still only the added tokens' rows get gradient, and the
+    gradients equal the unplaced model's."""
+    ref = _model()
+    ref.set_trainable(train_embeddings=False)
+    placed = dispatch(copy.deepcopy(ref), _offload_map(ref, disk_layers=(0, 2)), offload_folder=str(tmp_path))
+    assert "_old_forward" in placed.lang_encoder.lm_head.__dict__  # placed by accelerate's hooks
+    ref.set_trainable()
+    placed.set_trainable()
+    vx, ids, _ = _batch()
+    ids[:, -1] = ref.config.eoc_token_id  # an added token to train
+    for model in (ref, placed):
+        model(vx, ids, labels=ids).loss.backward()
+    base = ref.config.num_base_tokens
+    for name in ("lang_encoder.model.embed_tokens.weight", "lang_encoder.lm_head.weight"):
+        got, want = placed.get_parameter(name).grad, ref.get_parameter(name).grad
+        assert got[:base].abs().sum() == 0 and got[base:].abs().sum() > 0, name
+        torch.testing.assert_close(got, want)
