@@ -1,5 +1,22 @@
-"""Prompt batches and the no-cache greedy reference shared by the generation tests."""
+"""Tiny models, prompt batches and the no-cache greedy reference shared by the tests."""
 import torch
+
+from fastflamingo import Flamingo
+
+# a 4-layer MPT (OpenFlamingo-3B/9B's LM family) under the tiny preset: cross-attention before
+# layers 0 and 2
+MPT = dict(model_type="mpt", d_model=64, n_layers=4, n_heads=4, expansion_ratio=4, max_seq_len=256, vocab_size=512)
+
+
+def tiny(**overrides):
+    """The tiny preset with non-zero gates (random weights, fp32): the cross-attention reaches
+    the logits. ``lm=MPT`` for the MPT family."""
+    model = Flamingo.from_preset("tiny", **overrides)
+    with torch.no_grad():
+        for block in model.gated_cross_attn_layers:
+            block.attn_gate.fill_(1.0)
+            block.ff_gate.fill_(-0.5)
+    return model
 
 
 def batch(model, images_per_row, lengths, seed=0):

@@ -1,7 +1,5 @@
 """The GPU kernel breakdown of the end-to-end stages (fastflamingo.bench.breakdown): kernel names
 sorted into kinds, off without its environment variable or on a CPU, its summary line."""
-import torch
-
 from fastflamingo.bench import breakdown
 
 

@@ -7,6 +7,8 @@ from fastflamingo.blocks import GatedCrossAttentionBlock, IdeficsGatedCrossAtten
 from fastflamingo.config import CrossAttentionConfig, ResamplerConfig
 from fastflamingo.model import text_time_for
 
+from prompts import MPT
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -60,9 +62,6 @@ def test_compiled_resampler_matches_eager():
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
 
 
-MPT_LM = dict(model_type="mpt", d_model=64, n_layers=4, n_heads=4, expansion_ratio=4, max_seq_len=256, vocab_size=512)
-
-
 @pytest.mark.parametrize("lm", ["llama", "mpt"])
 def test_compiled_decode_through_the_triton_kernel_is_one_graph(lm, monkeypatch):
     """What `generate` does on CUDA by default: the decode step compiled, with the cross-attention
@@ -78,7 +77,7 @@ def test_compiled_decode_through_the_triton_kernel_is_one_graph(lm, monkeypatch)
     if not dispatch.HAS_TRITON or not image_causal.INTERPRET:
         pytest.skip("needs Triton's interpreter (conftest sets it where there is no GPU)")
     torch.manual_seed(0)
-    model = fastflamingo.Flamingo.from_preset("tiny", **({"lm": MPT_LM} if lm == "mpt" else {})).eval()
+    model = fastflamingo.Flamingo.from_preset("tiny", **({"lm": MPT} if lm == "mpt" else {})).eval()
     with torch.no_grad():  # gates open: the cross-attention decides the tokens
         for block in model.gated_cross_attn_layers:
             block.attn_gate.fill_(1.0)

@@ -17,23 +17,17 @@ import torch
 from fastflamingo import Flamingo
 from fastflamingo.generation import generate
 
-from prompts import batch, plain_greedy
+from prompts import MPT, batch, plain_greedy, tiny
 
 CUDA = torch.cuda.is_available()
 pytestmark = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
-MPT = dict(model_type="mpt", d_model=64, n_layers=4, n_heads=4, expansion_ratio=4, max_seq_len=256, vocab_size=512)
 LMS = {"llama": {}, "mpt": {"lm": MPT}}  # IDEFICS-9B's LM family, OpenFlamingo-9B's
 # left padding, rows with different image counts, a row without images; the same compiled shape
 LAYOUTS = [([2, 1, 0], [14, 9, 11]), ([1, 3, 2], [9, 12, 16])]
 
 
 def _tiny(family: str, dtype=torch.float32) -> Flamingo:
-    model = Flamingo.from_preset("tiny", **LMS[family])
-    with torch.no_grad():
-        for block in model.gated_cross_attn_layers:
-            block.attn_gate.fill_(1.0)
-            block.ff_gate.fill_(-0.5)
-    return model.to("cuda", dtype).eval()
+    return tiny(**LMS[family]).to("cuda", dtype).eval()
 
 
 def _cuda(*tensors, dtype=None):

@@ -14,22 +14,15 @@ import torch.multiprocessing as mp
 from fastflamingo import Flamingo
 from fastflamingo.lm import decoder_layers_attr_for
 
-from prompts import batch
+from prompts import MPT, batch, tiny
 
-MPT = dict(model_type="mpt", d_model=64, n_layers=4, n_heads=4, expansion_ratio=4, max_seq_len=256, vocab_size=512)
 FAMILIES = {"llama": {}, "mpt": {"lm": MPT}}
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="needs torch.distributed with gloo")
 
 
 def _model(family: str) -> Flamingo:
-    torch.manual_seed(0)
-    model = Flamingo.from_preset("tiny", **FAMILIES[family]).train()
-    with torch.no_grad():
-        for block in model.gated_cross_attn_layers:
-            block.attn_gate.fill_(1.0)
-            block.ff_gate.fill_(-0.5)
-    return model
+    return tiny(**FAMILIES[family]).train()
 
 
 def _step(model: Flamingo):

@@ -5,13 +5,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastflamingo import Flamingo
 from fastflamingo.generation import encode_prefix, generate, stream
 from fastflamingo.generation.session import Session
 
 import peers
 from peers import EOC_ID, EOS_ID, MEDIA_ID, PAD_ID
-from prompts import batch, plain_greedy
+from prompts import batch, plain_greedy, tiny
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -21,16 +20,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny(**overrides):
-    """The tiny preset with non-zero gates (random weights, fp32)."""
-    model = Flamingo.from_preset("tiny", **overrides)
-    with torch.no_grad():
-        for block in model.gated_cross_attn_layers:
-            block.attn_gate.fill_(1.0)
-            block.ff_gate.fill_(-0.5)
-    return model
 
 
 _TINY = {True: tiny(), False: tiny(only_attend_immediate_media=False)}

@@ -9,29 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastflamingo import Flamingo
 from fastflamingo.bench.stages import reference_greedy
 from fastflamingo import mpt
 from fastflamingo.generation import generate, session as session_module
 from fastflamingo.generation.session import Session
 
 import peers
-from prompts import batch
+from prompts import MPT, batch, tiny
 
-MPT = dict(model_type="mpt", d_model=64, n_layers=4, n_heads=4, expansion_ratio=4, max_seq_len=256, vocab_size=512)
-
-
-def tiny_mpt(**lm):
-    """The tiny preset over a 4-layer MPT (cross-attention before layers 0 and 2), non-zero gates, fp32."""
-    model = Flamingo.from_preset("tiny", lm=MPT | lm)
-    with torch.no_grad():
-        for block in model.gated_cross_attn_layers:
-            block.attn_gate.fill_(1.0)
-            block.ff_gate.fill_(-0.5)
-    return model
-
-
-_MODEL = tiny_mpt()
+_MODEL = tiny(lm=MPT)  # cross-attention before layers 0 and 2
 # left padding, several images per row, rows with different image counts, a row without images;
 # the first three share one compiled shape (B = 3, cache 64 slots, images padded to 4)
 LAYOUTS = [([2, 1, 0], [14, 9, 11]), ([1, 3, 2], [9, 12, 16]), ([0, 2, 1], [7, 15, 10]), ([3, 1], [13, 6])]
