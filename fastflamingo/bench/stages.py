@@ -237,15 +237,16 @@ class Group:
         checked = compile_counts()
 
         def rows(t):
-            nonlocal note
+            warning = ""
             if e.compiles and compile_counts()[0] != checked[0]:  # the timed (or profiled) calls compiled again
                 again = describe_counts(compile_counts(), checked).removeprefix("WARNING: ")
-                note += f"; WARNING: later calls compiled again: {again}"
+                warning = f"; WARNING: later calls compiled again: {again}"
             rate = {k: tokens / (getattr(t["n"], k) * 1e-3) for k in ("median", "p20", "p80")}
             return [self.row("e2e decode", e.name, "tokens_per_s", median=rate["median"], p20=rate["p80"],
-                             p80=rate["p20"], note=note, **kw),
+                             p80=rate["p20"], note=note + warning, **kw),
                     self.row("e2e decode", e.name, "peak_mem_MB", median=peak, note=how, **kw),
                     *self.decode_steps(e, t["n"], t.get("1"), batch, **kw)]
+
         def profile():  # a peer's eager loop: ~10^5 events to profile, no question
             if e.name.startswith("fastflamingo"):
                 breakdown.record(self.label, e.name, f"generate {n} tokens", lambda: e.generate(n), self.device)

@@ -109,12 +109,17 @@ def row_chunks(runs: list[tuple[int, int, int]], latents_per_media: int, max_spa
     return chunks
 
 
+def _batch_mask(text_time, N, L, only_immediate):
+    """(visible (B, 1, T, N·L) bool, has_media (B, 1, T, 1)) for one SDPA call over every key. A
+    token with no visible key sees every key instead (a softmax over all -inf is nan); the caller
+    zeroes its output with ``has_media``."""
+    has_media = (text_time > 0)[:, None, :, None]
+    return image_causal_mask(text_time, N, L, only_immediate=only_immediate)[:, None] | ~has_media, has_media
+
+
 def _all_previous(q, k, v, text_time, latents_per_media, scale):
     """One SDPA over every key with the image-causal mask (all-previous mode)."""
-    N = k.shape[-2] // latents_per_media
-    has_media = (text_time > 0)[:, None, :, None]
-    # a row with no visible key: let it see everything, then zero it (softmax of all -inf is nan)
-    mask = image_causal_mask(text_time, N, latents_per_media, only_immediate=False)[:, None] | ~has_media
+    mask, has_media = _batch_mask(text_time, k.shape[-2] // latents_per_media, latents_per_media, False)
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.masked_fill(~has_media, 0.0)
 
@@ -182,9 +187,7 @@ def _make_plan(text_time: torch.Tensor, L: int, N: int, H: int, D: int):
     chunked_ns = sum(_CALL_NS + (t1 - t0) * ((last - first + 1) * L + _TOKEN_KEYS) * pair_ns
                      for row in plan for t0, t1, first, last, _ in row) + _ROW_NS * sum(map(bool, plan))
     if N * L <= _SPAN_KEYS and _CALL_NS + B * T * (N * L + _TOKEN_KEYS) * pair_ns < chunked_ns:
-        has_media = (text_time > 0)[:, None, :, None]
-        # a row with no visible key: let it see everything, then zero it (softmax of all -inf is nan)
-        visible = image_causal_mask(text_time, N, L)[:, None] | ~has_media
+        visible, has_media = _batch_mask(text_time, N, L, True)
         # additive: the CPU's SDPA takes it ~15% faster than a bool mask, which it converts
         return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf")), has_media
     return plan
