@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import platform
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -488,9 +489,17 @@ def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("compile_check: unset TRITON_INTERPRET (the kernels must be defined for the GPU)", file=sys.stderr)
         return 2
-    # a fresh cache: every kernel really compiles (times, ptxas logs), nothing stale is reused
-    os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="ff-compile-check-")
+    # a fresh cache: every kernel really compiles (times, ptxas logs), nothing stale is reused;
+    # removed at the end (one --quick run leaves ~200 MB of cubins, a full one over 1 GB)
+    cache = tempfile.mkdtemp(prefix="ff-compile-check-")
+    os.environ["TRITON_CACHE_DIR"] = cache
+    try:
+        return _run(a)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
 
+
+def _run(a) -> int:
     import torch
     import triton
     only = {s for s in a.only.split(",") if s} or None

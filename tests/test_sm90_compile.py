@@ -17,9 +17,15 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compile_check.py"
 
 def test_key_configs_compile_for_sm90_without_spills(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # kernels defined for the GPU
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--jobs", "2", "--out", str(tmp_path)],
+    scratch = tmp_path / "tmp"  # the script's temporary Triton cache goes here, and must be gone after
+    scratch.mkdir()
+    env["TMPDIR"] = str(scratch)
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--jobs", "2", "--out", str(out)],
                           env=env, capture_output=True, text=True, timeout=600)
-    report = list(tmp_path.glob("triton-*.json"))
+    left = sum(p.stat().st_size for p in scratch.rglob("*") if p.is_file())  # (torch's import makes an empty folder)
+    assert left < 2**20, f"compile_check left {left / 2**20:.0f} MB in its temporary folder: {list(scratch.iterdir())}"
+    report = list(out.glob("triton-*.json"))
     assert report, f"no report written:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
     rows = json.loads(report[0].read_text())["rows"]
     kernels = {r["kernel"] for r in rows}
