@@ -3,6 +3,9 @@ cross-attention blocks, image-causal (SEMANTICS.md)."""
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import warnings
 
 import torch
 from torch import nn
@@ -44,6 +47,43 @@ def text_time_for(input_ids: torch.Tensor, media_token_id: int, eos_token_id: in
     last_eos = torch.where(input_ids == eos_token_id, pos, none).cummax(-1).values
     eos_before = torch.cat([none[:, :1], last_eos[:, :-1]], dim=1)
     return torch.where(eos_before > last_media, torch.zeros_like(text_time), text_time)
+
+
+def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vocab: int, *,
+               derived: bool) -> None:
+    """Check one call's token ids and image references with one host sync: ids are integers in
+    ``[0, vocab)`` (an id out of range fails deep in the embedding, on a GPU as a device assert),
+    every token's image was given, and, where ``text_time`` was ``derived`` from the ids' own
+    ``<image>`` tokens, every image given is seen by some token (a prompt missing an ``<image>``
+    token otherwise ignores its image without a word; a warning, since padding every batch to a
+    fixed image count is legitimate)."""
+    if lang_x.is_floating_point() or lang_x.is_complex() or lang_x.dtype == torch.bool:
+        raise TypeError(f"lang_x must hold integer token ids, got {lang_x.dtype}")
+    if lang_x.numel() == 0:
+        raise ValueError(f"lang_x {tuple(lang_x.shape)} holds no tokens: give at least one token per row")
+    hi, lo, worst, least = torch.stack((lang_x.max(), lang_x.min(), text_time.max().to(lang_x.dtype),
+                                        text_time.min().to(lang_x.dtype))).tolist()
+    if hi >= vocab or lo < 0:
+        bad = hi if hi >= vocab else lo
+        row, col = (lang_x == bad).nonzero()[0].tolist()
+        raise ValueError(f"lang_x holds token id {bad} (row {row}, position {col}) but the LM's input embedding "
+                         f"has {vocab} rows (ids 0..{vocab - 1}): tokenize with the tokenizer this model was "
+                         "built or loaded with (its added <image> / <|endofchunk|> tokens included)")
+    ops.check_text_time(text_time, num_media, (worst, least))
+    if derived and worst < num_media:
+        warnings.warn(f"{num_media} images were given per row but no row of lang_x has more than {worst} <image> "
+                      f"tokens: image {worst + 1}{f'..{num_media}' if num_media > worst + 1 else ''} is seen by no "
+                      "token. Put an <image> token in the text for each image (a missing one is the usual cause), "
+                      "or drop the unused images.", stacklevel=_caller_level())
+
+
+def _caller_level() -> int:
+    """``warnings.warn``'s stacklevel for the first frame outside fastflamingo and torch (the user's
+    line), from the function that calls this one."""
+    here, f, level = os.path.dirname(os.path.abspath(__file__)), sys._getframe(2), 2
+    while f is not None and (f.f_code.co_filename.startswith(here) or f"{os.sep}torch{os.sep}" in f.f_code.co_filename):
+        f, level = f.f_back, level + 1
+    return level
 
 
 class Flamingo(nn.Module):
@@ -163,6 +203,11 @@ class Flamingo(nn.Module):
         return self.perceiver(feats.to(self.perceiver.latents.dtype))
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the LM's input embedding: token ids must be below it."""
+        return self.lang_encoder.get_input_embeddings().num_embeddings
+
+    @property
     def vision_encoder_dtype(self) -> torch.dtype:
         p = next((p for p in self.vision_encoder.parameters() if p.is_floating_point()), None)
         return p.dtype if p is not None else torch.float32
@@ -203,6 +248,9 @@ class Flamingo(nn.Module):
             raise ValueError("lang_x (B, T) token ids are required")
         if lang_x.dim() != 2:
             raise ValueError(f"lang_x must be (B, T) token ids, got shape {tuple(lang_x.shape)}")
+        if labels is not None and labels.shape != lang_x.shape:
+            raise ValueError(f"labels {tuple(labels.shape)} must have lang_x's shape {tuple(lang_x.shape)} "
+                             "(the LM shifts them itself; -100 marks positions without a target)")
         if vision_x is not None and visual_tokens is not None:
             raise ValueError("pass vision_x or visual_tokens, not both")
         if vision_x is not None:
@@ -211,10 +259,11 @@ class Flamingo(nn.Module):
             if vision_x.device != lang_x.device:
                 raise ValueError(f"vision_x is on {vision_x.device} but lang_x is on {lang_x.device}")
             visual_tokens = self.encode_vision(vision_x)
-        if text_time is None:
+        derived = text_time is None
+        if derived:
             text_time = self.text_time(lang_x)
         num_media = 0 if visual_tokens is None else visual_tokens.shape[1]
-        ops.check_text_time(text_time, num_media)
+        check_call(lang_x, text_time, num_media, self.vocab_size, derived=derived)
         with self.conditioned(visual_tokens, text_time, media_kv_cache):
             return self.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, labels=labels, **lm_kwargs)
 

@@ -21,9 +21,10 @@ def tiny(**overrides):
 
 def batch(model, images_per_row, lengths, seed=0):
     """Left-padded rows: row i has lengths[i] tokens with images_per_row[i] <image> tokens at random
-    places; returns vision_x (B, N, 1, 3, 32, 32) (zeros for missing images), ids, mask."""
+    places; returns vision_x (B, N, 1, 3, 32, 32) (zeros for missing images; None when no row has
+    an image), ids, mask."""
     c, g = model.config, torch.Generator().manual_seed(seed)
-    B, T, N = len(lengths), max(lengths), max(max(images_per_row), 1)
+    B, T, N = len(lengths), max(lengths), max(images_per_row)
     ids = torch.full((B, T), c.pad_token_id)
     mask = torch.zeros(B, T, dtype=torch.long)
     for i, (n, t) in enumerate(zip(images_per_row, lengths)):
@@ -33,7 +34,7 @@ def batch(model, images_per_row, lengths, seed=0):
     vx = torch.zeros(B, N, 1, 3, 32, 32)
     for i, n in enumerate(images_per_row):
         vx[i, :n] = torch.randn(n, 1, 3, 32, 32, generator=g)
-    return vx, ids, mask
+    return (vx if N else None), ids, mask
 
 
 @torch.no_grad()

@@ -168,6 +168,39 @@ def test_input_errors_name_the_problem():
         model(vx.long(), ids)
 
 
+def test_token_ids_and_unused_images_are_checked_in_forward_and_generate():
+    model = Flamingo(config(), lang_encoder=tiny_lm("llama")).eval()
+    vx, ids = batch(N=2)  # row 0 has 2 <image> tokens, row 1 has 1
+    vocab = model.lang_encoder.get_input_embeddings().num_embeddings
+    bad = ids.clone()
+    bad[1, 4] = vocab
+    for call in (lambda x: model(vx, x), lambda x: model.generate(vx, x, max_new_tokens=1)):
+        with pytest.raises(ValueError, match=rf"token id {vocab} \(row 1, position 4\) but the LM's input embedding "
+                                             rf"has {vocab} rows \(ids 0..{vocab - 1}\)"):
+            call(bad)
+        with pytest.raises(ValueError, match=r"token id -1 \(row 0, position 0\)"):
+            call(torch.cat([ids.new_full((2, 1), -1), ids], 1))
+        with pytest.raises(TypeError, match="integer token ids, got torch.float32"):
+            call(ids.float())
+        with pytest.raises(ValueError, match=r"lang_x \(2, 0\) holds no tokens"):
+            call(ids[:, :0])
+    with pytest.raises(ValueError, match=r"labels \(2, 15\) must have lang_x's shape \(2, 16\)"):
+        model(vx, ids, labels=ids[:, 1:])
+    # a third image that no row's text refers to: seen by no token, so the caller hears of it
+    vx3 = torch.randn(2, 3, 1, 3, 32, 32)
+    for call in (lambda: model(vx3, ids), lambda: model.generate(vx3, ids, max_new_tokens=1)):
+        with pytest.warns(UserWarning, match=r"3 images were given per row but no row of lang_x has more than 2 "
+                                             r"<image> tokens: image 3 is seen by no token") as caught:
+            call()
+        assert caught[0].filename == __file__  # points at the caller's line, not fastflamingo's
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(vx, ids)  # row 1 has fewer images than row 0: padding, nothing to say
+        model.generate(vx, ids, max_new_tokens=1)
+        model(vx3, ids, text_time=model.text_time(ids))  # explicit text_time: the caller chose
+
+
 def test_tokenizer_setup_adds_tokens_and_only_new_rows_train():
     tok = tiny_tokenizer()
     lm = tiny_lm("llama")

@@ -126,7 +126,7 @@ def _accepted(fn, kwargs: dict) -> dict:
 
 def reference_greedy(model, vx, ids, mask, n, banned) -> torch.Tensor:
     """A plain greedy loop with no cache of any kind: the tokens every generate must reproduce."""
-    visual = model.encode_vision(vx)
+    visual = None if vx is None else model.encode_vision(vx)
     for _ in range(n):
         logits = model(lang_x=ids, visual_tokens=visual, attention_mask=mask).logits[:, -1]
         logits[:, list(banned)] = float("-inf")

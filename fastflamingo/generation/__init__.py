@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..model import check_call
 from .lm_cache import release_static_caches
 from .prefix import Prefix, encode_prefix
 from .search import Sampling, beam_search
@@ -58,12 +59,10 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
             if vision_x.shape[0] != lang_x.shape[0]:
                 raise ValueError(f"vision_x has batch {vision_x.shape[0]} but lang_x has batch {lang_x.shape[0]}")
             visual_tokens = model.encode_vision(vision_x)
-    n_prefix = 0 if prefix is None else prefix.num_media
     n_images = 0 if visual_tokens is None else visual_tokens.shape[1]
-    worst = int((lang_x == model.config.media_token_id).sum(-1).max()) if lang_x.numel() else 0
-    if worst > n_images:
-        raise ValueError(f"a row of lang_x has {worst} <image> tokens but only {n_images} images were given "
-                         f"(vision_x N={n_images}; the prefix's {n_prefix} images come before them)")
+    # the prompt's own images, counted from 1 (the prefix's, if any, come before them)
+    check_call(lang_x, model.text_time(lang_x.masked_fill(mask == 0, -1)), n_images, model.vocab_size,
+               derived=True)
     if repeat > 1:
         lang_x, mask = lang_x.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
         visual_tokens = None if visual_tokens is None else visual_tokens.repeat_interleave(repeat, 0)

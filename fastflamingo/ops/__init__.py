@@ -44,11 +44,14 @@ def _check_attention_inputs(name: str, q: torch.Tensor, keys: dict[str, torch.Te
                              "in batch, heads or head_dim")
 
 
-def check_text_time(text_time: torch.Tensor, num_media: int) -> None:
-    """Raise if any token refers to an image beyond the ``num_media`` given (one host sync)."""
+def check_text_time(text_time: torch.Tensor, num_media: int, bounds: tuple[int, int] | None = None) -> None:
+    """Raise if any token refers to an image beyond the ``num_media`` given (one host sync, none
+    when the caller already read ``bounds`` = (text_time.max(), text_time.min()))."""
     if text_time.numel() == 0:
         return
-    worst, least = torch.stack((text_time.max(), text_time.min())).tolist()  # one sync for both
+    if bounds is None:
+        bounds = torch.stack((text_time.max(), text_time.min())).tolist()  # one sync for both
+    worst, least = bounds
     if worst > num_media:
         row = int((text_time.max(dim=-1).values > num_media).nonzero()[0, 0])
         raise ValueError(
