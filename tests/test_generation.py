@@ -1,5 +1,7 @@
 """Generation: every cached path gives the tokens of a plain no-cache loop over model.forward, and
 greedy / beam search equal open_flamingo's and Hugging Face IDEFICS's own ``generate``."""
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -282,8 +284,32 @@ def test_cli_generate_preset_and_saved_model_with_tokenizer(tmp_path, capsys):
     plain = capsys.readouterr().out
     assert main(args + ["--device-map", "auto"]) == 0
     assert capsys.readouterr().out == plain
-    with pytest.raises(SystemExit, match="not both"):
-        main(args + ["--device-map", "auto", "--device", "cpu"])
+    assert main(args + ["--device-map", "auto", "--device", "cpu"]) == 2
+    assert "fastflamingo generate: error: give --device or --device-map, not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--random-images", "2", "--prompt-ids", "510 17 42"],
+     r"the prompt has 2 image\(s\) but 1 <image> token\(s\) \(id 510\) in its text"),
+    (["--prompt-ids", "510 17 42"], r"the prompt has 0 image\(s\) but 1 <image> token\(s\)"),
+    (["--random-images", "1", "--prompt-ids", "510 17 9999"],
+     r"token id 9999 \(row 0, position 2\) but the LM's input embedding has 512 rows"),
+    (["--image", "/no/such/cat.jpg", "--prompt-ids", "510 17"], r"No such file or directory: '/no/such/cat.jpg'"),
+    (["--few-shot", "{shots}"], r'shots.json: query 1 must be \{"text": ..., "images": \[...\]\}, got \[1, 2\]'),
+])
+def test_cli_generate_bad_input_is_one_line_naming_it(tmp_path, capsys, monkeypatch, args, message):
+    from fastflamingo.cli import main
+    shots = tmp_path / "shots.json"
+    shots.write_text('{"queries": [{"text": [510, 4], "images": ["random"]}, [1, 2]]}')
+    args = ["generate", "--preset", "tiny", "--max-new-tokens", "2"] + [a.format(shots=shots) for a in args]
+    monkeypatch.delenv("FASTFLAMINGO_TRACEBACK", raising=False)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert re.search("fastflamingo generate: error: .*" + message, err), err
+    assert "Traceback" not in err
+    monkeypatch.setenv("FASTFLAMINGO_TRACEBACK", "1")  # the traceback on request
+    with pytest.raises((ValueError, FileNotFoundError)):
+        main(args)
 
 
 def test_interleaved_streams_do_not_share_a_static_cache():

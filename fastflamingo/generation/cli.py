@@ -77,7 +77,7 @@ def _load(args):
     from ..model import Flamingo
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     if args.device_map is not None and args.device is not None:
-        raise SystemExit("give --device or --device-map, not both")
+        raise ValueError("give --device or --device-map, not both")
     where = dict(device_map=args.device_map) if args.device_map else dict(
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.preset:
@@ -96,7 +96,7 @@ def _encode(text, tokenizer) -> list[int]:
     if isinstance(text, list):
         return [int(t) for t in text]
     if tokenizer is None:
-        raise SystemExit("this model has no tokenizer: give texts as token ids (--prompt-ids, or lists in the "
+        raise ValueError("this model has no tokenizer: give texts as token ids (--prompt-ids, or lists in the "
                          "few-shot file)")
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
@@ -111,20 +111,52 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
     return ids, mask
 
 
-def _requests(args, tokenizer, size: int, generator):
+def _few_shot_spec(path: str) -> tuple[dict | None, list[dict]]:
+    """The few-shot file's (prefix, queries), each entry {"text": ..., "images": [...]}, or a
+    ValueError naming what is wrong with it."""
+    try:
+        spec = json.loads(open(path).read())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})")
+    queries = spec.get("queries") if isinstance(spec, dict) else None
+    if not isinstance(queries, list) or not queries:
+        raise ValueError(f'{path}: needs a non-empty list "queries" of {{"text": ..., "images": [...]}} '
+                         f"(see fastflamingo generate --help)")
+    pre = spec.get("prefix")
+    for name, entry in [("prefix", pre)] * (pre is not None) + [(f"query {i}", q) for i, q in enumerate(queries)]:
+        if not isinstance(entry, dict) or "text" not in entry:
+            raise ValueError(f'{path}: {name} must be {{"text": ..., "images": [...]}}, got {entry!r}')
+        if not isinstance(entry.get("images", []), list):
+            raise ValueError(f'{path}: {name}\'s "images" must be a list of paths or "random"')
+    return pre, queries
+
+
+def _check_images(name: str, ids: list[int], images: torch.Tensor, media_token_id: int) -> None:
+    """On the command line every image is given for a reason: one per <image> token, exactly."""
+    tokens = sum(t == media_token_id for t in ids)
+    if tokens != images.shape[0]:
+        raise ValueError(f"{name} has {images.shape[0]} image(s) but {tokens} <image> token(s) (id {media_token_id}) "
+                         "in its text: give one image per <image> token")
+
+
+def _requests(args, tokenizer, size: int, generator, media_token_id: int):
     """-> (prefix ids (1, P) | None, prefix images, query ids (B, T), mask, query images (B, N, 1, 3, s, s))."""
     if args.few_shot:
-        spec = json.loads(open(args.few_shot).read())
-        pre = spec.get("prefix")
-        queries = spec["queries"]
+        pre, queries = _few_shot_spec(args.few_shot)
         rows = [_encode(q["text"], tokenizer) for q in queries]
         per_row = [_images(q.get("images", []), size, generator) for q in queries]
         pre_ids = torch.tensor([_encode(pre["text"], tokenizer)]) if pre else None
         pre_images = _images(pre.get("images", []), size, generator)[None] if pre else None
+        if pre:
+            _check_images("the prefix", pre_ids[0].tolist(), pre_images[0], media_token_id)
+        names = [f"query {i}" for i in range(len(rows))]
     else:
         rows = [_encode([int(t) for t in args.prompt_ids.split()] if args.prompt_ids else args.prompt, tokenizer)]
         sources = args.image or ["random"] * args.random_images
         per_row, pre_ids, pre_images = [_images(sources, size, generator)], None, None
+        names = ["the prompt"]
+    for name, row, images in zip(names, rows, per_row):
+        _check_images(name, row, images, media_token_id)
     N = max(x.shape[0] for x in per_row)
     vision = torch.zeros(len(rows), N, 1, 3, size, size)
     for i, x in enumerate(per_row):
@@ -145,7 +177,7 @@ def run(args) -> int:
     # the inputs go where the token embeddings compute (the first device of a device map)
     device = execution_device(model.lang_encoder.get_input_embeddings()) or torch.device("cpu")
     g = torch.Generator().manual_seed(args.seed)
-    pre_ids, pre_images, ids, mask, vision = _requests(args, tokenizer, c.vision.image_size, g)
+    pre_ids, pre_images, ids, mask, vision = _requests(args, tokenizer, c.vision.image_size, g, c.media_token_id)
     if c.pad_token_id is not None:
         ids = ids.masked_fill(mask == 0, c.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
