@@ -323,6 +323,13 @@ class Flamingo(nn.Module):
         from .generation import generate
         return generate(self, vision_x, lang_x, attention_mask, **kwargs)
 
+    def score(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuations,
+              attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Log-likelihood (B, C) of each of C candidate continuations after each prompt, each prompt
+        encoded once; see :func:`fastflamingo.generation.score`."""
+        from .generation import score
+        return score(self, vision_x, lang_x, continuations, attention_mask, **kwargs)
+
     def cache_media(self, input_ids: torch.Tensor, vision_x: torch.Tensor) -> None:
         """Encode ``vision_x`` once for repeated scoring (open_flamingo's name): until
         :meth:`uncache_media`, calls without images attend to these, text after the last one

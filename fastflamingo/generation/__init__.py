@@ -1,4 +1,5 @@
-"""Fast generation for Flamingo models: :func:`generate`, :func:`stream`, :func:`encode_prefix`.
+"""Fast generation for Flamingo models: :func:`generate`, :func:`stream`, :func:`encode_prefix`,
+and :func:`score` (log-likelihoods of candidate continuations, on the same caches).
 
 Hugging Face-style arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
 ``top_p``, ``num_beams``, ``length_penalty``, ``eos_token_id``, ...) and outputs (the prompt
@@ -21,10 +22,11 @@ import torch
 from ..model import check_call
 from .lm_cache import release_static_caches
 from .prefix import Prefix, encode_prefix
+from .score import score
 from .search import Sampling, beam_search
 from .session import CACHE_MODES, Session
 
-__all__ = ["generate", "stream", "encode_prefix", "Prefix", "Sampling", "CACHE_MODES", "release_static_caches"]
+__all__ = ["generate", "stream", "score", "encode_prefix", "Prefix", "Sampling", "CACHE_MODES", "release_static_caches"]
 
 
 def _stop_ids(model, eos_token_id) -> list[int]:

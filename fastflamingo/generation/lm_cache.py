@@ -111,7 +111,8 @@ def layer_kv(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def fill(cache, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int) -> None:
-    """Write a batch-1 prefix's per-layer K/V (1, H, P, D) into an empty cache, for ``batch`` rows."""
+    """Write per-layer K/V (1 or ``batch`` rows, H, P, D) into an empty cache, for ``batch`` rows
+    (a batch-1 prefix is repeated)."""
     for i, (k, v) in enumerate(kv):
         cache.update(k.expand(batch, *k.shape[1:]).contiguous(), v.expand(batch, *v.shape[1:]).contiguous(), i)
 

@@ -1,0 +1,156 @@
+"""Scoring: the log-likelihood of candidate continuations after each prompt (rank classification,
+multiple choice, few-shot evaluation), on the caches generation uses.
+
+Each prompt (and a shared few-shot :class:`~fastflamingo.generation.Prefix`, if given) runs once,
+as :func:`~fastflamingo.generation.generate`'s prefill does: its LM KV and every cross-attention
+layer's visual K/V are computed once. The candidates then run after it, teacher-forced, many
+(prompt, candidate) pairs per LM call, each pair reading its prompt's cached K/V. The first token
+of every candidate is scored from the prompt's last logits, so one-token candidates (class labels
+of one token, "yes"/"no") cost no LM call beyond the prompt.
+
+Candidate tokens see what a text token after the prompt sees: their row's last image (none after an
+EOS under ``eos_resets_media``). A candidate cannot hold an ``<image>`` token (it has no pixels).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import lm_cache
+from .prefix import Prefix
+
+REDUCTIONS = ("sum", "mean", "none")
+
+
+def _candidates(model, continuations) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list of token-id sequences -> right-padded ids (C, T_max) and lengths (C,), checked."""
+    if isinstance(continuations, torch.Tensor) or not continuations:
+        raise ValueError("continuations must be a non-empty list of token-id sequences (lists or 1-D tensors), "
+                         f"got {type(continuations).__name__}"
+                         f"{'' if isinstance(continuations, torch.Tensor) else ' of length 0'}")
+    rows = []
+    for i, c in enumerate(continuations):
+        t = c if isinstance(c, torch.Tensor) else torch.tensor(list(c))
+        if t.dim() != 1 or t.numel() == 0:
+            raise ValueError(f"continuation {i} must be a non-empty 1-D sequence of token ids, got shape {tuple(t.shape)}")
+        if t.is_floating_point() or t.dtype == torch.bool:
+            raise TypeError(f"continuation {i} must hold integer token ids, got {t.dtype}")
+        rows.append(t.long().cpu())
+    lengths = torch.tensor([len(r) for r in rows])
+    ids = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+    vocab, media = model.vocab_size, model.config.media_token_id
+    for i, r in enumerate(rows):
+        bad = r[(r < 0) | (r >= vocab)]
+        if bad.numel():
+            raise ValueError(f"continuation {i} holds token id {int(bad[0])} but the LM's input embedding has "
+                             f"{vocab} rows (ids 0..{vocab - 1})")
+        if bool((r == media).any()):
+            raise ValueError(f"continuation {i} holds an <image> token (id {media}): a continuation is text only; "
+                             "put images in the prompt")
+    return ids, lengths
+
+
+@torch.no_grad()
+def score(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuations,
+          attention_mask: torch.Tensor | None = None, *, visual_tokens: torch.Tensor | None = None,
+          prefix: Prefix | None = None, reduction: str = "sum", chunk_size: int = 64) -> torch.Tensor:
+    """Log-probabilities of every continuation after every prompt.
+
+    Args:
+        model: a :class:`~fastflamingo.Flamingo`.
+        vision_x: (B, N, F, C, H, W) the prompts' images (one per ``<image>`` token), or None.
+        lang_x: (B, T) prompt token ids, left-padded (as for :func:`generate`).
+        continuations: C token-id sequences (lists or 1-D tensors), scored after every prompt.
+        attention_mask: (B, T) 1 = token, 0 = padding.
+        visual_tokens: (B, N, L, D_vis) instead of ``vision_x``, when already encoded.
+        prefix: shared few-shot demonstrations (:func:`encode_prefix`) before every prompt.
+        reduction: ``"sum"`` (B, C) the log-likelihood of each continuation; ``"mean"`` (B, C)
+            per token; ``"none"`` (B, C, T_max) per token, 0 past a continuation's end.
+        chunk_size: (prompt, continuation) pairs per LM call. Each pair holds a copy of its
+            prompt's LM K/V and visual K/V while its chunk runs: lower it for long prompts.
+
+    Returns:
+        fp32 log-probabilities on ``lang_x``'s device.
+    """
+    from . import _start
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    cand, lengths = _candidates(model, continuations)
+    session, last = _start(model, vision_x, lang_x, attention_mask, visual_tokens=visual_tokens, prefix=prefix,
+                           max_new_tokens=1, cache="dynamic", compile=False)
+    device = lang_x.device
+    cand, lengths = cand.to(device), lengths.to(device)
+    B, (C, T) = lang_x.shape[0], cand.shape
+    out = torch.zeros(B, C, T, device=device)
+    out[:, :, 0] = last.log_softmax(-1)[:, cand[:, 0]]  # the first token: from the prompt's last logits
+    if T > 1:
+        _score_rest(session, cand, out, chunk_size)
+    out = out * (torch.arange(T, device=device) < lengths[:, None])  # nothing past a continuation's end
+    if reduction == "none":
+        return out
+    total = out.sum(-1)
+    return total if reduction == "sum" else total / lengths
+
+
+@torch.no_grad()
+def score_reference(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuations,
+                    attention_mask: torch.Tensor | None = None, *, visual_tokens: torch.Tensor | None = None,
+                    prefix: Prefix | None = None, reduction: str = "sum") -> torch.Tensor:
+    """:func:`score` the plain way: every (prompt, continuation) pair alone, the whole sequence
+    (prefix, prompt, continuation) through ``model.forward``, no cache of any kind."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
+    cand, lengths = _candidates(model, continuations)
+    mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
+    visual = model.encode_vision(vision_x) if vision_x is not None else visual_tokens
+    media = model.config.media_token_id
+    B, (C, T) = lang_x.shape[0], cand.shape
+    out = torch.zeros(B, C, T)
+    for b in range(B):
+        ids, m = lang_x[b:b + 1], mask[b:b + 1]
+        n = int(((ids == media) & (m == 1)).sum())  # this row's images (the batch pads to the most)
+        row_visual = [v for v in (None if prefix is None else prefix.visual,
+                                  visual[b:b + 1, :n] if visual is not None and n else None) if v is not None]
+        row_visual = torch.cat(row_visual, dim=1) if row_visual else None
+        if prefix is not None:
+            ids, m = torch.cat([prefix.ids, ids], 1), torch.cat([torch.ones_like(prefix.ids), m], 1)
+        for c in range(C):
+            cont = cand[c:c + 1, :int(lengths[c])].to(ids.device)
+            full, fm = torch.cat([ids, cont], 1), torch.cat([m, torch.ones_like(cont)], 1)
+            logits = model(lang_x=full, visual_tokens=row_visual, attention_mask=fm,
+                           position_ids=(fm.cumsum(-1) - 1).clamp(min=0)).logits[0]
+            at = ids.shape[1] - 1 + torch.arange(cont.shape[1], device=full.device)  # predicts cont[t]
+            out[b, c, :cont.shape[1]] = logits[at].float().log_softmax(-1).gather(-1, cont[0, :, None])[:, 0].cpu()
+    out = out.to(lang_x.device)
+    if reduction == "none":
+        return out
+    return out.sum(-1) if reduction == "sum" else out.sum(-1) / lengths.to(out.device)
+
+
+def _score_rest(session, cand: torch.Tensor, out: torch.Tensor, chunk_size: int) -> None:
+    """Tokens 1.. of every continuation, teacher-forced after each prompt's cached K/V, into out."""
+    B, (C, T) = out.shape[0], cand.shape
+    prompt_kv = lm_cache.layer_kv(session.cache)
+    context = session.mask[:, :session.length]
+    fed = cand[:, :-1]  # token t is predicted from the logits after token t - 1
+    after = torch.arange(1, T, device=cand.device)
+    pairs = torch.cartesian_prod(torch.arange(B, device=cand.device), torch.arange(C, device=cand.device))
+    for start in range(0, pairs.shape[0], chunk_size):
+        rows, cols = pairs[start:start + chunk_size].unbind(-1)
+        n, ids = rows.shape[0], fed[cols]
+        cache = lm_cache.dynamic_cache(session.lm)
+        lm_cache.fill(cache, [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in prompt_kv], n)
+        mask = torch.cat([context.index_select(0, rows), context.new_ones(n, T - 1)], dim=1)
+        kwargs = session.call.kwargs(cache, mask, session.pos.index_select(0, rows) + after)
+        tt = session.tt.index_select(0, rows).expand(n, T - 1)
+        if session.eos_reset is not None:  # tokens after an EOS of the continuation see no image
+            eos = ids == session.eos_reset
+            tt = tt.masked_fill((eos.cumsum(-1) - eos.long()) > 0, 0)
+        visual = None if session.visual is None else session.visual.index_select(0, rows)
+        kv = {key: tuple(t.index_select(0, rows) for t in pair) for key, pair in session.kv.items()}
+        with session.model.conditioned(visual, tt.contiguous(), kv):
+            logits = session.lm(input_ids=ids, **kwargs).logits.to(out.device)
+        out[rows, cols, 1:] = logits.float().log_softmax(-1).gather(-1, cand[cols, 1:, None])[..., 0]

@@ -1,0 +1,105 @@
+"""``score``: log-likelihoods of candidate continuations on the generation caches, against
+``score_reference`` (each prompt + candidate through ``model.forward`` alone, no cache of any kind)."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastflamingo.generation import encode_prefix, score
+from fastflamingo.generation.score import score_reference
+from prompts import MPT, batch, tiny
+
+MEDIA_ID, EOS_ID = 510, 2  # the tiny preset's <image> and EOS
+
+_MODELS = {}
+
+
+def model_for(lm):
+    if lm not in _MODELS:
+        _MODELS[lm] = tiny(**({"lm": MPT} if lm == "mpt" else {})).eval()
+        c = _MODELS[lm].config
+        assert (c.media_token_id, c.eos_token_id) == (MEDIA_ID, EOS_ID)
+    return _MODELS[lm]
+
+
+@pytest.mark.parametrize("lm", ["llama", "mpt"])
+@pytest.mark.parametrize("chunk_size", [1, 5, 64])
+def test_score_equals_plain_forward(lm, chunk_size):
+    model = model_for(lm)
+    images = [2, 0, 1]  # a row with no image, rows with different image counts
+    vx, ids, mask = batch(model, images, [9, 5, 12], seed=3)
+    conts = [[5], [7, 8, 9], [100, 2, 3, 4, 5], [1, EOS_ID, 2], [511]]  # lengths 1-5; an EOS inside
+    want = score_reference(model, vx, ids, conts, mask, reduction="none")
+    per_token = score(model, vx, ids, conts, mask, reduction="none", chunk_size=chunk_size)
+    torch.testing.assert_close(per_token, want, atol=2e-5, rtol=1e-5)
+    lengths = torch.tensor([len(c) for c in conts])
+    torch.testing.assert_close(score(model, vx, ids, conts, mask, chunk_size=chunk_size), want.sum(-1),
+                               atol=5e-5, rtol=1e-5)
+    torch.testing.assert_close(model.score(vx, ids, conts, mask, reduction="mean"), want.sum(-1) / lengths,
+                               atol=5e-5, rtol=1e-5)
+
+
+def test_score_after_an_eos_sees_no_image_under_idefics_rules():
+    model = tiny(eos_resets_media=True).eval()
+    vx, ids, mask = batch(model, [1, 2], [6, 9], seed=5)
+    conts = [[4, EOS_ID, 6, 7], [8, 9]]
+    want = score_reference(model, vx, ids, conts, mask, reduction="none")
+    torch.testing.assert_close(score(model, vx, ids, conts, mask, reduction="none"), want, atol=2e-5, rtol=1e-5)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(2, 10)), min_size=1, max_size=3),
+       st.lists(st.lists(st.integers(3, 500), min_size=1, max_size=4), min_size=1, max_size=4),
+       st.integers(0, 2 ** 16))
+def test_score_with_a_prefix_equals_plain_forward(rows, conts, seed):
+    model = model_for("llama")
+    conts = [[t if t != MEDIA_ID else 7 for t in c] for c in conts]
+    images, lengths = zip(*[(min(n, t), t) for n, t in rows])
+    vx, ids, mask = batch(model, list(images), list(lengths), seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    pre_ids = torch.randint(3, 500, (1, 7), generator=g)
+    pre_ids[0, [0, 4]] = MEDIA_ID
+    pre_vx = torch.randn(1, 2, 1, 3, 32, 32, generator=g)
+    prefix = encode_prefix(model, pre_vx, pre_ids)
+    want = score_reference(model, vx, ids, conts, mask, prefix=prefix, reduction="none")
+    got = score(model, vx, ids, conts, mask, prefix=prefix, reduction="none", chunk_size=3)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_one_token_candidates_cost_no_lm_call_beyond_the_prompt():
+    model = model_for("llama")
+    vx, ids, mask = batch(model, [1, 1], [6, 6], seed=2)
+    calls = []
+    hook = model.lang_encoder.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        got = score(model, vx, ids, [[t] for t in range(20, 40)], mask)
+    finally:
+        hook.remove()
+    assert len(calls) == 1 and got.shape == (2, 20)
+    # 20 candidates of 3 tokens after 2 prompts: 40 pairs, 3 LM calls of up to 16 pairs after the prompt
+    calls.clear()
+    hook = model.lang_encoder.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        score(model, vx, ids, [[t, t + 1, t + 2] for t in range(20, 40)], mask, chunk_size=16)
+    finally:
+        hook.remove()
+    assert len(calls) == 1 + 3
+
+
+def test_score_input_errors_name_the_problem():
+    model = model_for("llama")
+    vx, ids, mask = batch(model, [1], [6], seed=2)
+    for conts, err, message in [
+        ([], ValueError, "non-empty list of token-id sequences"),
+        (torch.tensor([[1, 2]]), ValueError, "non-empty list of token-id sequences"),
+        ([[1, 2], []], ValueError, r"continuation 1 must be a non-empty 1-D sequence"),
+        ([[1, 2], [4, MEDIA_ID]], ValueError, rf"continuation 1 holds an <image> token \(id {MEDIA_ID}\)"),
+        ([[1, 9999]], ValueError, r"continuation 0 holds token id 9999 but the LM's input embedding has 512 rows"),
+        ([torch.tensor([1.0])], TypeError, "continuation 0 must hold integer token ids"),
+    ]:
+        with pytest.raises(err, match=message):
+            score(model, vx, ids, conts, mask)
+    with pytest.raises(ValueError, match="reduction='max' is not one of"):
+        score(model, vx, ids, [[1]], mask, reduction="max")
+    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+        score(model, vx, ids, [[1]], mask, chunk_size=0)
