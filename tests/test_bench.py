@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from fastflamingo.bench import e2e, image_causal, kernels, stages, timing
+from fastflamingo.bench import e2e, image_causal, kernels, score, stages, timing
 from fastflamingo.bench.cli import run_bench
 from fastflamingo.bench.harness import Prepared, Provider, run_case
 from fastflamingo.bench.report import format_table
@@ -19,6 +19,7 @@ SMALL_KERNELS = kernels.KernelConfig(
     extra=[], images=[2], tokens=17, r_heads=2, r_dim_head=16, dim=32)
 SMALL_E2E = e2e.E2EConfig("tiny", torch.float32, batch=1, images=1, prompt=12, new_tokens=3, train_tokens=12,
                           train_images=1, reps=1)
+SMALL_SCORE = score.ScoreConfig("tiny", torch.float32, batch=2, images=2, prompt=10, candidates=5, reps=1)
 
 
 def _wrong_image_causal(L):
@@ -48,7 +49,8 @@ def _wrong_gradient(L):
 
 def test_quick_suite_runs_and_writes_everything(tmp_path):
     result = run_bench(suite="all", quick=True, out=str(tmp_path), device="cpu", progress=False,
-                       kernel_config=SMALL_KERNELS, e2e_config=SMALL_E2E, echo=lambda *a: None)
+                       kernel_config=SMALL_KERNELS, e2e_config=SMALL_E2E, score_config=SMALL_SCORE,
+                       echo=lambda *a: None)
     names = {os.path.basename(f) for f in result["files"]}
     assert {"rows.csv", "rows.json", "table.txt", "kernels.png", "speedup.png", "memory.png"} <= names
     for f in result["files"]:
@@ -56,7 +58,7 @@ def test_quick_suite_runs_and_writes_everything(tmp_path):
     rows = result["rows"]
     kinds = {r.kernel for r in rows}
     assert {"image-causal xattn", "perceiver attention", "resampler layer", "e2e prefill", "e2e decode",
-            "e2e train step"} <= kinds
+            "e2e train step", "score"} <= kinds
     ours = [r for r in rows if r.provider == "fastflamingo"]
     assert ours and all(r.ok for r in ours), [r.status for r in ours if not r.ok]
     assert all(r.device and r.versions for r in rows)
@@ -95,6 +97,18 @@ def test_planted_wrong_provider_is_refused_through_the_cli(tmp_path, monkeypatch
         planted = [r for r in csv.DictReader(f) if r["provider"] == "planted wrong"]
     assert planted and all(r["status"].startswith("FAILED") and r["median"] == "" for r in planted)
     assert "FAILED" in (tmp_path / "table.txt").read_text()
+
+
+def test_score_suite_checks_then_times_and_refuses_a_wrong_provider(monkeypatch):
+    rows = score.run(SMALL_SCORE, "cpu", progress=False)
+    assert [r.provider for r in rows] == list(score.PROVIDERS) and all(r.ok for r in rows), [r.status for r in rows]
+    assert all("max |error|" in r.note and r.x == "tiny B=2 N=2 T=10 C=5" for r in rows)
+    right = score.open_flamingo_cached
+    monkeypatch.setattr(score, "open_flamingo_cached", lambda *a: right(*a) * 1.001)  # 0.1% off
+    rows = {r.provider: r for r in score.run(SMALL_SCORE, "cpu", progress=False)}
+    assert rows["open_flamingo cached prompt"].status.startswith("FAILED: max |error|")
+    assert rows["open_flamingo cached prompt"].median is None
+    assert rows["fastflamingo"].ok and rows["open_flamingo no cache"].ok
 
 
 def test_e2e_refuses_wrong_logits():

@@ -207,6 +207,33 @@ def test_torch_path_decode_step(dtype):
                                        rtol=2e-2 if dtype != torch.float32 else 1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_path_rows_that_each_see_one_image(dtype):
+    """Every token of a row sees one image (candidates scored after a prompt, rows that each start
+    with their one image): one gathered SDPA for the batch, not one per row; a row that sees no
+    image gives exact zeros. Forward and gradients against the reference."""
+    L, N, H, D, T = 5, 3, 2, 7, 6
+    tt = torch.tensor([[2] * T, [0] * T, [3] * T, [1] * T], dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, H, s, D, generator=g) for s in (T, N * L, N * L))
+    assert isinstance(cpu._make_plan(tt, L, N, H, D), cpu._OneImagePerRow)
+    ref32 = reference.image_causal_attention_reference(q, k, v, tt, latents_per_media=L)
+    lowp = [t.to(dtype).requires_grad_(True) for t in (q, k, v)]
+    ref_lowp = reference.image_causal_attention_reference(*lowp, tt, latents_per_media=L)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+        fast = ops.image_causal_attention(*lowp, text_time=tt, latents_per_media=L, backend="torch")
+    assert len(calls) == 1 and fast.dtype == dtype
+    assert (fast[1] == 0).all()
+    assert_close_by_rule(fast, ref32, ref_lowp)
+    grad = torch.randn(4, H, T, D, generator=g).to(dtype)
+    for a, b in zip(torch.autograd.grad(fast, lowp, grad), torch.autograd.grad(ref_lowp, lowp, grad)):
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2 if dtype != torch.float32 else 1e-6,
+                                   rtol=2e-2 if dtype != torch.float32 else 1e-5)
+
+
 def test_text_time_input_equals_media_locations_input():
     q, k, v, media = make(2, 20, 4, 3, 2, 8, [[1, 2, 19], [10]], 0)
     tt = ops.text_time_from_media_locations(media)

@@ -76,14 +76,22 @@ def test_one_token_candidates_cost_no_lm_call_beyond_the_prompt():
     finally:
         hook.remove()
     assert len(calls) == 1 and got.shape == (2, 20)
-    # 20 candidates of 3 tokens after 2 prompts: 40 pairs, 3 LM calls of up to 16 pairs after the prompt
+    # 20 candidates of 3 tokens after 2 prompts, 16 pairs a call: each prompt's candidates in 2 calls
+    # of their own (16 + 4: its K/V read through views); 4 candidates: both prompts in one call
     calls.clear()
     hook = model.lang_encoder.register_forward_pre_hook(lambda m, a: calls.append(1))
     try:
         score(model, vx, ids, [[t, t + 1, t + 2] for t in range(20, 40)], mask, chunk_size=16)
     finally:
         hook.remove()
-    assert len(calls) == 1 + 3
+    assert len(calls) == 1 + 4
+    calls.clear()
+    hook = model.lang_encoder.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        score(model, vx, ids, [[t, t + 1] for t in range(20, 24)], mask, chunk_size=16)
+    finally:
+        hook.remove()
+    assert len(calls) == 1 + 1
 
 
 def test_score_input_errors_name_the_problem():

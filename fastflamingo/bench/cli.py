@@ -2,7 +2,8 @@
 
 With no arguments it picks the default that fits the machine (the ``tiny`` preset in fp32 on a
 CPU, the ``openflamingo-9b`` shape with random weights in bf16 on a GPU) and runs the kernel and
-end-to-end suites, printing the table and writing rows.csv, rows.json and PNG plots to ``--out``.
+end-to-end suites (and, on a CPU, scoring; on a GPU, the NF4 kernel), printing the table and
+writing rows.csv, rows.json and PNG plots to ``--out``.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from .plots import all_plots
 from .report import format_table
 from .rows import read_json, write_csv, write_json
 
-SUITES = ("kernels", "e2e", "nf4", "all")
+SUITES = ("kernels", "e2e", "nf4", "score", "all")
 
 
 def default_preset(device: str) -> str:
@@ -29,7 +30,7 @@ def default_preset(device: str) -> str:
 def run_bench(*, suite: str = "all", preset: str | None = None, quick: bool = False, out: str = "bench-results",
               device: str | None = None, progress: bool = True, plots: bool = True,
               kernel_config: kernels.KernelConfig | None = None, e2e_config: e2e.E2EConfig | None = None,
-              threads: int | None = None, groups: list[str] | None = None, echo=print) -> dict:
+              score_config=None, threads: int | None = None, groups: list[str] | None = None, echo=print) -> dict:
     """Run the suite; returns ``{"rows", "table", "files", "meta"}``. The configs override the
     defaults (tests pass smaller ones). ``threads``: torch CPU threads; None = torch's own
     choice, or 1 when other work keeps the CPU busy (1-minute load average >= half the cores):
@@ -64,6 +65,10 @@ def run_bench(*, suite: str = "all", preset: str | None = None, quick: bool = Fa
     if suite == "nf4" or (suite == "all" and torch.device(device).type == "cuda"):  # a CUDA kernel
         from . import nf4
         rows += nf4.run(device, quick=quick, progress=progress)
+    if suite == "score" or (suite == "all" and torch.device(device).type != "cuda"):
+        # (on a GPU only when asked: the 9B-shape open_flamingo model is built again for it)
+        from . import score
+        rows += score.run(score_config or score.default_config(preset, device, quick), device, progress=progress)
     meta["wall_s"] = round(time.perf_counter() - start, 1)
     meta["torch_threads"] = torch.get_num_threads()
     return write_outputs(rows, meta, out, plots=plots, echo=echo)

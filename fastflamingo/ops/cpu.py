@@ -12,7 +12,8 @@ images, in one of these ways:
   (:func:`row_runs`: O(images) Python work per row, not O(T)), which is free on the CPU. Where the
   keys of all images fit one chunk (N·L <= 128), one masked SDPA may serve the whole batch,
   where the cost model says so. The layers of one forward share the plan (or the mask).
-* a decode step (T = 1): each row's query gathers the L keys of its image, one SDPA for the batch.
+* a decode step (T = 1), or rows whose tokens all see one image (scoring candidates after a
+  prompt): each row's queries gather the L keys of its image, one SDPA for the batch.
 * under torch.compile (no host reads allowed in a graph): each token gathers the L keys of its
   image, chunk by chunk, with static shapes.
 """
@@ -131,6 +132,8 @@ def _immediate_ranges(q, k, v, text_time, latents_per_media, scale):
     if plan is None:
         # no token sees an image: exact zeros, still connected to the inputs for autograd
         return q.new_zeros(B, H, T, D) + (q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum())
+    if isinstance(plan, _OneImagePerRow):  # each row's tokens all see one image (or none)
+        return _one_image_per_row(q, k, v, plan.images, L, scale)
     if isinstance(plan, tuple):  # one masked call for the batch costs less
         mask, has_media = plan
         out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), scale=scale)
@@ -170,17 +173,29 @@ _PLAN = SharedByTensors()
 
 
 def _eager_plan(text_time: torch.Tensor, L: int, N: int, H: int, D: int):
-    """For the eager path: None where no token sees an image; (mask, has_media) where one masked
-    call for the batch costs less than chunks; else each row's chunks (:func:`row_chunks`)."""
+    """For the eager path: None where no token sees an image; :class:`_OneImagePerRow` where each
+    row's tokens all see one image; (mask, has_media) where one masked call for the batch costs
+    less than chunks; else each row's chunks (:func:`row_chunks`)."""
     if text_time.is_inference():  # no version counter: not shared
         return _make_plan(text_time, L, N, H, D)
     return _PLAN.get((L, N, H, D, text_time._version), (text_time,), lambda: _make_plan(text_time, L, N, H, D))
+
+
+class _OneImagePerRow:
+    """The plan where every row is one run (all its tokens see one image, or none: scoring
+    candidates after a prompt, a batch whose rows each start with their one image): one gathered
+    SDPA call for the batch, instead of one call per row."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
 
 
 def _make_plan(text_time: torch.Tensor, L: int, N: int, H: int, D: int):
     runs = row_runs(text_time)
     if not any(m > 0 for row in runs for _, _, m in row):
         return None
+    if all(len(row) == 1 for row in runs):
+        return _OneImagePerRow(text_time[:, 0].clone())
     B, T = text_time.shape
     pair_ns = score_ns(H, D)
     plan = [row_chunks(row, L, max_span(L), pair_ns) for row in runs]
@@ -211,17 +226,23 @@ def _views(x: torch.Tensor, ranges: list[tuple[int, int]]) -> list[torch.Tensor]
     return [parts[i] for i in picks]
 
 
-def _immediate_one_token(q, k, v, text_time, latents_per_media, scale):
-    """T = 1 (a decode step): each row's query reads the L keys of its one image, one fused SDPA."""
+def _one_image_per_row(q, k, v, image, latents_per_media, scale):
+    """Every token of row b sees image ``image[b]`` (B,) (0: none): each row's queries read the L
+    keys of that image, gathered, in one fused SDPA for the batch."""
     B, H, _, D = q.shape
     L = latents_per_media
     N = k.shape[-2] // L
-    idx = (text_time[:, 0].long() - 1).clamp(min=0)  # rows with no image read image 1, zeroed below
+    idx = (image.long() - 1).clamp(min=0)  # rows with no image read image 1, zeroed below
     rows = torch.arange(B, device=q.device)
     kg = k.reshape(B, H, N, L, D)[rows, :, idx]  # (B, H, L, D)
     vg = v.reshape(B, H, N, L, D)[rows, :, idx]
     out = torch.nn.functional.scaled_dot_product_attention(q, kg, vg, scale=scale)
-    return out.masked_fill((text_time == 0)[:, None, :, None], 0.0)
+    return out.masked_fill((image == 0)[:, None, None, None], 0.0)
+
+
+def _immediate_one_token(q, k, v, text_time, latents_per_media, scale):
+    """T = 1 (a decode step): no host read, one SDPA for the batch."""
+    return _one_image_per_row(q, k, v, text_time[:, 0], latents_per_media, scale)
 
 
 def _immediate_gather(q, k, v, text_time, latents_per_media, scale):
