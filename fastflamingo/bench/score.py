@@ -5,9 +5,9 @@ own model, same weights.
 open_flamingo's evaluation (``get_rank_classifications``) scores class names one at a time. With
 KV caching the prompt runs once and each candidate is one LM call of the batch over the prompt's
 cached K/V; with ``--no_kv_caching`` each candidate re-runs the prompt, images included. Both are
-timed here on open_flamingo's model (the cached prompt is run image-causally, then each candidate
-attends to the last image, as open_flamingo's cached media does; transformers' caches grow in
-place, so the cache is cropped back to the prompt after each candidate). Beside them,
+timed here on open_flamingo's model, as its evaluation code calls it (``cache_media``, the prompt
+with ``use_cache``, then each candidate; one change: transformers 5's caches grow in place, so the
+cache is cropped back to the prompt after each candidate, where the eval code reused it). Beside them,
 fastflamingo's ``score``: the prompt once, (prompt, candidate) pairs batched 64 to an LM call,
 every candidate's first token scored from the prompt's last logits.
 
@@ -65,10 +65,11 @@ def candidates(n: int, vocab: int, banned: set, seed: int = 2) -> list[list[int]
 
 def open_flamingo_cached(live, vx, ids, mask, conts) -> torch.Tensor:
     """open_flamingo's evaluation with KV caching: the prompt once, then one LM call per candidate."""
-    out = live(vx, ids, attention_mask=mask, clear_conditioned_layers=False, use_cache=True)
-    cache, first = out.past_key_values, out.logits[:, -1].float().log_softmax(-1)
-    live.lang_encoder._use_cached_vision_x = True  # candidates attend to the last image (its cache_media)
+    live.cache_media(input_ids=ids, vision_x=vx)
     try:
+        # the prompt's <image> tokens condition its own tokens; the candidates (none) see the last image
+        out = live(None, ids, attention_mask=mask, clear_conditioned_layers=False, use_cache=True)
+        cache, first = out.past_key_values, out.logits[:, -1].float().log_softmax(-1)
         scores = []
         for cont in conts:
             toks = torch.tensor(cont, device=ids.device).expand(ids.shape[0], -1)
