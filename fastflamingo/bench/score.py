@@ -104,7 +104,7 @@ def run(cfg: ScoreConfig, device: str, progress: bool = True) -> list[Row]:
     config = preset_config(cfg.preset)
     label = f"{cfg.preset} B={cfg.batch} N={cfg.images} T={cfg.prompt} C={cfg.candidates}"
     base = dict(kernel=KERNEL, mode=DTYPE_NAMES[cfg.dtype], metric="time_ms", x=label,
-                device=device_name(device), versions=versions(), sweep="candidates", x_value=cfg.candidates)
+                device=device_name(device), versions=versions(), sweep="stage", x_value=cfg.candidates)
     why = ("open_flamingo is not installed" if not has_module("open_flamingo") else
            f"preset {cfg.preset} is not open_flamingo-style" if config.cross_attention.style != "open_flamingo"
            else None)
