@@ -111,3 +111,23 @@ def test_score_input_errors_name_the_problem():
         score(model, vx, ids, [[1]], mask, reduction="max")
     with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
         score(model, vx, ids, [[1]], mask, chunk_size=0)
+
+
+def test_score_on_the_triton_kernel_reads_broadcast_visual_kv():
+    """Each prompt's candidates read its visual K/V through stride-0 (broadcast) views: the Triton
+    kernel (here in the interpreter) takes them by their strides, as the PyTorch path does."""
+    model = model_for("llama")
+    vx, ids, mask = batch(model, [2, 1], [7, 5], seed=4)
+    conts = [[5, 6, 7], [8, 9], [10, 11, 12]]
+    want = score_reference(model, vx, ids, conts, mask, reduction="none")
+    from fastflamingo.kernels import image_causal
+    strides, launch = [], image_causal.image_causal_fwd
+    model.set_attention_backend("triton")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(image_causal, "image_causal_fwd", lambda q, k, *a: strides.append(k.stride(0)) or launch(q, k, *a))
+            got = score(model, vx, ids, conts, mask, reduction="none", chunk_size=2)  # 2 + 1 per prompt: views
+    finally:
+        model.set_attention_backend("auto")
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    assert 0 in strides  # the kernel ran, on broadcast K/V
