@@ -25,7 +25,8 @@
 #    other tests, which run the interpreter's cases (edge cases, random layouts, every V of the
 #    Perceiver) through the real kernels here (90 s);
 # 3. generation: the generation tests on CUDA (tests/test_cuda_generation.py, 150 s: six
-#    compilations of the default generate's step with CUDA graphs, a skipped graph an error),
+#    compilations of the default generate's step with CUDA graphs, a skipped graph an error;
+#    score against its reference on the Triton kernel),
 #    `--suite nf4` (75 s) and benchmarks/gpu_overhead.py (60 s: launch / dispatch / kernel time
 #    of one call);
 # 4. e2e: `fastflamingo bench --suite e2e` (default on a GPU: the openflamingo-9b shape and the

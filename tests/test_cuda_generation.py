@@ -106,3 +106,18 @@ def test_cuda_generate_equals_idefics_generate_on_the_gpu():
                        max_new_tokens=8, eos_token_id=[EOS_ID], pad_token_id=PAD_ID)
     assert counters["frames"]["ok"] == 1, dict(counters["frames"])
     assert torch.equal(got, want), (got[:, -8:], want[:, -8:])
+
+
+@pytest.mark.parametrize("family", list(LMS))
+def test_cuda_generate_caches_score_candidates_exactly(family):
+    """``score`` on CUDA (the Triton kernel reading each prompt's visual K/V through broadcast
+    views, the LM's dynamic cache) equals each pair run alone through ``forward``, fp32."""
+    from fastflamingo.generation.score import score, score_reference
+    model = _tiny(family)
+    vx, ids, mask = _cuda(*batch(model, [2, 0, 1], [9, 5, 12], seed=3))
+    conts = [[5], [7, 8, 9], [100, 2, 3, 4, 5], [1, 2]]
+    want = score_reference(model, vx, ids, conts, mask, reduction="none")
+    for chunk_size in (2, 64):  # each prompt's candidates in chunks of their own; all prompts in one
+        got = score(model, vx, ids, conts, mask, reduction="none", chunk_size=chunk_size)
+        assert got.is_cuda
+        torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
