@@ -109,7 +109,7 @@ def test_score_input_errors_name_the_problem():
             score(model, vx, ids, conts, mask)
     with pytest.raises(ValueError, match="reduction='max' is not one of"):
         score(model, vx, ids, [[1]], mask, reduction="max")
-    with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+    with pytest.raises(ValueError, match=r"chunk_size must be >= 1 \(or None: by memory\), got 0"):
         score(model, vx, ids, [[1]], mask, chunk_size=0)
 
 
@@ -131,3 +131,23 @@ def test_score_on_the_triton_kernel_reads_broadcast_visual_kv():
         model.set_attention_backend("auto")
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
     assert 0 in strides  # the kernel ran, on broadcast K/V
+
+
+def test_chunk_size_by_memory_keeps_copies_within_the_budget(monkeypatch):
+    """chunk_size=None: as many pairs per LM call as CHUNK_BYTES of copied prompt K/V allow."""
+    import importlib
+    score_module = importlib.import_module("fastflamingo.generation.score")  # (the package's `score` is the function)
+    model = model_for("llama")
+    vx, ids, mask = batch(model, [1, 2], [8, 8], seed=6)
+    conts = [[t, t + 1] for t in range(20, 30)]
+    want = score_reference(model, vx, ids, conts, mask)
+    sizes = []
+    original = score_module.lm_cache.fill
+    monkeypatch.setattr(score_module.lm_cache, "fill", lambda cache, kv, n: sizes.append(n) or original(cache, kv, n))
+    torch.testing.assert_close(score(model, vx, ids, conts, mask), want, atol=5e-5, rtol=1e-5)
+    assert sizes == [20]  # tiny: every pair in one call
+    per_pair = 4 * 2 * 4 * 8 * 16 * 4  # 4 layers x (k, v) x 4 heads x 8 cached tokens x 16 x fp32
+    monkeypatch.setattr(score_module, "CHUNK_BYTES", 3 * per_pair + 1)  # (visual K/V counted too)
+    sizes.clear()
+    torch.testing.assert_close(score(model, vx, ids, conts, mask), want, atol=5e-5, rtol=1e-5)
+    assert max(sizes) <= 3 and sum(sizes) == 20, sizes

@@ -8,7 +8,7 @@ cached K/V; with ``--no_kv_caching`` each candidate re-runs the prompt, images i
 timed here on open_flamingo's model, as its evaluation code calls it (``cache_media``, the prompt
 with ``use_cache``, then each candidate; one change: transformers 5's caches grow in place, so the
 cache is cropped back to the prompt after each candidate, where the eval code reused it). Beside them,
-fastflamingo's ``score``: the prompt once, (prompt, candidate) pairs batched 64 to an LM call,
+fastflamingo's ``score``: the prompt once, (prompt, candidate) pairs batched (up to 64) to an LM call,
 every candidate's first token scored from the prompt's last logits.
 
 Each provider's (B, C) log-likelihoods are checked before they are timed, against

@@ -19,6 +19,8 @@ from . import lm_cache
 from .prefix import Prefix
 
 REDUCTIONS = ("sum", "mean", "none")
+CHUNK_BYTES = 2 << 30  # copies of prompt K/V one LM call may hold, when chunk_size is None
+MAX_CHUNK = 64
 
 
 def _candidates(model, continuations) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,7 +56,7 @@ def _candidates(model, continuations) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def score(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuations,
           attention_mask: torch.Tensor | None = None, *, visual_tokens: torch.Tensor | None = None,
-          prefix: Prefix | None = None, reduction: str = "sum", chunk_size: int = 64) -> torch.Tensor:
+          prefix: Prefix | None = None, reduction: str = "sum", chunk_size: int | None = None) -> torch.Tensor:
     """Log-probabilities of every continuation after every prompt.
 
     Args:
@@ -68,7 +70,9 @@ def score(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuati
         reduction: ``"sum"`` (B, C) the log-likelihood of each continuation; ``"mean"`` (B, C)
             per token; ``"none"`` (B, C, T_max) per token, 0 past a continuation's end.
         chunk_size: (prompt, continuation) pairs per LM call. Each pair holds a copy of its
-            prompt's LM K/V and visual K/V while its chunk runs: lower it for long prompts.
+            prompt's LM K/V (and, where a chunk mixes prompts, of its visual K/V) while its chunk
+            runs. None: as many as fit :data:`CHUNK_BYTES` of copies, at most 64 (a 7B LM's K/V
+            of a 512-token prompt is 256 MiB a pair in 16 bits: 8 pairs a call).
 
     Returns:
         fp32 log-probabilities on ``lang_x``'s device.
@@ -76,8 +80,8 @@ def score(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuati
     from . import _start
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1 (or None: by memory), got {chunk_size}")
     cand, lengths = _candidates(model, continuations)
     session, last = _start(model, vision_x, lang_x, attention_mask, visual_tokens=visual_tokens, prefix=prefix,
                            max_new_tokens=1, cache="dynamic", compile=False)
@@ -148,10 +152,19 @@ def _chunks(B: int, C: int, size: int) -> list[tuple[int, int]]:
     return [(b * C + c, b * C + min(c + size, C)) for b in range(B) for c in range(0, C, size)]
 
 
-def _score_rest(session, cand: torch.Tensor, out: torch.Tensor, chunk_size: int) -> None:
+def _auto_chunk(prompt_kv: list, visual_kv: dict) -> int:
+    """Pairs per LM call that keep the per-pair copies (a prompt's LM K/V and visual K/V) within
+    :data:`CHUNK_BYTES`."""
+    tensors = [t for pair in prompt_kv for t in pair] + [t for pair in visual_kv.values() for t in pair]
+    per_pair = sum(t[0].numel() * t.element_size() for t in tensors)
+    return max(1, min(MAX_CHUNK, CHUNK_BYTES // max(per_pair, 1)))
+
+
+def _score_rest(session, cand: torch.Tensor, out: torch.Tensor, chunk_size: int | None) -> None:
     """Tokens 1.. of every continuation, teacher-forced after each prompt's cached K/V, into out."""
     B, (C, T) = out.shape[0], cand.shape
     prompt_kv = lm_cache.layer_kv(session.cache)
+    chunk_size = chunk_size or _auto_chunk(prompt_kv, session.kv)
     context = session.mask[:, :session.length]
     fed = cand[:, :-1]  # token t is predicted from the logits after token t - 1
     after = torch.arange(1, T, device=cand.device)
