@@ -205,7 +205,9 @@ class Flamingo(nn.Module):
     @property
     def vocab_size(self) -> int:
         """Rows of the LM's input embedding: token ids must be below it."""
-        return self.lang_encoder.get_input_embeddings().num_embeddings
+        embedding = self.lang_encoder.get_input_embeddings()
+        rows = getattr(embedding, "num_embeddings", None)
+        return rows if rows is not None else embedding.weight.shape[0]
 
     @property
     def vision_encoder_dtype(self) -> torch.dtype:
