@@ -136,7 +136,7 @@ def score_reference(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, 
 
 def _rows(t: torch.Tensor, segments: list[tuple[int, int]]) -> torch.Tensor:
     """Rows ``[b] * count`` for each (b, count) of ``segments``: a broadcast view (no copy) where
-    they are one prompt's, else one copy (index_select's CPU kernel copies row blocks ~20x slower)."""
+    they are one prompt's, else one copy."""
     parts = [t[b:b + 1].expand(n, *t.shape[1:]) for b, n in segments]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
