@@ -1,4 +1,4 @@
-"""The ``fastflamingo`` command line: ``info``, ``bench``, ``convert``, ``generate``."""
+"""The ``fastflamingo`` command line: ``info``, ``bench``, ``convert``, ``generate``, ``score``."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "bench": "fastflamingo.bench.cli",
     "convert": "fastflamingo.convert.cli",
     "generate": "fastflamingo.generation.cli",
+    "score": "fastflamingo.generation.score_cli",
 }
 
 

@@ -47,3 +47,19 @@ def plain_greedy(model, vx, ids, mask, steps):
         out = torch.cat([out, logits.argmax(-1, keepdim=True)], 1)
         m = torch.cat([m, m.new_ones(m.shape[0], 1)], 1)
     return out
+
+
+SHOTS = ('{"prefix": {"images": ["random"], "text": "<image> w5 w6 <|endofchunk|>"}, '
+         '"queries": [{"images": ["random"], "text": "<image> w9"}, {"text": "w3 w4 w5"}]}')
+
+
+def saved_tiny_with_tokenizer(directory):
+    """The tiny model saved with a word-level tokenizer (w<i> = id i) to ``directory`` (a
+    pathlib.Path), and a few-shot file (a prefix and two queries) beside it: its path."""
+    from peers_idefics import tiny_tokenizer
+    tiny().save_pretrained(directory)
+    tiny_tokenizer(512, {"<unk>": 3, "<pad>": 0, "</s>": 2, "<image>": 510, "<|endofchunk|>": 511}).save_pretrained(
+        directory)
+    shots = directory / "shots.json"
+    shots.write_text(SHOTS)
+    return shots

@@ -12,7 +12,7 @@ from fastflamingo.generation.session import Session
 
 import peers
 from peers import EOC_ID, EOS_ID, MEDIA_ID, PAD_ID
-from prompts import batch, plain_greedy, tiny
+from prompts import batch, plain_greedy, saved_tiny_with_tokenizer, tiny
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -262,18 +262,11 @@ def test_cache_media_scores_texts_against_cached_images():
 # ------------------------------------------------------------------ command line
 def test_cli_generate_preset_and_saved_model_with_tokenizer(tmp_path, capsys):
     from fastflamingo.cli import main
-    from peers_idefics import tiny_tokenizer
     assert main(["generate", "--preset", "tiny", "--random-images", "1", "--prompt-ids", "510 17 42",
                  "--max-new-tokens", "3"]) == 0
     out, err = capsys.readouterr()
     assert len(out.split()) == 3 and "3 new tokens" in err
-    model = tiny()
-    model.save_pretrained(tmp_path)
-    tiny_tokenizer(512, {"<unk>": 3, "<pad>": 0, "</s>": 2, "<image>": 510, "<|endofchunk|>": 511}).save_pretrained(
-        tmp_path)
-    shots = tmp_path / "shots.json"
-    shots.write_text('{"prefix": {"images": ["random"], "text": "<image> w5 w6 <|endofchunk|>"}, '
-                     '"queries": [{"images": ["random"], "text": "<image> w9"}, {"text": "w3 w4 w5"}]}')
+    shots = saved_tiny_with_tokenizer(tmp_path)
     assert main(["generate", "--model", str(tmp_path), "--few-shot", str(shots), "--max-new-tokens", "2",
                  "--num-beams", "2"]) == 0
     out, _ = capsys.readouterr()

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from fastflamingo.generation import encode_prefix, score
 from fastflamingo.generation.score import score_reference
-from prompts import MPT, batch, tiny
+from prompts import MPT, batch, saved_tiny_with_tokenizer, tiny
 
 MEDIA_ID, EOS_ID = 510, 2  # the tiny preset's <image> and EOS
 
@@ -151,3 +151,42 @@ def test_chunk_size_by_memory_keeps_copies_within_the_budget(monkeypatch):
     sizes.clear()
     torch.testing.assert_close(score(model, vx, ids, conts, mask), want, atol=5e-5, rtol=1e-5)
     assert max(sizes) <= 3 and sum(sizes) == 20, sizes
+
+
+def test_cli_score_ranks_candidates_as_the_api_scores_them(tmp_path, capsys):
+    from fastflamingo.cli import main
+    assert main(["score", "--preset", "tiny", "--random-images", "1", "--prompt-ids", "510 17 42",
+                 "--candidate-ids", "5 6", "7", "8 9 10", "--by", "mean"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert len(lines) == 3 and "3 candidates x 1 prompt(s) scored" in err
+    means = [float(line.split()[2].split("/")[0]) for line in lines]
+    assert means == sorted(means, reverse=True)  # best first, by the mean
+    shots = saved_tiny_with_tokenizer(tmp_path)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("w7 w8\nw9\n\nw10 w11 w12\n")
+    assert main(["score", "--model", str(tmp_path), "--few-shot", str(shots), "--candidates-file", str(classes),
+                 "--top", "2"]) == 0
+    out, _ = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert lines[0] == "[0]" and lines[3] == "[1]" and len(lines) == 6  # two queries, the best 2 each
+    labels = [line.split("/token")[1].strip().strip("'") for line in lines if not line.startswith("[")]
+    assert len(labels) == 4 and set(labels) <= {"w7 w8", "w9", "w10 w11 w12"}, labels
+    for args, message in [(["--top", "0"], "--top must be >= 1, got 0"),
+                          (["--candidates-file", str(tmp_path / "none.txt")], "No such file")]:
+        base = ["score", "--model", str(tmp_path), "--few-shot", str(shots)]
+        extra = [] if "--candidates-file" in args else ["--candidates", "w7"]
+        assert main(base + extra + args) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_progress_bar_over_the_lm_calls_when_asked(capsys):
+    model = model_for("llama")
+    vx, ids, mask = batch(model, [1], [6], seed=2)
+    conts = [[t, t + 1] for t in range(20, 30)]
+    quiet = score(model, vx, ids, conts, mask, chunk_size=1, progress=False)
+    assert "score" not in capsys.readouterr().err
+    shown = score(model, vx, ids, conts, mask, chunk_size=1, progress=True)
+    err = capsys.readouterr().err
+    assert "score: 100%" in err and "10/10" in err, err
+    torch.testing.assert_close(shown, quiet)

@@ -118,7 +118,7 @@ def run(cfg: ScoreConfig, device: str, progress: bool = True) -> list[Row]:
                                 image_size=config.vision.image_size, device=device, dtype=cfg.dtype,
                                 specials=tuple(specials))
     conts = candidates(cfg.candidates, vocab, specials)
-    calls = {PROVIDERS[0]: lambda: score(ours, vx, ids, conts, mask),
+    calls = {PROVIDERS[0]: lambda: score(ours, vx, ids, conts, mask, progress=False),
              PROVIDERS[1]: lambda: open_flamingo_cached(live, vx, ids, mask, conts),
              PROVIDERS[2]: lambda: open_flamingo_no_cache(live, vx, ids, mask, conts)}
     with torch.no_grad():

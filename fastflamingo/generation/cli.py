@@ -26,15 +26,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate text after images and a prompt",
                               description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--preset", help="a named shape with random weights (no tokenizer: use --prompt-ids)")
-    src.add_argument("--model", help="a directory written by Flamingo.save_pretrained (with its tokenizer)")
-    prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt", help="text with <image> tokens, one per image")
-    prompt.add_argument("--prompt-ids", help="space-separated token ids (models without a tokenizer)")
-    prompt.add_argument("--few-shot", help="JSON file with a shared prefix and a batch of queries")
-    p.add_argument("--image", action="append", default=[], help="image file, one per <image> (repeatable)")
-    p.add_argument("--random-images", type=int, default=0, help="use N random images instead of files")
+    add_model_arguments(p)
+    add_prompt_arguments(p)
     p.add_argument("--max-new-tokens", type=int, default=20)
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--length-penalty", type=float, default=1.0)
@@ -42,16 +35,33 @@ def add_parser(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--quantization", choices=["nf4", "int8"], default=None)
     p.add_argument("--cache", choices=["auto", "static", "dynamic"], default="auto")
     p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
                    help="compile the decode step (static cache); auto: on CUDA only")
+    p.set_defaults(func=run)
+
+
+def add_model_arguments(p) -> None:
+    """Which model, and where (``generate`` and ``score``)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--preset", help="a named shape with random weights (no tokenizer: use --prompt-ids)")
+    src.add_argument("--model", help="a directory written by Flamingo.save_pretrained (with its tokenizer)")
+    p.add_argument("--quantization", choices=["nf4", "int8"], default=None)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
                    help="spread the model over the GPUs (and CPU memory beyond them) with accelerate")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=run)
+
+
+def add_prompt_arguments(p) -> None:
+    """The prompt and its images, or a few-shot file (``generate`` and ``score``)."""
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text with <image> tokens, one per image")
+    prompt.add_argument("--prompt-ids", help="space-separated token ids (models without a tokenizer)")
+    prompt.add_argument("--few-shot", help="JSON file with a shared prefix and a batch of queries")
+    p.add_argument("--image", action="append", default=[], help="image file, one per <image> (repeatable)")
+    p.add_argument("--random-images", type=int, default=0, help="use N random images instead of files")
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
@@ -168,13 +178,14 @@ def _show(tokens: list[int], tokenizer) -> str:
     return tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens))
 
 
-def run(args) -> int:
+def prepare(args):
+    """Load the model and build the request (``generate`` and ``score``): (model, tokenizer, ids,
+    mask, vision_x or None, the prefix's (vision_x or None, ids) or None), on the device where the
+    token embeddings compute (the first device of a device map)."""
     from ..distribute import execution_device
-    from . import encode_prefix, generate, stream
     torch.manual_seed(args.seed)
     model, tokenizer = _load(args)
     c = model.config
-    # the inputs go where the token embeddings compute (the first device of a device map)
     device = execution_device(model.lang_encoder.get_input_embeddings()) or torch.device("cpu")
     g = torch.Generator().manual_seed(args.seed)
     pre_ids, pre_images, ids, mask, vision = _requests(args, tokenizer, c.vision.image_size, g, c.media_token_id)
@@ -182,14 +193,22 @@ def run(args) -> int:
         ids = ids.masked_fill(mask == 0, c.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
     vision = vision.to(device, model.vision_encoder_dtype) if vision.shape[1] else None
+    prefix = None if pre_ids is None else (
+        pre_images.to(device, model.vision_encoder_dtype) if pre_images.shape[1] else None, pre_ids.to(device))
+    return model, tokenizer, ids, mask, vision, prefix
+
+
+def run(args) -> int:
+    from . import encode_prefix, generate, stream
+    model, tokenizer, ids, mask, vision, prefix = prepare(args)
+    c = model.config
     compile_ = {"auto": "auto", "yes": True, "no": False}[args.compile]
     kw = dict(max_new_tokens=args.max_new_tokens, cache=args.cache, compile=compile_)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     start = time.perf_counter()
     with torch.no_grad():
-        if pre_ids is not None:
-            kw["prefix"] = encode_prefix(model, pre_images.to(device, model.vision_encoder_dtype)
-                                         if pre_images.shape[1] else None, pre_ids.to(device))
+        if prefix is not None:
+            kw["prefix"] = encode_prefix(model, *prefix)
         if args.num_beams > 1 or ids.shape[0] > 1:
             out = generate(model, vision, ids, mask, num_beams=args.num_beams, length_penalty=args.length_penalty,
                            **sampling, **kw)

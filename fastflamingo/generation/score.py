@@ -14,6 +14,7 @@ EOS under ``eos_resets_media``). A candidate cannot hold an ``<image>`` token (i
 from __future__ import annotations
 
 import torch
+from tqdm.auto import tqdm
 
 from . import lm_cache
 from .prefix import Prefix
@@ -56,7 +57,8 @@ def _candidates(model, continuations) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def score(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuations,
           attention_mask: torch.Tensor | None = None, *, visual_tokens: torch.Tensor | None = None,
-          prefix: Prefix | None = None, reduction: str = "sum", chunk_size: int | None = None) -> torch.Tensor:
+          prefix: Prefix | None = None, reduction: str = "sum", chunk_size: int | None = None,
+          progress: bool | None = None) -> torch.Tensor:
     """Log-probabilities of every continuation after every prompt.
 
     Args:
@@ -73,6 +75,8 @@ def score(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuati
             prompt's LM K/V (and, where a chunk mixes prompts, of its visual K/V) while its chunk
             runs. None: as many as fit :data:`CHUNK_BYTES` of copies, at most 64 (a 7B LM's K/V
             of a 512-token prompt is 256 MiB a pair in 16 bits: 8 pairs a call).
+        progress: a progress bar over the LM calls (tqdm); None: where there are more than 8 and
+            stderr is a terminal.
 
     Returns:
         fp32 log-probabilities on ``lang_x``'s device.
@@ -91,7 +95,7 @@ def score(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuati
     out = torch.zeros(B, C, T, device=device)
     out[:, :, 0] = last.log_softmax(-1)[:, cand[:, 0]]  # the first token: from the prompt's last logits
     if T > 1:
-        _score_rest(session, cand, out, chunk_size)
+        _score_rest(session, cand, out, chunk_size, progress)
     out = out * (torch.arange(T, device=device) < lengths[:, None])  # nothing past a continuation's end
     if reduction == "none":
         return out
@@ -160,7 +164,8 @@ def _auto_chunk(prompt_kv: list, visual_kv: dict) -> int:
     return max(1, min(MAX_CHUNK, CHUNK_BYTES // max(per_pair, 1)))
 
 
-def _score_rest(session, cand: torch.Tensor, out: torch.Tensor, chunk_size: int | None) -> None:
+def _score_rest(session, cand: torch.Tensor, out: torch.Tensor, chunk_size: int | None,
+                progress: bool | None) -> None:
     """Tokens 1.. of every continuation, teacher-forced after each prompt's cached K/V, into out."""
     B, (C, T) = out.shape[0], cand.shape
     prompt_kv = lm_cache.layer_kv(session.cache)
@@ -168,7 +173,9 @@ def _score_rest(session, cand: torch.Tensor, out: torch.Tensor, chunk_size: int 
     context = session.mask[:, :session.length]
     fed = cand[:, :-1]  # token t is predicted from the logits after token t - 1
     after = torch.arange(1, T, device=cand.device)
-    for start, stop in _chunks(B, C, chunk_size):  # pairs (b, c) in b-major order
+    chunks = _chunks(B, C, chunk_size)  # of the pairs (b, c) in b-major order
+    show = progress if progress is not None else (None if len(chunks) > 8 else False)  # None: if a terminal
+    for start, stop in tqdm(chunks, desc="score", unit="call", disable=None if show is None else not show):
         segments = [(b, min(stop, (b + 1) * C) - max(start, b * C)) for b in range(start // C, (stop - 1) // C + 1)]
         rows = torch.cat([torch.full((n,), b) for b, n in segments]).to(cand.device)
         cols = torch.arange(start, stop, device=cand.device) % C
