@@ -27,8 +27,8 @@
 # 3. generation: the generation tests on CUDA (tests/test_cuda_generation.py, 150 s: six
 #    compilations of the default generate's step with CUDA graphs, a skipped graph an error;
 #    score against its reference on the Triton kernel),
-#    `--suite nf4` (75 s) and benchmarks/gpu_overhead.py (60 s: launch / dispatch / kernel time
-#    of one call);
+#    `--suite nf4` (75 s), benchmarks/gpu_overhead.py (60 s: launch / dispatch / kernel time
+#    of one call) and `--suite score --preset openflamingo-3b` (90 s);
 # 4. e2e: `fastflamingo bench --suite e2e` (default on a GPU: the openflamingo-9b shape and the
 #    IDEFICS-9B shape, random weights, bf16; rows are kept per finished group; $E2E_GROUPS, e.g.
 #    "idefics", runs only those), with one more profiled call per stage: GPU time by kind of
@@ -111,6 +111,8 @@ if [ "$PART" = generation ] || [ "$PART" = all ]; then
     echo "overhead exit $?" | tee -a "$WORK/steps.log"
     pack
   fi
+  # scoring candidates vs open_flamingo's eval path (the 3B shape: its check holds an fp32 copy)
+  bench score 90 --preset openflamingo-3b
 fi
 if [ "$PART" = e2e ] || [ "$PART" = all ]; then
   # one more profiled call per end-to-end stage: GPU time by kind of kernel (fastflamingo.bench.breakdown)
@@ -122,4 +124,5 @@ step "done"
 pack
 # the reply carries the end of the output: print the tables last
 grep -v "hot_spots" "$WORK/overhead.log" 2>/dev/null | head -20
-tail -n 60 "$WORK/kernels/table.txt" "$WORK/nf4/table.txt" "$WORK/e2e/table.txt" "$WORK/breakdown/breakdown.txt" 2>/dev/null
+tail -n 60 "$WORK/kernels/table.txt" "$WORK/nf4/table.txt" "$WORK/score/table.txt" "$WORK/e2e/table.txt" \
+  "$WORK/breakdown/breakdown.txt" 2>/dev/null

@@ -48,7 +48,7 @@ class ScoreConfig:
 
 def default_config(preset: str, device: str, quick: bool) -> ScoreConfig:
     if torch.device(device).type == "cuda":
-        return ScoreConfig(preset, torch.bfloat16, batch=4, images=4, prompt=256, candidates=100, reps=3)
+        return ScoreConfig(preset, torch.bfloat16, batch=4, images=4, prompt=256, candidates=64, reps=3)
     return ScoreConfig(preset, torch.float32, batch=2 if quick else 4, images=2 if quick else 4,
                        prompt=32 if quick else 128, candidates=16 if quick else 64, reps=3 if quick else 5)
 
