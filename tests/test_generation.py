@@ -287,7 +287,7 @@ def test_cli_generate_preset_and_saved_model_with_tokenizer(tmp_path, capsys):
     (["--prompt-ids", "510 17 42"], r"the prompt has 0 image\(s\) but 1 <image> token\(s\)"),
     (["--random-images", "1", "--prompt-ids", "510 17 9999"],
      r"token id 9999 \(row 0, position 2\) but the LM's input embedding has 512 rows"),
-    (["--image", "/no/such/cat.jpg", "--prompt-ids", "510 17"], r"No such file or directory: '/no/such/cat.jpg'"),
+    (["--image", "/no/such/cat.jpg", "--prompt-ids", "510 17"], r"no image file '/no/such/cat.jpg'"),
     (["--few-shot", "{shots}"], r'shots.json: query 1 must be \{"text": ..., "images": \[...\]\}, got \[1, 2\]'),
 ])
 def test_cli_generate_bad_input_is_one_line_naming_it(tmp_path, capsys, monkeypatch, args, message):
@@ -353,3 +353,16 @@ def test_decode_steps_do_not_sync_where_no_row_can_stop():
     assert syncs(7, eos_token_id=[]) == base  # no stop token: none per step
     assert syncs(7, eos_token_id=[EOS_ID], min_new_tokens=7) == base  # stops banned until the end
     assert syncs(7, eos_token_id=[EOS_ID], suppress_tokens=[MEDIA_ID]) > base  # may stop: checked per step
+
+
+def test_cli_checks_files_before_loading_the_model(tmp_path, capsys, monkeypatch):
+    """A missing image or a broken few-shot file is reported before a (possibly 9B) model loads."""
+    from fastflamingo.cli import main
+    from fastflamingo.generation import cli
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model loaded before the inputs were checked"))
+    shots = tmp_path / "shots.json"
+    shots.write_text('{"queries": [{"text": [510, 4], "images": ["/no/such/dog.png"]}]}')
+    for args, message in [(["--image", "/no/such/cat.jpg", "--prompt-ids", "510 17"], "no image file '/no/such/cat.jpg'"),
+                          (["--few-shot", str(shots)], "no image file '/no/such/dog.png'")]:
+        assert main(["generate", "--preset", "tiny"] + args) == 2
+        assert message in capsys.readouterr().err

@@ -14,6 +14,7 @@ are paths or ``"random"``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -149,10 +150,24 @@ def _check_images(name: str, ids: list[int], images: torch.Tensor, media_token_i
                          "in its text: give one image per <image> token")
 
 
-def _requests(args, tokenizer, size: int, generator, media_token_id: int):
+def _check_request(args) -> tuple[dict | None, list[dict]] | None:
+    """What can be checked before the model loads (minutes, for a 9B one): the few-shot file, and
+    that every image file exists. Returns the few-shot file's (prefix, queries), if any."""
+    spec = _few_shot_spec(args.few_shot) if args.few_shot else None
+    images = list(args.image)
+    if spec is not None:
+        pre, queries = spec
+        images += [s for entry in ([pre] if pre else []) + queries for s in entry.get("images", [])]
+    for path in images:
+        if path != "random" and not os.path.isfile(path):
+            raise FileNotFoundError(f"no image file {path!r}")
+    return spec
+
+
+def _requests(args, spec, tokenizer, size: int, generator, media_token_id: int):
     """-> (prefix ids (1, P) | None, prefix images, query ids (B, T), mask, query images (B, N, 1, 3, s, s))."""
-    if args.few_shot:
-        pre, queries = _few_shot_spec(args.few_shot)
+    if spec is not None:
+        pre, queries = spec
         rows = [_encode(q["text"], tokenizer) for q in queries]
         per_row = [_images(q.get("images", []), size, generator) for q in queries]
         pre_ids = torch.tensor([_encode(pre["text"], tokenizer)]) if pre else None
@@ -183,12 +198,13 @@ def prepare(args):
     mask, vision_x or None, the prefix's (vision_x or None, ids) or None), on the device where the
     token embeddings compute (the first device of a device map)."""
     from ..distribute import execution_device
+    spec = _check_request(args)
     torch.manual_seed(args.seed)
     model, tokenizer = _load(args)
     c = model.config
     device = execution_device(model.lang_encoder.get_input_embeddings()) or torch.device("cpu")
     g = torch.Generator().manual_seed(args.seed)
-    pre_ids, pre_images, ids, mask, vision = _requests(args, tokenizer, c.vision.image_size, g, c.media_token_id)
+    pre_ids, pre_images, ids, mask, vision = _requests(args, spec, tokenizer, c.vision.image_size, g, c.media_token_id)
     if c.pad_token_id is not None:
         ids = ids.masked_fill(mask == 0, c.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)

@@ -17,6 +17,7 @@ normalizes by length).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -59,6 +60,8 @@ def run(args) -> int:
     from . import encode_prefix, score
     if args.top is not None and args.top < 1:
         raise ValueError(f"--top must be >= 1, got {args.top}")
+    if args.candidates_file and not os.path.isfile(args.candidates_file):  # before the model loads
+        raise FileNotFoundError(f"no candidates file {args.candidates_file!r}")
     model, tokenizer, ids, mask, vision, prefix = prepare(args)
     labels, candidates = _candidates(args, tokenizer)
     start = time.perf_counter()
