@@ -366,3 +366,25 @@ def test_cli_checks_files_before_loading_the_model(tmp_path, capsys, monkeypatch
                           (["--few-shot", str(shots)], "no image file '/no/such/dog.png'")]:
         assert main(["generate", "--preset", "tiny"] + args) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_finished_session_in_a_reference_cycle_does_not_cost_a_new_static_cache():
+    """The pooled static cache (and the decode steps compiled for it) is reused once its last
+    session is gone; a finished session that only a reference cycle keeps (an exception's
+    traceback, say) is collected first, instead of a fresh cache whose step would compile again."""
+    import gc
+    model = tiny()
+    vx, ids, mask = batch(model, [1, 2], [8, 8], seed=3)
+    visual = model.encode_vision(vx).detach()
+    gc.disable()
+    try:
+        first = Session(model, ids, mask, visual, max_new_tokens=4, cache="static")
+        cache = first.cache
+        first.cycle = first  # unreachable once deleted, but not freed until the collector runs
+        del first
+        second = Session(model, ids, mask, visual, max_new_tokens=4, cache="static")
+        assert second.cache is cache
+        third = Session(model, ids, mask, visual, max_new_tokens=4, cache="static")
+        assert third.cache is not cache  # the second still holds it (an open stream): a cache of its own
+    finally:
+        gc.enable()

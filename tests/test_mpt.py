@@ -97,7 +97,8 @@ def test_compiled_step_compiles_once(monkeypatch):
             want = reference_greedy(_MODEL, vx, ids, mask, 9, banned=())
         got = generate(_MODEL, vx, ids, mask, max_new_tokens=9, eos_token_id=[], cache="static", compile=True)
         assert torch.equal(got, want), (layout, got[:, ids.shape[1]:], want[:, ids.shape[1]:])
-        assert dict(counters["frames"]) == {"total": 1, "ok": 1}, (layout, dict(counters["frames"]))
+        assert dict(counters["frames"]) == {"total": 1, "ok": 1}, (layout, dict(counters["frames"]), {
+            code.co_name: reasons for code, reasons in torch._dynamo.utils.guard_failures.items()})
         assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
         assert not counters["graph_break"], dict(counters["graph_break"])
     vx, ids, mask = batch(_MODEL, *LAYOUTS[0], seed=30)  # the compiled step's logits, same shape again

@@ -11,6 +11,7 @@ read from the LM's forward signature, so the same code runs on both sides of the
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import weakref
 from dataclasses import dataclass, field
@@ -86,6 +87,10 @@ def static_cache(lm: nn.Module, batch: int, max_len: int, dtype: torch.dtype, de
     pool = _STATIC_POOL.setdefault(lm, {})
     key = (batch, max_len, dtype, str(device))
     entry = pool.pop(key, None)
+    if entry is not None and entry.owner() is not None:
+        # a finished session caught in a reference cycle (an exception's traceback, say) lingers
+        # until the cyclic collector runs: collect now rather than compile the step again
+        gc.collect()
     if entry is not None and entry.owner() is not None:  # still decoding (e.g. an open stream)
         pool[key] = entry
         return Pooled(StaticCache(config=lm.config, max_cache_len=max_len), weakref.ref(owner))
