@@ -61,8 +61,8 @@ def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vo
         raise TypeError(f"lang_x must hold integer token ids, got {lang_x.dtype}")
     if lang_x.numel() == 0:
         raise ValueError(f"lang_x {tuple(lang_x.shape)} holds no tokens: give at least one token per row")
-    hi, lo, worst, least = torch.stack((lang_x.max(), lang_x.min(), text_time.max().to(lang_x.dtype),
-                                        text_time.min().to(lang_x.dtype))).tolist()
+    hi, lo, worst, least = torch.stack((lang_x.max(), lang_x.min(), text_time.max().to(lang_x.device, lang_x.dtype),
+                                        text_time.min().to(lang_x.device, lang_x.dtype))).tolist()
     if hi >= vocab or lo < 0:
         bad = hi if hi >= vocab else lo
         row, col = (lang_x == bad).nonzero()[0].tolist()
