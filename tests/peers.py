@@ -2,11 +2,9 @@
 (with a tiny open_clip ViT) and tiny Hugging Face LMs."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-
 import torch
+
+from fastflamingo.bench.peers import register_open_clip_config
 
 VOCAB = 128
 MEDIA_ID, EOC_ID, PAD_ID, EOS_ID = 125, 126, 127, 2
@@ -49,10 +47,7 @@ def tiny_open_clip(seed: int = 0):
         cfg = {"embed_dim": 16,
                "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8},
                "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
-        d = tempfile.mkdtemp()
-        with open(os.path.join(d, TINY_VIT + ".json"), "w") as f:
-            json.dump(cfg, f)
-        open_clip.add_model_config(d)
+        register_open_clip_config(TINY_VIT, cfg)
     torch.manual_seed(seed)
     return open_clip.create_model(TINY_VIT, pretrained=None).eval()
 

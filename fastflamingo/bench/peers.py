@@ -33,11 +33,18 @@ def _register_open_clip_vit(config: FlamingoConfig) -> str:
                   "mlp_ratio": hf.get("intermediate_size", 4 * width) / width}
         cfg = {"embed_dim": 16, "vision_cfg": vision,
                "text_cfg": {"context_length": 16, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
-        d = tempfile.mkdtemp()
+        register_open_clip_config(name, cfg)
+    return name
+
+
+def register_open_clip_config(name: str, cfg: dict) -> None:
+    """Register a model config with open_clip the way its own configs are (a JSON file), from a
+    temporary folder removed at once: open_clip reads the file when it is added and keeps it."""
+    import open_clip
+    with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, name + ".json"), "w") as f:
             json.dump(cfg, f)
         open_clip.add_model_config(d)
-    return name
 
 
 def _perturb(model: torch.nn.Module, blocks, gate: float, seed: int) -> None:
