@@ -67,7 +67,7 @@ def train_new_embedding_rows(model: nn.Module, num_base_tokens: int | None) -> N
     if out is None or getattr(out, "weight", None) is None or not out.weight.requires_grad:
         return
     if type(out) in (nn.Linear, RowMaskedLinear):
-        model._embedding_hooks.append(_RowMaskedLinear(out, num_base_tokens))
+        model._embedding_hooks.append(_RowMaskSwitch(out, num_base_tokens))
     else:
         keep = _keep_rows(out.weight, num_base_tokens)
         model._embedding_hooks.append(out.weight.register_hook(lambda g, keep=keep: g * keep.to(g.device, g.dtype)))
@@ -119,7 +119,7 @@ class RowMaskedLinear(nn.Linear):
         return F.linear(x, weight, self.bias)
 
 
-class _RowMaskedLinear:
+class _RowMaskSwitch:
     """Makes ``linear`` a :class:`RowMaskedLinear`; ``remove()`` makes it a plain ``nn.Linear``
     again (a handle, like a hook's). A layer placed by accelerate (``device_map``) calls the
     forward its hook saved (``_old_forward``): that one is switched too."""

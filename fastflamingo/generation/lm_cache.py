@@ -91,9 +91,9 @@ def static_cache(lm: nn.Module, batch: int, max_len: int, dtype: torch.dtype, de
         # a finished session caught in a reference cycle (an exception's traceback, say) lingers
         # until the cyclic collector runs: collect now rather than compile the step again
         gc.collect()
-    if entry is not None and entry.owner() is not None:  # still decoding (e.g. an open stream)
-        pool[key] = entry
-        return Pooled(StaticCache(config=lm.config, max_cache_len=max_len), weakref.ref(owner))
+        if entry.owner() is not None:  # still decoding (e.g. an open stream)
+            pool[key] = entry
+            return Pooled(StaticCache(config=lm.config, max_cache_len=max_len), weakref.ref(owner))
     if entry is None:
         while len(pool) >= _POOL_SIZE:  # drop the least recently used shape
             pool.pop(next(iter(pool)))

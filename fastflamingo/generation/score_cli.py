@@ -41,7 +41,7 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def _candidates(args, tokenizer) -> tuple[list[str], list[list[int]]]:
+def _read_candidates(args, tokenizer) -> tuple[list[str], list[list[int]]]:
     """(labels to print, token ids) of the candidates."""
     if args.candidate_ids:
         ids = [[int(t) for t in c.split()] for c in args.candidate_ids]
@@ -63,7 +63,7 @@ def run(args) -> int:
     if args.candidates_file and not os.path.isfile(args.candidates_file):  # before the model loads
         raise FileNotFoundError(f"no candidates file {args.candidates_file!r}")
     model, tokenizer, ids, mask, vision, prefix = prepare(args)
-    labels, candidates = _candidates(args, tokenizer)
+    labels, candidates = _read_candidates(args, tokenizer)
     start = time.perf_counter()
     with torch.no_grad():
         prefix = None if prefix is None else encode_prefix(model, *prefix)
