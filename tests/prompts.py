@@ -21,19 +21,20 @@ def tiny(**overrides):
 
 def batch(model, images_per_row, lengths, seed=0):
     """Left-padded rows: row i has lengths[i] tokens with images_per_row[i] <image> tokens at random
-    places; returns vision_x (B, N, 1, 3, 32, 32) (zeros for missing images; None when no row has
-    an image), ids, mask."""
+    places; returns vision_x (B, N, 1, 3, S, S) at the model's image size S (zeros for missing
+    images; None when no row has an image), ids, mask."""
     c, g = model.config, torch.Generator().manual_seed(seed)
     B, T, N = len(lengths), max(lengths), max(images_per_row)
     ids = torch.full((B, T), c.pad_token_id)
     mask = torch.zeros(B, T, dtype=torch.long)
     for i, (n, t) in enumerate(zip(images_per_row, lengths)):
-        row = torch.randint(3, 500, (t,), generator=g)
+        row = torch.randint(3, min(500, model.vocab_size), (t,), generator=g)
         row[torch.randperm(t, generator=g)[:n]] = c.media_token_id
         ids[i, T - t:], mask[i, T - t:] = row, 1
-    vx = torch.zeros(B, N, 1, 3, 32, 32)
+    S = c.vision.image_size
+    vx = torch.zeros(B, N, 1, 3, S, S)
     for i, n in enumerate(images_per_row):
-        vx[i, :n] = torch.randn(n, 1, 3, 32, 32, generator=g)
+        vx[i, :n] = torch.randn(n, 1, 3, S, S, generator=g)
     return (vx if N else None), ids, mask
 
 

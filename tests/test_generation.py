@@ -378,13 +378,13 @@ def test_a_finished_session_in_a_reference_cycle_does_not_cost_a_new_static_cach
     visual = model.encode_vision(vx).detach()
     gc.disable()
     try:
-        first = Session(model, ids, mask, visual, max_new_tokens=4, cache="static")
+        first = Session(model, ids, mask, visual, max_new_tokens=4, cache="static", compile=True)
         cache = first.cache
         first.cycle = first  # unreachable once deleted, but not freed until the collector runs
         del first
-        second = Session(model, ids, mask, visual, max_new_tokens=4, cache="static")
+        second = Session(model, ids, mask, visual, max_new_tokens=4, cache="static", compile=True)
         assert second.cache is cache
-        third = Session(model, ids, mask, visual, max_new_tokens=4, cache="static")
+        third = Session(model, ids, mask, visual, max_new_tokens=4, cache="static", compile=True)
         assert third.cache is not cache  # the second still holds it (an open stream): a cache of its own
     finally:
         gc.enable()

@@ -33,7 +33,8 @@ class Pooled:
     steps: dict = field(default_factory=dict)
 
 
-# static caches are reused across generate calls of one model (same objects = no recompilation)
+# the static caches of compiled decode steps are reused across generate calls of one model (same
+# objects = no recompilation); an eager session makes its own, of exactly the length it needs
 _STATIC_POOL: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Pooled]]" = weakref.WeakKeyDictionary()
 
 
@@ -79,11 +80,17 @@ def dynamic_cache(lm: nn.Module):
         return DynamicCache()
 
 
-def static_cache(lm: nn.Module, batch: int, max_len: int, dtype: torch.dtype, device: torch.device, owner) -> Pooled:
-    """A reset StaticCache of ``batch`` rows x ``max_len`` slots for ``owner`` (a session), reused
-    from the last session of this shape when that one is gone (same buffers and compiled steps: no
-    recompilation). While that session still decodes (an open stream), a new one outside the pool."""
+def new_static_cache(lm: nn.Module, max_len: int):
+    """An empty StaticCache of ``max_len`` slots (its buffers are made at the first update)."""
     from transformers import StaticCache
+    return StaticCache(config=lm.config, max_cache_len=max_len)
+
+
+def static_cache(lm: nn.Module, batch: int, max_len: int, dtype: torch.dtype, device: torch.device, owner) -> Pooled:
+    """A reset StaticCache of ``batch`` rows x ``max_len`` slots for ``owner`` (a session with a
+    compiled step), reused from the last session of this shape when that one is gone (same buffers
+    and compiled steps: no recompilation). While that session still decodes (an open stream), a new
+    one outside the pool."""
     pool = _STATIC_POOL.setdefault(lm, {})
     key = (batch, max_len, dtype, str(device))
     entry = pool.pop(key, None)
@@ -93,11 +100,11 @@ def static_cache(lm: nn.Module, batch: int, max_len: int, dtype: torch.dtype, de
         gc.collect()
         if entry.owner() is not None:  # still decoding (e.g. an open stream)
             pool[key] = entry
-            return Pooled(StaticCache(config=lm.config, max_cache_len=max_len), weakref.ref(owner))
+            return Pooled(new_static_cache(lm, max_len), weakref.ref(owner))
     if entry is None:
         while len(pool) >= _POOL_SIZE:  # drop the least recently used shape
             pool.pop(next(iter(pool)))
-        entry = Pooled(StaticCache(config=lm.config, max_cache_len=max_len), weakref.ref(owner))
+        entry = Pooled(new_static_cache(lm, max_len), weakref.ref(owner))
     else:
         entry.cache.reset()
         entry.owner = weakref.ref(owner)

@@ -21,7 +21,7 @@ import torch
 
 from ..distribute import uses_several_devices
 from ..model import text_time_for
-from . import lm_cache
+from . import llama_decode, lm_cache
 from .prefix import Prefix
 
 CACHE_MODES = ("auto", "static", "dynamic")
@@ -108,19 +108,26 @@ class Session:
         P = 0 if prefix is None else prefix.length
         self.length = P + T
         total = P + T + max_new_tokens
-        max_len = -(-total // _STATIC_ROUND) * _STATIC_ROUND if self.static else total
         device = ids.device
+        if compile:  # prompts of one rounded length share a compiled step, pooled with its cache
+            max_len = -(-total // _STATIC_ROUND) * _STATIC_ROUND
+            pooled = lm_cache.static_cache(lm, B, max_len, model.dtype, device, owner=self)
+            self.cache = pooled.cache
+        else:  # an eager step attends over exactly the slots it needs
+            max_len = total
+            self.cache = lm_cache.new_static_cache(lm, max_len) if self.static else lm_cache.dynamic_cache(lm)
         self.mask = torch.zeros(B, max_len, dtype=torch.long, device=device)
         self.mask[:, :P] = 1
         self.mask[:, P:P + T] = mask
-        pooled = lm_cache.static_cache(lm, B, max_len, model.dtype, device, owner=self) if self.static else None
-        self.cache = pooled.cache if self.static else lm_cache.dynamic_cache(lm)
         self._prepare_media(ids, mask, None if visual is None else visual.detach(), prefix)
         if compile and self.visual is not None:  # image counts in one bucket share a compiled step
             self.visual, self.kv = _pad_media(self.visual, self.kv, _MEDIA_ROUND)
         media = 0 if self.visual is None else self.visual.shape[1]
-        self._decode = _compiled_decode(pooled.steps, media, device) if compile else _decode_logits
-        self._guarded = False
+        if compile:
+            self._decode = _compiled_decode(pooled.steps, media, device)
+        else:  # a LLaMA's eager step without Hugging Face's per-call overhead (same logits)
+            self._decode = llama_decode.decode if llama_decode.supports(lm) else _decode_logits
+        self._compiled, self._guarded = bool(compile), False
 
     @torch.no_grad()
     def _prepare_media(self, ids, mask, visual, prefix: Prefix | None) -> None:
@@ -174,7 +181,7 @@ class Session:
     def _run(self, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
         if not self._guarded:
             logits = self._decode(self.lm, input_ids, kwargs)
-            self._guarded = self._decode is not _decode_logits
+            self._guarded = self._compiled
             return logits
         # a guarded compiled step ran: later ones differ only in tensor values, unless the LM's
         # code specialises on the step (then dynamo refuses to recompile unguarded: check again)

@@ -1,0 +1,82 @@
+"""The lean LLaMA decode step (fastflamingo/generation/llama_decode.py) gives the logits of Hugging
+Face's forward bit for bit, and the session uses it only where it computes that forward."""
+import pytest
+import torch
+
+from fastflamingo.generation import llama_decode
+from fastflamingo.generation.session import Session, _decode_logits
+
+from prompts import batch, tiny
+
+GQA = dict(model_type="llama", hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+           intermediate_size=128, vocab_size=512, max_position_embeddings=1024)
+
+
+def _idefics():
+    from fastflamingo.convert.idefics import from_idefics
+    from peers_idefics import idefics_model
+    return from_idefics(idefics_model(cross_layer_interval=2))
+
+
+MODELS = {"tiny": lambda: tiny(), "gqa": lambda: tiny(lm=GQA), "idefics": _idefics,
+          "eos_resets_media": lambda: tiny(eos_resets_media=True)}
+
+
+def _sessions(model, cache, seed):
+    """Two sessions of one left-padded prompt batch: Hugging Face's forward and the lean step."""
+    vx, ids, mask = batch(model, [2, 0, 1], [9, 14, 6], seed=seed)
+    visual = model.encode_vision(vx) if vx is not None else None
+    out = []
+    for lean in (False, True):
+        s = Session(model, ids, mask, visual, max_new_tokens=8, cache=cache, compile=False)
+        assert s._decode is llama_decode.decode, "the session does not take the lean step"
+        if not lean:
+            s._decode = _decode_logits
+        out.append((s, s.prefill(ids)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+@pytest.mark.parametrize("name", list(MODELS))
+@torch.no_grad()
+def test_lean_step_equals_hugging_face_forward(name, cache, dtype):
+    """Every decode step's logits, teacher-forced with tokens that include EOS and <image> (an
+    image token without pixels: text), for multi-head and grouped-query attention, rows with 2, 0
+    and 1 images and left padding, both LM caches."""
+    model = MODELS[name]().to(dtype)
+    (hf, logits_hf), (lean, logits_lean) = _sessions(model, cache, seed=len(name))
+    assert torch.equal(logits_hf, logits_lean)
+    c = model.config
+    g = torch.Generator().manual_seed(3)
+    for step in range(7):
+        tokens = torch.randint(3, min(500, model.vocab_size), (3,), generator=g)
+        tokens[step % 3] = (c.eos_token_id, c.media_token_id, tokens[step % 3])[step % 3]
+        want, got = hf.step(tokens), lean.step(tokens)
+        assert torch.equal(got, want), (step, (got - want).abs().max())
+        assert torch.isfinite(got).all()
+
+
+def _hooked(model):
+    model.lang_encoder.model.layers[1].decoder_layer.register_forward_pre_hook(lambda m, a: None)
+    return model
+
+
+@pytest.mark.parametrize("make, why", [
+    (lambda: tiny(lm=GQA | {"attn_implementation": "eager"}), "eager attention"),
+    (lambda: _hooked(tiny()), "a hook on a decoder layer the step does not call"),
+    (lambda: tiny(lm=dict(model_type="mpt", d_model=64, n_layers=4, n_heads=4, expansion_ratio=4,
+                          max_seq_len=256, vocab_size=512)), "not a LLaMA"),
+])
+def test_session_falls_back_to_hugging_face_forward(make, why):
+    model = make()
+    vx, ids, mask = batch(model, [1], [6])
+    s = Session(model, ids, mask, model.encode_vision(vx), max_new_tokens=2, cache="dynamic", compile=False)
+    assert s._decode is _decode_logits, why
+    assert not llama_decode.supports(model.lang_encoder), why
+
+
+def test_decode_takes_one_token_per_row():
+    model = tiny()
+    with pytest.raises(ValueError, match=r"one new token per row, got input_ids \(2, 3\)"):
+        llama_decode.decode(model.lang_encoder, torch.zeros(2, 3, dtype=torch.long), {})
