@@ -22,9 +22,10 @@ MODELS = {"tiny": lambda: tiny(), "gqa": lambda: tiny(lm=GQA), "idefics": _idefi
           "eos_resets_media": lambda: tiny(eos_resets_media=True)}
 
 
-def _sessions(model, cache, seed):
+def _sessions(model, cache, seed, device):
     """Two sessions of one left-padded prompt batch: Hugging Face's forward and the lean step."""
-    vx, ids, mask = batch(model, [2, 0, 1], [9, 14, 6], seed=seed)
+    vx, ids, mask = (None if t is None else t.to(device, model.dtype if t.is_floating_point() else t.dtype)
+                     for t in batch(model, [2, 0, 1], [9, 14, 6], seed=seed))
     visual = model.encode_vision(vx) if vx is not None else None
     out = []
     for lean in (False, True):
@@ -36,25 +37,38 @@ def _sessions(model, cache, seed):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("cache", ["static", "dynamic"])
-@pytest.mark.parametrize("name", list(MODELS))
-@torch.no_grad()
-def test_lean_step_equals_hugging_face_forward(name, cache, dtype):
+def _check_steps(model, cache, seed, device="cpu"):
     """Every decode step's logits, teacher-forced with tokens that include EOS and <image> (an
-    image token without pixels: text), for multi-head and grouped-query attention, rows with 2, 0
-    and 1 images and left padding, both LM caches."""
-    model = MODELS[name]().to(dtype)
-    (hf, logits_hf), (lean, logits_lean) = _sessions(model, cache, seed=len(name))
+    image token without pixels: text), equal between the two sessions."""
+    (hf, logits_hf), (lean, logits_lean) = _sessions(model, cache, seed, device)
     assert torch.equal(logits_hf, logits_lean)
     c = model.config
     g = torch.Generator().manual_seed(3)
     for step in range(7):
         tokens = torch.randint(3, min(500, model.vocab_size), (3,), generator=g)
         tokens[step % 3] = (c.eos_token_id, c.media_token_id, tokens[step % 3])[step % 3]
+        tokens = tokens.to(device)
         want, got = hf.step(tokens), lean.step(tokens)
         assert torch.equal(got, want), (step, (got - want).abs().max())
         assert torch.isfinite(got).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+@pytest.mark.parametrize("name", list(MODELS))
+@torch.no_grad()
+def test_lean_step_equals_hugging_face_forward(name, cache, dtype):
+    """Multi-head and grouped-query attention, IDEFICS's import and its EOS reset, rows with 2, 0
+    and 1 images and left padding, both LM caches, fp32 and bf16."""
+    _check_steps(MODELS[name]().to(dtype), cache, seed=len(name))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["gqa", "idefics"])
+@torch.no_grad()
+def test_lean_step_equals_hugging_face_forward_on_cuda(name):
+    """On the GPU in bf16: an uncompiled decode (compile=False, or a model over several devices)."""
+    _check_steps(MODELS[name]().to("cuda", torch.bfloat16), "static", seed=1, device="cuda")
 
 
 def _hooked(model):
