@@ -352,6 +352,8 @@ def test_decode_steps_do_not_sync_where_no_row_can_stop():
     base = syncs(2, eos_token_id=[])
     assert syncs(7, eos_token_id=[]) == base  # no stop token: none per step
     assert syncs(7, eos_token_id=[EOS_ID], min_new_tokens=7) == base  # stops banned until the end
+    rules = dict(repetition_penalty=1.2, no_repeat_ngram_size=2, bad_words_ids=[[5, 6], [7]])
+    assert syncs(7, eos_token_id=[], **rules) == syncs(2, eos_token_id=[], **rules)  # the rules run on the device
     assert syncs(7, eos_token_id=[EOS_ID], suppress_tokens=[MEDIA_ID]) > base  # may stop: checked per step
 
 
@@ -388,3 +390,149 @@ def test_a_finished_session_in_a_reference_cycle_does_not_cost_a_new_static_cach
         assert third.cache is not cache  # the second still holds it (an open stream): a cache of its own
     finally:
         gc.enable()
+
+
+# ------------------------------------------------------------------ rules over the sequence so far
+RULES = [dict(repetition_penalty=1.8), dict(repetition_penalty=0.6), dict(no_repeat_ngram_size=1),
+         dict(no_repeat_ngram_size=2), dict(no_repeat_ngram_size=3),
+         dict(bad_words_ids=[[5], [7, 9], [3, 4, 5], [2]]),
+         dict(repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[11, 12], [13]])]
+
+
+def _hugging_face_processors(rules, eos):
+    from transformers.generation.logits_process import (LogitsProcessorList, NoBadWordsLogitsProcessor,
+                                                        NoRepeatNGramLogitsProcessor,
+                                                        RepetitionPenaltyLogitsProcessor)
+    out = LogitsProcessorList()
+    if "repetition_penalty" in rules:
+        out.append(RepetitionPenaltyLogitsProcessor(float(rules["repetition_penalty"])))
+    if "no_repeat_ngram_size" in rules:
+        out.append(NoRepeatNGramLogitsProcessor(rules["no_repeat_ngram_size"]))
+    if "bad_words_ids" in rules:
+        out.append(NoBadWordsLogitsProcessor(rules["bad_words_ids"], eos))
+    return out
+
+
+@pytest.mark.parametrize("rules", RULES)
+def test_sequence_rules_equal_hugging_face_processors(rules):
+    """Scores processed over random sequences with repeats (and ids past the scores' vocabulary, an
+    embedding larger than the LM head) equal transformers' own processors' output exactly, the
+    one-token stop word left allowed as Hugging Face leaves it."""
+    from fastflamingo.generation import Sampling
+    g = torch.Generator().manual_seed(len(str(rules)))
+    V = 20
+    sampling = Sampling(eos_token_id=[2], **rules)
+    assert sampling.needs_history or rules.get("bad_words_ids")
+    hf = _hugging_face_processors(rules, [2])
+    changed = 0
+    for L in (1, 2, 3, 7, 30):
+        history = torch.randint(0, 16, (6, L), generator=g)
+        history[0, -1] = 7  # rows ending in bad words' first tokens
+        history[1, -2:] = torch.tensor([3, 4])[-L:]
+        history[2, -1] = 11
+        history[3, 0] = V + 4  # an id the scores do not have
+        history[4] = torch.arange(L) % 3  # every n-gram repeats
+        scores = torch.randn(6, V, generator=g)
+        want = hf(history, scores.clone())
+        got = sampling.process(scores, 0, history)
+        assert torch.equal(got, want), (rules, L, got, want)
+        changed += not torch.equal(got, scores)
+    assert changed >= 2, "the rules hardly bit: the comparison would not show a difference"
+
+
+def _rules_change(make, rules, want):
+    """The rules make a difference here (the comparison is not vacuous)."""
+    assert not torch.equal(make({}), want), rules
+
+
+@pytest.mark.parametrize("rules", [dict(repetition_penalty=5.0), dict(no_repeat_ngram_size=2),
+                                   dict(bad_words_ids=[[99], [8, 99], [100, 42, 5]]),
+                                   dict(repetition_penalty=0.5, no_repeat_ngram_size=3, bad_words_ids=[[42, 4]])])
+def test_sequence_rules_equal_idefics_generate(rules):
+    """Greedy and 3-beam generate with repetition penalty, no-repeat n-grams and bad words equal
+    Hugging Face IDEFICS's generate on the same weights (left padding, EOS inside a row)."""
+    from fastflamingo.convert.idefics import from_idefics
+    from peers_idefics import EOS_ID as I_EOS, PAD_ID as I_PAD, idefics_inputs, idefics_model
+    live = idefics_model(cross_layer_interval=2)
+    ours = from_idefics(live)
+    inp = idefics_inputs()
+    for beams in (1, 3):
+        kw = dict(max_new_tokens=8, num_beams=beams)
+
+        def make(r):
+            return generate(ours, inp["pixel_values"][:, :, None], inp["input_ids"], inp["attention_mask"],
+                            eos_token_id=[I_EOS], pad_token_id=I_PAD, **kw, **r)
+        with torch.no_grad():
+            want = live.generate(**inp, do_sample=False, **kw, **rules)
+        got = make(rules)
+        assert torch.equal(got, want), (rules, beams, got[:, -8:], want[:, -8:])
+        _rules_change(make, rules, want)
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt"])
+def test_sequence_rules_equal_open_flamingo_generate(family):
+    pytest.importorskip("open_flamingo")
+    from fastflamingo.convert.open_flamingo import from_open_flamingo
+    live = peers.open_flamingo_model(family, every_n=2)
+    ours = from_open_flamingo(live)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 120, (2, 14), generator=g)
+    ids[:, [1, 7]] = MEDIA_ID
+    vx = torch.randn(2, 2, 1, 3, 32, 32, generator=g)
+    rules = dict(repetition_penalty=1.5, no_repeat_ngram_size=2)
+    for beams in (1, 3):
+        kw = dict(max_new_tokens=10, num_beams=beams, eos_token_id=[EOC_ID, EOS_ID], pad_token_id=PAD_ID,
+                  suppress_tokens=[MEDIA_ID])
+        want = _open_flamingo_generate(live, vx, ids, **kw, **rules)
+        got = generate(ours, vx, ids, **kw, **rules)
+        assert torch.equal(got, want), (family, beams, got[:, 14:], want[:, 14:])
+        _rules_change(lambda r: generate(ours, vx, ids, **kw, **r), rules, want)
+
+
+def test_total_lengths_equal_idefics_generate():
+    """Hugging Face's max_length / min_length (the whole sequence, prompt and padding included)."""
+    from fastflamingo.convert.idefics import from_idefics
+    from peers_idefics import EOS_ID as I_EOS, PAD_ID as I_PAD, idefics_inputs, idefics_model
+    live = idefics_model(cross_layer_interval=2)
+    ours = from_idefics(live)
+    inp = idefics_inputs()
+    T = inp["input_ids"].shape[1]
+    for kw in (dict(max_length=T + 5), dict(max_length=T + 7, min_length=T + 6), dict(max_new_tokens=6, min_length=T + 6)):
+        with torch.no_grad():
+            want = live.generate(**inp, do_sample=False, **kw)
+        got = generate(ours, inp["pixel_values"][:, :, None], inp["input_ids"], inp["attention_mask"],
+                       eos_token_id=[I_EOS], pad_token_id=I_PAD, **kw)
+        assert torch.equal(got, want), (kw, got[:, T:], want[:, T:])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_new_tokens=4, max_length=30), r"pass max_new_tokens \(4\) or max_length \(30\), not both"),
+    (dict(max_length=9), r"max_length=9 leaves no room for a new token after the 9 tokens"),
+    (dict(min_new_tokens=2, min_length=12), r"pass min_new_tokens \(2\) or min_length \(12\), not both"),
+    (dict(repetition_penalty=0.0), r"repetition_penalty must be a number > 0 \(1.0: none\), got 0.0"),
+    (dict(no_repeat_ngram_size=-1), r"no_repeat_ngram_size must be an int >= 0 \(0: none\), got -1"),
+    (dict(bad_words_ids=[5, 6]), r"bad_words_ids must be a list of non-empty lists of token ids >= 0, got \[5, 6\]"),
+    (dict(bad_words_ids=[[5], []]), r"bad_words_ids must be a list of non-empty lists"),
+    (dict(bad_words_ids=[[5, 999]]), r"bad_words_ids holds token id 999 but the LM has 512 tokens"),
+])
+def test_bad_generation_arguments_name_the_value(kwargs, message):
+    model = tiny()
+    vx, ids, mask = batch(model, [1], [9])
+    for beams in (1, 2):
+        with pytest.raises(ValueError, match=message):
+            generate(model, vx, ids, mask, num_beams=beams, **kwargs)
+
+
+def test_cli_generate_repetition_rules(capsys):
+    """``--no-repeat-ngram-size 1``: no token twice (prompt included); without it this prompt's
+    continuation repeats tokens, and ``--repetition-penalty`` changes it."""
+    from fastflamingo.cli import main
+    args = ["generate", "--preset", "tiny", "--random-images", "1", "--prompt-ids", "510 17 42", "--max-new-tokens", "8"]
+    runs = {}
+    for extra in ([], ["--no-repeat-ngram-size", "1"], ["--repetition-penalty", "3"]):
+        assert main(args + extra) == 0
+        runs[tuple(extra)] = [int(t) for t in capsys.readouterr().out.split()]
+    plain, once = runs[()], runs[("--no-repeat-ngram-size", "1")]
+    assert len(set(plain)) < len(plain)
+    assert len(set(once + [510, 17, 42])) == len(once) + 3, once
+    assert runs[("--repetition-penalty", "3")] != plain

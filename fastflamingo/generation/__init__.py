@@ -1,8 +1,9 @@
 """Fast generation for Flamingo models: :func:`generate`, :func:`stream`, :func:`encode_prefix`,
 and :func:`score` (log-likelihoods of candidate continuations, on the same caches).
 
-Hugging Face-style arguments (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_k``,
-``top_p``, ``num_beams``, ``length_penalty``, ``eos_token_id``, ...) and outputs (the prompt
+Hugging Face-style arguments (``max_new_tokens`` or ``max_length``, ``do_sample``, ``temperature``,
+``top_k``, ``top_p``, ``num_beams``, ``length_penalty``, ``repetition_penalty``,
+``no_repeat_ngram_size``, ``bad_words_ids``, ``eos_token_id``, ...) and outputs (the prompt
 followed by the new tokens, finished rows filled with ``pad_token_id``), with:
 
 * a visual KV cache: each cross-attention layer projects the visual tokens to K/V once;
@@ -74,24 +75,50 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
 
 
 def _sampling(model, *, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p, min_new_tokens,
-              suppress_tokens, generator) -> tuple[Sampling, int]:
+              suppress_tokens, generator, repetition_penalty, no_repeat_ngram_size, bad_words_ids) -> tuple[Sampling, int]:
     stops = _stop_ids(model, eos_token_id)
     pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
     if pad is None:
         pad = stops[0] if stops else 0
     sampling = Sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         min_new_tokens=min_new_tokens, eos_token_id=stops,
-                        suppress_tokens=list(suppress_tokens or []), generator=generator)
+                        suppress_tokens=list(suppress_tokens or []), generator=generator,
+                        repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                        bad_words_ids=[] if bad_words_ids is None else bad_words_ids)
+    for name, ids in (("suppress_tokens", sampling.suppress_tokens),
+                      ("bad_words_ids", [t for w in sampling.bad_words_ids for t in w])):
+        if any(t >= model.vocab_size for t in ids):
+            raise ValueError(f"{name} holds token id {max(ids)} but the LM has {model.vocab_size} tokens "
+                             f"(ids 0..{model.vocab_size - 1})")
     return sampling, pad
 
 
+def _lengths(prompt_length: int, max_new_tokens, max_length, min_new_tokens, min_length) -> tuple[int, int]:
+    """(max_new_tokens, min_new_tokens) from either those or Hugging Face's total lengths
+    ``max_length`` / ``min_length`` (prefix and prompt, padding included, plus new tokens)."""
+    if max_new_tokens is not None and max_length is not None:
+        raise ValueError(f"pass max_new_tokens ({max_new_tokens}) or max_length ({max_length}), not both")
+    if min_new_tokens and min_length is not None:
+        raise ValueError(f"pass min_new_tokens ({min_new_tokens}) or min_length ({min_length}), not both")
+    if max_length is not None:
+        max_new_tokens = max_length - prompt_length
+        if max_new_tokens < 1:
+            raise ValueError(f"max_length={max_length} leaves no room for a new token after the "
+                             f"{prompt_length} tokens of the prompt (prefix and padding included)")
+    if min_length is not None:
+        min_new_tokens = max(0, min_length - prompt_length)
+    return (20 if max_new_tokens is None else max_new_tokens), min_new_tokens
+
+
 def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-           *, max_new_tokens: int = 20, min_new_tokens: int = 0, do_sample: bool = False,
+           *, max_new_tokens: int | None = None, min_new_tokens: int = 0, do_sample: bool = False,
            temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
            eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
            suppress_tokens: list[int] | None = None, generator: torch.Generator | None = None,
-           visual_tokens: torch.Tensor | None = None, prefix: Prefix | None = None,
-           cache: str = "auto", compile: bool | str = "auto") -> Iterator[torch.Tensor]:
+           repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+           bad_words_ids: list[list[int]] | None = None, max_length: int | None = None,
+           min_length: int | None = None, visual_tokens: torch.Tensor | None = None,
+           prefix: Prefix | None = None, cache: str = "auto", compile: bool | str = "auto") -> Iterator[torch.Tensor]:
     """Greedy or sampled decoding, one (B,) tensor of new tokens per step (finished rows get
     ``pad_token_id``) until every row has stopped or ``max_new_tokens`` steps.
 
@@ -102,7 +129,15 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
         attention_mask: (B, T) 1 = token, 0 = padding.
         eos_token_id: stop ids (default ``<|endofchunk|>`` and the LM's EOS).
         pad_token_id: fills finished rows (default ``config.pad_token_id``).
+        max_new_tokens: new tokens at most (default 20), or ``max_length``: the whole sequence's
+            length at most (prefix and prompt, padding included, plus new tokens), not both.
+        min_new_tokens / min_length: stop tokens are banned before that many new tokens / that
+            total length.
         suppress_tokens: ids never generated.
+        repetition_penalty: > 1 lowers the score of every token already in the sequence (prompt
+            included), as Hugging Face: positive scores divided by it, negative ones multiplied.
+        no_repeat_ngram_size: n > 0: no n-gram occurs twice in the sequence (prompt included).
+        bad_words_ids: token sequences never generated (a one-token sequence: that token).
         visual_tokens: (B, N, L, D_vis) already encoded images instead of ``vision_x``.
         prefix: shared few-shot demonstrations from :func:`encode_prefix`, before every row.
         cache: ``"auto"`` | ``"static"`` | ``"dynamic"`` LM KV cache.
@@ -110,17 +145,27 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
             compilation): True, False, or ``"auto"`` (on CUDA with the static cache, not on the CPU).
         Other arguments: as Hugging Face's ``generate``.
     """
+    prompt = _prompt_ids(lang_x, prefix)
+    max_new_tokens, min_new_tokens = _lengths(prompt.shape[1], max_new_tokens, max_length, min_new_tokens, min_length)
     sampling, pad = _sampling(model, eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
                               temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
-                              suppress_tokens=suppress_tokens, generator=generator)
+                              suppress_tokens=suppress_tokens, generator=generator,
+                              repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                              bad_words_ids=bad_words_ids)
     session, logits = _start(model, vision_x, lang_x, attention_mask, visual_tokens=visual_tokens, prefix=prefix,
                              max_new_tokens=max_new_tokens, cache=cache, compile=compile)
     stop_ids = torch.tensor(sampling.eos_token_id, device=lang_x.device, dtype=torch.long)
     running = torch.ones(lang_x.shape[0], dtype=torch.bool, device=lang_x.device)
+    # the sequence so far, as Hugging Face's input_ids (finished rows continue with padding)
+    history = torch.cat([prompt, prompt.new_zeros(prompt.shape[0], max_new_tokens)], 1) if sampling.needs_history else None
+    L = prompt.shape[1]
     for i in range(max_new_tokens):
         if i:
             logits = session.step(tokens)
-        tokens = torch.where(running, sampling.choose(logits, i), pad)
+        seen = None if history is None else history[:, :L + i]
+        tokens = torch.where(running, sampling.choose(logits, i, seen), pad)
+        if history is not None:
+            history[:, L + i] = tokens
         yield tokens
         # a row can stop only on a stop token, which min_new_tokens bans before step min_new_tokens:
         # until then no check, whose host sync would drain the GPU's queue at every step
@@ -130,15 +175,26 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
                 return
 
 
+def _prompt_ids(lang_x: torch.Tensor | None, prefix: Prefix | None) -> torch.Tensor:
+    """The token ids before the new ones: the prefix's (when given), then ``lang_x`` (B, T)."""
+    if lang_x is None or lang_x.dim() != 2:
+        raise ValueError(f"lang_x must be (B, T) token ids, got {None if lang_x is None else tuple(lang_x.shape)}")
+    if prefix is None:
+        return lang_x
+    return torch.cat([prefix.ids.to(lang_x.device).expand(lang_x.shape[0], -1), lang_x], 1)
+
+
 @torch.no_grad()
 def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-             *, max_new_tokens: int = 20, num_beams: int = 1, length_penalty: float = 1.0,
+             *, max_new_tokens: int | None = None, num_beams: int = 1, length_penalty: float = 1.0,
              early_stopping: bool | str = False, min_new_tokens: int = 0, do_sample: bool = False,
              temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              suppress_tokens: list[int] | None = None, generator: torch.Generator | None = None,
-             visual_tokens: torch.Tensor | None = None, prefix: Prefix | None = None,
-             cache: str = "auto", compile: bool | str = "auto") -> torch.Tensor:
+             repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+             bad_words_ids: list[list[int]] | None = None, max_length: int | None = None,
+             min_length: int | None = None, visual_tokens: torch.Tensor | None = None,
+             prefix: Prefix | None = None, cache: str = "auto", compile: bool | str = "auto") -> torch.Tensor:
     """Generate text after images and a prompt; returns (B, T + G): ``lang_x`` then the new tokens.
 
     Takes :func:`stream`'s arguments, plus beam search: ``num_beams`` > 1, ``length_penalty``,
@@ -148,16 +204,21 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     choose = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
-                  top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens, suppress_tokens=suppress_tokens,
-                  generator=generator)
+                  top_k=top_k, top_p=top_p, suppress_tokens=suppress_tokens, generator=generator,
+                  repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                  bad_words_ids=bad_words_ids)
     inputs = dict(visual_tokens=visual_tokens, prefix=prefix, cache=cache, compile=compile)
     if num_beams == 1:
-        new = list(stream(model, vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens, **choose, **inputs))
+        new = list(stream(model, vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens,
+                          max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length,
+                          **choose, **inputs))
         return torch.cat([lang_x, torch.stack(new, dim=1)], dim=1)
-    sampling, pad = _sampling(model, **choose)
+    prompt = _prompt_ids(lang_x, prefix)
+    max_new_tokens, min_new_tokens = _lengths(prompt.shape[1], max_new_tokens, max_length, min_new_tokens, min_length)
+    sampling, pad = _sampling(model, min_new_tokens=min_new_tokens, **choose)
     session, logits = _start(model, vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens,
                              repeat=num_beams, **inputs)
     new = beam_search(session, logits, batch=lang_x.shape[0], num_beams=num_beams, max_new_tokens=max_new_tokens,
                       sampling=sampling, pad_token_id=pad, length_penalty=length_penalty,
-                      early_stopping=early_stopping)
+                      early_stopping=early_stopping, prompt=prompt.repeat_interleave(num_beams, 0))
     return torch.cat([lang_x, new], dim=1)

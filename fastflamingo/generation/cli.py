@@ -36,6 +36,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="> 1 lowers the score of tokens already in the text (Hugging Face's rule)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="n > 0: no n-gram of tokens twice")
     p.add_argument("--cache", choices=["auto", "static", "dynamic"], default="auto")
     p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
                    help="compile the decode step (static cache); auto: on CUDA only")
@@ -220,7 +223,8 @@ def run(args) -> int:
     c = model.config
     compile_ = {"auto": "auto", "yes": True, "no": False}[args.compile]
     kw = dict(max_new_tokens=args.max_new_tokens, cache=args.cache, compile=compile_)
-    sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                    repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
     start = time.perf_counter()
     with torch.no_grad():
         if prefix is not None:

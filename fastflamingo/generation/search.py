@@ -1,9 +1,11 @@
 """Choosing tokens: logits processing, greedy / sampling, and beam search.
 
 The rules are Hugging Face's (transformers 5.x ``generate``), so that outputs equal
-open_flamingo's and IDEFICS's ``generate`` token for token: processors run on the logits for
-greedy and sampling and on the log-probabilities for beam search; sampling applies temperature,
-then top-k, then top-p; beam search keeps ``max(2, 1 + #eos) * num_beams`` candidates per row,
+open_flamingo's and IDEFICS's ``generate`` token for token: processors (repetition penalty,
+no-repeat n-grams, bad words, the stop tokens' ban before ``min_new_tokens``, suppressed tokens)
+run on the logits for greedy and sampling and on the log-probabilities for beam search, over the
+sequence so far (the prompt with its padding, then the new tokens, as Hugging Face's
+``input_ids``); sampling applies temperature, then top-k, then top-p; beam search keeps ``max(2, 1 + #eos) * num_beams`` candidates per row,
 scores finished hypotheses by ``sum log p / generated_length ** length_penalty`` and stops a row
 when its best running beam cannot beat its worst finished one (``early_stopping=False``).
 """
@@ -25,6 +27,9 @@ class Sampling:
     eos_token_id: list[int] = field(default_factory=list)
     suppress_tokens: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
+    repetition_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    bad_words_ids: list[list[int]] = field(default_factory=list)
     # (device, eos banned too) -> the banned ids on that device: made once, not per step (a
     # tensor made from a Python list on a GPU is a host-to-device copy, which waits for the queue)
     _banned: dict = field(default_factory=dict, repr=False, compare=False)
@@ -36,9 +41,37 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, (int, float)) \
+                or not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be a number > 0 (1.0: none), got {self.repetition_penalty!r}")
+        if isinstance(self.no_repeat_ngram_size, bool) or not isinstance(self.no_repeat_ngram_size, int) \
+                or self.no_repeat_ngram_size < 0:
+            raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: none), got {self.no_repeat_ngram_size!r}")
+        words = self.bad_words_ids
+        if not isinstance(words, list) or not all(
+                isinstance(w, list) and w and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in w)
+                for w in words):
+            raise ValueError(f"bad_words_ids must be a list of non-empty lists of token ids >= 0, got {words!r}")
+        # as Hugging Face: a one-token bad word that is a stop token is dropped (stopping stays possible)
+        words = [w for w in words if not (len(w) == 1 and w[0] in self.eos_token_id)]
+        self._single_bad = [w[0] for w in words if len(w) == 1]
+        self._multi_bad = [w for w in words if len(w) > 1]
+        self._sequences: dict = {}
 
-    def process(self, scores: torch.Tensor, num_new: int) -> torch.Tensor:
-        """(B, V) logits (or log-probs) -> processed scores, before choosing token ``num_new``."""
+    @property
+    def needs_history(self) -> bool:
+        """Whether :meth:`process` reads the sequence so far."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0 or bool(self._multi_bad)
+
+    def process(self, scores: torch.Tensor, num_new: int, history: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, V) logits (or log-probs) -> processed scores, before choosing token ``num_new``.
+
+        ``history`` (B, L): the token ids so far (prompt with its padding, then the new ones),
+        needed where :attr:`needs_history`."""
+        if self.needs_history:
+            if history is None:
+                raise ValueError("this Sampling reads the sequence so far: pass history")
+            scores = self._history_rules(scores, history)
         ban = self.banned(scores.device, num_new < self.min_new_tokens)
         if ban is not None:
             scores = scores.index_fill(-1, ban, float("-inf"))
@@ -56,17 +89,54 @@ class Sampling:
             scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         return scores
 
+    def _history_rules(self, scores: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+        """Hugging Face's repetition penalty, no-repeat n-grams and multi-token bad words, in its
+        order, on the device (no host sync)."""
+        B, V = scores.shape
+        L = history.shape[1]
+        if self.repetition_penalty != 1.0:
+            # ids past the scores' vocabulary (an embedding larger than the LM head) go to a spare column
+            ids = history.clamp(max=V)
+            padded = torch.nn.functional.pad(scores, (0, 1))
+            seen = padded.gather(1, ids)
+            p = float(self.repetition_penalty)
+            scores = padded.scatter(1, ids, torch.where(seen < 0, seen * p, seen / p))[:, :V]
+        n = self.no_repeat_ngram_size
+        if n and L >= n:
+            # a window whose first n-1 tokens are the last n-1 tokens bans its own last token
+            windows = history.unfold(1, n, 1)
+            matches = (windows[..., :-1] == history[:, L + 1 - n:].unsqueeze(1)).all(-1)
+            banned = scores.new_zeros((B, V + 1), dtype=torch.bool)
+            banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=V), V), True)
+            scores = scores.masked_fill(banned[:, :V], float("-inf"))
+        if self._multi_bad:
+            # a bad word's last token is banned after its other tokens (transformers 5.24 skips a
+            # word whose other tokens outnumber the sequence so far)
+            banned = scores.new_zeros((B, V), dtype=torch.bool)
+            for prefix, last in self._bad_sequences(history.device):
+                if prefix.numel() <= L:
+                    banned[:, last] |= (history[:, L - prefix.numel():] == prefix).all(-1)
+            scores = scores.masked_fill(banned, float("-inf"))
+        return scores
+
+    def _bad_sequences(self, device: torch.device) -> list[tuple[torch.Tensor, int]]:
+        """The multi-token bad words as (their first tokens on ``device``, their last token)."""
+        key = str(device)
+        if key not in self._sequences:
+            self._sequences[key] = [(torch.tensor(w[:-1], device=device), w[-1]) for w in self._multi_bad]
+        return self._sequences[key]
+
     def banned(self, device: torch.device, eos_too: bool) -> torch.Tensor | None:
         """The token ids no step may choose (with the stop tokens before min_new_tokens), or None."""
         key = (str(device), eos_too)
         if key not in self._banned:
-            ids = list(self.suppress_tokens) + (list(self.eos_token_id) if eos_too else [])
+            ids = list(self.suppress_tokens) + self._single_bad + (list(self.eos_token_id) if eos_too else [])
             self._banned[key] = torch.tensor(ids, device=device, dtype=torch.long) if ids else None
         return self._banned[key]
 
-    def choose(self, logits: torch.Tensor, num_new: int) -> torch.Tensor:
-        """(B, V) logits -> (B,) next tokens (greedy or sampled)."""
-        scores = self.process(logits, num_new)
+    def choose(self, logits: torch.Tensor, num_new: int, history: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, V) logits -> (B,) next tokens (greedy or sampled); ``history`` as :meth:`process`."""
+        scores = self.process(logits, num_new, history)
         if self.do_sample:
             return torch.multinomial(scores.softmax(-1), 1, generator=self.generator)[:, 0]
         return scores.argmax(-1)
@@ -74,11 +144,13 @@ class Sampling:
 
 def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, max_new_tokens: int,
                 sampling: Sampling, pad_token_id: int, length_penalty: float = 1.0,
-                early_stopping: bool | str = False) -> torch.Tensor:
+                early_stopping: bool | str = False, prompt: torch.Tensor | None = None) -> torch.Tensor:
     """Beam search over a prefilled ``session`` of batch x num_beams rows (beams of a row adjacent).
 
     Args:
         logits: (B·K, V) the prefill's last logits.
+        prompt: (B·K, L) the token ids before the new ones (prefix and prompt, padding
+            included), for the rules that read the sequence so far (``sampling.needs_history``).
 
     Returns:
         (B, G) the best hypothesis' new tokens per row, G = the longest returned hypothesis,
@@ -102,7 +174,10 @@ def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, ma
     for cur in range(max_new_tokens):
         if cur:
             logits = session.step(running[:, :, cur - 1].reshape(-1))
-        logp = sampling.process(logits.log_softmax(-1), cur).view(B, K, -1) + running_scores[:, :, None]
+        seen = None
+        if sampling.needs_history:
+            seen = torch.cat([prompt, running[:, :, :cur].reshape(B * K, cur)], 1)
+        logp = sampling.process(logits.log_softmax(-1), cur, seen).view(B, K, -1) + running_scores[:, :, None]
         V = logp.shape[-1]
         flat = logp.view(B, K * V)
         if sampling.do_sample:
