@@ -536,3 +536,39 @@ def test_cli_generate_repetition_rules(capsys):
     assert len(set(plain)) < len(plain)
     assert len(set(once + [510, 17, 42])) == len(once) + 3, once
     assert runs[("--repetition-penalty", "3")] != plain
+
+
+@pytest.mark.parametrize("kw", [dict(num_beams=3, num_return_sequences=2), dict(num_beams=3, num_return_sequences=3),
+                                dict(do_sample=True, top_k=20, top_p=0.9, temperature=1.5, num_return_sequences=3),
+                                dict(do_sample=True, num_beams=2, num_return_sequences=2),
+                                dict(do_sample=True, num_return_sequences=2)])
+def test_num_return_sequences_equal_idefics_generate(kw):
+    """The best finished beams of each prompt, best first, and sampled continuations drawn from the
+    same seeded global generator: the tokens of Hugging Face IDEFICS's generate (with its sampling
+    defaults where none is given: top_k=50)."""
+    from fastflamingo.convert.idefics import from_idefics
+    from peers_idefics import EOS_ID as I_EOS, PAD_ID as I_PAD, idefics_inputs, idefics_model
+    live = idefics_model(cross_layer_interval=2)
+    ours = from_idefics(live)
+    inp = idefics_inputs()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        want = live.generate(**inp, max_new_tokens=8, **kw)
+    torch.manual_seed(5)
+    got = generate(ours, inp["pixel_values"][:, :, None], inp["input_ids"], inp["attention_mask"],
+                   max_new_tokens=8, eos_token_id=[I_EOS], pad_token_id=I_PAD, **kw)
+    R = kw["num_return_sequences"]
+    assert got.shape[0] == 2 * R
+    assert torch.equal(got, want), (kw, got[:, -8:], want[:, -8:])
+    if R > 1:
+        assert not torch.equal(got[0], got[1])  # R different continuations of the first prompt
+
+
+def test_num_return_sequences_bad_values():
+    model = tiny()
+    vx, ids, mask = batch(model, [1], [9])
+    for kw, message in [(dict(num_return_sequences=2), r"num_return_sequences=2 with greedy decoding"),
+                        (dict(num_beams=2, num_return_sequences=3), r"num_return_sequences=3 is more than num_beams=2"),
+                        (dict(num_return_sequences=0), r"num_return_sequences must be an int >= 1, got 0")]:
+        with pytest.raises(ValueError, match=message):
+            generate(model, vx, ids, mask, max_new_tokens=2, **kw)

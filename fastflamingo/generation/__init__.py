@@ -112,7 +112,7 @@ def _lengths(prompt_length: int, max_new_tokens, max_length, min_new_tokens, min
 
 def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
            *, max_new_tokens: int | None = None, min_new_tokens: int = 0, do_sample: bool = False,
-           temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+           temperature: float = 1.0, top_k: int | None = 50, top_p: float = 1.0,
            eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
            suppress_tokens: list[int] | None = None, generator: torch.Generator | None = None,
            repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
@@ -133,6 +133,8 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
             length at most (prefix and prompt, padding included, plus new tokens), not both.
         min_new_tokens / min_length: stop tokens are banned before that many new tokens / that
             total length.
+        do_sample, temperature, top_k, top_p: sampling, with Hugging Face's defaults (top_k=50:
+            the 50 most likely tokens; 0 or None: all).
         suppress_tokens: ids never generated.
         repetition_penalty: > 1 lowers the score of every token already in the sequence (prompt
             included), as Hugging Face: positive scores divided by it, negative ones multiplied.
@@ -145,17 +147,25 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
             compilation): True, False, or ``"auto"`` (on CUDA with the static cache, not on the CPU).
         Other arguments: as Hugging Face's ``generate``.
     """
-    prompt = _prompt_ids(lang_x, prefix)
+    yield from _stream(model, vision_x, lang_x, attention_mask, repeat=1, max_new_tokens=max_new_tokens,
+                       min_new_tokens=min_new_tokens, max_length=max_length, min_length=min_length,
+                       visual_tokens=visual_tokens, prefix=prefix, cache=cache, compile=compile,
+                       eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
+                       temperature=temperature, top_k=top_k, top_p=top_p, suppress_tokens=suppress_tokens,
+                       generator=generator, repetition_penalty=repetition_penalty,
+                       no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids)
+
+
+def _stream(model, vision_x, lang_x, attention_mask, *, repeat: int, max_new_tokens, min_new_tokens, max_length,
+            min_length, visual_tokens, prefix, cache, compile, **choose) -> Iterator[torch.Tensor]:
+    """:func:`stream` over each row repeated ``repeat`` times (adjacent), its images encoded once."""
+    prompt = _prompt_ids(lang_x, prefix).repeat_interleave(repeat, 0)
     max_new_tokens, min_new_tokens = _lengths(prompt.shape[1], max_new_tokens, max_length, min_new_tokens, min_length)
-    sampling, pad = _sampling(model, eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
-                              temperature=temperature, top_k=top_k, top_p=top_p, min_new_tokens=min_new_tokens,
-                              suppress_tokens=suppress_tokens, generator=generator,
-                              repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                              bad_words_ids=bad_words_ids)
+    sampling, pad = _sampling(model, min_new_tokens=min_new_tokens, **choose)
     session, logits = _start(model, vision_x, lang_x, attention_mask, visual_tokens=visual_tokens, prefix=prefix,
-                             max_new_tokens=max_new_tokens, cache=cache, compile=compile)
+                             max_new_tokens=max_new_tokens, cache=cache, compile=compile, repeat=repeat)
     stop_ids = torch.tensor(sampling.eos_token_id, device=lang_x.device, dtype=torch.long)
-    running = torch.ones(lang_x.shape[0], dtype=torch.bool, device=lang_x.device)
+    running = torch.ones(prompt.shape[0], dtype=torch.bool, device=lang_x.device)
     # the sequence so far, as Hugging Face's input_ids (finished rows continue with padding)
     history = torch.cat([prompt, prompt.new_zeros(prompt.shape[0], max_new_tokens)], 1) if sampling.needs_history else None
     L = prompt.shape[1]
@@ -188,31 +198,44 @@ def _prompt_ids(lang_x: torch.Tensor | None, prefix: Prefix | None) -> torch.Ten
 def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
              *, max_new_tokens: int | None = None, num_beams: int = 1, length_penalty: float = 1.0,
              early_stopping: bool | str = False, min_new_tokens: int = 0, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = None, top_p: float = 1.0,
+             temperature: float = 1.0, top_k: int | None = 50, top_p: float = 1.0,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              suppress_tokens: list[int] | None = None, generator: torch.Generator | None = None,
              repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
              bad_words_ids: list[list[int]] | None = None, max_length: int | None = None,
-             min_length: int | None = None, visual_tokens: torch.Tensor | None = None,
-             prefix: Prefix | None = None, cache: str = "auto", compile: bool | str = "auto") -> torch.Tensor:
-    """Generate text after images and a prompt; returns (B, T + G): ``lang_x`` then the new tokens.
+             min_length: int | None = None, num_return_sequences: int = 1,
+             visual_tokens: torch.Tensor | None = None, prefix: Prefix | None = None, cache: str = "auto",
+             compile: bool | str = "auto") -> torch.Tensor:
+    """Generate text after images and a prompt; returns (B·R, T + G): ``lang_x`` then the new
+    tokens, R = ``num_return_sequences`` rows per prompt (adjacent).
 
     Takes :func:`stream`'s arguments, plus beam search: ``num_beams`` > 1, ``length_penalty``,
     ``early_stopping`` (False, True or "never", as Hugging Face); with ``do_sample`` the beams
-    are sampled, as Hugging Face does.
+    are sampled, as Hugging Face does. ``num_return_sequences``: the R best finished beams of
+    each prompt (R <= ``num_beams``), or R samples of each (``do_sample``, the images encoded
+    once).
     """
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    R = num_return_sequences
+    if isinstance(R, bool) or not isinstance(R, int) or R < 1:
+        raise ValueError(f"num_return_sequences must be an int >= 1, got {R!r}")
+    if num_beams == 1 and R > 1 and not do_sample:
+        raise ValueError(f"num_return_sequences={R} with greedy decoding would return one sequence {R} times: "
+                         "pass do_sample=True, or num_beams >= num_return_sequences")
+    if R > num_beams > 1:
+        raise ValueError(f"num_return_sequences={R} is more than num_beams={num_beams}: beam search keeps "
+                         f"{num_beams} hypotheses per prompt")
     choose = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
                   top_k=top_k, top_p=top_p, suppress_tokens=suppress_tokens, generator=generator,
                   repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                   bad_words_ids=bad_words_ids)
     inputs = dict(visual_tokens=visual_tokens, prefix=prefix, cache=cache, compile=compile)
     if num_beams == 1:
-        new = list(stream(model, vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens,
-                          max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length,
-                          **choose, **inputs))
-        return torch.cat([lang_x, torch.stack(new, dim=1)], dim=1)
+        new = list(_stream(model, vision_x, lang_x, attention_mask, repeat=R, max_new_tokens=max_new_tokens,
+                           max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length,
+                           **choose, **inputs))
+        return torch.cat([lang_x.repeat_interleave(R, 0), torch.stack(new, dim=1)], dim=1)
     prompt = _prompt_ids(lang_x, prefix)
     max_new_tokens, min_new_tokens = _lengths(prompt.shape[1], max_new_tokens, max_length, min_new_tokens, min_length)
     sampling, pad = _sampling(model, min_new_tokens=min_new_tokens, **choose)
@@ -220,5 +243,6 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
                              repeat=num_beams, **inputs)
     new = beam_search(session, logits, batch=lang_x.shape[0], num_beams=num_beams, max_new_tokens=max_new_tokens,
                       sampling=sampling, pad_token_id=pad, length_penalty=length_penalty,
-                      early_stopping=early_stopping, prompt=prompt.repeat_interleave(num_beams, 0))
-    return torch.cat([lang_x, new], dim=1)
+                      early_stopping=early_stopping, prompt=prompt.repeat_interleave(num_beams, 0),
+                      num_return=R)
+    return torch.cat([lang_x.repeat_interleave(R, 0), new], dim=1)

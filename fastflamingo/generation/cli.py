@@ -34,7 +34,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--length-penalty", type=float, default=1.0)
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-k", type=int, default=50, help="sampling: the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 1 lowers the score of tokens already in the text (Hugging Face's rule)")

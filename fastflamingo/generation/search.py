@@ -21,7 +21,7 @@ class Sampling:
     """What turns logits into tokens (Hugging Face names and defaults)."""
     do_sample: bool = False
     temperature: float = 1.0
-    top_k: int | None = None
+    top_k: int | None = 50  # sampling keeps the 50 most likely tokens, as Hugging Face; 0 or None: all
     top_p: float = 1.0
     min_new_tokens: int = 0
     eos_token_id: list[int] = field(default_factory=list)
@@ -144,17 +144,19 @@ class Sampling:
 
 def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, max_new_tokens: int,
                 sampling: Sampling, pad_token_id: int, length_penalty: float = 1.0,
-                early_stopping: bool | str = False, prompt: torch.Tensor | None = None) -> torch.Tensor:
+                early_stopping: bool | str = False, prompt: torch.Tensor | None = None,
+                num_return: int = 1) -> torch.Tensor:
     """Beam search over a prefilled ``session`` of batch x num_beams rows (beams of a row adjacent).
 
     Args:
         logits: (B·K, V) the prefill's last logits.
         prompt: (B·K, L) the token ids before the new ones (prefix and prompt, padding
             included), for the rules that read the sequence so far (``sampling.needs_history``).
+        num_return: hypotheses returned per row, the best first.
 
     Returns:
-        (B, G) the best hypothesis' new tokens per row, G = the longest returned hypothesis,
-        shorter ones filled as Hugging Face fills them.
+        (B·num_return, G) the best hypotheses' new tokens per row, G = the longest returned
+        hypothesis, shorter ones filled as Hugging Face fills them.
     """
     B, K, dev = batch, num_beams, logits.device
     eos = torch.tensor(sampling.eos_token_id, device=dev)
@@ -215,5 +217,5 @@ def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, ma
         if bool(stop):
             break
         session.reorder((running_parent + offset).reshape(-1))
-    best = done_seqs[:, 0]
-    return best[:, :int(done_len[:, 0].max())]
+    best = done_seqs[:, :num_return]  # the finished pool is kept sorted, the best first
+    return best.reshape(B * num_return, -1)[:, :int(done_len[:, :num_return].max())]
