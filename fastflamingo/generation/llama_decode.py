@@ -43,7 +43,7 @@ def supports(lm: nn.Module) -> bool:
                *(f.decoder_layer.self_attn for f in layers)]
     if any(m._forward_hooks or m._forward_pre_hooks or "forward" in m.__dict__ for m in skipped):
         return False
-    return not any(hasattr(m, "_hf_hook") for m in lm.modules())
+    return not any("_hf_hook" in m.__dict__ for m in lm.modules())  # (hasattr: 0.5 ms a call)
 
 
 def decode(lm: nn.Module, input_ids: torch.Tensor, kwargs: dict) -> torch.Tensor:
