@@ -5,9 +5,10 @@ open_flamingo's and IDEFICS's ``generate`` token for token: processors (repetiti
 no-repeat n-grams, bad words, the stop tokens' ban before ``min_new_tokens``, suppressed tokens)
 run on the logits for greedy and sampling and on the log-probabilities for beam search, over the
 sequence so far (the prompt with its padding, then the new tokens, as Hugging Face's
-``input_ids``); sampling applies temperature, then top-k, then top-p; beam search keeps ``max(2, 1 + #eos) * num_beams`` candidates per row,
-scores finished hypotheses by ``sum log p / generated_length ** length_penalty`` and stops a row
-when its best running beam cannot beat its worst finished one (``early_stopping=False``).
+``input_ids``); sampling applies temperature, then top-k, then top-p; beam search keeps
+``max(2, 1 + #eos) * num_beams`` candidates per row, scores finished hypotheses by
+``sum log p / generated_length ** length_penalty`` and stops a row when its best running beam
+cannot beat its worst finished one (``early_stopping=False``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,11 @@ class Sampling:
     # (device, eos banned too) -> the banned ids on that device: made once, not per step (a
     # tensor made from a Python list on a GPU is a host-to-device copy, which waits for the queue)
     _banned: dict = field(default_factory=dict, repr=False, compare=False)
+    # the bad words of one token (banned like suppress_tokens) and of several; the latter per
+    # device as (their other tokens, their last token)
+    _single_bad: list = field(default_factory=list, init=False, repr=False, compare=False)
+    _multi_bad: list = field(default_factory=list, init=False, repr=False, compare=False)
+    _sequences: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         if self.temperature <= 0:
@@ -56,7 +62,6 @@ class Sampling:
         words = [w for w in words if not (len(w) == 1 and w[0] in self.eos_token_id)]
         self._single_bad = [w[0] for w in words if len(w) == 1]
         self._multi_bad = [w for w in words if len(w) > 1]
-        self._sequences: dict = {}
 
     @property
     def needs_history(self) -> bool:
