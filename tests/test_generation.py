@@ -572,3 +572,17 @@ def test_num_return_sequences_bad_values():
                         (dict(num_return_sequences=0), r"num_return_sequences must be an int >= 1, got 0")]:
         with pytest.raises(ValueError, match=message):
             generate(model, vx, ids, mask, max_new_tokens=2, **kw)
+
+
+def test_cli_generate_several_sequences_per_prompt(capsys):
+    from fastflamingo.cli import main
+    args = ["generate", "--preset", "tiny", "--random-images", "1", "--prompt-ids", "510 17 42", "--max-new-tokens", "4"]
+    assert main(args + ["--do-sample", "--num-return-sequences", "3"]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert [line.split("]")[0] for line in lines] == ["[0.0", "[0.1", "[0.2"], out
+    assert len({line.split("] ")[1] for line in lines}) > 1 and "12 new tokens" in err
+    assert main(args + ["--num-beams", "3", "--num-return-sequences", "2"]) == 0
+    assert [line.split("]")[0] for line in capsys.readouterr().out.splitlines()] == ["[0.0", "[0.1"]
+    assert main(args + ["--num-return-sequences", "2"]) == 2
+    assert "num_return_sequences=2 with greedy decoding" in capsys.readouterr().err

@@ -39,6 +39,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 1 lowers the score of tokens already in the text (Hugging Face's rule)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="n > 0: no n-gram of tokens twice")
+    p.add_argument("--num-return-sequences", type=int, default=1,
+                   help="continuations per prompt: the best beams (<= --num-beams) or samples (--do-sample)")
     p.add_argument("--cache", choices=["auto", "static", "dynamic"], default="auto")
     p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
                    help="compile the decode step (static cache); auto: on CUDA only")
@@ -225,27 +227,28 @@ def run(args) -> int:
     kw = dict(max_new_tokens=args.max_new_tokens, cache=args.cache, compile=compile_)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                     repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
-    start = time.perf_counter()
+    start, first = time.perf_counter(), None  # first: the first streamed token's time
     with torch.no_grad():
         if prefix is not None:
             kw["prefix"] = encode_prefix(model, *prefix)
-        if args.num_beams > 1 or ids.shape[0] > 1:
+        R = args.num_return_sequences
+        if args.num_beams > 1 or ids.shape[0] > 1 or R > 1:
             out = generate(model, vision, ids, mask, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                           **sampling, **kw)
+                           num_return_sequences=R, **sampling, **kw)
             new = out[:, ids.shape[1]:]
             for i, row in enumerate(new.tolist()):
-                print(f"[{i}] {_show(row, tokenizer)}")
+                print(f"[{i // R}{f'.{i % R}' if R > 1 else ''}] {_show(row, tokenizer)}")
             count = int((new != (c.pad_token_id if c.pad_token_id is not None else -1)).sum())
         else:
             count = 0
             for step in stream(model, vision, ids, mask, **sampling, **kw):
                 print(_show([int(step[0])], tokenizer), end=" " if tokenizer is None else "", flush=True)
                 count += 1
-                first = first if count > 1 else time.perf_counter() - start
+                first = first if first is not None else time.perf_counter() - start
             print()
     seconds = time.perf_counter() - start
     detail = (f"first token after {first:.2f} s, then {(count - 1) / max(seconds - first, 1e-9):.1f} tokens/s"
-              if ids.shape[0] == 1 and args.num_beams == 1 and count > 1 else "prefill included")
+              if first is not None and count > 1 else "prefill included")
     print(f"{count} new tokens in {seconds:.2f} s ({detail}"
           f"{'; the first compiled call compiles' if args.compile == 'yes' else ''})", file=sys.stderr)
     return 0
