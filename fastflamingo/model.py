@@ -318,12 +318,43 @@ class Flamingo(nn.Module):
                                lang_encoder=lang_encoder, vision_encoder=vision_encoder, device_map=device_map,
                                max_memory=max_memory, offload_folder=offload_folder)
 
-    def generate(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+    def generate(self, vision_x: torch.Tensor | None = None, lang_x: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *, input_ids: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, image_attention_mask: torch.Tensor | None = None,
+                 **kwargs) -> torch.Tensor:
         """Generate after images and a prompt: (B, T) -> (B, T + new tokens). Hugging Face-style
-        arguments; see :func:`fastflamingo.generation.generate`."""
+        arguments; see :func:`fastflamingo.generation.generate`.
+
+        IDEFICS's processor output works as it is: ``model.generate(**inputs, max_new_tokens=...)``
+        with ``input_ids``, ``pixel_values`` (B, N, C, H, W), ``attention_mask`` and
+        ``image_attention_mask``. New tokens see each row's last image (IDEFICS's ``generate``
+        does the same), so the image mask must be the one the ``<image>`` tokens give; another is
+        an error, not silently replaced.
+        """
         from .generation import generate
+        lang_x, vision_x, text_time = self._idefics_inputs(lang_x, vision_x, None, input_ids, pixel_values,
+                                                           image_attention_mask)
+        if lang_x is None:
+            raise ValueError("lang_x (or input_ids), the (B, T) prompt token ids, is required")
+        if text_time is not None:
+            self._check_image_mask(lang_x, attention_mask, text_time)
         return generate(self, vision_x, lang_x, attention_mask, **kwargs)
+
+    def _check_image_mask(self, lang_x: torch.Tensor, attention_mask: torch.Tensor | None,
+                          text_time: torch.Tensor) -> None:
+        """An IDEFICS image mask given to :meth:`generate` must say what the ids say (padding aside)."""
+        if text_time.shape != lang_x.shape:
+            raise ValueError(f"image_attention_mask covers {tuple(text_time.shape)} tokens but input_ids is "
+                             f"{tuple(lang_x.shape)}")
+        real = torch.ones_like(lang_x, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        derived = self.text_time(lang_x.masked_fill(~real, -1)).to(text_time.device)
+        bad = (derived != text_time) & real.to(text_time.device)
+        if bool(bad.any()):
+            row, col = bad.nonzero()[0].tolist()
+            raise ValueError(f"image_attention_mask gives token {col} of row {row} image {int(text_time[row, col])} "
+                             f"(0 = none) but its <image> tokens give image {int(derived[row, col])}: generation "
+                             "follows the <image> tokens (IDEFICS's processor builds the mask from them); for "
+                             "another mask, call the model's forward with it")
 
     def score(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuations,
               attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

@@ -586,3 +586,26 @@ def test_cli_generate_several_sequences_per_prompt(capsys):
     assert [line.split("]")[0] for line in capsys.readouterr().out.splitlines()] == ["[0.0", "[0.1"]
     assert main(args + ["--num-return-sequences", "2"]) == 2
     assert "num_return_sequences=2 with greedy decoding" in capsys.readouterr().err
+
+
+def test_idefics_processor_inputs_generate_as_they_are():
+    """``model.generate(**inputs)`` with IDEFICS's processor output (input_ids, pixel_values,
+    attention_mask, image_attention_mask) and IDEFICS's own arguments gives IDEFICS's tokens; an
+    image mask that disagrees with the <image> tokens is an error naming the token."""
+    from fastflamingo.convert.idefics import from_idefics
+    from peers_idefics import idefics_inputs, idefics_model
+    live = idefics_model(cross_layer_interval=2)
+    ours = from_idefics(live)
+    inp = idefics_inputs()
+    T = inp["input_ids"].shape[1]
+    kw = dict(max_length=T + 6, bad_words_ids=[[99]], num_beams=2)
+    with torch.no_grad():
+        want = live.generate(**inp, **kw)
+    assert torch.equal(ours.generate(**inp, **kw), want)
+    wrong = dict(inp, image_attention_mask=inp["image_attention_mask"].clone())
+    wrong["image_attention_mask"][0, -1] = torch.tensor([1, 0])  # row 0's last token: image 1, not 2
+    with pytest.raises(ValueError, match=rf"gives token {T - 1} of row 0 image 1 \(0 = none\) but its <image> "
+                                         r"tokens give image 2"):
+        ours.generate(**wrong, max_new_tokens=2)
+    with pytest.raises(ValueError, match="pass lang_x or input_ids, not both"):
+        ours.generate(None, inp["input_ids"], input_ids=inp["input_ids"])
