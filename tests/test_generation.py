@@ -609,3 +609,33 @@ def test_idefics_processor_inputs_generate_as_they_are():
         ours.generate(**wrong, max_new_tokens=2)
     with pytest.raises(ValueError, match="pass lang_x or input_ids, not both"):
         ours.generate(None, inp["input_ids"], input_ids=inp["input_ids"])
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt"])
+def test_default_stops_and_fill_equal_open_flamingo_generate(family):
+    """Called as open_flamingo's users call it, no stop or pad arguments, with the LM's EOS made
+    the likeliest token of a row: open_flamingo's generate goes on past the EOS (it stops at
+    <|endofchunk|> only) and fills finished rows as transformers does; the same tokens here."""
+    pytest.importorskip("open_flamingo")
+    from fastflamingo.convert.open_flamingo import from_open_flamingo
+    live = peers.open_flamingo_model(family, every_n=2)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 120, (2, 14), generator=g)
+    ids[0, [0, 6]] = MEDIA_ID
+    ids[1, [4]] = MEDIA_ID
+    vx = torch.randn(2, 2, 1, 3, 32, 32, generator=g)
+    kw = dict(max_new_tokens=10, suppress_tokens=[MEDIA_ID])
+    first = _open_flamingo_generate(live, vx, ids, **kw)[:, 14]
+    with torch.no_grad():  # EOS wins wherever row 0's first new token would
+        w = live.lang_encoder.get_output_embeddings().weight
+        w[EOS_ID] = w[int(first[0])] * 1.01
+        w[EOC_ID] = w[int(first[1])] * 1.01  # row 1 stops at once: its fill shows
+    ours = from_open_flamingo(live)
+    want = _open_flamingo_generate(live, vx, ids, **kw)
+    got = generate(ours, vx, ids, **kw)
+    fill = live.lang_encoder.generation_config.pad_token_id
+    fill = EOC_ID if fill is None else fill
+    # row 0 went on after its EOS, row 1 stopped at its <|endofchunk|> and was filled
+    assert want[0, 14] == EOS_ID and (want[0, 15:] != fill).all(), want[0]
+    assert want[1, 14] == EOC_ID and (want[1, 15:] == fill).all(), want[1]
+    assert torch.equal(got, want), (family, got[:, 14:], want[:, 14:])

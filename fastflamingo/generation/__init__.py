@@ -31,14 +31,34 @@ __all__ = ["generate", "stream", "score", "encode_prefix", "Prefix", "Sampling",
 
 
 def _stop_ids(model, eos_token_id) -> list[int]:
-    """Default stops: ``<|endofchunk|>`` and the LM's EOS (open_flamingo stops at the former)."""
+    """The stop tokens; by default those of the generate of the project the model's blocks come
+    from, so that the same call gives the same tokens: open_flamingo's stops at
+    ``<|endofchunk|>`` only (it hands transformers ``eos_token_id=eoc``, so the LM's EOS does not
+    stop it), IDEFICS's at the LM's EOS."""
     if eos_token_id is None:
         c = model.config
-        return [t for t in (c.eoc_token_id, c.eos_token_id) if t is not None and t >= 0]
+        order = ((c.eoc_token_id, c.eos_token_id) if c.cross_attention.style == "open_flamingo"
+                 else (c.eos_token_id, c.eoc_token_id))
+        return [t for t in order if t is not None and t >= 0][:1]
     ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
     if not all(isinstance(t, int) for t in ids):
         raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
     return ids
+
+
+def default_pad(model, stops: list[int]) -> int:
+    """What fills finished rows by default, as the source project's generate fills them: IDEFICS's
+    config ``pad_token_id``; open_flamingo leaves it to transformers, which takes the LM's
+    ``generation_config.pad_token_id``, else the first stop token."""
+    c = model.config
+    pad = c.pad_token_id
+    if c.cross_attention.style == "open_flamingo":
+        pad = getattr(getattr(model.lang_encoder, "generation_config", None), "pad_token_id", None)
+        if pad is None:
+            pad = stops[0] if stops else c.pad_token_id
+    if pad is None:
+        pad = stops[0] if stops else 0
+    return pad
 
 
 def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, max_new_tokens, cache,
@@ -77,9 +97,7 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
 def _sampling(model, *, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p, min_new_tokens,
               suppress_tokens, generator, repetition_penalty, no_repeat_ngram_size, bad_words_ids) -> tuple[Sampling, int]:
     stops = _stop_ids(model, eos_token_id)
-    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
-    if pad is None:
-        pad = stops[0] if stops else 0
+    pad = default_pad(model, stops) if pad_token_id is None else pad_token_id
     sampling = Sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
                         min_new_tokens=min_new_tokens, eos_token_id=stops,
                         suppress_tokens=list(suppress_tokens or []), generator=generator,
@@ -127,8 +145,11 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
             at the end), or None (text only, or images given as ``visual_tokens`` or in ``prefix``).
         lang_x: (B, T) token ids, left-padded.
         attention_mask: (B, T) 1 = token, 0 = padding.
-        eos_token_id: stop ids (default ``<|endofchunk|>`` and the LM's EOS).
-        pad_token_id: fills finished rows (default ``config.pad_token_id``).
+        eos_token_id: stop ids; by default those of the source project's ``generate``:
+            ``<|endofchunk|>`` for open_flamingo-style models (not the LM's EOS, as open_flamingo),
+            the LM's EOS for IDEFICS-style ones.
+        pad_token_id: fills finished rows; by default as the source project's ``generate``
+            (:func:`default_pad`).
         max_new_tokens: new tokens at most (default 20), or ``max_length``: the whole sequence's
             length at most (prefix and prompt, padding included, plus new tokens), not both.
         min_new_tokens / min_length: stop tokens are banned before that many new tokens / that

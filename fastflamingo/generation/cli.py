@@ -220,7 +220,7 @@ def prepare(args):
 
 
 def run(args) -> int:
-    from . import encode_prefix, generate, stream
+    from . import _stop_ids, default_pad, encode_prefix, generate, stream
     model, tokenizer, ids, mask, vision, prefix = prepare(args)
     c = model.config
     compile_ = {"auto": "auto", "yes": True, "no": False}[args.compile]
@@ -238,7 +238,7 @@ def run(args) -> int:
             new = out[:, ids.shape[1]:]
             for i, row in enumerate(new.tolist()):
                 print(f"[{i // R}{f'.{i % R}' if R > 1 else ''}] {_show(row, tokenizer)}")
-            count = int((new != (c.pad_token_id if c.pad_token_id is not None else -1)).sum())
+            count = int((new != default_pad(model, _stop_ids(model, None))).sum())  # generate's fill
         else:
             count = 0
             for step in stream(model, vision, ids, mask, **sampling, **kw):
