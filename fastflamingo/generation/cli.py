@@ -222,7 +222,6 @@ def prepare(args):
 def run(args) -> int:
     from . import _stop_ids, default_pad, encode_prefix, generate, stream
     model, tokenizer, ids, mask, vision, prefix = prepare(args)
-    c = model.config
     compile_ = {"auto": "auto", "yes": True, "no": False}[args.compile]
     kw = dict(max_new_tokens=args.max_new_tokens, cache=args.cache, compile=compile_)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
