@@ -54,19 +54,15 @@ def default_pad(model, stops: list[int]) -> int:
     pad = c.pad_token_id
     if c.cross_attention.style == "open_flamingo":
         pad = getattr(getattr(model.lang_encoder, "generation_config", None), "pad_token_id", None)
-        if pad is None:
-            pad = stops[0] if stops else c.pad_token_id
     if pad is None:
-        pad = stops[0] if stops else 0
+        pad = stops[0] if stops else (c.pad_token_id if c.pad_token_id is not None else 0)
     return pad
 
 
 def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, max_new_tokens, cache,
            compile, repeat: int = 1) -> tuple[Session, torch.Tensor]:
     """Check the inputs, build the session, prefill; returns (session, last logits (B·repeat, V))."""
-    if lang_x is None or lang_x.dim() != 2:
-        raise ValueError(f"lang_x must be (B, T) token ids, got "
-                         f"{None if lang_x is None else tuple(lang_x.shape)}")
+    _check_lang_x(lang_x)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if vision_x is not None and visual_tokens is not None:
@@ -177,12 +173,21 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
                        no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids)
 
 
+def _rules(model, lang_x, prefix, repeat: int, *, max_new_tokens, max_length, min_new_tokens, min_length,
+           **choose) -> tuple[torch.Tensor, int, Sampling, int]:
+    """What both decoders settle before the prompt runs: (the token ids before the new ones, each
+    row repeated ``repeat`` times; the number of new tokens; the token rules; the fill)."""
+    prompt = _prompt_ids(lang_x, prefix).repeat_interleave(repeat, 0)
+    max_new_tokens, min_new_tokens = _lengths(prompt.shape[1], max_new_tokens, max_length, min_new_tokens, min_length)
+    return (prompt, max_new_tokens) + _sampling(model, min_new_tokens=min_new_tokens, **choose)
+
+
 def _stream(model, vision_x, lang_x, attention_mask, *, repeat: int, max_new_tokens, min_new_tokens, max_length,
             min_length, visual_tokens, prefix, cache, compile, **choose) -> Iterator[torch.Tensor]:
     """:func:`stream` over each row repeated ``repeat`` times (adjacent), its images encoded once."""
-    prompt = _prompt_ids(lang_x, prefix).repeat_interleave(repeat, 0)
-    max_new_tokens, min_new_tokens = _lengths(prompt.shape[1], max_new_tokens, max_length, min_new_tokens, min_length)
-    sampling, pad = _sampling(model, min_new_tokens=min_new_tokens, **choose)
+    prompt, max_new_tokens, sampling, pad = _rules(model, lang_x, prefix, repeat, max_new_tokens=max_new_tokens,
+                                                   max_length=max_length, min_new_tokens=min_new_tokens,
+                                                   min_length=min_length, **choose)
     session, logits = _start(model, vision_x, lang_x, attention_mask, visual_tokens=visual_tokens, prefix=prefix,
                              max_new_tokens=max_new_tokens, cache=cache, compile=compile, repeat=repeat)
     stop_ids = torch.tensor(sampling.eos_token_id, device=lang_x.device, dtype=torch.long)
@@ -206,10 +211,14 @@ def _stream(model, vision_x, lang_x, attention_mask, *, repeat: int, max_new_tok
                 return
 
 
-def _prompt_ids(lang_x: torch.Tensor | None, prefix: Prefix | None) -> torch.Tensor:
-    """The token ids before the new ones: the prefix's (when given), then ``lang_x`` (B, T)."""
+def _check_lang_x(lang_x: torch.Tensor | None) -> None:
     if lang_x is None or lang_x.dim() != 2:
         raise ValueError(f"lang_x must be (B, T) token ids, got {None if lang_x is None else tuple(lang_x.shape)}")
+
+
+def _prompt_ids(lang_x: torch.Tensor | None, prefix: Prefix | None) -> torch.Tensor:
+    """The token ids before the new ones: the prefix's (when given), then ``lang_x`` (B, T)."""
+    _check_lang_x(lang_x)
     if prefix is None:
         return lang_x
     return torch.cat([prefix.ids.to(lang_x.device).expand(lang_x.shape[0], -1), lang_x], 1)
@@ -257,13 +266,12 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
                            max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length,
                            **choose, **inputs))
         return torch.cat([lang_x.repeat_interleave(R, 0), torch.stack(new, dim=1)], dim=1)
-    prompt = _prompt_ids(lang_x, prefix)
-    max_new_tokens, min_new_tokens = _lengths(prompt.shape[1], max_new_tokens, max_length, min_new_tokens, min_length)
-    sampling, pad = _sampling(model, min_new_tokens=min_new_tokens, **choose)
+    prompt, max_new_tokens, sampling, pad = _rules(model, lang_x, prefix, num_beams, max_new_tokens=max_new_tokens,
+                                                   max_length=max_length, min_new_tokens=min_new_tokens,
+                                                   min_length=min_length, **choose)
     session, logits = _start(model, vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens,
                              repeat=num_beams, **inputs)
     new = beam_search(session, logits, batch=lang_x.shape[0], num_beams=num_beams, max_new_tokens=max_new_tokens,
                       sampling=sampling, pad_token_id=pad, length_penalty=length_penalty,
-                      early_stopping=early_stopping, prompt=prompt.repeat_interleave(num_beams, 0),
-                      num_return=R)
+                      early_stopping=early_stopping, prompt=prompt, num_return=R)
     return torch.cat([lang_x.repeat_interleave(R, 0), new], dim=1)
