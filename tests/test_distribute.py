@@ -134,13 +134,14 @@ def test_compile_auto_is_off_on_the_cpu_and_across_devices(pair):
     from fastflamingo.generation.session import Session, _decode_logits
     ref, placed = pair
     vx, ids, mask = _batch()
-    for model, eager in ((ref, llama_decode.decode), (placed, _decode_logits)):
+    for model, lean in ((ref, True), (placed, False)):
         visual = model.encode_vision(vx)
         session = Session(model, ids, mask, visual, max_new_tokens=2, cache="static")
         assert not session._compiled
         # the lean LLaMA step skips the decoder layers' calls, around which accelerate's hooks move
         # weights and tensors: a placed model decodes through Hugging Face's forward
-        assert session._decode is eager
+        assert isinstance(getattr(session._decode, "__self__", None), llama_decode.LeanLlama) is lean
+        assert lean or session._decode is _decode_logits
     with pytest.raises(ValueError, match="'sometimes'"):
         Session(ref, ids, mask, None, max_new_tokens=2, compile="sometimes")
 

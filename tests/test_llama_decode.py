@@ -1,5 +1,6 @@
-"""The lean LLaMA decode step (fastflamingo/generation/llama_decode.py) gives the logits of Hugging
-Face's forward bit for bit, and the session uses it only where it computes that forward."""
+"""The lean LLaMA prefill and decode step (fastflamingo/generation/llama_decode.py) give the logits
+of Hugging Face's forward bit for bit, and the session uses them only where they compute that
+forward."""
 import pytest
 import torch
 
@@ -30,9 +31,10 @@ def _sessions(model, cache, seed, device):
     out = []
     for lean in (False, True):
         s = Session(model, ids, mask, visual, max_new_tokens=8, cache=cache, compile=False)
-        assert s._decode is llama_decode.decode, "the session does not take the lean step"
+        assert isinstance(s._decode.__self__, llama_decode.LeanLlama), "the session does not take the lean step"
+        assert s._prefill.__self__ is s._decode.__self__, "the session does not take the lean prefill"
         if not lean:
-            s._decode = _decode_logits
+            s._decode = s._prefill = _decode_logits
         out.append((s, s.prefill(ids)))
     return out
 
@@ -71,14 +73,17 @@ def test_lean_step_equals_hugging_face_forward_on_cuda(name):
     _check_steps(MODELS[name]().to("cuda", torch.bfloat16), "static", seed=1, device="cuda")
 
 
-def _hooked(model):
-    model.lang_encoder.model.layers[1].decoder_layer.register_forward_pre_hook(lambda m, a: None)
+def _hooked(model, module=lambda lm: lm.model.layers[1].decoder_layer):
+    module(model.lang_encoder).register_forward_pre_hook(lambda m, a: None)
     return model
 
 
 @pytest.mark.parametrize("make, why", [
     (lambda: tiny(lm=GQA | {"attn_implementation": "eager"}), "eager attention"),
     (lambda: _hooked(tiny()), "a hook on a decoder layer the step does not call"),
+    (lambda: _hooked(tiny(), lambda lm: lm.model.layers[2].decoder_layer.self_attn.k_proj),
+     "a hook on a linear layer the step calls through F.linear"),
+    (lambda: _hooked(tiny(), lambda lm: lm.model.norm), "a hook on the final norm"),
     (lambda: tiny(lm=dict(model_type="mpt", d_model=64, n_layers=4, n_heads=4, expansion_ratio=4,
                           max_seq_len=256, vocab_size=512)), "not a LLaMA"),
 ])
@@ -86,11 +91,31 @@ def test_session_falls_back_to_hugging_face_forward(make, why):
     model = make()
     vx, ids, mask = batch(model, [1], [6])
     s = Session(model, ids, mask, model.encode_vision(vx), max_new_tokens=2, cache="dynamic", compile=False)
-    assert s._decode is _decode_logits, why
+    assert s._decode is _decode_logits and s._prefill is _decode_logits, why
     assert not llama_decode.supports(model.lang_encoder), why
 
 
 def test_decode_takes_one_token_per_row():
     model = tiny()
     with pytest.raises(ValueError, match=r"one new token per row, got input_ids \(2, 3\)"):
-        llama_decode.decode(model.lang_encoder, torch.zeros(2, 3, dtype=torch.long), {})
+        llama_decode.LeanLlama(model.lang_encoder).decode(model.lang_encoder, torch.zeros(2, 3, dtype=torch.long), {})
+
+
+def test_prefill_keeps_hugging_face_forward_where_the_mask_builder_is_unknown(monkeypatch):
+    """A transformers whose create_causal_mask takes arguments the lean prefill does not pass
+    (older versions took cache_position): its prompt runs Hugging Face's forward, the step stays lean."""
+    import transformers.masking_utils as masking
+
+    def create_causal_mask(config, inputs_embeds, attention_mask, cache_position, past_key_values, position_ids=None):
+        raise AssertionError("not to be called")
+
+    monkeypatch.setattr(masking, "create_causal_mask", create_causal_mask)
+    monkeypatch.setattr(llama_decode, "_BUILDER", [])
+    assert not llama_decode.knows_prompt_mask()
+    model = tiny()
+    vx, ids, mask = batch(model, [1], [6])
+    s = Session(model, ids, mask, model.encode_vision(vx), max_new_tokens=2, cache="static", compile=False)
+    assert s._prefill is _decode_logits and isinstance(s._decode.__self__, llama_decode.LeanLlama)
+    monkeypatch.undo()
+    llama_decode._BUILDER.clear()
+    assert llama_decode.knows_prompt_mask()

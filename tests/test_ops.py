@@ -181,11 +181,12 @@ def test_torch_path_low_precision_by_tolerance_rule(dtype, plan, monkeypatch):
     assert_close_by_rule(fast, ref32, ref_lowp)
 
 
+@pytest.mark.parametrize("L", [5, 48])  # keys of all images in one masked call (15), or gathered (144)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_torch_path_decode_step(dtype):
+def test_torch_path_decode_step(dtype, L):
     """T = 1 (one decode step per row) has its own path: rows before any image, at image 1, at
     the last image, and a batch of one, forward and gradients, by the dtype's tolerance rule."""
-    L, N, H, D = 5, 3, 2, 7
+    N, H, D = 3, 2, 7
     for text_time in ([[0], [1], [3], [2]], [[3]], [[0]]):
         tt = torch.tensor(text_time, dtype=torch.int32)
         B = tt.shape[0]
@@ -205,6 +206,24 @@ def test_torch_path_decode_step(dtype):
         for a, b in zip(torch.autograd.grad(fast, lowp, grad), torch.autograd.grad(ref_lowp, lowp, grad)):
             torch.testing.assert_close(a.float(), b.float(), atol=2e-2 if dtype != torch.float32 else 1e-6,
                                        rtol=2e-2 if dtype != torch.float32 else 1e-5)
+
+
+@pytest.mark.parametrize("L", [5, 48])
+def test_decode_step_layers_share_a_plan_until_text_time_changes(L):
+    """The layers of a decode step share what they derive from its text_time; an in-place change of
+    text_time (IDEFICS's EOS reset, a beam reorder) is seen by the next call, not the old plan."""
+    from fastflamingo.ops import cpu
+    N, H, D = 3, 2, 8
+    tt = torch.tensor([[2], [3], [1]], dtype=torch.int32)
+    g = torch.Generator().manual_seed(L)
+    for step in range(3):
+        q, k, v = (torch.randn(3, H, s, D, generator=g) for s in (1, N * L, N * L))
+        for _layer in range(2):
+            fast = ops.image_causal_attention(q, k, v, text_time=tt, latents_per_media=L, backend="torch")
+            ref = reference.image_causal_attention_reference(q, k, v, tt, latents_per_media=L)
+            torch.testing.assert_close(fast, ref, atol=1e-6, rtol=1e-5)
+            assert cpu._DECODE_PLAN.holds(tt)
+        tt.masked_fill_(tt == 3 - step, 0) if step < 2 else tt.copy_(tt.flip(0))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

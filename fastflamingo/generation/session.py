@@ -123,11 +123,17 @@ class Session:
         if compile and self.visual is not None:  # image counts in one bucket share a compiled step
             self.visual, self.kv = _pad_media(self.visual, self.kv, _MEDIA_ROUND)
         media = 0 if self.visual is None else self.visual.shape[1]
+        # a LLaMA's prompt, and its eager step, without Hugging Face's per-call overhead (same logits)
+        lean = llama_decode.LeanLlama(lm) if llama_decode.supports(lm) else None
         if compile:
             self._decode = _compiled_decode(pooled.steps, media, device)
-        else:  # a LLaMA's eager step without Hugging Face's per-call overhead (same logits)
-            self._decode = llama_decode.decode if llama_decode.supports(lm) else _decode_logits
+        else:
+            self._decode = _decode_logits if lean is None else lean.decode
+        self._prefill = lean.prefill if lean is not None and llama_decode.knows_prompt_mask() else _decode_logits
         self._compiled, self._guarded = bool(compile), False
+        # an eager session's tensor work runs in inference mode (less dispatch per op than no_grad);
+        # a compiled step keeps no_grad: its pooled cache outlives the session and graphs are traced once
+        self._inference = torch.no_grad if compile else torch.inference_mode
 
     @torch.no_grad()
     def _prepare_media(self, ids, mask, visual, prefix: Prefix | None) -> None:
@@ -152,15 +158,13 @@ class Session:
     def _mask(self, length: int) -> torch.Tensor:
         return self.mask if self.static else self.mask[:, :length]
 
-    @torch.no_grad()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Run the prompt (B, T); returns the last position's logits (B, V) in fp32."""
         kwargs = self.call.kwargs(self.cache, self._mask(self.length), self.prompt_positions, last_only=True)
-        with self.model.conditioned(self.visual, self.prompt_text_time, self.kv):
-            logits = self.lm(input_ids=ids, **kwargs).logits[:, -1].float()
+        with self._inference(), self.model.conditioned(self.visual, self.prompt_text_time, self.kv):
+            logits = self._prefill(self.lm, ids, kwargs)
         return logits.to(ids.device)  # the LM head may sit on another device (device_map)
 
-    @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,); returns the next logits (B, V) in fp32."""
         if self.length >= self.mask.shape[1]:
@@ -170,7 +174,7 @@ class Session:
         self.length += 1
         self.pos += 1
         kwargs = self.call.kwargs(self.cache, self._mask(self.length), self.pos)
-        with self.model.conditioned(self.visual, self.tt, self.kv):
+        with self._inference(), self.model.conditioned(self.visual, self.tt, self.kv):
             logits = self._run(tokens[:, None].contiguous(), kwargs)  # one layout: no recompilation
         if self.eos_reset is not None:
             self.tt.masked_fill_(tokens[:, None] == self.eos_reset, 0)
@@ -197,9 +201,10 @@ class Session:
     def reorder(self, index: torch.Tensor) -> None:
         """Beam search: row r continues from row ``index[r]`` (always a beam of the same prompt row,
         so the visual tokens and their K/V, identical across those beams, stay as they are)."""
-        lm_cache.reorder(self.cache, index)
-        for t in (self.mask, self.pos, self.tt):
-            t.copy_(t.index_select(0, index))
+        with self._inference():
+            lm_cache.reorder(self.cache, index)
+            for t in (self.mask, self.pos, self.tt):
+                t.copy_(t.index_select(0, index))
 
 
 def _join_media(model, visual: torch.Tensor | None, prefix: Prefix | None, batch: int):

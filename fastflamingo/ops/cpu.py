@@ -19,6 +19,8 @@ images, in one of these ways:
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from ..tensor_cache import SharedByTensors
@@ -240,9 +242,50 @@ def _one_image_per_row(q, k, v, image, latents_per_media, scale):
     return out.masked_fill((image == 0)[:, None, None, None], 0.0)
 
 
+# The cross-attention layers of one decode step share what they derive from its text_time
+_DECODE_PLAN = SharedByTensors()
+
+
+@functools.lru_cache(maxsize=16)
+def _image_masks(N: int, L: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(N + 1, N·L) additive masks: row m keeps the keys of image m; row 0 (no image) keeps every
+    key (a softmax over all -inf is nan; such rows are zeroed afterwards)."""
+    key_image = torch.arange(N * L, device=device) // L + 1
+    hidden = key_image[None, :] != torch.arange(N + 1, device=device)[:, None]
+    hidden[0] = False
+    return torch.zeros(hidden.shape, dtype=dtype, device=device).masked_fill_(hidden, float("-inf"))
+
+
+def _decode_plan(text_time: torch.Tensor, L: int, N: int, dtype: torch.dtype):
+    """For T = 1: (additive mask (B, 1, 1, N·L) over every key, none (B, 1, 1, 1)) where the keys
+    of all images fit one call (N·L <= _SPAN_KEYS: a masked SDPA over them costs less than
+    gathering the row's L keys), else (image index to gather (B,), none). ``none``: the rows that
+    see no image, whose output is 0."""
+    image = text_time[:, 0]
+    none = (image == 0)[:, None, None, None]
+    if N * L <= _SPAN_KEYS:
+        return _image_masks(N, L, dtype, image.device).index_select(0, image)[:, None, None, :], none
+    return (image.long() - 1).clamp(min=0), none
+
+
 def _immediate_one_token(q, k, v, text_time, latents_per_media, scale):
-    """T = 1 (a decode step): no host read, one SDPA for the batch."""
-    return _one_image_per_row(q, k, v, text_time[:, 0], latents_per_media, scale)
+    """T = 1 (a decode step): no host read, one SDPA for the batch. Eagerly, the layers of a step
+    share the mask (or gather index) derived from its text_time; traced, it is derived per layer."""
+    if torch.compiler.is_compiling() or text_time.is_inference():  # (no version counter to key on)
+        return _one_image_per_row(q, k, v, text_time[:, 0], latents_per_media, scale)
+    B, H, _, D = q.shape
+    L = latents_per_media
+    N = k.shape[-2] // L
+    select, none = _DECODE_PLAN.get((L, N, q.dtype, text_time._version), (text_time,),
+                                    lambda: _decode_plan(text_time, L, N, q.dtype))
+    if select.dim() == 4:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=select, scale=scale)
+    else:
+        rows = torch.arange(B, device=q.device)
+        kg = k.reshape(B, H, N, L, D)[rows, :, select]  # (B, H, L, D)
+        vg = v.reshape(B, H, N, L, D)[rows, :, select]
+        out = torch.nn.functional.scaled_dot_product_attention(q, kg, vg, scale=scale)
+    return out.masked_fill(none, 0.0)
 
 
 def _immediate_gather(q, k, v, text_time, latents_per_media, scale):
