@@ -9,7 +9,7 @@ compute the same operations in the same order: the embedding and rotary embeddin
 layer the cross-attention block, the RMSNorms (``LlamaRMSNorm.forward``'s operations), the
 q/k/v projections, ``apply_rotary_pos_emb``'s products and sum (its ``rotate_half`` as a roll,
 the sign carried by the sines: exact), the cache's ``update``, Hugging Face's own SDPA attention
-function, the output projection and the MLP; the final norm and the LM head, for the last
+function, the output projection and the MLP; the final norm, and the LM head for the last
 position only. Their logits are the Hugging Face forward's, bit for bit on the CPU
 (tests/test_llama_decode.py). The decode step's mask is the key-padding mask of one new token per
 row, made from the session's attention mask; the prefill's is Hugging Face's
@@ -190,5 +190,6 @@ class LeanLlama:
             hidden = hidden + o_proj(out.reshape(B, T, -1))
             x = _rms_norm(hidden, *norm_post)
             hidden = hidden + down(act(gate(x)) * up(x))
-        # the final norm is per position: the last one's alone
-        return self.head(_rms_norm(hidden[:, -1], *self.norm)).float()
+        # as LlamaForCausalLM with logits_to_keep=1: the final norm of every position (its reduction
+        # may be split differently for fewer rows on a GPU), the head of the last one's view
+        return self.head(_rms_norm(hidden, *self.norm)[:, -1:, :])[:, -1].float()
