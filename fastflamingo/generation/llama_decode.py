@@ -4,11 +4,12 @@ At the sizes where a decode step is not bound by its matrix products (a small mo
 model's uncompiled step on a GPU), Hugging Face's ``LlamaForCausalLM.forward`` spends a third of
 the step on Python around the tensor work: the causal mask built by ``create_causal_mask``, the
 output-capturing, kwargs-merging and argument-renaming wrappers of every model and layer call,
-the module calls themselves. :class:`LeanLlama`'s ``decode`` (one token per row) and ``prefill`` (the prompt)
-compute the same operations in the same order: the embedding and rotary embedding modules, per
-layer the cross-attention block, the RMSNorms (``LlamaRMSNorm.forward``'s operations), the
-q/k/v projections, ``apply_rotary_pos_emb``'s products and sum (its ``rotate_half`` as a roll,
-the sign carried by the sines: exact), the cache's ``update``, Hugging Face's own SDPA attention
+the module calls and module attribute reads themselves. :class:`LeanLlama`'s ``decode`` (one
+token per row) and ``prefill`` (the prompt) compute the same operations in the same order: the
+embedding and rotary embedding modules; per layer the cross-attention block (bound once:
+:mod:`.lean_blocks`), the RMSNorms (``LlamaRMSNorm.forward``'s operations), the q/k/v
+projections, ``apply_rotary_pos_emb``'s products and sum (its ``rotate_half`` as a roll, the
+sign carried by the sines: exact), the cache's ``update``, Hugging Face's own SDPA attention
 function, the output projection and the MLP; the final norm, and the LM head for the last
 position only. Their logits are the Hugging Face forward's, bit for bit on the CPU
 (tests/test_llama_decode.py). The decode step's mask is the key-padding mask of one new token per
@@ -44,8 +45,7 @@ _SILU = _silu_types()  # activations whose forward is F.silu
 
 def supports(lm: nn.Module) -> bool:
     """Whether :class:`LeanLlama` computes ``lm``'s forward (its ``prefill`` also needs
-    :func:`knows_prompt_mask`): Hugging Face's ``LlamaForCausalLM`` with
-    its own layer classes (no subclass that could change them: FSDP2's sharded layers are one),
+    :func:`knows_prompt_mask`): Hugging Face's ``LlamaForCausalLM`` with its own layer classes (no subclass that could change them: FSDP2's sharded layers are one),
     SDPA attention, and nothing attached to the calls the step skips (the model's, the decoder
     layers', their attention, norms and MLPs', the plain linear layers'): no hooks there and no
     accelerate hooks anywhere (a model placed with ``device_map`` moves weights and tensors around
