@@ -639,3 +639,22 @@ def test_default_stops_and_fill_equal_open_flamingo_generate(family):
     assert want[0, 14] == EOS_ID and (want[0, 15:] != fill).all(), want[0]
     assert want[1, 14] == EOC_ID and (want[1, 15:] == fill).all(), want[1]
     assert torch.equal(got, want), (family, got[:, 14:], want[:, 14:])
+
+
+def test_outputs_are_ordinary_tensors_after_inference_mode_sessions():
+    """Eager sessions compute in inference mode; what users get back (tokens of generate, beam
+    search, stream; scores) are ordinary tensors: writable in place and usable in autograd, and the
+    model trains right after generating."""
+    from fastflamingo.generation import score
+    model = tiny()
+    vx, ids, mask = batch(model, [1, 2], [6, 9])
+    outs = [generate(model, vx, ids, mask, max_new_tokens=3),
+            generate(model, vx, ids, mask, max_new_tokens=3, num_beams=2),
+            *stream(model, vx, ids, mask, max_new_tokens=3),
+            score(model, vx, ids, [[5, 6], [7]], mask)]
+    for out in outs:
+        assert not out.is_inference()
+        out.view(-1)[0] = out.view(-1)[0]  # an in-place write outside inference mode
+    loss = model(vx, outs[0], labels=outs[0]).loss
+    loss.backward()
+    assert any(p.grad is not None for p in model.parameters())
