@@ -10,9 +10,9 @@ from fastflamingo.generation.lean_blocks import bound_block
 D, D_VIS, L = 48, 40, 5
 
 
-def _block(style, qk_layer_norms=False, alpha_type="float", seed=0):
+def _block(style, qk_layer_norms=False, alpha_type="float", seed=0, dim_head=12):
     torch.manual_seed(seed)
-    c = CrossAttentionConfig(style=style, heads=4, dim_head=12, qk_layer_norms=qk_layer_norms,
+    c = CrossAttentionConfig(style=style, heads=4, dim_head=dim_head, qk_layer_norms=qk_layer_norms,
                              alpha_type=alpha_type, intermediate_size=80)
     if style == "idefics":
         block = IdeficsGatedCrossAttentionBlock(dim=D, dim_visual=D_VIS, config=c, lm_heads=4, lm_intermediate=80)
@@ -38,11 +38,12 @@ CASES = [("open_flamingo", False, "float"), ("idefics", False, "float"), ("idefi
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("style, qk_layer_norms, alpha_type", CASES)
-@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("T, dim_head", [(1, 12), (7, 12), (1, 7)])
 @torch.inference_mode()
-def test_bound_block_equals_forward(style, qk_layer_norms, alpha_type, dtype, T):
-    """Decode steps (T = 1) and prompts, rows that see no image, and calls with no images at all."""
-    block = _block(style, qk_layer_norms, alpha_type).to(dtype)
+def test_bound_block_equals_forward(style, qk_layer_norms, alpha_type, dtype, T, dim_head):
+    """Decode steps (T = 1) and prompts, an odd head size, rows that see no image, and calls with
+    no images at all."""
+    block = _block(style, qk_layer_norms, alpha_type, dim_head=dim_head).to(dtype)
     fn = bound_block(block)
     assert fn is not block, "a block of fastflamingo's own modules is bound"
     x = torch.randn(3, T, D).to(dtype)
