@@ -23,10 +23,18 @@ MODELS = {"tiny": lambda: tiny(), "gqa": lambda: tiny(lm=GQA), "idefics": _idefi
           "eos_resets_media": lambda: tiny(eos_resets_media=True)}
 
 
-def _sessions(model, cache, seed, device):
+LAYOUTS = {"padded": ([2, 0, 1], [9, 14, 6]),  # rows with 2, 0 and 1 images, left padding
+           "one_token": ([1, 0, 1], [1, 1, 1]),  # T = 1 prompts: an <image> alone, a word alone
+           "last_token_image": ([1, 1, 2], [1, 5, 2])}  # T = 1 and images at the last token
+
+
+def _sessions(model, cache, seed, device, layout="padded"):
     """Two sessions of one left-padded prompt batch: Hugging Face's forward and the lean step."""
+    images, lengths = LAYOUTS[layout]
     vx, ids, mask = (None if t is None else t.to(device, model.dtype if t.is_floating_point() else t.dtype)
-                     for t in batch(model, [2, 0, 1], [9, 14, 6], seed=seed))
+                     for t in batch(model, images, lengths, seed=seed))
+    if layout == "last_token_image":  # every row's last token an <image>, the 2-image row's first too
+        ids[:, -1] = ids[2, 0] = model.config.media_token_id
     visual = model.encode_vision(vx) if vx is not None else None
     out = []
     for lean in (False, True):
@@ -39,14 +47,14 @@ def _sessions(model, cache, seed, device):
     return out
 
 
-def _check_steps(model, cache, seed, device="cpu"):
+def _check_steps(model, cache, seed, device="cpu", layout="padded", steps=7):
     """Every decode step's logits, teacher-forced with tokens that include EOS and <image> (an
     image token without pixels: text), equal between the two sessions."""
-    (hf, logits_hf), (lean, logits_lean) = _sessions(model, cache, seed, device)
+    (hf, logits_hf), (lean, logits_lean) = _sessions(model, cache, seed, device, layout)
     assert torch.equal(logits_hf, logits_lean)
     c = model.config
     g = torch.Generator().manual_seed(3)
-    for step in range(7):
+    for step in range(steps):
         tokens = torch.randint(3, min(500, model.vocab_size), (3,), generator=g)
         tokens[step % 3] = (c.eos_token_id, c.media_token_id, tokens[step % 3])[step % 3]
         tokens = tokens.to(device)
@@ -63,6 +71,24 @@ def test_lean_step_equals_hugging_face_forward(name, cache, dtype):
     """Multi-head and grouped-query attention, IDEFICS's import and its EOS reset, rows with 2, 0
     and 1 images and left padding, both LM caches, fp32 and bf16."""
     _check_steps(MODELS[name]().to(dtype), cache, seed=len(name))
+
+
+@pytest.mark.parametrize("layout", ["one_token", "last_token_image"])
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+@pytest.mark.parametrize("name", ["gqa", "idefics"])
+@torch.no_grad()
+def test_lean_prefill_of_one_token_prompts_and_images_at_the_last_token(name, cache, layout):
+    """Prompts of one token (an <image> alone, a word alone: the prefill takes the one-query mask)
+    and images at the last prompt token, the steps after them."""
+    _check_steps(MODELS[name](), cache, seed=2, layout=layout)
+
+
+@pytest.mark.parametrize("name", ["gqa", "idefics"])
+@torch.no_grad()
+def test_lean_step_that_fills_the_static_cache(name):
+    """No padding, and the last step a session has room for: every slot of the static cache holds a
+    token (Hugging Face still builds a mask for a static cache's step: so does the lean one)."""
+    _check_steps(MODELS[name](), "static", seed=4, layout="one_token", steps=8)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -103,7 +129,8 @@ def test_decode_takes_one_token_per_row():
 
 def test_prefill_keeps_hugging_face_forward_where_the_mask_builder_is_unknown(monkeypatch):
     """A transformers whose create_causal_mask takes arguments the lean prefill does not pass
-    (older versions took cache_position): its prompt runs Hugging Face's forward, the step stays lean."""
+    (older versions took cache_position): its prompt runs Hugging Face's forward, and so does the
+    step on a dynamic cache; a static cache's step stays lean."""
     import transformers.masking_utils as masking
 
     def create_causal_mask(config, inputs_embeds, attention_mask, cache_position, past_key_values, position_ids=None):
@@ -116,6 +143,9 @@ def test_prefill_keeps_hugging_face_forward_where_the_mask_builder_is_unknown(mo
     vx, ids, mask = batch(model, [1], [6])
     s = Session(model, ids, mask, model.encode_vision(vx), max_new_tokens=2, cache="static", compile=False)
     assert s._prefill is _decode_logits and isinstance(s._decode.__self__, llama_decode.LeanLlama)
+    # a dynamic cache's step needs Hugging Face's mask builder too (it may give no mask at all)
+    s = Session(model, ids, mask, model.encode_vision(vx), max_new_tokens=2, cache="dynamic", compile=False)
+    assert s._prefill is _decode_logits and s._decode is _decode_logits
     monkeypatch.undo()
     llama_decode._BUILDER.clear()
     assert llama_decode.knows_prompt_mask()

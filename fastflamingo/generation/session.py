@@ -125,11 +125,12 @@ class Session:
         media = 0 if self.visual is None else self.visual.shape[1]
         # a LLaMA's prompt, and its eager step, without Hugging Face's per-call overhead (same logits)
         lean = llama_decode.LeanLlama(lm) if llama_decode.supports(lm) else None
+        masks = llama_decode.knows_prompt_mask()  # else only a static cache's step is lean
         if compile:
             self._decode = _compiled_decode(pooled.steps, media, device)
         else:
-            self._decode = _decode_logits if lean is None else lean.decode
-        self._prefill = lean.prefill if lean is not None and llama_decode.knows_prompt_mask() else _decode_logits
+            self._decode = lean.decode if lean is not None and (self.static or masks) else _decode_logits
+        self._prefill = lean.prefill if lean is not None and masks else _decode_logits
         self._compiled, self._guarded = bool(compile), False
         # an eager session's tensor work runs in inference mode (less dispatch per op than no_grad);
         # a compiled step keeps no_grad: its pooled cache outlives the session and graphs are traced once
