@@ -3,7 +3,7 @@
 A decode step of a small model is bound by Python around its tensor work, not by the work: each
 module call costs ~1.5 us and each module attribute read ~0.5 us, and a block's forward does ~10
 of the first and ~30 of the second. :func:`bound_block` returns a function equal to
-``block.forward`` (bit for bit: the same operations in the same order; tests/test_llama_decode.py)
+``block.forward`` (bit for bit: the same operations in the same order; tests/test_lean_blocks.py)
 that reads the block's parameters and settings once, when the session starts: norms and linear
 layers run as their functional calls, ``tanh`` of the gates is taken once. Blocks that are not
 exactly :mod:`fastflamingo.blocks`' own (hooks, replaced submodules) are called as they are.

@@ -46,11 +46,11 @@ _SILU = _silu_types()  # activations whose forward is F.silu
 
 def supports(lm: nn.Module) -> bool:
     """Whether :class:`LeanLlama` computes ``lm``'s forward (its ``prefill`` also needs
-    :func:`knows_prompt_mask`): Hugging Face's ``LlamaForCausalLM`` with its own layer classes (no subclass that could change them: FSDP2's sharded layers are one),
-    SDPA attention, and nothing attached to the calls the step skips (the model's, the decoder
-    layers', their attention, norms and MLPs', the plain linear layers'): no hooks there and no
-    accelerate hooks anywhere (a model placed with ``device_map`` moves weights and tensors around
-    module calls)."""
+    :func:`knows_prompt_mask`): Hugging Face's ``LlamaForCausalLM`` with its own layer classes
+    (no subclass that could change them: FSDP2's sharded layers are one), SDPA attention, and
+    nothing attached to the calls the step skips (the model's, the decoder layers', their
+    attention, norms and MLPs', the plain linear layers'): no hooks there and no accelerate hooks
+    anywhere (a model placed with ``device_map`` moves weights and tensors around module calls)."""
     try:
         from transformers.models.llama.modeling_llama import (LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM,
                                                               LlamaMLP, LlamaRMSNorm)
