@@ -47,7 +47,8 @@ def test_bound_block_equals_forward(style, qk_layer_norms, alpha_type, dtype, T,
     fn = bound_block(block)
     assert fn is not block, "a block of fastflamingo's own modules is bound"
     x = torch.randn(3, T, D).to(dtype)
-    for media in (_media(3, 2, T, dtype, none_rows=(1,)), _media(3, 3, T, dtype), MediaState(None, torch.zeros(3, T, dtype=torch.int32))):
+    no_images = MediaState(None, torch.zeros(3, T, dtype=torch.int32))
+    for media in (_media(3, 2, T, dtype, none_rows=(1,)), _media(3, 3, T, dtype), no_images):
         want, got = block(x, media), fn(x, media)
         assert got.dtype == want.dtype and torch.equal(got, want), (got - want).abs().max()
 
