@@ -3,7 +3,8 @@
 With no arguments it picks the default that fits the machine (the ``tiny`` preset in fp32 on a
 CPU, the ``openflamingo-9b`` shape with random weights in bf16 on a GPU) and runs the kernel and
 end-to-end suites (and, on a CPU, scoring; on a GPU, the NF4 kernel), printing the table and
-writing rows.csv, rows.json and PNG plots to ``--out``.
+the open issues' acceptance goals that its rows decide (:mod:`.goals`), and writing rows.csv,
+rows.json, goals.txt and PNG plots to ``--out``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ import torch
 
 from . import e2e, kernels
 from .env import code_version, device_name, versions
+from .goals import evaluate as evaluate_goals
+from .goals import format_goals
 from .plots import all_plots
 from .report import format_table
 from .rows import read_json, write_csv, write_json
@@ -75,7 +78,8 @@ def run_bench(*, suite: str = "all", preset: str | None = None, quick: bool = Fa
 
 
 def write_outputs(rows, meta: dict, out: str, *, plots: bool = True, echo=print) -> dict:
-    """Print the table; write rows.csv, rows.json, table.txt and the plots to ``out``."""
+    """Print the table and the goals it decides; write rows.csv, rows.json, table.txt, goals.txt
+    (where some goal is decided) and the plots to ``out``."""
     table = format_table(rows)
     echo(table)
     files = [os.path.join(out, name) for name in ("rows.csv", "rows.json", "table.txt")]
@@ -83,6 +87,12 @@ def write_outputs(rows, meta: dict, out: str, *, plots: bool = True, echo=print)
     write_json(rows, files[1], meta)
     with open(files[2], "w") as f:
         f.write(f"{meta}\n{table}\n")
+    goals = format_goals(evaluate_goals(rows))
+    if goals:  # the open issues' acceptance goals these rows decide
+        echo(f"\n{goals}")
+        files.append(os.path.join(out, "goals.txt"))
+        with open(files[-1], "w") as f:
+            f.write(f"{goals}\n")
     if plots:
         files += all_plots(rows, out)
     echo(f"\nwrote {', '.join(files)}  ({meta.get('wall_s')} s)")

@@ -1,0 +1,268 @@
+"""The acceptance goals of issues 3, 6 and 7, read off a run's rows: met, NOT met, or not measured.
+
+A GPU run is short (one device call per suite), and its table is long; this says which goal each
+run decided and by what figure, printed after the table and written to ``goals.txt``. It reads
+only the rows (``fastflamingo bench --from-json rows.json`` re-reads an earlier run), and checks
+nothing the rows do not hold: a goal whose rows are missing is left out; one whose rows are
+there but failed or could not run is "not measured", with the rows' status.
+
+The H100 goals are read off rows measured on a CUDA device (on another GPU than an H100 the line
+says so: the goals are set for an H100); the CPU goal off rows measured on a CPU.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from .rows import Row
+
+MET, NOT_MET, UNMEASURED = "met", "NOT met", "not measured"
+GB = 1e9 / 2 ** 20  # MiB in a gigabyte (the memory rows are in MiB): 8 GB read strictly, 8e9 bytes
+
+
+@dataclass(frozen=True)
+class Verdict:
+    issue: int
+    goal: str
+    status: str  # MET, NOT_MET or UNMEASURED
+    measured: str
+    device: str
+
+
+class _Rows:
+    """The rows of one run, looked up by (kernel, mode, metric, x, provider)."""
+
+    def __init__(self, rows: Iterable[Row]):
+        self.rows = list(rows)
+        self._by = {(r.kernel, r.mode, r.metric, r.x, r.provider): r for r in self.rows}
+
+    def get(self, kernel, mode, metric, x, provider) -> Row | None:
+        return self._by.get((kernel, mode, metric, x, provider))
+
+    def xs(self, kernel, mode, metric, *, sweep: str | None = None, prefix: str | None = None) -> list[str]:
+        seen = []
+        for r in self.rows:
+            if (r.kernel, r.mode, r.metric) == (kernel, mode, metric) and r.x not in seen \
+                    and (sweep is None or r.sweep == sweep) and (prefix is None or r.x.startswith(prefix)):
+                seen.append(r.x)
+        return seen
+
+    def providers(self, kernel, mode, metric, x) -> list[Row]:
+        return [r for r in self.rows if (r.kernel, r.mode, r.metric, r.x) == (kernel, mode, metric, x)]
+
+
+class _Unmeasured(Exception):
+    """A row the goal needs failed or could not run: its status says why."""
+
+
+def _need(row: Row | None, what: str) -> float:
+    if row is None:
+        raise _Unmeasured(f"no {what} row")
+    if not row.ok:
+        raise _Unmeasured(f"{what}: {row.status.splitlines()[0][:80]}")
+    return row.median
+
+
+def _us(ms: float) -> str:
+    return f"{ms * 1e3:.1f} µs"
+
+
+def _peers(rows: _Rows, kernel, mode, x) -> list[Row]:
+    """The peers' rows at one point: not fastflamingo's own, not the roofline, and not a peer's
+    mask build counted in (the strictest comparison: the peers with their masks prebuilt)."""
+    return [r for r in rows.providers(kernel, mode, "time_ms", x)
+            if not r.provider.startswith("fastflamingo") and "roofline" not in r.provider
+            and "build" not in r.provider and r.ok]
+
+
+# --------------------------------------------------------------------------- the goals
+# each: (issue, goal text, device kind "cuda" / "cpu", the points it reads, check(rows, x) -> (met, measured))
+def _xattn_time(limit_ms: float, mode: str):
+    def check(rows: _Rows, x: str):
+        t = _need(rows.get("image-causal xattn", mode, "time_ms", x, "fastflamingo"), f"fastflamingo {mode}")
+        return t <= limit_ms, _us(t)
+    return check
+
+
+def _xattn_roofline_share(rows: _Rows, x: str):
+    t = _need(rows.get("image-causal xattn", "fwd", "time_ms", x, "fastflamingo"), "fastflamingo fwd")
+    roof = _need(rows.get("image-causal xattn", "fwd", "time_ms", x, "roofline"), "roofline")
+    return roof / t >= 0.6, f"{roof / t:.0%} of the roofline ({_us(t)} vs {_us(roof)})"
+
+
+def _xattn_best_peer(rows: _Rows, x: str):
+    t = _need(rows.get("image-causal xattn", "fwd", "time_ms", x, "fastflamingo"), "fastflamingo fwd")
+    peers = _peers(rows, "image-causal xattn", "fwd", x)
+    if not peers:
+        raise _Unmeasured("no peer ran")
+    best = min(peers, key=lambda r: r.median)
+    return best.median / t >= 2.0, f"{best.median / t:.2f}x the best peer ({best.provider}, {_us(best.median)})"
+
+
+def _xattn_sweep(rows: _Rows, xs: list[str]):
+    worst = None
+    for x in xs:
+        t = _need(rows.get("image-causal xattn", "fwd", "time_ms", x, "fastflamingo"), f"fastflamingo fwd {x}")
+        roof = _need(rows.get("image-causal xattn", "fwd", "time_ms", x, "roofline"), f"roofline {x}")
+        if worst is None or t / roof > worst[0]:
+            worst = (t / roof, x)
+    return worst[0] <= 2.0, f"worst {worst[0]:.2f}x the roofline ({worst[1]}; {len(xs)} points)"
+
+
+def _perceiver_roofline(rows: _Rows, x: str):
+    t = _need(rows.get("perceiver attention", "fwd", "time_ms", x, "fastflamingo"), "fastflamingo fwd")
+    roof = _need(rows.get("perceiver attention", "fwd", "time_ms", x, "roofline"), "roofline")
+    return t <= 1.5 * roof, f"{t / roof:.2f}x the roofline ({_us(t)})"
+
+
+def _perceiver_vs_cat(mode: str):
+    def check(rows: _Rows, x: str):
+        t = _need(rows.get("perceiver attention", mode, "time_ms", x, "fastflamingo"), f"fastflamingo {mode}")
+        cat = _need(rows.get("perceiver attention", mode, "time_ms", x, "cat+sdpa"), f"cat+sdpa {mode}")
+        return cat / t >= 1.5, f"{cat / t:.2f}x faster ({_us(t)} vs {_us(cat)})"
+    return check
+
+
+def _resampler_vs_matmuls(rows: _Rows, x: str):
+    t = _need(rows.get("resampler layer", "fwd+bwd", "time_ms", x, "fastflamingo"), "fastflamingo fwd+bwd")
+    mm = _need(rows.get("resampler layer", "fwd+bwd", "time_ms", x, "matmuls only (floor)"), "matmuls only")
+    return t <= 1.3 * mm, f"{t / mm:.2f}x its matmuls ({_us(t)} vs {_us(mm)})"
+
+
+def _resampler_vs_modules(rows: _Rows, x: str):
+    t = _need(rows.get("resampler layer", "fwd+bwd", "time_ms", x, "fastflamingo"), "fastflamingo fwd+bwd")
+    ratios = {p: _need(rows.get("resampler layer", "fwd+bwd", "time_ms", x, p), p) / t
+              for p in ("sdpa module", "open_flamingo")}
+    return min(ratios.values()) > 1.0, ", ".join(f"{r:.2f}x {p}" for p, r in ratios.items())
+
+
+def _decode_rate(limit: float):
+    def check(rows: _Rows, x: str):
+        rate = _need(rows.get("e2e decode", "bf16", "tokens_per_s", x, "fastflamingo"), "fastflamingo bf16 decode")
+        return rate >= limit, f"{rate:.0f} new tokens/s"
+    return check
+
+
+def _prefill(rows: _Rows, x: str):
+    t = _need(rows.get("e2e prefill", "bf16", "time_ms", x, "fastflamingo"), "fastflamingo bf16 prefill")
+    return t <= 70.0, f"{t:.1f} ms"
+
+
+def _nf4(rows: _Rows, x: str):
+    best = None
+    for r in rows.providers("e2e decode", "nf4", "tokens_per_s", x):
+        if not r.provider.startswith("fastflamingo") or not r.ok:
+            continue
+        peak = rows.get("e2e decode", "nf4", "peak_mem_MB", x, r.provider)
+        if peak is None or not peak.ok:
+            continue
+        met = peak.median <= 8 * GB and r.median >= 300
+        if best is None or (met, r.median) > (best[0], best[1]):
+            best = (met, r.median, peak.median, r.provider)
+    if best is None:
+        raise _Unmeasured("no NF4 decode row with its peak memory")
+    met, rate, peak, provider = best
+    return met, f"{provider}: {peak / GB:.2f} GB ({peak / 1024:.2f} GiB) peak, {rate:.0f} new tokens/s"
+
+
+def _cpu_generation(peer: str):
+    def check(rows: _Rows, x: str):
+        ours = _need(rows.get("e2e decode", "fp32", "tokens_per_s", x, "fastflamingo"), "fastflamingo decode")
+        theirs = _need(rows.get("e2e decode", "fp32", "tokens_per_s", x, peer), f"{peer} decode")
+        return ours >= 2 * theirs, f"{ours / theirs:.2f}x {peer} ({ours:.0f} vs {theirs:.0f} new tokens/s)"
+    return check
+
+
+_KERNEL_GOALS = [  # (issue, text, kernel, mode, the point, check)
+    (3, "image-causal fwd B=8 N=32 T=2048 <= 35 µs", "image-causal xattn", "fwd", "B=8 N=32 T=2048",
+     _xattn_time(0.035, "fwd")),
+    (3, "image-causal fwd B=8 N=32 T=2048 >= 60% of the roofline", "image-causal xattn", "fwd",
+     "B=8 N=32 T=2048", _xattn_roofline_share),
+    (3, "image-causal fwd B=8 N=32 T=2048 >= 2x the best peer", "image-causal xattn", "fwd",
+     "B=8 N=32 T=2048", _xattn_best_peer),
+    (3, "image-causal fwd+bwd B=8 N=32 T=2048 <= 200 µs", "image-causal xattn", "fwd+bwd", "B=8 N=32 T=2048",
+     _xattn_time(0.200, "fwd+bwd")),
+    (3, "image-causal fwd B=8 N=4 T=256 <= 15 µs", "image-causal xattn", "fwd", "B=8 N=4 T=256",
+     _xattn_time(0.015, "fwd")),
+]
+for _images in (64, 256):
+    _x = f"images={_images} V=257"
+    _KERNEL_GOALS += [
+        (6, f"Perceiver attention fwd, {_images} images, <= 1.5x its roofline", "perceiver attention", "fwd", _x,
+         _perceiver_roofline),
+        (6, f"Perceiver attention fwd, {_images} images, >= 1.5x cat+SDPA", "perceiver attention", "fwd", _x,
+         _perceiver_vs_cat("fwd")),
+        (6, f"Perceiver attention fwd+bwd, {_images} images, >= 1.5x cat+SDPA", "perceiver attention", "fwd+bwd", _x,
+         _perceiver_vs_cat("fwd+bwd")),
+        (6, f"resampler layer fwd+bwd, {_images} images, <= 1.3x its matmuls", "resampler layer", "fwd+bwd", _x,
+         _resampler_vs_matmuls),
+        (6, f"resampler layer fwd+bwd, {_images} images, faster than the SDPA module and open_flamingo's",
+         "resampler layer", "fwd+bwd", _x, _resampler_vs_modules),
+    ]
+
+_E2E_GPU_GOALS = [  # (issue, text, kernel, mode, x prefix, check)
+    (7, "{shape}: >= 500 new tokens/s, bf16", "e2e decode", "bf16", _decode_rate(500.0)),
+    (7, "{shape}: prefill <= 70 ms, bf16", "e2e prefill", "bf16", _prefill),
+    (7, "{shape}: NF4 peak <= 8 GB at >= 300 new tokens/s", "e2e decode", "nf4", _nf4),
+]
+_GPU_SHAPES = ("openflamingo-9b shape", "idefics shape")
+
+_E2E_CPU_GOALS = [  # issue 7, acceptance 3
+    (7, "tiny preset generation >= 2x open_flamingo (CPU)", "tiny shape", _cpu_generation("open_flamingo")),
+    (7, "tiny IDEFICS-shape generation >= 2x transformers' IDEFICS (CPU)", "idefics shape",
+     _cpu_generation("IDEFICS")),
+]
+
+
+def _judge(issue: int, text: str, device: str, check: Callable, rows: _Rows, arg) -> Verdict:
+    try:
+        met, measured = check(rows, arg)
+    except _Unmeasured as e:
+        return Verdict(issue, text, UNMEASURED, str(e), device)
+    return Verdict(issue, text, MET if met else NOT_MET, measured, device)
+
+
+def _is_cuda(device: str) -> bool:
+    return device.startswith("NVIDIA") or "GPU" in device
+
+
+def evaluate(rows: Iterable[Row]) -> list[Verdict]:
+    """The goals that the rows decide (or that their failed rows leave unmeasured), in issue order."""
+    rows = _Rows(rows)
+    gpu = [r for r in rows.rows if _is_cuda(r.device)]
+    cpu = [r for r in rows.rows if r.device and not _is_cuda(r.device)]
+    out = []
+    if gpu:
+        g = _Rows(gpu)
+        device = gpu[0].device
+        for issue, text, kernel, mode, x, check in _KERNEL_GOALS:
+            if g.providers(kernel, mode, "time_ms", x):
+                out.append(_judge(issue, text, device, check, g, x))
+        sweep = g.xs("image-causal xattn", "fwd", "time_ms", sweep="N")
+        if sweep:
+            out.append(_judge(3, "image-causal fwd, N sweep at fixed T: within 2x of the roofline at every N",
+                              device, _xattn_sweep, g, sweep))
+        for shape in _GPU_SHAPES:
+            for issue, text, kernel, mode, check in _E2E_GPU_GOALS:
+                for x in g.xs(kernel, mode, "tokens_per_s" if kernel == "e2e decode" else "time_ms", prefix=shape):
+                    out.append(_judge(issue, text.format(shape=x), device, check, g, x))
+    if cpu:
+        c = _Rows(cpu)
+        device = cpu[0].device
+        for issue, text, prefix, check in _E2E_CPU_GOALS:
+            for x in c.xs("e2e decode", "fp32", "tokens_per_s", prefix=prefix):
+                out.append(_judge(issue, f"{text}, {x}", device, check, c, x))
+    return sorted(out, key=lambda v: v.issue)
+
+
+def format_goals(verdicts: list[Verdict]) -> str:
+    """One line per goal: issue, goal, verdict, the figure that decided it, the device."""
+    if not verdicts:
+        return ""
+    lines = ["== goals of the open issues (acceptance), read off these rows"]
+    for v in verdicts:
+        where = v.device
+        if _is_cuda(v.device) and "H100" not in v.device:
+            where += "; the goal is set for an H100"
+        lines.append(f"issue {v.issue}  {v.goal}: {v.status}: {v.measured}  [{where}]")
+    return "\n".join(lines)
