@@ -131,7 +131,7 @@ def test_device_map_errors_name_the_problem(tmp_path):
 
 def test_compile_auto_is_off_on_the_cpu_and_across_devices(pair):
     from fastflamingo.generation import llama_decode
-    from fastflamingo.generation.session import Session, _decode_logits
+    from fastflamingo.generation.session import Session, _lm_logits
     ref, placed = pair
     vx, ids, mask = _batch()
     for model, lean in ((ref, True), (placed, False)):
@@ -141,7 +141,7 @@ def test_compile_auto_is_off_on_the_cpu_and_across_devices(pair):
         # the lean LLaMA step skips the decoder layers' calls, around which accelerate's hooks move
         # weights and tensors: a placed model decodes through Hugging Face's forward
         assert isinstance(getattr(session._decode, "__self__", None), llama_decode.LeanLlama) is lean
-        assert lean or session._decode is _decode_logits
+        assert lean or session._decode is _lm_logits
     with pytest.raises(ValueError, match="'sometimes'"):
         Session(ref, ids, mask, None, max_new_tokens=2, compile="sometimes")
 

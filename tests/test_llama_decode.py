@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastflamingo.generation import llama_decode
-from fastflamingo.generation.session import Session, _decode_logits
+from fastflamingo.generation.session import Session, _lm_logits
 
 from prompts import batch, tiny
 
@@ -42,7 +42,7 @@ def _sessions(model, cache, seed, device, layout="padded"):
         assert isinstance(s._decode.__self__, llama_decode.LeanLlama), "the session does not take the lean step"
         assert s._prefill.__self__ is s._decode.__self__, "the session does not take the lean prefill"
         if not lean:
-            s._decode = s._prefill = _decode_logits
+            s._decode = s._prefill = _lm_logits
         out.append((s, s.prefill(ids)))
     return out
 
@@ -117,7 +117,7 @@ def test_session_falls_back_to_hugging_face_forward(make, why):
     model = make()
     vx, ids, mask = batch(model, [1], [6])
     s = Session(model, ids, mask, model.encode_vision(vx), max_new_tokens=2, cache="dynamic", compile=False)
-    assert s._decode is _decode_logits and s._prefill is _decode_logits, why
+    assert s._decode is _lm_logits and s._prefill is _lm_logits, why
     assert not llama_decode.supports(model.lang_encoder), why
 
 
@@ -142,10 +142,10 @@ def test_prefill_keeps_hugging_face_forward_where_the_mask_builder_is_unknown(mo
     model = tiny()
     vx, ids, mask = batch(model, [1], [6])
     s = Session(model, ids, mask, model.encode_vision(vx), max_new_tokens=2, cache="static", compile=False)
-    assert s._prefill is _decode_logits and isinstance(s._decode.__self__, llama_decode.LeanLlama)
+    assert s._prefill is _lm_logits and isinstance(s._decode.__self__, llama_decode.LeanLlama)
     # a dynamic cache's step needs Hugging Face's mask builder too (it may give no mask at all)
     s = Session(model, ids, mask, model.encode_vision(vx), max_new_tokens=2, cache="dynamic", compile=False)
-    assert s._prefill is _decode_logits and s._decode is _decode_logits
+    assert s._prefill is _lm_logits and s._decode is _lm_logits
     monkeypatch.undo()
     llama_decode._BUILDER.clear()
     assert llama_decode.knows_prompt_mask()

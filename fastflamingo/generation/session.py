@@ -29,7 +29,8 @@ _STATIC_ROUND = 64  # static cache lengths are rounded up so that prompts of sim
 _MEDIA_ROUND = 4  # so are image counts of compiled steps (padding images no token refers to)
 
 
-def _decode_logits(lm, input_ids, kwargs):
+def _lm_logits(lm, input_ids, kwargs):
+    """The LM's own forward: the last position's logits (B, V) in fp32 (prefill or decode step)."""
     return lm(input_ids=input_ids, **kwargs).logits[:, -1].float()
 
 
@@ -51,9 +52,9 @@ def _compiled_decode(steps: dict, media: int, device: torch.device):
     mode = "reduce-overhead" if device.type == "cuda" else None
     key = (media, mode)
     if key not in steps:
-        code = _decode_logits.__code__
+        code = _lm_logits.__code__
         code = code.replace(co_name=f"{code.co_name}_{len(steps)}")  # a distinct object
-        fn = types.FunctionType(code, _decode_logits.__globals__, code.co_name)
+        fn = types.FunctionType(code, _lm_logits.__globals__, code.co_name)
         steps[key] = torch.compile(fn, mode=mode, dynamic=False)
     return steps[key]
 
@@ -129,8 +130,8 @@ class Session:
         if compile:
             self._decode = _compiled_decode(pooled.steps, media, device)
         else:
-            self._decode = lean.decode if lean is not None and (self.static or masks) else _decode_logits
-        self._prefill = lean.prefill if lean is not None and masks else _decode_logits
+            self._decode = lean.decode if lean is not None and (self.static or masks) else _lm_logits
+        self._prefill = lean.prefill if lean is not None and masks else _lm_logits
         self._compiled, self._guarded = bool(compile), False
         # an eager session's tensor work runs in inference mode (less dispatch per op than no_grad);
         # a compiled step keeps no_grad: its pooled cache outlives the session and graphs are traced once
