@@ -231,15 +231,25 @@ def _views(x: torch.Tensor, ranges: list[tuple[int, int]]) -> list[torch.Tensor]
 def _one_image_per_row(q, k, v, image, latents_per_media, scale):
     """Every token of row b sees image ``image[b]`` (B,) (0: none): each row's queries read the L
     keys of that image, gathered, in one fused SDPA for the batch."""
+    return _gathered(q, k, v, *_gather_index(image), latents_per_media, scale)
+
+
+def _gather_index(image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) image per row (0: none) -> (the image index each row gathers (B,), none (B, 1, 1, 1)):
+    rows with no image read image 1 and are zeroed by ``none``."""
+    return (image.long() - 1).clamp(min=0), (image == 0)[:, None, None, None]
+
+
+def _gathered(q, k, v, idx, none, latents_per_media, scale):
+    """Row b's queries over the L keys of image ``idx[b] + 1``, one SDPA; rows in ``none`` get 0."""
     B, H, _, D = q.shape
     L = latents_per_media
     N = k.shape[-2] // L
-    idx = (image.long() - 1).clamp(min=0)  # rows with no image read image 1, zeroed below
     rows = torch.arange(B, device=q.device)
     kg = k.reshape(B, H, N, L, D)[rows, :, idx]  # (B, H, L, D)
     vg = v.reshape(B, H, N, L, D)[rows, :, idx]
     out = torch.nn.functional.scaled_dot_product_attention(q, kg, vg, scale=scale)
-    return out.masked_fill((image == 0)[:, None, None, None], 0.0)
+    return out.masked_fill(none, 0.0)
 
 
 # The cross-attention layers of one decode step share what they derive from its text_time
@@ -259,13 +269,13 @@ def _image_masks(N: int, L: int, dtype: torch.dtype, device: torch.device) -> to
 def _decode_plan(text_time: torch.Tensor, L: int, N: int, dtype: torch.dtype):
     """For T = 1: (additive mask (B, 1, 1, N·L) over every key, none (B, 1, 1, 1)) where the keys
     of all images fit one call (N·L <= _SPAN_KEYS: a masked SDPA over them costs less than
-    gathering the row's L keys), else (image index to gather (B,), none). ``none``: the rows that
-    see no image, whose output is 0."""
+    gathering the row's L keys), else :func:`_gather_index`. ``none``: the rows that see no image,
+    whose output is 0."""
     image = text_time[:, 0]
-    none = (image == 0)[:, None, None, None]
-    if N * L <= _SPAN_KEYS:
-        return _image_masks(N, L, dtype, image.device).index_select(0, image)[:, None, None, :], none
-    return (image.long() - 1).clamp(min=0), none
+    if N * L > _SPAN_KEYS:
+        return _gather_index(image)
+    mask = _image_masks(N, L, dtype, image.device).index_select(0, image)[:, None, None, :]
+    return mask, (image == 0)[:, None, None, None]
 
 
 def _immediate_one_token(q, k, v, text_time, latents_per_media, scale):
@@ -273,18 +283,13 @@ def _immediate_one_token(q, k, v, text_time, latents_per_media, scale):
     share the mask (or gather index) derived from its text_time; traced, it is derived per layer."""
     if torch.compiler.is_compiling() or text_time.is_inference():  # (no version counter to key on)
         return _one_image_per_row(q, k, v, text_time[:, 0], latents_per_media, scale)
-    B, H, _, D = q.shape
     L = latents_per_media
     N = k.shape[-2] // L
     select, none = _DECODE_PLAN.get((L, N, q.dtype, text_time._version), (text_time,),
                                     lambda: _decode_plan(text_time, L, N, q.dtype))
-    if select.dim() == 4:
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=select, scale=scale)
-    else:
-        rows = torch.arange(B, device=q.device)
-        kg = k.reshape(B, H, N, L, D)[rows, :, select]  # (B, H, L, D)
-        vg = v.reshape(B, H, N, L, D)[rows, :, select]
-        out = torch.nn.functional.scaled_dot_product_attention(q, kg, vg, scale=scale)
+    if select.dim() == 1:
+        return _gathered(q, k, v, select, none, L, scale)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=select, scale=scale)
     return out.masked_fill(none, 0.0)
 
 
