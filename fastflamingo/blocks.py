@@ -40,8 +40,17 @@ def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:
                          nn.Linear(inner, dim, bias=False))
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """IDEFICS's RMSNorm: variance in fp32, the normalized x cast to a 16-bit weight's dtype."""
+    variance = (x if x.dtype == torch.float32 else x.to(torch.float32)).pow(2).mean(-1, keepdim=True)
+    x = x * torch.rsqrt(variance + eps)
+    if weight.dtype in (torch.float16, torch.bfloat16):
+        x = x.to(weight.dtype)
+    return weight * x
+
+
 class RMSNorm(nn.Module):
-    """LLaMA / IDEFICS RMSNorm (variance in fp32, weight applied in the input dtype)."""
+    """LLaMA / IDEFICS RMSNorm (:func:`rms_norm`)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -49,11 +58,7 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.variance_epsilon)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return self.weight * x
+        return rms_norm(x, self.weight, self.variance_epsilon)
 
 
 class SwiGLU(nn.Module):

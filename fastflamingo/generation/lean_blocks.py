@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..blocks import (GatedCrossAttentionBlock, IdeficsCrossAttention, IdeficsGatedCrossAttentionBlock,
-                      MaskedCrossAttention, RMSNorm, SwiGLU, _attend_to_media, _heads)
+                      MaskedCrossAttention, RMSNorm, SwiGLU, _attend_to_media, _heads, rms_norm)
 
 
 def bound_linear(proj: nn.Module):
@@ -29,16 +29,7 @@ def bound_linear(proj: nn.Module):
 
 
 def _rms_norm(norm: RMSNorm):
-    """:class:`fastflamingo.blocks.RMSNorm`'s forward with its weight bound (its fp32 cast skipped
-    where it is a no-op)."""
-    weight, eps = norm.weight, norm.variance_epsilon
-    cast = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else None
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        variance = (x if x.dtype == torch.float32 else x.to(torch.float32)).pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + eps)
-        return weight * (x if cast is None else x.to(cast))
-    return forward
+    return functools.partial(rms_norm, weight=norm.weight, eps=norm.variance_epsilon)
 
 
 def _layer_norm(norm: nn.LayerNorm):
