@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import mpt
 from .blocks import MediaState
 
 # Hugging Face ``config.model_type`` -> dotted path of the decoder-layer list.
@@ -40,6 +41,34 @@ def decoder_layers_attr_for(lm: nn.Module, override: str | None = None) -> str:
         f"(model_type={model_type!r}) are. Supported LM families: {sorted(DECODER_LAYERS_ATTR)}. "
         "For another decoder-only LM pass decoder_layers_attr='path.to.layers' (the nn.ModuleList "
         "of its decoder blocks).")
+
+
+# families whose position ids index a table of fixed size (learned embeddings; GPT-J's sinusoid
+# table): past its end the LM fails, with an IndexError (on a GPU, a device-side assert)
+_POSITION_TABLES = {"gpt2": "n_positions", "gptj": "n_positions", "opt": "max_position_embeddings"}
+
+
+def position_limit(lm: nn.Module) -> tuple[str, int, bool] | None:
+    """How many positions ``lm`` was built for: (its config field, the number, whether the LM fails
+    past it), or None where its config names no such number.
+
+    GPT-2, OPT and GPT-J fail past their position tables. Rotary positions (LLaMA, GPT-NeoX, ...)
+    and the ALiBi of an MPT run by :mod:`fastflamingo.mpt` extrapolate: the LM runs, on positions it
+    was not trained on. Hugging Face's own eager MPT fails past ``max_seq_len`` (its ALiBi table's
+    width).
+    """
+    cfg = getattr(lm, "config", None)
+    model_type = getattr(cfg, "model_type", None)
+    if model_type in _POSITION_TABLES:
+        field = _POSITION_TABLES[model_type]
+        return field, int(getattr(cfg, field)), True
+    for field in ("max_position_embeddings", "max_seq_len", "n_positions"):
+        n = getattr(cfg, field, None)
+        if isinstance(n, int) and n > 0:
+            if model_type == "mpt":
+                return field, n, not mpt.is_prepared(lm)
+            return field, n, False
+    return None
 
 
 def get_attr(obj, dotted: str):

@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 import warnings
+import weakref
 
 import torch
 from torch import nn
@@ -17,8 +18,8 @@ from .config import FlamingoConfig
 from .distribute import to_execution_device
 from .convert.open_flamingo import drop_duplicate_keys_hook
 from .lm import (decoder_layers_attr_for, get_attr, lm_hidden_size, lm_intermediate_size, lm_num_heads,
-                 wrap_decoder_layers)
-from .vision import build_vision_model, check_vision_config, vision_features
+                 position_limit, wrap_decoder_layers)
+from .vision import build_vision_model, check_pixels, check_vision_config, vision_features
 
 
 def build_lm(config: FlamingoConfig) -> nn.Module:
@@ -49,6 +50,18 @@ def text_time_for(input_ids: torch.Tensor, media_token_id: int, eos_token_id: in
     return torch.where(eos_before > last_media, torch.zeros_like(text_time), text_time)
 
 
+def check_vision_x(vision_x, *, batch: int | None = None) -> None:
+    """vision_x is a (B, N, F, C, H, W) float tensor, with ``batch`` rows where given."""
+    if not torch.is_tensor(vision_x) or vision_x.dim() != 6:
+        raise ValueError("vision_x must be a (B, N_media, F_frames, C, H, W) tensor, got "
+                         f"{tuple(vision_x.shape) if torch.is_tensor(vision_x) else type(vision_x).__name__}"
+                         "; add singleton dims for one image (N=1) or one frame (F=1)")
+    if not vision_x.is_floating_point():
+        raise TypeError(f"vision_x must hold float pixels, got {vision_x.dtype}")
+    if batch is not None and vision_x.shape[0] != batch:
+        raise ValueError(f"vision_x has batch {vision_x.shape[0]} but lang_x has batch {batch}")
+
+
 def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vocab: int, *,
                derived: bool) -> None:
     """Check one call's token ids and image references with one host sync: ids are integers in
@@ -75,6 +88,48 @@ def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vo
                       f"tokens: image {worst + 1}{f'..{num_media}' if num_media > worst + 1 else ''} is seen by no "
                       "token. Put an <image> token in the text for each image (a missing one is the usual cause), "
                       "or drop the unused images.", stacklevel=_caller_level())
+
+
+# LMs already warned about running past their trained positions (once per LM, as transformers does)
+_WARNED_POSITIONS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def check_positions(lm: nn.Module, needed: int, what: str) -> None:
+    """Refuse a call that would feed ``lm`` more positions than its position table holds (GPT-2,
+    OPT, GPT-J: an IndexError deep in the LM, on a GPU a device-side assert that ends the process's
+    CUDA context), before any work; warn, once per LM, where its positions extrapolate (rotary,
+    ALiBi) past what it was trained with. ``needed``: the largest position id fed, plus one;
+    ``what``: the call's lengths, in the user's terms."""
+    limit = position_limit(lm)
+    if limit is None or needed <= limit[1]:
+        return
+    field, n, fails = limit
+    said = f"this call needs {needed} positions ({what}), but {type(lm).__name__} has {field}={n}"
+    if fails:
+        raise ValueError(f"{said}, the size of its position table. Shorten the prompt (fewer or shorter "
+                         "few-shot demonstrations) or ask for fewer new tokens.")
+    if lm not in _WARNED_POSITIONS:
+        _WARNED_POSITIONS.add(lm)
+        warnings.warn(f"{said}: positions past {n} extrapolate beyond what it was trained on, and the output "
+                      "may degrade (warned once per model).", stacklevel=_caller_level())
+
+
+def _positions_fed(lang_x: torch.Tensor, lm_kwargs: dict) -> tuple[int, str]:
+    """(largest position id an LM forward on ``lang_x`` feeds, plus one; the lengths that say so):
+    the ``position_ids`` given, else the cached tokens plus T."""
+    positions = lm_kwargs.get("position_ids")
+    if positions is not None:
+        last = int(positions.max())
+        return last + 1, f"position_ids up to {last}"
+    cache = lm_kwargs.get("past_key_values", lm_kwargs.get("cache"))
+    if cache is None:
+        past = 0
+    elif hasattr(cache, "get_seq_length"):
+        past = int(cache.get_seq_length())
+    else:  # the legacy tuple of (k, v) per layer
+        past = cache[0][0].shape[-2] if len(cache) else 0
+    T = lang_x.shape[1]
+    return past + T, f"lang_x of {T} tokens" + (f" after {past} cached" if past else "")
 
 
 def _caller_level() -> int:
@@ -180,18 +235,14 @@ class Flamingo(nn.Module):
     def encode_vision(self, vision_x: torch.Tensor) -> torch.Tensor:
         """(B, N, F, C, H, W) pixels -> (B, N, L, D_vis) visual tokens (frozen encoder, then the
         resampler)."""
-        if not torch.is_tensor(vision_x) or vision_x.dim() != 6:
-            raise ValueError("vision_x must be a (B, N_media, F_frames, C, H, W) tensor, got "
-                             f"{tuple(vision_x.shape) if torch.is_tensor(vision_x) else type(vision_x).__name__}"
-                             "; add singleton dims for one image (N=1) or one frame (F=1)")
-        if not vision_x.is_floating_point():
-            raise TypeError(f"vision_x must hold float pixels, got {vision_x.dtype}")
+        check_vision_x(vision_x)
         B, N, F = vision_x.shape[:3]
         mx = self.config.resampler.max_num_media
         if mx is not None and N > mx:
             raise ValueError(f"vision_x has N={N} media per row but the model supports max_num_media={mx}")
         if N == 0:
             return None
+        check_pixels(self.vision_encoder, self.config.vision, vision_x.shape[3:])
         pixels = to_execution_device(vision_x.flatten(0, 2).to(self.vision_encoder_dtype), self.vision_encoder)
         with torch.no_grad():
             feats = vision_features(self.vision_encoder, pixels, self.config.vision)
@@ -256,8 +307,7 @@ class Flamingo(nn.Module):
         if vision_x is not None and visual_tokens is not None:
             raise ValueError("pass vision_x or visual_tokens, not both")
         if vision_x is not None:
-            if vision_x.shape[0] != lang_x.shape[0]:
-                raise ValueError(f"vision_x has batch {vision_x.shape[0]} but lang_x has batch {lang_x.shape[0]}")
+            check_vision_x(vision_x, batch=lang_x.shape[0])
             if vision_x.device != lang_x.device:
                 raise ValueError(f"vision_x is on {vision_x.device} but lang_x is on {lang_x.device}")
             visual_tokens = self.encode_vision(vision_x)
@@ -266,6 +316,7 @@ class Flamingo(nn.Module):
             text_time = self.text_time(lang_x)
         num_media = 0 if visual_tokens is None else visual_tokens.shape[1]
         check_call(lang_x, text_time, num_media, self.vocab_size, derived=derived)
+        check_positions(self.lang_encoder, *_positions_fed(lang_x, lm_kwargs))
         with self.conditioned(visual_tokens, text_time, media_kv_cache):
             return self.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, labels=labels, **lm_kwargs)
 

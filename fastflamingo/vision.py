@@ -46,6 +46,33 @@ def vision_features(model: nn.Module, pixels: torch.Tensor, config: VisionConfig
     return x
 
 
+def expected_pixels(model: nn.Module, config: VisionConfig) -> tuple[int, int, int] | None:
+    """(C, H, W) that the encoder ``model`` takes, where it takes only that: ViTs, whose position
+    embeddings fix the resolution (Hugging Face CLIP, open_clip). None for the rest (a conv net
+    takes any size)."""
+    if config.source == "hf_clip":
+        c = getattr(model, "config", None)
+        channels, size = getattr(c, "num_channels", None), getattr(c, "image_size", None)
+    elif config.source == "open_clip":
+        channels = getattr(getattr(model, "conv1", None), "in_channels", None)
+        size = getattr(model, "image_size", None)
+    else:
+        return None
+    if channels is None or size is None:
+        return None
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return int(channels), int(h), int(w)
+
+
+def check_pixels(model: nn.Module, config: VisionConfig, chw: tuple[int, ...]) -> None:
+    """Refuse images of another channel count or resolution than the encoder takes, naming both."""
+    want = expected_pixels(model, config)
+    if want is not None and tuple(chw) != want:
+        raise ValueError(f"vision_x images are (C, H, W) = {tuple(chw)} but the vision encoder takes {want}: "
+                         f"preprocess them with the model's image processor (resize to {want[1]}x{want[2]}, "
+                         "normalize), as create_model_and_transforms returns it")
+
+
 def _open_clip_tokens(visual: nn.Module, pixels: torch.Tensor, config: VisionConfig) -> torch.Tensor:
     # the transformer's output, before open_clip's version-dependent pooling / ln_post
     captured = {}

@@ -166,6 +166,34 @@ def test_input_errors_name_the_problem():
         model(torch.randn(2, 3, 1, 3, 32, 32), ids)
     with pytest.raises(TypeError, match="float pixels"):
         model(vx.long(), ids)
+    # the tensor's rank is what is wrong here, not its batch (its first dim, 3, is a channel count)
+    for call in (model, lambda v, x: model.generate(v, x, max_new_tokens=1)):
+        with pytest.raises(ValueError, match=r"tensor, got \(3, 32, 32\); add singleton dims"):
+            call(torch.randn(3, 32, 32), ids)
+
+
+def test_images_of_another_size_or_channel_count_are_refused_by_name():
+    """ViT encoders (Hugging Face CLIP, open_clip) take one resolution and channel count: other
+    images fail with a message naming both sizes (not a conv or position-embedding shape error)."""
+    from fastflamingo.vision import expected_pixels
+    clip = tiny_open_clip().visual
+    models = [Flamingo(config(), lang_encoder=tiny_lm("llama")).eval(),
+              Flamingo(config(vision=VisionConfig(source="open_clip", dim=32, ln_post_on_tokens=False)),
+                       vision_encoder=clip, lang_encoder=tiny_lm("llama")).eval()]
+    _, ids = batch(N=2)
+    for model in models:
+        assert expected_pixels(model.vision_encoder, model.config.vision) == (3, 32, 32)
+        model(torch.randn(2, 2, 1, 3, 32, 32), ids)  # the size it takes
+        for shape, chw in (((2, 2, 1, 3, 64, 64), r"\(3, 64, 64\)"), ((2, 2, 1, 4, 32, 32), r"\(4, 32, 32\)"),
+                           ((2, 2, 1, 3, 32, 48), r"\(3, 32, 48\)")):
+            for call in (model, lambda v, x: model.generate(v, x, max_new_tokens=1)):
+                with pytest.raises(ValueError, match=rf"vision_x images are \(C, H, W\) = {chw} but the vision "
+                                                     r"encoder takes \(3, 32, 32\): preprocess them"):
+                    call(torch.randn(*shape), ids)
+    # a conv net takes any resolution: nothing to check
+    import timm
+    nfnet = timm.create_model("test_nfnet", pretrained=False, num_classes=0)
+    assert expected_pixels(nfnet, VisionConfig(source="timm", dim=nfnet.num_features)) is None
 
 
 def test_token_ids_and_unused_images_are_checked_in_forward_and_generate():
@@ -300,3 +328,105 @@ def test_kernels_folder_never_takes_the_top_level_name(tmp_path):
              "print(is_kernels_available())")
     out = run(probe, "")
     assert out.returncode == 0 and out.stdout.split() == ["False"], out.stderr[-800:]
+
+
+# ----------------------------------------------------------------------------- positions
+
+TABLES = {"gpt2": "n_positions", "opt": "max_position_embeddings", "gptj": "n_positions"}
+
+
+def _text(k):
+    """k text token ids (no <image>, within the tiny vocabulary)."""
+    return [3 + i % 100 for i in range(k)]
+
+
+def _fill_to(model, vx, ids, new, **kw):
+    """generate exactly ``new`` tokens (no early stop), the LM fed ``new - 1`` of them."""
+    out = model.generate(vx, ids, max_new_tokens=new, min_new_tokens=new, **kw)
+    assert out.shape[1] == ids.shape[1] + new
+    return out
+
+
+@pytest.mark.parametrize("family", sorted(TABLES))
+def test_positions_past_a_position_table_are_refused_before_any_work(family, monkeypatch):
+    """GPT-2, OPT, GPT-J index a table of positions: a call that would read past it fails with a
+    message naming the lengths and the table (not an IndexError deep in the LM; on a GPU, a device
+    assert), before any work; a call that fills it exactly runs. Positions count each row's own
+    tokens (left padding takes none), the few-shot prefix's, and new tokens but the last."""
+    model = Flamingo(config(), lang_encoder=tiny_lm(family)).eval()
+    field, n = TABLES[family], getattr(model.lang_encoder.config, TABLES[family])
+    table = rf"has {field}={n}, the size of its position table"
+    long = torch.randint(3, 120, (1, n + 1))
+    model(None, long[:, :n])
+    with pytest.raises(ValueError, match=rf"needs {n + 1} positions \(lang_x of {n + 1} tokens\), but .* {table}"):
+        model(None, long)
+
+    vx, ids = batch(T=16)
+    _fill_to(model, vx, ids, n - 16 + 1)  # 16 + (n - 15) - 1 = n positions
+    with pytest.raises(ValueError, match=rf"needs {n + 1} positions \(16 prompt tokens and max_new_tokens={n - 14}, "
+                                         rf"the last of which is not fed back\), but .* {table}"):
+        model.generate(vx, ids, max_new_tokens=n - 14)
+    # left padding: positions follow each row's own tokens, not the padded width
+    wide = torch.cat([ids.new_full((2, 24), 1), ids], dim=1)
+    mask = torch.cat([torch.zeros(2, 24, dtype=torch.long), torch.ones_like(ids)], dim=1)
+    mask[1, 20:24] = 1  # row 1 holds 20 tokens: the longest
+    _fill_to(model, vx, wide, n - 20 + 1, attention_mask=mask)  # 40 + (n - 20) slots > n: still fits
+    with pytest.raises(ValueError, match=rf"needs {n + 1} positions \(20 prompt tokens and max_new_tokens"):
+        model.generate(vx, wide, mask, max_new_tokens=n - 18)
+    # scoring: the prompt, then every continuation's tokens but its last
+    fits = [_text(n - 15), [5, 6]]
+    assert model.score(vx, ids, fits).shape == (2, 2)
+    with pytest.raises(ValueError, match=rf"needs {n + 1} positions \(16 prompt tokens and continuations of up to "
+                                         rf"{n - 14} tokens"):
+        model.score(vx, ids, [_text(n - 14)])
+
+    # refused before any work: no image is encoded
+    def boom(*args, **kwargs):
+        raise AssertionError("work before the check")
+    monkeypatch.setattr(model, "encode_vision", boom)
+    with pytest.raises(ValueError, match=table):
+        model.generate(vx, ids, max_new_tokens=n)
+    with pytest.raises(ValueError, match=table):
+        model.score(vx, ids, [_text(n)])
+
+
+def test_prefix_positions_count_before_the_prompt():
+    from fastflamingo.generation import encode_prefix
+    model = Flamingo(config(), lang_encoder=tiny_lm("gpt2")).eval()
+    n = model.lang_encoder.config.n_positions
+    demo = torch.randint(3, 120, (1, 100))
+    demo[0, 0] = MEDIA_ID
+    prefix = encode_prefix(model, torch.randn(1, 1, 1, 3, 32, 32), demo)
+    vx, ids = batch(T=16)
+    _fill_to(model, vx, ids, n - 116 + 1, prefix=prefix)
+    with pytest.raises(ValueError, match=rf"needs {n + 1} positions \(16 prompt tokens after a 100-token prefix"):
+        model.generate(vx, ids, max_new_tokens=n - 114, prefix=prefix)
+    with pytest.raises(ValueError, match=rf"needs {n + 1} positions \(position_ids up to {n}\)"):
+        encode_prefix(model, None, torch.randint(3, 120, (1, n + 1)))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "mpt"])
+def test_positions_past_rotary_or_alibi_training_length_warn_once(family):
+    """Rotary and (fastflamingo's SDPA) ALiBi positions extrapolate: past the trained length the
+    call runs, with one warning per model at the caller's line. Hugging Face's own eager MPT fails
+    past its ALiBi table: refused there."""
+    import warnings
+    model = Flamingo(config(), lang_encoder=tiny_lm(family)).eval()
+    field = "max_seq_len" if family == "mpt" else "max_position_embeddings"
+    n = getattr(model.lang_encoder.config, field)
+    vx, ids = batch(T=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _fill_to(model, vx, ids, n - 16 + 1)
+        model(None, torch.randint(3, 120, (1, n)))
+    with pytest.warns(UserWarning, match=rf"needs {n + 1} positions .* has {field}={n}: positions past {n} "
+                                         "extrapolate") as caught:
+        _fill_to(model, vx, ids, n - 16 + 2)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per model
+        model(None, torch.randint(3, 120, (1, n + 8)))
+    if family == "mpt":
+        mpt.restore(model.lang_encoder)
+        with pytest.raises(ValueError, match=rf"needs {n + 1} positions .* max_seq_len={n}, the size of its"):
+            model(None, torch.randint(3, 120, (1, n + 1)))

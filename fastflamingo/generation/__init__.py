@@ -20,7 +20,8 @@ from collections.abc import Iterator
 
 import torch
 
-from ..model import check_call
+from ..model import check_call, check_positions, check_vision_x
+from . import lm_cache
 from .lm_cache import release_static_caches
 from .prefix import Prefix, encode_prefix
 from .score import score
@@ -60,8 +61,9 @@ def default_pad(model, stops: list[int]) -> int:
 
 
 def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, max_new_tokens, cache,
-           compile, repeat: int = 1) -> tuple[Session, torch.Tensor]:
-    """Check the inputs, build the session, prefill; returns (session, last logits (B·repeat, V))."""
+           compile, repeat: int = 1, continuation: int | None = None) -> tuple[Session, torch.Tensor]:
+    """Check the inputs, build the session, prefill; returns (session, last logits (B·repeat, V)).
+    ``continuation``: scoring's longest continuation, fed after the prompt instead of new tokens."""
     _check_lang_x(lang_x)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -73,10 +75,10 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
     if bool((mask[:, 1:] < mask[:, :-1]).any()):
         raise ValueError("attention_mask has padding after tokens: generation needs left padding "
                          "(tokenizer.padding_side = 'left')")
+    _check_room(model, mask, prefix, max_new_tokens, continuation)
     with torch.no_grad():
         if vision_x is not None:
-            if vision_x.shape[0] != lang_x.shape[0]:
-                raise ValueError(f"vision_x has batch {vision_x.shape[0]} but lang_x has batch {lang_x.shape[0]}")
+            check_vision_x(vision_x, batch=lang_x.shape[0])
             visual_tokens = model.encode_vision(vision_x)
     n_images = 0 if visual_tokens is None else visual_tokens.shape[1]
     # the prompt's own images, counted from 1 (the prefix's, if any, come before them)
@@ -88,6 +90,20 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
     session = Session(model, lang_x, mask, visual_tokens, prefix=prefix, max_new_tokens=max_new_tokens,
                       cache=cache, compile=compile)
     return session, session.prefill(lang_x)
+
+
+def _check_room(model, mask: torch.Tensor, prefix: Prefix | None, max_new_tokens: int,
+                continuation: int | None) -> None:
+    """The prompt and what follows it fit the LM's positions (:func:`fastflamingo.model.check_positions`).
+    An LM given position ids (all but MPT) counts each row's own tokens, from 0 after the prefix's
+    (left padding takes none); MPT counts the padded length. The last new token is never fed."""
+    lm = model.lang_encoder
+    P = 0 if prefix is None else prefix.length
+    own = int(mask.sum(-1).max()) if lm_cache.LMCall(lm).positions else mask.shape[1]
+    room = max_new_tokens if continuation is None else continuation
+    after = f"max_new_tokens={room}" if continuation is None else f"continuations of up to {room} tokens"
+    check_positions(lm, P + own + room - 1, f"{own} prompt tokens{f' after a {P}-token prefix' if P else ''} and "
+                    f"{after}, the last of which is not fed back")
 
 
 def _sampling(model, *, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p, min_new_tokens,

@@ -88,7 +88,7 @@ def score(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuati
         raise ValueError(f"chunk_size must be >= 1 (or None: by memory), got {chunk_size}")
     cand, lengths = _candidates(model, continuations)
     session, last = _start(model, vision_x, lang_x, attention_mask, visual_tokens=visual_tokens, prefix=prefix,
-                           max_new_tokens=1, cache="dynamic", compile=False)
+                           max_new_tokens=1, cache="dynamic", compile=False, continuation=cand.shape[1])
     device = lang_x.device
     cand, lengths = cand.to(device), lengths.to(device)
     B, (C, T) = lang_x.shape[0], cand.shape
