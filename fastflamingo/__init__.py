@@ -15,9 +15,10 @@ from .model import Flamingo
 from .presets import PRESETS, preset_config
 from .tokens import setup_tokenizer
 from .vision import vision_features
+from .warn import InputWarning
 
 __version__ = "0.1.0"
 
 __all__ = ["Flamingo", "FlamingoConfig", "VisionConfig", "ResamplerConfig", "CrossAttentionConfig",
            "vision_features", "PRESETS", "preset_config", "setup_tokenizer", "ops", "__version__",
-           "create_model_and_transforms", "from_open_flamingo", "from_idefics"]
+           "create_model_and_transforms", "from_open_flamingo", "from_idefics", "InputWarning"]

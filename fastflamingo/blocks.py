@@ -11,10 +11,24 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .config import CrossAttentionConfig, ResamplerConfig
 from .distribute import to_execution_device
+
+
+class Checkpointed(nn.Module):
+    """A trainable block that can run under activation checkpointing: in training, with gradients
+    on, its forward keeps only its inputs and recomputes the rest in the backward (memory for
+    time). Non-reentrant (``torch.utils.checkpoint``): the recompute differentiates what the
+    block reads beyond its arguments too (the visual tokens in the media state). Turned on by
+    :meth:`fastflamingo.Flamingo.activation_checkpointing_enable`."""
+    gradient_checkpointing = False
+    checkpoint_kwargs: dict = {}  # more arguments of torch.utils.checkpoint.checkpoint
+
+    def _checkpoint(self) -> bool:
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -170,7 +184,13 @@ class IdeficsPerceiverMLP(nn.Module):
         return self.c_proj(self.act(self.fc(self.ln(x))))
 
 
-class PerceiverResampler(nn.Module):
+def _resampler_layer(attn: nn.Module, ff: nn.Module, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """One resampler layer: the latents attend to the media and themselves, then the feed-forward."""
+    latents = attn(x, latents) + latents
+    return ff(latents) + latents
+
+
+class PerceiverResampler(Checkpointed):
     """Compresses each image (or video) to ``num_latents`` visual tokens.
 
     Input (B, N, F, V, D) frame features; output (B, N, L, D). Frames of one media item are
@@ -222,8 +242,11 @@ class PerceiverResampler(nn.Module):
         latents = self.latents.to(x.dtype).expand(B * N, -1, -1)
         layers, norm = (self.layers, self.norm) if self.style == "open_flamingo" else (self.blocks, self.layer_norm)
         for attn, ff in layers:
-            latents = attn(x, latents) + latents
-            latents = ff(latents) + latents
+            if self._checkpoint():
+                latents = checkpoint(_resampler_layer, attn, ff, x, latents, use_reentrant=False,
+                                     **self.checkpoint_kwargs)
+            else:
+                latents = _resampler_layer(attn, ff, x, latents)
         return norm(latents.reshape(B, N, -1, D))  # not a view of an inner tensor (FSDP2 warns of those)
 
 
@@ -244,6 +267,11 @@ class MediaState:
     visual: torch.Tensor | None = None
     text_time: torch.Tensor | None = None
     kv_cache: dict | None = field(default=None)
+
+    def copy(self) -> "MediaState":
+        """This call's values, for a recompute in the backward (after the model's call has reset
+        its own state)."""
+        return MediaState(self.visual, self.text_time, self.kv_cache)
 
     def visual_kv(self, owner: nn.Module, project) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kv_cache is None:
@@ -293,7 +321,7 @@ class MaskedCrossAttention(nn.Module):
         return self.to_out(_attend_to_media(self, q, media))
 
 
-class GatedCrossAttentionBlock(nn.Module):
+class GatedCrossAttentionBlock(Checkpointed):
     """open_flamingo's block: x + tanh(attn_gate)·XAttn(x) then x + tanh(ff_gate)·FF(x)."""
 
     def __init__(self, *, dim: int, dim_visual: int, config: CrossAttentionConfig,
@@ -307,6 +335,11 @@ class GatedCrossAttentionBlock(nn.Module):
         self.ff_gate = nn.Parameter(torch.tensor([0.0]))
 
     def forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
+        if self._checkpoint():
+            return checkpoint(self._forward, x, media.copy(), use_reentrant=False, **self.checkpoint_kwargs)
+        return self._forward(x, media)
+
+    def _forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
         if media.visual is not None:
             x = self.attn(x, media) * self.attn_gate.tanh() + x
         return self.ff(x) * self.ff_gate.tanh() + x
@@ -344,7 +377,7 @@ class IdeficsCrossAttention(nn.Module):
         return self.o_proj(_attend_to_media(self, q, media))
 
 
-class IdeficsGatedCrossAttentionBlock(nn.Module):
+class IdeficsGatedCrossAttentionBlock(Checkpointed):
     """IDEFICS's block: RMSNorm -> XAttn (0 for tokens with no image) -> tanh(alpha) gate, then
     RMSNorm -> SwiGLU -> tanh(alpha) gate. Alphas are scalars or vectors (alpha_type)."""
 
@@ -365,6 +398,11 @@ class IdeficsGatedCrossAttentionBlock(nn.Module):
         self.alpha_dense = nn.Parameter(torch.zeros(shape))
 
     def forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
+        if self._checkpoint():
+            return checkpoint(self._forward, x, media.copy(), use_reentrant=False, **self.checkpoint_kwargs)
+        return self._forward(x, media)
+
+    def _forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
         if media.visual is not None:
             x = x + torch.tanh(self.alpha_cross_attn) * self.cross_attn(self.input_layernorm(x), media)
         return x + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(x))

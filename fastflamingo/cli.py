@@ -5,6 +5,9 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
+
+from .warn import InputWarning
 
 # subcommand -> module providing ``add_parser(subparsers)`` (which sets ``func``)
 SUBCOMMANDS = {
@@ -14,6 +17,33 @@ SUBCOMMANDS = {
     "generate": "fastflamingo.generation.cli",
     "score": "fastflamingo.generation.score_cli",
 }
+
+
+def device_arg(name: str) -> str:
+    """argparse ``type`` of ``--device``: a device torch knows, and one this machine has."""
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{name!r}: torch sees no CUDA GPU on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return name
+
+
+def count_arg(name: str):
+    """argparse ``type`` of an integer option that must be >= 0."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if n < 0:
+            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {n}")
+        return n
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,10 +57,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run a subcommand. Bad input (a ``ValueError`` or a missing file, whose messages name the
     value and the fix) ends with that message and exit status 2, not a traceback; set
-    ``FASTFLAMINGO_TRACEBACK=1`` to see where it was raised."""
+    ``FASTFLAMINGO_TRACEBACK=1`` to see where it was raised. Warnings about the input
+    (:class:`~fastflamingo.warn.InputWarning`) print the same way, as ``warning:`` lines."""
     args = build_parser().parse_args(argv)
+    default_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        # warnings about the input read like the errors, without the source line they point at
+        if issubclass(category, InputWarning):
+            print(f"fastflamingo {args.command}: warning: {message}", file=sys.stderr if file is None else file)
+        else:
+            default_show(message, category, filename, lineno, file, line)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = show
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:
         if os.environ.get("FASTFLAMINGO_TRACEBACK", "0") not in ("", "0"):
             raise

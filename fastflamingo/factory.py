@@ -41,8 +41,9 @@ def create_model_and_transforms(clip_vision_encoder_path: str, clip_vision_encod
         quantization: passed to :func:`fastflamingo.quant.quantize_model`.
         device_map, max_memory, offload_folder: spread the model over devices with accelerate
             (:func:`fastflamingo.distribute.dispatch`).
-        **flamingo_kwargs: ``only_attend_immediate_media``; ``gradient_checkpointing`` is accepted
-            for compatibility and ignored.
+        **flamingo_kwargs: ``only_attend_immediate_media``; ``gradient_checkpointing=True``: activation
+            checkpointing in training (:meth:`Flamingo.activation_checkpointing_enable`), which
+            open_flamingo's flag asks of its training script.
 
     Returns:
         (model, image_processor, tokenizer): the image processor is open_clip's evaluation transform
@@ -80,4 +81,6 @@ def create_model_and_transforms(clip_vision_encoder_path: str, clip_vision_encod
     model = finish(Flamingo(config, vision_encoder=visual, lang_encoder=lm), quantization=quantization,
                    device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     record_sources(model, lang_encoder_path, (clip_vision_encoder_path, clip_vision_encoder_pretrained))
+    if flamingo_kwargs.get("gradient_checkpointing"):
+        model.activation_checkpointing_enable()
     return model, image_processor, tokenizer

@@ -3,22 +3,20 @@ cross-attention blocks, image-causal (SEMANTICS.md)."""
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
-import warnings
 import weakref
 
 import torch
 from torch import nn
 
 from . import mpt, ops
-from .blocks import (ATTENTION_MODULES, GatedCrossAttentionBlock, IdeficsGatedCrossAttentionBlock,
-                     MediaState, PerceiverResampler)
+from .blocks import (ATTENTION_MODULES, Checkpointed, GatedCrossAttentionBlock,
+                     IdeficsGatedCrossAttentionBlock, MediaState, PerceiverResampler)
 from .config import FlamingoConfig
 from .distribute import to_execution_device
 from .convert.open_flamingo import drop_duplicate_keys_hook
 from .lm import (decoder_layers_attr_for, get_attr, lm_hidden_size, lm_intermediate_size, lm_num_heads,
                  position_limit, wrap_decoder_layers)
+from .warn import warn_caller
 from .vision import build_vision_model, check_pixels, check_vision_config, vision_features
 
 
@@ -84,10 +82,10 @@ def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vo
                          "built or loaded with (its added <image> / <|endofchunk|> tokens included)")
     ops.check_text_time(text_time, num_media, (worst, least))
     if derived and worst < num_media:
-        warnings.warn(f"{num_media} images were given per row but no row of lang_x has more than {worst} <image> "
-                      f"tokens: image {worst + 1}{f'..{num_media}' if num_media > worst + 1 else ''} is seen by no "
-                      "token. Put an <image> token in the text for each image (a missing one is the usual cause), "
-                      "or drop the unused images.", stacklevel=_caller_level())
+        warn_caller(f"{num_media} images were given per row but no row of lang_x has more than {worst} <image> "
+                    f"tokens: image {worst + 1}{f'..{num_media}' if num_media > worst + 1 else ''} is seen by no "
+                    "token. Put an <image> token in the text for each image (a missing one is the usual cause), "
+                    "or drop the unused images.")
 
 
 # LMs already warned about running past their trained positions (once per LM, as transformers does)
@@ -110,8 +108,8 @@ def check_positions(lm: nn.Module, needed: int, what: str) -> None:
                          "few-shot demonstrations) or ask for fewer new tokens.")
     if lm not in _WARNED_POSITIONS:
         _WARNED_POSITIONS.add(lm)
-        warnings.warn(f"{said}: positions past {n} extrapolate beyond what it was trained on, and the output "
-                      "may degrade (warned once per model).", stacklevel=_caller_level())
+        warn_caller(f"{said}: positions past {n} extrapolate beyond what it was trained on, and the output "
+                    "may degrade (warned once per model).")
 
 
 def _positions_fed(lang_x: torch.Tensor, lm_kwargs: dict) -> tuple[int, str]:
@@ -130,15 +128,6 @@ def _positions_fed(lang_x: torch.Tensor, lm_kwargs: dict) -> tuple[int, str]:
         past = cache[0][0].shape[-2] if len(cache) else 0
     T = lang_x.shape[1]
     return past + T, f"lang_x of {T} tokens" + (f" after {past} cached" if past else "")
-
-
-def _caller_level() -> int:
-    """``warnings.warn``'s stacklevel for the first frame outside fastflamingo and torch (the user's
-    line), from the function that calls this one."""
-    here, f, level = os.path.dirname(os.path.abspath(__file__)), sys._getframe(2), 2
-    while f is not None and (f.f_code.co_filename.startswith(here) or f"{os.sep}torch{os.sep}" in f.f_code.co_filename):
-        f, level = f.f_back, level + 1
-    return level
 
 
 class Flamingo(nn.Module):
@@ -167,6 +156,7 @@ class Flamingo(nn.Module):
         self.perceiver = PerceiverResampler(dim=vc.dim, config=config.resampler) if config.resampler.enabled else None
 
         self._media = MediaState()
+        self._checkpointing = False  # activation checkpointing (activation_checkpointing_enable)
         self.decoder_layers_attr = decoder_layers_attr_for(self.lang_encoder, config.decoder_layers_attr)
         n_layers = len(get_attr(self.lang_encoder, self.decoder_layers_attr))
         blocks = [self._make_block(i) if config.has_cross_attention(i) else None for i in range(n_layers)]
@@ -222,6 +212,65 @@ class Flamingo(nn.Module):
         for m in self.modules():
             if isinstance(m, ATTENTION_MODULES):
                 m.backend = backend
+
+    # ---------------------------------------------------------------- activation checkpointing
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+        """Trade training time for memory: in training, every decoder layer of the LM (Hugging
+        Face's own checkpointing), every gated cross-attention block and every resampler layer
+        keeps only its inputs and recomputes the rest in the backward. Same loss and gradients.
+
+        Args:
+            activation_checkpointing_kwargs: more arguments of ``torch.utils.checkpoint.checkpoint``
+                (``preserve_rng_state``, ``context_fn``, ...). Always non-reentrant: the blocks
+                read the visual tokens through the model's media state, not their arguments, which
+                reentrant checkpointing would not differentiate (``use_reentrant=True`` is refused).
+        """
+        kwargs = dict(activation_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", False):
+            raise ValueError("use_reentrant=True: fastflamingo's blocks read the visual tokens through the model's "
+                             "media state, which reentrant checkpointing would not differentiate (no gradient "
+                             "would reach the resampler); leave use_reentrant out, or False")
+        lm = self.lang_encoder
+        hf_kwargs = {**kwargs, "use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=hf_kwargs)
+        elif hasattr(lm, "gradient_checkpointing_enable"):
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=hf_kwargs)
+        else:
+            raise ValueError(f"{type(lm).__name__} has no activation checkpointing (not a Hugging Face model)")
+        if getattr(lm, "_require_grads_hook", None) is not None:
+            # transformers makes the embeddings' output require grad, for reentrant checkpointing of a
+            # frozen LM; not needed here, and it would make every output require grad
+            lm.disable_input_require_grads()
+        self._set_block_checkpointing(True, kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        """Keep every activation again (the default)."""
+        lm = self.lang_encoder
+        if hasattr(lm, "activation_checkpointing_disable"):
+            lm.activation_checkpointing_disable()
+        elif hasattr(lm, "gradient_checkpointing_disable"):
+            lm.gradient_checkpointing_disable()
+        self._set_block_checkpointing(False, {})
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """:meth:`activation_checkpointing_enable` under transformers' earlier name (what
+        open_flamingo's ``gradient_checkpointing`` and older Trainers call)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        """:meth:`activation_checkpointing_disable` under transformers' earlier name."""
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._checkpointing
+
+    def _set_block_checkpointing(self, enable: bool, kwargs: dict) -> None:
+        self._checkpointing = enable
+        for m in self.modules():
+            if isinstance(m, Checkpointed):
+                m.gradient_checkpointing, m.checkpoint_kwargs = enable, dict(kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -317,6 +366,8 @@ class Flamingo(nn.Module):
         num_media = 0 if visual_tokens is None else visual_tokens.shape[1]
         check_call(lang_x, text_time, num_media, self.vocab_size, derived=derived)
         check_positions(self.lang_encoder, *_positions_fed(lang_x, lm_kwargs))
+        if self._checkpointing and self.training:  # (the LM's layers would turn a cache off, with a warning)
+            lm_kwargs.setdefault("use_cache", False)
         with self.conditioned(visual_tokens, text_time, media_kv_cache):
             return self.lang_encoder(input_ids=lang_x, attention_mask=attention_mask, labels=labels, **lm_kwargs)
 

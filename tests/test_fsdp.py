@@ -2,7 +2,8 @@
 one training step gives the loss and the gradients of the unsharded model, with the fused ops'
 custom autograd inside, and only the added tokens' embedding rows get gradient (the mask used to
 be a hook on the parameter, which FSDP2's sharded parameters lost: the whole vocabulary trained).
-The LM families: LLaMA (IDEFICS-9B's, untied embeddings) and MPT (OpenFlamingo-9B's, tied)."""
+The LM families: LLaMA (IDEFICS-9B's, untied embeddings) and MPT (OpenFlamingo-9B's, tied); each
+also with activation checkpointing (recomputed in the backward inside FSDP2's units)."""
 import operator
 import os
 
@@ -41,15 +42,17 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     results = {}
-    for family in FAMILIES:
+    for family, checkpointed in [(f, c) for f in FAMILIES for c in (False, True)]:
         model = _model(family)
+        if checkpointed:
+            model.activation_checkpointing_enable()
         layers = operator.attrgetter(decoder_layers_attr_for(model.lang_encoder))(model.lang_encoder)
         for m in [*model.gated_cross_attn_layers, *layers, model.perceiver]:
             fully_shard(m)  # innermost first: the cross-attention blocks sit inside the decoder layers
         fully_shard(model)
         loss = _step(model)
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
-        results[family] = (loss, grads)
+        results[family, checkpointed] = (loss, grads)
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
@@ -60,9 +63,9 @@ def test_fsdp2_training_step_equals_the_unsharded_model(tmp_path):
     out = str(tmp_path / "results.pt")
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2)
     results = torch.load(out, weights_only=True)
-    for family in FAMILIES:
+    for family, checkpointed in results:
         ref = _model(family)
-        loss, grads = results[family]
+        loss, grads = results[family, checkpointed]
         assert abs(loss - _step(ref)) < 1e-6, family
         want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
         assert grads.keys() == want.keys(), (family, sorted(grads.keys() ^ want.keys()))

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fastflamingo.generation import encode_prefix, generate, stream
+from fastflamingo.generation.score import score_reference
 from fastflamingo.generation.session import Session
 
 import peers
@@ -132,6 +133,23 @@ def test_prefix_reuse_equals_plain_loop(cache):
     text_only = generate(model, None, torch.randint(3, 500, (2, 3)), prefix=prefix, max_new_tokens=3,
                          eos_token_id=[], cache=cache)  # queries with no image of their own
     assert text_only.shape == (2, 6)
+
+
+def test_prefix_of_another_model_is_refused():
+    """A prefix holds K/V of the weights that encoded it: another model (even a copy with the same
+    shapes, whose lookups would succeed and give wrong tokens) refuses it, in generate and score."""
+    import copy
+    model = tiny()
+    other = copy.deepcopy(model)
+    demo_vx, demo_ids, _ = batch(model, [1], [8], seed=7)
+    prefix = encode_prefix(model, demo_vx, demo_ids)
+    vx, ids, mask = batch(model, [1], [6], seed=8)
+    for call in (lambda: generate(other, vx, ids, mask, prefix=prefix, max_new_tokens=2),
+                 lambda: other.score(vx, ids, [[5, 6]], mask, prefix=prefix),
+                 lambda: score_reference(other, vx, ids, [[5, 6]], mask, prefix=prefix)):
+        with pytest.raises(ValueError, match="this prefix was encoded by another model"):
+            call()
+    generate(model, vx, ids, mask, prefix=prefix, max_new_tokens=2)
 
 
 def test_stream_and_stops():
@@ -289,6 +307,8 @@ def test_cli_generate_preset_and_saved_model_with_tokenizer(tmp_path, capsys):
      r"token id 9999 \(row 0, position 2\) but the LM's input embedding has 512 rows"),
     (["--image", "/no/such/cat.jpg", "--prompt-ids", "510 17"], r"no image file '/no/such/cat.jpg'"),
     (["--few-shot", "{shots}"], r'shots.json: query 1 must be \{"text": ..., "images": \[...\]\}, got \[1, 2\]'),
+    (["--image", "{shots}", "--random-images", "1", "--prompt-ids", "510 17"],
+     r"give --image files or --random-images, not both"),
 ])
 def test_cli_generate_bad_input_is_one_line_naming_it(tmp_path, capsys, monkeypatch, args, message):
     from fastflamingo.cli import main
@@ -303,6 +323,26 @@ def test_cli_generate_bad_input_is_one_line_naming_it(tmp_path, capsys, monkeypa
     monkeypatch.setenv("FASTFLAMINGO_TRACEBACK", "1")  # the traceback on request
     with pytest.raises((ValueError, FileNotFoundError)):
         main(args)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "--random-images", "-1"], r"argument --random-images: --random-images must be >= 0, got -1"),
+    (["generate", "--device", "gpu"], r"argument --device: 'gpu' is not a device"),
+    (["score", "--device", "cuda:99", "--candidate-ids", "5"], r"argument --device: 'cuda:99': "),
+    (["bench", "--threads", "-2"], r"argument --threads: --threads must be >= 0, got -2"),
+])
+def test_cli_option_values_are_checked_as_they_are_parsed(capsys, args, message):
+    """Option values that cannot work end the command at parsing, naming the option and value
+    (no traceback from torch later, no silent fallback)."""
+    from fastflamingo.cli import main
+    if args[0] != "bench":
+        args = args[:1] + ["--preset", "tiny", "--prompt-ids", "17 42"] + args[1:]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(f"fastflamingo {args[0]}: error: " + message, err), err
+    assert "Traceback" not in err
 
 
 def test_interleaved_streams_do_not_share_a_static_cache():
@@ -514,6 +554,8 @@ def test_total_lengths_equal_idefics_generate():
     (dict(bad_words_ids=[5, 6]), r"bad_words_ids must be a list of non-empty lists of token ids >= 0, got \[5, 6\]"),
     (dict(bad_words_ids=[[5], []]), r"bad_words_ids must be a list of non-empty lists"),
     (dict(bad_words_ids=[[5, 999]]), r"bad_words_ids holds token id 999 but the LM has 512 tokens"),
+    (dict(pad_token_id=512), r"pad_token_id=512 is not a token id of this LM \(0..511\): finished rows are fed it"),
+    (dict(pad_token_id=-1), r"pad_token_id=-1 is not a token id of this LM"),
 ])
 def test_bad_generation_arguments_name_the_value(kwargs, message):
     model = tiny()
@@ -521,6 +563,62 @@ def test_bad_generation_arguments_name_the_value(kwargs, message):
     for beams in (1, 2):
         with pytest.raises(ValueError, match=message):
             generate(model, vx, ids, mask, num_beams=beams, **kwargs)
+
+
+def test_attention_mask_values_and_empty_rows_are_refused():
+    """Positions are the mask's running sum: a 2 would shift them, a 0.5 (cast to long) drop a
+    token; a row of padding only has nothing to continue from (unless a few-shot prefix precedes
+    it). Each is an error naming the value or row, in generate, stream and score."""
+    model = tiny()
+    vx, ids, mask = batch(model, [1, 1], [9, 6])
+    calls = [lambda m: generate(model, vx, ids, m, max_new_tokens=2),
+             lambda m: next(stream(model, vx, ids, m, max_new_tokens=2)),
+             lambda m: model.score(vx, ids, [[5, 6]], m)]
+    for call in calls:
+        for bad, message in ((mask * 2, r"attention_mask holds 2 \(row 0\): it must hold 1 for tokens and 0"),
+                             (mask * 0.5, r"attention_mask holds 0.5 \(row 0\)"),
+                             (torch.cat([mask[:1], torch.zeros_like(mask[1:])]),
+                              r"row 1 of attention_mask is all padding: the row has no token to continue from")):
+            with pytest.raises(ValueError, match=message):
+                call(bad)
+        call(mask.bool())  # bool and float 0 / 1 masks are fine
+        call(mask.float())
+    # after a few-shot prefix, a query of padding only continues the prefix
+    demo = encode_prefix(model, None, torch.tensor([[5, 6, 7, 8]]))
+    empty = torch.cat([mask[:1], torch.zeros_like(mask[1:])])
+    text = ids.masked_fill(ids == model.config.media_token_id, 9)
+    assert generate(model, None, text, empty, prefix=demo, max_new_tokens=2).shape == (2, ids.shape[1] + 2)
+
+
+def test_flags_the_mode_ignores_warn_as_hugging_face_does():
+    """temperature / top_k / top_p without do_sample, length_penalty / early_stopping without beams:
+    Hugging Face's warning, at the caller's line; the defaults and the right mode say nothing."""
+    import warnings
+    model = tiny()
+    vx, ids, mask = batch(model, [1], [9])
+    for kw, flag in ((dict(temperature=0.7), "temperature"), (dict(top_k=5), "top_k"), (dict(top_p=0.9), "top_p"),
+                     (dict(length_penalty=2.0), "length_penalty"), (dict(early_stopping=True), "early_stopping")):
+        with pytest.warns(UserWarning, match=rf"However, `{flag}` is set to .* this flag is only used in") as caught:
+            generate(model, vx, ids, mask, max_new_tokens=2, **kw)
+        assert caught[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model, vx, ids, mask, max_new_tokens=2)
+        generate(model, vx, ids, mask, max_new_tokens=2, do_sample=True, temperature=0.7, top_k=5, top_p=0.9)
+        generate(model, vx, ids, mask, max_new_tokens=2, num_beams=2, length_penalty=2.0, early_stopping=True)
+
+
+def test_cli_prints_input_warnings_as_its_own_lines(capsys):
+    """A warning about the input reads like the command's errors (no source line of the console
+    script it points at); the tokens still come."""
+    from fastflamingo.cli import main
+    args = ["generate", "--preset", "tiny", "--random-images", "1", "--prompt-ids", "510 17 42", "--max-new-tokens", "2"]
+    assert main(args + ["--temperature", "0.5"]) == 0
+    out, err = capsys.readouterr()
+    assert len(out.split()) == 2
+    assert ("fastflamingo generate: warning: `do_sample` is set to `False`. However, `temperature` is set to `0.5`"
+            in err), err
+    assert "warnings.warn" not in err and ".py:" not in err
 
 
 def test_cli_generate_repetition_rules(capsys):

@@ -284,7 +284,8 @@ def test_create_model_and_transforms_loads_open_flamingo_state_dicts(local_model
     assert diff <= TOL
 
     fresh, _, _ = create_model_and_transforms(TINY_VIT, clip_ckpt, lm_dir, lm_dir, cross_attn_every_n_layers=2,
-                                              use_local_files=True, ln_post_on_tokens=True)
+                                              use_local_files=True, ln_post_on_tokens=True, gradient_checkpointing=True)
+    assert fresh.is_gradient_checkpointing and not model.is_gradient_checkpointing  # open_flamingo's flag, honoured
     result = fresh.load_state_dict(trainable_only_state(ref), strict=False)
     assert result.unexpected_keys == []
     assert result.missing_keys and all(".gated_cross_attn_layer." not in k and not k.startswith("perceiver.")

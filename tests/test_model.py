@@ -430,3 +430,73 @@ def test_positions_past_rotary_or_alibi_training_length_warn_once(family):
         mpt.restore(model.lang_encoder)
         with pytest.raises(ValueError, match=rf"needs {n + 1} positions .* max_seq_len={n}, the size of its"):
             model(None, torch.randint(3, 120, (1, n + 1)))
+
+
+# ----------------------------------------------------------------------------- activation checkpointing
+
+def _train_step(model, vx, ids):
+    """(loss, gradients by name, bytes autograd saved for the backward) of one step, seeded (dropout)."""
+    saved = [0]
+
+    def pack(t):
+        saved[0] += t.numel() * t.element_size()
+        return t
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(vx, ids, labels=ids).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, saved[0]
+
+
+def _idefics_style():
+    from fastflamingo.convert.idefics import from_idefics
+    from peers_idefics import idefics_model
+    return from_idefics(idefics_model(cross_layer_interval=2))
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt", "gpt2", "idefics"])
+def test_activation_checkpointing_gives_the_same_step_and_keeps_far_less(family):
+    """Decoder layers, cross-attention blocks and resampler layers recompute in the backward: the
+    same loss and gradients bit for bit (GPT-2's dropout included: the RNG state is replayed), and
+    autograd keeps a fraction of the activations (what it saved, counted by a saved-tensors hook).
+    In eval mode, or without gradients, nothing changes."""
+    if family == "idefics":
+        from peers_idefics import idefics_inputs
+        model = _idefics_style().train()
+        inputs = idefics_inputs()
+        vx, ids = inputs["pixel_values"][:, :, None], inputs["input_ids"]
+    else:
+        model = Flamingo(config(), lang_encoder=tiny_lm(family)).train()
+        set_gates(model, 0.5)
+        vx, ids = batch()
+    for p in model.vision_encoder.parameters():
+        p.requires_grad_(False)
+    plain = _train_step(model, vx, ids)
+    model.activation_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning from the LM's layers about its cache
+        checkpointed = _train_step(model, vx, ids)
+    assert torch.equal(plain[0], checkpointed[0])
+    assert plain[1].keys() == checkpointed[1].keys() and len(plain[1]) > 10
+    for name, g in plain[1].items():
+        assert torch.equal(g, checkpointed[1][name]), name
+    assert checkpointed[2] < 0.25 * plain[2], (checkpointed[2], plain[2])
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(vx, ids).logits, (model.activation_checkpointing_disable() or model)(vx, ids).logits)
+    model.train()
+    assert not model.is_gradient_checkpointing and _train_step(model, vx, ids)[2] == plain[2]
+
+
+def test_activation_checkpointing_refuses_reentrant_and_takes_transformers_older_name():
+    model = Flamingo(config(), lang_encoder=tiny_lm("llama"))
+    with pytest.raises(ValueError, match=r"use_reentrant=True: .* \(no gradient would reach the resampler\)"):
+        model.activation_checkpointing_enable({"use_reentrant": True})
+    assert not model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"preserve_rng_state": False})
+    assert model.is_gradient_checkpointing and model.perceiver.checkpoint_kwargs == {"preserve_rng_state": False}
+    model.gradient_checkpointing_disable()
+    assert not model.is_gradient_checkpointing

@@ -15,6 +15,8 @@ import time
 
 import torch
 
+from ..cli import count_arg, device_arg
+
 from . import e2e, kernels
 from .env import code_version, device_name, versions
 from .goals import evaluate as evaluate_goals
@@ -133,8 +135,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="model shape (default: tiny on a CPU, openflamingo-9b on a GPU); see fastflamingo.presets")
     p.add_argument("--quick", action="store_true", help="fewer points and repetitions")
     p.add_argument("--out", default="bench-results", help="directory for rows.csv, rows.json, table.txt, PNGs")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice; 1 on a CPU kept busy by other work)")
+    p.add_argument("--device", type=device_arg, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=count_arg("--threads"), default=0,
+                   help="torch CPU threads (default, 0: torch's choice; 1 on a CPU kept busy by other work)")
     p.add_argument("--groups", default=None, metavar="NAMES",
                    help=f"end-to-end groups to run, comma-separated (default: all: {','.join(e2e.GROUPS)})")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

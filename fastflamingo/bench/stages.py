@@ -96,8 +96,20 @@ def fastflamingo_entrant(name, model, inputs, train_inputs, banned, **generate_o
 
 def fastflamingo_entrants(model, inputs, train_inputs, banned, compiled: bool) -> list[Entrant]:
     """fastflamingo's default generate, plus (``compiled``) its compiled static-cache decode, whose
-    compilation happens in the checked first call, outside the timed ones."""
+    compilation happens in the checked first call, outside the timed ones, and its training step
+    with activation checkpointing (time and peak memory beside the plain step)."""
     out = [fastflamingo_entrant("fastflamingo", model, inputs, train_inputs, banned)]
+    if hasattr(model, "activation_checkpointing_enable"):
+        plain = out[0].loss
+
+        def checkpointed_loss():
+            model.activation_checkpointing_enable()  # on for this forward: the backward replays it
+            try:
+                return plain()
+            finally:
+                model.activation_checkpointing_disable()
+        out.append(Entrant("fastflamingo checkpointed", prefill=out[0].prefill, loss=checkpointed_loss,
+                           params=out[0].params, stages=("train",)))
     gen = generate_fn(model)
     if compiled and gen is not None and "compile" in _accepted(gen, {"compile": 1}):
         e = fastflamingo_entrant("fastflamingo compiled", model, inputs, train_inputs, banned, cache="static",
@@ -278,9 +290,11 @@ class Group:
         return time_stages([self.check_train(e, failure)], self.device)
 
     def check_train(self, e: Entrant, failure: str | None) -> list[Row] | Timed:
-        """A step with AdamW (its first one, which allocates the optimizer's state, measured for
-        peak memory). The steps change the weights (shared with the other entrants, and used by
-        the later quantized stages): they are put back once the steps are timed."""
+        """A step with AdamW, measured for peak memory once a first step has allocated the
+        optimizer's state: a training step's peak is in its backward, with the activations, the
+        gradients and that state all held (the first step's backward has no optimizer state yet).
+        The steps change the weights (shared with the other entrants, and used by the later
+        quantized stages): they are put back once the steps are timed."""
         if failure:
             return [self.row("e2e train step", e.name, "time_ms", status=f"FAILED: {failure}")]
         params = e.params()
@@ -292,6 +306,7 @@ class Group:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        step()
         _, peak, how = peak_memory_call(step, self.device)
 
         def restore():

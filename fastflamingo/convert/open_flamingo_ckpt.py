@@ -9,7 +9,6 @@ that does not fit the LM it is given fails with a message that says which LM it 
 from __future__ import annotations
 
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from torch import nn
 
 from ..config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
 from ..lm import decoder_layers_attr_for, get_attr, lm_hidden_size
+from ..warn import warn_caller
 from .io import load_hf_causal_lm, load_state_file
 from .load import build_and_load
 from .pretrained import record_sources
@@ -235,6 +235,6 @@ def _resize_to_checkpoint(lm: nn.Module, state, layout: OpenFlamingoLayout, *, r
         return
     name = next(n for n, p in lm.named_parameters() if p is out.weight)
     if f"lang_encoder.{name}" not in state:
-        warnings.warn(f"the LM's output embeddings were resized from {rows} to {layout.vocab} rows but the "
-                      f"checkpoint does not hold them (lang_encoder.{name}; open_flamingo never trains them): "
-                      "the new rows keep transformers' fresh initialisation, as in open_flamingo", stacklevel=3)
+        warn_caller(f"the LM's output embeddings were resized from {rows} to {layout.vocab} rows but the "
+                    f"checkpoint does not hold them (lang_encoder.{name}; open_flamingo never trains them): "
+                    "the new rows keep transformers' fresh initialisation, as in open_flamingo")

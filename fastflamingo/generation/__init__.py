@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import torch
 
 from ..model import check_call, check_positions, check_vision_x
+from ..warn import warn_caller
 from . import lm_cache
 from .lm_cache import release_static_caches
 from .prefix import Prefix, encode_prefix
@@ -69,12 +70,9 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if vision_x is not None and visual_tokens is not None:
         raise ValueError("pass vision_x or visual_tokens, not both")
-    mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask.to(lang_x.device, torch.long)
-    if mask.shape != lang_x.shape:
-        raise ValueError(f"attention_mask {tuple(mask.shape)} does not match lang_x {tuple(lang_x.shape)}")
-    if bool((mask[:, 1:] < mask[:, :-1]).any()):
-        raise ValueError("attention_mask has padding after tokens: generation needs left padding "
-                         "(tokenizer.padding_side = 'left')")
+    if prefix is not None:
+        prefix.check(model)
+    mask = _prompt_mask(lang_x, attention_mask, prefix is not None)
     _check_room(model, mask, prefix, max_new_tokens, continuation)
     with torch.no_grad():
         if vision_x is not None:
@@ -90,6 +88,31 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
     session = Session(model, lang_x, mask, visual_tokens, prefix=prefix, max_new_tokens=max_new_tokens,
                       cache=cache, compile=compile)
     return session, session.prefill(lang_x)
+
+
+def _prompt_mask(lang_x: torch.Tensor, attention_mask: torch.Tensor | None, prefixed: bool) -> torch.Tensor:
+    """(B, T) long, 1 = token, 0 = left padding: ``attention_mask`` checked (positions are its
+    running sum, so a value other than 0 / 1 would shift them) and converted."""
+    if attention_mask is None:
+        return torch.ones_like(lang_x)
+    if tuple(attention_mask.shape) != tuple(lang_x.shape):
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match lang_x {tuple(lang_x.shape)}")
+    mask = attention_mask.to(lang_x.device)
+    if mask.dtype != torch.bool:
+        odd = (mask != 0) & (mask != 1)
+        if bool(odd.any()):
+            raise ValueError(f"attention_mask holds {mask[odd][0].item()!r} (row {int(odd.nonzero()[0, 0])}): "
+                             "it must hold 1 for tokens and 0 for padding")
+    mask = mask.long()
+    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+        raise ValueError("attention_mask has padding after tokens: generation needs left padding "
+                         "(tokenizer.padding_side = 'left')")
+    if not prefixed:
+        empty = (mask.sum(-1) == 0).nonzero()
+        if len(empty):
+            raise ValueError(f"row {int(empty[0, 0])} of attention_mask is all padding: the row has no token to "
+                             "continue from. Give every row at least one token (or drop the row)")
+    return mask
 
 
 def _check_room(model, mask: torch.Tensor, prefix: Prefix | None, max_new_tokens: int,
@@ -115,12 +138,28 @@ def _sampling(model, *, eos_token_id, pad_token_id, do_sample, temperature, top_
                         suppress_tokens=list(suppress_tokens or []), generator=generator,
                         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                         bad_words_ids=[] if bad_words_ids is None else bad_words_ids)
+    if not 0 <= pad < model.vocab_size:
+        raise ValueError(f"pad_token_id={pad} is not a token id of this LM (0..{model.vocab_size - 1}): finished "
+                         "rows are fed it, as in Hugging Face's generate")
+    if not do_sample:
+        _unused_flags("do_sample", False, "sample-based", temperature=(temperature, 1.0), top_p=(top_p, 1.0),
+                      top_k=(top_k, 50))
     for name, ids in (("suppress_tokens", sampling.suppress_tokens),
                       ("bad_words_ids", [t for w in sampling.bad_words_ids for t in w])):
         if any(t >= model.vocab_size for t in ids):
             raise ValueError(f"{name} holds token id {max(ids)} but the LM has {model.vocab_size} tokens "
                              f"(ids 0..{model.vocab_size - 1})")
     return sampling, pad
+
+
+def _unused_flags(mode_flag: str, mode_value, modes: str, **flags) -> None:
+    """Warn, in Hugging Face's words, about flags set away from their default (``name=(value,
+    default)``) that the chosen mode ignores."""
+    for name, (value, default) in flags.items():
+        if value != default:
+            warn_caller(f"`{mode_flag}` is set to `{mode_value}`. However, `{name}` is set to `{value}` -- this "
+                        f"flag is only used in {modes} generation modes. You should set "
+                        f"{'`do_sample=True`' if mode_flag == 'do_sample' else '`num_beams>1`'} or unset `{name}`.")
 
 
 def _lengths(prompt_length: int, max_new_tokens, max_length, min_new_tokens, min_length) -> tuple[int, int]:
@@ -278,6 +317,8 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
                   bad_words_ids=bad_words_ids)
     inputs = dict(visual_tokens=visual_tokens, prefix=prefix, cache=cache, compile=compile)
     if num_beams == 1:
+        _unused_flags("num_beams", 1, "beam-based", length_penalty=(length_penalty, 1.0),
+                      early_stopping=(early_stopping, False))
         new = list(_stream(model, vision_x, lang_x, attention_mask, repeat=R, max_new_tokens=max_new_tokens,
                            max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length,
                            **choose, **inputs))

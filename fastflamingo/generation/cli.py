@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from ..cli import count_arg, device_arg
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (open_flamingo, IDEFICS)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -53,7 +55,7 @@ def add_model_arguments(p) -> None:
     src.add_argument("--preset", help="a named shape with random weights (no tokenizer: use --prompt-ids)")
     src.add_argument("--model", help="a directory written by Flamingo.save_pretrained (with its tokenizer)")
     p.add_argument("--quantization", choices=["nf4", "int8"], default=None)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--device", type=device_arg, default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--device-map", default=None, choices=["auto", "balanced", "balanced_low_0", "sequential"],
                    help="spread the model over the GPUs (and CPU memory beyond them) with accelerate")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
@@ -67,7 +69,8 @@ def add_prompt_arguments(p) -> None:
     prompt.add_argument("--prompt-ids", help="space-separated token ids (models without a tokenizer)")
     prompt.add_argument("--few-shot", help="JSON file with a shared prefix and a batch of queries")
     p.add_argument("--image", action="append", default=[], help="image file, one per <image> (repeatable)")
-    p.add_argument("--random-images", type=int, default=0, help="use N random images instead of files")
+    p.add_argument("--random-images", type=count_arg("--random-images"), default=0,
+                   help="use N random images instead of files")
 
 
 def load_image(path: str, size: int) -> torch.Tensor:
@@ -158,6 +161,8 @@ def _check_images(name: str, ids: list[int], images: torch.Tensor, media_token_i
 def _check_request(args) -> tuple[dict | None, list[dict]] | None:
     """What can be checked before the model loads (minutes, for a 9B one): the few-shot file, and
     that every image file exists. Returns the few-shot file's (prefix, queries), if any."""
+    if args.image and args.random_images:
+        raise ValueError("give --image files or --random-images, not both")
     spec = _few_shot_spec(args.few_shot) if args.few_shot else None
     images = list(args.image)
     if spec is not None:

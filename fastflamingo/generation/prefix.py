@@ -9,6 +9,7 @@ concatenation of the K/V), and query tokens see image ``N_prefix + k`` for their
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +24,21 @@ class Prefix:
         visual: (1, N_p, L, D_vis) its visual tokens, or None (text-only prefix).
         visual_kv: {id(cross-attention module): (k, v) (1, H, N_p·L, D)}.
         lm_kv: per decoder layer (keys, values) (1, H_kv, P, D).
+        owner: (a weak reference to) the model that encoded it: its K/V are of that model's
+            weights, so another model refuses it (:meth:`check`). Encode it again after changing
+            the weights.
     """
     ids: torch.Tensor
     visual: torch.Tensor | None
     visual_kv: dict
     lm_kv: list
+    owner: weakref.ref | None = None
+
+    def check(self, model) -> None:
+        """Refuse to run after ``model`` unless it encoded this prefix."""
+        if self.owner is not None and self.owner() is not model:
+            raise ValueError("this prefix was encoded by another model: its K/V are of that model's weights. "
+                             "Encode it with encode_prefix(model, ...) of the model that generates or scores")
 
     @property
     def length(self) -> int:
@@ -63,4 +74,4 @@ def encode_prefix(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor) ->
     positions = torch.arange(lang_x.shape[1], device=lang_x.device)[None]
     model(lang_x=lang_x, visual_tokens=visual, media_kv_cache=kv,
           **call.kwargs(cache, torch.ones_like(lang_x), positions, last_only=True))
-    return Prefix(ids=lang_x, visual=visual, visual_kv=kv, lm_kv=lm_cache.layer_kv(cache))
+    return Prefix(ids=lang_x, visual=visual, visual_kv=kv, lm_kv=lm_cache.layer_kv(cache), owner=weakref.ref(model))

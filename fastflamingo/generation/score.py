@@ -112,6 +112,8 @@ def score_reference(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, 
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
     cand, lengths = _candidates(model, continuations)
+    if prefix is not None:
+        prefix.check(model)
     mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
     visual = model.encode_vision(vision_x) if vision_x is not None else visual_tokens
     media = model.config.media_token_id
