@@ -147,6 +147,27 @@ def test_train_stages_timed_together_leave_shared_weights_as_checked():
     assert torch.equal(w.detach(), before)
 
 
+def test_a_training_step_that_cannot_run_is_reported_and_the_group_goes_on():
+    """A loss that raises (an LM without checkpointing, a step out of memory) gives an n/a row
+    naming the error, with the weights as they were, instead of ending the whole group."""
+    w = torch.nn.Parameter(torch.randn(4, 4))
+    before = w.detach().clone()
+    group = e2e.Group("x", [], {"loss": float((w.detach() ** 2).sum())}, SMALL_E2E, "cpu", False)
+    calls = [0]
+
+    def second_call_fails():  # the check's loss runs; the step's backward pass does not
+        calls[0] += 1
+        if calls[0] > 1:
+            w.data.add_(1.0)  # a step half done
+            raise RuntimeError("out of memory")
+        return (w ** 2).sum()
+    for loss, status in ((lambda: 1 / 0, "n/a: ZeroDivisionError"), (second_call_fails, "n/a: RuntimeError: out of memory")):
+        e = e2e.Entrant("e", prefill=None, loss=loss, params=lambda: [w])
+        rows = group.train(e, group.train_check(e))
+        assert len(rows) == 1 and rows[0].status.startswith(status) and rows[0].median is None, rows
+        assert torch.equal(w.detach(), before)
+
+
 def test_measure_together_rotates_and_counts_each_calls_reps():
     """Every fn gets its own number of timed calls, in rounds whose order rotates (on a CPU each
     timed call follows an untimed one of the same fn, unless it is the round's only fn)."""

@@ -280,10 +280,15 @@ class Group:
         return [self.row("e2e decode step", e.name, "tokens_per_s", median=batch / (step_ms * 1e-3), note=note, **kw)]
 
     def train_check(self, e: Entrant) -> str | None:
-        with torch.no_grad():
-            loss = e.loss().item()
+        """None where ``e``'s loss matches the reference, else the status of its rows."""
+        try:
+            with torch.no_grad():
+                loss = e.loss().item()
+        except Exception as ex:  # noqa: BLE001 - a loss that cannot run here is reported, the group goes on
+            return f"n/a: {type(ex).__name__}: {str(ex)[:150]}"
         err = abs(loss - self.ref["loss"]) / abs(self.ref["loss"])
-        return None if err <= self.loss_tol else f"loss {loss:.5f} vs reference {self.ref['loss']:.5f} (rel. {err:.1e})"
+        return None if err <= self.loss_tol else \
+            f"FAILED: loss {loss:.5f} vs reference {self.ref['loss']:.5f} (rel. {err:.1e})"
 
     def train(self, e: Entrant, failure: str | None) -> list[Row]:
         """The training rows of ``e`` alone: :meth:`check_train`, then its timing."""
@@ -296,7 +301,7 @@ class Group:
         The steps change the weights (shared with the other entrants, and used by the later
         quantized stages): they are put back once the steps are timed."""
         if failure:
-            return [self.row("e2e train step", e.name, "time_ms", status=f"FAILED: {failure}")]
+            return [self.row("e2e train step", e.name, "time_ms", status=failure)]
         params = e.params()
         saved = [p.detach().clone() for p in params]
         opt = torch.optim.AdamW(params, lr=1e-5)
@@ -306,15 +311,22 @@ class Group:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        step()
-        _, peak, how = peak_memory_call(step, self.device)
 
         def restore():
             opt.state.clear()
             with torch.no_grad():
                 for p, w in zip(params, saved):
+                    p.grad = None
                     p.copy_(w)
             saved.clear()
+        try:
+            step()
+            _, peak, how = peak_memory_call(step, self.device)
+        except Exception as ex:  # noqa: BLE001 - e.g. out of memory: reported, the group goes on
+            restore()
+            if torch.device(self.device).type == "cuda":
+                torch.cuda.empty_cache()
+            return [self.row("e2e train step", e.name, "time_ms", status=f"n/a: {type(ex).__name__}: {str(ex)[:150]}")]
         n = sum(p.numel() for p in params)
         note = f"AdamW over {n / 1e6:.1f}M trainable parameters"
 
