@@ -455,7 +455,7 @@ def _idefics_style():
     return from_idefics(idefics_model(cross_layer_interval=2))
 
 
-@pytest.mark.parametrize("family", ["llama", "mpt", "gpt2", "idefics"])
+@pytest.mark.parametrize("family", ["llama", "mpt", "gpt2", "idefics", "llama-nf4"])
 def test_activation_checkpointing_gives_the_same_step_and_keeps_far_less(family):
     """Decoder layers, cross-attention blocks and resampler layers recompute in the backward: the
     same loss and gradients bit for bit (GPT-2's dropout included: the RNG state is replayed), and
@@ -467,7 +467,11 @@ def test_activation_checkpointing_gives_the_same_step_and_keeps_far_less(family)
         inputs = idefics_inputs()
         vx, ids = inputs["pixel_values"][:, :, None], inputs["input_ids"]
     else:
-        model = Flamingo(config(), lang_encoder=tiny_lm(family)).train()
+        model = Flamingo(config(), lang_encoder=tiny_lm(family.removesuffix("-nf4"))).train()
+        if family.endswith("-nf4"):  # QLoRA-style: the frozen LM in 4 bits, gradients through it
+            from fastflamingo.quant import quantize_model
+            quantize_model(model, "nf4")
+            assert any(type(m).__name__ == "Linear4bit" for m in model.lang_encoder.modules())
         set_gates(model, 0.5)
         vx, ids = batch()
     for p in model.vision_encoder.parameters():
