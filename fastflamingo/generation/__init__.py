@@ -72,8 +72,8 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
         raise ValueError("pass vision_x or visual_tokens, not both")
     if prefix is not None:
         prefix.check(model)
-    mask = _prompt_mask(lang_x, attention_mask, prefix is not None)
-    _check_room(model, mask, prefix, max_new_tokens, continuation)
+    mask, most = _prompt_mask(lang_x, attention_mask, prefix is not None)
+    _check_room(model, mask, most, prefix, max_new_tokens, continuation)
     with torch.no_grad():
         if vision_x is not None:
             check_vision_x(vision_x, batch=lang_x.shape[0])
@@ -90,39 +90,41 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
     return session, session.prefill(lang_x)
 
 
-def _prompt_mask(lang_x: torch.Tensor, attention_mask: torch.Tensor | None, prefixed: bool) -> torch.Tensor:
-    """(B, T) long, 1 = token, 0 = left padding: ``attention_mask`` checked (positions are its
-    running sum, so a value other than 0 / 1 would shift them) and converted."""
+def _prompt_mask(lang_x: torch.Tensor, attention_mask: torch.Tensor | None, prefixed: bool) -> tuple[torch.Tensor, int]:
+    """((B, T) long, 1 = token, 0 = left padding; the most tokens a row holds): ``attention_mask``
+    checked (positions are its running sum, so a value other than 0 / 1 would shift them) and
+    converted, with one read of the device for every check."""
     if attention_mask is None:
-        return torch.ones_like(lang_x)
+        return torch.ones_like(lang_x), lang_x.shape[1]
     if tuple(attention_mask.shape) != tuple(lang_x.shape):
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} does not match lang_x {tuple(lang_x.shape)}")
-    mask = attention_mask.to(lang_x.device)
-    if mask.dtype != torch.bool:
-        odd = (mask != 0) & (mask != 1)
-        if bool(odd.any()):
-            raise ValueError(f"attention_mask holds {mask[odd][0].item()!r} (row {int(odd.nonzero()[0, 0])}): "
-                             "it must hold 1 for tokens and 0 for padding")
-    mask = mask.long()
-    if bool((mask[:, 1:] < mask[:, :-1]).any()):
+    given = attention_mask.to(lang_x.device)
+    mask = given.long()
+    tokens = mask.sum(-1)
+    odd = ((given != 0) & (given != 1)).sum() if given.dtype != torch.bool else tokens.new_zeros(())
+    odd, right_padded, empty, most = torch.stack([
+        odd, (mask[:, 1:] < mask[:, :-1]).sum(), (tokens == 0).sum(), tokens.max()]).tolist()
+    if odd:
+        bad = (given != 0) & (given != 1)
+        raise ValueError(f"attention_mask holds {given[bad][0].item()!r} (row {int(bad.nonzero()[0, 0])}): "
+                         "it must hold 1 for tokens and 0 for padding")
+    if right_padded:
         raise ValueError("attention_mask has padding after tokens: generation needs left padding "
                          "(tokenizer.padding_side = 'left')")
-    if not prefixed:
-        empty = (mask.sum(-1) == 0).nonzero()
-        if len(empty):
-            raise ValueError(f"row {int(empty[0, 0])} of attention_mask is all padding: the row has no token to "
-                             "continue from. Give every row at least one token (or drop the row)")
-    return mask
+    if empty and not prefixed:
+        raise ValueError(f"row {int((tokens == 0).nonzero()[0, 0])} of attention_mask is all padding: the row has "
+                         "no token to continue from. Give every row at least one token (or drop the row)")
+    return mask, most
 
 
-def _check_room(model, mask: torch.Tensor, prefix: Prefix | None, max_new_tokens: int,
+def _check_room(model, mask: torch.Tensor, most: int, prefix: Prefix | None, max_new_tokens: int,
                 continuation: int | None) -> None:
     """The prompt and what follows it fit the LM's positions (:func:`fastflamingo.model.check_positions`).
     An LM given position ids (all but MPT) counts each row's own tokens, from 0 after the prefix's
     (left padding takes none); MPT counts the padded length. The last new token is never fed."""
     lm = model.lang_encoder
     P = 0 if prefix is None else prefix.length
-    own = int(mask.sum(-1).max()) if lm_cache.LMCall(lm).positions else mask.shape[1]
+    own = most if lm_cache.LMCall(lm).positions else mask.shape[1]
     room = max_new_tokens if continuation is None else continuation
     after = f"max_new_tokens={room}" if continuation is None else f"continuations of up to {room} tokens"
     check_positions(lm, P + own + room - 1, f"{own} prompt tokens{f' after a {P}-token prefix' if P else ''} and "
