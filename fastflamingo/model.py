@@ -155,6 +155,7 @@ class Flamingo(nn.Module):
         self.lang_encoder = build_lm(config) if lang_encoder is None else lang_encoder
         self.perceiver = PerceiverResampler(dim=vc.dim, config=config.resampler) if config.resampler.enabled else None
 
+        self._check_token_ids()
         self._media = MediaState()
         self._checkpointing = False  # activation checkpointing (activation_checkpointing_enable)
         self.decoder_layers_attr = decoder_layers_attr_for(self.lang_encoder, config.decoder_layers_attr)
@@ -168,6 +169,19 @@ class Flamingo(nn.Module):
         self.set_trainable()
 
     # ---------------------------------------------------------------- construction
+    def _check_token_ids(self) -> None:
+        """``<image>`` (required) and ``<|endofchunk|>`` are rows of the LM's input embedding: an id
+        past them would make every image unseen (no token could be ``<image>``), or fail later."""
+        vocab, c = self.vocab_size, self.config
+        for name, tid, required in (("media_token_id", c.media_token_id, True), ("eoc_token_id", c.eoc_token_id, False)):
+            if tid is None or (tid < 0 and not required):
+                continue
+            if not 0 <= tid < vocab:
+                raise ValueError(f"config.{name}={tid} is not a row of the LM's input embedding ({vocab} rows, ids "
+                                 f"0..{vocab - 1}): add Flamingo's tokens to the tokenizer and resize the LM's "
+                                 "embeddings first (fastflamingo.setup_tokenizer(tokenizer, lm) does both), and give "
+                                 "their ids")
+
     def _make_block(self, layer_idx: int) -> nn.Module:
         c, lm = self.config, self.lang_encoder
         dim, dim_visual = lm_hidden_size(lm), c.vision.dim

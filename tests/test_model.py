@@ -285,6 +285,25 @@ def test_tiny_preset_trains_and_only_the_right_parameters_get_gradients():
             assert torch.equal(p, frozen_before[n]), n
 
 
+def test_token_ids_outside_the_vocabulary_and_dtype_names_are_checked_at_build():
+    """An <image> id that is no row of the LM's embedding would leave every image unseen: refused
+    when the model is built. Dtypes are taken by name too, as transformers takes them; a non-float
+    one is refused by name."""
+    with pytest.raises(ValueError, match=r"config.media_token_id=600 is not a row of the LM's input embedding "
+                                         r"\(512 rows, ids 0..511\): add Flamingo's tokens"):
+        Flamingo.from_preset("tiny", media_token_id=600)
+    with pytest.raises(ValueError, match=r"config.media_token_id=-1 is not a row"):
+        Flamingo.from_preset("tiny", media_token_id=-1)  # never set
+    with pytest.raises(ValueError, match=r"config.eoc_token_id=512 is not a row"):
+        Flamingo.from_preset("tiny", eoc_token_id=512)
+    assert Flamingo.from_preset("tiny", eoc_token_id=-1).config.eoc_token_id == -1  # none: allowed
+    assert Flamingo.from_preset("tiny", dtype="bfloat16").dtype == torch.bfloat16
+    assert Flamingo.from_preset("tiny", dtype="torch.float16").dtype == torch.float16
+    for bad in ("int8", torch.int8, "auto"):
+        with pytest.raises(ValueError, match=rf"dtype={bad!r} is not a floating-point torch dtype"):
+            Flamingo.from_preset("tiny", dtype=bad)
+
+
 def test_config_json_round_trip_and_errors():
     cfg = config()
     assert FlamingoConfig.from_json(cfg.to_json()) == cfg

@@ -104,12 +104,25 @@ def build_and_load(config: FlamingoConfig, state: dict[str, torch.Tensor], *, tr
                   max_memory=max_memory, offload_folder=offload_folder)
 
 
+def as_dtype(dtype) -> torch.dtype | None:
+    """A floating torch dtype from itself or its name (``"bfloat16"``, ``"torch.float16"``, as
+    transformers takes), else an error naming it."""
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    named = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else None
+    if isinstance(named, torch.dtype) and named.is_floating_point:
+        return named
+    raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype: pass torch.bfloat16, torch.float16, "
+                     "torch.float32, or one of their names ('bfloat16', ...)")
+
+
 def finish(model, *, dtype: torch.dtype | None = None, device=None, quantization=None, device_map=None,
            max_memory=None, offload_folder=None):
     """The last steps of every import: trainable set, dtype/device, optional quantization (on the
     device, as bitsandbytes needs; :func:`fastflamingo.quant.quantize_model`), placement over
     several devices (``device_map``: :func:`fastflamingo.distribute.dispatch`), eval."""
     model.set_trainable()
+    dtype = as_dtype(dtype)
     if device_map is not None and device is not None:
         raise ValueError(f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})")
     if device_map is None and (max_memory is not None or offload_folder is not None):
