@@ -17,6 +17,7 @@ fastflamingo's reference dequantization (:mod:`fastflamingo.ops.nf4`).
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 from torch import nn
@@ -144,6 +145,15 @@ def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool =
         from .ops.nf4 import use_fused_nf4
         use_fused_nf4(model)
     return model
+
+
+def quantized_modules(model: nn.Module) -> list[str]:
+    """Names of the bitsandbytes 4- and 8-bit layers in ``model`` (none where bitsandbytes was never
+    imported)."""
+    if "bitsandbytes" not in sys.modules:
+        return []
+    bnb = _bnb()
+    return [name for name, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
 
 
 def model_bytes(model: nn.Module) -> int:

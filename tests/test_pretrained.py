@@ -68,6 +68,33 @@ def test_trainable_only_round_trip_with_the_base_models(tmp_path):
     _assert_same(model, back)
 
 
+def test_quantized_models_save_what_loads_back(tmp_path):
+    """QLoRA-style: the frozen LM in NF4, trained; its trainable-only save loads back onto the
+    16-bit base LM quantized again, the same as the trained model. A full save of 4-bit weights
+    (which would not load back) and a trainable-only save missing quantized cross-attention
+    layers are refused, naming a layer and what to do."""
+    from fastflamingo.quant import quantize_model
+    config = preset_config("tiny")
+    torch.manual_seed(0)
+    lm, vision = build_lm(config), build_vision_model(config.vision)
+    model = Flamingo(config, vision_encoder=copy.deepcopy(vision), lang_encoder=copy.deepcopy(lm))
+    quantize_model(model, "nf4")
+    _perturb(model)
+    with pytest.raises(ValueError, match=r"layer\(s\) of this model hold quantized weights \(e.g. lang_encoder\..*"
+                                         r"Save the 16-bit model and quantize when loading"):
+        model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "adapter", trainable_only=True)
+    back = Flamingo.from_pretrained(tmp_path / "adapter", lang_encoder=copy.deepcopy(lm),
+                                    vision_encoder=copy.deepcopy(vision), quantization="nf4")
+    vx, ids = _inputs(model)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(vx, ids).logits, back(vx, ids).logits)
+    inference = Flamingo.from_preset("tiny").eval()
+    quantize_model(inference, "int8", cross_attention=True)
+    with pytest.raises(ValueError, match=r"hold quantized weights \(e.g. .*gated_cross_attn_layer.*not quantized"):
+        inference.save_pretrained(tmp_path / "x", trainable_only=True)
+
+
 def test_directory_that_does_not_fit_lists_keys(tmp_path):
     model = Flamingo.from_preset("tiny")
     model.save_pretrained(tmp_path)

@@ -55,6 +55,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, trainable_only: 
     state = model.state_dict()
     if trainable_only:
         state = {k: state[k] for k in trainable_keys(model)}
+    _refuse_quantized(model, state, trainable_only)
     tensors, aliases = {}, {}
     seen: dict[tuple, str] = {}
     for key, t in _progress(state.items(), progress, "saving"):
@@ -70,6 +71,23 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, trainable_only: 
     (d / CONFIG_NAME).write_text(model.config.to_json())
     save_file(tensors, str(d / WEIGHTS_NAME), metadata=metadata)
     return d
+
+
+def _refuse_quantized(model: nn.Module, state: dict, trainable_only: bool) -> None:
+    """4- and 8-bit layers would be written as bitsandbytes' packed tensors and statistics, which
+    :func:`load_pretrained` (it quantizes 16-bit weights at load) cannot read back: refuse them."""
+    from ..quant import quantized_modules
+    names = quantized_modules(model)
+    # trainable-only: a quantized cross-attention layer is not trainable, so not in ``state``, but
+    # the rebuilt model trains it and needs its weights
+    hit = [n for n in names if any(k.startswith(n + ".") for k in state)
+           or (trainable_only and ".gated_cross_attn_layer." in f".{n}.")]
+    if hit:
+        raise ValueError(f"{len(names)} layer(s) of this model hold quantized weights (e.g. {hit[0]}), which "
+                         "fastflamingo's format does not store (they would not load back). Save the 16-bit model and "
+                         "quantize when loading (Flamingo.from_pretrained(directory, quantization='nf4')), or save "
+                         "only what training changes: save_pretrained(directory, trainable_only=True)"
+                         + ("" if not trainable_only else " of a model whose cross-attention blocks are not quantized"))
 
 
 def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder: nn.Module | None = None,
