@@ -309,12 +309,18 @@ def test_cli_generate_preset_and_saved_model_with_tokenizer(tmp_path, capsys):
     (["--few-shot", "{shots}"], r'shots.json: query 1 must be \{"text": ..., "images": \[...\]\}, got \[1, 2\]'),
     (["--image", "{shots}", "--random-images", "1", "--prompt-ids", "510 17"],
      r"give --image files or --random-images, not both"),
+    (["--few-shot", "{typo_key}"], r"typo.json: query 0 has unknown key\(s\) \['image'\]: an entry is"),
+    (["--few-shot", "{typo_prefix}"], r"typo2.json: unknown key\(s\) \['prefx'\]: the file holds \"queries\""),
 ])
 def test_cli_generate_bad_input_is_one_line_naming_it(tmp_path, capsys, monkeypatch, args, message):
     from fastflamingo.cli import main
     shots = tmp_path / "shots.json"
     shots.write_text('{"queries": [{"text": [510, 4], "images": ["random"]}, [1, 2]]}')
-    args = ["generate", "--preset", "tiny", "--max-new-tokens", "2"] + [a.format(shots=shots) for a in args]
+    typo_key, typo_prefix = tmp_path / "typo.json", tmp_path / "typo2.json"
+    typo_key.write_text('{"queries": [{"text": [4, 5], "image": ["random"]}]}')
+    typo_prefix.write_text('{"prefx": {"text": [4]}, "queries": [{"text": [4, 5]}]}')
+    args = ["generate", "--preset", "tiny", "--max-new-tokens", "2"] + [
+        a.format(shots=shots, typo_key=typo_key, typo_prefix=typo_prefix) for a in args]
     monkeypatch.delenv("FASTFLAMINGO_TRACEBACK", raising=False)
     assert main(args) == 2
     err = capsys.readouterr().err

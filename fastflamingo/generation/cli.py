@@ -141,10 +141,16 @@ def _few_shot_spec(path: str) -> tuple[dict | None, list[dict]]:
     if not isinstance(queries, list) or not queries:
         raise ValueError(f'{path}: needs a non-empty list "queries" of {{"text": ..., "images": [...]}} '
                          f"(see fastflamingo generate --help)")
+    unknown = sorted(set(spec) - {"prefix", "queries"})
+    if unknown:  # a misspelt "prefix" would otherwise run the queries without their demonstrations
+        raise ValueError(f'{path}: unknown key(s) {unknown}: the file holds "queries" and, optionally, "prefix"')
     pre = spec.get("prefix")
     for name, entry in [("prefix", pre)] * (pre is not None) + [(f"query {i}", q) for i, q in enumerate(queries)]:
         if not isinstance(entry, dict) or "text" not in entry:
             raise ValueError(f'{path}: {name} must be {{"text": ..., "images": [...]}}, got {entry!r}')
+        if set(entry) - {"text", "images"}:  # e.g. a misspelt "images": its images would go unused
+            raise ValueError(f'{path}: {name} has unknown key(s) {sorted(set(entry) - {"text", "images"})}: an entry '
+                             'is {"text": ..., "images": [...]}')
         if not isinstance(entry.get("images", []), list):
             raise ValueError(f'{path}: {name}\'s "images" must be a list of paths or "random"')
     return pre, queries
