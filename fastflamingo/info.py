@@ -6,9 +6,18 @@ import os
 import platform
 
 
+def import_module(name: str):
+    """``importlib.import_module``, but bitsandbytes without its download of Hub code
+    (:func:`fastflamingo.quant.import_bitsandbytes`)."""
+    if name == "bitsandbytes":
+        from .quant import import_bitsandbytes
+        return import_bitsandbytes()
+    return importlib.import_module(name)
+
+
 def _version(name: str) -> str:
     try:
-        module = importlib.import_module(name)
+        module = import_module(name)
     except Exception as e:  # noqa: BLE001 - any import failure means "not usable here"
         return f"not available ({type(e).__name__})"
     return getattr(module, "__version__", "installed")
@@ -45,7 +54,7 @@ def collect() -> dict:
 
 def _has(module: str) -> bool:
     try:
-        importlib.import_module(module)
+        import_module(module)
         return True
     except Exception:  # noqa: BLE001
         return False

@@ -17,6 +17,7 @@ fastflamingo's reference dequantization (:mod:`fastflamingo.ops.nf4`).
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import torch
@@ -30,12 +31,46 @@ def _drop_int8_cast_notice(record: logging.LogRecord) -> bool:
     return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 
 
-def _bnb():
+_HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_ABSENT = object()
+
+
+def import_bitsandbytes():
+    """``import bitsandbytes`` without its download of code from the Hugging Face Hub.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) tries at import, where the ``kernels`` package is
+    installed, to download and run a CPU kernel from the Hub (``kernels-community``). fastflamingo
+    runs no remote code unless asked: that import of ``kernels`` fails (bitsandbytes then keeps its
+    own CPU kernels, and its notice of the failure is dropped), unless ``FASTFLAMINGO_HUB_KERNELS=1``
+    (the user's choice). Whether ``kernels`` was imported before says nothing of that choice:
+    transformers imports it to see whether it is installed. Raises ImportError without bitsandbytes."""
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    if os.environ.get("FASTFLAMINGO_HUB_KERNELS", "0") not in ("", "0"):
+        import bitsandbytes
+        return bitsandbytes
+    notices = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    drop = logging.Filter()
+    drop.filter = lambda record: not record.getMessage().startswith(_HUB_KERNEL_NOTICE)
+    before = sys.modules.get("kernels", _ABSENT)
+    sys.modules["kernels"] = None  # for this import, `from kernels import ...` raises ImportError
+    notices.addFilter(drop)
     try:
         import bitsandbytes
+    finally:
+        notices.removeFilter(drop)
+        if before is _ABSENT:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = before
+    return bitsandbytes
+
+
+def _bnb():
+    try:
+        return import_bitsandbytes()
     except ImportError as e:
         raise ImportError("quantization needs bitsandbytes: pip install bitsandbytes") from e
-    return bitsandbytes
 
 
 def cpu_4bit_fast_path_ok(in_features: int, out_features: int) -> bool:

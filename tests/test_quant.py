@@ -110,3 +110,41 @@ def test_quantize_options_and_errors():
     assert all(p.requires_grad for p in model.perceiver.parameters())  # the resampler stays trainable
     vx, ids = inputs(model)
     assert generate(model, vx, ids, max_new_tokens=2, eos_token_id=[]).shape == (2, 12)
+
+
+def test_bitsandbytes_is_imported_without_its_download_of_hub_code(tmp_path):
+    """bitsandbytes (0.50) on CPUs with AVX512-BF16 calls ``kernels.get_kernel`` at import: with
+    the ``kernels`` package installed, that downloads and runs code from the Hugging Face Hub.
+    Through fastflamingo it does not (and its notice about it is not printed), unless the user sets
+    FASTFLAMINGO_HUB_KERNELS=1. A stand-in ``kernels`` package records the call; a plain import
+    in the same setting is the control."""
+    import os
+    import subprocess
+    import sys
+    fake = tmp_path / "site" / "kernels"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "import os\n"
+        "def get_kernel(*args, **kwargs):\n"
+        "    open(os.environ['CALLED'], 'a').write(repr(args) + '\\n')\n"
+        "    raise RuntimeError('stand-in: no download')\n")
+
+    def run(code: str, **env) -> tuple[bool, str]:
+        called = tmp_path / f"called-{len(list(tmp_path.iterdir()))}"
+        environment = {k: v for k, v in os.environ.items() if k != "FASTFLAMINGO_HUB_KERNELS"}
+        environment.update(PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), *sys.path]), CALLED=str(called), **env)
+        done = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return called.exists(), done.stderr
+
+    plain, _ = run("import bitsandbytes")
+    if not plain:
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not reach for Hub kernels here")
+    ours, err = run("from fastflamingo.quant import import_bitsandbytes; import_bitsandbytes()")
+    assert not ours and "kernels-community" not in err, err
+    info, err = run("from fastflamingo.info import collect; collect()")  # `fastflamingo info` imports it too
+    assert not info and "kernels-community" not in err, err
+    chosen, _ = run("from fastflamingo.quant import import_bitsandbytes; import_bitsandbytes()",
+                    FASTFLAMINGO_HUB_KERNELS="1")
+    assert chosen

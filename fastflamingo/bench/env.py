@@ -6,13 +6,13 @@ never separated from the machine that produced it.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 import platform
 
 import torch
 
 from ..info import _has as has_module  # noqa: F401 - importable here: re-exported for the suites
+from ..info import import_module
 
 PACKAGES = ("torch", "triton", "transformers", "open_flamingo", "open_clip", "bitsandbytes",
             "xformers", "flash_attn")
@@ -39,7 +39,7 @@ def versions() -> str:
     parts = []
     for name in PACKAGES:
         try:
-            module = importlib.import_module(name)
+            module = import_module(name)
         except Exception:  # noqa: BLE001 - not importable here: leave it out
             continue
         version = getattr(module, "__version__", None)

@@ -46,7 +46,8 @@ def _unavailable_rows(device: str, why: str, rows_per_shape) -> list[Row]:
 def _quantized_layer(N: int, K: int, device: str, seed: int = 0):
     """A bitsandbytes Linear4bit (NF4, nested statistics) of a random weight scaled like a
     trained one, and its dequantized fp32 weight."""
-    import bitsandbytes as bnb
+    from ..quant import import_bitsandbytes
+    bnb = import_bitsandbytes()
 
     from ..ops.nf4 import dequantize_4bit_reference
     g = torch.Generator().manual_seed(seed)

@@ -59,12 +59,12 @@ def _kernels():
 
 
 def _bnb():
+    from ..quant import import_bitsandbytes
     try:
-        import bitsandbytes
+        return import_bitsandbytes()
     except ImportError as e:
         raise ImportError("the 'torch' backend of nf4_linear and use_fused_nf4 need bitsandbytes: "
                           "pip install bitsandbytes") from e
-    return bitsandbytes
 
 
 # ----------------------------------------------------------------------------- quant state
