@@ -26,9 +26,17 @@ class Checkpointed(nn.Module):
     :meth:`fastflamingo.Flamingo.activation_checkpointing_enable`."""
     gradient_checkpointing = False
     checkpoint_kwargs: dict = {}  # more arguments of torch.utils.checkpoint.checkpoint
+    checkpoint_offload = False  # the kept inputs in CPU memory (transformers' ``offload``)
 
     def _checkpoint(self) -> bool:
         return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+    def _checkpointed(self, fn, *args):
+        """``fn(*args)``, recomputed in the backward instead of kept."""
+        if not self.checkpoint_offload:
+            return checkpoint(fn, *args, use_reentrant=False, **self.checkpoint_kwargs)
+        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+            return checkpoint(fn, *args, use_reentrant=False, **self.checkpoint_kwargs)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -243,8 +251,7 @@ class PerceiverResampler(Checkpointed):
         layers, norm = (self.layers, self.norm) if self.style == "open_flamingo" else (self.blocks, self.layer_norm)
         for attn, ff in layers:
             if self._checkpoint():
-                latents = checkpoint(_resampler_layer, attn, ff, x, latents, use_reentrant=False,
-                                     **self.checkpoint_kwargs)
+                latents = self._checkpointed(_resampler_layer, attn, ff, x, latents)
             else:
                 latents = _resampler_layer(attn, ff, x, latents)
         return norm(latents.reshape(B, N, -1, D))  # not a view of an inner tensor (FSDP2 warns of those)
@@ -336,7 +343,7 @@ class GatedCrossAttentionBlock(Checkpointed):
 
     def forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
         if self._checkpoint():
-            return checkpoint(self._forward, x, media.copy(), use_reentrant=False, **self.checkpoint_kwargs)
+            return self._checkpointed(self._forward, x, media.copy())
         return self._forward(x, media)
 
     def _forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
@@ -399,7 +406,7 @@ class IdeficsGatedCrossAttentionBlock(Checkpointed):
 
     def forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:
         if self._checkpoint():
-            return checkpoint(self._forward, x, media.copy(), use_reentrant=False, **self.checkpoint_kwargs)
+            return self._checkpointed(self._forward, x, media.copy())
         return self._forward(x, media)
 
     def _forward(self, x: torch.Tensor, media: MediaState) -> torch.Tensor:

@@ -228,35 +228,46 @@ class Flamingo(nn.Module):
                 m.backend = backend
 
     # ---------------------------------------------------------------- activation checkpointing
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None) -> None:
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
         """Trade training time for memory: in training, every decoder layer of the LM (Hugging
         Face's own checkpointing), every gated cross-attention block and every resampler layer
         keeps only its inputs and recomputes the rest in the backward. Same loss and gradients.
+        transformers' signature, so its ``Trainer`` (``gradient_checkpointing=True``) turns it on.
 
         Args:
             activation_checkpointing_kwargs: more arguments of ``torch.utils.checkpoint.checkpoint``
                 (``preserve_rng_state``, ``context_fn``, ...). Always non-reentrant: the blocks
                 read the visual tokens through the model's media state, not their arguments, which
                 reentrant checkpointing would not differentiate (``use_reentrant=True`` is refused).
+            every_n_layers: only decoder layers 0, n, 2n, ... (and the cross-attention blocks in
+                front of them); the resampler's layers all.
+            offload: the inputs each checkpoint keeps go to CPU memory (pinned). Nothing to do
+                on a machine without a GPU, where they are in CPU memory already.
         """
         kwargs = dict(activation_checkpointing_kwargs or {})
         if kwargs.pop("use_reentrant", False):
             raise ValueError("use_reentrant=True: fastflamingo's blocks read the visual tokens through the model's "
                              "media state, which reentrant checkpointing would not differentiate (no gradient "
                              "would reach the resampler); leave use_reentrant out, or False")
+        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be an int >= 1, got {every_n_layers!r}")
         lm = self.lang_encoder
         hf_kwargs = {**kwargs, "use_reentrant": False}
+        offload = bool(offload) and torch.cuda.is_available()  # (transformers 5.1x pins memory even without one)
         if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x's name
-            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=hf_kwargs)
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=hf_kwargs, every_n_layers=every_n_layers,
+                                               offload=offload)
         elif hasattr(lm, "gradient_checkpointing_enable"):
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=hf_kwargs)
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=hf_kwargs, every_n_layers=every_n_layers,
+                                             offload=offload)
         else:
             raise ValueError(f"{type(lm).__name__} has no activation checkpointing (not a Hugging Face model)")
         if getattr(lm, "_require_grads_hook", None) is not None:
             # transformers makes the embeddings' output require grad, for reentrant checkpointing of a
             # frozen LM; not needed here, and it would make every output require grad
             lm.disable_input_require_grads()
-        self._set_block_checkpointing(True, kwargs)
+        self._set_block_checkpointing(True, kwargs, every_n_layers, offload)
 
     def activation_checkpointing_disable(self) -> None:
         """Keep every activation again (the default)."""
@@ -267,10 +278,10 @@ class Flamingo(nn.Module):
             lm.gradient_checkpointing_disable()
         self._set_block_checkpointing(False, {})
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
         """:meth:`activation_checkpointing_enable` under transformers' earlier name (what
         open_flamingo's ``gradient_checkpointing`` and older Trainers call)."""
-        self.activation_checkpointing_enable(gradient_checkpointing_kwargs)
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
 
     def gradient_checkpointing_disable(self) -> None:
         """:meth:`activation_checkpointing_disable` under transformers' earlier name."""
@@ -280,11 +291,17 @@ class Flamingo(nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return self._checkpointing
 
-    def _set_block_checkpointing(self, enable: bool, kwargs: dict) -> None:
+    def _set_block_checkpointing(self, enable: bool, kwargs: dict, every_n_layers: int = 1,
+                                 offload: bool = False) -> None:
         self._checkpointing = enable
+        layers = get_attr(self.lang_encoder, self.decoder_layers_attr)
+        # a block checkpoints where the decoder layer it runs in front of does (transformers counts those)
+        skipped = {id(layer.gated_cross_attn_layer) for i, layer in enumerate(layers)
+                   if i % every_n_layers and getattr(layer, "gated_cross_attn_layer", None) is not None}
         for m in self.modules():
             if isinstance(m, Checkpointed):
-                m.gradient_checkpointing, m.checkpoint_kwargs = enable, dict(kwargs)
+                m.gradient_checkpointing = enable and id(m) not in skipped
+                m.checkpoint_kwargs, m.checkpoint_offload = dict(kwargs), offload
 
     @property
     def device(self) -> torch.device:

@@ -488,6 +488,7 @@ def test_activation_checkpointing_gives_the_same_step_and_keeps_far_less(family)
     else:
         model = Flamingo(config(), lang_encoder=tiny_lm(family.removesuffix("-nf4"))).train()
         if family.endswith("-nf4"):  # QLoRA-style: the frozen LM in 4 bits, gradients through it
+            pytest.importorskip("bitsandbytes")
             from fastflamingo.quant import quantize_model
             quantize_model(model, "nf4")
             assert any(type(m).__name__ == "Linear4bit" for m in model.lang_encoder.modules())
@@ -512,6 +513,74 @@ def test_activation_checkpointing_gives_the_same_step_and_keeps_far_less(family)
         assert torch.equal(model(vx, ids).logits, (model.activation_checkpointing_disable() or model)(vx, ids).logits)
     model.train()
     assert not model.is_gradient_checkpointing and _train_step(model, vx, ids)[2] == plain[2]
+
+
+def test_activation_checkpointing_every_n_layers_and_offload():
+    """transformers' options: every n-th decoder layer (with the blocks in front of them), and the
+    kept inputs in CPU memory (on a GPU machine; nothing to move without one). The step stays the
+    same bit for bit; every second layer keeps more than all layers and less than none."""
+    model = Flamingo(config(cross_attention=CrossAttentionConfig(every_n_layers=1, heads=2, dim_head=8)),
+                     lang_encoder=tiny_lm("llama")).train()
+    set_gates(model, 0.5)
+    vx, ids = batch()
+    plain = _train_step(model, vx, ids)
+    model.activation_checkpointing_enable(every_n_layers=2)
+    blocks = model.gated_cross_attn_layers
+    assert [b.gradient_checkpointing for b in blocks] == [True, False] * (len(blocks) // 2)
+    half = _train_step(model, vx, ids)
+    model.activation_checkpointing_enable(offload=True)
+    offloaded = _train_step(model, vx, ids)
+    model.activation_checkpointing_enable()
+    full = _train_step(model, vx, ids)
+    for step in (half, offloaded):
+        assert torch.equal(step[0], plain[0]) and all(torch.equal(g, step[1][n]) for n, g in plain[1].items())
+    assert full[2] < half[2] < plain[2]
+    with pytest.raises(ValueError, match="every_n_layers must be an int >= 1, got 0"):
+        model.activation_checkpointing_enable(every_n_layers=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_activation_checkpointing_offload():
+    """On a GPU, offload=True keeps the checkpoints' inputs in pinned CPU memory: the same step,
+    bf16, Triton cross-attention (within bf16 rounding: CUDA's SDPA backward accumulates with
+    atomics, so two runs of one step need not agree bit for bit)."""
+    model = Flamingo(config(), lang_encoder=tiny_lm("llama")).to("cuda", torch.bfloat16).train()
+    set_gates(model, 0.5)
+    vx, ids = (t.cuda() for t in batch())
+    vx = vx.bfloat16()
+    plain = _train_step(model, vx, ids)
+    model.activation_checkpointing_enable(offload=True)
+    assert model.perceiver.checkpoint_offload
+    offloaded = _train_step(model, vx, ids)
+    torch.testing.assert_close(offloaded[0], plain[0], rtol=1e-2, atol=1e-2)
+    for name, g in plain[1].items():
+        torch.testing.assert_close(offloaded[1][name].float(), g.float(), rtol=2e-2,
+                                   atol=2e-2 * float(g.abs().max()) + 1e-6, msg=name)
+
+
+def test_transformers_trainer_trains_with_activation_checkpointing(tmp_path):
+    """transformers' Trainer with activation_checkpointing=True (it calls the model's
+    activation_checkpointing_enable with its own arguments) trains the model: the loss goes down."""
+    from transformers import Trainer, TrainingArguments
+    model = Flamingo(config(), lang_encoder=tiny_lm("llama")).train()
+    set_gates(model, 0.5)
+    vx, ids = batch(B=4)
+
+    class Batch(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"vision_x": vx[i], "lang_x": ids[i], "labels": ids[i]}
+    kw = dict(activation_checkpointing=True) if "activation_checkpointing" in \
+        TrainingArguments.__dataclass_fields__ else dict(gradient_checkpointing=True)  # transformers 5.1x
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=6, learning_rate=1e-2,
+                             report_to=[], use_cpu=True, save_strategy="no", logging_steps=1, disable_tqdm=True, **kw)
+    trainer = Trainer(model=model, args=args, train_dataset=Batch())
+    trainer.train()
+    assert model.is_gradient_checkpointing
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 6 and losses[-1] < losses[0], losses
 
 
 def test_activation_checkpointing_refuses_reentrant_and_takes_transformers_older_name():
