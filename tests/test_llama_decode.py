@@ -19,8 +19,35 @@ def _idefics():
     return from_idefics(idefics_model(cross_layer_interval=2))
 
 
+class LowRank(torch.nn.Module):
+    """A LoRA adapter around a frozen linear layer, as peft's ``lora.Linear`` computes it: not an
+    ``nn.Linear``, so the lean path must call it as a module (binding its base weight would drop
+    the adapter)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 4, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.base = base
+        self.a = torch.nn.Parameter(0.3 * torch.randn(rank, base.in_features, generator=g))
+        self.b = torch.nn.Parameter(0.3 * torch.randn(base.out_features, rank, generator=g))
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.a.t()) @ self.b.t()
+
+
+def _lora():
+    """The tiny model with LoRA adapters on its LM's q, v and down projections (QLoRA-style fine-tuning)."""
+    model = tiny()
+    lm = model.lang_encoder
+    for i, (name, m) in enumerate([(n, m) for n, m in lm.named_modules()
+                                   if n.endswith(("q_proj", "v_proj", "down_proj")) and type(m) is torch.nn.Linear]):
+        parent, _, attr = name.rpartition(".")
+        setattr(lm.get_submodule(parent), attr, LowRank(m, seed=i))
+    return model
+
+
 MODELS = {"tiny": lambda: tiny(), "gqa": lambda: tiny(lm=GQA), "idefics": _idefics,
-          "eos_resets_media": lambda: tiny(eos_resets_media=True)}
+          "eos_resets_media": lambda: tiny(eos_resets_media=True), "lora": _lora}
 
 
 LAYOUTS = {"padded": ([2, 0, 1], [9, 14, 6]),  # rows with 2, 0 and 1 images, left padding
