@@ -614,6 +614,32 @@ def test_flags_the_mode_ignores_warn_as_hugging_face_does():
         generate(model, vx, ids, mask, max_new_tokens=2, num_beams=2, length_penalty=2.0, early_stopping=True)
 
 
+def test_cli_prepares_images_as_the_models_own_project_does(tmp_path):
+    """`fastflamingo generate --image` gives the pixels of the source project's own preparation,
+    exactly, for non-square images: IDEFICS's processor (the whole image resized to the square) and
+    open_flamingo's (open_clip's evaluation transform: short side resized, centre cropped); the
+    fallbacks written here (no torchvision / no open_clip) equal transformers' PIL processor and
+    open_clip's transform. The earlier single transform was off by a pixel row for some sizes and
+    cropped IDEFICS's images."""
+    import numpy as np
+    import open_clip
+    from PIL import Image
+    from transformers import IdeficsImageProcessor
+    from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
+    from fastflamingo.generation.cli import _resize_crop_normalise, _resize_normalise, image_transform, load_image
+    for h, w in [(40, 64), (64, 41), (33, 33), (21, 90), (91, 20)]:
+        path = tmp_path / f"{h}x{w}.png"
+        Image.fromarray((np.random.RandomState(h * w).rand(h, w, 3) * 255).astype("uint8")).save(path)
+        img = Image.open(path).convert("RGB")
+        want_idefics = IdeficsImageProcessor(image_size=32)([img], return_tensors="pt")[0]
+        want_of = open_clip.image_transform(32, is_train=False)(img)
+        assert torch.equal(load_image(str(path), image_transform("idefics", 32)), want_idefics)
+        assert torch.equal(load_image(str(path), image_transform("open_flamingo", 32)), want_of)
+        pil = IdeficsImageProcessorPil(image_size=32)([img], return_tensors="pt")
+        assert torch.equal(_resize_normalise(img, 32), pil["pixel_values"][0] if not torch.is_tensor(pil) else pil[0])
+        assert torch.equal(_resize_crop_normalise(img, 32), want_of)
+
+
 def test_cli_prints_input_warnings_as_its_own_lines(capsys):
     """A warning about the input reads like the command's errors (no source line of the console
     script it points at); the tokens still come."""

@@ -13,6 +13,7 @@ are paths or ``"random"``.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -73,22 +74,57 @@ def add_prompt_arguments(p) -> None:
                    help="use N random images instead of files")
 
 
-def load_image(path: str, size: int) -> torch.Tensor:
-    """An image file -> (3, size, size) CLIP-normalised pixels (resize the short side, centre crop)."""
+def image_transform(style: str, size: int):
+    """PIL image -> (3, size, size) pixels, as the model's own project prepares them for inference:
+    IDEFICS's processor (transformers'), or open_flamingo's, which is open_clip's evaluation
+    transform (resize the short side, crop the centre, CLIP normalisation). Without open_clip
+    installed, the same steps written here, with torchvision's sizes and offsets."""
+    if style == "idefics":
+        try:
+            from transformers import IdeficsImageProcessor
+            processor = IdeficsImageProcessor(image_size=size)
+        except ImportError:  # (transformers' processor needs torchvision) its PIL steps, written here
+            return functools.partial(_resize_normalise, size=size)
+        return lambda img: processor([img], return_tensors="pt")[0]
+    try:
+        import open_clip
+        return open_clip.image_transform(size, is_train=False)
+    except ImportError:
+        return functools.partial(_resize_crop_normalise, size=size)
+
+
+def _resize_crop_normalise(img, size: int) -> torch.Tensor:
+    """open_clip's evaluation transform (torchvision's Resize(size) and CenterCrop(size), bicubic)."""
     from PIL import Image
-    img = Image.open(path).convert("RGB")
-    scale = size / min(img.size)
-    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))), Image.BICUBIC)
-    left, top = (img.width - size) // 2, (img.height - size) // 2
-    img = img.crop((left, top, left + size, top + size))
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+    short, long = sorted(img.size)
+    long = int(size * long / short)  # torchvision's resized size of the long side (truncated)
+    img = img.resize((size, long) if img.width <= img.height else (long, size), Image.BICUBIC)
+    left, top = int(round((img.width - size) / 2.0)), int(round((img.height - size) / 2.0))
+    return _normalise(img.crop((left, top, left + size, top + size)))
+
+
+def _resize_normalise(img, size: int) -> torch.Tensor:
+    """IDEFICS's processor without torchvision: the whole image resized to the square (bicubic)."""
+    from PIL import Image
+    return _normalise(img.resize((size, size), Image.BICUBIC))
+
+
+def _normalise(img) -> torch.Tensor:
+    """A PIL RGB image -> CLIP-normalised (3, H, W) pixels."""
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     return (x.float() / 255 - mean) / std
 
 
-def _images(sources: list[str], size: int, generator: torch.Generator) -> torch.Tensor:
+def load_image(path: str, transform) -> torch.Tensor:
+    """An image file -> (3, H, W) pixels through ``transform`` (:func:`image_transform`)."""
+    from PIL import Image
+    return transform(Image.open(path).convert("RGB"))
+
+
+def _images(sources: list[str], size: int, generator: torch.Generator, transform) -> torch.Tensor:
     """Paths or "random" -> (N, 1, 3, size, size)."""
-    return torch.stack([torch.randn(3, size, size, generator=generator) if s == "random" else load_image(s, size)
+    return torch.stack([torch.randn(3, size, size, generator=generator) if s == "random" else load_image(s, transform)
                         for s in sources])[:, None] if sources else torch.zeros(0, 1, 3, size, size)
 
 
@@ -180,21 +216,21 @@ def _check_request(args) -> tuple[dict | None, list[dict]] | None:
     return spec
 
 
-def _requests(args, spec, tokenizer, size: int, generator, media_token_id: int):
+def _requests(args, spec, tokenizer, size: int, generator, media_token_id: int, transform):
     """-> (prefix ids (1, P) | None, prefix images, query ids (B, T), mask, query images (B, N, 1, 3, s, s))."""
     if spec is not None:
         pre, queries = spec
         rows = [_encode(q["text"], tokenizer) for q in queries]
-        per_row = [_images(q.get("images", []), size, generator) for q in queries]
+        per_row = [_images(q.get("images", []), size, generator, transform) for q in queries]
         pre_ids = torch.tensor([_encode(pre["text"], tokenizer)]) if pre else None
-        pre_images = _images(pre.get("images", []), size, generator)[None] if pre else None
+        pre_images = _images(pre.get("images", []), size, generator, transform)[None] if pre else None
         if pre:
             _check_images("the prefix", pre_ids[0].tolist(), pre_images[0], media_token_id)
         names = [f"query {i}" for i in range(len(rows))]
     else:
         rows = [_encode([int(t) for t in args.prompt_ids.split()] if args.prompt_ids else args.prompt, tokenizer)]
         sources = args.image or ["random"] * args.random_images
-        per_row, pre_ids, pre_images = [_images(sources, size, generator)], None, None
+        per_row, pre_ids, pre_images = [_images(sources, size, generator, transform)], None, None
         names = ["the prompt"]
     for name, row, images in zip(names, rows, per_row):
         _check_images(name, row, images, media_token_id)
@@ -220,7 +256,8 @@ def prepare(args):
     c = model.config
     device = execution_device(model.lang_encoder.get_input_embeddings()) or torch.device("cpu")
     g = torch.Generator().manual_seed(args.seed)
-    pre_ids, pre_images, ids, mask, vision = _requests(args, spec, tokenizer, c.vision.image_size, g, c.media_token_id)
+    pre_ids, pre_images, ids, mask, vision = _requests(args, spec, tokenizer, c.vision.image_size, g, c.media_token_id,
+                                                       image_transform(c.cross_attention.style, c.vision.image_size))
     if c.pad_token_id is not None:
         ids = ids.masked_fill(mask == 0, c.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)
