@@ -311,6 +311,8 @@ def test_cli_generate_preset_and_saved_model_with_tokenizer(tmp_path, capsys):
      r"give --image files or --random-images, not both"),
     (["--few-shot", "{typo_key}"], r"typo.json: query 0 has unknown key\(s\) \['image'\]: an entry is"),
     (["--few-shot", "{typo_prefix}"], r"typo2.json: unknown key\(s\) \['prefx'\]: the file holds \"queries\""),
+    (["--random-images", "1", "--prompt-ids", "510 1.5"], r"--prompt-ids: '1.5' is not a token id \(an integer\)"),
+    (["--few-shot", "{float_id}"], r"query 0's text: 5.7 is not a token id"),  # not silently 5
 ])
 def test_cli_generate_bad_input_is_one_line_naming_it(tmp_path, capsys, monkeypatch, args, message):
     from fastflamingo.cli import main
@@ -319,8 +321,10 @@ def test_cli_generate_bad_input_is_one_line_naming_it(tmp_path, capsys, monkeypa
     typo_key, typo_prefix = tmp_path / "typo.json", tmp_path / "typo2.json"
     typo_key.write_text('{"queries": [{"text": [4, 5], "image": ["random"]}]}')
     typo_prefix.write_text('{"prefx": {"text": [4]}, "queries": [{"text": [4, 5]}]}')
+    float_id = tmp_path / "float.json"
+    float_id.write_text('{"queries": [{"text": [510, 5.7], "images": ["random"]}]}')
     args = ["generate", "--preset", "tiny", "--max-new-tokens", "2"] + [
-        a.format(shots=shots, typo_key=typo_key, typo_prefix=typo_prefix) for a in args]
+        a.format(shots=shots, typo_key=typo_key, typo_prefix=typo_prefix, float_id=float_id) for a in args]
     monkeypatch.delenv("FASTFLAMINGO_TRACEBACK", raising=False)
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -173,9 +173,10 @@ def test_cli_score_ranks_candidates_as_the_api_scores_them(tmp_path, capsys):
     labels = [line.split("/token")[1].strip().strip("'") for line in lines if not line.startswith("[")]
     assert len(labels) == 4 and set(labels) <= {"w7 w8", "w9", "w10 w11 w12"}, labels
     for args, message in [(["--top", "0"], "--top must be >= 1, got 0"),
-                          (["--candidates-file", str(tmp_path / "none.txt")], "no candidates file")]:
+                          (["--candidates-file", str(tmp_path / "none.txt")], "no candidates file"),
+                          (["--candidate-ids", "5 x"], "--candidate-ids: 'x' is not a token id (an integer)")]:
         base = ["score", "--model", str(tmp_path), "--few-shot", str(shots)]
-        extra = [] if "--candidates-file" in args else ["--candidates", "w7"]
+        extra = [] if args[0] in ("--candidates-file", "--candidate-ids") else ["--candidates", "w7"]
         assert main(base + extra + args) == 2
         assert message in capsys.readouterr().err
 

@@ -147,9 +147,20 @@ def _load(args):
     return model.eval(), tokenizer
 
 
-def _encode(text, tokenizer) -> list[int]:
+def token_ids(values, what: str) -> list[int]:
+    """Token ids from a list (a few-shot file's) or a space-separated string (``--prompt-ids``,
+    ``--candidate-ids``): integers only, no silent truncation of 5.7 to 5; else an error naming
+    ``what`` and the value."""
+    items = values.split() if isinstance(values, str) else values
+    for v in items:
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, str) and v.lstrip("-").isdigit())):
+            raise ValueError(f"{what}: {v!r} is not a token id (an integer)")
+    return [int(v) for v in items]
+
+
+def _encode(text, tokenizer, what: str) -> list[int]:
     if isinstance(text, list):
-        return [int(t) for t in text]
+        return token_ids(text, what)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: give texts as token ids (--prompt-ids, or lists in the "
                          "few-shot file)")
@@ -220,15 +231,16 @@ def _requests(args, spec, tokenizer, size: int, generator, media_token_id: int, 
     """-> (prefix ids (1, P) | None, prefix images, query ids (B, T), mask, query images (B, N, 1, 3, s, s))."""
     if spec is not None:
         pre, queries = spec
-        rows = [_encode(q["text"], tokenizer) for q in queries]
+        rows = [_encode(q["text"], tokenizer, f"query {i}'s text") for i, q in enumerate(queries)]
         per_row = [_images(q.get("images", []), size, generator, transform) for q in queries]
-        pre_ids = torch.tensor([_encode(pre["text"], tokenizer)]) if pre else None
+        pre_ids = torch.tensor([_encode(pre["text"], tokenizer, "the prefix's text")]) if pre else None
         pre_images = _images(pre.get("images", []), size, generator, transform)[None] if pre else None
         if pre:
             _check_images("the prefix", pre_ids[0].tolist(), pre_images[0], media_token_id)
         names = [f"query {i}" for i in range(len(rows))]
     else:
-        rows = [_encode([int(t) for t in args.prompt_ids.split()] if args.prompt_ids else args.prompt, tokenizer)]
+        rows = [_encode(token_ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids else args.prompt, tokenizer,
+                        "--prompt-ids")]
         sources = args.image or ["random"] * args.random_images
         per_row, pre_ids, pre_images = [_images(sources, size, generator, transform)], None, None
         names = ["the prompt"]

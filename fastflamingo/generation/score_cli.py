@@ -23,7 +23,7 @@ import time
 
 import torch
 
-from .cli import _encode, prepare
+from .cli import _encode, prepare, token_ids
 
 
 def add_parser(subparsers) -> None:
@@ -44,7 +44,7 @@ def add_parser(subparsers) -> None:
 def _read_candidates(args, tokenizer) -> tuple[list[str], list[list[int]]]:
     """(labels to print, token ids) of the candidates."""
     if args.candidate_ids:
-        ids = [[int(t) for t in c.split()] for c in args.candidate_ids]
+        ids = [token_ids(c, "--candidate-ids") for c in args.candidate_ids]
         return [c.strip() for c in args.candidate_ids], ids
     if args.candidates_file:
         with open(args.candidates_file) as f:
@@ -53,7 +53,7 @@ def _read_candidates(args, tokenizer) -> tuple[list[str], list[list[int]]]:
             raise ValueError(f"{args.candidates_file} holds no candidates (one per line)")
     else:
         texts = list(args.candidates)
-    return texts, [_encode(t, tokenizer) for t in texts]
+    return texts, [_encode(t, tokenizer, "a candidate") for t in texts]
 
 
 def run(args) -> int:
