@@ -65,6 +65,11 @@ def time_stages(stages: list[list[Row] | Timed], device: str) -> list[Row]:
     return [row for s in stages for row in (s.rows(by_stage[id(s)]) if isinstance(s, Timed) else s)]
 
 
+def _unavailable(ex: Exception) -> str:
+    """The status of a stage that could not run here (the error, shortened)."""
+    return f"n/a: {type(ex).__name__}: {str(ex)[:150]}"
+
+
 def generate_fn(model) -> Callable | None:
     """``model.generate`` where the model has one, else ``fastflamingo.generation.generate`` bound
     to the model, else None."""
@@ -230,7 +235,7 @@ class Group:
                 out, peak, how = peak_memory_call(lambda: e.generate(n), self.device)
             except Exception as ex:  # noqa: BLE001 - a generate that cannot run here is reported
                 return [self.row("e2e decode", e.name, "tokens_per_s",
-                                 status=f"n/a: {type(ex).__name__}: {str(ex)[:150]}", **kw)]
+                                 status=_unavailable(ex), **kw)]
             new, ref_new = out[:, T:], self.ref["tokens"][:, T:]
             agree = (new[:, :ref_new.shape[1]] == ref_new[:, :new.shape[1]]).float().mean().item()
             exact = self.cfg.dtype == torch.float32 and not approx
@@ -285,7 +290,7 @@ class Group:
             with torch.no_grad():
                 loss = e.loss().item()
         except Exception as ex:  # noqa: BLE001 - a loss that cannot run here is reported, the group goes on
-            return f"n/a: {type(ex).__name__}: {str(ex)[:150]}"
+            return _unavailable(ex)
         err = abs(loss - self.ref["loss"]) / abs(self.ref["loss"])
         return None if err <= self.loss_tol else \
             f"FAILED: loss {loss:.5f} vs reference {self.ref['loss']:.5f} (rel. {err:.1e})"
@@ -326,7 +331,7 @@ class Group:
             restore()
             if torch.device(self.device).type == "cuda":
                 torch.cuda.empty_cache()
-            return [self.row("e2e train step", e.name, "time_ms", status=f"n/a: {type(ex).__name__}: {str(ex)[:150]}")]
+            return [self.row("e2e train step", e.name, "time_ms", status=_unavailable(ex))]
         n = sum(p.numel() for p in params)
         note = f"AdamW over {n / 1e6:.1f}M trainable parameters"
 

@@ -101,11 +101,10 @@ def _prompt_mask(lang_x: torch.Tensor, attention_mask: torch.Tensor | None, pref
     given = attention_mask.to(lang_x.device)
     mask = given.long()
     tokens = mask.sum(-1)
-    odd = ((given != 0) & (given != 1)).sum() if given.dtype != torch.bool else tokens.new_zeros(())
+    bad = (given != 0) & (given != 1)  # (all False for a bool mask)
     odd, right_padded, empty, most = torch.stack([
-        odd, (mask[:, 1:] < mask[:, :-1]).sum(), (tokens == 0).sum(), tokens.max()]).tolist()
+        bad.sum(), (mask[:, 1:] < mask[:, :-1]).sum(), (tokens == 0).sum(), tokens.max()]).tolist()
     if odd:
-        bad = (given != 0) & (given != 1)
         raise ValueError(f"attention_mask holds {given[bad][0].item()!r} (row {int(bad.nonzero()[0, 0])}): "
                          "it must hold 1 for tokens and 0 for padding")
     if right_padded:

@@ -239,8 +239,8 @@ def _requests(args, spec, tokenizer, size: int, generator, media_token_id: int, 
             _check_images("the prefix", pre_ids[0].tolist(), pre_images[0], media_token_id)
         names = [f"query {i}" for i in range(len(rows))]
     else:
-        rows = [_encode(token_ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids else args.prompt, tokenizer,
-                        "--prompt-ids")]
+        rows = [token_ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids else
+                _encode(args.prompt, tokenizer, "--prompt")]
         sources = args.image or ["random"] * args.random_images
         per_row, pre_ids, pre_images = [_images(sources, size, generator, transform)], None, None
         names = ["the prompt"]
