@@ -18,8 +18,8 @@ setup(
     packages=PACKAGES,
     package_dir={"fastflamingo.kernels": "kernels"},
     install_requires=[
-        "torch>=2.6",
-        "transformers>=4.46",
+        "torch>=2.11",  # idem
+        "transformers>=5.10",  # the oldest fastflamingo works with: fastflamingo/versions.py
         "safetensors",
         "einops",
         "tqdm",
@@ -27,10 +27,14 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "gpu": ["triton>=3.2", "bitsandbytes>=0.45"],
+        "gpu": ["triton>=3.6", "bitsandbytes>=0.45"],
         "quant": ["bitsandbytes>=0.45", "accelerate"],
         "test": [
-            "pytest", "pytest-benchmark", "hypothesis", "triton>=3.2", "bitsandbytes>=0.45",
+            # the tests compare with Hugging Face's own IDEFICS generate and logits processors as
+            # 5.24 has them (before 5.20 its IDEFICS beam search fails, before 5.24 beam sampling
+            # draws in another order)
+            "transformers>=5.24",
+            "pytest", "pytest-benchmark", "hypothesis", "triton>=3.6", "bitsandbytes>=0.45",
             "accelerate", "open_clip_torch", "einops-exts", "timm", "torchvision",
         ],
     },

@@ -6,7 +6,11 @@ Quick start::
     model = fastflamingo.Flamingo.from_preset("tiny")
     out = model(vision_x, lang_x)          # vision_x (B, N, F, C, H, W), lang_x (B, T)
 """
-from . import ops
+from . import versions
+
+versions.check()  # before anything imports transformers: an old one is refused by name
+
+from . import ops  # noqa: E402
 from .config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
 from .convert.idefics import from_idefics
 from .convert.open_flamingo import from_open_flamingo

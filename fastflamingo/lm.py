@@ -71,6 +71,33 @@ def position_limit(lm: nn.Module) -> tuple[str, int, bool] | None:
     return None
 
 
+def thin_checkpointing(lm: nn.Module, checkpoint_kwargs: dict, every_n_layers: int, offload: bool) -> None:
+    """``every_n_layers`` and ``offload`` of transformers 5.17's ``gradient_checkpointing_enable``,
+    for the versions before it, which checkpoint every decoder layer and keep the inputs on the
+    device: after their ``gradient_checkpointing_enable``, decoder layers 0, n, 2n, ... keep it (as
+    5.17 counts them: its ``GradientCheckpointingLayer`` modules in order), and with ``offload``
+    their checkpoint keeps its inputs in pinned CPU memory."""
+    if every_n_layers == 1 and not offload:
+        return
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"every_n_layers={every_n_layers}, offload={offload}: {type(lm).__name__}'s layers are no "
+                         "transformers GradientCheckpointingLayer, which this transformers version needs for them; "
+                         "use every_n_layers=1 and offload=False, or transformers >= 5.17")
+
+    def offloaded(function, *args, **kwargs):
+        with torch.autograd.graph.save_on_cpu(pin_memory=True):
+            return checkpoint(function, *args, **checkpoint_kwargs, **kwargs)
+
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i % every_n_layers == 0
+        if offload:
+            layer._gradient_checkpointing_func = offloaded
+
+
 def get_attr(obj, dotted: str):
     for part in dotted.split("."):
         obj = getattr(obj, part)

@@ -3,6 +3,7 @@ cross-attention blocks, image-causal (SEMANTICS.md)."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import weakref
 
 import torch
@@ -15,7 +16,7 @@ from .config import FlamingoConfig
 from .distribute import to_execution_device
 from .convert.open_flamingo import drop_duplicate_keys_hook
 from .lm import (decoder_layers_attr_for, get_attr, lm_hidden_size, lm_intermediate_size, lm_num_heads,
-                 position_limit, wrap_decoder_layers)
+                 position_limit, thin_checkpointing, wrap_decoder_layers)
 from .warn import warn_caller
 from .vision import build_vision_model, check_pixels, check_vision_config, vision_features
 
@@ -259,8 +260,12 @@ class Flamingo(nn.Module):
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=hf_kwargs, every_n_layers=every_n_layers,
                                                offload=offload)
         elif hasattr(lm, "gradient_checkpointing_enable"):
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=hf_kwargs, every_n_layers=every_n_layers,
-                                             offload=offload)
+            if "every_n_layers" in inspect.signature(lm.gradient_checkpointing_enable).parameters:
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=hf_kwargs,
+                                                 every_n_layers=every_n_layers, offload=offload)
+            else:  # transformers before 5.17: every layer, kept on the device; the rest done here
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=hf_kwargs)
+                thin_checkpointing(lm, hf_kwargs, every_n_layers, offload)
         else:
             raise ValueError(f"{type(lm).__name__} has no activation checkpointing (not a Hugging Face model)")
         if getattr(lm, "_require_grads_hook", None) is not None:

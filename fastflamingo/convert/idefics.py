@@ -27,6 +27,14 @@ from .load import build_and_load
 IMAGE_TOKEN = "<image>"
 
 
+def _rope_parameters(cfg) -> dict:
+    """The LM's rotary parameters: ``cfg.rope_parameters`` where this transformers' IdeficsConfig
+    has them (5.1x on); before, ``IdeficsEmbedding`` took no parameters from the config and used
+    the default rotary embedding with base 10000."""
+    params = getattr(cfg, "rope_parameters", None)
+    return dict(params) if params else {"rope_type": "default", "rope_theta": 10000.0}
+
+
 def config_from_idefics(cfg, *, media_token_id: int) -> FlamingoConfig:
     """An ``IdeficsConfig`` -> the :class:`FlamingoConfig` of the same architecture."""
     v, p = cfg.vision_config, cfg.perceiver_config
@@ -36,7 +44,7 @@ def config_from_idefics(cfg, *, media_token_id: int) -> FlamingoConfig:
               intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
               num_attention_heads=heads, num_key_value_heads=heads, head_dim=cfg.hidden_size // heads,
               hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
-              rms_norm_eps=cfg.rms_norm_eps, rope_parameters=dict(cfg.rope_parameters),
+              rms_norm_eps=cfg.rms_norm_eps, rope_parameters=_rope_parameters(cfg),
               tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False, mlp_bias=False,
               pad_token_id=cfg.pad_token_id, bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id)
     clip = dict(hidden_size=v.embed_dim, intermediate_size=v.intermediate_size,
