@@ -27,14 +27,14 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "gpu": ["triton>=3.6", "bitsandbytes>=0.45"],
-        "quant": ["bitsandbytes>=0.45", "accelerate"],
+        "gpu": ["triton>=3.6", "bitsandbytes>=0.46"],
+        "quant": ["bitsandbytes>=0.46", "accelerate"],
         "test": [
             # the tests compare with Hugging Face's own IDEFICS generate and logits processors as
             # 5.24 has them (before 5.20 its IDEFICS beam search fails, before 5.24 beam sampling
             # draws in another order)
             "transformers>=5.24",
-            "pytest", "pytest-benchmark", "hypothesis", "triton>=3.6", "bitsandbytes>=0.45",
+            "pytest", "pytest-benchmark", "hypothesis", "triton>=3.6", "bitsandbytes>=0.46",
             "accelerate", "open_clip_torch", "einops-exts", "timm", "torchvision",
         ],
     },

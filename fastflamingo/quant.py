@@ -10,8 +10,8 @@ eval/no-grad forward, and that kernel crashes unless ``in_features % 64 == 0`` a
 ``out_features`` is a multiple of its block (ENVIRONMENT.md): every NF4 layer of other shapes
 gets ``support_avx512bf16_for_cpu = False`` (the generic kernel), here and in
 :func:`guard_cpu_4bit` for models quantized elsewhere (e.g. transformers' BitsAndBytesConfig).
-Its native CPU dequantization also scales rows wrongly where ``in_features`` is not a multiple
-of the block size (silently wrong outputs, e.g. K = 48 or 96): those layers' CPU inputs take
+Its native CPU dequantization (from 0.49) also scales rows wrongly where ``in_features`` is not a
+multiple of the block size (silently wrong outputs, e.g. K = 48 or 96): those layers' CPU inputs take
 fastflamingo's reference dequantization (:mod:`fastflamingo.ops.nf4`).
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ import sys
 
 import torch
 from torch import nn
+
+from . import versions
 
 QUANTIZATIONS = ("nf4", "int8")
 INT8_THRESHOLD = 6.0  # LLM.int8() outlier threshold, transformers' default
@@ -68,9 +70,11 @@ def import_bitsandbytes():
 
 def _bnb():
     try:
-        return import_bitsandbytes()
+        bnb = import_bitsandbytes()
     except ImportError as e:
         raise ImportError("quantization needs bitsandbytes: pip install bitsandbytes") from e
+    versions.require("bitsandbytes", bnb.__version__)
+    return bnb
 
 
 def cpu_4bit_fast_path_ok(in_features: int, out_features: int) -> bool:

@@ -24,6 +24,9 @@ from __future__ import annotations
 from importlib import metadata
 
 MINIMUM = {"transformers": "5.10", "torch": "2.11"}
+# optional dependencies, checked where they are first used: bitsandbytes before 0.46 quantizes on
+# CUDA only ("Device type not supported for FP4 quantization: cpu"); 0.46-0.50 tested on the CPU
+OPTIONAL = {"bitsandbytes": "0.46"}
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -48,14 +51,20 @@ def too_old(installed: str, minimum: str) -> bool:
     return _release(installed) < _release(minimum)
 
 
+def require(name: str, installed: str) -> None:
+    """Raise ImportError where ``installed`` is older than ``name``'s minimum."""
+    minimum = {**MINIMUM, **OPTIONAL}[name]
+    if too_old(installed, minimum):
+        raise ImportError(f"fastflamingo needs {name} >= {minimum}, but {name} {installed} is installed "
+                          f"(see fastflamingo/versions.py for why). Upgrade it: "
+                          f"pip install -U '{name}>={minimum}'")
+
+
 def check() -> None:
     """Raise ImportError where an installed dependency is older than :data:`MINIMUM`."""
-    for name, minimum in MINIMUM.items():
+    for name in MINIMUM:
         try:
             installed = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue  # the import itself reports a missing package
-        if too_old(installed, minimum):
-            raise ImportError(f"fastflamingo needs {name} >= {minimum}, but {name} {installed} is installed "
-                              f"(see fastflamingo/versions.py for why). Upgrade it: "
-                              f"pip install -U '{name}>={minimum}'")
+        require(name, installed)

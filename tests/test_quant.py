@@ -87,8 +87,13 @@ def test_cpu_nf4_layers_compute_the_dequantized_weight(in_features, blocksize):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     broken = in_features % blocksize != 0 and in_features % 16 == 0
     assert ("forward" in q.__dict__) == (in_features % blocksize != 0)
-    if broken:  # the bug the guard exists for: still there in this bitsandbytes?
-        assert not torch.allclose(raw, want, atol=1e-3), "bitsandbytes' CPU dequantization is fixed: relax the guard"
+    if broken:  # the bug the guard exists for (from bitsandbytes 0.49; 0.46-0.48 computed these right)
+        from fastflamingo.versions import too_old
+        if too_old(bnb.__version__, "0.49"):
+            torch.testing.assert_close(raw, want, atol=1e-5, rtol=1e-5)
+        else:  # still there in this bitsandbytes?
+            assert not torch.allclose(raw, want, atol=1e-3), \
+                f"bitsandbytes {bnb.__version__}'s CPU dequantization is fixed: relax the guard"
     # quantize_model installs the same guard
     model = build("odd", "nf4")
     layer = model.lang_encoder.model.layers[0].decoder_layer.self_attn.q_proj

@@ -109,3 +109,14 @@ def test_thin_checkpointing_refuses_layers_it_cannot_count():
     with pytest.raises(ValueError, match=r"every_n_layers=2, offload=False: Sequential's layers are no "
                                          r"transformers GradientCheckpointingLayer"):
         thin_checkpointing(lm, {}, 2, offload=False)
+
+
+def test_an_old_bitsandbytes_is_refused_where_quantization_starts(monkeypatch):
+    """bitsandbytes before 0.46 quantizes on CUDA only: refused by name when a model is quantized."""
+    from fastflamingo import quant
+    bnb = pytest.importorskip("bitsandbytes")
+    monkeypatch.setattr(bnb, "__version__", "0.45.5")
+    with pytest.raises(ImportError, match=r"needs bitsandbytes >= 0\.46, but bitsandbytes 0\.45\.5 is installed"):
+        quant._bnb()
+    monkeypatch.setattr(bnb, "__version__", "0.46.0")
+    assert quant._bnb() is bnb
