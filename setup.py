@@ -14,7 +14,7 @@ setup(
                 "OpenFlamingo / IDEFICS import, fast generation",
     long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # transformers dropped 3.10 at 5.21 (and Python did, in October 2026)
     packages=PACKAGES,
     package_dir={"fastflamingo.kernels": "kernels"},
     install_requires=[
