@@ -7,11 +7,13 @@
   several LM families' masks failed, and up to 5.5 the IDEFICS import did (other state-dict
   names); under 5.7 and 5.8 transformers itself fails on the repository's ``kernels/`` folder
   when run from the repository root (``is_kernels_available``). The whole test suite passes
-  under 5.10.4, 5.14.1, 5.17.0 and 5.24.0 except the tests that compare with Hugging Face's own
-  IDEFICS ``generate`` and logits processors, whose behaviour changed until 5.24 (setup.py's
-  ``test`` extra asks for it).
-- torch >= 2.11 (the GPU machine's version; the suite passes under 2.11.0 and 2.14.1). Under
-  torch 2.6 the compiled paths failed (dynamo could not trace what transformers 5.x and
+  under 5.10.4 and 5.24.0 except, before 5.24, the tests that compare with Hugging Face's own
+  IDEFICS ``generate`` and logits processors, whose behaviour changed until 5.24 (beam sampling
+  sorts its draws from 5.24; before 5.20 its IDEFICS beam search failed; setup.py's ``test``
+  extra asks for 5.24). Under 5.14.1, 5.17.0, 5.20.2, 5.22.2 and 5.23.0 the 103 tests that
+  failed under 5.0.0 were run again, with the same outcome.
+- torch >= 2.11 (the GPU machine's version; the whole suite passes under 2.11.0 and 2.14.1).
+  Under torch 2.6 the compiled paths failed (dynamo could not trace what transformers 5.x and
   fastflamingo's compiled decode step do).
 
 Checked by running the suite under each version (tests/test_versions.py says how). An older
