@@ -64,6 +64,7 @@ def test_idefics_rotary_parameters_without_rope_parameters_are_the_default():
     assert _rope_parameters(types.SimpleNamespace()) == default == {"rope_type": "default", "rope_theta": 10000.0}
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
 @pytest.mark.parametrize("every_n_layers", [1, 2, 3])
 def test_thin_checkpointing_sets_what_transformers_every_n_layers_sets(every_n_layers):
     """transformers before 5.17 checkpoint every layer: thin_checkpointing then leaves the layers
