@@ -5,6 +5,8 @@ import importlib
 import os
 import platform
 
+from . import versions
+
 
 def import_module(name: str):
     """``importlib.import_module``, but bitsandbytes without its download of Hub code
@@ -39,6 +41,9 @@ def collect() -> dict:
     for pkg in ("triton", "transformers", "bitsandbytes", "xformers", "flash_attn", "open_flamingo", "open_clip",
                 "timm"):
         info[pkg] = _version(pkg)
+    for pkg, minimum in versions.OPTIONAL.items():  # (torch and transformers: checked at import)
+        if info[pkg][:1].isdigit() and versions.too_old(info[pkg], minimum):
+            info[pkg] += f" (too old: fastflamingo needs >= {minimum})"
     interp = os.environ.get("TRITON_INTERPRET") == "1"
     has_triton = not info["triton"].startswith("not available")
     info["backends"] = {

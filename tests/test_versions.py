@@ -121,3 +121,11 @@ def test_an_old_bitsandbytes_is_refused_where_quantization_starts(monkeypatch):
         quant._bnb()
     monkeypatch.setattr(bnb, "__version__", "0.46.0")
     assert quant._bnb() is bnb
+
+
+def test_info_says_when_bitsandbytes_is_too_old(monkeypatch):
+    from fastflamingo import info
+    bnb = pytest.importorskip("bitsandbytes")
+    assert info.collect()["bitsandbytes"] == bnb.__version__
+    monkeypatch.setattr(bnb, "__version__", "0.45.5")
+    assert info.collect()["bitsandbytes"] == "0.45.5 (too old: fastflamingo needs >= 0.46)"
