@@ -393,3 +393,22 @@ def test_bad_tensors_are_named():
         ops.image_causal_attention(q, k, v, latents_per_media=4)
     with pytest.raises(ValueError, match=r"q must be \(B, H, T, D\)"):
         ops.image_causal_attention(q[0], k, v, media, latents_per_media=4)
+
+
+def test_torch_path_weighs_the_batch_call_by_intra_op_threads(monkeypatch):
+    """One masked call over the whole batch parallelizes over torch's threads, a chunk's small call
+    does not (measured): at the tiny geometry (H=4, D=16, L=8), B=2, N=8, T=512, one thread plans
+    chunks and two threads plan the batch call; both equal the reference."""
+    from fastflamingo.bench.image_causal import make_case
+    case = make_case(2, 4, 512, 8, 8, 16, torch.float32, "cpu")
+    q, k, v, tt = case.inputs
+    ref = reference.image_causal_attention_reference(q, k, v, tt, latents_per_media=8)
+    kinds = []
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        plan = cpu._make_plan(tt, 8, 8, 4, 16)
+        kinds.append("batch" if isinstance(plan, tuple) else "chunks")
+        cpu._PLAN = cpu.SharedByTensors()  # plans are shared per text_time: plan afresh
+        out = ops.image_causal_attention(q, k, v, text_time=tt, latents_per_media=8, backend="torch")
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert kinds == ["chunks", "batch"]

@@ -203,7 +203,10 @@ def _make_plan(text_time: torch.Tensor, L: int, N: int, H: int, D: int):
     plan = [row_chunks(row, L, max_span(L), pair_ns) for row in runs]
     chunked_ns = sum(_CALL_NS + (t1 - t0) * ((last - first + 1) * L + _TOKEN_KEYS) * pair_ns
                      for row in plan for t0, t1, first, last, _ in row) + _ROW_NS * sum(map(bool, plan))
-    if N * L <= _SPAN_KEYS and _CALL_NS + B * T * (N * L + _TOKEN_KEYS) * pair_ns < chunked_ns:
+    # one call over the whole batch parallelizes over torch's intra-op threads; a chunk's small
+    # call measured no faster with 2 threads than with 1 (tiny geometry, 2-core EPYC)
+    dense_pair_ns = pair_ns / max(1, torch.get_num_threads())
+    if N * L <= _SPAN_KEYS and _CALL_NS + B * T * (N * L + _TOKEN_KEYS) * dense_pair_ns < chunked_ns:
         visible, has_media = _batch_mask(text_time, N, L, True)
         # additive: the CPU's SDPA takes it ~15% faster than a bool mask, which it converts
         return torch.zeros(visible.shape, device=visible.device).masked_fill_(~visible, float("-inf")), has_media
