@@ -16,6 +16,9 @@
   Under torch 2.6 the compiled paths failed (dynamo could not trace what transformers 5.x and
   fastflamingo's compiled decode step do).
 
+accelerate (``device_map`` placement, transformers' quantized loading) >= 1.0 in setup.py's
+extras: the placement, pretrained and quantization tests pass under 1.0.1, 1.6.0 and 1.15.0.
+
 Checked by running the suite under each version (tests/test_versions.py says how). An older
 version is refused at import, naming the version and the fix, rather than computing something
 else. (Triton's CPU interpreter, which the kernel tests use without a GPU, fails under Triton 3.6
