@@ -18,6 +18,15 @@ from .config import CrossAttentionConfig, ResamplerConfig
 from .distribute import to_execution_device
 
 
+def checkpoint_call(fn, *args, offload: bool = False, **kwargs):
+    """``torch.utils.checkpoint.checkpoint(fn, *args, **kwargs)``; with ``offload`` the inputs it
+    keeps go to pinned CPU memory (transformers' ``offload``)."""
+    if not offload:
+        return checkpoint(fn, *args, **kwargs)
+    with torch.autograd.graph.save_on_cpu(pin_memory=True):
+        return checkpoint(fn, *args, **kwargs)
+
+
 class Checkpointed(nn.Module):
     """A trainable block that can run under activation checkpointing: in training, with gradients
     on, its forward keeps only its inputs and recomputes the rest in the backward (memory for
@@ -33,10 +42,8 @@ class Checkpointed(nn.Module):
 
     def _checkpointed(self, fn, *args):
         """``fn(*args)``, recomputed in the backward instead of kept."""
-        if not self.checkpoint_offload:
-            return checkpoint(fn, *args, use_reentrant=False, **self.checkpoint_kwargs)
-        with torch.autograd.graph.save_on_cpu(pin_memory=True):
-            return checkpoint(fn, *args, use_reentrant=False, **self.checkpoint_kwargs)
+        return checkpoint_call(fn, *args, offload=self.checkpoint_offload, use_reentrant=False,
+                               **self.checkpoint_kwargs)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:

@@ -7,11 +7,13 @@ The LM's class is never modified, so other instances of it are unaffected.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from . import mpt
-from .blocks import MediaState
+from .blocks import MediaState, checkpoint_call
 
 # Hugging Face ``config.model_type`` -> dotted path of the decoder-layer list.
 DECODER_LAYERS_ATTR = {
@@ -79,7 +81,6 @@ def thin_checkpointing(lm: nn.Module, checkpoint_kwargs: dict, every_n_layers: i
     their checkpoint keeps its inputs in pinned CPU memory."""
     if every_n_layers == 1 and not offload:
         return
-    from torch.utils.checkpoint import checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer)]
@@ -87,11 +88,7 @@ def thin_checkpointing(lm: nn.Module, checkpoint_kwargs: dict, every_n_layers: i
         raise ValueError(f"every_n_layers={every_n_layers}, offload={offload}: {type(lm).__name__}'s layers are no "
                          "transformers GradientCheckpointingLayer, which this transformers version needs for them; "
                          "use every_n_layers=1 and offload=False, or transformers >= 5.17")
-
-    def offloaded(function, *args, **kwargs):
-        with torch.autograd.graph.save_on_cpu(pin_memory=True):
-            return checkpoint(function, *args, **checkpoint_kwargs, **kwargs)
-
+    offloaded = functools.partial(checkpoint_call, offload=True, **checkpoint_kwargs)
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i % every_n_layers == 0
         if offload:
