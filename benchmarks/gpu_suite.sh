@@ -24,7 +24,7 @@
 #    (tests/test_compile.py, test_torch_compile_fullgraph*: 60 s), and the kernel test files'
 #    other tests, which run the interpreter's cases (edge cases, random layouts, every V of the
 #    Perceiver) through the real kernels here (90 s);
-# 3. generation: the generation tests on CUDA (tests/test_cuda_generation.py, 150 s: six
+# 3. generation: the generation tests on CUDA (tests/test_cuda_generation.py, 150 s: seven
 #    compilations of the default generate's step with CUDA graphs, a skipped graph an error;
 #    score against its reference on the Triton kernel),
 #    `--suite nf4` (75 s), benchmarks/gpu_overhead.py (60 s: launch / dispatch / kernel time

@@ -459,9 +459,11 @@ class Flamingo(nn.Module):
     def generate(self, vision_x: torch.Tensor | None = None, lang_x: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, input_ids: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, image_attention_mask: torch.Tensor | None = None,
-                 **kwargs) -> torch.Tensor:
+                 generation_config=None, **kwargs):
         """Generate after images and a prompt: (B, T) -> (B, T + new tokens). Hugging Face-style
-        arguments; see :func:`fastflamingo.generation.generate`.
+        arguments; see :func:`fastflamingo.generation.generate`. A transformers
+        ``GenerationConfig`` given as ``generation_config`` adds the settings it changes from the
+        defaults (arguments passed by name win), as in Hugging Face's ``generate``.
 
         IDEFICS's processor output works as it is: ``model.generate(**inputs, max_new_tokens=...)``
         with ``input_ids``, ``pixel_values`` (B, N, C, H, W), ``attention_mask`` and
@@ -469,7 +471,8 @@ class Flamingo(nn.Module):
         does the same), so the image mask must be the one the ``<image>`` tokens give; another is
         an error, not silently replaced.
         """
-        from .generation import generate
+        from .generation import generate, hugging_face_arguments
+        kwargs = hugging_face_arguments(generation_config, kwargs)
         lang_x, vision_x, text_time = self._idefics_inputs(lang_x, vision_x, None, input_ids, pixel_values,
                                                            image_attention_mask)
         if lang_x is None:
@@ -493,6 +496,14 @@ class Flamingo(nn.Module):
                              f"(0 = none) but its <image> tokens give image {int(derived[row, col])}: generation "
                              "follows the <image> tokens (IDEFICS's processor builds the mask from them); for "
                              "another mask, call the model's forward with it")
+
+    def compute_transition_scores(self, sequences: torch.Tensor, scores, beam_indices: torch.Tensor | None = None,
+                                  normalize_logits: bool = False) -> torch.Tensor:
+        """(rows, new tokens): the score each step gave its token, from
+        ``generate(..., return_dict_in_generate=True, output_scores=True)``, as Hugging Face's method
+        of this name; see :func:`fastflamingo.generation.transition_scores`."""
+        from .generation import transition_scores
+        return transition_scores(sequences, scores, beam_indices, normalize_logits)
 
     def score(self, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuations,
               attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:

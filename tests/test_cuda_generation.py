@@ -121,3 +121,19 @@ def test_cuda_generate_caches_score_candidates_exactly(family):
         got = score(model, vx, ids, conts, mask, reduction="none", chunk_size=chunk_size)
         assert got.is_cuda
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-5)
+
+
+def test_cuda_generate_return_dict_keeps_each_compiled_steps_logits():
+    """``return_dict_in_generate`` under CUDA graphs: every step's logits and scores are its own
+    tensors (a graph replay rewrites the graph's output buffer), equal to the uncompiled step's."""
+    model = _tiny("llama")
+    vx, ids, mask = _cuda(*batch(model, *LAYOUTS[0]))
+    kw = dict(max_new_tokens=6, eos_token_id=[], return_dict_in_generate=True, output_scores=True,
+              output_logits=True, repetition_penalty=1.3)
+    with _cuda_graphs_required():
+        got = generate(model, vx, ids, mask, **kw)
+    want = generate(model, vx, ids, mask, compile=False, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    assert len({t.data_ptr() for t in got.logits}) == len(got.logits) == 6
+    for mine, eager in zip(got.logits + got.scores, want.logits + want.scores, strict=True):
+        torch.testing.assert_close(mine, eager, rtol=1e-4, atol=1e-4)

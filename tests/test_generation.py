@@ -449,13 +449,14 @@ RULES = [dict(repetition_penalty=1.8), dict(repetition_penalty=0.6), dict(no_rep
          dict(repetition_penalty=1.3, no_repeat_ngram_size=2, bad_words_ids=[[11, 12], [13]])]
 
 
-def _hugging_face_processors(rules, eos):
+def _hugging_face_processors(rules, eos, padding_lengths=None):
     from transformers.generation.logits_process import (LogitsProcessorList, NoBadWordsLogitsProcessor,
                                                         NoRepeatNGramLogitsProcessor,
                                                         RepetitionPenaltyLogitsProcessor)
     out = LogitsProcessorList()
     if "repetition_penalty" in rules:
-        out.append(RepetitionPenaltyLogitsProcessor(float(rules["repetition_penalty"])))
+        out.append(RepetitionPenaltyLogitsProcessor(float(rules["repetition_penalty"]),
+                                                    prompt_ignore_length=padding_lengths))
     if "no_repeat_ngram_size" in rules:
         out.append(NoRepeatNGramLogitsProcessor(rules["no_repeat_ngram_size"]))
     if "bad_words_ids" in rules:
@@ -474,7 +475,7 @@ def test_sequence_rules_equal_hugging_face_processors(rules):
     sampling = Sampling(eos_token_id=[2], **rules)
     assert sampling.needs_history or rules.get("bad_words_ids")
     hf = _hugging_face_processors(rules, [2])
-    changed = 0
+    changed = skipped = 0
     for L in (1, 2, 3, 7, 30):
         history = torch.randint(0, 16, (6, L), generator=g)
         history[0, -1] = 7  # rows ending in bad words' first tokens
@@ -487,7 +488,15 @@ def test_sequence_rules_equal_hugging_face_processors(rules):
         got = sampling.process(scores, 0, history)
         assert torch.equal(got, want), (rules, L, got, want)
         changed += not torch.equal(got, scores)
+        # left padding (of the prompt's first P <= L tokens), which the repetition penalty skips
+        P = (L + 1) // 2
+        lengths = torch.randint(0, P + 1, (6,), generator=g)
+        padding = torch.arange(P)[None, :] < lengths[:, None]
+        want = _hugging_face_processors(rules, [2], lengths)(history, scores.clone())
+        assert torch.equal(sampling.process(scores, 0, history, padding), want), (rules, L, lengths)
+        skipped += not torch.equal(got, want)
     assert changed >= 2, "the rules hardly bit: the comparison would not show a difference"
+    assert skipped >= 2 or "repetition_penalty" not in rules, "no padding that the penalty skips made a difference"
 
 
 def _rules_change(make, rules, want):
@@ -792,3 +801,185 @@ def test_outputs_are_ordinary_tensors_after_inference_mode_sessions():
     loss = model(vx, outs[0], labels=outs[0]).loss
     loss.backward()
     assert any(p.grad is not None for p in model.parameters())
+
+
+# ------------------------------------------------------------------ Hugging Face's output classes, streamers
+OUTPUT_MODES = [dict(), dict(num_beams=3), dict(num_beams=3, num_return_sequences=2, length_penalty=0.7),
+                dict(do_sample=True, top_k=5, temperature=0.7), dict(do_sample=True, num_return_sequences=2),
+                dict(repetition_penalty=1.5), dict(num_beams=2, repetition_penalty=0.7, no_repeat_ngram_size=2)]
+
+
+def _chosen(sequences, scores, rows=None):
+    """The score each step gave its token, read one by one (the test's own reading of the fields)."""
+    G = len(scores)
+    out = torch.zeros(sequences.shape[0], G)
+    for r in range(sequences.shape[0]):
+        for t in range(G):
+            row = r if rows is None else int(rows[r, t])
+            if row >= 0:
+                out[r, t] = scores[t][row, sequences[r, sequences.shape[1] - G + t]]
+    return out
+
+
+@pytest.mark.parametrize("mode", range(len(OUTPUT_MODES)))
+def test_return_dict_equals_idefics_generate(mode):
+    """``return_dict_in_generate`` with ``output_scores`` and ``output_logits``: the output class,
+    the sequences, every step's processed scores and raw logits, and for beam search the
+    hypotheses' scores and beam indices equal Hugging Face IDEFICS's generate on the same weights
+    (left padding: the repetition penalty skips it, as transformers >= 5.23). compute_transition_scores
+    reads each token's score (transformers' own method cannot here: it reshapes by the config's
+    vocab_size, 99, where IDEFICS's logits have 101 columns with the added tokens)."""
+    from fastflamingo.convert.idefics import from_idefics
+    from peers_idefics import EOS_ID as I_EOS, PAD_ID as I_PAD, idefics_inputs, idefics_model
+    live = idefics_model(cross_layer_interval=2)
+    ours = from_idefics(live)
+    inp = idefics_inputs()
+    kw = dict(max_new_tokens=8, return_dict_in_generate=True, output_scores=True, output_logits=True,
+              **OUTPUT_MODES[mode])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        want = live.generate(**inp, **kw)
+    torch.manual_seed(0)
+    got = ours.generate(**inp, eos_token_id=[I_EOS], pad_token_id=I_PAD, **kw)
+    assert type(got) is type(want)
+    assert torch.equal(got.sequences, want.sequences), (got.sequences[:, -8:], want.sequences[:, -8:])
+    assert len(got.scores) == len(want.scores) == len(got.logits) == len(want.logits)
+    for mine, theirs in zip(got.scores + got.logits, want.scores + want.logits):
+        torch.testing.assert_close(mine, theirs)
+    rows = getattr(want, "beam_indices", None)
+    if rows is not None:
+        assert torch.equal(got.beam_indices, rows)
+        torch.testing.assert_close(got.sequences_scores, want.sequences_scores)
+    chosen = ours.compute_transition_scores(got.sequences, got.scores, getattr(got, "beam_indices", None))
+    torch.testing.assert_close(chosen, _chosen(got.sequences, got.scores, rows))
+    assert chosen.abs().sum() > 0
+    logp = ours.compute_transition_scores(got.sequences, got.logits, getattr(got, "beam_indices", None),
+                                          normalize_logits=True)
+    torch.testing.assert_close(logp, _chosen(got.sequences, [t.log_softmax(-1) for t in got.logits], rows))
+    if rows is not None and not kw.get("repetition_penalty"):
+        # a beam's score is its tokens' log-probabilities' sum over its length ** length_penalty
+        length = (rows >= 0).sum(-1)
+        torch.testing.assert_close(chosen.sum(-1) / length ** kw.get("length_penalty", 1.0), got.sequences_scores)
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_return_dict_equals_open_flamingo_generate(beams):
+    """The same through open_flamingo's generate (which hands its kwargs to transformers'), where
+    transformers' own compute_transition_scores applies and agrees."""
+    pytest.importorskip("open_flamingo")
+    from fastflamingo.convert.open_flamingo import from_open_flamingo
+    live = peers.open_flamingo_model("llama", every_n=2)
+    ours = from_open_flamingo(live)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 120, (2, 14), generator=g)
+    ids[:, [0, 6]] = MEDIA_ID
+    vx = torch.randn(2, 2, 1, 3, 32, 32, generator=g)
+    kw = dict(max_new_tokens=10, num_beams=beams, eos_token_id=[EOC_ID, EOS_ID], pad_token_id=PAD_ID,
+              suppress_tokens=[MEDIA_ID], return_dict_in_generate=True, output_scores=True)
+    want = _open_flamingo_generate(live, vx, ids, **kw)
+    got = generate(ours, vx, ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for mine, theirs in zip(got.scores, want.scores, strict=True):
+        torch.testing.assert_close(mine, theirs)
+    rows = getattr(want, "beam_indices", None)
+    assert (rows is None) == (beams == 1)
+    if rows is not None:
+        assert torch.equal(got.beam_indices, rows)
+        torch.testing.assert_close(got.sequences_scores, want.sequences_scores)
+    torch.testing.assert_close(ours.compute_transition_scores(got.sequences, got.scores, rows),
+                               live.lang_encoder.compute_transition_scores(want.sequences, want.scores, rows))
+
+
+class _Recorder:
+    """A transformers-style streamer (put / end) that keeps what it is given."""
+
+    def __init__(self):
+        self.calls = []
+
+    def put(self, value):
+        self.calls.append(value.clone())
+
+    def end(self):
+        self.calls.append("end")
+
+
+def test_streamer_is_fed_as_by_idefics_generate():
+    """A streamer gets the prompt rows, then each step's tokens on the CPU, then end(), as from
+    Hugging Face IDEFICS's generate; a transformers TextIteratorStreamer read in another thread gives
+    the new text; beam search refuses a streamer; bad input is refused before the streamer hears
+    anything; an error while decoding still ends the stream."""
+    import threading
+
+    from transformers import TextIteratorStreamer
+
+    from fastflamingo.convert.idefics import from_idefics
+    from peers_idefics import EOS_ID as I_EOS, PAD_ID as I_PAD, idefics_inputs, idefics_model, idefics_tokenizer
+    live = idefics_model(cross_layer_interval=2)
+    ours = from_idefics(live)
+    inp = idefics_inputs()
+    one = {k: v[1:] for k, v in inp.items()}  # text streamers take one row; this one has one image
+    one["pixel_values"], one["image_attention_mask"] = one["pixel_values"][:, :1], one["image_attention_mask"][..., :1]
+    mine, theirs = _Recorder(), _Recorder()
+    with torch.no_grad():
+        want = live.generate(**one, max_new_tokens=6, streamer=theirs)
+    got = ours.generate(**one, max_new_tokens=6, eos_token_id=[I_EOS], pad_token_id=I_PAD, streamer=mine)
+    assert torch.equal(got, want)
+    assert len(mine.calls) == len(theirs.calls) == 1 + 6 + 1 and mine.calls[-1] == "end"
+    for a, b in zip(mine.calls[:-1], theirs.calls[:-1]):
+        assert a.device.type == "cpu" and torch.equal(a, b)
+
+    tok = idefics_tokenizer()
+    text = TextIteratorStreamer(tok, skip_prompt=True)
+    chunks = []
+    reader = threading.Thread(target=lambda: chunks.extend(text))
+    reader.start()
+    got = ours.generate(**one, max_new_tokens=6, eos_token_id=[I_EOS], pad_token_id=I_PAD, streamer=text)
+    reader.join(timeout=60)
+    assert not reader.is_alive()
+    T = one["input_ids"].shape[1]
+    assert "".join(chunks).split() == tok.decode(got[0, T:]).split()
+
+    with pytest.raises(ValueError, match="`streamer` cannot be used with beam search"):
+        ours.generate(**one, max_new_tokens=3, num_beams=2, streamer=_Recorder())
+    quiet = _Recorder()
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+        ours.generate(**one, max_new_tokens=0, streamer=quiet)
+    assert quiet.calls == []
+
+    class Failing(_Recorder):
+        def put(self, value):
+            super().put(value)
+            if len(self.calls) == 3:
+                raise RuntimeError("the reader went away")
+    failing = Failing()
+    with pytest.raises(RuntimeError, match="the reader went away"):
+        ours.generate(**one, max_new_tokens=6, streamer=failing)
+    assert failing.calls[-1] == "end" and len(failing.calls) == 4
+
+
+def test_generation_config_and_arguments_generate_does_not_take():
+    """A transformers GenerationConfig passes the settings it changes (arguments by name win); an
+    argument fastflamingo's generate does not take is a TypeError naming it (and where it came
+    from), not dropped; use_cache=False is refused, and output_scores without
+    return_dict_in_generate warns, as Hugging Face's."""
+    from transformers import GenerationConfig
+    model = tiny()
+    vx, ids, mask = batch(model, [1, 2], [9, 12])
+    want = model.generate(vx, ids, mask, max_new_tokens=5, repetition_penalty=1.4, eos_token_id=[])
+    config = GenerationConfig(max_new_tokens=5, repetition_penalty=1.4, eos_token_id=[], bos_token_id=1)
+    assert torch.equal(model.generate(vx, ids, mask, generation_config=config), want)
+    shorter = model.generate(vx, ids, mask, generation_config=config, max_new_tokens=3)
+    assert torch.equal(shorter, want[:, :-2])
+    with pytest.raises(TypeError, match=r"does not take typical_p \(set in generation_config\)"):
+        model.generate(vx, ids, mask, generation_config=GenerationConfig(typical_p=0.5))
+    with pytest.raises(TypeError, match=r"does not take logits_processor, output_attentions\. It takes"):
+        model.generate(vx, ids, mask, output_attentions=True, logits_processor=[])
+    with pytest.raises(TypeError, match="generation_config must be a transformers GenerationConfig, got dict"):
+        model.generate(vx, ids, mask, generation_config={"max_new_tokens": 3})
+    with pytest.raises(ValueError, match="use_cache=False: fastflamingo's generate always decodes with its"):
+        model.generate(vx, ids, mask, use_cache=False)
+    assert torch.equal(model.generate(vx, ids, mask, max_new_tokens=5, repetition_penalty=1.4, eos_token_id=[],
+                                      use_cache=True), want)
+    with pytest.warns(UserWarning, match="only returned with return_dict_in_generate=True"):
+        assert torch.equal(model.generate(vx, ids, mask, max_new_tokens=5, repetition_penalty=1.4,
+                                          eos_token_id=[], output_scores=True), want)

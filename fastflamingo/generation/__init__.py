@@ -4,7 +4,9 @@ and :func:`score` (log-likelihoods of candidate continuations, on the same cache
 Hugging Face-style arguments (``max_new_tokens`` or ``max_length``, ``do_sample``, ``temperature``,
 ``top_k``, ``top_p``, ``num_beams``, ``length_penalty``, ``repetition_penalty``,
 ``no_repeat_ngram_size``, ``bad_words_ids``, ``eos_token_id``, ...) and outputs (the prompt
-followed by the new tokens, finished rows filled with ``pad_token_id``), with:
+followed by the new tokens, finished rows filled with ``pad_token_id``; with
+``return_dict_in_generate``, Hugging Face's output classes with scores, logits and beam indices,
+:mod:`.outputs`; a transformers ``streamer``), with:
 
 * a visual KV cache: each cross-attention layer projects the visual tokens to K/V once;
 * a static, preallocated LM KV cache where the LM family supports it, and a compiled decode
@@ -16,6 +18,8 @@ See :mod:`fastflamingo.generation.session` for the caches, :mod:`.search` for th
 """
 from __future__ import annotations
 
+import inspect
+import itertools
 from collections.abc import Iterator
 
 import torch
@@ -24,12 +28,14 @@ from ..model import check_call, check_positions, check_vision_x
 from ..warn import warn_caller
 from . import lm_cache
 from .lm_cache import release_static_caches
+from .outputs import Record, transition_scores
 from .prefix import Prefix, encode_prefix
 from .score import score
 from .search import Sampling, beam_search
 from .session import CACHE_MODES, Session
 
-__all__ = ["generate", "stream", "score", "encode_prefix", "Prefix", "Sampling", "CACHE_MODES", "release_static_caches"]
+__all__ = ["generate", "stream", "score", "encode_prefix", "Prefix", "Sampling", "CACHE_MODES", "release_static_caches",
+           "transition_scores"]
 
 
 def _stop_ids(model, eos_token_id) -> list[int]:
@@ -229,21 +235,30 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
                        no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids)
 
 
-def _rules(model, lang_x, prefix, repeat: int, *, max_new_tokens, max_length, min_new_tokens, min_length,
-           **choose) -> tuple[torch.Tensor, int, Sampling, int]:
+def _rules(model, lang_x, attention_mask, prefix, repeat: int, *, max_new_tokens, max_length, min_new_tokens,
+           min_length, **choose) -> tuple[torch.Tensor, torch.Tensor | None, int, Sampling, int]:
     """What both decoders settle before the prompt runs: (the token ids before the new ones, each
-    row repeated ``repeat`` times; the number of new tokens; the token rules; the fill)."""
+    row repeated ``repeat`` times; where among them the padding is (None: nowhere); the number of
+    new tokens; the token rules; the fill)."""
     prompt = _prompt_ids(lang_x, prefix).repeat_interleave(repeat, 0)
+    padding = None
+    if attention_mask is not None:
+        padding = attention_mask.to(lang_x.device) == 0
+        if prefix is not None:
+            padding = torch.cat([padding.new_zeros(padding.shape[0], prefix.length), padding], 1)
+        padding = padding.repeat_interleave(repeat, 0)
     max_new_tokens, min_new_tokens = _lengths(prompt.shape[1], max_new_tokens, max_length, min_new_tokens, min_length)
-    return (prompt, max_new_tokens) + _sampling(model, min_new_tokens=min_new_tokens, **choose)
+    return (prompt, padding, max_new_tokens) + _sampling(model, min_new_tokens=min_new_tokens, **choose)
 
 
 def _stream(model, vision_x, lang_x, attention_mask, *, repeat: int, max_new_tokens, min_new_tokens, max_length,
-            min_length, visual_tokens, prefix, cache, compile, **choose) -> Iterator[torch.Tensor]:
-    """:func:`stream` over each row repeated ``repeat`` times (adjacent), its images encoded once."""
-    prompt, max_new_tokens, sampling, pad = _rules(model, lang_x, prefix, repeat, max_new_tokens=max_new_tokens,
-                                                   max_length=max_length, min_new_tokens=min_new_tokens,
-                                                   min_length=min_length, **choose)
+            min_length, visual_tokens, prefix, cache, compile, record: Record | None = None,
+            **choose) -> Iterator[torch.Tensor]:
+    """:func:`stream` over each row repeated ``repeat`` times (adjacent), its images encoded once;
+    ``record`` collects each step's logits and scores."""
+    prompt, padding, max_new_tokens, sampling, pad = _rules(
+        model, lang_x, attention_mask, prefix, repeat, max_new_tokens=max_new_tokens, max_length=max_length,
+        min_new_tokens=min_new_tokens, min_length=min_length, **choose)
     session, logits = _start(model, vision_x, lang_x, attention_mask, visual_tokens=visual_tokens, prefix=prefix,
                              max_new_tokens=max_new_tokens, cache=cache, compile=compile, repeat=repeat)
     stop_ids = torch.tensor(sampling.eos_token_id, device=lang_x.device, dtype=torch.long)
@@ -255,7 +270,10 @@ def _stream(model, vision_x, lang_x, attention_mask, *, repeat: int, max_new_tok
         if i:
             logits = session.step(tokens)
         seen = None if history is None else history[:, :L + i]
-        tokens = torch.where(running, sampling.choose(logits, i, seen), pad)
+        scores = sampling.process(logits, i, seen, padding)
+        if record is not None:
+            record.step(logits, scores)
+        tokens = torch.where(running, sampling.pick(scores), pad)
         if history is not None:
             history[:, L + i] = tokens
         yield tokens
@@ -291,7 +309,8 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
              bad_words_ids: list[list[int]] | None = None, max_length: int | None = None,
              min_length: int | None = None, num_return_sequences: int = 1,
              visual_tokens: torch.Tensor | None = None, prefix: Prefix | None = None, cache: str = "auto",
-             compile: bool | str = "auto") -> torch.Tensor:
+             compile: bool | str = "auto", return_dict_in_generate: bool = False, output_scores: bool = False,
+             output_logits: bool = False, streamer=None, use_cache: bool = True):
     """Generate text after images and a prompt; returns (B·R, T + G): ``lang_x`` then the new
     tokens, R = ``num_return_sequences`` rows per prompt (adjacent).
 
@@ -300,7 +319,23 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
     are sampled, as Hugging Face does. ``num_return_sequences``: the R best finished beams of
     each prompt (R <= ``num_beams``), or R samples of each (``do_sample``, the images encoded
     once).
+
+    As Hugging Face's ``generate`` also: ``return_dict_in_generate=True`` returns its output class
+    instead, with ``output_scores`` / ``output_logits`` each step's processed scores / raw logits,
+    and for beam search ``sequences_scores`` and ``beam_indices``
+    (:mod:`fastflamingo.generation.outputs`; :func:`transition_scores` reads them); ``streamer``
+    (a transformers ``TextStreamer``, ``TextIteratorStreamer``, ...) is given the prompt rows,
+    then each step's new tokens, then ``end()``, as there. ``use_cache`` must stay True: the caches
+    are always used (they give a plain no-cache loop's tokens: tests/test_generation.py).
     """
+    if use_cache is not True:
+        raise ValueError(f"use_cache={use_cache!r}: fastflamingo's generate always decodes with its visual and LM "
+                         "K/V caches (it gives the tokens of a loop without a cache); leave use_cache out, or pass "
+                         "cache='dynamic' for a cache that grows step by step")
+    if (output_scores or output_logits) and not return_dict_in_generate:
+        warn_caller("output_scores / output_logits are only returned with return_dict_in_generate=True: the "
+                    "tokens alone are returned (as Hugging Face's generate)")
+    record = Record(output_scores, output_logits) if return_dict_in_generate else None
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     R = num_return_sequences
@@ -320,16 +355,65 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
     if num_beams == 1:
         _unused_flags("num_beams", 1, "beam-based", length_penalty=(length_penalty, 1.0),
                       early_stopping=(early_stopping, False))
-        new = list(_stream(model, vision_x, lang_x, attention_mask, repeat=R, max_new_tokens=max_new_tokens,
-                           max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length,
-                           **choose, **inputs))
-        return torch.cat([lang_x.repeat_interleave(R, 0), torch.stack(new, dim=1)], dim=1)
-    prompt, max_new_tokens, sampling, pad = _rules(model, lang_x, prefix, num_beams, max_new_tokens=max_new_tokens,
-                                                   max_length=max_length, min_new_tokens=min_new_tokens,
-                                                   min_length=min_length, **choose)
+        steps = _stream(model, vision_x, lang_x, attention_mask, repeat=R, max_new_tokens=max_new_tokens,
+                        max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length, record=record,
+                        **choose, **inputs)
+        new = list(steps if streamer is None else _streamed(steps, streamer, lang_x.repeat_interleave(R, 0)))
+        sequences = torch.cat([lang_x.repeat_interleave(R, 0), torch.stack(new, dim=1)], dim=1)
+        return sequences if record is None else record.output(sequences, beams=False)
+    if streamer is not None:
+        raise ValueError("`streamer` cannot be used with beam search (as in Hugging Face's generate): pass num_beams=1")
+    prompt, padding, max_new_tokens, sampling, pad = _rules(
+        model, lang_x, attention_mask, prefix, num_beams, max_new_tokens=max_new_tokens, max_length=max_length,
+        min_new_tokens=min_new_tokens, min_length=min_length, **choose)
     session, logits = _start(model, vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens,
                              repeat=num_beams, **inputs)
     new = beam_search(session, logits, batch=lang_x.shape[0], num_beams=num_beams, max_new_tokens=max_new_tokens,
                       sampling=sampling, pad_token_id=pad, length_penalty=length_penalty,
-                      early_stopping=early_stopping, prompt=prompt, num_return=R)
-    return torch.cat([lang_x.repeat_interleave(R, 0), new], dim=1)
+                      early_stopping=early_stopping, prompt=prompt, padding=padding, num_return=R,
+                      record=record)
+    sequences = torch.cat([lang_x.repeat_interleave(R, 0), new], dim=1)
+    return sequences if record is None else record.output(sequences, beams=True)
+
+
+# GenerationConfig fields that change nothing for a decoder-only LM given its prompt (Hugging Face's
+# generate starts from the prompt too), and the config's own bookkeeping
+_NO_EFFECT = frozenset({"bos_token_id", "decoder_start_token_id", "transformers_version"})
+
+
+def hugging_face_arguments(generation_config, kwargs: dict) -> dict:
+    """:func:`generate`'s keyword arguments from a transformers ``GenerationConfig`` (the settings
+    it changes from the defaults) and those passed by name (which win), as Hugging Face's
+    ``generate`` merges them. One that :func:`generate` does not take is an error naming it, with
+    its source, rather than dropped."""
+    merged, from_config = dict(kwargs), set()
+    if generation_config is not None:
+        if not hasattr(generation_config, "to_diff_dict"):
+            raise TypeError(f"generation_config must be a transformers GenerationConfig, got "
+                            f"{type(generation_config).__name__}")
+        changed = {k: v for k, v in generation_config.to_diff_dict().items()
+                   if not k.startswith("_") and k not in _NO_EFFECT}
+        from_config = set(changed) - set(kwargs)
+        merged = {**changed, **kwargs}
+    taken = set(inspect.signature(generate).parameters) - {"model", "vision_x", "lang_x", "attention_mask"}
+    unknown = sorted(set(merged) - taken)
+    if unknown:
+        named = ", ".join(f"{k}{' (set in generation_config)' if k in from_config else ''}" for k in unknown)
+        raise TypeError(f"fastflamingo's generate does not take {named}. It takes {', '.join(sorted(taken))}, as "
+                        "Hugging Face's generate does (fastflamingo.generation.generate documents each)")
+    return merged
+
+
+def _streamed(steps: Iterator[torch.Tensor], streamer, prompt: torch.Tensor) -> Iterator[torch.Tensor]:
+    """``steps`` passed on, each also handed to a Hugging Face streamer (``put`` on the CPU, as
+    Hugging Face's generate: the prompt rows first, then each step's (rows,) tokens; ``end()`` after
+    the last, or after an error, so that a thread reading a ``TextIteratorStreamer`` is not left
+    waiting). Bad inputs are refused (by the first step) before the streamer sees anything."""
+    first = next(steps)
+    streamer.put(prompt.cpu())
+    try:
+        for tokens in itertools.chain([first], steps):
+            streamer.put(tokens.cpu())
+            yield tokens
+    finally:
+        streamer.end()

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .outputs import Record
+
 
 @dataclass
 class Sampling:
@@ -68,15 +70,18 @@ class Sampling:
         """Whether :meth:`process` reads the sequence so far."""
         return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0 or bool(self._multi_bad)
 
-    def process(self, scores: torch.Tensor, num_new: int, history: torch.Tensor | None = None) -> torch.Tensor:
+    def process(self, scores: torch.Tensor, num_new: int, history: torch.Tensor | None = None,
+                padding: torch.Tensor | None = None) -> torch.Tensor:
         """(B, V) logits (or log-probs) -> processed scores, before choosing token ``num_new``.
 
         ``history`` (B, L): the token ids so far (prompt with its padding, then the new ones),
-        needed where :attr:`needs_history`."""
+        needed where :attr:`needs_history`; ``padding`` (B, P <= L): True at the prompt's padding,
+        which the repetition penalty skips (as transformers >= 5.23 does; the n-gram and bad-word
+        rules read the padding's ids, as there)."""
         if self.needs_history:
             if history is None:
                 raise ValueError("this Sampling reads the sequence so far: pass history")
-            scores = self._history_rules(scores, history)
+            scores = self._history_rules(scores, history, padding)
         ban = self.banned(scores.device, num_new < self.min_new_tokens)
         if ban is not None:
             scores = scores.index_fill(-1, ban, float("-inf"))
@@ -94,14 +99,19 @@ class Sampling:
             scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         return scores
 
-    def _history_rules(self, scores: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    def _history_rules(self, scores: torch.Tensor, history: torch.Tensor,
+                       padding: torch.Tensor | None) -> torch.Tensor:
         """Hugging Face's repetition penalty, no-repeat n-grams and multi-token bad words, in its
         order, on the device (no host sync)."""
         B, V = scores.shape
         L = history.shape[1]
         if self.repetition_penalty != 1.0:
-            # ids past the scores' vocabulary (an embedding larger than the LM head) go to a spare column
+            # ids past the scores' vocabulary (an embedding larger than the LM head), and padding, go
+            # to a spare column
             ids = history.clamp(max=V)
+            if padding is not None:
+                P = padding.shape[1]
+                ids = torch.cat([ids[:, :P].masked_fill(padding, V), ids[:, P:]], 1)
             padded = torch.nn.functional.pad(scores, (0, 1))
             seen = padded.gather(1, ids)
             p = float(self.repetition_penalty)
@@ -139,9 +149,8 @@ class Sampling:
             self._banned[key] = torch.tensor(ids, device=device, dtype=torch.long) if ids else None
         return self._banned[key]
 
-    def choose(self, logits: torch.Tensor, num_new: int, history: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, V) logits -> (B,) next tokens (greedy or sampled); ``history`` as :meth:`process`."""
-        scores = self.process(logits, num_new, history)
+    def pick(self, scores: torch.Tensor) -> torch.Tensor:
+        """(B, V) processed scores -> (B,) next tokens: the most likely, or sampled."""
         if self.do_sample:
             return torch.multinomial(scores.softmax(-1), 1, generator=self.generator)[:, 0]
         return scores.argmax(-1)
@@ -150,14 +159,18 @@ class Sampling:
 def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, max_new_tokens: int,
                 sampling: Sampling, pad_token_id: int, length_penalty: float = 1.0,
                 early_stopping: bool | str = False, prompt: torch.Tensor | None = None,
-                num_return: int = 1) -> torch.Tensor:
+                padding: torch.Tensor | None = None, num_return: int = 1,
+                record: Record | None = None) -> torch.Tensor:
     """Beam search over a prefilled ``session`` of batch x num_beams rows (beams of a row adjacent).
 
     Args:
         logits: (B·K, V) the prefill's last logits.
         prompt: (B·K, L) the token ids before the new ones (prefix and prompt, padding
-            included), for the rules that read the sequence so far (``sampling.needs_history``).
+            included), for the rules that read the sequence so far (``sampling.needs_history``);
+            ``padding`` (B·K, L): True at its padding (see :meth:`Sampling.process`).
         num_return: hypotheses returned per row, the best first.
+        record: collects each step's logits and processed log-probabilities, and the returned
+            hypotheses' final scores and beam indices (Hugging Face's ``output_scores``).
 
     Returns:
         (B·num_return, G) the best hypotheses' new tokens per row, G = the longest returned
@@ -176,6 +189,10 @@ def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, ma
     done_seqs, done_len = running.clone(), running_len.clone()
     done_scores = torch.full((B, K), -1e9, device=dev)
     done = torch.zeros(B, K, dtype=torch.bool, device=dev)
+    # per hypothesis and step, the row (of B·K) whose log-probabilities chose its token; -1: none
+    # yet (Hugging Face's beam_indices, int32 as there)
+    running_rows = torch.full((B, K, max_new_tokens), -1, dtype=torch.int32, device=dev) if record else None
+    done_rows = None if running_rows is None else running_rows.clone()
     improvable = torch.ones(B, 1, dtype=torch.bool, device=dev)
     offset = torch.arange(B, device=dev)[:, None] * K
     for cur in range(max_new_tokens):
@@ -184,7 +201,10 @@ def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, ma
         seen = None
         if sampling.needs_history:
             seen = torch.cat([prompt, running[:, :, :cur].reshape(B * K, cur)], 1)
-        logp = sampling.process(logits.log_softmax(-1), cur, seen).view(B, K, -1) + running_scores[:, :, None]
+        processed = sampling.process(logits.log_softmax(-1), cur, seen, padding)
+        if record is not None:
+            record.step(logits, processed)
+        logp = processed.view(B, K, -1) + running_scores[:, :, None]
         V = logp.shape[-1]
         flat = logp.view(B, K * V)
         if sampling.do_sample:
@@ -196,6 +216,9 @@ def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, ma
         parent, token = idx // V, idx % V                                   # (B, keep)
         cand = running.gather(1, parent[:, :, None].expand(-1, -1, max_new_tokens)).clone()
         cand[:, :, cur] = token
+        if record is not None:
+            cand_rows = running_rows.gather(1, parent[:, :, None].expand(-1, -1, max_new_tokens)).clone()
+            cand_rows[:, :, cur] = (parent + offset).int()
         finished = torch.isin(token, eos) | (cur + 1 >= max_new_tokens)     # (B, keep)
         # e. the best unfinished candidates continue
         alive_scores = cand_scores + finished.float() * -1e9
@@ -203,6 +226,8 @@ def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, ma
         running = cand.gather(1, nxt[:, :, None].expand(-1, -1, max_new_tokens))
         running_scores = alive_scores.gather(1, nxt)
         running_parent = parent.gather(1, nxt)
+        if record is not None:
+            running_rows = cand_rows.gather(1, nxt[:, :, None].expand(-1, -1, max_new_tokens))
         # f. finished candidates among the top K enter the finished pool if they beat it
         just_done = finished & top_k_mask
         scored = cand_scores / (cur + 1) ** length_penalty
@@ -213,6 +238,8 @@ def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, ma
         done_len = torch.cat([done_len, torch.full_like(cand_scores, cur + 1, dtype=torch.long)], 1).gather(1, merged)
         done_scores = torch.cat([done_scores, scored], 1).gather(1, merged)
         done = torch.cat([done, just_done], 1).gather(1, merged)
+        if record is not None:
+            done_rows = torch.cat([done_rows, cand_rows], 1).gather(1, merged[:, :, None].expand(-1, -1, max_new_tokens))
         # g. stop when no row can improve
         best_len = max_new_tokens if (early_stopping == "never" and length_penalty > 0) else cur + 1
         best_running = running_scores[:, :1] / best_len ** length_penalty
@@ -223,4 +250,7 @@ def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, ma
             break
         session.reorder((running_parent + offset).reshape(-1))
     best = done_seqs[:, :num_return]  # the finished pool is kept sorted, the best first
-    return best.reshape(B * num_return, -1)[:, :int(done_len[:, :num_return].max())]
+    G = int(done_len[:, :num_return].max())
+    if record is not None:
+        record.finish_beams(done_scores[:, :num_return].reshape(-1), done_rows[:, :num_return].reshape(B * num_return, -1)[:, :G])
+    return best.reshape(B * num_return, -1)[:, :G]
