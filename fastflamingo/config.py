@@ -100,7 +100,8 @@ class FlamingoConfig:
         media_token_id, eoc_token_id: ids of ``<image>`` and ``<|endofchunk|>``.
         pad_token_id: the pad id, used for left padding in generation.
         eos_resets_media: IDEFICS semantics: after an EOS token, tokens see no image until the
-            next ``<image>``.
+            next ``<image>`` (in the text given; generated tokens see what the prompt's last token
+            sees, as IDEFICS's ``generate``).
         eos_token_id: the LM's EOS id (used when ``eos_resets_media``).
         num_base_tokens: the LM's vocabulary size before the Flamingo tokens were added; the
             embedding rows from here on are trainable (None: embeddings frozen).

@@ -75,8 +75,6 @@ def idefics_inputs(seed: int = 0, *, pad: bool = True):
         dict with ``input_ids`` (B, T), ``attention_mask`` (B, T), ``pixel_values`` (B, N, 3, 30, 30)
         (zeros for a row's missing images) and ``image_attention_mask`` (B, T, N) one-hot.
     """
-    from transformers.models.idefics.processing_idefics import (image_attention_mask_for_packed_input_ids,
-                                                                incremental_to_binary_attention_mask)
     g = torch.Generator().manual_seed(seed)
 
     def text(n):
@@ -85,16 +83,24 @@ def idefics_inputs(seed: int = 0, *, pad: bool = True):
     image = [FAKE_ID, IMAGE_ID, FAKE_ID]
     rows = [[BOS_ID] + text(2) + image + text(4) + [EOS_ID] + text(3) + image + text(5),
             [BOS_ID] + text(3) + image + text(6)]
-    T = max(map(len, rows))
     if not pad:
-        rows[1] += text(T - len(rows[1]))
+        rows[1] += text(len(rows[0]) - len(rows[1]))
+    return _processor_batch(rows, g)
+
+
+def _processor_batch(rows: list[list[int]], g: torch.Generator) -> dict:
+    """Token rows -> IDEFICS's processor output: left padding, random pixels for each row's images
+    (zeros for its missing ones; one zero image for a batch without any), the one-hot image mask."""
+    from transformers.models.idefics.processing_idefics import (image_attention_mask_for_packed_input_ids,
+                                                                incremental_to_binary_attention_mask)
+    T = max(map(len, rows))
     ids = torch.full((len(rows), T), PAD_ID)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
         ids[i, T - len(r):] = torch.tensor(r)
         mask[i, T - len(r):] = 1
     n_images = (ids == IMAGE_ID).sum(-1)
-    N = int(n_images.max())
+    N = max(int(n_images.max()), 1)
     pixels = torch.zeros(len(rows), N, 3, IMAGE_SIZE, IMAGE_SIZE)
     for i, n in enumerate(n_images.tolist()):
         pixels[i, :n] = torch.randn(n, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
@@ -107,3 +113,20 @@ def text_time_from_image_mask(image_attention_mask: torch.Tensor) -> torch.Tenso
     """IDEFICS's one-hot (B, T, N) image mask -> (B, T) 1-based image index, 0 = none."""
     m = image_attention_mask.bool()
     return torch.where(m.any(-1), m.to(torch.int64).argmax(-1) + 1, 0)
+
+
+def random_idefics_inputs(seed: int):
+    """A random batch the way IDEFICS's processor builds it: 1-3 rows of random segments (text,
+    ``<fake><image><fake>``, a bare ``<image>``, EOS), with or without BOS, left padding, rows
+    without images and text-only batches. Returns :func:`idefics_inputs`' dict."""
+    import random
+    r, g = random.Random(seed), torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(r.randint(1, 3)):
+        row = [BOS_ID] if r.random() < 0.7 else []
+        for _ in range(r.randint(0, 6)):
+            c = r.random()
+            row += ([FAKE_ID, IMAGE_ID, FAKE_ID] if c < 0.35 else [IMAGE_ID] if c < 0.45 else [EOS_ID] if c < 0.6
+                    else [r.randint(4, VOCAB - 1) for _ in range(r.randint(1, 5))])
+        rows.append(row or [r.randint(4, VOCAB - 1)])
+    return _processor_batch(rows, g)

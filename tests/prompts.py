@@ -40,11 +40,15 @@ def batch(model, images_per_row, lengths, seed=0):
 
 @torch.no_grad()
 def plain_greedy(model, vx, ids, mask, steps):
-    """The reference: the whole sequence through model.forward at every step, no cache of any kind."""
+    """The reference: the whole sequence through model.forward at every step, no cache of any kind;
+    new tokens see what the prompt's last token sees (the peers' generate: IDEFICS's repeats the
+    prompt's last image-mask row, so a generated EOS resets nothing)."""
     out, m = ids, mask
+    tt = model.text_time(ids.masked_fill(mask == 0, -1))
     for _ in range(steps):
         pos = (m.cumsum(-1) - 1).clamp(min=0)
-        logits = model(vx, out, attention_mask=m, position_ids=pos).logits[:, -1]
+        tt = torch.cat([tt, tt[:, -1:]], 1)[:, :out.shape[1]]
+        logits = model(vx, out, attention_mask=m, position_ids=pos, text_time=tt).logits[:, -1]
         out = torch.cat([out, logits.argmax(-1, keepdim=True)], 1)
         m = torch.cat([m, m.new_ones(m.shape[0], 1)], 1)
     return out

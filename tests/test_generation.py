@@ -56,22 +56,31 @@ def test_random_layouts_equal_plain_loop(rows, cache, immediate, seed):
 
 @pytest.mark.parametrize("eos_resets_media", [False, True])
 def test_decode_steps_equal_forward_teacher_forced(eos_resets_media):
-    """Logits of every decode step equal model.forward on the whole sequence, with forced tokens
-    including EOS (after which IDEFICS semantics see no image)."""
+    """Logits of every decode step equal model.forward on the whole sequence, new tokens seeing
+    what the prompt's last token sees, as the peers' generate: forced tokens include EOS, which
+    under IDEFICS semantics resets nothing for generated tokens (IDEFICS's generate repeats the
+    prompt's last image-mask row), and a prompt that ends in EOS leaves its image seen."""
     model = tiny(eos_resets_media=eos_resets_media)
     vx, ids, mask = batch(model, [2, 1], [10, 7], seed=3)
+    ids[1, -1] = EOS_ID  # row 1's prompt ends in EOS (its text after it would see no image)
     forced = torch.tensor([[7, EOS_ID, 9, 11], [EOS_ID, 5, 6, 8]])
+    prompt_tt = model.text_time(ids.masked_fill(mask == 0, -1))
+    assert prompt_tt[:, -1].tolist() == [2, 1]
     for cache in ("dynamic", "static"):
         s = Session(model, ids, mask, model.encode_vision(vx), max_new_tokens=4, cache=cache)
         got = [s.prefill(ids)] + [s.step(forced[:, i]) for i in range(3)]
         for i, logits in enumerate(got):
             seq = torch.cat([ids, forced[:, :i]], 1)
             m = torch.cat([mask, mask.new_ones(2, i)], 1)
+            tt = torch.cat([prompt_tt, prompt_tt[:, -1:].expand(-1, i)], 1)
             with torch.no_grad():
-                want = model(vx, seq, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0)).logits[:, -1]
+                want = model(vx, seq, attention_mask=m, position_ids=(m.cumsum(-1) - 1).clamp(min=0),
+                             text_time=tt).logits[:, -1]
             assert (logits - want).abs().max() < 1e-4, (cache, i)
-    if eos_resets_media:  # row 1's tokens after its EOS see no image
-        assert s.tt.flatten().tolist() == [0, 0]
+    assert s.tt.flatten().tolist() == [2, 1]
+    # the model's own rule, which scoring follows, would reset row 1 (and row 0 after its EOS)
+    rule = model.text_time(torch.cat([ids.masked_fill(mask == 0, -1), forced], 1))[:, -1].tolist()
+    assert rule == ([0, 0] if eos_resets_media else [2, 1])
 
 
 def test_compiled_static_step_equals_plain_loop():
@@ -983,3 +992,116 @@ def test_generation_config_and_arguments_generate_does_not_take():
     with pytest.warns(UserWarning, match="only returned with return_dict_in_generate=True"):
         assert torch.equal(model.generate(vx, ids, mask, max_new_tokens=5, repetition_penalty=1.4,
                                           eos_token_id=[], output_scores=True), want)
+
+
+# ------------------------------------------------------------------ randomized settings against the peers
+def _random_settings(seed: int, *, vocab: int, eos_choices, sample_returns: bool = True) -> dict:
+    """A random mix of Hugging Face generate settings (beams, beam sampling, warpers, sequence
+    rules, stop tokens, returned dict), reproducible from ``seed``."""
+    import random
+    r = random.Random(seed)
+    kw = dict(max_new_tokens=r.choice([1, 2, 5, 9]))
+    beams = r.choice([1, 1, 2, 3, 4])
+    if beams > 1:
+        kw["num_beams"] = beams
+        if r.random() < 0.5:
+            kw["length_penalty"] = r.choice([-1.0, 0.0, 0.5, 2.0])
+        if r.random() < 0.4:
+            kw["early_stopping"] = r.choice([True, False, "never"])
+        if r.random() < 0.4:
+            kw["num_return_sequences"] = r.randint(1, beams)
+    if r.random() < 0.4:
+        kw["do_sample"] = True
+        if r.random() < 0.5:
+            kw["temperature"] = r.choice([0.3, 0.9, 1.7])
+        if r.random() < 0.5:
+            kw["top_k"] = r.choice([0, 1, 3, 20])
+        if r.random() < 0.5:
+            kw["top_p"] = r.choice([0.3, 0.8, 1.0])
+        if beams == 1 and sample_returns and r.random() < 0.4:
+            kw["num_return_sequences"] = r.randint(1, 3)
+    if r.random() < 0.3:
+        kw["repetition_penalty"] = r.choice([0.6, 1.4, 3.0])
+    if r.random() < 0.3:
+        kw["no_repeat_ngram_size"] = r.choice([1, 2, 3])
+    if r.random() < 0.3:
+        kw["min_new_tokens"] = r.randint(0, kw["max_new_tokens"])
+    if r.random() < 0.3:
+        kw["suppress_tokens"] = r.sample(range(3, vocab), 3)
+    if r.random() < 0.3:
+        kw["bad_words_ids"] = [[r.randint(3, vocab - 1)] for _ in range(2)] + [[r.randint(3, vocab - 1)] * 2]
+    kw["eos_token_id"] = r.choice(eos_choices)
+    if r.random() < 0.5:
+        kw.update(return_dict_in_generate=True, output_scores=True)
+    return kw
+
+
+def _same_output(got, want, kw) -> str | None:
+    """None if ``generate``'s two outputs agree (tokens exactly; scores by the fp32 rule), else why."""
+    dict_out = kw.get("return_dict_in_generate", False)
+    gs, ws = (got.sequences, want.sequences) if dict_out else (got, want)
+    if gs.shape != ws.shape or not torch.equal(gs, ws):
+        return f"tokens {gs[:, -kw['max_new_tokens']:].tolist()} != {ws[:, -kw['max_new_tokens']:].tolist()}"
+    if dict_out:
+        if len(got.scores) != len(want.scores):
+            return f"{len(got.scores)} steps of scores != {len(want.scores)}"
+        for step, (a, b) in enumerate(zip(got.scores, want.scores)):
+            if not torch.allclose(a, b, rtol=1.3e-6, atol=1e-5):
+                return f"scores of step {step} differ by {(a - b).abs().nan_to_num().max()}"
+        if getattr(want, "beam_indices", None) is not None:
+            if not torch.equal(got.beam_indices, want.beam_indices):
+                return "beam_indices differ"
+            if not torch.allclose(got.sequences_scores, want.sequences_scores, rtol=1.3e-6, atol=1e-5):
+                return "sequences_scores differ"
+    return None
+
+
+def test_random_settings_equal_idefics_generate():
+    """120 random mixes of settings (greedy, sampling, beam search and beam sampling; temperature,
+    top-k, top-p, repetition penalty, n-grams, bad words, suppressed and minimum tokens; stop tokens
+    that leave the LM's EOS free to be generated, so that later tokens must go on seeing the image;
+    rows with left padding): tokens, scores and beam indices equal Hugging Face IDEFICS's generate,
+    the sampled ones from the same seed."""
+    from fastflamingo.convert.idefics import from_idefics
+    from peers_idefics import EOS_ID as I_EOS, PAD_ID as I_PAD, idefics_inputs, idefics_model
+    live = idefics_model(cross_layer_interval=2)
+    ours = from_idefics(live)
+    failures = []
+    for seed in range(120):
+        inp = idefics_inputs(seed=seed % 5)
+        kw = _random_settings(seed, vocab=99, eos_choices=[[I_EOS], [I_EOS, 5], [7]])
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            want = live.generate(**inp, **kw)
+        torch.manual_seed(seed)
+        why = _same_output(ours.generate(**inp, pad_token_id=I_PAD, **kw), want, kw)
+        if why:
+            failures.append((seed, kw, why))
+    assert not failures, failures[:3]
+
+
+@pytest.mark.parametrize("family", ["llama", "mpt"])
+def test_random_settings_equal_open_flamingo_generate(family):
+    """The same against open_flamingo's generate (unpadded rows, generated <image> suppressed: see
+    test_equals_open_flamingo_generate; sampling returns one sequence per prompt, as open_flamingo
+    encodes its images for num_beams rows only)."""
+    pytest.importorskip("open_flamingo")
+    from fastflamingo.convert.open_flamingo import from_open_flamingo
+    live = peers.open_flamingo_model(family, every_n=2)
+    ours = from_open_flamingo(live)
+    failures = []
+    for seed in range(40):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(3, 120, (2, 12), generator=g)
+        ids[0, [0, 5]] = MEDIA_ID
+        ids[1, [3]] = MEDIA_ID
+        vx = torch.randn(2, 2, 1, 3, 32, 32, generator=g)
+        kw = _random_settings(seed, vocab=120, eos_choices=[[EOC_ID], [EOC_ID, EOS_ID], [7]], sample_returns=False)
+        kw.update(pad_token_id=PAD_ID, suppress_tokens=kw.get("suppress_tokens", []) + [MEDIA_ID])
+        torch.manual_seed(seed)
+        want = _open_flamingo_generate(live, vx, ids, **kw)
+        torch.manual_seed(seed)
+        why = _same_output(generate(ours, vx, ids, **kw), want, kw)
+        if why:
+            failures.append((seed, kw, why))
+    assert not failures, failures[:3]

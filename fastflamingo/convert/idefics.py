@@ -10,7 +10,8 @@ IDEFICS is a Flamingo with ``idefics``-style blocks (SEMANTICS.md). The mapping:
 * ``model.gated_cross_attn_layers.j`` sits before decoder layer ``j * cross_layer_interval``
   (placement ``first_of_every_n``); ``perceiver_resampler`` becomes the ``idefics``-style resampler;
 * ``eos_resets_media``: after an EOS, text sees no image until the next ``<image>``, as IDEFICS's
-  processor builds ``image_attention_mask``.
+  processor builds ``image_attention_mask``; generated tokens see what the prompt's last token
+  sees, EOS or not, as IDEFICS's ``generate`` repeats the mask's last row.
 """
 from __future__ import annotations
 

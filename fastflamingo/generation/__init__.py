@@ -136,12 +136,16 @@ def _check_room(model, mask: torch.Tensor, most: int, prefix: Prefix | None, max
                     f"{after}, the last of which is not fed back")
 
 
-def _sampling(model, *, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p, min_new_tokens,
-              suppress_tokens, generator, repetition_penalty, no_repeat_ngram_size, bad_words_ids) -> tuple[Sampling, int]:
+def _sampling(model, *, beams: bool, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p,
+              min_new_tokens, suppress_tokens, generator, repetition_penalty, no_repeat_ngram_size,
+              bad_words_ids) -> tuple[Sampling, int]:
     stops = _stop_ids(model, eos_token_id)
     pad = default_pad(model, stops) if pad_token_id is None else pad_token_id
+    # as Hugging Face: beam sampling's top-k / top-p keep a token more than there are stop tokens
+    # (2 without any), so that a beam can go on past them
+    keep = (len(stops) + 1 if stops else 2) if beams else 1
     sampling = Sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-                        min_new_tokens=min_new_tokens, eos_token_id=stops,
+                        min_tokens_to_keep=keep, min_new_tokens=min_new_tokens, eos_token_id=stops,
                         suppress_tokens=list(suppress_tokens or []), generator=generator,
                         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                         bad_words_ids=[] if bad_words_ids is None else bad_words_ids)
@@ -235,8 +239,8 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
                        no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids)
 
 
-def _rules(model, lang_x, attention_mask, prefix, repeat: int, *, max_new_tokens, max_length, min_new_tokens,
-           min_length, **choose) -> tuple[torch.Tensor, torch.Tensor | None, int, Sampling, int]:
+def _rules(model, lang_x, attention_mask, prefix, repeat: int, *, beams: bool, max_new_tokens, max_length,
+           min_new_tokens, min_length, **choose) -> tuple[torch.Tensor, torch.Tensor | None, int, Sampling, int]:
     """What both decoders settle before the prompt runs: (the token ids before the new ones, each
     row repeated ``repeat`` times; where among them the padding is (None: nowhere); the number of
     new tokens; the token rules; the fill)."""
@@ -248,7 +252,7 @@ def _rules(model, lang_x, attention_mask, prefix, repeat: int, *, max_new_tokens
             padding = torch.cat([padding.new_zeros(padding.shape[0], prefix.length), padding], 1)
         padding = padding.repeat_interleave(repeat, 0)
     max_new_tokens, min_new_tokens = _lengths(prompt.shape[1], max_new_tokens, max_length, min_new_tokens, min_length)
-    return (prompt, padding, max_new_tokens) + _sampling(model, min_new_tokens=min_new_tokens, **choose)
+    return (prompt, padding, max_new_tokens) + _sampling(model, beams=beams, min_new_tokens=min_new_tokens, **choose)
 
 
 def _stream(model, vision_x, lang_x, attention_mask, *, repeat: int, max_new_tokens, min_new_tokens, max_length,
@@ -257,7 +261,7 @@ def _stream(model, vision_x, lang_x, attention_mask, *, repeat: int, max_new_tok
     """:func:`stream` over each row repeated ``repeat`` times (adjacent), its images encoded once;
     ``record`` collects each step's logits and scores."""
     prompt, padding, max_new_tokens, sampling, pad = _rules(
-        model, lang_x, attention_mask, prefix, repeat, max_new_tokens=max_new_tokens, max_length=max_length,
+        model, lang_x, attention_mask, prefix, repeat, beams=False, max_new_tokens=max_new_tokens, max_length=max_length,
         min_new_tokens=min_new_tokens, min_length=min_length, **choose)
     session, logits = _start(model, vision_x, lang_x, attention_mask, visual_tokens=visual_tokens, prefix=prefix,
                              max_new_tokens=max_new_tokens, cache=cache, compile=compile, repeat=repeat)
@@ -364,7 +368,8 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
     if streamer is not None:
         raise ValueError("`streamer` cannot be used with beam search (as in Hugging Face's generate): pass num_beams=1")
     prompt, padding, max_new_tokens, sampling, pad = _rules(
-        model, lang_x, attention_mask, prefix, num_beams, max_new_tokens=max_new_tokens, max_length=max_length,
+        model, lang_x, attention_mask, prefix, num_beams, beams=True, max_new_tokens=max_new_tokens,
+        max_length=max_length,
         min_new_tokens=min_new_tokens, min_length=min_length, **choose)
     session, logits = _start(model, vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens,
                              repeat=num_beams, **inputs)

@@ -186,7 +186,7 @@ def _score_rest(session, cand: torch.Tensor, out: torch.Tensor, chunk_size: int 
         lm_cache.fill(cache, [(_rows(k, segments), _rows(v, segments)) for k, v in prompt_kv], n)
         mask = torch.cat([_rows(context, segments), context.new_ones(n, T - 1)], dim=1)
         kwargs = session.call.kwargs(cache, mask, _rows(session.pos, segments) + after)
-        tt = _rows(session.tt, segments).expand(n, T - 1)
+        tt = _rows(session.after_tt, segments).expand(n, T - 1)
         if session.eos_reset is not None:  # tokens after an EOS of the continuation see no image
             eos = ids == session.eos_reset
             tt = tt.masked_fill((eos.cumsum(-1) - eos.long()) > 0, 0)

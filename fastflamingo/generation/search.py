@@ -26,6 +26,7 @@ class Sampling:
     temperature: float = 1.0
     top_k: int | None = 50  # sampling keeps the 50 most likely tokens, as Hugging Face; 0 or None: all
     top_p: float = 1.0
+    min_tokens_to_keep: int = 1  # top-k and top-p keep at least this many (Hugging Face: #stops + 1 for beams)
     min_new_tokens: int = 0
     eos_token_id: list[int] = field(default_factory=list)
     suppress_tokens: list[int] = field(default_factory=list)
@@ -90,12 +91,12 @@ class Sampling:
         if self.temperature != 1.0:
             scores = scores / self.temperature
         if self.top_k:
-            kth = torch.topk(scores, min(self.top_k, scores.shape[-1])).values[..., -1:]
+            kth = torch.topk(scores, min(max(self.top_k, self.min_tokens_to_keep), scores.shape[-1])).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
         if self.top_p < 1.0:
             sorted_scores, order = scores.sort(dim=-1)  # ascending, as Hugging Face's TopPLogitsWarper
             drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - self.top_p
-            drop[..., -1] = False  # always keep the most likely token
+            drop[..., -self.min_tokens_to_keep:] = False  # always keep the most likely token(s)
             scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         return scores
 

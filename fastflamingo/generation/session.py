@@ -7,10 +7,14 @@ cache, SEMANTICS.md "Generation"). The mask and the position ids live in preallo
 With a static LM cache the step has fixed shapes and is compiled once per model and batch shape
 (gpt-fast's design: one compiled decode step, its own loop, CUDA graphs on GPU).
 
-New tokens see their row's last image: each row's decode ``text_time`` is what a text token
-after the prompt sees under the model's own rule (:func:`fastflamingo.model.text_time_for`),
-so with ``eos_resets_media`` (IDEFICS) a row that has emitted EOS sees no image afterwards.
-A generated ``<image>`` token has no pixels: it is decoded as text and adds no image.
+New tokens see their row's last image: each row's decode ``text_time`` is that of the prompt's
+last token, carried forward to every new token, as both peers' ``generate`` do (open_flamingo:
+the row's image count; Hugging Face IDEFICS: the last row of the image mask, repeated). So under
+``eos_resets_media`` (IDEFICS) a generated EOS does not reset what later tokens see, and a
+prompt ending in EOS leaves its image seen, as in IDEFICS's ``generate``; scoring's teacher-forced
+continuations follow the model's own rule instead (:attr:`Session.after_tt`, reset after an
+EOS, as a forward over the whole text). A generated ``<image>`` token has no pixels: it is
+decoded as text and adds no image.
 """
 from __future__ import annotations
 
@@ -150,7 +154,13 @@ class Session:
         visible = torch.cat([ids.masked_fill(self.mask[:, :ids.shape[1]] == 0, -1), ids.new_full((B, 1), -1)], dim=1)
         tt = text_time_for(visible, c.media_token_id, c.eos_token_id if c.eos_resets_media else None)
         self.prompt_text_time = tt[:, self.prefix_length:-1]
-        self.tt = tt[:, -1:].contiguous()  # (B, 1): what the next (text) token sees
+        # (B, 1) what generated tokens see: the prompt's last token's images (left padding: the
+        # last column, or the prefix's last token for a query of padding only)
+        real = self.mask[:, :ids.shape[1]] != 0
+        last = (real * torch.arange(ids.shape[1], device=ids.device)).argmax(-1, keepdim=True)
+        self.tt = tt.gather(1, last).contiguous()
+        # (B, 1) what a text token after the prompt sees under the model's rule (scoring)
+        self.after_tt = tt[:, -1:].contiguous()
         self.eos_reset = c.eos_token_id if c.eos_resets_media else None
         positions = (self.mask[:, :self.length].cumsum(-1) - 1).clamp(min=0)
         self.prompt_positions = positions[:, self.prefix_length:]
@@ -178,8 +188,6 @@ class Session:
         kwargs = self.call.kwargs(self.cache, self._mask(self.length), self.pos)
         with self._inference(), self.model.conditioned(self.visual, self.tt, self.kv):
             logits = self._run(tokens[:, None].contiguous(), kwargs)  # one layout: no recompilation
-        if self.eos_reset is not None:
-            self.tt.masked_fill_(tokens[:, None] == self.eos_reset, 0)
         if logits.device != tokens.device:  # the LM head on another device (device_map)
             return logits.to(tokens.device)
         return logits.clone() if logits.is_cuda else logits
@@ -205,7 +213,7 @@ class Session:
         so the visual tokens and their K/V, identical across those beams, stay as they are)."""
         with self._inference():
             lm_cache.reorder(self.cache, index)
-            for t in (self.mask, self.pos, self.tt):
+            for t in (self.mask, self.pos):
                 t.copy_(t.index_select(0, index))
 
 
