@@ -169,3 +169,25 @@ def test_random_layouts_match_open_flamingo(family):
         torch.testing.assert_close(got[keep], ref[keep], rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
         shapes.add((ids.shape[1] == 1, num_media(ids) == 0, bool((mask == 0).any())))
     assert len(shapes) >= 4  # T = 1, text-only batches and padding among the layouts
+
+
+@pytest.mark.parametrize("embeddings", [dict(max_num_frames=3), dict(max_num_media=4),
+                                        dict(max_num_frames=3, max_num_media=4)])
+def test_video_and_media_time_embeddings_match_open_flamingo(embeddings):
+    """open_flamingo's PerceiverResampler with frame embeddings (video, F frames per media item)
+    and / or media-time embeddings, imported: the same visual tokens for 1-3 frames and 1-3 media.
+    (open_flamingo's released models have neither, and its Flamingo.forward takes one frame; the
+    resampler is where its video path lives.)"""
+    from open_flamingo.src.helpers import PerceiverResampler
+    live = open_flamingo_model("llama", every_n=2)
+    torch.manual_seed(5)
+    live.perceiver = PerceiverResampler(dim=32, depth=2, **embeddings)
+    with torch.no_grad():
+        for p in live.perceiver.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ours = from_open_flamingo(live)
+    for F in (1, 2, 3) if "max_num_frames" in embeddings else (1,):
+        for N in (1, 3):
+            x = torch.randn(2, N, F, 17, 32)
+            with torch.no_grad():
+                torch.testing.assert_close(ours.perceiver(x), live.perceiver(x), msg=f"F={F} N={N}")
