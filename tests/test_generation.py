@@ -322,6 +322,8 @@ def test_cli_generate_preset_and_saved_model_with_tokenizer(tmp_path, capsys):
     (["--few-shot", "{typo_prefix}"], r"typo2.json: unknown key\(s\) \['prefx'\]: the file holds \"queries\""),
     (["--random-images", "1", "--prompt-ids", "510 1.5"], r"--prompt-ids: '1.5' is not a token id \(an integer\)"),
     (["--few-shot", "{float_id}"], r"query 0's text: 5.7 is not a token id"),  # not silently 5
+    (["--random-images", "1", "--prompt-ids", "510 17", "--do-sample", "--min-p", "1.5"],
+     r"min_p must be in \[0, 1\] \(None: off\), got 1.5"),
 ])
 def test_cli_generate_bad_input_is_one_line_naming_it(tmp_path, capsys, monkeypatch, args, message):
     from fastflamingo.cli import main
@@ -1018,6 +1020,8 @@ def _random_settings(seed: int, *, vocab: int, eos_choices, sample_returns: bool
             kw["top_k"] = r.choice([0, 1, 3, 20])
         if r.random() < 0.5:
             kw["top_p"] = r.choice([0.3, 0.8, 1.0])
+        if r.random() < 0.3:
+            kw["min_p"] = r.choice([0.0, 0.05, 0.3, 0.9])
         if beams == 1 and sample_returns and r.random() < 0.4:
             kw["num_return_sequences"] = r.randint(1, 3)
     if r.random() < 0.3:

@@ -2,7 +2,7 @@
 and :func:`score` (log-likelihoods of candidate continuations, on the same caches).
 
 Hugging Face-style arguments (``max_new_tokens`` or ``max_length``, ``do_sample``, ``temperature``,
-``top_k``, ``top_p``, ``num_beams``, ``length_penalty``, ``repetition_penalty``,
+``top_k``, ``top_p``, ``min_p``, ``num_beams``, ``length_penalty``, ``repetition_penalty``,
 ``no_repeat_ngram_size``, ``bad_words_ids``, ``eos_token_id``, ...) and outputs (the prompt
 followed by the new tokens, finished rows filled with ``pad_token_id``; with
 ``return_dict_in_generate``, Hugging Face's output classes with scores, logits and beam indices,
@@ -136,7 +136,7 @@ def _check_room(model, mask: torch.Tensor, most: int, prefix: Prefix | None, max
                     f"{after}, the last of which is not fed back")
 
 
-def _sampling(model, *, beams: bool, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p,
+def _sampling(model, *, beams: bool, eos_token_id, pad_token_id, do_sample, temperature, top_k, top_p, min_p,
               min_new_tokens, suppress_tokens, generator, repetition_penalty, no_repeat_ngram_size,
               bad_words_ids) -> tuple[Sampling, int]:
     stops = _stop_ids(model, eos_token_id)
@@ -144,7 +144,7 @@ def _sampling(model, *, beams: bool, eos_token_id, pad_token_id, do_sample, temp
     # as Hugging Face: beam sampling's top-k / top-p keep a token more than there are stop tokens
     # (2 without any), so that a beam can go on past them
     keep = (len(stops) + 1 if stops else 2) if beams else 1
-    sampling = Sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+    sampling = Sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         min_tokens_to_keep=keep, min_new_tokens=min_new_tokens, eos_token_id=stops,
                         suppress_tokens=list(suppress_tokens or []), generator=generator,
                         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
@@ -154,7 +154,7 @@ def _sampling(model, *, beams: bool, eos_token_id, pad_token_id, do_sample, temp
                          "rows are fed it, as in Hugging Face's generate")
     if not do_sample:
         _unused_flags("do_sample", False, "sample-based", temperature=(temperature, 1.0), top_p=(top_p, 1.0),
-                      top_k=(top_k, 50))
+                      min_p=(min_p, None), top_k=(top_k, 50))
     for name, ids in (("suppress_tokens", sampling.suppress_tokens),
                       ("bad_words_ids", [t for w in sampling.bad_words_ids for t in w])):
         if any(t >= model.vocab_size for t in ids):
@@ -192,7 +192,7 @@ def _lengths(prompt_length: int, max_new_tokens, max_length, min_new_tokens, min
 
 def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
            *, max_new_tokens: int | None = None, min_new_tokens: int = 0, do_sample: bool = False,
-           temperature: float = 1.0, top_k: int | None = 50, top_p: float = 1.0,
+           temperature: float = 1.0, top_k: int | None = 50, top_p: float = 1.0, min_p: float | None = None,
            eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
            suppress_tokens: list[int] | None = None, generator: torch.Generator | None = None,
            repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
@@ -216,8 +216,9 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
             length at most (prefix and prompt, padding included, plus new tokens), not both.
         min_new_tokens / min_length: stop tokens are banned before that many new tokens / that
             total length.
-        do_sample, temperature, top_k, top_p: sampling, with Hugging Face's defaults (top_k=50:
-            the 50 most likely tokens; 0 or None: all).
+        do_sample, temperature, top_k, top_p, min_p: sampling, with Hugging Face's defaults
+            (top_k=50: the 50 most likely tokens; 0 or None: all) and order (temperature, then
+            top-k, top-p, min-p: tokens less likely than min_p times the most likely one dropped).
         suppress_tokens: ids never generated.
         repetition_penalty: > 1 lowers the score of every token already in the sequence (prompt
             included), as Hugging Face: positive scores divided by it, negative ones multiplied.
@@ -234,7 +235,8 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
                        min_new_tokens=min_new_tokens, max_length=max_length, min_length=min_length,
                        visual_tokens=visual_tokens, prefix=prefix, cache=cache, compile=compile,
                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
-                       temperature=temperature, top_k=top_k, top_p=top_p, suppress_tokens=suppress_tokens,
+                       temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                       suppress_tokens=suppress_tokens,
                        generator=generator, repetition_penalty=repetition_penalty,
                        no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids)
 
@@ -306,7 +308,7 @@ def _prompt_ids(lang_x: torch.Tensor | None, prefix: Prefix | None) -> torch.Ten
 def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
              *, max_new_tokens: int | None = None, num_beams: int = 1, length_penalty: float = 1.0,
              early_stopping: bool | str = False, min_new_tokens: int = 0, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int | None = 50, top_p: float = 1.0,
+             temperature: float = 1.0, top_k: int | None = 50, top_p: float = 1.0, min_p: float | None = None,
              eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
              suppress_tokens: list[int] | None = None, generator: torch.Generator | None = None,
              repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
@@ -352,7 +354,7 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
         raise ValueError(f"num_return_sequences={R} is more than num_beams={num_beams}: beam search keeps "
                          f"{num_beams} hypotheses per prompt")
     choose = dict(eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
-                  top_k=top_k, top_p=top_p, suppress_tokens=suppress_tokens, generator=generator,
+                  top_k=top_k, top_p=top_p, min_p=min_p, suppress_tokens=suppress_tokens, generator=generator,
                   repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                   bad_words_ids=bad_words_ids)
     inputs = dict(visual_tokens=visual_tokens, prefix=prefix, cache=cache, compile=compile)

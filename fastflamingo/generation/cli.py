@@ -39,6 +39,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50, help="sampling: the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=None,
+                   help="sampling: drop tokens less likely than this times the most likely one")
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 1 lowers the score of tokens already in the text (Hugging Face's rule)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="n > 0: no n-gram of tokens twice")
@@ -285,7 +287,7 @@ def run(args) -> int:
     compile_ = {"auto": "auto", "yes": True, "no": False}[args.compile]
     kw = dict(max_new_tokens=args.max_new_tokens, cache=args.cache, compile=compile_)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
+                    min_p=args.min_p, repetition_penalty=args.repetition_penalty, no_repeat_ngram_size=args.no_repeat_ngram_size)
     start, first = time.perf_counter(), None  # first: the first streamed token's time
     with torch.no_grad():
         if prefix is not None:

@@ -26,6 +26,7 @@ class Sampling:
     temperature: float = 1.0
     top_k: int | None = 50  # sampling keeps the 50 most likely tokens, as Hugging Face; 0 or None: all
     top_p: float = 1.0
+    min_p: float | None = None  # drop tokens less likely than min_p x the most likely one's probability
     min_tokens_to_keep: int = 1  # top-k and top-p keep at least this many (Hugging Face: #stops + 1 for beams)
     min_new_tokens: int = 0
     eos_token_id: list[int] = field(default_factory=list)
@@ -50,6 +51,8 @@ class Sampling:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1] (None: off), got {self.min_p}")
         if isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, (int, float)) \
                 or not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be a number > 0 (1.0: none), got {self.repetition_penalty!r}")
@@ -97,6 +100,13 @@ class Sampling:
             sorted_scores, order = scores.sort(dim=-1)  # ascending, as Hugging Face's TopPLogitsWarper
             drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - self.top_p
             drop[..., -self.min_tokens_to_keep:] = False  # always keep the most likely token(s)
+            scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        if self.min_p is not None:  # Hugging Face's MinPLogitsWarper, after temperature, top-k, top-p
+            probs = scores.softmax(-1)
+            drop = probs < self.min_p * probs.amax(-1, keepdim=True)
+            order = torch.argsort(scores, descending=True, dim=-1)
+            drop = drop.gather(-1, order)
+            drop[..., :self.min_tokens_to_keep] = False
             scores = scores.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         return scores
 
