@@ -213,7 +213,7 @@ def test_bad_inputs_raise_clear_errors():
 
 
 # ------------------------------------------------------------------ peers' own generate
-def _open_flamingo_generate(live, vx, ids, **kwargs):
+def _open_flamingo_generate(live, vx, ids, mask=None, **kwargs):
     """open_flamingo's generate on transformers 5.x: its LM mixin takes attention_mask positionally,
     and transformers drops an all-ones mask, so give it a forward with a default."""
     from open_flamingo.src.flamingo_lm import FlamingoLMMixin
@@ -221,14 +221,13 @@ def _open_flamingo_generate(live, vx, ids, **kwargs):
     lm.forward = lambda input_ids=None, attention_mask=None, **kw: FlamingoLMMixin.forward(lm, input_ids,
                                                                                          attention_mask, **kw)
     with torch.no_grad():
-        return live.generate(vx, ids, attention_mask=torch.ones_like(ids), **kwargs)
+        return live.generate(vx, ids, attention_mask=torch.ones_like(ids) if mask is None else mask, **kwargs)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "mpt"])
 def test_equals_open_flamingo_generate(family):
-    """Greedy and 3-beam outputs equal open_flamingo's own generate on the same weights. Rows are
-    unpadded: open_flamingo's generate gives padded rows shifted positions (its LM wrapper hides
-    position_ids from transformers); padded rows are checked against the plain loop above."""
+    """Greedy and 3-beam outputs equal open_flamingo's own generate on the same weights (unpadded
+    rows; padded ones: test_random_settings_equal_open_flamingo_generate)."""
     pytest.importorskip("open_flamingo")
     from fastflamingo.convert.open_flamingo import from_open_flamingo
     live = peers.open_flamingo_model(family, every_n=2)
@@ -1086,9 +1085,11 @@ def test_random_settings_equal_idefics_generate():
 
 @pytest.mark.parametrize("family", ["llama", "mpt"])
 def test_random_settings_equal_open_flamingo_generate(family):
-    """The same against open_flamingo's generate (unpadded rows, generated <image> suppressed: see
+    """The same against open_flamingo's generate (generated <image> suppressed: see
     test_equals_open_flamingo_generate; sampling returns one sequence per prompt, as open_flamingo
-    encodes its images for num_beams rows only)."""
+    encodes its images for num_beams rows only). Every other batch has a left-padded row: open_flamingo
+    gives it positions shifted by its padding, which its LMs' relative positions (rotary, ALiBi)
+    do not see."""
     pytest.importorskip("open_flamingo")
     from fastflamingo.convert.open_flamingo import from_open_flamingo
     live = peers.open_flamingo_model(family, every_n=2)
@@ -1099,13 +1100,31 @@ def test_random_settings_equal_open_flamingo_generate(family):
         ids = torch.randint(3, 120, (2, 12), generator=g)
         ids[0, [0, 5]] = MEDIA_ID
         ids[1, [3]] = MEDIA_ID
+        mask = torch.ones_like(ids)
+        if seed % 2:
+            ids[1, :3], mask[1, :3] = PAD_ID, 0
         vx = torch.randn(2, 2, 1, 3, 32, 32, generator=g)
         kw = _random_settings(seed, vocab=120, eos_choices=[[EOC_ID], [EOC_ID, EOS_ID], [7]], sample_returns=False)
         kw.update(pad_token_id=PAD_ID, suppress_tokens=kw.get("suppress_tokens", []) + [MEDIA_ID])
         torch.manual_seed(seed)
-        want = _open_flamingo_generate(live, vx, ids, **kw)
+        want = _open_flamingo_generate(live, vx, ids, mask, **kw)
         torch.manual_seed(seed)
-        why = _same_output(generate(ours, vx, ids, **kw), want, kw)
+        why = _same_output(generate(ours, vx, ids, mask, **kw), want, kw)
         if why:
             failures.append((seed, kw, why))
     assert not failures, failures[:3]
+
+
+def test_generated_tokens_log_probabilities_equal_score():
+    """generate's own log-probabilities of the tokens it chose (return_dict_in_generate, read by
+    compute_transition_scores) equal score's log-likelihood of the same continuation, token by
+    token: generation and scoring read the same caches the same way."""
+    model = tiny()
+    vx, ids, mask = batch(model, [2, 1], [9, 12], seed=4)
+    out = model.generate(vx, ids, mask, max_new_tokens=6, eos_token_id=[], return_dict_in_generate=True,
+                         output_logits=True)
+    per_token = model.compute_transition_scores(out.sequences, out.logits, normalize_logits=True)
+    for row in range(2):
+        cont, images = out.sequences[row, ids.shape[1]:], int((ids[row] == model.config.media_token_id).sum())
+        got = model.score(vx[row:row + 1, :images], ids[row:row + 1, mask[row].bool()], [cont], reduction="none")
+        torch.testing.assert_close(got[0, 0], per_token[row], rtol=1e-4, atol=1e-4)

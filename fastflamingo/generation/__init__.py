@@ -236,9 +236,9 @@ def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention
                        visual_tokens=visual_tokens, prefix=prefix, cache=cache, compile=compile,
                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                       suppress_tokens=suppress_tokens,
-                       generator=generator, repetition_penalty=repetition_penalty,
-                       no_repeat_ngram_size=no_repeat_ngram_size, bad_words_ids=bad_words_ids)
+                       suppress_tokens=suppress_tokens, generator=generator,
+                       repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                       bad_words_ids=bad_words_ids)
 
 
 def _rules(model, lang_x, attention_mask, prefix, repeat: int, *, beams: bool, max_new_tokens, max_length,
@@ -263,8 +263,8 @@ def _stream(model, vision_x, lang_x, attention_mask, *, repeat: int, max_new_tok
     """:func:`stream` over each row repeated ``repeat`` times (adjacent), its images encoded once;
     ``record`` collects each step's logits and scores."""
     prompt, padding, max_new_tokens, sampling, pad = _rules(
-        model, lang_x, attention_mask, prefix, repeat, beams=False, max_new_tokens=max_new_tokens, max_length=max_length,
-        min_new_tokens=min_new_tokens, min_length=min_length, **choose)
+        model, lang_x, attention_mask, prefix, repeat, beams=False, max_new_tokens=max_new_tokens,
+        max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length, **choose)
     session, logits = _start(model, vision_x, lang_x, attention_mask, visual_tokens=visual_tokens, prefix=prefix,
                              max_new_tokens=max_new_tokens, cache=cache, compile=compile, repeat=repeat)
     stop_ids = torch.tensor(sampling.eos_token_id, device=lang_x.device, dtype=torch.long)
@@ -371,8 +371,7 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
         raise ValueError("`streamer` cannot be used with beam search (as in Hugging Face's generate): pass num_beams=1")
     prompt, padding, max_new_tokens, sampling, pad = _rules(
         model, lang_x, attention_mask, prefix, num_beams, beams=True, max_new_tokens=max_new_tokens,
-        max_length=max_length,
-        min_new_tokens=min_new_tokens, min_length=min_length, **choose)
+        max_length=max_length, min_new_tokens=min_new_tokens, min_length=min_length, **choose)
     session, logits = _start(model, vision_x, lang_x, attention_mask, max_new_tokens=max_new_tokens,
                              repeat=num_beams, **inputs)
     new = beam_search(session, logits, batch=lang_x.shape[0], num_beams=num_beams, max_new_tokens=max_new_tokens,

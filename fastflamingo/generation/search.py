@@ -5,7 +5,8 @@ open_flamingo's and IDEFICS's ``generate`` token for token: processors (repetiti
 no-repeat n-grams, bad words, the stop tokens' ban before ``min_new_tokens``, suppressed tokens)
 run on the logits for greedy and sampling and on the log-probabilities for beam search, over the
 sequence so far (the prompt with its padding, then the new tokens, as Hugging Face's
-``input_ids``); sampling applies temperature, then top-k, then top-p; beam search keeps
+``input_ids``); sampling applies temperature, then top-k, top-p and min-p (keeping at least
+``#eos + 1`` tokens in beam sampling); beam search keeps
 ``max(2, 1 + #eos) * num_beams`` candidates per row, scores finished hypotheses by
 ``sum log p / generated_length ** length_penalty`` and stops a row when its best running beam
 cannot beat its worst finished one (``early_stopping=False``).
@@ -250,7 +251,8 @@ def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, ma
         done_scores = torch.cat([done_scores, scored], 1).gather(1, merged)
         done = torch.cat([done, just_done], 1).gather(1, merged)
         if record is not None:
-            done_rows = torch.cat([done_rows, cand_rows], 1).gather(1, merged[:, :, None].expand(-1, -1, max_new_tokens))
+            done_rows = torch.cat([done_rows, cand_rows], 1).gather(
+                1, merged[:, :, None].expand(-1, -1, max_new_tokens))
         # g. stop when no row can improve
         best_len = max_new_tokens if (early_stopping == "never" and length_penalty > 0) else cur + 1
         best_running = running_scores[:, :1] / best_len ** length_penalty
@@ -263,5 +265,6 @@ def beam_search(session, logits: torch.Tensor, *, batch: int, num_beams: int, ma
     best = done_seqs[:, :num_return]  # the finished pool is kept sorted, the best first
     G = int(done_len[:, :num_return].max())
     if record is not None:
-        record.finish_beams(done_scores[:, :num_return].reshape(-1), done_rows[:, :num_return].reshape(B * num_return, -1)[:, :G])
+        record.finish_beams(done_scores[:, :num_return].reshape(-1),
+                            done_rows[:, :num_return].reshape(B * num_return, -1)[:, :G])
     return best.reshape(B * num_return, -1)[:, :G]
