@@ -20,7 +20,7 @@ SMALL_KERNELS = kernels.KernelConfig(
 # 16 new tokens: the decode-step row is (t(generate 16) - t(generate 1)) / 15; with 3, two steps
 # (~0.6 ms) were within the timing noise of a shared machine and the row read n/a once in CI
 SMALL_E2E = e2e.E2EConfig("tiny", torch.float32, batch=1, images=1, prompt=12, new_tokens=16, train_tokens=12,
-                          train_images=1, reps=1)
+                          train_images=1, reps=1, beams=2)
 SMALL_SCORE = score.ScoreConfig("tiny", torch.float32, batch=2, images=2, prompt=10, candidates=5, reps=1)
 
 
@@ -60,7 +60,9 @@ def test_quick_suite_runs_and_writes_everything(tmp_path):
     rows = result["rows"]
     kinds = {r.kernel for r in rows}
     assert {"image-causal xattn", "perceiver attention", "resampler layer", "e2e prefill", "e2e decode",
-            "e2e train step", "score"} <= kinds
+            "e2e beam search x2", "e2e train step", "score"} <= kinds
+    beams = {r.provider: r for r in rows if r.kernel == "e2e beam search x2"}
+    assert {"fastflamingo", "open_flamingo", "IDEFICS"} <= set(beams) and all(r.ok for r in beams.values())
     ours = [r for r in rows if r.provider == "fastflamingo"]
     assert ours and all(r.ok for r in ours), [r.status for r in ours if not r.ok]
     assert all(r.device and r.versions for r in rows)
@@ -123,6 +125,23 @@ def test_e2e_refuses_wrong_logits():
     assert len(rows) == 1 and rows[0].status.startswith("FAILED") and rows[0].median is None
     assert group.train_check(e2e.Entrant("bad loss", prefill=None, loss=lambda: torch.tensor(1.1),
                                          params=lambda: [])) is not None
+
+
+def test_e2e_refuses_wrong_beams():
+    """A provider whose best beams differ from the reference's gets a FAILED row and no time."""
+    best = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28,
+                          29, 30, 31, 32]])
+    group = e2e.Group("x", [], {"beams": best}, SMALL_E2E, "cpu", False)
+
+    def entrant(out):
+        return e2e.Entrant("e", prefill=None, loss=None, params=lambda: [], beams=lambda n, k: out)
+    wrong = best.clone()
+    wrong[0, -1] = 99
+    bad = group.check_beams(entrant(wrong))
+    assert len(bad) == 1 and bad[0].status.startswith("FAILED: best beams (1, 16) agree 94%")
+    assert bad[0].median is None
+    good = stages.time_stages([group.check_beams(entrant(best))], "cpu")
+    assert good[0].ok and good[0].median > 0 and good[0].kernel == "e2e beam search x2"
 
 
 def test_train_stage_leaves_the_weights_as_checked():

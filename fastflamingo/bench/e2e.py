@@ -1,4 +1,4 @@
-"""End to end: prefill latency, decode tokens/s, one training step, peak memory.
+"""End to end: prefill latency, decode tokens/s, beam search tokens/s, one training step, peak memory.
 
 Each group of providers runs the same weights: fastflamingo converted from the peer's own live
 model (``from_open_flamingo``, ``from_idefics``), beside that peer. Before any time is reported,
@@ -10,7 +10,10 @@ readable ``reference`` attention backend, same weights:
   that of the reference in the working precision, plus one epsilon of that precision;
 * the training loss within 1e-4 (fp32) / 2e-2 (16-bit) relative error, before any optimizer step;
 * generated tokens equal to a plain greedy loop without any cache (fp32: every token; 16-bit: the
-  first new token of every row, since a near-tie may flip a later one; the agreement is in the note).
+  first new token of every row, since a near-tie may flip a later one; the agreement is in the note);
+* the best beams of beam search (``E2EConfig.beams``, 3 on a CPU as open_flamingo's evaluation;
+  not run on a GPU) equal to fastflamingo's beam search on the reference attention backend with a
+  dynamic cache (fp32: every token; 16-bit: the first new token of every row).
 
 NF4 weights are an approximation by design: their logits must be finite and within 0.5 relative
 error of the high-precision reference, and the row reports that error.
@@ -29,7 +32,8 @@ from ..presets import preset_config
 from .env import device_name, has_module, versions
 from .harness import reference_dtype
 from .rows import Row
-from .stages import Entrant, Group, call_generate, fastflamingo_entrant, fastflamingo_entrants, reference_greedy
+from .stages import (Entrant, Group, call_generate, fastflamingo_entrant, fastflamingo_entrants, generate_fn,
+                     reference_greedy)
 
 __all__ = ["E2EConfig", "default_config", "make_inputs", "run", "Entrant", "Group"]
 
@@ -47,20 +51,23 @@ class E2EConfig:
     reps: int
     quant: tuple[str, ...] = ()  # also fastflamingo with these weights: "nf4", "int8"
     compiled: bool = False  # also fastflamingo's compiled static-cache decode (compiled in the check call)
+    beams: int = 0  # also beam search with this many beams (open_flamingo's evaluation: 3); 0: not run
 
 
 def default_config(preset: str, device: str, quick: bool) -> E2EConfig:
     if torch.device(device).type == "cuda":
         # compiled=False: on CUDA fastflamingo's default generate already compiles its decode step
         # (compile="auto"), so a "fastflamingo compiled" entrant would time the same thing twice
+        # beams=0: the device time of a GPU run goes to issue 7's stages (beam search would compile
+        # another decode step per entrant and run each peer's 3-beam loop)
         return E2EConfig(preset, torch.bfloat16, batch=4, images=8, prompt=512, new_tokens=32,
                          train_tokens=256, train_images=5, reps=2 if quick else 3, quant=("nf4",), compiled=False)
     if quick:
         return E2EConfig(preset, torch.float32, batch=2, images=2, prompt=32, new_tokens=8, train_tokens=32,
-                         train_images=2, reps=3)
+                         train_images=2, reps=3, beams=3)
     # the compiled decode costs ~5-50 s of compilation on a CPU: not in --quick's 2-minute budget
     return E2EConfig(preset, torch.float32, batch=4, images=4, prompt=128, new_tokens=16, train_tokens=128,
-                     train_images=4, reps=5, quant=("nf4", "int8"), compiled=True)
+                     train_images=4, reps=5, quant=("nf4", "int8"), compiled=True, beams=3)
 
 
 # ------------------------------------------------------------------------- inputs
@@ -79,10 +86,11 @@ def make_inputs(B: int, N: int, T: int, *, vocab: int, media_token_id: int, imag
     return vision_x.to(device=device, dtype=dtype), lang_x.to(device), torch.ones_like(lang_x).to(device)
 
 
-def _reference_outputs(model, inputs, train_inputs, n, banned) -> dict:
-    """Prefill logits, greedy tokens and the training loss of ``model`` on the readable
-    ``reference`` attention backend, and the prefill logits of a copy of it in higher precision
-    (fp64 for fp32 models, fp32 for 16-bit ones: the flash-attention rule, see Group.prefill)."""
+def _reference_outputs(model, inputs, train_inputs, n, banned, beams: int = 0) -> dict:
+    """Prefill logits, greedy tokens, the best beams of ``beams``-beam search (when > 1) and the
+    training loss of ``model`` on the readable ``reference`` attention backend, and the prefill
+    logits of a copy of it in higher precision (fp64 for fp32 models, fp32 for 16-bit ones: the
+    flash-attention rule, see Group.prefill)."""
     vx, ids, mask = inputs
     tvx, tids, tmask, labels = train_inputs
     hi = reference_dtype(vx.dtype)
@@ -92,6 +100,10 @@ def _reference_outputs(model, inputs, train_inputs, n, banned) -> dict:
             ref = {"logits": model(vx, ids, attention_mask=mask).logits,
                    "tokens": reference_greedy(model, vx, ids, mask, n, banned),
                    "loss": model(tvx, tids, attention_mask=tmask, labels=labels).loss.item()}
+            gen = generate_fn(model)
+            if beams > 1 and gen is not None:  # beam search over the reference attention, a dynamic cache
+                ref["beams"] = call_generate(gen, vx, ids, mask, n, banned, num_beams=beams, cache="dynamic",
+                                             compile=False)
             upcast = copy.deepcopy(model).to(hi)
             ref["logits_hi"] = upcast(vx.to(hi), ids, attention_mask=mask).logits
             del upcast
@@ -137,14 +149,15 @@ def open_flamingo_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row
                                         image_size=config.vision.image_size, device=device, dtype=cfg.dtype,
                                         specials=specials)
     banned = {config.media_token_id, *specials}
-    ref = _reference_outputs(ours, inputs, train_inputs, cfg.new_tokens, banned)
+    ref = _reference_outputs(ours, inputs, train_inputs, cfg.new_tokens, banned, cfg.beams)
     vx, ids, mask = inputs
     tvx, tids, tmask, labels = train_inputs
     entrants = fastflamingo_entrants(ours, inputs, train_inputs, banned, cfg.compiled) + [
         Entrant("open_flamingo", prefill=lambda: live(vx, ids, attention_mask=mask).logits,
                 loss=lambda: live(tvx, tids, attention_mask=tmask, labels=labels).loss,
                 params=lambda: [p for p in live.parameters() if p.requires_grad],
-                generate=lambda n: call_generate(live.generate, vx, ids, mask, n, banned), module=live)]
+                generate=lambda n: call_generate(live.generate, vx, ids, mask, n, banned),
+                beams=lambda n, k: call_generate(live.generate, vx, ids, mask, n, banned, num_beams=k), module=live)]
     group = Group(label, entrants, ref, cfg, device, progress, banned)
     rows = group.run()
     # free open_flamingo's copy of the 16-bit weights before measuring the quantized model
@@ -215,7 +228,7 @@ def idefics_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row]:
                                         dtype=cfg.dtype, specials=specials)
     label = f"idefics shape B={cfg.batch} N={cfg.images} T={cfg.prompt}"
     banned = {media_id, *specials}
-    ref = _reference_outputs(ours, inputs, train_inputs, cfg.new_tokens, banned)
+    ref = _reference_outputs(ours, inputs, train_inputs, cfg.new_tokens, banned, cfg.beams)
     vx, ids, mask = inputs
     tvx, tids, tmask, labels = train_inputs
 
@@ -226,13 +239,13 @@ def idefics_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row]:
     for n, p in live.named_parameters():  # IDEFICS trains its resampler and cross-attention blocks
         p.requires_grad_(any(k in n for k in ("perceiver_resampler", "gated_cross_attn_layers")))
 
-    def hf_generate(n):
-        return live.generate(**hf, max_new_tokens=n, min_new_tokens=n, num_beams=1, do_sample=False,
+    def hf_generate(n, num_beams=1):
+        return live.generate(**hf, max_new_tokens=n, min_new_tokens=n, num_beams=num_beams, do_sample=False,
                              suppress_tokens=list(banned))
     entrants = fastflamingo_entrants(ours, inputs, train_inputs, banned, cfg.compiled) + [
         Entrant("IDEFICS", prefill=lambda: live(**hf).logits, loss=lambda: live(**hf_train, labels=labels).loss,
                 params=lambda: [p for p in live.parameters() if p.requires_grad], generate=hf_generate,
-                module=live)]
+                beams=hf_generate, module=live)]
     return Group(label, entrants, ref, cfg, device, progress, banned).run()
 
 

@@ -1,7 +1,7 @@
 """The end-to-end stages for a group of models sharing weights: check, then time.
 
-:class:`Group` runs prefill, decode (generate) and one training step for each :class:`Entrant`
-and refuses (``FAILED`` row, no time) one whose output disagrees with the reference outputs;
+:class:`Group` runs prefill, decode (generate), beam search (``cfg.beams``) and one training step
+for each :class:`Entrant` and refuses (``FAILED`` row, no time) one whose output disagrees with the reference outputs;
 see :mod:`fastflamingo.bench.e2e` for the tolerances. The entrants that pass a stage's check are
 then timed together, in rounds (:func:`fastflamingo.bench.timing.measure_together`): their
 ratios do not depend on which one ran while the machine was busier.
@@ -30,14 +30,16 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 @dataclass
 class Entrant:
-    """One model in a group. ``generate(n)`` returns (B, T + n) ids, or None when unavailable."""
+    """One model in a group. ``generate(n)`` returns (B, T + n) ids, or None when unavailable;
+    ``beams(n, k)`` the same by beam search with k beams."""
     name: str
     prefill: Callable[[], torch.Tensor]
     loss: Callable[[], torch.Tensor]
     params: Callable[[], list]
     generate: Callable[[int], torch.Tensor] | None = None
+    beams: Callable[[int, int], torch.Tensor] | None = None
     why_no_generate: str = ""
-    stages: tuple = ("prefill", "decode", "train")
+    stages: tuple = ("prefill", "decode", "beams", "train")
     module: torch.nn.Module | None = None  # for the weights_MB row
     compiles: bool = False  # its first generate compiles: run it once before the measured calls
 
@@ -89,12 +91,13 @@ def fastflamingo_entrant(name, model, inputs, train_inputs, banned, **generate_o
     vx, ids, mask = inputs
     tvx, tids, tmask, labels = train_inputs
 
-    def generate(n):
-        return call_generate(gen, vx, ids, mask, n, banned, **generate_options)
+    def generate(n, num_beams=1):
+        return call_generate(gen, vx, ids, mask, n, banned, num_beams=num_beams, **generate_options)
     return Entrant(name, prefill=lambda: model(vx, ids, attention_mask=mask).logits,
                    loss=lambda: model(tvx, tids, attention_mask=tmask, labels=labels).loss,
                    params=lambda: [p for p in model.parameters() if p.requires_grad],
                    generate=generate if gen is not None else None,
+                   beams=generate if gen is not None else None,
                    why_no_generate="" if gen is not None else "fastflamingo's generate is not in this build",
                    module=model, compiles=vx.is_cuda)  # compile="auto": the first CUDA call compiles
 
@@ -124,11 +127,11 @@ def fastflamingo_entrants(model, inputs, train_inputs, banned, compiled: bool) -
     return out
 
 
-def call_generate(fn, vx, ids, mask, n, banned, **extra):
-    """Greedy, exactly ``n`` new tokens. ``banned`` (<image>, <|endofchunk|>, EOS) are suppressed
-    for every provider alike: peers differ in their stop tokens, and a generated <image> token
-    would mean an image that does not exist."""
-    kwargs = dict(attention_mask=mask, max_new_tokens=n, min_new_tokens=n, num_beams=1, do_sample=False,
+def call_generate(fn, vx, ids, mask, n, banned, num_beams: int = 1, **extra):
+    """Greedy (or beam search with ``num_beams``), exactly ``n`` new tokens. ``banned`` (<image>,
+    <|endofchunk|>, EOS) are suppressed for every provider alike: peers differ in their stop
+    tokens, and a generated <image> token would mean an image that does not exist."""
+    kwargs = dict(attention_mask=mask, max_new_tokens=n, min_new_tokens=n, num_beams=num_beams, do_sample=False,
                   suppress_tokens=list(banned), **extra)
     return fn(vx, ids, **_accepted(fn, kwargs))
 
@@ -269,6 +272,43 @@ class Group:
                 breakdown.record(self.label, e.name, f"generate {n} tokens", lambda: e.generate(n), self.device)
         return Timed(calls, rows, profile)
 
+    def check_beams(self, e: Entrant) -> list[Row] | Timed:
+        """Beam search as open_flamingo's evaluation runs it (``cfg.beams`` beams, ``n`` new tokens
+        per row, every stop token banned so every provider decodes the same number of steps):
+        the best beams must equal the reference's (fp32; 16-bit: the first new token of every row),
+        then new tokens of the returned rows per second, prefill included."""
+        K, n = self.cfg.beams, self.cfg.new_tokens
+        kernel = f"e2e beam search x{K}"
+        if e.beams is None or "beams" not in self.ref:
+            why = "no reference beams (fastflamingo's generate is not in this build)" if e.beams else \
+                e.why_no_generate or "no generate"
+            return [self.row(kernel, e.name, "tokens_per_s", status=f"n/a: {why}")]
+        want = self.ref["beams"]
+        T = want.shape[1] - n
+        with torch.no_grad():
+            try:
+                out = e.beams(n, K)
+            except Exception as ex:  # noqa: BLE001 - a provider that cannot run beam search here is reported
+                return [self.row(kernel, e.name, "tokens_per_s", status=_unavailable(ex))]
+        new, ref_new = out[:, T:], want[:, T:]
+        agree = (new[:, :ref_new.shape[1]] == ref_new[:, :new.shape[1]]).float().mean().item()
+        exact = self.cfg.dtype == torch.float32
+        ok = new.shape == ref_new.shape and (bool((new == ref_new).all()) if exact
+                                             else bool((new[:, 0] == ref_new[:, 0]).all()))
+        if not ok:
+            return [self.row(kernel, e.name, "tokens_per_s", status=f"FAILED: best beams {tuple(new.shape)} "
+                             f"agree {agree:.0%} with the reference's")]
+        tokens = new.numel()
+        note = (f"{K} beams, {n} new tokens per row (batch {new.shape[0]}, the best beam's) per call, prefill "
+                f"included; {agree:.0%} equal to the reference's")
+        calls = {"beams": (_no_grad(lambda: e.beams(n, K)), max(1, self.cfg.reps - 1))}
+
+        def rows(t):
+            rate = {k: tokens / (getattr(t["beams"], k) * 1e-3) for k in ("median", "p20", "p80")}
+            return [self.row(kernel, e.name, "tokens_per_s", median=rate["median"], p20=rate["p80"],
+                             p80=rate["p20"], note=note)]
+        return Timed(calls, rows)
+
     def decode_steps(self, e: Entrant, t_n: Timing, t_1: Timing | None, batch: int, **kw) -> list[Row]:
         """The decode steps alone: (time of generate(n) - time of generate(1)) / (n - 1) per step,
         as new tokens/s of the batch (what the weight-bandwidth limit bounds; the prefill-included
@@ -344,7 +384,8 @@ class Group:
         stages = []
         for e in self.entrants:
             stages += ([self.check_prefill(e)] if "prefill" in e.stages else []) + \
-                      ([self.check_decode(e)] if "decode" in e.stages else [])
+                      ([self.check_decode(e)] if "decode" in e.stages else []) + \
+                      ([self.check_beams(e)] if "beams" in e.stages and self.cfg.beams > 1 else [])
         rows = time_stages(stages, self.device)
         # the entrants share weights: check every loss before any optimizer step moves them
         trained = [e for e in self.entrants if "train" in e.stages]
