@@ -89,6 +89,19 @@ def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vo
                     "or drop the unused images.")
 
 
+def check_labels(labels: torch.Tensor, attention_mask: torch.Tensor) -> None:
+    """Warn where a label follows a padding position: the LM's loss predicts label t + 1 from the
+    logits at t, and a padding position's logits mean nothing (they attend to no token; every
+    implementation gives them something else). That is the first token of a left-padded row whose
+    label is not -100."""
+    after_padding = (attention_mask[:, :-1] == 0) & (labels[:, 1:] != -100)
+    if bool(after_padding.any()):
+        row, col = after_padding.nonzero()[0].tolist()
+        warn_caller(f"labels give row {row} a target at position {col + 1}, right after padding: it is predicted "
+                    f"from the logits of padding position {col}, which mean nothing. Set labels to -100 there "
+                    "(the first token of a left-padded row), or pad on the right for training.")
+
+
 # LMs already warned about running past their trained positions (once per LM, as transformers does)
 _WARNED_POSITIONS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
@@ -401,6 +414,8 @@ class Flamingo(nn.Module):
             text_time = self.text_time(lang_x)
         num_media = 0 if visual_tokens is None else visual_tokens.shape[1]
         check_call(lang_x, text_time, num_media, self.vocab_size, derived=derived)
+        if labels is not None and attention_mask is not None and attention_mask.shape == labels.shape:
+            check_labels(labels, attention_mask)
         check_positions(self.lang_encoder, *_positions_fed(lang_x, lm_kwargs))
         if self._checkpointing and self.training:  # (the LM's layers would turn a cache off, with a warning)
             lm_kwargs.setdefault("use_cache", False)

@@ -38,6 +38,14 @@ def batch(model, images_per_row, lengths, seed=0):
     return (vx if N else None), ids, mask
 
 
+def training_labels(ids, mask, media_token_id):
+    """Labels for a left-padded batch as a training script should make them: -100 at padding, at
+    ``<image>`` tokens and at each row's first token (predicted from nothing but padding)."""
+    labels = ids.masked_fill((mask == 0) | (ids == media_token_id), -100)
+    labels[:, 1:] = labels[:, 1:].masked_fill(mask[:, :-1] == 0, -100)
+    return labels
+
+
 @torch.no_grad()
 def plain_greedy(model, vx, ids, mask, steps):
     """The reference: the whole sequence through model.forward at every step, no cache of any kind;

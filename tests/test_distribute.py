@@ -14,6 +14,8 @@ import torch
 import fastflamingo
 from fastflamingo.distribute import dispatch, execution_device, infer_device_map, uses_several_devices
 
+from prompts import training_labels
+
 pytest.importorskip("accelerate")
 
 
@@ -66,9 +68,10 @@ def test_offloaded_blocks_really_are_offloaded(pair):
 def test_offloaded_model_gives_the_same_logits_and_loss(pair):
     ref, placed = pair
     vx, ids, mask = _batch()
+    labels = training_labels(ids, mask, 510)
     with torch.no_grad():
-        want = ref(vx, ids, attention_mask=mask, labels=ids)
-        got = placed(vx, ids, attention_mask=mask, labels=ids)
+        want = ref(vx, ids, attention_mask=mask, labels=labels)
+        got = placed(vx, ids, attention_mask=mask, labels=labels)
     assert torch.equal(got.logits, want.logits)
     assert got.loss.item() == want.loss.item()
 

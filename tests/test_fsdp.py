@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from fastflamingo import Flamingo
 from fastflamingo.lm import decoder_layers_attr_for
 
-from prompts import MPT, batch, tiny
+from prompts import MPT, batch, tiny, training_labels
 
 FAMILIES = {"llama": {}, "mpt": {"lm": MPT}}
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -30,8 +30,7 @@ def _step(model: Flamingo):
     c = model.config
     vx, ids, mask = batch(model, [2, 1], [12, 9], seed=0)
     ids[0, -2:] = c.eoc_token_id  # an added token besides <image>
-    labels = ids.masked_fill(ids == c.media_token_id, -100)
-    loss = model(vx, ids, attention_mask=mask, labels=labels).loss
+    loss = model(vx, ids, attention_mask=mask, labels=training_labels(ids, mask, c.media_token_id)).loss
     loss.backward()
     return loss.item()
 

@@ -4,6 +4,7 @@ import torch
 
 from fastflamingo.convert.open_flamingo import from_open_flamingo
 from fastflamingo.model import text_time_for
+from fastflamingo.warn import InputWarning
 
 from peers import EOS_ID, MEDIA_ID, layouts, num_media, open_flamingo_model
 
@@ -191,3 +192,39 @@ def test_video_and_media_time_embeddings_match_open_flamingo(embeddings):
             x = torch.randn(2, N, F, 17, 32)
             with torch.no_grad():
                 torch.testing.assert_close(ours.perceiver(x), live.perceiver(x), msg=f"F={F} N={N}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_random_layouts_train_like_open_flamingo(family):
+    """Random layouts with left padding, labelled as a training script should (no target right
+    after padding: prompts.training_labels): the loss and every trained parameter's gradient equal
+    open_flamingo's. (A target right after padding is predicted from a padding position's logits,
+    which open_flamingo and fastflamingo compute differently, both meaninglessly: a warning.)"""
+    from prompts import training_labels
+    live = open_flamingo_model(family, every_n=2)
+    ours = from_open_flamingo(live)
+    live_params = dict(live.named_parameters(remove_duplicate=False))
+    names = [n for n, p in ours.named_parameters() if p.requires_grad and n in live_params]
+    mine = [dict(ours.named_parameters())[n] for n in names]
+    padded = 0
+    for seed in range(12):
+        ids, mask = _random_layout(seed)
+        labels = training_labels(ids, mask, MEDIA_ID)
+        if not num_media(ids) or not (labels[:, 1:] != -100).any():
+            continue
+        vx = _vision(ids, seed=seed)
+        ref = live(vx, ids, attention_mask=mask, labels=labels).loss
+        got = ours(vx, ids, attention_mask=mask, labels=labels).loss
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, msg=f"seed {seed}")
+        grads = zip(torch.autograd.grad(got, mine, allow_unused=True),
+                    torch.autograd.grad(ref, [live_params[n] for n in names], allow_unused=True))
+        for name, (a, b) in zip(names, grads):
+            if a is None or b is None:
+                assert a is None and b is None or (a if b is None else b).abs().max() == 0, (seed, name)
+                continue
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"seed {seed} {name}")
+        padded += bool((mask == 0).any())
+    assert padded >= 3
+    ids, mask = _random_layout(4)  # left-padded
+    with pytest.warns(InputWarning, match=r"labels give row 0 a target at position 6, right after padding"):
+        ours(_vision(ids, seed=4), ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
