@@ -24,7 +24,7 @@
 #    (tests/test_compile.py, test_torch_compile_fullgraph*: 60 s), and the kernel test files'
 #    other tests, which run the interpreter's cases (edge cases, random layouts, every V of the
 #    Perceiver) through the real kernels here (90 s);
-# 3. generation: the generation tests on CUDA (tests/test_cuda_generation.py, 150 s: seven
+# 3. generation: the generation tests on CUDA (tests/test_cuda_generation.py, 180 s: seven
 #    compilations of the default generate's step with CUDA graphs, a skipped graph an error;
 #    score against its reference on the Triton kernel),
 #    `--suite nf4` (75 s), benchmarks/gpu_overhead.py (60 s: launch / dispatch / kernel time
@@ -103,7 +103,7 @@ if [ "$PART" = kernels ] || [ "$PART" = all ]; then
     tests/test_image_causal_kernel.py tests/test_perceiver_kernel.py
 fi
 if [ "$PART" = generation ] || [ "$PART" = all ]; then
-  tests generation 150 "cuda_generate" tests/test_cuda_generation.py
+  tests generation 180 "cuda_generate" tests/test_cuda_generation.py
   bench nf4 75
   t=$(limit 60 "overhead probe")
   if [ "$t" -gt 0 ]; then
