@@ -1,8 +1,8 @@
 """The end-to-end stages for a group of models sharing weights: check, then time.
 
 :class:`Group` runs prefill, decode (generate), beam search (``cfg.beams``) and one training step
-for each :class:`Entrant` and refuses (``FAILED`` row, no time) one whose output disagrees with the reference outputs;
-see :mod:`fastflamingo.bench.e2e` for the tolerances. The entrants that pass a stage's check are
+for each :class:`Entrant` and refuses (``FAILED`` row, no time) one whose output disagrees with the
+reference outputs; see :mod:`fastflamingo.bench.e2e` for the tolerances. The entrants that pass a stage's check are
 then timed together, in rounds (:func:`fastflamingo.bench.timing.measure_together`): their
 ratios do not depend on which one ran while the machine was busier.
 """
@@ -279,10 +279,11 @@ class Group:
         then new tokens of the returned rows per second, prefill included."""
         K, n = self.cfg.beams, self.cfg.new_tokens
         kernel = f"e2e beam search x{K}"
-        if e.beams is None or "beams" not in self.ref:
-            why = "no reference beams (fastflamingo's generate is not in this build)" if e.beams else \
-                e.why_no_generate or "no generate"
-            return [self.row(kernel, e.name, "tokens_per_s", status=f"n/a: {why}")]
+        if e.beams is None:
+            return [self.row(kernel, e.name, "tokens_per_s", status=f"n/a: {e.why_no_generate or 'no generate'}")]
+        if "beams" not in self.ref:
+            return [self.row(kernel, e.name, "tokens_per_s",
+                             status="n/a: no reference beams (fastflamingo's generate is not in this build)")]
         want = self.ref["beams"]
         T = want.shape[1] - n
         with torch.no_grad():
