@@ -1128,3 +1128,30 @@ def test_generated_tokens_log_probabilities_equal_score():
         cont, images = out.sequences[row, ids.shape[1]:], int((ids[row] == model.config.media_token_id).sum())
         got = model.score(vx[row:row + 1, :images], ids[row:row + 1, mask[row].bool()], [cont], reduction="none")
         torch.testing.assert_close(got[0, 0], per_token[row], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_prefix_reuse_with_sequence_rules_equals_the_prompt_written_out(cache):
+    """With a few-shot prefix, the rules that read the sequence so far (repetition penalty, no-repeat
+    n-grams, bad words) see what they see in the same prompt written out whole: each row's left
+    padding first, then the demonstrations, then the query; greedy and 3-beam tokens equal that
+    prompt's."""
+    from fastflamingo.generation import _prompt_as_written
+    model = tiny()
+    demo_vx, demo_ids, _ = batch(model, [2], [12], seed=7)
+    prefix = encode_prefix(model, demo_vx, demo_ids)
+    vx, ids, mask = batch(model, [1, 0, 2], [6, 9, 5], seed=8)
+    B, pad_first = ids.shape[0], mask.argmax(-1)
+    full = torch.stack([torch.cat([ids[i, :pad_first[i]], demo_ids[0], ids[i, pad_first[i]:]]) for i in range(B)])
+    full_mask = torch.stack([torch.cat([mask[i, :pad_first[i]], torch.ones(demo_ids.shape[1], dtype=torch.long),
+                                        mask[i, pad_first[i]:]]) for i in range(B)])
+    seen, padding = _prompt_as_written(ids, mask, prefix)
+    assert torch.equal(seen, full) and torch.equal(padding, full_mask == 0)
+    full_vx = torch.cat([demo_vx.expand(B, -1, -1, -1, -1, -1), vx], 1)
+    last = int(demo_ids[0, -1])
+    for rules in (dict(no_repeat_ngram_size=2, repetition_penalty=1.3), dict(bad_words_ids=[[last, 7], [3, 4]])):
+        for beams in (1, 3):
+            kw = dict(max_new_tokens=6, num_beams=beams, eos_token_id=[], cache=cache, **rules)
+            got = generate(model, vx, ids, mask, prefix=prefix, **kw)
+            want = generate(model, full_vx, full, full_mask, **kw)
+            assert torch.equal(got[:, ids.shape[1]:], want[:, full.shape[1]:]), (rules, beams)

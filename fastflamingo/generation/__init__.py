@@ -246,13 +246,9 @@ def _rules(model, lang_x, attention_mask, prefix, repeat: int, *, beams: bool, m
     """What both decoders settle before the prompt runs: (the token ids before the new ones, each
     row repeated ``repeat`` times; where among them the padding is (None: nowhere); the number of
     new tokens; the token rules; the fill)."""
-    prompt = _prompt_ids(lang_x, prefix).repeat_interleave(repeat, 0)
-    padding = None
-    if attention_mask is not None:
-        padding = attention_mask.to(lang_x.device) == 0
-        if prefix is not None:
-            padding = torch.cat([padding.new_zeros(padding.shape[0], prefix.length), padding], 1)
-        padding = padding.repeat_interleave(repeat, 0)
+    prompt, padding = _prompt_as_written(lang_x, attention_mask, prefix)
+    prompt = prompt.repeat_interleave(repeat, 0)
+    padding = None if padding is None else padding.repeat_interleave(repeat, 0)
     max_new_tokens, min_new_tokens = _lengths(prompt.shape[1], max_new_tokens, max_length, min_new_tokens, min_length)
     return (prompt, padding, max_new_tokens) + _sampling(model, beams=beams, min_new_tokens=min_new_tokens, **choose)
 
@@ -296,12 +292,25 @@ def _check_lang_x(lang_x: torch.Tensor | None) -> None:
         raise ValueError(f"lang_x must be (B, T) token ids, got {None if lang_x is None else tuple(lang_x.shape)}")
 
 
-def _prompt_ids(lang_x: torch.Tensor | None, prefix: Prefix | None) -> torch.Tensor:
-    """The token ids before the new ones: the prefix's (when given), then ``lang_x`` (B, T)."""
+def _prompt_as_written(lang_x: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                       prefix: Prefix | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The token ids before the new ones as the rules that read the sequence see them (Hugging
+    Face's ``input_ids``), and where the padding is among them (None: nowhere): ``lang_x`` (B, T),
+    after the prefix's ids when one is given, each row's left padding first, as in the same prompt
+    written out whole (so an n-gram or bad word never spans the prefix and the padding)."""
     _check_lang_x(lang_x)
+    padding = None if attention_mask is None else attention_mask.to(lang_x.device) == 0
     if prefix is None:
-        return lang_x
-    return torch.cat([prefix.ids.to(lang_x.device).expand(lang_x.shape[0], -1), lang_x], 1)
+        return lang_x, padding
+    (B, T), demo = lang_x.shape, prefix.ids.to(lang_x.device)
+    P = demo.shape[1]
+    if padding is None:
+        return torch.cat([demo.expand(B, -1), lang_x], 1), None
+    pads = padding.sum(-1, keepdim=True)  # each row's left padding (the mask is checked to be left-padded)
+    j = torch.arange(P + T, device=lang_x.device)[None, :]
+    query = lang_x.gather(1, torch.where(j < pads, j, j - P).clamp(0, T - 1).expand(B, -1))
+    ids = torch.where((j >= pads) & (j < pads + P), demo[0][(j - pads).clamp(0, P - 1)], query)
+    return ids, j < pads
 
 
 @torch.no_grad()
