@@ -62,19 +62,28 @@ def check_vision_x(vision_x, *, batch: int | None = None) -> None:
 
 
 def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vocab: int, *,
-               derived: bool) -> None:
+               derived: bool, labels: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> None:
     """Check one call's token ids and image references with one host sync: ids are integers in
     ``[0, vocab)`` (an id out of range fails deep in the embedding, on a GPU as a device assert),
     every token's image was given, and, where ``text_time`` was ``derived`` from the ids' own
     ``<image>`` tokens, every image given is seen by some token (a prompt missing an ``<image>``
     token otherwise ignores its image without a word; a warning, since padding every batch to a
-    fixed image count is legitimate)."""
+    fixed image count is legitimate). With ``labels`` and ``attention_mask``, a warning where a
+    label follows a padding position: the LM's loss predicts label t + 1 from the logits at t, and
+    a padding position's logits mean nothing (they attend to no token; every implementation gives
+    them something else): the first token of a left-padded row whose label is not -100."""
     if lang_x.is_floating_point() or lang_x.is_complex() or lang_x.dtype == torch.bool:
         raise TypeError(f"lang_x must hold integer token ids, got {lang_x.dtype}")
     if lang_x.numel() == 0:
         raise ValueError(f"lang_x {tuple(lang_x.shape)} holds no tokens: give at least one token per row")
-    hi, lo, worst, least = torch.stack((lang_x.max(), lang_x.min(), text_time.max().to(lang_x.device, lang_x.dtype),
-                                        text_time.min().to(lang_x.device, lang_x.dtype))).tolist()
+    stats = [lang_x.max(), lang_x.min(), text_time.max().to(lang_x.device, lang_x.dtype),
+             text_time.min().to(lang_x.device, lang_x.dtype)]
+    after_padding = None
+    if labels is not None and attention_mask is not None and attention_mask.shape == labels.shape:
+        after_padding = (attention_mask[:, :-1] == 0) & (labels[:, 1:] != -100)
+        stats.append(after_padding.sum().to(lang_x.device, lang_x.dtype))
+    hi, lo, worst, least, *labelled_after_padding = torch.stack(stats).tolist()
     if hi >= vocab or lo < 0:
         bad = hi if hi >= vocab else lo
         row, col = (lang_x == bad).nonzero()[0].tolist()
@@ -87,15 +96,7 @@ def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vo
                     f"tokens: image {worst + 1}{f'..{num_media}' if num_media > worst + 1 else ''} is seen by no "
                     "token. Put an <image> token in the text for each image (a missing one is the usual cause), "
                     "or drop the unused images.")
-
-
-def check_labels(labels: torch.Tensor, attention_mask: torch.Tensor) -> None:
-    """Warn where a label follows a padding position: the LM's loss predicts label t + 1 from the
-    logits at t, and a padding position's logits mean nothing (they attend to no token; every
-    implementation gives them something else). That is the first token of a left-padded row whose
-    label is not -100."""
-    after_padding = (attention_mask[:, :-1] == 0) & (labels[:, 1:] != -100)
-    if bool(after_padding.any()):
+    if labelled_after_padding and labelled_after_padding[0]:
         row, col = after_padding.nonzero()[0].tolist()
         warn_caller(f"labels give row {row} a target at position {col + 1}, right after padding: it is predicted "
                     f"from the logits of padding position {col}, which mean nothing. Set labels to -100 there "
@@ -413,9 +414,8 @@ class Flamingo(nn.Module):
         if derived:
             text_time = self.text_time(lang_x)
         num_media = 0 if visual_tokens is None else visual_tokens.shape[1]
-        check_call(lang_x, text_time, num_media, self.vocab_size, derived=derived)
-        if labels is not None and attention_mask is not None and attention_mask.shape == labels.shape:
-            check_labels(labels, attention_mask)
+        check_call(lang_x, text_time, num_media, self.vocab_size, derived=derived, labels=labels,
+                   attention_mask=attention_mask)
         check_positions(self.lang_encoder, *_positions_fed(lang_x, lm_kwargs))
         if self._checkpointing and self.training:  # (the LM's layers would turn a cache off, with a warning)
             lm_kwargs.setdefault("use_cache", False)

@@ -134,7 +134,7 @@ def test_e2e_refuses_wrong_beams():
     group = e2e.Group("x", [], {"beams": best}, SMALL_E2E, "cpu", False)
 
     def entrant(out):
-        return e2e.Entrant("e", prefill=None, loss=None, params=lambda: [], beams=lambda n, k: out)
+        return e2e.Entrant("e", prefill=None, loss=None, params=lambda: [], generate=lambda n, k=1: out)
     wrong = best.clone()
     wrong[0, -1] = 99
     bad = group.check_beams(entrant(wrong))

@@ -156,8 +156,8 @@ def open_flamingo_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row
         Entrant("open_flamingo", prefill=lambda: live(vx, ids, attention_mask=mask).logits,
                 loss=lambda: live(tvx, tids, attention_mask=tmask, labels=labels).loss,
                 params=lambda: [p for p in live.parameters() if p.requires_grad],
-                generate=lambda n: call_generate(live.generate, vx, ids, mask, n, banned),
-                beams=lambda n, k: call_generate(live.generate, vx, ids, mask, n, banned, num_beams=k), module=live)]
+                generate=lambda n, k=1: call_generate(live.generate, vx, ids, mask, n, banned, num_beams=k),
+                module=live)]
     group = Group(label, entrants, ref, cfg, device, progress, banned)
     rows = group.run()
     # free open_flamingo's copy of the 16-bit weights before measuring the quantized model
@@ -245,7 +245,7 @@ def idefics_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row]:
     entrants = fastflamingo_entrants(ours, inputs, train_inputs, banned, cfg.compiled) + [
         Entrant("IDEFICS", prefill=lambda: live(**hf).logits, loss=lambda: live(**hf_train, labels=labels).loss,
                 params=lambda: [p for p in live.parameters() if p.requires_grad], generate=hf_generate,
-                beams=hf_generate, module=live)]
+                module=live)]
     return Group(label, entrants, ref, cfg, device, progress, banned).run()
 
 

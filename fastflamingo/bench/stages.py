@@ -30,14 +30,13 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 
 @dataclass
 class Entrant:
-    """One model in a group. ``generate(n)`` returns (B, T + n) ids, or None when unavailable;
-    ``beams(n, k)`` the same by beam search with k beams."""
+    """One model in a group. ``generate(n, num_beams=1)`` returns (B, T + n) ids (greedy, or the
+    best of beam search), or None when unavailable."""
     name: str
     prefill: Callable[[], torch.Tensor]
     loss: Callable[[], torch.Tensor]
     params: Callable[[], list]
-    generate: Callable[[int], torch.Tensor] | None = None
-    beams: Callable[[int, int], torch.Tensor] | None = None
+    generate: Callable[..., torch.Tensor] | None = None
     why_no_generate: str = ""
     stages: tuple = ("prefill", "decode", "beams", "train")
     module: torch.nn.Module | None = None  # for the weights_MB row
@@ -97,7 +96,6 @@ def fastflamingo_entrant(name, model, inputs, train_inputs, banned, **generate_o
                    loss=lambda: model(tvx, tids, attention_mask=tmask, labels=labels).loss,
                    params=lambda: [p for p in model.parameters() if p.requires_grad],
                    generate=generate if gen is not None else None,
-                   beams=generate if gen is not None else None,
                    why_no_generate="" if gen is not None else "fastflamingo's generate is not in this build",
                    module=model, compiles=vx.is_cuda)  # compile="auto": the first CUDA call compiles
 
@@ -279,8 +277,8 @@ class Group:
         then new tokens of the returned rows per second, prefill included."""
         K, n = self.cfg.beams, self.cfg.new_tokens
         kernel = f"e2e beam search x{K}"
-        if e.beams is None:
-            return [self.row(kernel, e.name, "tokens_per_s", status=f"n/a: {e.why_no_generate or 'no generate'}")]
+        if e.generate is None:
+            return [self.row(kernel, e.name, "tokens_per_s", status=f"n/a: {e.why_no_generate}")]
         if "beams" not in self.ref:
             return [self.row(kernel, e.name, "tokens_per_s",
                              status="n/a: no reference beams (fastflamingo's generate is not in this build)")]
@@ -288,7 +286,7 @@ class Group:
         T = want.shape[1] - n
         with torch.no_grad():
             try:
-                out = e.beams(n, K)
+                out = e.generate(n, K)
             except Exception as ex:  # noqa: BLE001 - a provider that cannot run beam search here is reported
                 return [self.row(kernel, e.name, "tokens_per_s", status=_unavailable(ex))]
         new, ref_new = out[:, T:], want[:, T:]
@@ -302,7 +300,7 @@ class Group:
         tokens = new.numel()
         note = (f"{K} beams, {n} new tokens per row (batch {new.shape[0]}, the best beam's) per call, prefill "
                 f"included; {agree:.0%} equal to the reference's")
-        calls = {"beams": (_no_grad(lambda: e.beams(n, K)), max(1, self.cfg.reps - 1))}
+        calls = {"beams": (_no_grad(lambda: e.generate(n, K)), max(1, self.cfg.reps - 1))}
 
         def rows(t):
             rate = {k: tokens / (getattr(t["beams"], k) * 1e-3) for k in ("median", "p20", "p80")}

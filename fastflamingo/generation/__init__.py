@@ -18,6 +18,7 @@ See :mod:`fastflamingo.generation.session` for the caches, :mod:`.search` for th
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import itertools
 from collections.abc import Iterator
@@ -396,6 +397,12 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
 _NO_EFFECT = frozenset({"bos_token_id", "decoder_start_token_id", "transformers_version"})
 
 
+@functools.cache
+def _keyword_arguments() -> frozenset[str]:
+    """The keyword arguments :func:`generate` takes (read once from its signature)."""
+    return frozenset(inspect.signature(generate).parameters) - {"model", "vision_x", "lang_x", "attention_mask"}
+
+
 def hugging_face_arguments(generation_config, kwargs: dict) -> dict:
     """:func:`generate`'s keyword arguments from a transformers ``GenerationConfig`` (the settings
     it changes from the defaults) and those passed by name (which win), as Hugging Face's
@@ -410,7 +417,7 @@ def hugging_face_arguments(generation_config, kwargs: dict) -> dict:
                    if not k.startswith("_") and k not in _NO_EFFECT}
         from_config = set(changed) - set(kwargs)
         merged = {**changed, **kwargs}
-    taken = set(inspect.signature(generate).parameters) - {"model", "vision_x", "lang_x", "attention_mask"}
+    taken = _keyword_arguments()
     unknown = sorted(set(merged) - taken)
     if unknown:
         named = ", ".join(f"{k}{' (set in generation_config)' if k in from_config else ''}" for k in unknown)
