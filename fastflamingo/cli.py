@@ -1,4 +1,4 @@
-"""The ``fastflamingo`` command line: ``info``, ``bench``, ``convert``, ``generate``, ``score``."""
+"""The ``fastflamingo`` command line: ``info``, ``bench``, ``convert``, ``generate``, ``score``, ``evaluate``."""
 from __future__ import annotations
 
 import argparse
@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "convert": "fastflamingo.convert.cli",
     "generate": "fastflamingo.generation.cli",
     "score": "fastflamingo.generation.score_cli",
+    "evaluate": "fastflamingo.evaluation.cli",
 }
 
 

@@ -1,0 +1,181 @@
+"""``fastflamingo evaluate``: few-shot evaluation, as open_flamingo evaluates (VQA accuracy of
+3-beam answers, or rank classification), on your model and data, or on a synthetic world that a
+tiny Flamingo learns on a CPU in a few minutes.
+
+Examples::
+
+    fastflamingo evaluate --synthetic                      # train the tiny model, then 0-8 shots
+    fastflamingo evaluate --model DIR --task vqa --queries val.jsonl --support train.jsonl --shots 0 4 8
+    fastflamingo evaluate --model DIR --task classification --queries val.jsonl --support train.jsonl \\
+        --class-names-file classes.txt --shots 0 1 2 4
+
+Data files are JSON lines: ``{"image": "cat.jpg", "question": "what animal?", "answers": ["cat", ...]}``
+for VQA, ``{"image": "cat.jpg", "label": "cat"}`` for classification (paths relative to the file).
+Results go to ``--out``: ``results.json`` (every prediction), ``few_shot.png`` (score by shots).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+
+
+def add_parser(subparsers) -> None:
+    from ..cli import count_arg, device_arg
+    p = subparsers.add_parser("evaluate", help="few-shot evaluation (VQA accuracy, rank classification)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--synthetic", action="store_true",
+                     help="train the tiny preset on a synthetic world of shapes and colours, then evaluate it")
+    src.add_argument("--model", help="a directory written by Flamingo.save_pretrained, with its tokenizer")
+    p.add_argument("--task", choices=["vqa", "classification"], default="vqa")
+    p.add_argument("--queries", help="JSON-lines file of the examples to answer")
+    p.add_argument("--support", help="JSON-lines file the demonstrations are drawn from")
+    p.add_argument("--class-names-file", help="classification: the class names, one per line")
+    p.add_argument("--shots", type=count_arg("--shots"), nargs="+", default=None,
+                   help="numbers of demonstrations (default: 0 4 8; --synthetic: 0 1 2 4 8)")
+    p.add_argument("--text-demos-at-zero", type=count_arg("--text-demos-at-zero"), default=None,
+                   help="text-only demonstrations in a zero-shot prompt (default 2, as open_flamingo; "
+                        "--synthetic: 0)")
+    p.add_argument("--demonstrations", choices=["random", "similar"], default="random",
+                   help="drawn at random for each query, or the support images most like the query's "
+                        "(open_flamingo's RICES, on the model's own visual tokens)")
+    p.add_argument("--shared-demonstrations", action="store_true",
+                   help="one draw of demonstrations for all queries, encoded once (few-shot prefix)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--max-new-tokens", type=int, default=5)
+    p.add_argument("--length-penalty", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=42, help="the draw of demonstrations")
+    p.add_argument("--steps", type=count_arg("--steps"), default=1500, help="--synthetic: training steps")
+    p.add_argument("--num-queries", type=count_arg("--num-queries"), default=200,
+                   help="--synthetic: queries per attribute")
+    p.add_argument("--save", help="--synthetic: also save the trained model and its tokenizer here")
+    p.add_argument("--quantization", choices=["nf4", "int8"], default=None)
+    p.add_argument("--device", type=device_arg, default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--out", default="evaluation-results", help="directory for results.json and few_shot.png")
+    p.set_defaults(func=run)
+
+
+def _check(args) -> None:
+    if args.synthetic:
+        given = [f"--{n.replace('_', '-')}" for n in ("queries", "support", "class_names_file", "quantization")
+                 if getattr(args, n)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: not used with --synthetic (it makes its own data and model)")
+        if args.steps < 1:
+            raise ValueError("--steps must be >= 1")
+        return
+    missing = [f"--{n}" for n in ("queries", "support") if not getattr(args, n)]
+    if missing:
+        raise ValueError(f"evaluating --model needs {' and '.join(missing)} (JSON-lines files)")
+    for name in ("queries", "support", "class_names_file"):
+        path = getattr(args, name)
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"--{name.replace('_', '-')}: no file {path!r}")
+    if args.task == "classification" and not args.class_names_file:
+        raise ValueError("--task classification ranks class names: pass --class-names-file (one per line)")
+    if args.batch_size < 1 or args.num_beams < 1 or args.max_new_tokens < 1:
+        raise ValueError("--batch-size, --num-beams and --max-new-tokens must be >= 1")
+
+
+def run(args) -> int:
+    _check(args)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    if args.synthetic:
+        report = _synthetic(args, device, dtype)
+    else:
+        report = _user_data(args, device, dtype)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "results.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=1)
+    from .plot import few_shot_plot
+    png = few_shot_plot(report, os.path.join(args.out, "few_shot.png"))
+    print(f"wrote {path}" + (f", {png}" if png else ""))
+    return 0
+
+
+def _table(report: dict) -> str:
+    shots = sorted({r["shots"] for rs in report["results"].values() for r in rs})
+    lines = [f"{'shots':<10}" + "".join(f"{s:>8}" for s in shots)]
+    for name, rs in report["results"].items():
+        by = {r["shots"]: r["score"] for r in rs}
+        lines.append(f"{name:<10}" + "".join(f"{by[s]:>8.1f}" if s in by else f"{'-':>8}" for s in shots))
+    return "\n".join(lines)
+
+
+def _meta(device) -> dict:
+    from ..bench.env import device_name, versions
+    return {"device": device_name(device), "versions": versions(), "torch_threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def _synthetic(args, device, dtype) -> dict:
+    from ..model import Flamingo
+    from . import synthetic
+    from .harness import evaluate
+    shots = args.shots or [0, 1, 2, 4, 8]
+    zero = 0 if args.text_demos_at_zero is None else args.text_demos_at_zero
+    model = Flamingo.from_preset("tiny", device=device, dtype=dtype, seed=args.seed)
+    tok = synthetic.tokenizer(model.config.media_token_id, model.config.eoc_token_id)
+    start = time.perf_counter()
+    losses = synthetic.train(model, tok, steps=args.steps, seed=args.seed)
+    trained = time.perf_counter() - start
+    if args.save:
+        model.save_pretrained(args.save)
+        tok.save_pretrained(args.save)
+    results = {}
+    for i, attribute in enumerate(synthetic.ATTRIBUTES):
+        queries = synthetic.examples(args.num_queries, attribute, seed=10_000 + i, size=model.config.vision.image_size)
+        support = synthetic.examples(64, attribute, seed=20_000 + i, size=model.config.vision.image_size)
+        rs = evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES, shots=shots,
+                      seed=args.seed, batch_size=max(args.batch_size, 32), text_demos_at_zero=zero,
+                      demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations)
+        results[attribute] = [r.to_dict() for r in rs]
+    report = {"kind": "synthetic", "metric": "accuracy (%), rank classification over "
+              f"{len(synthetic.NAMES)} names", "steps": args.steps, "train_seconds": trained,
+              "final_loss": sum(losses[-20:]) / len(losses[-20:]), "text_demos_at_zero": zero,
+              "results": results, **_meta(device)}
+    print(f"synthetic few-shot world: the tiny preset trained {args.steps} steps in {trained:.0f} s "
+          f"(loss {report['final_loss']:.3f}) on {report['device']}; {report['metric']}; "
+          f"{args.num_queries} queries per attribute; a zero-shot prompt has {zero} text-only demonstrations, "
+          "and without any a model can only guess which attribute is asked (50% at best)")
+    print(_table(report))
+    return report
+
+
+def _user_data(args, device, dtype) -> dict:
+    from transformers import AutoTokenizer
+
+    from ..generation.cli import image_transform
+    from ..model import Flamingo
+    from .harness import evaluate
+    from .prompts import load_examples
+    queries, support = load_examples(args.queries, args.task), load_examples(args.support, args.task)
+    class_names = None
+    if args.class_names_file:
+        with open(args.class_names_file) as f:
+            class_names = [line.strip() for line in f if line.strip()]
+        if not class_names:
+            raise ValueError(f"{args.class_names_file} holds no class names (one per line)")
+    model = Flamingo.from_pretrained(args.model, quantization=args.quantization, dtype=dtype, device=device).eval()
+    tok = AutoTokenizer.from_pretrained(args.model)
+    style = "idefics" if model.config.cross_attention.style == "idefics" else "open_flamingo"
+    transform = image_transform(style, model.config.vision.image_size)
+    rs = evaluate(model, tok, queries, support, task=args.task, shots=args.shots or [0, 4, 8],
+                  image_processor=transform, class_names=class_names, seed=args.seed, batch_size=args.batch_size,
+                  num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
+                  demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations,
+                  text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero)
+    report = {"kind": args.task, "model": args.model, "queries": args.queries, "support": args.support,
+              "metric": rs[0].metric, "results": {args.task: [r.to_dict() for r in rs]}, **_meta(device)}
+    print(f"{args.task}: {len(queries)} queries, demonstrations from {len(support)}; {rs[0].metric} (%) "
+          f"on {report['device']}")
+    print(_table(report))
+    return report

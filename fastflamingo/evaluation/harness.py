@@ -1,0 +1,252 @@
+"""Few-shot evaluation: prompts of k demonstrations and a query, batched through ``generate`` or
+``score``, answers post-processed and scored as the benchmarks' scripts score them.
+
+It follows open_flamingo's evaluation (``open_flamingo/eval/evaluate.py``) so its numbers can be
+set beside the published ones: the same prompts (:mod:`.prompts`), demonstrations drawn at random
+from a support set for every query, two text-only demonstrations at zero shots, 3-beam search of
+at most 5 new tokens with no length penalty for VQA, the answer cut at the next "Question" /
+"Answer" / "Short", and the VQA accuracy of the official script (:mod:`.metrics`).
+Classification ranks the class names by their mean log-probability per token after the prompt
+(open_flamingo's ``get_rank_classifications`` with ``normalize_length=True``), every prompt
+encoded once for all the classes (:func:`fastflamingo.generation.score`).
+
+``demonstrations="similar"`` picks for each query the support examples whose images are most
+like its own instead (open_flamingo's RICES, retrieval-based in-context example selection; the
+features here are the model's own visual tokens, averaged, where open_flamingo loads a separate
+CLIP), the most similar last.
+
+``shared_demonstrations=True`` draws one set of demonstrations for all queries instead, encoded
+once as a few-shot prefix (:func:`fastflamingo.generation.encode_prefix`) and reused by every
+batch: the way to evaluate many queries against the same k examples quickly.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from . import metrics
+from .prompts import TASKS, ZERO_SHOT_TEXT_DEMOS, Example, demonstration, few_shot_text, sample_demonstrations
+
+DEMONSTRATIONS = ("random", "similar")
+
+
+@dataclass
+class Result:
+    """One number of shots: the task's score (percent) and every query's prediction."""
+    task: str
+    shots: int
+    score: float
+    metric: str
+    predictions: list[str]
+    references: list[list[str]]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _image_tensor(image, image_processor) -> torch.Tensor:
+    """(F, C, H, W): an example's image, through the processor unless already a tensor."""
+    if isinstance(image, torch.Tensor):
+        t = image
+    else:
+        if image_processor is None:
+            raise ValueError(f"example images are {type(image).__name__}, not tensors: pass the model's "
+                             "image_processor (create_model_and_transforms returns it)")
+        if isinstance(image, str):
+            from PIL import Image
+            with Image.open(image) as im:
+                image = im.convert("RGB")
+        t = image_processor(image)
+        t = t["pixel_values"][0] if isinstance(t, dict) or hasattr(t, "keys") else t
+        t = torch.as_tensor(t)
+    if t.dim() == 3:
+        t = t.unsqueeze(0)
+    if t.dim() != 4:
+        raise ValueError(f"an image must be (C, H, W) or (F, C, H, W), got shape {tuple(t.shape)}")
+    return t
+
+
+def _batch_inputs(model, tokenizer, image_processor, texts: list[str], images: list[list], device, dtype,
+                  first: bool = True):
+    """Left-padded ids and mask, and vision_x (B, N, F, C, H, W) (None when no row has images).
+    ``first``: the texts start their sequences (the tokenizer's BOS); not after a prefix."""
+    enc = tokenizer(texts, return_tensors="pt", padding="longest", padding_side="left",
+                    add_special_tokens=first)
+    ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+    if not any(images):
+        return None, ids, mask
+    rows = [torch.stack([_image_tensor(im, image_processor) for im in row]) for row in images]
+    n = {r.shape[0] for r in rows}
+    if len(n) != 1:
+        raise ValueError(f"every prompt of a batch must have as many images, got {sorted(n)}")
+    return torch.stack(rows).to(device=device, dtype=dtype), ids, mask
+
+
+def _prompts(task, queries, pick, shots, text_demos_at_zero, shared):
+    """(texts, images) per query, its demonstrations from ``pick(i, query, k)``; with ``shared``
+    one pick serves all (returned as the third value, written in no prompt)."""
+    text_only = shots == 0
+    k = text_demos_at_zero if text_only else shots
+    fixed = pick(None, None, k) if shared and k else None
+    texts, images = [], []
+    for i, q in enumerate(queries):
+        demos = [] if shared or not k else pick(i, q, k)
+        texts.append(few_shot_text(task, demos, q, text_only=text_only))
+        images.append(([] if text_only else [d.image for d in demos]) + [q.image])
+    return texts, images, fixed
+
+
+@torch.no_grad()
+def image_features(model, examples: list[Example], image_processor=None, batch_size: int = 32) -> torch.Tensor:
+    """(len(examples), D) unit vectors: each image's visual tokens (the resampler's output),
+    averaged. What ``demonstrations="similar"`` compares."""
+    out = []
+    for i in range(0, len(examples), batch_size):
+        vx = torch.stack([_image_tensor(e.image, image_processor) for e in examples[i:i + batch_size]])[:, None]
+        visual = model.encode_vision(vx.to(device=model.device, dtype=model.vision_encoder_dtype))
+        out.append(torch.nn.functional.normalize(visual.float().mean((1, 2)), dim=-1).cpu())
+    return torch.cat(out)
+
+
+def _picker(model, image_processor, queries, support, how, seed, batch_size):
+    """``pick(i, query, k)``: k demonstrations for query i (i None: one draw for all queries).
+    ``"random"``: drawn at random (never the query itself). ``"similar"``: the k support examples
+    whose images are most like the query's (cosine of :func:`image_features`), the most similar
+    last, next to the query, as open_flamingo's RICES orders them."""
+    if how == "random":
+        rng = random.Random(seed)
+        return lambda i, q, k: sample_demonstrations(support, k, rng, exclude=q)
+    sim = image_features(model, queries, image_processor, batch_size) @ \
+        image_features(model, support, image_processor, batch_size).T
+    for i, q in enumerate(queries):
+        for j, s in enumerate(support):
+            if s is q:
+                sim[i, j] = float("-inf")
+    order = sim.argsort(dim=-1, descending=True, stable=True)
+
+    def pick(i, q, k):
+        if k > len(support) - any(s is q for s in support):
+            raise ValueError(f"{k} shots need at least {k} support examples besides the query, "
+                             f"the support set has {len(support)}")
+        return [support[j] for j in reversed(order[i, :k].tolist())]
+    return pick
+
+
+def _check(task, queries, support, shots_list, tokenizer, class_names):
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if not queries:
+        raise ValueError("no queries to evaluate")
+    for s in shots_list:
+        if not isinstance(s, int) or s < 0:
+            raise ValueError(f"shots must be integers >= 0, got {s!r}")
+    if task == "classification" and not class_names:
+        raise ValueError("classification ranks the class names: pass class_names")
+    for tok in ("<image>", "<|endofchunk|>"):
+        if tok not in tokenizer.get_vocab():
+            raise ValueError(f"the tokenizer has no {tok!r} token: use the tokenizer the model was built with "
+                             "(create_model_and_transforms adds it)")
+
+
+def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *, task: str = "vqa",
+             shots=(0, 4, 8), image_processor=None, class_names: list[str] | None = None, seed: int = 42,
+             batch_size: int = 8, num_beams: int = 3, max_new_tokens: int = 5, length_penalty: float = 0.0,
+             demonstrations: str = "random", shared_demonstrations: bool = False,
+             text_demos_at_zero: int = ZERO_SHOT_TEXT_DEMOS, progress: bool | None = None) -> list[Result]:
+    """Few-shot evaluation of ``model`` on ``queries``, one :class:`Result` per number of shots.
+
+    Args:
+        model: a :class:`~fastflamingo.Flamingo`.
+        tokenizer: its tokenizer (with ``<image>`` and ``<|endofchunk|>``).
+        queries: the examples to answer.
+        support: the examples demonstrations are drawn from (the training split).
+        task: ``"vqa"`` (generation, VQA accuracy) or ``"classification"`` (rank classification
+            over ``class_names``, accuracy).
+        shots: the numbers of demonstrations to evaluate at.
+        image_processor: turns a PIL image into a (C, H, W) tensor; not needed for tensor images.
+        seed: the draw of demonstrations (the same for every number of shots' first query).
+        batch_size: prompts per ``generate`` / ``score`` call.
+        num_beams, max_new_tokens, length_penalty: VQA generation, open_flamingo's defaults.
+        demonstrations: ``"random"`` (drawn for each query) or ``"similar"`` (the support
+            examples whose images are most like the query's: open_flamingo's RICES, here with
+            the model's own visual tokens as the features).
+        shared_demonstrations: one draw of demonstrations for all queries, encoded once.
+        text_demos_at_zero: the text-only demonstrations of a zero-shot prompt (open_flamingo,
+            after Flamingo: 2; 0 for none at all).
+        progress: tqdm bars; None: when stderr is a terminal.
+    """
+    import time
+    shots_list = [shots] if isinstance(shots, int) else list(shots)
+    _check(task, queries, support, shots_list, tokenizer, class_names)
+    if demonstrations not in DEMONSTRATIONS:
+        raise ValueError(f"demonstrations must be one of {DEMONSTRATIONS}, got {demonstrations!r}")
+    if shared_demonstrations and demonstrations != "random":
+        raise ValueError(f"shared_demonstrations draws one set for all queries; demonstrations={demonstrations!r} "
+                         "picks a set per query: use one or the other")
+    device, dtype = model.device, model.vision_encoder_dtype
+    results = []
+    was_training = model.training
+    model.eval()
+    try:
+        similar = None if demonstrations == "random" else _picker(
+            model, image_processor, queries, support, demonstrations, seed, batch_size)
+        for k in shots_list:
+            t0 = time.perf_counter()
+            preds = []
+            pick = similar or _picker(model, image_processor, queries, support, "random", seed, batch_size)
+            texts, images, fixed = _prompts(task, queries, pick, k, text_demos_at_zero, shared_demonstrations)
+            prefix = _encode_shared(model, tokenizer, image_processor, task, fixed, k, device, dtype)
+            bar = tqdm(range(0, len(queries), batch_size), desc=f"{task} {k}-shot",
+                       disable=None if progress is None else not progress, leave=False)
+            for i in bar:
+                vx, ids, mask = _batch_inputs(model, tokenizer, image_processor, texts[i:i + batch_size],
+                                              images[i:i + batch_size], device, dtype, first=prefix is None)
+                if task == "vqa":
+                    preds += _answer(model, tokenizer, vx, ids, mask, prefix, num_beams, max_new_tokens,
+                                     length_penalty)
+                else:
+                    preds += _classify(model, tokenizer, vx, ids, mask, prefix, class_names)
+            refs = [q.answers for q in queries]
+            metric = metrics.vqa_accuracy if task == "vqa" else metrics.exact_match
+            score = 100 * sum(metric(p, r) for p, r in zip(preds, refs)) / len(preds)
+            results.append(Result(task, k, score, "vqa_accuracy" if task == "vqa" else "accuracy", preds, refs,
+                                  time.perf_counter() - t0))
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _encode_shared(model, tokenizer, image_processor, task, fixed, shots, device, dtype):
+    if fixed is None:
+        return None
+    from ..generation import encode_prefix
+    text = "".join(demonstration(task, d) + "\n" for d in fixed)
+    vx = None
+    if shots == 0:
+        text = text.replace("<image>", "")
+    else:
+        vx = torch.stack([_image_tensor(d.image, image_processor) for d in fixed])[None].to(device=device, dtype=dtype)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
+    return encode_prefix(model, vx, ids)
+
+
+@torch.no_grad()
+def _answer(model, tokenizer, vx, ids, mask, prefix, num_beams, max_new_tokens, length_penalty) -> list[str]:
+    beams = dict(num_beams=num_beams, length_penalty=length_penalty) if num_beams > 1 else {}
+    out = model.generate(vx, ids, attention_mask=mask, prefix=prefix, max_new_tokens=max_new_tokens, **beams)
+    new = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    return [metrics.postprocess_vqa(t).strip() for t in new]
+
+
+@torch.no_grad()
+def _classify(model, tokenizer, vx, ids, mask, prefix, class_names) -> list[str]:
+    cands = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in class_names]
+    empty = [c for c, t in zip(class_names, cands) if not t]
+    if empty:
+        raise ValueError(f"class names {empty} tokenize to nothing")
+    logp = model.score(vx, ids, cands, attention_mask=mask, prefix=prefix, reduction="mean")
+    return [class_names[j] for j in logp.argmax(-1).tolist()]

@@ -1,0 +1,29 @@
+"""The few-shot curve of ``fastflamingo evaluate``: score by number of shots, a line per task."""
+from __future__ import annotations
+
+
+def few_shot_plot(report: dict, path: str) -> str | None:
+    """Write the PNG to ``path`` and return it; None without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rs in report["results"].items():
+        xs = [r["shots"] for r in rs]
+        ax.plot(xs, [r["score"] for r in rs], marker="o", label=name)
+    ax.set_xscale("symlog", linthresh=1)
+    shots = sorted({r["shots"] for rs in report["results"].values() for r in rs})
+    ax.set_xticks(shots, [str(s) for s in shots])
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("demonstrations (shots)")
+    ax.set_ylabel(report["metric"].split(",")[0])
+    ax.set_title(f"few-shot {report['kind']} ({report['device']})", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

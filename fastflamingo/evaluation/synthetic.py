@@ -1,0 +1,138 @@
+"""A synthetic few-shot world, small enough to train and evaluate a Flamingo on a CPU in minutes.
+
+Every image shows one shape (circle, square, triangle, cross) in one colour (red, green, blue,
+yellow, magenta, cyan), at a random place and size, with noise. A training sequence
+is eight images, each followed by its name, ``<image>Output:red<|endofchunk|>``, and the name
+is of the same attribute all along the sequence: its colour in some sequences, its shape in
+others. Shown one image with no context, a model cannot know which attribute is asked (both are
+right names of the picture: at best 50%); shown demonstrations, it can read the task off them.
+That is the in-context learning Flamingo does (recognising the task from a few examples), in
+miniature, and the few-shot harness (:mod:`.harness`) measures it as it measures VQAv2: same
+prompts, demonstrations drawn at random from a support set, rank classification.
+
+The ``tiny`` preset's language model is random, not pretrained, so :func:`train` trains the whole
+model here; a real Flamingo freezes a pretrained LM and trains the resampler and the
+cross-attention layers (:meth:`~fastflamingo.Flamingo.set_trainable`).
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import torch
+from tqdm.auto import tqdm
+
+from .prompts import Example, demonstration
+
+COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
+          "yellow": (1.0, 1.0, 0.0), "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0)}
+SHAPES = ("circle", "square", "triangle", "cross")
+ATTRIBUTES = ("color", "shape")
+NAMES = list(COLORS) + list(SHAPES)
+NOISE = 0.1
+IMAGES_PER_SEQUENCE = 8
+
+
+def tokenizer(media_token_id: int = 510, eoc_token_id: int = 511):
+    """A word-level tokenizer of this world's words, with the ``tiny`` preset's special ids
+    (``<pad>`` 0, ``</s>`` 2, ``<image>`` 510, ``<|endofchunk|>`` 511), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    words = ["Output", ":", "Question", "Short", "answer", "what", "is", "it", "?"] + NAMES
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{w: 3 + i for i, w in enumerate(words)},
+             "<image>": media_token_id, "<|endofchunk|>": eoc_token_id}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+                                   additional_special_tokens=["<image>", "<|endofchunk|>"])
+
+
+def _masks(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(len(SHAPES), ...) the shapes' masks at coordinates (x, y), each shape centred, radius ~1."""
+    r2 = x * x + y * y
+    return torch.stack([
+        r2 < 1,                                                                   # circle
+        (x.abs() < 0.8) & (y.abs() < 0.8),                                        # square
+        (y > -0.8) & (y < 0.8) & (x.abs() < (0.8 - y) / 2),                       # triangle
+        ((x.abs() < 0.25) | (y.abs() < 0.25)) & (x.abs() < 1) & (y.abs() < 1),   # cross
+    ])
+
+
+def render(colors: list[str], shapes: list[str], generator: torch.Generator, size: int = 32) -> torch.Tensor:
+    """(n, 1, 3, size, size): one frame per (colour, shape), each at a random place and size, with noise."""
+    bad = [c for c in colors if c not in COLORS] + [s for s in shapes if s not in SHAPES]
+    if bad or len(colors) != len(shapes):
+        raise ValueError(f"render needs as many colours ({list(COLORS)}) as shapes ({list(SHAPES)}); "
+                         f"got {len(colors)} and {len(shapes)}{', unknown: ' + str(bad) if bad else ''}")
+    n = len(colors)
+    place = torch.rand(n, 3, generator=generator) * torch.tensor([0.4, 0.4, 0.2]) + torch.tensor([-0.2, -0.2, 0.6])
+    axis = torch.linspace(-1, 1, size)
+    y, x = torch.meshgrid(axis, axis, indexing="ij")
+    cx, cy, scale = (place[:, i, None, None] for i in range(3))
+    masks = _masks((x - cx) / scale, (y - cy) / scale)                      # (shapes, n, H, W)
+    mask = masks[torch.tensor([SHAPES.index(s) for s in shapes]), torch.arange(n)].float()
+    rgb = torch.tensor([COLORS[c] for c in colors])[:, :, None, None]
+    return (mask[:, None] * rgb + NOISE * torch.randn(n, 3, size, size, generator=generator))[:, None]
+
+
+def examples(n: int, attribute: str, seed: int, size: int = 32) -> list[Example]:
+    """``n`` random pictures named by ``attribute`` (``"color"`` or ``"shape"``)."""
+    if attribute not in ATTRIBUTES:
+        raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
+    rng = random.Random(seed)
+    colors, shapes = [rng.choice(list(COLORS)) for _ in range(n)], [rng.choice(SHAPES) for _ in range(n)]
+    images = render(colors, shapes, torch.Generator().manual_seed(seed), size)
+    return [Example(im, [c if attribute == "color" else s], extra={"color": c, "shape": s})
+            for im, c, s in zip(images, colors, shapes)]
+
+
+def training_batch(tok, batch: int, rng: random.Random, generator: torch.Generator, size: int,
+                   media_token_id: int):
+    """(vision_x (B, 8, 1, 3, H, W), ids, attention_mask, labels): sequences of eight new pictures
+    and their names, each sequence naming one attribute; labels on every text token (not
+    ``<image>``, not padding)."""
+    n = batch * IMAGES_PER_SEQUENCE
+    colors, shapes = [rng.choice(list(COLORS)) for _ in range(n)], [rng.choice(SHAPES) for _ in range(n)]
+    images = render(colors, shapes, generator, size).view(batch, IMAGES_PER_SEQUENCE, 1, 3, size, size)
+    texts = []
+    for b in range(batch):
+        names = colors if rng.choice(ATTRIBUTES) == "color" else shapes
+        texts.append("\n".join(demonstration("classification", Example(None, [names[i]]))
+                               for i in range(b * IMAGES_PER_SEQUENCE, (b + 1) * IMAGES_PER_SEQUENCE)))
+    enc = tok(texts, return_tensors="pt", padding="longest")
+    ids = enc["input_ids"]
+    labels = ids.masked_fill((ids == media_token_id) | (enc["attention_mask"] == 0), -100)
+    return images, ids, enc["attention_mask"], labels
+
+
+def train(model, tok, *, steps: int = 1500, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
+          progress: bool | None = None) -> list[float]:
+    """Train ``model`` (all its weights: the ``tiny`` LM is not pretrained) on sequences of this
+    world, new pictures every step; returns the loss of every step. AdamW, a linear warm-up over
+    5% of the steps, then a cosine decay to 10%."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    model.set_trainable(train_embeddings=False)  # drops the masks that keep the base vocabulary's rows frozen
+    model.requires_grad_(True)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    losses = []
+    bar = tqdm(range(steps), desc="training on the synthetic world", disable=None if progress is None else not progress)
+    for _ in bar:
+        vx, ids, mask, labels = training_batch(tok, batch_size, rng, g, cfg.vision.image_size, cfg.media_token_id)
+        loss = model(vx.to(model.device, model.vision_encoder_dtype), ids.to(model.device),
+                     attention_mask=mask.to(model.device), labels=labels.to(model.device)).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
+    model.eval()
+    return losses

@@ -1,0 +1,295 @@
+"""Few-shot evaluation: the metric equals the official VQA script (open_flamingo's copy), prompts
+are open_flamingo's, batched and prefix-shared evaluation equals a plain one-prompt-at-a-time
+loop, and the synthetic world is learned in context (shots help) by the tiny model on a CPU."""
+import json
+import random
+
+import pytest
+import torch
+
+import fastflamingo
+from fastflamingo.evaluation import Example, evaluate, load_examples, postprocess_vqa, synthetic, vqa_accuracy
+from fastflamingo.evaluation.metrics import exact_match, normalize_vqa_answer
+from fastflamingo.evaluation.prompts import few_shot_text
+from fastflamingo.generation.score import score_reference
+
+WORDS = ["2", "two", "a dog", "the dog", "dog.", "dogs", "dont", "don't", "1,000", "1000", "yes", "yes!", "no",
+         "red/blue", "red blue", "U.S.", "3.5", "(cat)", "cat", "an apple", "Apple", "it's", "its", "none", "0",
+         "ten", "10", "x-ray", "x ray", "Im", "somebodyd", "hello , world", "a", "..", "well...", "  dog  ",
+         "dog\tdog", "2 dogs"]
+
+
+def _official_accuracies(tmp_path, questions):
+    """Per-question accuracy (0-100) from open_flamingo's copy of the official VQA evaluation."""
+    vm = pytest.importorskip("open_flamingo.eval.vqa_metric")
+    anns = {"annotations": [{"question_id": i, "image_id": i, "question_type": "what", "answer_type": "other",
+                             "answers": [{"answer": a, "answer_id": j + 1} for j, a in enumerate(answers)]}
+                            for i, (_, answers) in enumerate(questions)]}
+    qs = {"questions": [{"question_id": i, "image_id": i, "question": "q"} for i in range(len(questions))],
+          "info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": "val2014", "license": {}}
+    res = [{"question_id": i, "answer": pred} for i, (pred, _) in enumerate(questions)]
+    paths = {}
+    for name, obj in (("ann", anns), ("q", qs), ("res", res)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(obj))
+    vqa = vm.VQA(str(paths["ann"]), str(paths["q"]))
+    ev = vm.VQAEval(vqa, vqa.loadRes(str(paths["res"]), str(paths["q"])), n=8)
+    ev.evaluate()
+    return [ev.evalQA[i] for i in range(len(questions))], ev.accuracy["overall"]
+
+
+def test_vqa_accuracy_equals_the_official_script(tmp_path, capsys):
+    rng = random.Random(0)
+    questions = []
+    for _ in range(300):
+        answers = [rng.choice(WORDS[:12]) if rng.random() < 0.6 else rng.choice(WORDS) for _ in range(10)]
+        pred = rng.choice(answers) if rng.random() < 0.5 else rng.choice(WORDS)
+        questions.append((pred, answers))
+    questions.append(("two", ["2"] * 10))   # number words
+    questions.append(("Dog", ["the dog"] * 2 + ["cat"] * 8))   # articles, case: 2 matches
+    per_q, overall = _official_accuracies(tmp_path, questions)
+    ours = [100 * vqa_accuracy(p, a) for p, a in questions]
+    assert ours == pytest.approx(per_q, abs=1e-6)
+    assert round(sum(ours) / len(ours), 8) == pytest.approx(overall, abs=1e-6)
+    assert ours[-2] == 100 and ours[-1] == pytest.approx(100 * (2 * 1 / 3 + 8 * 2 / 3) / 10)
+    assert len({round(x, 4) for x in ours}) > 3  # the draw covers partial credit, not just 0 and 100
+
+
+def test_normalization_and_postprocessing_equal_open_flamingo():
+    vm = pytest.importorskip("open_flamingo.eval.vqa_metric")
+    ev = vm.VQAEval(None, None)
+    for w in WORDS + ["." * 40 + "a", "1.5.", "a.b", "what's up? it's 3,5"]:
+        assert normalize_vqa_answer(w) == ev.processDigitArticle(ev.processPunctuation(w.replace("\t", " ").strip()))
+    for text in ["dog Question: what", "yes, it is", "red Short answer: no", "cat Answer dog", "plain", ""]:
+        assert postprocess_vqa(text) == vm.postprocess_vqa_generation(text)
+
+
+def test_metrics_refuse_empty_references():
+    with pytest.raises(ValueError, match="at least one reference"):
+        vqa_accuracy("dog", [])
+    with pytest.raises(ValueError, match="at least one reference"):
+        exact_match("dog", [])
+    assert exact_match(" Dog ", ["cat", "dog"]) == 1.0
+
+
+def test_prompts_are_open_flamingos():
+    demo = Example(None, ["yes", "no"], "is it red?")
+    query = Example(None, ["no"], "is it blue?")
+    assert few_shot_text("vqa", [demo, demo], query) == (
+        "<image>Question:is it red? Short answer:yes<|endofchunk|>\n" * 2 + "<image>Question:is it blue? Short answer:")
+    assert few_shot_text("vqa", [demo], query, text_only=True) == (
+        "Question:is it red? Short answer:yes<|endofchunk|>\n<image>Question:is it blue? Short answer:")
+    assert few_shot_text("classification", [Example(None, ["cat"])], Example(None, ["dog"])) == (
+        "<image>Output:cat<|endofchunk|>\n<image>Output:")
+    with pytest.raises(ValueError, match="non-empty list"):
+        Example(None, "cat")
+
+
+# ----------------------------------------------------------------- the harness vs a plain loop
+@pytest.fixture(scope="module")
+def world():
+    model = fastflamingo.Flamingo.from_preset("tiny", seed=3)
+    tok = synthetic.tokenizer()
+    losses = synthetic.train(model, tok, steps=400, batch_size=16, seed=3, progress=False)
+    assert sum(losses[-20:]) < 0.7 * sum(losses[:20])
+    support = synthetic.examples(12, "color", seed=1)
+    queries = synthetic.examples(7, "shape", seed=2)
+    for ex in support + queries:
+        ex.question = "what is it ?"
+    return model, tok, queries, support
+
+
+def _plain(model, tok, text, images, **kw):
+    """One prompt alone, no padding: open_flamingo's generate as its evaluation calls it."""
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    vx = torch.stack(images)[None] if images else None
+    return ids, vx
+
+
+def _plain_answers(model, tok, queries, support, shots, seed, zero, **gen):
+    rng = random.Random(seed)
+    out = []
+    for q in queries:
+        demos = rng.sample([s for s in support if s is not q], shots or zero)
+        text = few_shot_text("vqa", demos, q, text_only=shots == 0)
+        ids, vx = _plain(model, tok, text, ([] if shots == 0 else [d.image for d in demos]) + [q.image])
+        new = model.generate(vx, ids, **gen)[:, ids.shape[1]:]
+        out.append(postprocess_vqa(tok.decode(new[0], skip_special_tokens=True)).strip())
+    return out
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_vqa_equals_one_prompt_at_a_time(world, num_beams):
+    model, tok, queries, support = world
+    results = evaluate(model, tok, queries, support, task="vqa", shots=(0, 1, 3), batch_size=3, seed=5,
+                       num_beams=num_beams, max_new_tokens=4, progress=False)
+    for r in results:
+        beams = dict(num_beams=num_beams, length_penalty=0.0) if num_beams > 1 else {}
+        want = _plain_answers(model, tok, queries, support, r.shots, 5, 2, max_new_tokens=4, **beams)
+        assert r.predictions == want, r.shots
+        assert r.score == pytest.approx(100 * sum(vqa_accuracy(p, q.answers) for p, q in zip(want, queries)) / 7)
+    assert any(p for r in results for p in r.predictions)  # answers are words, not all cut to nothing
+
+
+def test_shared_demonstrations_equal_them_written_in_every_prompt(world):
+    model, tok, queries, support = world
+    for shots in (0, 2):
+        shared = evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES,
+                          shots=shots, batch_size=4, seed=9, shared_demonstrations=True, progress=False)[0]
+        demos = random.Random(9).sample(support, shots or 2)
+        scores = []
+        for q in queries:
+            text = few_shot_text("classification", demos, q, text_only=shots == 0)
+            ids, vx = _plain(model, tok, text, ([] if shots == 0 else [d.image for d in demos]) + [q.image])
+            cands = [tok(c, add_special_tokens=False)["input_ids"] for c in synthetic.NAMES]
+            scores.append(score_reference(model, vx, ids, cands, reduction="mean")[0])
+        want = [synthetic.NAMES[int(s.argmax())] for s in scores]
+        assert shared.predictions == want
+        g = evaluate(model, tok, queries, support, task="vqa", shots=shots, batch_size=4, seed=9, num_beams=3,
+                     max_new_tokens=3, shared_demonstrations=True, progress=False)[0]
+        plain = []
+        for q in queries:
+            text = few_shot_text("vqa", demos, q, text_only=shots == 0)
+            ids, vx = _plain(model, tok, text, ([] if shots == 0 else [d.image for d in demos]) + [q.image])
+            new = model.generate(vx, ids, num_beams=3, max_new_tokens=3, length_penalty=0.0)[:, ids.shape[1]:]
+            plain.append(postprocess_vqa(tok.decode(new[0], skip_special_tokens=True)).strip())
+        assert g.predictions == plain
+
+
+def test_the_tiny_model_learns_the_synthetic_world_in_context(world):
+    """Trained 400 steps (~15 s), it reads off one demonstration which attribute is asked: with
+    none it can only guess (50% at best over the two attributes), with one it does far better."""
+    model, tok = world[:2]
+    by = {}
+    for i, attribute in enumerate(synthetic.ATTRIBUTES):
+        queries = synthetic.examples(100, attribute, seed=100 + i)
+        support = synthetic.examples(32, attribute, seed=200 + i)
+        rs = evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES,
+                      shots=(0, 1, 2), text_demos_at_zero=0, batch_size=50, progress=False)
+        by[attribute] = [r.score for r in rs]
+        assert rs[1].score >= rs[0].score, (attribute, by)
+    zero, one = (sum(v[k] for v in by.values()) / 2 for k in (0, 1))
+    assert zero <= 55 and one >= zero + 15, by
+
+
+def test_similar_demonstrations_are_the_nearest_images_most_similar_last(world):
+    """RICES: each query's k demonstrations are the support images nearest its own by the cosine
+    of the model's averaged visual tokens, ordered as open_flamingo orders them; the query itself
+    is never its own demonstration."""
+    model, tok = world[:2]
+    from fastflamingo.evaluation.harness import _picker, image_features
+    queries = synthetic.examples(12, "color", seed=31)
+    support = synthetic.examples(20, "color", seed=32) + queries[:3]
+    r = evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES, shots=3,
+                 demonstrations="similar", progress=False)[0]
+    qf, sf = image_features(model, queries), image_features(model, support)
+    for i, q in enumerate(queries):
+        sims = [(float(qf[i] @ sf[j]), j) for j in range(len(support)) if support[j] is not q]
+        want = [support[j] for _, j in sorted(sims, reverse=True)[:3]][::-1]
+        assert _picker(model, None, queries, support, "similar", 0, 8)(i, q, 3) == want
+        text = few_shot_text("classification", want, q)
+        ids, vx = _plain(model, tok, text, [d.image for d in want] + [q.image])
+        cands = [tok(c, add_special_tokens=False)["input_ids"] for c in synthetic.NAMES]
+        assert r.predictions[i] == synthetic.NAMES[int(score_reference(model, vx, ids, cands, reduction="mean").argmax())]
+    assert float(qf[0] @ sf[20]) == pytest.approx(1.0)  # queries[0] is in the support, its own nearest: excluded
+    # the features mean something: the nearest image shares the query's colour far more often than chance (1/6)
+    many, pool = synthetic.examples(60, "color", seed=33), synthetic.examples(60, "color", seed=34)
+    pick = _picker(model, None, many, pool, "similar", 0, 30)
+    same = sum(pick(i, q, 1)[0].answers == q.answers for i, q in enumerate(many)) / len(many)
+    assert same >= 0.5, same
+
+
+def test_bad_evaluation_input_is_refused(world):
+    model, tok, queries, support = world
+    with pytest.raises(ValueError, match="at least 13 support examples"):
+        evaluate(model, tok, queries, support, shots=13, progress=False)
+    with pytest.raises(ValueError, match="task must be one of"):
+        evaluate(model, tok, queries, support, task="captioning", progress=False)
+    with pytest.raises(ValueError, match="class_names"):
+        evaluate(model, tok, queries, support, task="classification", progress=False)
+    with pytest.raises(ValueError, match="demonstrations must be one of"):
+        evaluate(model, tok, queries, support, demonstrations="nearest", progress=False)
+    with pytest.raises(ValueError, match="use one or the other"):
+        evaluate(model, tok, queries, support, demonstrations="similar", shared_demonstrations=True, progress=False)
+    with pytest.raises(ValueError, match="at least 13 support examples"):
+        evaluate(model, tok, queries, support, shots=13, demonstrations="similar", progress=False)
+    with pytest.raises(ValueError, match="shots must be integers >= 0"):
+        evaluate(model, tok, queries, support, shots=(-1,), progress=False)
+    from peers import tiny_tokenizer
+    with pytest.raises(ValueError, match="no '<image>' token"):
+        evaluate(model, tiny_tokenizer(), queries, support, progress=False)
+
+
+def test_load_examples(tmp_path):
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"image": "a.png", "question": "q?", "answers": ["x", "y"]}\n\n{"image": "b.png", "label": "z"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:3: a VQA example needs a \"question\""):
+        load_examples(str(p), "vqa")
+    ex = load_examples(str(p), "classification")
+    assert [e.answers for e in ex] == [["x", "y"], ["z"]] and ex[0].image == str(tmp_path / "a.png")
+    p.write_text('{"image": "a.png", "answers": []}\n')
+    with pytest.raises(ValueError, match="non-empty list of strings"):
+        load_examples(str(p), "classification")
+    p.write_text('not json\n')
+    with pytest.raises(ValueError, match="d.jsonl:1 is not a JSON object"):
+        load_examples(str(p), "vqa")
+
+
+# ------------------------------------------------------------------ command line
+def _write_split(directory, examples, task):
+    """Examples -> PNG files and a JSON-lines file beside them, as a user's data would be."""
+    from PIL import Image
+    directory.mkdir(exist_ok=True)
+    lines = []
+    for i, ex in enumerate(examples):
+        pixels = (ex.image[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        Image.fromarray(pixels).save(directory / f"{i}.png")
+        row = {"image": f"{i}.png", "answers": ex.answers}
+        if task == "vqa":
+            row["question"] = "what is it ?"
+        lines.append(json.dumps(row))
+    (directory / "data.jsonl").write_text("\n".join(lines) + "\n")
+    return str(directory / "data.jsonl")
+
+
+def test_cli_synthetic_then_the_saved_model_on_files(tmp_path, capsys):
+    from fastflamingo.cli import main
+    out, saved = tmp_path / "out", tmp_path / "model"
+    assert main(["evaluate", "--synthetic", "--steps", "20", "--num-queries", "8", "--shots", "0", "1",
+                 "--out", str(out), "--save", str(saved)]) == 0
+    printed = capsys.readouterr().out
+    assert "trained 20 steps" in printed and "color" in printed and "shape" in printed
+    report = json.loads((out / "results.json").read_text())
+    assert set(report["results"]) == {"color", "shape"} and report["steps"] == 20
+    assert [r["shots"] for r in report["results"]["color"]] == [0, 1]
+    assert len(report["results"]["shape"][1]["predictions"]) == 8 and (out / "few_shot.png").stat().st_size > 0
+    # the saved model, evaluated from image files as a user's own data
+    queries = _write_split(tmp_path / "q", synthetic.examples(6, "color", seed=7), "classification")
+    support = _write_split(tmp_path / "s", synthetic.examples(6, "color", seed=8), "classification")
+    (tmp_path / "names.txt").write_text("\n".join(synthetic.NAMES) + "\n")
+    assert main(["evaluate", "--model", str(saved), "--task", "classification", "--queries", queries,
+                 "--support", support, "--class-names-file", str(tmp_path / "names.txt"), "--shots", "0", "2",
+                 "--out", str(tmp_path / "out2")]) == 0
+    report = json.loads((tmp_path / "out2" / "results.json").read_text())
+    assert [r["shots"] for r in report["results"]["classification"]] == [0, 2]
+    assert all(p in synthetic.NAMES for p in report["results"]["classification"][1]["predictions"])
+    vq = _write_split(tmp_path / "vq", synthetic.examples(4, "shape", seed=9), "vqa")
+    assert main(["evaluate", "--model", str(saved), "--task", "vqa", "--queries", vq, "--support", vq,
+                 "--shots", "1", "--shared-demonstrations", "--out", str(tmp_path / "out3")]) == 0
+    assert "vqa_accuracy" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--synthetic", "--queries", "q.jsonl"], "--queries: not used with --synthetic"),
+    (["--model", "m"], "evaluating --model needs --queries and --support"),
+    (["--model", "m", "--queries", "/no/q.jsonl", "--support", "/no/s.jsonl"], "--queries: no file '/no/q.jsonl'"),
+    (["--synthetic", "--shots", "-1"], "--shots must be >= 0, got -1"),
+])
+def test_cli_evaluate_bad_input_is_one_line_naming_it(capsys, args, message):
+    from fastflamingo.cli import main
+    try:
+        code = main(["evaluate"] + args)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
+    assert message in capsys.readouterr().err
