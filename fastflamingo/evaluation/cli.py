@@ -45,7 +45,7 @@ def add_parser(subparsers) -> None:
                         "(open_flamingo's RICES, on the model's own visual tokens)")
     p.add_argument("--shared-demonstrations", action="store_true",
                    help="one draw of demonstrations for all queries, encoded once (few-shot prefix)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="prompts per call (default 8; --synthetic: 32)")
     p.add_argument("--num-beams", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=5)
     p.add_argument("--length-penalty", type=float, default=0.0)
@@ -62,6 +62,10 @@ def add_parser(subparsers) -> None:
 
 
 def _check(args) -> None:
+    for name in ("batch_size", "num_beams", "max_new_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.synthetic:
         given = [f"--{n.replace('_', '-')}" for n in ("queries", "support", "class_names_file", "quantization")
                  if getattr(args, n)]
@@ -79,8 +83,6 @@ def _check(args) -> None:
             raise FileNotFoundError(f"--{name.replace('_', '-')}: no file {path!r}")
     if args.task == "classification" and not args.class_names_file:
         raise ValueError("--task classification ranks class names: pass --class-names-file (one per line)")
-    if args.batch_size < 1 or args.num_beams < 1 or args.max_new_tokens < 1:
-        raise ValueError("--batch-size, --num-beams and --max-new-tokens must be >= 1")
 
 
 def run(args) -> int:
@@ -135,7 +137,7 @@ def _synthetic(args, device, dtype) -> dict:
         queries = synthetic.examples(args.num_queries, attribute, seed=10_000 + i, size=model.config.vision.image_size)
         support = synthetic.examples(64, attribute, seed=20_000 + i, size=model.config.vision.image_size)
         rs = evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES, shots=shots,
-                      seed=args.seed, batch_size=max(args.batch_size, 32), text_demos_at_zero=zero,
+                      seed=args.seed, batch_size=args.batch_size or 32, text_demos_at_zero=zero,
                       demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations)
         results[attribute] = [r.to_dict() for r in rs]
     report = {"kind": "synthetic", "metric": "accuracy (%), rank classification over "
@@ -169,7 +171,7 @@ def _user_data(args, device, dtype) -> dict:
     style = "idefics" if model.config.cross_attention.style == "idefics" else "open_flamingo"
     transform = image_transform(style, model.config.vision.image_size)
     rs = evaluate(model, tok, queries, support, task=args.task, shots=args.shots or [0, 4, 8],
-                  image_processor=transform, class_names=class_names, seed=args.seed, batch_size=args.batch_size,
+                  image_processor=transform, class_names=class_names, seed=args.seed, batch_size=args.batch_size or 8,
                   num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
                   demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations,
                   text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero)

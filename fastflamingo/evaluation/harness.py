@@ -122,14 +122,15 @@ def _picker(model, image_processor, queries, support, how, seed, batch_size):
         return lambda i, q, k: sample_demonstrations(support, k, rng, exclude=q)
     sim = image_features(model, queries, image_processor, batch_size) @ \
         image_features(model, support, image_processor, batch_size).T
-    for i, q in enumerate(queries):
-        for j, s in enumerate(support):
-            if s is q:
-                sim[i, j] = float("-inf")
+    where = {id(s): j for j, s in enumerate(support)}
+    own = [where.get(id(q)) for q in queries]  # a query that is also in the support is not its own demonstration
+    for i, j in enumerate(own):
+        if j is not None:
+            sim[i, j] = float("-inf")
     order = sim.argsort(dim=-1, descending=True, stable=True)
 
     def pick(i, q, k):
-        if k > len(support) - any(s is q for s in support):
+        if k > len(support) - (own[i] is not None):
             raise ValueError(f"{k} shots need at least {k} support examples besides the query, "
                              f"the support set has {len(support)}")
         return [support[j] for j in reversed(order[i, :k].tolist())]
