@@ -1,4 +1,4 @@
-"""The ``fastflamingo`` command line: ``info``, ``bench``, ``convert``, ``generate``, ``score``, ``evaluate``."""
+"""The ``fastflamingo`` command line: ``info``, ``bench``, ``convert``, ``generate``, ``score``, ``evaluate``, ``finetune``."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "generate": "fastflamingo.generation.cli",
     "score": "fastflamingo.generation.score_cli",
     "evaluate": "fastflamingo.evaluation.cli",
+    "finetune": "fastflamingo.training.cli",
 }
 
 

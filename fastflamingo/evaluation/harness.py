@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..inputs import image_tensor
 from . import metrics
 from .prompts import TASKS, ZERO_SHOT_TEXT_DEMOS, Example, demonstration, few_shot_text, sample_demonstrations
 
@@ -48,28 +49,6 @@ class Result:
         return asdict(self)
 
 
-def _image_tensor(image, image_processor) -> torch.Tensor:
-    """(F, C, H, W): an example's image, through the processor unless already a tensor."""
-    if isinstance(image, torch.Tensor):
-        t = image
-    else:
-        if image_processor is None:
-            raise ValueError(f"example images are {type(image).__name__}, not tensors: pass the model's "
-                             "image_processor (create_model_and_transforms returns it)")
-        if isinstance(image, str):
-            from PIL import Image
-            with Image.open(image) as im:
-                image = im.convert("RGB")
-        t = image_processor(image)
-        t = t["pixel_values"][0] if isinstance(t, dict) or hasattr(t, "keys") else t
-        t = torch.as_tensor(t)
-    if t.dim() == 3:
-        t = t.unsqueeze(0)
-    if t.dim() != 4:
-        raise ValueError(f"an image must be (C, H, W) or (F, C, H, W), got shape {tuple(t.shape)}")
-    return t
-
-
 def _batch_inputs(model, tokenizer, image_processor, texts: list[str], images: list[list], device, dtype,
                   first: bool = True):
     """Left-padded ids and mask, and vision_x (B, N, F, C, H, W) (None when no row has images).
@@ -79,7 +58,7 @@ def _batch_inputs(model, tokenizer, image_processor, texts: list[str], images: l
     ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
     if not any(images):
         return None, ids, mask
-    rows = [torch.stack([_image_tensor(im, image_processor) for im in row]) for row in images]
+    rows = [torch.stack([image_tensor(im, image_processor) for im in row]) for row in images]
     n = {r.shape[0] for r in rows}
     if len(n) != 1:
         raise ValueError(f"every prompt of a batch must have as many images, got {sorted(n)}")
@@ -106,7 +85,7 @@ def image_features(model, examples: list[Example], image_processor=None, batch_s
     averaged. What ``demonstrations="similar"`` compares."""
     out = []
     for i in range(0, len(examples), batch_size):
-        vx = torch.stack([_image_tensor(e.image, image_processor) for e in examples[i:i + batch_size]])[:, None]
+        vx = torch.stack([image_tensor(e.image, image_processor) for e in examples[i:i + batch_size]])[:, None]
         visual = model.encode_vision(vx.to(device=model.device, dtype=model.vision_encoder_dtype))
         out.append(torch.nn.functional.normalize(visual.float().mean((1, 2)), dim=-1).cpu())
     return torch.cat(out)
@@ -230,7 +209,7 @@ def _encode_shared(model, tokenizer, image_processor, task, fixed, shots, device
     if shots == 0:
         text = text.replace("<image>", "")
     else:
-        vx = torch.stack([_image_tensor(d.image, image_processor) for d in fixed])[None].to(device=device, dtype=dtype)
+        vx = torch.stack([image_tensor(d.image, image_processor) for d in fixed])[None].to(device=device, dtype=dtype)
     ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
     return encode_prefix(model, vx, ids)
 

@@ -72,30 +72,23 @@ def load_examples(path: str, task: str) -> list[Example]:
     """Examples from a JSON-lines file, one object a line: ``{"image": "cat.jpg", "question":
     "...", "answers": ["...", ...]}`` for VQA, ``{"image": "cat.jpg", "label": "cat"}`` (or
     ``"answers": ["cat"]``) for classification. Image paths are relative to the file."""
-    import json
     import os
+
+    from ..inputs import json_lines
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    base = os.path.dirname(os.path.abspath(path))
     out = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n} is not a JSON object ({e})") from None
-            if not isinstance(row, dict) or "image" not in row:
-                raise ValueError(f"{path}:{n} needs an \"image\" (a path), got {line.strip()[:80]!r}")
-            answers = row.get("answers", [row["label"]] if "label" in row else None)
-            if not answers or not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                label = ' or a "label"' if task == "classification" else ""
-                raise ValueError(f"{path}:{n} needs \"answers\" (a non-empty list of strings){label}, got {answers!r}")
-            if task == "vqa" and not isinstance(row.get("question"), str):
-                raise ValueError(f"{path}:{n}: a VQA example needs a \"question\" string")
-            extra = {k: v for k, v in row.items() if k not in ("image", "question", "answers", "label")}
-            out.append(Example(os.path.join(base, row["image"]), answers, row.get("question"), extra))
+    for where, row, base in json_lines(path):
+        if "image" not in row:
+            raise ValueError(f"{where} needs an \"image\" (a path), got keys {sorted(row)}")
+        answers = row.get("answers", [row["label"]] if "label" in row else None)
+        if not answers or not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+            label = ' or a "label"' if task == "classification" else ""
+            raise ValueError(f"{where} needs \"answers\" (a non-empty list of strings){label}, got {answers!r}")
+        if task == "vqa" and not isinstance(row.get("question"), str):
+            raise ValueError(f"{where}: a VQA example needs a \"question\" string")
+        extra = {k: v for k, v in row.items() if k not in ("image", "question", "answers", "label")}
+        out.append(Example(os.path.join(base, row["image"]), answers, row.get("question"), extra))
     if not out:
         raise ValueError(f"{path} holds no examples")
     return out

@@ -16,11 +16,9 @@ cross-attention layers (:meth:`~fastflamingo.Flamingo.set_trainable`).
 """
 from __future__ import annotations
 
-import math
 import random
 
 import torch
-from tqdm.auto import tqdm
 
 from .prompts import Example, demonstration
 
@@ -105,34 +103,24 @@ def training_batch(tok, batch: int, rng: random.Random, generator: torch.Generat
     return images, ids, enc["attention_mask"], labels
 
 
+def batches(tok, media_token_id: int, *, batch_size: int = 32, seed: int = 0, size: int = 32):
+    """``batches(step)`` -> ``[training_batch]``: new pictures every step, drawn from ``seed`` and
+    the step (a resumed run sees the same data)."""
+    def at(step: int):
+        n = seed * 1_000_003 + step
+        return [training_batch(tok, batch_size, random.Random(n), torch.Generator().manual_seed(n), size,
+                               media_token_id)]
+    return at
+
+
 def train(model, tok, *, steps: int = 1500, batch_size: int = 32, lr: float = 3e-3, seed: int = 0,
           progress: bool | None = None) -> list[float]:
     """Train ``model`` (all its weights: the ``tiny`` LM is not pretrained) on sequences of this
-    world, new pictures every step; returns the loss of every step. AdamW, a linear warm-up over
-    5% of the steps, then a cosine decay to 10%."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    model.set_trainable(train_embeddings=False)  # drops the masks that keep the base vocabulary's rows frozen
-    model.requires_grad_(True)
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
-    losses = []
-    bar = tqdm(range(steps), desc="training on the synthetic world", disable=None if progress is None else not progress)
-    for _ in bar:
-        vx, ids, mask, labels = training_batch(tok, batch_size, rng, g, cfg.vision.image_size, cfg.media_token_id)
-        loss = model(vx.to(model.device, model.vision_encoder_dtype), ids.to(model.device),
-                     attention_mask=mask.to(model.device), labels=labels.to(model.device)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
-    model.eval()
-    return losses
+    world with :func:`fastflamingo.training.fine_tune`; returns every step's loss. AdamW without
+    weight decay or clipping, a linear warm-up over 5% of the steps, then a cosine decay to 10%."""
+    from ..training import fine_tune
+    data = batches(tok, model.config.media_token_id, batch_size=batch_size, seed=seed,
+                   size=model.config.vision.image_size)
+    history = fine_tune(model, data, steps=steps, lr=lr, weight_decay=0.0, warmup=max(1, steps // 20),
+                        max_grad_norm=None, train="all", progress=progress)
+    return [h["loss"] for h in history]

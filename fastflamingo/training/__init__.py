@@ -1,0 +1,168 @@
+"""Fine-tuning: the Flamingo recipe (frozen vision encoder and LM; the resampler, the gated
+cross-attention layers and the added tokens' embedding rows train) in one loop, with what keeps a
+big model in little memory: a 4- or 8-bit frozen LM (build or load the model with
+``quantization=``), activation checkpointing, gradient accumulation, an 8-bit AdamW
+(bitsandbytes), and checkpoints of what training changes only.
+
+Gradient accumulation weighs each micro-batch by its share of the step's target tokens, so a step
+of ``grad_accum`` micro-batches gives the gradient of one batch of them all (the LM loss is a
+mean over tokens: equal weights would not). Checkpoints (``out/checkpoint.pt``, loaded with
+``weights_only=True``) hold the trainable weights, the optimizer and the schedule; with data
+given as a function of the step (:class:`~fastflamingo.training.data.DocumentBatches`), a resumed
+run equals the uninterrupted one. ``out/model`` is ``save_pretrained(trainable_only=True)``: it
+loads onto the base weights (``Flamingo.from_pretrained(out/"model", lang_encoder=...)``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .data import Document, DocumentBatches, collate, load_documents
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+TRAIN = ("flamingo", "all")
+CHECKPOINT = "checkpoint.pt"
+
+__all__ = ["Document", "DocumentBatches", "collate", "fine_tune", "load_documents", "schedule"]
+
+
+def schedule(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
+    """The learning rate's factor at ``step``: linear warm-up over ``warmup`` steps, then a cosine
+    decay to ``floor`` at ``steps``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _optimizer(model, name: str, lr: float, weight_decay: float, train: str):
+    groups = (model.parameter_groups(weight_decay) if train == "flamingo" else
+              [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}])
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr)
+    from ..quant import _bnb
+    return _bnb().optim.AdamW8bit(groups, lr=lr)
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: float = 0.1, warmup: int = 0,
+              max_grad_norm: float | None = 1.0, optimizer: str = "adamw", train: str = "flamingo",
+              activation_checkpointing: bool = False, out: str | None = None, save_every: int = 0,
+              resume: bool = False, progress: bool | None = None) -> list[dict]:
+    """Train ``model`` for ``steps`` optimizer steps; returns every step's record (loss, learning
+    rate, target tokens, seconds).
+
+    Args:
+        model: a :class:`~fastflamingo.Flamingo` (its LM may be quantized: it stays frozen).
+        batches: ``batches(step)`` -> the step's micro-batches, each ``(vision_x or None, input_ids,
+            attention_mask, labels)`` (:class:`~fastflamingo.training.data.DocumentBatches`).
+        steps: optimizer steps in all (a resumed run continues to this many).
+        lr, weight_decay, warmup: AdamW's; the rate warms up linearly over ``warmup`` steps, then
+            decays along a cosine to 10% (:func:`schedule`). Weight decay spares norms, gates,
+            latents and embeddings (:meth:`~fastflamingo.Flamingo.parameter_groups`).
+        max_grad_norm: clip the trainable parameters' gradient norm (None: no clipping).
+        optimizer: ``"adamw"`` (torch) or ``"adamw8bit"`` (bitsandbytes: its two moments in 8
+            bits, ~75% less optimizer memory).
+        train: ``"flamingo"``: the Flamingo recipe (:meth:`~fastflamingo.Flamingo.set_trainable`);
+            ``"all"``: every weight (a model whose LM is not pretrained).
+        activation_checkpointing: recompute activations in the backward
+            (:meth:`~fastflamingo.Flamingo.activation_checkpointing_enable`).
+        out: a directory for checkpoints (``checkpoint.pt``, ``model/``) and ``history.json``.
+        save_every: also checkpoint every this many steps (0: at the end only).
+        resume: continue from ``out``'s checkpoint.
+        progress: a tqdm bar; None: when stderr is a terminal.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    if train not in TRAIN:
+        raise ValueError(f"train must be one of {TRAIN}, got {train!r}")
+    if resume and out is None:
+        raise ValueError("resume=True continues from out's checkpoint: pass out")
+    if train == "flamingo":
+        model.set_trainable()
+    else:
+        model.set_trainable(train_embeddings=False)  # no masks on the embedding rows: all of them train
+        model.requires_grad_(True)
+    if activation_checkpointing:
+        model.activation_checkpointing_enable()
+    params = _trainable(model)
+    if not params:
+        raise ValueError("the model has no trainable parameter (no resampler or cross-attention layers?)")
+    opt = _optimizer(model, optimizer, lr, weight_decay, train)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, steps, warmup))
+    history, start = [], 0
+    if resume:
+        start, history = _load(os.path.join(out, CHECKPOINT), params, opt, sched)
+        if start >= steps:
+            raise ValueError(f"the checkpoint in {out} is at step {start}, not before steps={steps}: nothing to do")
+    model.train()
+    device = model.device
+    bar = tqdm(range(start, steps), desc="fine-tuning", initial=start, total=steps,
+               disable=None if progress is None else not progress)
+    for step in bar:
+        t0 = time.perf_counter()
+        micro = [tuple(None if x is None else x.to(device) for x in mb) for mb in batches(step)]
+        counts = [int((mb[3][:, 1:] != -100).sum()) for mb in micro]
+        total = sum(counts)
+        if total == 0:
+            raise ValueError(f"step {step}'s batch has no target token (every label is -100)")
+        loss_sum = 0.0
+        for (vx, ids, mask, labels), n in zip(micro, counts):
+            if n == 0:
+                continue
+            loss = model(None if vx is None else vx.to(model.vision_encoder_dtype), ids, attention_mask=mask,
+                         labels=labels).loss * (n / total)
+            loss.backward()
+            loss_sum += loss.item()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
+        rate = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "loss": loss_sum, "lr": rate,
+                        "tokens": total, "seconds": time.perf_counter() - t0})
+        bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
+        if out is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
+            _save(out, model, params, opt, sched, step + 1, history)
+    model.eval()
+    return history
+
+
+def _save(out: str, model, params, opt, sched, step: int, history: list[dict]) -> None:
+    os.makedirs(out, exist_ok=True)
+    state = {"step": step, "trainable": {n: p.detach().cpu() for n, p in params.items()},
+             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history}
+    tmp = os.path.join(out, CHECKPOINT + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, os.path.join(out, CHECKPOINT))  # a run killed while saving keeps the last checkpoint
+    model.save_pretrained(os.path.join(out, "model"), trainable_only=True)
+    with open(os.path.join(out, "history.json"), "w") as f:
+        json.dump(history, f)
+
+
+def _load(path: str, params, opt, sched) -> tuple[int, list[dict]]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"resume=True: no checkpoint {path!r}")
+    state = torch.load(path, weights_only=True, map_location="cpu")
+    missing = sorted(params.keys() - state["trainable"].keys())
+    extra = sorted(state["trainable"].keys() - params.keys())
+    if missing or extra:
+        raise ValueError(f"the checkpoint {path} is of another set of trainable weights: "
+                         f"missing {missing[:3]}, unexpected {extra[:3]} (another model, or train=...)")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state["trainable"][n])
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return state["step"], state["history"]

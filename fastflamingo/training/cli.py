@@ -1,0 +1,106 @@
+"""``fastflamingo finetune``: fine-tune a Flamingo on interleaved documents (JSON lines, see
+:mod:`fastflamingo.training.data`), the Flamingo recipe: the vision encoder and the LM frozen (the
+LM may be 4- or 8-bit), the resampler, cross-attention layers and added tokens' rows trained.
+
+Examples::
+
+    fastflamingo finetune --model DIR --data train.jsonl --steps 1000 --batch-size 4 --grad-accum 8 \\
+        --quantization nf4 --activation-checkpointing --optimizer adamw8bit --out run1
+    fastflamingo finetune --model DIR --data train.jsonl --steps 2000 --out run1 --resume
+
+``--out`` gets ``checkpoint.pt`` (to resume), ``model/`` (the trained weights only: load them onto
+the base model with ``Flamingo.from_pretrained("run1/model", lang_encoder=...)``),
+``history.json`` and ``loss.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+
+
+def add_parser(subparsers) -> None:
+    from ..cli import count_arg, device_arg
+    p = subparsers.add_parser("finetune", help="fine-tune on interleaved image-text documents",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a directory written by Flamingo.save_pretrained, with its tokenizer")
+    p.add_argument("--data", required=True, help="JSON-lines documents: {\"images\": [...], \"text\": \"<image>...\"}")
+    p.add_argument("--steps", type=count_arg("--steps"), required=True, help="optimizer steps in all")
+    p.add_argument("--batch-size", type=count_arg("--batch-size"), default=4, help="documents per micro-batch")
+    p.add_argument("--grad-accum", type=count_arg("--grad-accum"), default=1, help="micro-batches per step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--warmup", type=count_arg("--warmup"), default=0, help="steps of linear warm-up")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
+    p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
+    p.add_argument("--max-length", type=count_arg("--max-length"), default=None,
+                   help="refuse documents longer than this many tokens (never cut)")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--quantization", choices=["nf4", "int8"], default=None, help="the frozen LM in 4 or 8 bits")
+    p.add_argument("--device", type=device_arg, default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--seed", type=int, default=0, help="the order of the documents")
+    p.add_argument("--save-every", type=count_arg("--save-every"), default=0, help="checkpoint every N steps too")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    p.add_argument("--out", required=True, help="directory for checkpoints, history.json and loss.png")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from transformers import AutoTokenizer
+
+    from ..generation.cli import image_transform
+    from ..model import Flamingo
+    from . import DocumentBatches, fine_tune, load_documents
+    for flag, path in (("--model", args.model), ("--data", args.data)):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{flag}: no {'directory' if flag == '--model' else 'file'} {path!r}")
+    if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
+        raise ValueError("--steps, --batch-size and --grad-accum must be >= 1")
+    docs = load_documents(args.data)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    model = Flamingo.from_pretrained(args.model, quantization=args.quantization, dtype=dtype, device=device)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    style = "idefics" if model.config.cross_attention.style == "idefics" else "open_flamingo"
+    data = DocumentBatches(docs, tok, model.config.media_token_id, batch_size=args.batch_size,
+                           grad_accum=args.grad_accum, seed=args.seed, max_length=args.max_length,
+                           image_processor=image_transform(style, model.config.vision.image_size),
+                           image_size=model.config.vision.image_size)
+    done = 0
+    if args.resume and os.path.isfile(os.path.join(args.out, "history.json")):
+        with open(os.path.join(args.out, "history.json")) as f:
+            done = len(json.load(f))
+    history = fine_tune(model, data, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
+                        warmup=args.warmup, max_grad_norm=args.max_grad_norm or None, optimizer=args.optimizer,
+                        activation_checkpointing=args.activation_checkpointing, out=args.out,
+                        save_every=args.save_every, resume=args.resume)
+    png = loss_plot(history, os.path.join(args.out, "loss.png"))
+    run_ = history[done:]
+    first, last = run_[0], run_[-1]
+    print(f"{len(docs)} documents; steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> "
+          f"{last['loss']:.4f}; {sum(h['seconds'] for h in run_):.1f} s on {device}")
+    print(f"wrote {os.path.join(args.out, 'checkpoint.pt')}, {os.path.join(args.out, 'model')}"
+          + (f", {png}" if png else ""))
+    return 0
+
+
+def loss_plot(history: list[dict], path: str) -> str | None:
+    """The loss by step, as a PNG at ``path`` (None without matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,115 @@
+"""Training data: interleaved documents (images and text) as batches for the LM loss.
+
+A document is a JSON line ``{"images": ["a.png", "b.png"], "text": "<image>A cat.<|endofchunk|><image>A dog.<|endofchunk|>"}``:
+one ``<image>`` tag in the text per image, in order (paths relative to the file). Batches are
+right-padded (as open_flamingo trains: a left-padded row's first label would be predicted from a
+padding position), a row with fewer images than the batch's most gets zero images after its own
+(no token sees them), and the labels are the text tokens: ``<image>`` and padding are -100.
+A document longer than ``max_length`` tokens is an error naming it, never cut.
+
+:class:`DocumentBatches` gives the micro-batches of a step as a function of the step alone (the
+order is a permutation per epoch, drawn from the seed), so a run resumed from a checkpoint sees
+exactly the data the uninterrupted run would have.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(eq=False)
+class Document:
+    """One interleaved document: its images (paths, PIL images, or (C, H, W) / (F, C, H, W)
+    tensors already processed) and its text, one ``<image>`` tag per image."""
+    images: list
+    text: str
+
+
+def load_documents(path: str) -> list[Document]:
+    """Documents from a JSON-lines file (see the module's docstring)."""
+    from ..inputs import json_lines
+    out = []
+    for where, row, base in json_lines(path):
+        if not isinstance(row.get("text"), str):
+            raise ValueError(f"{where} needs a \"text\" string (and \"images\": a list of paths), "
+                             f"got keys {sorted(row)}")
+        images = row.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise ValueError(f"{where}: \"images\" must be a list of paths, got {images!r}")
+        tags = row["text"].count("<image>")
+        if tags != len(images):
+            raise ValueError(f"{where}: the text has {tags} <image> tag(s) for {len(images)} image(s); "
+                             "put one <image> in the text where each image goes")
+        out.append(Document([os.path.join(base, p) for p in images], row["text"]))
+    if not out:
+        raise ValueError(f"{path} holds no documents")
+    return out
+
+
+def collate(docs: list[Document], tokenizer, media_token_id: int, *, image_processor=None, image_size: int,
+            max_length: int | None = None, index: list[int] | None = None):
+    """(vision_x (B, N, F, C, H, W) or None, input_ids, attention_mask, labels) of ``docs``."""
+    from ..inputs import image_tensor
+    enc = tokenizer([d.text for d in docs], return_tensors="pt", padding="longest", padding_side="right")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    lengths = mask.sum(-1).tolist()
+    for i, (d, n) in enumerate(zip(docs, lengths)):
+        where = f"document {index[i] if index else i}"
+        if max_length is not None and n > max_length:
+            raise ValueError(f"{where} is {n} tokens, more than max_length={max_length}: split it, or raise "
+                             "max_length (documents are never cut)")
+        tags = int((ids[i] == media_token_id).sum())
+        if tags != len(d.images):
+            raise ValueError(f"{where} tokenizes to {tags} <image> token(s) (id {media_token_id}) for "
+                             f"{len(d.images)} image(s): use the tokenizer the model was built with")
+    labels = ids.masked_fill((ids == media_token_id) | (mask == 0), -100)
+    most = max(len(d.images) for d in docs)
+    if most == 0:
+        return None, ids, mask, labels
+    rows = []
+    for d in docs:
+        frames = [image_tensor(im, image_processor) for im in d.images]
+        shape = frames[0].shape if frames else (1, 3, image_size, image_size)
+        rows.append(torch.stack(frames + [torch.zeros(shape)] * (most - len(frames))))
+    return torch.stack(rows), ids, mask, labels
+
+
+class DocumentBatches:
+    """``batches(step)`` -> the step's micro-batches: ``grad_accum`` of ``batch_size`` documents
+    each, in a per-epoch shuffled order drawn from ``seed``."""
+
+    def __init__(self, docs: list[Document], tokenizer, media_token_id: int, *, batch_size: int,
+                 grad_accum: int = 1, seed: int = 0, image_processor=None, image_size: int = 224,
+                 max_length: int | None = None):
+        if batch_size < 1 or grad_accum < 1:
+            raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size} and {grad_accum}")
+        if batch_size * grad_accum > len(docs):
+            raise ValueError(f"a step takes batch_size x grad_accum = {batch_size * grad_accum} documents, "
+                             f"but there are {len(docs)}")
+        self.docs, self.tokenizer, self.media = docs, tokenizer, media_token_id
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.image_processor, self.image_size, self.max_length = image_processor, image_size, max_length
+        self.per_epoch = len(docs) // (batch_size * grad_accum)  # the remainder waits for the next epoch's order
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            order = list(range(len(self.docs)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._orders = {epoch: order}  # one epoch at a time
+        return self._orders[epoch]
+
+    def __call__(self, step: int) -> list[tuple]:
+        epoch, k = divmod(step, self.per_epoch)
+        order = self._order(epoch)
+        start = k * self.batch_size * self.grad_accum
+        out = []
+        for m in range(self.grad_accum):
+            index = order[start + m * self.batch_size: start + (m + 1) * self.batch_size]
+            out.append(collate([self.docs[i] for i in index], self.tokenizer, self.media,
+                               image_processor=self.image_processor, image_size=self.image_size,
+                               max_length=self.max_length, index=index))
+        return out

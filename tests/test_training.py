@@ -1,0 +1,171 @@
+"""Fine-tuning (fastflamingo.training): gradient accumulation equals one big batch, a resumed run
+equals the uninterrupted one bit for bit, the low-memory setup (NF4 LM, activation
+checkpointing, 8-bit AdamW) trains on a CPU with the frozen parts untouched, and the
+command line trains from files, resumes, and refuses bad data naming it."""
+import copy
+import json
+
+import pytest
+import torch
+
+import fastflamingo
+from fastflamingo.evaluation import synthetic
+from fastflamingo.training import Document, DocumentBatches, fine_tune, load_documents, schedule
+
+
+def _docs(n: int = 8, seed: int = 0) -> list[Document]:
+    """Documents of 0-3 named pictures, texts of different lengths (some with no image at all)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        k = i % 4
+        colors = [synthetic.NAMES[(i + j) % 6] for j in range(k)]
+        shapes = [synthetic.SHAPES[(i * 3 + j) % 4] for j in range(k)]
+        images = list(synthetic.render(colors, shapes, g)) if k else []
+        text = " ".join(f"<image>Output:{c} {s}<|endofchunk|>" for c, s in zip(colors, shapes)) or "what is it ?"
+        out.append(Document(images, text + " Output" * (i % 3)))
+    return out
+
+
+def _model():
+    return fastflamingo.Flamingo.from_preset("tiny", seed=5)
+
+
+def _open_gates(model):
+    """Random tiny blocks start with closed tanh gates (no gradient reaches their weights): open them."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.fill_(0.5)
+    return model
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    tok = synthetic.tokenizer()
+    docs = _docs()
+    big, small = _open_gates(_model()), None
+    small = copy.deepcopy(big)
+    kw = dict(steps=1, lr=1e-3, progress=False)
+    h_big = fine_tune(big, DocumentBatches(docs, tok, 510, batch_size=4, image_size=32), **kw)
+    h_small = fine_tune(small, DocumentBatches(docs, tok, 510, batch_size=1, grad_accum=4, image_size=32), **kw)
+    assert h_big[0]["tokens"] == h_small[0]["tokens"]
+    assert h_small[0]["loss"] == pytest.approx(h_big[0]["loss"], rel=1e-5)
+    a, b = _trainable(big), _trainable(small)
+    moved = 0
+    for n in a:
+        assert torch.allclose(a[n], b[n], rtol=0, atol=1e-3 * 1e-3), n  # 1e-3 of one step of lr=1e-3
+        moved += int((a[n] != _trainable(_open_gates(_model()))[n]).any()) if n in a else 0
+    assert moved > 10  # the step moved the blocks' weights, not just the gates
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_equals_the_uninterrupted_run(tmp_path):
+    tok = synthetic.tokenizer()
+    docs = _docs(12)
+    data = DocumentBatches(docs, tok, 510, batch_size=2, grad_accum=2, image_size=32, seed=3)
+    kw = dict(steps=6, lr=1e-3, warmup=2, progress=False)
+    whole = _open_gates(_model())
+    h_whole = fine_tune(whole, data, out=str(tmp_path / "a"), **kw)
+
+    def stops_at_4(step):
+        if step == 4:
+            raise _Stop
+        return data(step)
+    cut = _open_gates(_model())
+    with pytest.raises(_Stop):
+        fine_tune(cut, stops_at_4, out=str(tmp_path / "b"), save_every=2, **kw)
+    resumed = _open_gates(_model())  # a new process: the base weights again, the trained ones from the checkpoint
+    h = fine_tune(resumed, data, out=str(tmp_path / "b"), resume=True, **kw)
+    assert [r["loss"] for r in h] == [r["loss"] for r in h_whole]  # the history carries on
+    a, b = _trainable(whole), _trainable(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert [r["lr"] for r in h] == pytest.approx([1e-3 * schedule(s, 6, 2) for s in range(6)])
+    with pytest.raises(ValueError, match="at step 6, not before steps=6"):
+        fine_tune(_open_gates(_model()), data, out=str(tmp_path / "b"), resume=True, **kw)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        fine_tune(_model(), data, out=str(tmp_path / "c"), resume=True, **kw)
+
+
+def test_low_memory_setup_trains_on_the_cpu_and_leaves_frozen_weights(tmp_path):
+    """NF4 frozen LM, activation checkpointing and bitsandbytes' 8-bit AdamW together: the loss
+    falls, the vision encoder and the LM's base weights do not move, and the trainable-only save
+    loads back onto the 16-bit base LM (quantized again) with the trained model's logits."""
+    from fastflamingo.model import build_lm
+    from fastflamingo.presets import preset_config
+    from fastflamingo.quant import quantize_model
+    from fastflamingo.vision import build_vision_model
+    config = preset_config("tiny")
+    torch.manual_seed(0)
+    lm, vision = build_lm(config), build_vision_model(config.vision)
+    model = fastflamingo.Flamingo(config, vision_encoder=copy.deepcopy(vision), lang_encoder=copy.deepcopy(lm))
+    quantize_model(model, "nf4")
+    frozen = {n: t.clone() for n, t in model.state_dict().items()
+              if n.startswith("vision_encoder.") or ("lang_encoder." in n and "gated_cross_attn" not in n
+                                                     and "embed_tokens" not in n and "lm_head" not in n)}
+    tok = synthetic.tokenizer()
+    data = synthetic.batches(tok, 510, batch_size=8, seed=1)
+    h = fine_tune(model, data, steps=40, lr=3e-3, optimizer="adamw8bit", activation_checkpointing=True,
+                  out=str(tmp_path), progress=False)
+    assert sum(r["loss"] for r in h[-5:]) < sum(r["loss"] for r in h[:5])
+    after = model.state_dict()
+    assert all(torch.equal(frozen[n], after[n]) for n in frozen) and len(frozen) > 20
+    back = fastflamingo.Flamingo.from_pretrained(tmp_path / "model", lang_encoder=copy.deepcopy(lm),
+                                                 vision_encoder=copy.deepcopy(vision), quantization="nf4")
+    vx, ids, mask, _ = data(99)[0]
+    with torch.no_grad():
+        assert torch.allclose(back.eval()(vx, ids, attention_mask=mask).logits,
+                              model.eval()(vx, ids, attention_mask=mask).logits, atol=1e-5)
+
+
+def test_data_errors_name_the_document(tmp_path):
+    tok = synthetic.tokenizer()
+    p = tmp_path / "d.jsonl"
+    p.write_text('{"images": ["a.png"], "text": "<image>Output:red"}\n{"images": [], "text": "<image>x"}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:2: the text has 1 <image> tag\(s\) for 0 image\(s\)"):
+        load_documents(str(p))
+    p.write_text('{"text": 5}\n')
+    with pytest.raises(ValueError, match=r"d.jsonl:1 needs a \"text\" string"):
+        load_documents(str(p))
+    long = _docs(4)
+    long[2] = Document([], "Output " * 40)
+    data = DocumentBatches(long, tok, 510, batch_size=4, image_size=32, max_length=30)
+    with pytest.raises(ValueError, match=r"document \d is 40 tokens, more than max_length=30: split it"):
+        data(0)
+    with pytest.raises(ValueError, match="a step takes batch_size x grad_accum = 8 documents, but there are 4"):
+        DocumentBatches(long, tok, 510, batch_size=4, grad_accum=2)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        fine_tune(_model(), data, steps=1, optimizer="sgd")
+
+
+def test_cli_finetune_from_files_then_resume(tmp_path, capsys):
+    from PIL import Image
+
+    from fastflamingo.cli import main
+    saved = tmp_path / "model"
+    _model().save_pretrained(saved)
+    synthetic.tokenizer().save_pretrained(saved)
+    lines = []
+    for i, d in enumerate(_docs(6)):
+        names = []
+        for j, im in enumerate(d.images):
+            names.append(f"{i}_{j}.png")
+            Image.fromarray((im[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / names[-1])
+        lines.append(json.dumps({"images": names, "text": d.text}))
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["finetune", "--model", str(saved), "--data", str(tmp_path / "docs.jsonl"), "--batch-size", "2",
+            "--grad-accum", "2", "--out", str(tmp_path / "run")]
+    assert main(args + ["--steps", "2"]) == 0
+    assert "steps 1..2" in capsys.readouterr().out
+    assert main(args + ["--steps", "4", "--resume"]) == 0
+    assert "steps 3..4" in capsys.readouterr().out
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3, 4] and (tmp_path / "run" / "loss.png").stat().st_size > 0
+    assert main(args[:4] + ["/no/docs.jsonl", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "--data: no file '/no/docs.jsonl'" in capsys.readouterr().err
