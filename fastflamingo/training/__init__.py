@@ -111,7 +111,7 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
                disable=None if progress is None else not progress)
     for step in bar:
         t0 = time.perf_counter()
-        micro = [tuple(None if x is None else x.to(device) for x in mb) for mb in batches(step)]
+        micro = batches(step)  # moved to the device one micro-batch at a time
         counts = [int((mb[3][:, 1:] != -100).sum()) for mb in micro]
         total = sum(counts)
         if total == 0:
@@ -120,8 +120,8 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         for (vx, ids, mask, labels), n in zip(micro, counts):
             if n == 0:
                 continue
-            loss = model(None if vx is None else vx.to(model.vision_encoder_dtype), ids, attention_mask=mask,
-                         labels=labels).loss * (n / total)
+            vx = None if vx is None else vx.to(device, model.vision_encoder_dtype)
+            loss = model(vx, ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss * (n / total)
             loss.backward()
             loss_sum += loss.item()
         if max_grad_norm is not None:
