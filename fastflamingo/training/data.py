@@ -92,7 +92,9 @@ class DocumentBatches:
         self.docs, self.tokenizer, self.media = docs, tokenizer, media_token_id
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.image_processor, self.image_size, self.max_length = image_processor, image_size, max_length
-        self.per_epoch = len(docs) // (batch_size * grad_accum)  # the remainder waits for the next epoch's order
+        # a step takes batch_size x grad_accum documents: the len(docs) % that left over sit out the epoch
+        # (the next epoch draws another order)
+        self.per_epoch = len(docs) // (batch_size * grad_accum)
         self._orders: dict[int, list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
