@@ -285,6 +285,9 @@ def test_cli_synthetic_then_the_saved_model_on_files(tmp_path, capsys):
     (["--model", "m", "--queries", "/no/q.jsonl", "--support", "/no/s.jsonl"], "--queries: no file '/no/q.jsonl'"),
     (["--synthetic", "--shots", "-1"], "--shots must be >= 0, got -1"),
     (["--synthetic", "--num-beams", "0"], "--num-beams must be >= 1, got 0"),
+    (["--synthetic", "--task", "vqa"], "--task: not used with --synthetic"),
+    (["--synthetic", "--num-queries", "0"], "--num-queries must be >= 1, got 0"),
+    (["--model", "m", "--queries", "q", "--support", "s", "--save", "d"], "--save: only used with --synthetic"),
 ])
 def test_cli_evaluate_bad_input_is_one_line_naming_it(capsys, args, message):
     from fastflamingo.cli import main

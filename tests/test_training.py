@@ -142,6 +142,9 @@ def test_data_errors_name_the_document(tmp_path):
         DocumentBatches(long, tok, 510, batch_size=4, grad_accum=2)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         fine_tune(_model(), data, steps=1, optimizer="sgd")
+    from fastflamingo.quant import quantize_model
+    with pytest.raises(ValueError, match=r"train='all' trains every weight, but \d+ layer\(s\) hold 4/8-bit weights"):
+        fine_tune(quantize_model(_model(), "nf4"), data, steps=1, train="all")
 
 
 def test_cli_finetune_from_files_then_resume(tmp_path, capsys):

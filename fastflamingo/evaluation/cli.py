@@ -31,7 +31,7 @@ def add_parser(subparsers) -> None:
     src.add_argument("--synthetic", action="store_true",
                      help="train the tiny preset on a synthetic world of shapes and colours, then evaluate it")
     src.add_argument("--model", help="a directory written by Flamingo.save_pretrained, with its tokenizer")
-    p.add_argument("--task", choices=["vqa", "classification"], default="vqa")
+    p.add_argument("--task", choices=["vqa", "classification"], default=None, help="with --model (default vqa)")
     p.add_argument("--queries", help="JSON-lines file of the examples to answer")
     p.add_argument("--support", help="JSON-lines file the demonstrations are drawn from")
     p.add_argument("--class-names-file", help="classification: the class names, one per line")
@@ -50,9 +50,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=5)
     p.add_argument("--length-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=42, help="the draw of demonstrations")
-    p.add_argument("--steps", type=count_arg("--steps"), default=1500, help="--synthetic: training steps")
-    p.add_argument("--num-queries", type=count_arg("--num-queries"), default=200,
-                   help="--synthetic: queries per attribute")
+    p.add_argument("--steps", type=count_arg("--steps"), default=None, help="--synthetic: training steps (1500)")
+    p.add_argument("--num-queries", type=count_arg("--num-queries"), default=None,
+                   help="--synthetic: queries per attribute (200)")
     p.add_argument("--save", help="--synthetic: also save the trained model and its tokenizer here")
     p.add_argument("--quantization", choices=["nf4", "int8"], default=None)
     p.add_argument("--device", type=device_arg, default=None, help="cuda or cpu (default: cuda when available)")
@@ -67,13 +67,18 @@ def _check(args) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.synthetic:
-        given = [f"--{n.replace('_', '-')}" for n in ("queries", "support", "class_names_file", "quantization")
+        given = [f"--{n.replace('_', '-')}" for n in ("queries", "support", "class_names_file", "quantization", "task")
                  if getattr(args, n)]
         if given:
             raise ValueError(f"{', '.join(given)}: not used with --synthetic (it makes its own data and model)")
-        if args.steps < 1:
-            raise ValueError("--steps must be >= 1")
+        for name in ("steps", "num_queries"):
+            value = getattr(args, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
         return
+    given = [f"--{n.replace('_', '-')}" for n in ("steps", "num_queries", "save") if getattr(args, n) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: only used with --synthetic")
     missing = [f"--{n}" for n in ("queries", "support") if not getattr(args, n)]
     if missing:
         raise ValueError(f"evaluating --model needs {' and '.join(missing)} (JSON-lines files)")
@@ -81,6 +86,7 @@ def _check(args) -> None:
         path = getattr(args, name)
         if path and not os.path.isfile(path):
             raise FileNotFoundError(f"--{name.replace('_', '-')}: no file {path!r}")
+    args.task = args.task or "vqa"
     if args.task == "classification" and not args.class_names_file:
         raise ValueError("--task classification ranks class names: pass --class-names-file (one per line)")
 
@@ -127,26 +133,28 @@ def _synthetic(args, device, dtype) -> dict:
     model = Flamingo.from_preset("tiny", device=device, dtype=dtype, seed=args.seed)
     tok = synthetic.tokenizer(model.config.media_token_id, model.config.eoc_token_id)
     start = time.perf_counter()
-    losses = synthetic.train(model, tok, steps=args.steps, seed=args.seed)
+    steps = 1500 if args.steps is None else args.steps
+    num_queries = 200 if args.num_queries is None else args.num_queries
+    losses = synthetic.train(model, tok, steps=steps, seed=args.seed)
     trained = time.perf_counter() - start
     if args.save:
         model.save_pretrained(args.save)
         tok.save_pretrained(args.save)
     results = {}
     for i, attribute in enumerate(synthetic.ATTRIBUTES):
-        queries = synthetic.examples(args.num_queries, attribute, seed=10_000 + i, size=model.config.vision.image_size)
+        queries = synthetic.examples(num_queries, attribute, seed=10_000 + i, size=model.config.vision.image_size)
         support = synthetic.examples(64, attribute, seed=20_000 + i, size=model.config.vision.image_size)
         rs = evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES, shots=shots,
                       seed=args.seed, batch_size=args.batch_size or 32, text_demos_at_zero=zero,
                       demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations)
         results[attribute] = [r.to_dict() for r in rs]
     report = {"kind": "synthetic", "metric": "accuracy (%), rank classification over "
-              f"{len(synthetic.NAMES)} names", "steps": args.steps, "train_seconds": trained,
+              f"{len(synthetic.NAMES)} names", "steps": steps, "train_seconds": trained,
               "final_loss": sum(losses[-20:]) / len(losses[-20:]), "text_demos_at_zero": zero,
               "results": results, **_meta(device)}
-    print(f"synthetic few-shot world: the tiny preset trained {args.steps} steps in {trained:.0f} s "
+    print(f"synthetic few-shot world: the tiny preset trained {steps} steps in {trained:.0f} s "
           f"(loss {report['final_loss']:.3f}) on {report['device']}; {report['metric']}; "
-          f"{args.num_queries} queries per attribute; a zero-shot prompt has {zero} text-only demonstrations, "
+          f"{num_queries} queries per attribute; a zero-shot prompt has {zero} text-only demonstrations, "
           "and without any a model can only guess which attribute is asked (50% at best)")
     print(_table(report))
     return report

@@ -77,6 +77,8 @@ def examples(n: int, attribute: str, seed: int, size: int = 32) -> list[Example]
     """``n`` random pictures named by ``attribute`` (``"color"`` or ``"shape"``)."""
     if attribute not in ATTRIBUTES:
         raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
+    if n < 1:
+        raise ValueError(f"examples needs n >= 1, got {n}")
     rng = random.Random(seed)
     colors, shapes = [rng.choice(list(COLORS)) for _ in range(n)], [rng.choice(SHAPES) for _ in range(n)]
     images = render(colors, shapes, torch.Generator().manual_seed(seed), size)

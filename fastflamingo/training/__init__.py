@@ -91,6 +91,11 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     if train == "flamingo":
         model.set_trainable()
     else:
+        from ..quant import quantized_modules
+        if quantized_modules(model):
+            raise ValueError(f"train='all' trains every weight, but {len(quantized_modules(model))} layer(s) hold "
+                             "4/8-bit weights, which do not train: load the model without quantization, or "
+                             "train='flamingo' (the frozen LM may stay quantized)")
         model.set_trainable(train_embeddings=False)  # no masks on the embedding rows: all of them train
         model.requires_grad_(True)
     if activation_checkpointing:
@@ -116,17 +121,17 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         total = sum(counts)
         if total == 0:
             raise ValueError(f"step {step}'s batch has no target token (every label is -100)")
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=device)
         for (vx, ids, mask, labels), n in zip(micro, counts):
             if n == 0:
                 continue
             vx = None if vx is None else vx.to(device, model.vision_encoder_dtype)
             loss = model(vx, ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss * (n / total)
             loss.backward()
-            loss_sum += loss.item()
+            loss_sum += loss.detach().float()  # read once a step: no host sync per micro-batch
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
-        rate = opt.param_groups[0]["lr"]
+        rate, loss_sum = opt.param_groups[0]["lr"], loss_sum.item()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
