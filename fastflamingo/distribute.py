@@ -14,6 +14,8 @@ CPU memory (or on disk) and visit the execution device for each forward.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -110,3 +112,28 @@ def uses_several_devices(model: nn.Module) -> bool:
     """Whether ``model`` was dispatched over more than one device (or offloaded)."""
     plan = getattr(model, "hf_device_map", None)
     return bool(plan) and len({str(d) for d in plan.values()}) > 1
+
+
+# ------------------------------------------------------------------ FSDP2 (data parallel, sharded)
+def shard(model: nn.Module) -> nn.Module:
+    """FSDP2 over a Flamingo (``torch.distributed`` initialized): each gated cross-attention block,
+    each decoder layer and the resampler is a unit of ``fully_shard`` (innermost first: the blocks
+    sit inside the decoder layers), the rest the root's. Parameters become DTensor shards; their
+    names are unchanged."""
+    from torch.distributed.fsdp import fully_shard
+
+    from .lm import decoder_layers_attr_for
+    layers = operator.attrgetter(decoder_layers_attr_for(model.lang_encoder))(model.lang_encoder)
+    units = [*model.gated_cross_attn_layers, *layers] + ([model.perceiver] if model.perceiver is not None else [])
+    for m in units:
+        fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def gather_state(model: nn.Module, keys) -> dict[str, torch.Tensor]:
+    """``{key: the whole tensor on the CPU}`` for these state-dict keys of a model sharded by
+    :func:`shard` (a collective: every rank calls it) or not sharded at all."""
+    from torch.distributed.tensor import DTensor
+    state = model.state_dict()
+    return {k: (state[k].full_tensor() if isinstance(state[k], DTensor) else state[k]).detach().cpu() for k in keys}

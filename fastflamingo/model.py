@@ -456,10 +456,10 @@ class Flamingo(nn.Module):
         finally:
             m.visual, m.text_time, m.kv_cache = previous
 
-    def save_pretrained(self, directory, *, trainable_only: bool = False):
+    def save_pretrained(self, directory, *, trainable_only: bool = False, state: dict | None = None):
         """Write ``config.json`` + ``model.safetensors`` (see :mod:`fastflamingo.convert.pretrained`)."""
         from .convert.pretrained import save_pretrained
-        return save_pretrained(self, directory, trainable_only=trainable_only)
+        return save_pretrained(self, directory, trainable_only=trainable_only, state=state)
 
     @classmethod
     def from_pretrained(cls, directory, *, quantization=None, device=None, dtype: torch.dtype | None = None,

@@ -138,7 +138,7 @@ def test_data_errors_name_the_document(tmp_path):
     data = DocumentBatches(long, tok, 510, batch_size=4, image_size=32, max_length=30)
     with pytest.raises(ValueError, match=r"document \d is 40 tokens, more than max_length=30: split it"):
         data(0)
-    with pytest.raises(ValueError, match="a step takes batch_size x grad_accum = 8 documents, but there are 4"):
+    with pytest.raises(ValueError, match="a step takes batch_size x grad_accum x world_size = 8 documents, but there are 4"):
         DocumentBatches(long, tok, 510, batch_size=4, grad_accum=2)
     with pytest.raises(ValueError, match="optimizer must be one of"):
         fine_tune(_model(), data, steps=1, optimizer="sgd")
@@ -147,10 +147,9 @@ def test_data_errors_name_the_document(tmp_path):
         fine_tune(quantize_model(_model(), "nf4"), data, steps=1, train="all")
 
 
-def test_cli_finetune_from_files_then_resume(tmp_path, capsys):
+def _files(tmp_path):
+    """The tiny model and its tokenizer saved, and six documents as PNG files and JSON lines."""
     from PIL import Image
-
-    from fastflamingo.cli import main
     saved = tmp_path / "model"
     _model().save_pretrained(saved)
     synthetic.tokenizer().save_pretrained(saved)
@@ -162,6 +161,12 @@ def test_cli_finetune_from_files_then_resume(tmp_path, capsys):
             Image.fromarray((im[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()).save(tmp_path / names[-1])
         lines.append(json.dumps({"images": names, "text": d.text}))
     (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    return saved
+
+
+def test_cli_finetune_from_files_then_resume(tmp_path, capsys):
+    from fastflamingo.cli import main
+    saved = _files(tmp_path)
     args = ["finetune", "--model", str(saved), "--data", str(tmp_path / "docs.jsonl"), "--batch-size", "2",
             "--grad-accum", "2", "--out", str(tmp_path / "run")]
     assert main(args + ["--steps", "2"]) == 0
@@ -172,3 +177,95 @@ def test_cli_finetune_from_files_then_resume(tmp_path, capsys):
     assert [h["step"] for h in history] == [1, 2, 3, 4] and (tmp_path / "run" / "loss.png").stat().st_size > 0
     assert main(args[:4] + ["/no/docs.jsonl", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
     assert "--data: no file '/no/docs.jsonl'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ FSDP2: two CPU processes (gloo)
+def _stopping_at(data, step):
+    def at(s):
+        if s == step:
+            raise _Stop
+        return data(s)
+    return at
+
+
+def _shard_worker(rank: int, world: int, store: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from fastflamingo.distribute import gather_state
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    data = DocumentBatches(_docs(12), synthetic.tokenizer(), 510, batch_size=1, image_size=32, seed=3,
+                           rank=rank, world_size=world)
+    kw = dict(steps=4, lr=1e-3, warmup=1, shard=True, progress=False)
+    whole = _open_gates(_model())
+    h = fine_tune(whole, data, out=f"{out}/a", **kw)
+    try:
+        fine_tune(_open_gates(_model()), _stopping_at(data, 2), out=f"{out}/b", save_every=2, **kw)
+    except _Stop:
+        pass
+    resumed = _open_gates(_model())
+    h2 = fine_tune(resumed, data, out=f"{out}/b", resume=True, **kw)
+    names = [n for n, p in whole.named_parameters() if p.requires_grad]
+    a, b = gather_state(whole, names), gather_state(resumed, names)
+    if rank == 0:
+        torch.save({"h": h, "h2": h2, "a": a, "b": b}, f"{out}/results.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+    os._exit(0)  # see tests/test_fsdp.py: no C++ static destructors racing a gloo thread
+
+
+def test_sharded_fine_tuning_equals_one_process_and_resumes(tmp_path):
+    """FSDP2 data parallel over two ranks (one micro-batch each) makes the step one process makes
+    with both micro-batches (token-weighted across the ranks); a sharded run stopped at step 2 and
+    resumed from rank 0's checkpoint equals the uninterrupted one; the checkpoint's model/ loads."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.fail("torch.distributed with gloo is needed (it ships with every torch wheel)")
+    mp.spawn(_shard_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    got = torch.load(tmp_path / "results.pt", weights_only=True)
+    single = _open_gates(_model())
+    data = DocumentBatches(_docs(12), synthetic.tokenizer(), 510, batch_size=1, grad_accum=2, image_size=32, seed=3)
+    h = fine_tune(single, data, steps=4, lr=1e-3, warmup=1, progress=False)
+    assert [r["tokens"] for r in got["h"]] == [r["tokens"] for r in h]
+    assert [r["loss"] for r in got["h"]] == pytest.approx([r["loss"] for r in h], rel=1e-5)
+    want = _trainable(single)
+    assert got["a"].keys() == want.keys()
+    for n in want:
+        assert torch.allclose(got["a"][n], want[n], rtol=0, atol=1e-5), n
+        assert torch.equal(got["a"][n], got["b"][n]), n
+    assert [r["loss"] for r in got["h2"]] == [r["loss"] for r in got["h"]]
+    from fastflamingo.model import build_lm
+    from fastflamingo.presets import preset_config
+    from fastflamingo.vision import build_vision_model
+    config = preset_config("tiny")
+    back = fastflamingo.Flamingo.from_pretrained(tmp_path / "a" / "model", lang_encoder=build_lm(config),
+                                                 vision_encoder=build_vision_model(config.vision))
+    assert all(torch.equal(dict(back.named_parameters())[n], got["a"][n]) for n in want)
+
+
+def test_cli_finetune_sharded_under_torchrun_equals_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m fastflamingo.cli finetune ... --shard`` (gloo, two CPU
+    processes, one micro-batch each) gives the losses of one process with --grad-accum 2."""
+    import os
+    import subprocess
+    import sys
+
+    from fastflamingo.cli import main
+    saved = _files(tmp_path)
+    common = ["finetune", "--model", str(saved), "--data", str(tmp_path / "docs.jsonl"), "--batch-size", "1",
+              "--steps", "3"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "fastflamingo.cli", *common, "--shard", "--out", str(tmp_path / "sharded")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "steps 1..3" in run.stdout
+    assert main(common + ["--grad-accum", "2", "--out", str(tmp_path / "one")]) == 0
+    sharded, one = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("sharded", "one"))
+    assert [h["tokens"] for h in sharded] == [h["tokens"] for h in one]
+    assert [h["loss"] for h in sharded] == pytest.approx([h["loss"] for h in one], rel=1e-5)
+    assert main(common + ["--shard", "--out", str(tmp_path / "x")]) == 2  # not under torchrun

@@ -47,12 +47,14 @@ def trainable_keys(model: nn.Module) -> list[str]:
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, *, trainable_only: bool = False,
-                    progress: bool = False) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` (full, or trainable-only) into ``directory``."""
+                    progress: bool = False, state: dict | None = None) -> Path:
+    """Write ``config.json`` and ``model.safetensors`` (full, or trainable-only) into ``directory``.
+    ``state``: the tensors to write, when ``model.state_dict()`` does not hold them whole (a model
+    sharded by FSDP2: :func:`fastflamingo.distribute.gather_state`)."""
     from safetensors.torch import save_file
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
+    state = model.state_dict() if state is None else state
     if trainable_only:
         state = {k: state[k] for k in trainable_keys(model)}
     _refuse_quantized(model, state, trainable_only)

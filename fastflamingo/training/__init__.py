@@ -18,10 +18,12 @@ import json
 import math
 import os
 import time
+import warnings
 
 import torch
 from tqdm.auto import tqdm
 
+from ..warn import InputWarning
 from .data import Document, DocumentBatches, collate, load_documents
 
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -55,8 +57,8 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 
 def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: float = 0.1, warmup: int = 0,
               max_grad_norm: float | None = 1.0, optimizer: str = "adamw", train: str = "flamingo",
-              activation_checkpointing: bool = False, out: str | None = None, save_every: int = 0,
-              resume: bool = False, progress: bool | None = None) -> list[dict]:
+              activation_checkpointing: bool = False, shard: bool = False, out: str | None = None,
+              save_every: int = 0, resume: bool = False, progress: bool | None = None) -> list[dict]:
     """Train ``model`` for ``steps`` optimizer steps; returns every step's record (loss, learning
     rate, target tokens, seconds).
 
@@ -75,6 +77,11 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
             ``"all"``: every weight (a model whose LM is not pretrained).
         activation_checkpointing: recompute activations in the backward
             (:meth:`~fastflamingo.Flamingo.activation_checkpointing_enable`).
+        shard: FSDP2 data parallel over the initialized ``torch.distributed`` group
+            (:func:`fastflamingo.distribute.shard`): every rank calls this with its own
+            ``batches`` (``DocumentBatches(..., rank=, world_size=)``); the step weighs the
+            micro-batches of all ranks by their target tokens, so it is the step one process makes
+            with all of them. Rank 0 writes the checkpoints.
         out: a directory for checkpoints (``checkpoint.pt``, ``model/``) and ``history.json``.
         save_every: also checkpoint every this many steps (0: at the end only).
         resume: continue from ``out``'s checkpoint.
@@ -88,6 +95,11 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         raise ValueError(f"train must be one of {TRAIN}, got {train!r}")
     if resume and out is None:
         raise ValueError("resume=True continues from out's checkpoint: pass out")
+    if shard and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise ValueError("shard=True trains data parallel over torch.distributed: initialize it first "
+                         "(torch.distributed.init_process_group, e.g. under torchrun)")
+    if shard and optimizer != "adamw":
+        raise ValueError(f"shard=True takes optimizer='adamw': bitsandbytes' {optimizer} keeps no sharded state")
     if train == "flamingo":
         model.set_trainable()
     else:
@@ -100,6 +112,10 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         model.requires_grad_(True)
     if activation_checkpointing:
         model.activation_checkpointing_enable()
+    if shard:
+        from ..distribute import shard as fully_shard_model
+        fully_shard_model(model)
+    world = torch.distributed.get_world_size() if shard else 1
     params = _trainable(model)
     if not params:
         raise ValueError("the model has no trainable parameter (no resampler or cross-attention layers?)")
@@ -107,7 +123,7 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, steps, warmup))
     history, start = [], 0
     if resume:
-        start, history = _load(os.path.join(out, CHECKPOINT), params, opt, sched)
+        start, history = _load(os.path.join(out, CHECKPOINT), model, params, opt, sched, shard)
         if start >= steps:
             raise ValueError(f"the checkpoint in {out} is at step {start}, not before steps={steps}: nothing to do")
     model.train()
@@ -119,19 +135,33 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         micro = batches(step)  # moved to the device one micro-batch at a time
         counts = [int((mb[3][:, 1:] != -100).sum()) for mb in micro]
         total = sum(counts)
+        if shard:  # every rank's targets: the step's mean is over all of them
+            t = torch.tensor(total, device=device)
+            torch.distributed.all_reduce(t)
+            total = int(t)
         if total == 0:
             raise ValueError(f"step {step}'s batch has no target token (every label is -100)")
         loss_sum = torch.zeros((), device=device)
         for (vx, ids, mask, labels), n in zip(micro, counts):
-            if n == 0:
+            if shard and vx is None:
+                raise ValueError("under shard=True every micro-batch needs vision_x (a zero image that no token "
+                                 "sees will do: FSDP2 needs every rank to run the same modules); "
+                                 "DocumentBatches(..., world_size=...) adds one")
+            if n == 0 and not shard:  # (a rank with nothing to learn still runs, for the collectives)
                 continue
             vx = None if vx is None else vx.to(device, model.vision_encoder_dtype)
-            loss = model(vx, ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss * (n / total)
+            with warnings.catch_warnings():
+                if shard:  # the zero image that keeps a text-only batch on the vision path
+                    warnings.filterwarnings("ignore", message=".*is seen by no token", category=InputWarning)
+                loss = model(vx, ids.to(device), attention_mask=mask.to(device),
+                             labels=labels.to(device)).loss * (n * world / total)
             loss.backward()
             loss_sum += loss.detach().float()  # read once a step: no host sync per micro-batch
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
-        rate, loss_sum = opt.param_groups[0]["lr"], loss_sum.item()
+        if shard:  # FSDP2 averaged the gradients over the ranks (hence the world in the weights); the loss too
+            torch.distributed.all_reduce(loss_sum)
+        rate, loss_sum = opt.param_groups[0]["lr"], loss_sum.item() / world
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -139,24 +169,39 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
                         "tokens": total, "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
         if out is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
-            _save(out, model, params, opt, sched, step + 1, history)
+            _save(out, model, params, opt, sched, step + 1, history, shard)
     model.eval()
     return history
 
 
-def _save(out: str, model, params, opt, sched, step: int, history: list[dict]) -> None:
+def _save(out: str, model, params, opt, sched, step: int, history: list[dict], shard: bool) -> None:
+    from ..convert.pretrained import trainable_keys
+    from ..distribute import gather_state
+    # collectives first (every rank), then rank 0 writes
+    trainable = gather_state(model, params.keys())
+    saved = gather_state(model, trainable_keys(model))
+    if shard:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if torch.distributed.get_rank() != 0:
+            torch.distributed.barrier()
+            return
+    else:
+        optim = opt.state_dict()
     os.makedirs(out, exist_ok=True)
-    state = {"step": step, "trainable": {n: p.detach().cpu() for n, p in params.items()},
-             "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "history": history}
+    state = {"step": step, "trainable": trainable, "optimizer": optim, "scheduler": sched.state_dict(),
+             "history": history}
     tmp = os.path.join(out, CHECKPOINT + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(out, CHECKPOINT))  # a run killed while saving keeps the last checkpoint
-    model.save_pretrained(os.path.join(out, "model"), trainable_only=True)
+    model.save_pretrained(os.path.join(out, "model"), trainable_only=True, state=saved)
     with open(os.path.join(out, "history.json"), "w") as f:
         json.dump(history, f)
+    if shard:
+        torch.distributed.barrier()
 
 
-def _load(path: str, params, opt, sched) -> tuple[int, list[dict]]:
+def _load(path: str, model, params, opt, sched, shard: bool) -> tuple[int, list[dict]]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"resume=True: no checkpoint {path!r}")
     state = torch.load(path, weights_only=True, map_location="cpu")
@@ -165,9 +210,16 @@ def _load(path: str, params, opt, sched) -> tuple[int, list[dict]]:
     if missing or extra:
         raise ValueError(f"the checkpoint {path} is of another set of trainable weights: "
                          f"missing {missing[:3]}, unexpected {extra[:3]} (another model, or train=...)")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state["trainable"][n])
-    opt.load_state_dict(state["optimizer"])
+    if shard:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        options = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, state["trainable"], options=options)
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=options)
+    else:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(state["trainable"][n])
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     return state["step"], state["history"]

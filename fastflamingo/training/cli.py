@@ -10,7 +10,10 @@ Examples::
 
 ``--out`` gets ``checkpoint.pt`` (to resume), ``model/`` (the trained weights only: load them onto
 the base model with ``Flamingo.from_pretrained("run1/model", lang_encoder=...)``),
-``history.json`` and ``loss.png``.
+``history.json`` and ``loss.png``. Over several GPUs, FSDP2 (data parallel, weights and optimizer
+state sharded): ``torchrun --nproc-per-node 8 -m fastflamingo.cli finetune ... --shard``; each
+process takes its share of every step (``--grad-accum`` micro-batches of ``--batch-size``), the step
+being the one a single process makes with all of them.
 """
 from __future__ import annotations
 
@@ -44,6 +47,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="the order of the documents")
     p.add_argument("--save-every", type=count_arg("--save-every"), default=0, help="checkpoint every N steps too")
     p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    p.add_argument("--shard", action="store_true",
+                   help="FSDP2 data parallel, one process per GPU under torchrun: torchrun --nproc-per-node N "
+                        "-m fastflamingo.cli finetune ... --shard (gloo on CPUs)")
     p.add_argument("--out", required=True, help="directory for checkpoints, history.json and loss.png")
     p.set_defaults(func=run)
 
@@ -61,12 +67,16 @@ def run(args) -> int:
         raise ValueError("--steps, --batch-size and --grad-accum must be >= 1")
     docs = load_documents(args.data)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = 0, 1
+    if args.shard:
+        device, rank, world = _init_distributed(device)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     model = Flamingo.from_pretrained(args.model, quantization=args.quantization, dtype=dtype, device=device)
     tok = AutoTokenizer.from_pretrained(args.model)
     style = "idefics" if model.config.cross_attention.style == "idefics" else "open_flamingo"
     data = DocumentBatches(docs, tok, model.config.media_token_id, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, seed=args.seed, max_length=args.max_length,
+                           rank=rank, world_size=world,
                            image_processor=image_transform(style, model.config.vision.image_size),
                            image_size=model.config.vision.image_size)
     done = 0
@@ -75,8 +85,12 @@ def run(args) -> int:
             done = len(json.load(f))
     history = fine_tune(model, data, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
                         warmup=args.warmup, max_grad_norm=args.max_grad_norm or None, optimizer=args.optimizer,
-                        activation_checkpointing=args.activation_checkpointing, out=args.out,
-                        save_every=args.save_every, resume=args.resume)
+                        activation_checkpointing=args.activation_checkpointing, shard=args.shard,
+                        out=args.out, save_every=args.save_every, resume=args.resume, progress=None if rank == 0 else False)
+    if args.shard:
+        torch.distributed.destroy_process_group()
+        if rank != 0:
+            return 0
     png = loss_plot(history, os.path.join(args.out, "loss.png"))
     run_ = history[done:]
     first, last = run_[0], run_[-1]
@@ -85,6 +99,20 @@ def run(args) -> int:
     print(f"wrote {os.path.join(args.out, 'checkpoint.pt')}, {os.path.join(args.out, 'model')}"
           + (f", {png}" if png else ""))
     return 0
+
+
+def _init_distributed(device: str) -> tuple[str, int, int]:
+    """Join torchrun's process group (NCCL on GPUs, gloo on CPUs): (this process's device, rank, world size)."""
+    import torch.distributed as dist
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError("--shard runs one process per device under torchrun: "
+                         "torchrun --nproc-per-node N -m fastflamingo.cli finetune ... --shard")
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    return device, dist.get_rank(), dist.get_world_size()
 
 
 def loss_plot(history: list[dict], path: str) -> str | None:

@@ -50,8 +50,10 @@ def load_documents(path: str) -> list[Document]:
 
 
 def collate(docs: list[Document], tokenizer, media_token_id: int, *, image_processor=None, image_size: int,
-            max_length: int | None = None, index: list[int] | None = None):
-    """(vision_x (B, N, F, C, H, W) or None, input_ids, attention_mask, labels) of ``docs``."""
+            max_length: int | None = None, index: list[int] | None = None, min_images: int = 0):
+    """(vision_x (B, N, F, C, H, W) or None, input_ids, attention_mask, labels) of ``docs``.
+    ``min_images``: N at least this (zero images no token sees), so that a batch of text only
+    still runs the vision path: under FSDP2 every rank must run the same modules."""
     from ..inputs import image_tensor
     enc = tokenizer([d.text for d in docs], return_tensors="pt", padding="longest", padding_side="right")
     ids, mask = enc["input_ids"], enc["attention_mask"]
@@ -66,7 +68,7 @@ def collate(docs: list[Document], tokenizer, media_token_id: int, *, image_proce
             raise ValueError(f"{where} tokenizes to {tags} <image> token(s) (id {media_token_id}) for "
                              f"{len(d.images)} image(s): use the tokenizer the model was built with")
     labels = ids.masked_fill((ids == media_token_id) | (mask == 0), -100)
-    most = max(len(d.images) for d in docs)
+    most = max(min_images, *(len(d.images) for d in docs))
     if most == 0:
         return None, ids, mask, labels
     rows = []
@@ -78,23 +80,29 @@ def collate(docs: list[Document], tokenizer, media_token_id: int, *, image_proce
 
 
 class DocumentBatches:
-    """``batches(step)`` -> the step's micro-batches: ``grad_accum`` of ``batch_size`` documents
-    each, in a per-epoch shuffled order drawn from ``seed``."""
+    """``batches(step)`` -> this process's micro-batches of the step: a step takes ``grad_accum x
+    world_size`` micro-batches of ``batch_size`` documents, in a per-epoch shuffled order drawn
+    from ``seed``; rank r gets micro-batches r, r + world_size, ... (data parallel: with
+    ``world_size`` ranks, the step is the one a single process makes with ``grad_accum x
+    world_size``)."""
 
     def __init__(self, docs: list[Document], tokenizer, media_token_id: int, *, batch_size: int,
                  grad_accum: int = 1, seed: int = 0, image_processor=None, image_size: int = 224,
-                 max_length: int | None = None):
+                 max_length: int | None = None, rank: int = 0, world_size: int = 1):
         if batch_size < 1 or grad_accum < 1:
             raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size} and {grad_accum}")
-        if batch_size * grad_accum > len(docs):
-            raise ValueError(f"a step takes batch_size x grad_accum = {batch_size * grad_accum} documents, "
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        per_step = batch_size * grad_accum * world_size
+        if per_step > len(docs):
+            raise ValueError(f"a step takes batch_size x grad_accum x world_size = {per_step} documents, "
                              f"but there are {len(docs)}")
         self.docs, self.tokenizer, self.media = docs, tokenizer, media_token_id
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.rank, self.world_size = rank, world_size
         self.image_processor, self.image_size, self.max_length = image_processor, image_size, max_length
-        # a step takes batch_size x grad_accum documents: the len(docs) % that left over sit out the epoch
-        # (the next epoch draws another order)
-        self.per_epoch = len(docs) // (batch_size * grad_accum)
+        # the len(docs) % per_step documents left over sit out the epoch (the next epoch draws another order)
+        self.per_epoch = len(docs) // per_step
         self._orders: dict[int, list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
@@ -107,11 +115,12 @@ class DocumentBatches:
     def __call__(self, step: int) -> list[tuple]:
         epoch, k = divmod(step, self.per_epoch)
         order = self._order(epoch)
-        start = k * self.batch_size * self.grad_accum
+        micro = self.grad_accum * self.world_size
+        start = k * self.batch_size * micro
         out = []
-        for m in range(self.grad_accum):
+        for m in range(self.rank, micro, self.world_size):
             index = order[start + m * self.batch_size: start + (m + 1) * self.batch_size]
             out.append(collate([self.docs[i] for i in index], self.tokenizer, self.media,
                                image_processor=self.image_processor, image_size=self.image_size,
-                               max_length=self.max_length, index=index))
+                               max_length=self.max_length, index=index, min_images=int(self.world_size > 1)))
         return out
