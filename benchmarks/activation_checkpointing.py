@@ -13,8 +13,6 @@ modes. Writes ``DIR/activation_checkpointing.json`` with the device and the comm
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -22,19 +20,7 @@ import time
 import torch
 
 from fastflamingo import Flamingo
-from fastflamingo.bench.env import device_name
-from fastflamingo.bench.memory import peak_memory_call
-
-
-def batch(model: Flamingo, B: int, N: int, T: int, device: str, dtype: torch.dtype):
-    """(vision_x, lang_x): N images per row, their <image> tokens spread over T tokens."""
-    c = model.config
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, (c.num_base_tokens or model.vocab_size) - 1, (B, T), generator=g)
-    for i in range(N):
-        ids[:, i * (T // N)] = c.media_token_id
-    size = c.vision.image_size
-    return torch.randn(B, N, 1, 3, size, size, generator=g).to(device, dtype), ids.to(device)
+from fastflamingo.bench.memory import peak_memory_call, training_batch, write_report
 
 
 def sync(device: str) -> None:
@@ -58,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model = Flamingo.from_preset(args.preset, dtype=dtype, device=args.device).train()
-    vx, ids = batch(model, args.batch, args.images, args.tokens, args.device, dtype)
+    vx, ids = training_batch(model, args.batch, args.images, args.tokens, args.device, dtype)
     params = [p for p in model.parameters() if p.requires_grad]
     saved = [p.detach().clone() for p in params]
     rows = []
@@ -88,14 +74,11 @@ def main(argv: list[str] | None = None) -> int:
                 p_.copy_(w)
         rows.append(dict(mode=mode, peak_MiB=peak, step_ms=statistics.median(times) * 1e3))
         print(f"{mode:13s} peak {peak:9.1f} MiB   step {rows[-1]['step_ms']:8.1f} ms", flush=True)
-    info = dict(device=device_name(args.device), command="python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
-                preset=args.preset, batch=args.batch, images=args.images, tokens=args.tokens, dtype=args.dtype,
-                trainable_M=sum(p.numel() for p in params) / 1e6, memory_method=how, rows=rows)
-    print(f"{info['device']}; {how}; AdamW over {info['trainable_M']:.2f}M trainable parameters")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "activation_checkpointing.json"), "w") as f:
-            json.dump(info, f, indent=1)
+    trainable = sum(p.numel() for p in params) / 1e6
+    info = write_report(args.out, "activation_checkpointing.json", args.device, argv, preset=args.preset,
+                        batch=args.batch, images=args.images, tokens=args.tokens, dtype=args.dtype,
+                        trainable_M=trainable, memory_method=how, rows=rows)
+    print(f"{info['device']}; {how}; AdamW over {trainable:.2f}M trainable parameters")
     return 0
 
 

@@ -4,7 +4,8 @@
 #   bash benchmarks/gpu_suite.sh kernels     # issues 3, 6: CUDA tests, kernel suite, compile tests, kernel tests on the device
 #   bash benchmarks/gpu_suite.sh generation  # issue 7's pieces: generation on CUDA, NF4 linear, overhead probe
 #   bash benchmarks/gpu_suite.sh e2e         # issue 7: end-to-end suite, two 9B groups, compiled decode
-#   bash benchmarks/gpu_suite.sh all         # all three (more than one 10-minute device call)
+#   bash benchmarks/gpu_suite.sh finetune    # low-memory fine-tuning at the 9B shape (ahead of its issue)
+#   bash benchmarks/gpu_suite.sh all         # kernels, generation, e2e (more than one 10-minute device call)
 #
 # From the repository root. Results go to $WORK (default /tmp/gpu-results) and, packed in one
 # file, to $OUT/gpu-results-<part>.tgz when $OUT is set (the device tool brings back 8 files at
@@ -37,7 +38,7 @@
 # goals.txt beside its table: the issues' H100 goals its rows decide (met / NOT met / not measured).
 set -u
 PART=${1:-all}
-case "$PART" in kernels|generation|e2e|all) ;; *) echo "usage: bash benchmarks/gpu_suite.sh kernels|generation|e2e|all" >&2; exit 2;; esac
+case "$PART" in kernels|generation|e2e|finetune|all) ;; *) echo "usage: bash benchmarks/gpu_suite.sh kernels|generation|e2e|finetune|all" >&2; exit 2;; esac
 WORK=${WORK:-/tmp/gpu-results}
 mkdir -p "$WORK"
 BUDGET=${BUDGET:-570}
@@ -94,6 +95,14 @@ tests() {  # tests <name> <seconds> <pytest -k expression> [files]
   pack
 }
 
+script() {  # script <name> <seconds> <benchmarks/script.py> [options]: writes $WORK/<name>/, logs $WORK/<name>.log
+  local t; t=$(limit "$2" "$1"); [ "$t" -gt 0 ] || return 0
+  step "$1 (limit $t s)"
+  timeout "$t" python3 "$3" --out "$WORK/$1" "${@:4}" > "$WORK/$1.log" 2>&1
+  echo "$1 exit $?" | tee -a "$WORK/steps.log"
+  pack
+}
+
 if [ "$PART" = kernels ] || [ "$PART" = all ]; then
   tests tests 150 "(cuda or gpu) and not cuda_generate" tests
   bench kernels 200
@@ -105,13 +114,7 @@ fi
 if [ "$PART" = generation ] || [ "$PART" = all ]; then
   tests generation 180 "cuda_generate" tests/test_cuda_generation.py
   bench nf4 75
-  t=$(limit 60 "overhead probe")
-  if [ "$t" -gt 0 ]; then
-    step "overhead probe (limit $t s)"
-    timeout "$t" python3 benchmarks/gpu_overhead.py --out "$WORK/overhead" > "$WORK/overhead.log" 2>&1
-    echo "overhead exit $?" | tee -a "$WORK/steps.log"
-    pack
-  fi
+  script overhead 60 benchmarks/gpu_overhead.py
   # scoring candidates vs open_flamingo's eval path (the 3B shape: its check holds an fp32 copy)
   bench score 90 --preset openflamingo-3b
 fi
@@ -121,9 +124,15 @@ if [ "$PART" = e2e ] || [ "$PART" = all ]; then
   bench e2e 540 ${E2E_GROUPS:+--groups "$E2E_GROUPS"}
 fi
 
+if [ "$PART" = finetune ]; then
+  # peak memory and step time of fine_tune at the OpenFlamingo-9B shape: 16-bit LM + AdamW, checkpointed,
+  # and NF4 LM + 8-bit AdamW + checkpointing (the 9B-on-24-GB set-up)
+  script finetune 420 benchmarks/finetune_memory.py
+fi
+
 step "done"
 pack
 # the reply carries the end of the output: print the tables last
 grep -v "hot_spots" "$WORK/overhead.log" 2>/dev/null | head -20
 tail -n 60 "$WORK/kernels/table.txt" "$WORK/nf4/table.txt" "$WORK/score/table.txt" "$WORK/e2e/table.txt" \
-  "$WORK/breakdown/breakdown.txt" 2>/dev/null
+  "$WORK/breakdown/breakdown.txt" "$WORK/finetune.log" 2>/dev/null

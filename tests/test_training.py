@@ -269,3 +269,19 @@ def test_cli_finetune_sharded_under_torchrun_equals_one_process(tmp_path):
     assert [h["tokens"] for h in sharded] == [h["tokens"] for h in one]
     assert [h["loss"] for h in sharded] == pytest.approx([h["loss"] for h in one], rel=1e-5)
     assert main(common + ["--shard", "--out", str(tmp_path / "x")]) == 2  # not under torchrun
+
+
+def test_finetune_memory_benchmark_runs_its_three_setups(tmp_path):
+    """benchmarks/finetune_memory.py (what a GPU run measures at the 9B shape) on the tiny preset."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_memory.py"
+    spec = importlib.util.spec_from_file_location("finetune_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--preset", "tiny", "--tokens", "64", "--images", "2", "--steps", "2", "--out", str(tmp_path)]) == 0
+    info = json.loads((tmp_path / "finetune_memory.json").read_text())
+    assert [r["setup"] for r in info["rows"]] == [s[0] for s in bench.SETUPS]
+    assert all("error" not in r and r["peak_MiB"] > 0 and r["step_ms"] > 0 for r in info["rows"])
+    plain, checkpointed = info["rows"][0]["peak_MiB"], info["rows"][1]["peak_MiB"]
+    assert checkpointed < plain  # activations recomputed, not kept

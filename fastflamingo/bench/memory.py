@@ -55,3 +55,32 @@ def _quiet_native_output():
         os.dup2(saved[1], 2)
         for fd in (*saved, devnull):
             os.close(fd)
+
+
+def training_batch(model, B: int, N: int, T: int, device: str, dtype: torch.dtype):
+    """(vision_x, lang_x) of the training-memory scripts (benchmarks/activation_checkpointing.py,
+    finetune_memory.py): random ids, N images per row, their <image> tokens spread over T tokens."""
+    c = model.config
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, (c.num_base_tokens or model.vocab_size) - 1, (B, T), generator=g)
+    for i in range(N):
+        ids[:, i * (T // N)] = c.media_token_id
+    size = c.vision.image_size
+    return torch.randn(B, N, 1, 3, size, size, generator=g).to(device, dtype), ids.to(device)
+
+
+def write_report(out: str | None, name: str, device: str, argv: list[str] | None, **fields) -> dict:
+    """``{device, command, **fields}``, written to ``out/name`` when ``out`` is given."""
+    import json
+    info = dict(device=_device_name(device), command="python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+                **fields)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, name), "w") as f:
+            json.dump(info, f, indent=1)
+    return info
+
+
+def _device_name(device: str) -> str:
+    from .env import device_name
+    return device_name(device)
