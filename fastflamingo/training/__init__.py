@@ -153,8 +153,11 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
             with warnings.catch_warnings():
                 if shard:  # the zero image that keeps a text-only batch on the vision path
                     warnings.filterwarnings("ignore", message=".*is seen by no token", category=InputWarning)
-                loss = model(vx, ids.to(device), attention_mask=mask.to(device),
-                             labels=labels.to(device)).loss * (n * world / total)
+                if n == 0:  # no target (the LM's mean loss would be 0/0 = nan): zero gradients, same collectives
+                    loss = model(vx, ids.to(device), attention_mask=mask.to(device)).logits.float().sum() * 0.0
+                else:
+                    loss = model(vx, ids.to(device), attention_mask=mask.to(device),
+                                 labels=labels.to(device)).loss * (n * world / total)
             loss.backward()
             loss_sum += loss.detach().float()  # read once a step: no host sync per micro-batch
         if max_grad_norm is not None:
