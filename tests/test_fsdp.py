@@ -4,7 +4,6 @@ custom autograd inside, and only the added tokens' embedding rows get gradient (
 be a hook on the parameter, which FSDP2's sharded parameters lost: the whole vocabulary trained).
 The LM families: LLaMA (IDEFICS-9B's, untied embeddings) and MPT (OpenFlamingo-9B's, tied); each
 also with activation checkpointing (recomputed in the backward inside FSDP2's units)."""
-import operator
 import os
 
 import pytest
@@ -13,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fastflamingo import Flamingo
-from fastflamingo.lm import decoder_layers_attr_for
+from fastflamingo.distribute import shard
 
 from prompts import MPT, batch, tiny, training_labels
 
@@ -36,7 +35,6 @@ def _step(model: Flamingo):
 
 
 def _worker(rank: int, world: int, store: str, out: str) -> None:
-    from torch.distributed.fsdp import fully_shard
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
@@ -45,10 +43,7 @@ def _worker(rank: int, world: int, store: str, out: str) -> None:
         model = _model(family)
         if checkpointed:
             model.activation_checkpointing_enable()
-        layers = operator.attrgetter(decoder_layers_attr_for(model.lang_encoder))(model.lang_encoder)
-        for m in [*model.gated_cross_attn_layers, *layers, model.perceiver]:
-            fully_shard(m)  # innermost first: the cross-attention blocks sit inside the decoder layers
-        fully_shard(model)
+        shard(model)  # the cross-attention blocks, decoder layers and resampler, then the root
         loss = _step(model)
         grads = {n: p.grad.full_tensor() for n, p in model.named_parameters() if p.grad is not None}
         results[family, checkpointed] = (loss, grads)

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from .env import device_name
+
 CPU_METHOD = "CPU: peak tensor memory allocated during the call (torch.profiler memory timeline; weights excluded)"
 GPU_METHOD = "GPU: torch.cuda.max_memory_allocated during the call (weights included)"
 
@@ -72,15 +74,10 @@ def training_batch(model, B: int, N: int, T: int, device: str, dtype: torch.dtyp
 def write_report(out: str | None, name: str, device: str, argv: list[str] | None, **fields) -> dict:
     """``{device, command, **fields}``, written to ``out/name`` when ``out`` is given."""
     import json
-    info = dict(device=_device_name(device), command="python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+    info = dict(device=device_name(device), command="python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
                 **fields)
     if out:
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, name), "w") as f:
             json.dump(info, f, indent=1)
     return info
-
-
-def _device_name(device: str) -> str:
-    from .env import device_name
-    return device_name(device)

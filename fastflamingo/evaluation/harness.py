@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 
 from ..inputs import image_tensor
 from . import metrics
-from .prompts import TASKS, ZERO_SHOT_TEXT_DEMOS, Example, demonstration, few_shot_text, sample_demonstrations
+from .prompts import (TASKS, ZERO_SHOT_TEXT_DEMOS, Example, demonstrations_text, few_shot_text,
+                      sample_demonstrations)
 
 DEMONSTRATIONS = ("random", "similar")
 
@@ -168,6 +169,7 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
         raise ValueError(f"shared_demonstrations draws one set for all queries; demonstrations={demonstrations!r} "
                          "picks a set per query: use one or the other")
     device, dtype = model.device, model.vision_encoder_dtype
+    candidates = None if task != "classification" else _class_tokens(tokenizer, class_names)
     results = []
     was_training = model.training
     model.eval()
@@ -189,7 +191,7 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
                     preds += _answer(model, tokenizer, vx, ids, mask, prefix, num_beams, max_new_tokens,
                                      length_penalty)
                 else:
-                    preds += _classify(model, tokenizer, vx, ids, mask, prefix, class_names)
+                    preds += _classify(model, vx, ids, mask, prefix, class_names, candidates)
             refs = [q.answers for q in queries]
             metric = metrics.vqa_accuracy if task == "vqa" else metrics.exact_match
             score = 100 * sum(metric(p, r) for p, r in zip(preds, refs)) / len(preds)
@@ -204,13 +206,9 @@ def _encode_shared(model, tokenizer, image_processor, task, fixed, shots, device
     if fixed is None:
         return None
     from ..generation import encode_prefix
-    text = "".join(demonstration(task, d) + "\n" for d in fixed)
-    vx = None
-    if shots == 0:
-        text = text.replace("<image>", "")
-    else:
-        vx = torch.stack([image_tensor(d.image, image_processor) for d in fixed])[None].to(device=device, dtype=dtype)
-    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(device)
+    vx = None if shots == 0 else torch.stack(
+        [image_tensor(d.image, image_processor) for d in fixed])[None].to(device=device, dtype=dtype)
+    ids = tokenizer(demonstrations_text(task, fixed, text_only=shots == 0), return_tensors="pt")["input_ids"].to(device)
     return encode_prefix(model, vx, ids)
 
 
@@ -222,11 +220,16 @@ def _answer(model, tokenizer, vx, ids, mask, prefix, num_beams, max_new_tokens, 
     return [metrics.postprocess_vqa(t).strip() for t in new]
 
 
-@torch.no_grad()
-def _classify(model, tokenizer, vx, ids, mask, prefix, class_names) -> list[str]:
+def _class_tokens(tokenizer, class_names: list[str]) -> list[list[int]]:
+    """The class names' token ids (each a continuation to score), checked once per evaluation."""
     cands = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in class_names]
     empty = [c for c, t in zip(class_names, cands) if not t]
     if empty:
         raise ValueError(f"class names {empty} tokenize to nothing")
+    return cands
+
+
+@torch.no_grad()
+def _classify(model, vx, ids, mask, prefix, class_names, cands) -> list[str]:
     logp = model.score(vx, ids, cands, attention_mask=mask, prefix=prefix, reduction="mean")
     return [class_names[j] for j in logp.argmax(-1).tolist()]

@@ -49,13 +49,16 @@ def query(task: str, ex: Example) -> str:
     raise ValueError(f"task must be one of {TASKS}, got {task!r}")
 
 
-def few_shot_text(task: str, demos: list[Example], ex: Example, text_only: bool = False) -> str:
-    """The whole prompt: the demonstrations, one a line, then the query. ``text_only`` drops the
-    demonstrations' image tags (the zero-shot prompt)."""
+def demonstrations_text(task: str, demos: list[Example], text_only: bool = False) -> str:
+    """The demonstrations, one a line (each ending in a newline). ``text_only`` drops their image
+    tags (the zero-shot prompt)."""
     context = "".join(demonstration(task, d) + "\n" for d in demos)
-    if text_only:
-        context = context.replace("<image>", "")
-    return context + query(task, ex)
+    return context.replace("<image>", "") if text_only else context
+
+
+def few_shot_text(task: str, demos: list[Example], ex: Example, text_only: bool = False) -> str:
+    """The whole prompt: :func:`demonstrations_text`, then the query."""
+    return demonstrations_text(task, demos, text_only) + query(task, ex)
 
 
 def sample_demonstrations(support: list[Example], shots: int, rng: random.Random,

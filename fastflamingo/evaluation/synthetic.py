@@ -94,15 +94,14 @@ def training_batch(tok, batch: int, rng: random.Random, generator: torch.Generat
     n = batch * IMAGES_PER_SEQUENCE
     colors, shapes = [rng.choice(list(COLORS)) for _ in range(n)], [rng.choice(SHAPES) for _ in range(n)]
     images = render(colors, shapes, generator, size).view(batch, IMAGES_PER_SEQUENCE, 1, 3, size, size)
-    texts = []
+    from ..training.data import Document, collate
+    docs = []
     for b in range(batch):
         names = colors if rng.choice(ATTRIBUTES) == "color" else shapes
-        texts.append("\n".join(demonstration("classification", Example(None, [names[i]]))
-                               for i in range(b * IMAGES_PER_SEQUENCE, (b + 1) * IMAGES_PER_SEQUENCE)))
-    enc = tok(texts, return_tensors="pt", padding="longest")
-    ids = enc["input_ids"]
-    labels = ids.masked_fill((ids == media_token_id) | (enc["attention_mask"] == 0), -100)
-    return images, ids, enc["attention_mask"], labels
+        text = "\n".join(demonstration("classification", Example(None, [names[i]]))
+                         for i in range(b * IMAGES_PER_SEQUENCE, (b + 1) * IMAGES_PER_SEQUENCE))
+        docs.append(Document(list(images[b]), text))
+    return collate(docs, tok, media_token_id, image_size=size)
 
 
 def batches(tok, media_token_id: int, *, batch_size: int = 32, seed: int = 0, size: int = 32):

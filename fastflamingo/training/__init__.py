@@ -181,8 +181,8 @@ def _save(out: str, model, params, opt, sched, step: int, history: list[dict], s
     from ..convert.pretrained import trainable_keys
     from ..distribute import gather_state
     # collectives first (every rank), then rank 0 writes
-    trainable = gather_state(model, params.keys())
-    saved = gather_state(model, trainable_keys(model))
+    saved = gather_state(model, trainable_keys(model))  # the trainable weights and the embeddings
+    trainable = {n: saved[n] for n in params}
     if shard:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
