@@ -1,4 +1,4 @@
-"""The ``fastflamingo`` command line: ``info``, ``bench``, ``convert``, ``generate``, ``score``, ``evaluate``, ``finetune``."""
+"""The ``fastflamingo`` command line: ``info``, ``bench``, ``convert``, ``generate``, ``score``, ``evaluate``, ``finetune``, ``build-native``."""
 from __future__ import annotations
 
 import argparse
@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "score": "fastflamingo.generation.score_cli",
     "evaluate": "fastflamingo.evaluation.cli",
     "finetune": "fastflamingo.training.cli",
+    "build-native": "fastflamingo.native",
 }
 
 

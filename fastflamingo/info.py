@@ -49,12 +49,22 @@ def collect() -> dict:
     info["backends"] = {
         "ops backend triton": ("yes (CUDA)" if info["cuda_available"] and has_triton else
                                "interpreter (TRITON_INTERPRET=1)" if interp and has_triton else "no"),
+        "ops backend native": _native(),
         "ops backend torch": "yes",
         "ops backend reference": "yes",
         "baseline flex_attention": "yes" if _has("torch.nn.attention.flex_attention") else "no",
         "baseline varlen_attn": "yes" if _has("torch.nn.attention.varlen") else "no",
     }
     return info
+
+
+def _native() -> str:
+    from . import native
+    if native.available():
+        return f"yes (loaded {native.library_path()})"
+    if native.library_path().exists():
+        return "built but older than its sources: run fastflamingo build-native"
+    return "not built (fastflamingo build-native)"
 
 
 def _has(module: str) -> bool:

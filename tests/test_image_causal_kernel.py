@@ -34,7 +34,7 @@ SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[Healt
 
 # ----------------------------------------------------------------------------- inputs
 
-def make_qkv(B, H, T, D, N, L, dtype, *, projection=False, seed=0):
+def make_qkv(B, H, T, D, N, L, dtype, *, projection=False, seed=0, device=DEVICE):
     """q (B, H, T, D), k, v (B, H, N·L, D) as leaves that require grad.
 
     ``projection``: q is a transposed view of a (B, T, H·D) projection and k, v are views of the
@@ -42,14 +42,14 @@ def make_qkv(B, H, T, D, N, L, dtype, *, projection=False, seed=0):
     """
     g = torch.Generator().manual_seed(seed)
     if projection:
-        x = torch.randn(B, T, H * D, generator=g).to(DEVICE, dtype)
-        kv = torch.randn(B, N * L, 2 * H * D, generator=g).to(DEVICE, dtype)
+        x = torch.randn(B, T, H * D, generator=g).to(device, dtype)
+        kv = torch.randn(B, N * L, 2 * H * D, generator=g).to(device, dtype)
         q = x.view(B, T, H, D).transpose(1, 2)
         k, v = (half.view(B, N * L, H, D).transpose(1, 2) for half in kv.chunk(2, dim=-1))
     else:
-        q = torch.randn(B, H, T, D, generator=g).to(DEVICE, dtype)
-        k = torch.randn(B, H, N * L, D, generator=g).to(DEVICE, dtype)
-        v = torch.randn(B, H, N * L, D, generator=g).to(DEVICE, dtype)
+        q = torch.randn(B, H, T, D, generator=g).to(device, dtype)
+        k = torch.randn(B, H, N * L, D, generator=g).to(device, dtype)
+        v = torch.randn(B, H, N * L, D, generator=g).to(device, dtype)
     # detach keeps the strides: leaves with the views' layout
     return tuple(t.detach().requires_grad_() for t in (q, k, v))
 
@@ -103,7 +103,7 @@ def check_against_references(backend, q, k, v, text_time, L, only_immediate, *, 
     for the gradients), plus the exact zeros: output and dq of tokens without an image, dk and
     dv of keys no token may see. fp32 results get the floor of :func:`fp32_floor`."""
     dtype = q.dtype
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.device, dtype)
 
     def fast(q_, k_, v_):
         return ops.image_causal_attention(q_, k_, v_, text_time=text_time, latents_per_media=L,

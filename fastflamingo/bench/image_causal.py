@@ -3,7 +3,10 @@
 Providers (each gets the same q, k, v and image positions):
 
 * ``fastflamingo``: :func:`fastflamingo.ops.image_causal_attention`, backend ``auto`` (Triton on
-  CUDA, the gather path on the CPU), given ``text_time`` as the model gives it.
+  CUDA; on the CPU the native C++ kernel where it is built, ``fastflamingo build-native``, else
+  the PyTorch path), given ``text_time`` as the model gives it.
+* ``fastflamingo torch path`` (CPU, where the native kernel is built): the PyTorch path it
+  replaces, ``backend="torch"``.
 * ``eager einsum+mask``: open_flamingo's MaskedCrossAttention math (dense mask built per call).
 * ``sdpa dense mask``: SDPA with a prebuilt dense bool mask (B, 1, T, N·L).
 * ``flex``: FlexAttention with a prebuilt BlockMask (compiled on CUDA, eager on the CPU: forward
@@ -19,7 +22,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import native, ops
 from ..ops.reference import image_causal_attention_reference, image_causal_mask
 from .env import has_module
 from .harness import Case, Prepared, Provider
@@ -62,6 +65,11 @@ def providers(device: str, L: int, *, flex_compile: bool | None = None) -> list[
     ps = [
         Provider("fastflamingo", lambda a: _plain(a, lambda q, k, v, tt: ops.image_causal_attention(
             q, k, v, text_time=tt, latents_per_media=L, validate=False))),
+    ]
+    if not cuda and native.available():
+        ps.append(Provider("fastflamingo torch path", lambda a: _plain(a, lambda q, k, v, tt: ops.image_causal_attention(
+            q, k, v, text_time=tt, latents_per_media=L, validate=False, backend="torch"))))
+    ps += [
         Provider("eager einsum+mask", lambda a: _plain(a, functools.partial(eager_open_flamingo, L=L))),
         Provider("sdpa dense mask", lambda a: _sdpa(a, L)),
         Provider("flex" if flex_compile else "flex (eager)", lambda a: _flex(a, L, flex_compile),

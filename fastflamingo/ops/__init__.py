@@ -3,9 +3,11 @@
 * :func:`image_causal_attention` — masked text-to-visual cross-attention (Flamingo's XATTN).
 * :func:`perceiver_attention` — the Perceiver resampler's latent attention.
 
-Backends (``backend=``): ``"auto"`` (Triton on CUDA tensors, the fast PyTorch path on the CPU),
-``"triton"``, ``"torch"`` (the fast PyTorch path, :mod:`fastflamingo.ops.cpu`) and
-``"reference"`` (the readable math, :mod:`fastflamingo.ops.reference`).
+Backends (``backend=``): ``"auto"`` (Triton on CUDA tensors; on the CPU the native kernel where
+it is built, else the fast PyTorch path), ``"triton"``, ``"native"`` (the C++ CPU kernel of
+``csrc/``, :mod:`fastflamingo.native`; the image-causal attention only), ``"torch"`` (the fast
+PyTorch path, :mod:`fastflamingo.ops.cpu`) and ``"reference"`` (the readable math,
+:mod:`fastflamingo.ops.reference`).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from . import cpu, reference
 from .reference import (image_causal_attention_reference, image_causal_mask,
                         perceiver_attention_reference, text_time_from_media_locations)
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+BACKENDS = ("auto", "triton", "native", "torch", "reference")
 
 __all__ = ["image_causal_attention", "perceiver_attention", "text_time_from_media_locations",
            "image_causal_attention_reference", "perceiver_attention_reference",
@@ -25,6 +27,14 @@ __all__ = ["image_causal_attention", "perceiver_attention", "text_time_from_medi
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
+
+
+def _check_perceiver_backend(backend: str) -> None:
+    _check_backend(backend)
+    if backend == "native":
+        raise ValueError("perceiver_attention: backend='native' is the image-causal attention's C++ kernel; "
+                         "the Perceiver attention has none (its CPU path is PyTorch's fused SDPA): use "
+                         "'auto' or 'torch'")
 
 
 def _check_attention_inputs(name: str, q: torch.Tensor, keys: dict[str, torch.Tensor]) -> None:
@@ -130,7 +140,7 @@ def perceiver_attention(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.T
     Returns:
         (B, H, L, D).
     """
-    _check_backend(backend)
+    _check_perceiver_backend(backend)
     _check_attention_inputs("perceiver_attention", q, {"k_media": k_media, "v_media": v_media,
                                                        "k_latents": k_latents, "v_latents": v_latents})
     if k_media.shape != v_media.shape or k_latents.shape != v_latents.shape:
@@ -147,7 +157,7 @@ def perceiver_backend(q: torch.Tensor, backend: str = "auto") -> str:
     """The backend :func:`perceiver_attention` runs for latent queries ``q`` (B, H, L, D) given
     ``backend``: "triton", "torch" or "reference" ("auto" resolved; a forced "triton" the
     inputs cannot take raises here as it would there)."""
-    _check_backend(backend)
+    _check_perceiver_backend(backend)
     if backend == "reference":
         return "reference"
     from .perceiver_op import runs_triton

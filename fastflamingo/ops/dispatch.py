@@ -1,4 +1,5 @@
-"""Backend choice shared by the attention ops: their Triton kernels or their PyTorch path.
+"""Backend choice shared by the attention ops: their Triton kernels, the native CPU kernel
+(:mod:`fastflamingo.native`, where built) or their PyTorch path.
 
 Plain Python that torch.compile traces; it imports no triton (``import fastflamingo`` works
 without it) until a forced "triton" backend on CPU tensors asks whether the kernels were defined
@@ -27,12 +28,12 @@ def use_triton(op: str, q: torch.Tensor, backend: str, interpreted: Callable[[],
     ``interpreted()`` says whether the op's kernels were defined for Triton's interpreter, the
     only way they take CPU tensors.
     """
-    if backend == "torch":
+    if backend in ("torch", "native"):
         return False
     if backend == "auto":
         return q.is_cuda and q.dtype in TRITON_DTYPES and q.shape[-1] <= TRITON_MAX_HEAD_DIM and HAS_TRITON
     if backend != "triton":
-        raise ValueError(f"{op}: backend={backend!r} is not 'auto', 'triton' or 'torch'")
+        raise ValueError(f"{op}: backend={backend!r} is not 'auto', 'triton', 'native' or 'torch'")
     if not HAS_TRITON:
         raise RuntimeError(f"{op}: backend='triton' needs the triton package "
                            "(pip install triton, or fastflamingo[gpu]); use backend='torch' without it")
@@ -46,4 +47,35 @@ def use_triton(op: str, q: torch.Tensor, backend: str, interpreted: Callable[[],
     if q.shape[-1] > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"{op}: backend='triton' takes head_dim <= {TRITON_MAX_HEAD_DIM}, "
                          f"got {q.shape[-1]}; use backend='torch'")
+    return True
+
+
+NATIVE_DTYPES = TRITON_DTYPES
+
+
+def use_native(op: str, q: torch.Tensor, backend: str) -> bool:
+    """Whether ``backend`` means the native CPU kernel of ``op`` for queries ``q``.
+
+    "auto": for CPU tensors of a dtype it takes, where the extension is built (and loaded on
+    first use: :func:`fastflamingo.native.available`). "native": forced, with a clear error
+    where it is not built or cannot take the inputs.
+    """
+    if backend not in ("auto", "native"):
+        return False
+    from .. import native
+    if backend == "auto":
+        return q.device.type == "cpu" and q.dtype in NATIVE_DTYPES and native.available()
+    if q.device.type != "cpu":
+        raise ValueError(f"{op}: backend='native' runs on CPU tensors, got them on {q.device}; "
+                         "use backend='auto' or 'triton' for CUDA tensors")
+    if q.dtype not in NATIVE_DTYPES:
+        raise TypeError(f"{op}: backend='native' takes {NATIVE_DTYPES}, got {q.dtype}; use backend='torch'")
+    if not native.available():
+        import os
+        if os.environ.get("FASTFLAMINGO_NATIVE") == "0":
+            raise RuntimeError(f"{op}: backend='native' asked for, but FASTFLAMINGO_NATIVE=0 turns the native "
+                               "extension off: unset it, or use backend='auto' / 'torch'")
+        raise RuntimeError(f"{op}: backend='native' needs the native extension, which is not built for this "
+                           f"machine ({native.library_path()}): run `fastflamingo build-native` in the "
+                           "source checkout (cmake and g++), or use backend='auto' / 'torch'")
     return True

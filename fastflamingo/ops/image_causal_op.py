@@ -14,14 +14,20 @@ is called as is rather than hidden behind the op (an opaque op would only stop t
 fusing it). A custom op's own kernel runs below autograd, where a recompute-through-autograd
 backward could not record a graph anyway.
 
+The native CPU kernel (``csrc/image_causal.cpp``, built by ``fastflamingo build-native``) is
+the C++ operator ``fastflamingo_native::image_causal_attention`` (and ``_backward``), with the
+same contract as the Triton pair; :func:`register_native` gives it fake and autograd functions
+once :mod:`fastflamingo.native` has loaded it, so it too compiles without a graph break.
+
 Triton is imported lazily: ``import fastflamingo`` works where Triton is not installed.
 """
 from __future__ import annotations
 
 import torch
 
+from .. import native
 from .cpu import image_causal_attention_torch
-from .dispatch import use_triton
+from .dispatch import use_native, use_triton
 
 _OP = "fastflamingo::image_causal_attention"
 
@@ -92,6 +98,29 @@ def _backward(ctx, dout, _dlse):
 _image_causal_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _native_ops():
+    return torch.ops.fastflamingo_native.image_causal_attention.default, \
+        torch.ops.fastflamingo_native.image_causal_attention_backward.default
+
+
+def register_native() -> None:
+    """Fake and autograd functions of the native operators (called once they are loaded)."""
+    name = native.OPS + "::image_causal_attention"
+
+    def fake_forward(q, k, v, text_time, latents_per_media, only_immediate, scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    def fake_backward(dout, q, k, v, out, lse, text_time, latents_per_media, only_immediate, scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    def backward(ctx, dout, _dlse):
+        return _grads(ctx, dout, _native_ops()[1])
+
+    torch.library.register_fake(name, fake_forward)
+    torch.library.register_fake(name + "_backward", fake_backward)
+    torch.library.register_autograd(name, backward, setup_context=_setup_context)
+
+
 def image_causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor, *,
                               latents_per_media: int, only_immediate: bool = True,
                               scale: float | None = None, backend: str = "auto") -> torch.Tensor:
@@ -100,18 +129,24 @@ def image_causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Args:
         q: (B, H, T, D); k, v: (B, H, N·L, D); text_time: (B, T) int32.
         latents_per_media, only_immediate, scale: as in the public function (scale None = D**-0.5).
-        backend: "auto" (Triton for CUDA tensors of a dtype and head size it takes, PyTorch
-            otherwise), "triton" or "torch".
+        backend: "auto" (Triton for CUDA tensors of a dtype and head size it takes; for CPU
+            tensors the native kernel where it is built, else PyTorch), "triton", "native" or
+            "torch".
 
     Returns:
         (B, H, T, D).
     """
     # custom ops take concrete floats: resolve the default here
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    options = (int(latents_per_media), bool(only_immediate), scale)
+    if use_native("image_causal_attention", q, backend):
+        forward, backward = _native_ops()
+        if torch.compiler.is_compiling():
+            return forward(q, k, v, text_time, *options)[0]
+        return _EagerImageCausal.apply(q, k, v, text_time, *options, forward, backward)
     if not use_triton("image_causal_attention", q, backend, lambda: _kernels().INTERPRET):
         return image_causal_attention_torch(q, k, v, text_time, latents_per_media=latents_per_media,
                                             only_immediate=only_immediate, scale=scale)
-    options = (int(latents_per_media), bool(only_immediate), scale)
     if torch.compiler.is_compiling():
         out, _ = _image_causal_attention(q, k, v, text_time, *options)
         return out
@@ -121,14 +156,18 @@ def image_causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 class _EagerImageCausal(torch.autograd.Function):
     """The same kernels as the custom op, for eager calls: a custom op's eager dispatch cost
     ~100-200 us of host time per call on the H100 machine (torch 2.11; benchmarks/RESULTS.md),
-    several times the kernel's own GPU time. torch.compile traces the custom op instead."""
+    several times the kernel's own GPU time. torch.compile traces the custom op instead.
+    ``forward`` / ``backward``: the kernels to run (default the Triton launchers; the native
+    operators for the native backend)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, text_time, latents_per_media, only_immediate, scale):
-        out, lse = _kernels().image_causal_fwd(q, k, v, text_time, latents_per_media, only_immediate, scale)
+    def forward(ctx, q, k, v, text_time, latents_per_media, only_immediate, scale, forward=None, backward=None):
+        forward = forward or _kernels().image_causal_fwd
+        out, lse = forward(q, k, v, text_time, latents_per_media, only_immediate, scale)
         _save(ctx, q, k, v, text_time, out, lse, (latents_per_media, only_immediate, scale))
+        ctx.backward_kernel = backward
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        return _grads(ctx, dout, _kernels().image_causal_bwd)
+        return *_grads(ctx, dout, ctx.backward_kernel or _kernels().image_causal_bwd), None, None

@@ -1,0 +1,221 @@
+"""The native CPU kernel (csrc/image_causal.cpp, built by CMakeLists.txt): forward and backward
+against the references by the flash-attention tolerance rule, on random layouts and the edge
+cases of the Triton kernel's tests, fp32 / fp16 / bf16, contiguous and projection views; the
+operator's registrations (opcheck), torch.compile without graph breaks, the model through it,
+its dispatch and its errors.
+
+tests/conftest.py builds and loads the extension before the session; a failed build fails
+these tests with the build's error (they never skip).
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import conftest
+import fastflamingo.ops as ops
+from fastflamingo import native
+from fastflamingo.ops.reference import image_causal_attention_reference
+from test_image_causal_kernel import (EDGE_CASES, MODES, SETTINGS, TinyCrossAttention, check_against_references,
+                                      idefics_text_time, layouts, make_qkv, text_time_from_rows)
+
+DTYPES = pytest.mark.parametrize("dtype,projection", [
+    (torch.float32, False), (torch.float16, True), (torch.bfloat16, False), (torch.bfloat16, True)],
+    ids=["fp32", "fp16_projection_views", "bf16", "bf16_projection_views"])
+
+
+@pytest.fixture(autouse=True)
+def built():
+    assert conftest.NATIVE_BUILD_ERROR is None, f"the native extension did not build: {conftest.NATIVE_BUILD_ERROR}"
+    assert native.available()
+
+
+def cpu_qkv(*args, **kw):
+    return make_qkv(*args, device="cpu", **kw)
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+@MODES
+@DTYPES
+def test_native_edge_cases(case, only_immediate, dtype, projection):
+    H, D, N, L, T, build = EDGE_CASES[case]
+    text_time = build(T).cpu()
+    q, k, v = cpu_qkv(text_time.shape[0], H, T, D, N, L, dtype, projection=projection)
+    check_against_references("native", q, k, v, text_time, L, only_immediate)
+
+
+@SETTINGS
+@given(layout=layouts(), only_immediate=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]), projection=st.booleans())
+def test_native_random_layouts(layout, only_immediate, dtype, projection):
+    B, H, T, D, N, L, text_time = layout
+    q, k, v = cpu_qkv(B, H, T, D, N, L, dtype, projection=projection)
+    check_against_references("native", q, k, v, text_time.cpu(), L, only_immediate)
+
+
+@pytest.mark.parametrize("shape", [
+    # (B, H, T, D, N, L): the model's head sizes and image sizes; more tokens than a block (64),
+    # keys of an image in two blocks (L = 300 > 256), odd head sizes, many images
+    (2, 2, 150, 64, 4, 64), (1, 3, 70, 96, 3, 32), (1, 1, 40, 128, 2, 128), (1, 2, 50, 33, 2, 300),
+    (2, 1, 200, 24, 32, 16)], ids=lambda s: "B{}H{}T{}D{}N{}L{}".format(*s))
+@MODES
+def test_native_model_shapes(shape, only_immediate):
+    B, H, T, D, N, L = shape
+    g = torch.Generator().manual_seed(T)
+    rows = [sorted(torch.randperm(T, generator=g)[:n].tolist()) for n in torch.randint(0, N + 1, (B,), generator=g)]
+    text_time = text_time_from_rows(T, rows).cpu()
+    q, k, v = cpu_qkv(B, H, T, D, N, L, torch.float32, seed=T)
+    check_against_references("native", q, k, v, text_time, L, only_immediate)
+
+
+def test_native_opcheck():
+    """torch.library's checks of the C++ operators' schemas, fake functions (shapes, strides,
+    dtypes) and autograd registration, on projection views."""
+    text_time = idefics_text_time(9, [[1, 5]], [[3]]).cpu()
+    q, k, v = cpu_qkv(1, 2, 9, 16, 2, 3, torch.float32, projection=True)
+    fwd = torch.ops.fastflamingo_native.image_causal_attention.default
+    bwd = torch.ops.fastflamingo_native.image_causal_attention_backward.default
+    torch.library.opcheck(fwd, (q, k, v, text_time, 3, True, 0.25))
+    q, k, v = (t.detach() for t in (q, k, v))
+    out, lse = fwd(q, k, v, text_time, 3, True, 0.25)
+    assert out.is_contiguous() and lse.shape == (1, 2, 9) and lse.dtype == torch.float32
+    assert torch.isneginf(lse[0, :, 0]).all(), "a token that sees no key has log-sum-exp -inf"
+    torch.library.opcheck(bwd, (torch.randn_like(out), q, k, v, out, lse, text_time, 3, True, 0.25))
+
+
+def test_native_lse_matches_the_triton_contract():
+    """lse is the natural log-sum-exp of the scaled scores over the keys a token sees."""
+    text_time = text_time_from_rows(12, [[0, 5]]).cpu()
+    q, k, v = (t.detach() for t in cpu_qkv(1, 2, 12, 8, 2, 4, torch.float32))
+    _, lse = torch.ops.fastflamingo_native.image_causal_attention(q, k, v, text_time, 4, False, 0.3)
+    keys = torch.arange(8)[None, :] < 4 * text_time[0, :, None]  # all-previous: images 1..m
+    scores = (q[0] @ k[0].transpose(-1, -2) * 0.3).masked_fill(~keys, float("-inf"))
+    torch.testing.assert_close(lse[0], scores.logsumexp(-1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_torch_compile_fullgraph(dtype):
+    """torch.compile(fullgraph=True) of a cross-attention layer through the native operator:
+    eager's output and gradients, no graph break."""
+    torch.manual_seed(0)
+    layer = TinyCrossAttention(backend="native").to(dtype)
+    x = torch.randn(2, 12, 32, dtype=dtype, requires_grad=True)
+    media = torch.randn(2, 3 * 4, 32, dtype=dtype)
+    media_locations = torch.zeros(2, 12, dtype=torch.bool)
+    media_locations[0, [2, 5, 9]] = True
+    media_locations[1, 0] = True
+
+    def run(fn):
+        x.grad = None
+        layer.zero_grad()
+        y = fn(x, media, media_locations)
+        y.float().square().sum().backward()
+        return y.detach(), x.grad.clone(), layer.to_kv.weight.grad.clone()
+
+    torch._dynamo.reset()
+    compiled = run(torch.compile(layer, fullgraph=True))
+    eager = run(layer)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, **tol)
+
+
+def test_auto_runs_native_on_cpu_when_built(monkeypatch):
+    """backend="auto" on CPU tensors takes the native kernel once it is loaded; the result is
+    the torch path's."""
+    calls = []
+    real = ops.image_causal_op._native_ops
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(ops.image_causal_op, "_native_ops", counted)
+    text_time = text_time_from_rows(10, [[2, 6]]).cpu()
+    q, k, v = (t.detach() for t in cpu_qkv(1, 2, 10, 16, 2, 4, torch.float32))
+    auto = ops.image_causal_attention(q, k, v, text_time=text_time, latents_per_media=4)
+    assert calls, "auto did not run the native kernel"
+    torch_path = ops.image_causal_attention(q, k, v, text_time=text_time, latents_per_media=4, backend="torch")
+    torch.testing.assert_close(auto, torch_path)
+
+
+def test_model_forward_and_backward_through_native():
+    """A tiny Flamingo (gates opened), native cross-attention vs the PyTorch path: same loss and
+    gradients; the resampler keeps its own backend."""
+    from fastflamingo import Flamingo
+    from peers import tiny_lm
+    from test_model import batch, config, set_gates
+    model = Flamingo(config(), lang_encoder=tiny_lm("llama"))
+    set_gates(model, 0.5)
+    vx, ids = batch()
+    results = {}
+    for backend in ("native", "torch"):
+        model.zero_grad()
+        model.set_attention_backend(backend)
+        if backend == "native":
+            assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"native", "auto"}
+        loss = model(vx, ids, labels=ids).loss
+        loss.backward()
+        results[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
+    torch.testing.assert_close(results["native"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(results["native"][1], results["torch"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- errors
+
+def test_native_errors_name_the_value():
+    q, k, v = (torch.randn(1, 1, 4, 16) for _ in range(3))
+    op = torch.ops.fastflamingo_native.image_causal_attention
+    with pytest.raises(RuntimeError, match=r"text_time\[0, 2\] = 5 refers to no image: there are N=1"):
+        op(q, k, v, torch.tensor([[0, 1, 5, 1]], dtype=torch.int32), 4, True, 0.25)
+    with pytest.raises(RuntimeError, match="text_time must be int32"):
+        op(q, k, v, torch.ones(1, 4, dtype=torch.int64), 4, True, 0.25)
+    with pytest.raises(RuntimeError, match="not a whole number of images of latents_per_media=3"):
+        op(q, k, v, torch.ones(1, 4, dtype=torch.int32), 3, True, 0.25)
+    with pytest.raises(RuntimeError, match="takes float32, float16 or bfloat16, got Double"):
+        op(q.double(), k.double(), v.double(), torch.ones(1, 4, dtype=torch.int32), 4, True, 0.25)
+    with pytest.raises(TypeError, match="backend='native' takes"):
+        ops.image_causal_attention(q.double(), k.double(), v.double(), text_time=torch.ones(1, 4, dtype=torch.int32),
+                                   latents_per_media=4, backend="native")
+    with pytest.raises(ValueError, match="Perceiver attention has none"):
+        ops.perceiver_attention(q, k, v, q, q, backend="native")
+
+
+def test_native_backend_not_built_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(native._state, "loaded", False)
+    monkeypatch.setitem(native._state, "probed", True)
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(RuntimeError, match="fastflamingo build-native"):
+        ops.image_causal_attention(q, q, q, text_time=torch.ones(1, 4, dtype=torch.int32), latents_per_media=4,
+                                   backend="native")
+    # auto falls back to the PyTorch path
+    out = ops.image_causal_attention(q, q, q, text_time=torch.ones(1, 4, dtype=torch.int32), latents_per_media=4)
+    torch.testing.assert_close(out, image_causal_attention_reference(q, q, q, torch.ones(1, 4, dtype=torch.int32),
+                                                                     latents_per_media=4))
+
+
+def test_stale_build_is_not_loaded(tmp_path, monkeypatch):
+    """A library older than its sources is reported, not loaded."""
+    monkeypatch.setenv("FASTFLAMINGO_NATIVE_BUILD", str(tmp_path))
+    lib = tmp_path / native.LIBRARY
+    lib.write_bytes(b"")
+    import os
+    os.utime(lib, (0, 0))
+    assert not native.up_to_date()
+    monkeypatch.setitem(native._state, "loaded", False)
+    with pytest.raises(RuntimeError, match="older than its sources"):
+        native.load()
+
+
+def test_build_native_command_is_incremental():
+    """`fastflamingo build-native` on a built tree: nothing to compile, and it reports the ops."""
+    done = subprocess.run([sys.executable, "-c", "import sys; from fastflamingo.cli import main; "
+                           "sys.exit(main(['build-native']))"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torch.ops.fastflamingo_native.image_causal_attention" in done.stdout
