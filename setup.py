@@ -29,13 +29,15 @@ setup(
     extras_require={
         "gpu": ["triton>=3.6", "bitsandbytes>=0.46"],
         "quant": ["bitsandbytes>=0.46", "accelerate>=1.0"],
+        # captioning's CIDEr: the COCO caption evaluation (its PTB tokenizer also needs Java)
+        "eval": ["pycocoevalcap>=1.2"],
         "test": [
             # the tests compare with Hugging Face's own IDEFICS generate and logits processors as
             # 5.24 has them (before 5.20 its IDEFICS beam search fails, before 5.24 beam sampling
             # draws in another order)
             "transformers>=5.24",
             "pytest", "pytest-benchmark", "hypothesis", "triton>=3.6", "bitsandbytes>=0.46",
-            "accelerate>=1.0", "open_clip_torch", "einops-exts", "timm", "torchvision",
+            "accelerate>=1.0", "open_clip_torch", "einops-exts", "timm", "torchvision", "pycocoevalcap>=1.2",
         ],
     },
     entry_points={"console_scripts": ["fastflamingo=fastflamingo.cli:main"]},

@@ -2,6 +2,7 @@
 before any kernel is defined, hence here, before test modules import fastflamingo.kernels."""
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -30,3 +31,21 @@ def pytest_sessionstart(session):
         native.load(native.build())
     except Exception as e:  # noqa: BLE001 - reported by the native tests
         NATIVE_BUILD_ERROR = f"{type(e).__name__}: {e}"
+
+
+@pytest.fixture(scope="session")
+def world():
+    """The tiny preset trained 400 steps (~15 s) on the synthetic few-shot world, its tokenizer,
+    7 queries named by shape and 12 support examples named by colour, all with a question: what
+    the evaluation tests run the harness on."""
+    import fastflamingo
+    from fastflamingo.evaluation import synthetic
+    model = fastflamingo.Flamingo.from_preset("tiny", seed=3)
+    tok = synthetic.tokenizer()
+    losses = synthetic.train(model, tok, steps=400, batch_size=16, seed=3, progress=False)
+    assert sum(losses[-20:]) < 0.7 * sum(losses[:20])
+    support = synthetic.examples(12, "color", seed=1)
+    queries = synthetic.examples(7, "shape", seed=2)
+    for ex in support + queries:
+        ex.question = "what is it ?"
+    return model, tok, queries, support

@@ -86,19 +86,6 @@ def test_prompts_are_open_flamingos():
 
 
 # ----------------------------------------------------------------- the harness vs a plain loop
-@pytest.fixture(scope="module")
-def world():
-    model = fastflamingo.Flamingo.from_preset("tiny", seed=3)
-    tok = synthetic.tokenizer()
-    losses = synthetic.train(model, tok, steps=400, batch_size=16, seed=3, progress=False)
-    assert sum(losses[-20:]) < 0.7 * sum(losses[:20])
-    support = synthetic.examples(12, "color", seed=1)
-    queries = synthetic.examples(7, "shape", seed=2)
-    for ex in support + queries:
-        ex.question = "what is it ?"
-    return model, tok, queries, support
-
-
 def _plain(model, tok, text, images, **kw):
     """One prompt alone, no padding: open_flamingo's generate as its evaluation calls it."""
     ids = tok(text, return_tensors="pt")["input_ids"]
@@ -204,9 +191,16 @@ def test_bad_evaluation_input_is_refused(world):
     with pytest.raises(ValueError, match="at least 13 support examples"):
         evaluate(model, tok, queries, support, shots=13, progress=False)
     with pytest.raises(ValueError, match="task must be one of"):
-        evaluate(model, tok, queries, support, task="captioning", progress=False)
+        evaluate(model, tok, queries, support, task="detection", progress=False)
     with pytest.raises(ValueError, match="class_names"):
         evaluate(model, tok, queries, support, task="classification", progress=False)
+    with pytest.raises(ValueError, match="max_new_tokens is for the generated tasks"):
+        evaluate(model, tok, queries, support, task="classification", class_names=["a"], max_new_tokens=3,
+                 progress=False)
+    with pytest.raises(ValueError, match="two class names"):
+        evaluate(model, tok, queries, support, task="hateful_memes", class_names=["a", "b", "c"], progress=False)
+    with pytest.raises(ValueError, match=r"labels must be class names \['no', 'yes'\], got \['"):
+        evaluate(model, tok, queries, support, task="hateful_memes", progress=False)
     with pytest.raises(ValueError, match="demonstrations must be one of"):
         evaluate(model, tok, queries, support, demonstrations="nearest", progress=False)
     with pytest.raises(ValueError, match="use one or the other"):

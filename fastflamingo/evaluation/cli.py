@@ -1,17 +1,23 @@
 """``fastflamingo evaluate``: few-shot evaluation, as open_flamingo evaluates (VQA accuracy of
-3-beam answers, or rank classification), on your model and data, or on a synthetic world that a
-tiny Flamingo learns on a CPU in a few minutes.
+3-beam answers, COCO's CIDEr of 3-beam captions, rank classification, Hateful Memes' ROC AUC), on
+your model and data, or on a synthetic world that a tiny Flamingo learns on a CPU in a few minutes.
 
 Examples::
 
     fastflamingo evaluate --synthetic                      # train the tiny model, then 0-8 shots
     fastflamingo evaluate --model DIR --task vqa --queries val.jsonl --support train.jsonl --shots 0 4 8
+    fastflamingo evaluate --model DIR --task captioning --karpathy dataset_coco.json --image-dir coco/
     fastflamingo evaluate --model DIR --task classification --queries val.jsonl --support train.jsonl \\
         --class-names-file classes.txt --shots 0 1 2 4
+    fastflamingo evaluate --model DIR --task hateful_memes --queries hm/dev_seen.jsonl --support hm/train.jsonl
 
-Data files are JSON lines: ``{"image": "cat.jpg", "question": "what animal?", "answers": ["cat", ...]}``
-for VQA, ``{"image": "cat.jpg", "label": "cat"}`` for classification (paths relative to the file).
-Results go to ``--out``: ``results.json`` (every prediction), ``few_shot.png`` (score by shots).
+Data files are JSON lines (paths relative to the file): ``{"image": "cat.jpg", "question": "what
+animal?", "answers": ["cat", ...]}`` for VQA, ``{"image": "cat.jpg", "captions": ["...", ...]}``
+for captioning (or a Karpathy split file: ``--karpathy``, its "train" images the support, its
+"test" images the queries), ``{"image": "cat.jpg", "label": "cat"}`` for classification, and
+Hateful Memes' own files. Captioning's CIDEr needs pycocoevalcap and Java
+(``pip install 'fastflamingo[eval]'``). Results go to ``--out``: ``results.json`` (every
+prediction), ``few_shot.png`` (score by shots).
 """
 from __future__ import annotations
 
@@ -25,15 +31,19 @@ import torch
 
 def add_parser(subparsers) -> None:
     from ..cli import count_arg, device_arg
-    p = subparsers.add_parser("evaluate", help="few-shot evaluation (VQA accuracy, rank classification)",
+    from .prompts import TASKS
+    p = subparsers.add_parser("evaluate", help="few-shot evaluation (VQA, captioning, classification, Hateful Memes)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--synthetic", action="store_true",
                      help="train the tiny preset on a synthetic world of shapes and colours, then evaluate it")
     src.add_argument("--model", help="a directory written by Flamingo.save_pretrained, with its tokenizer")
-    p.add_argument("--task", choices=["vqa", "classification"], default=None, help="with --model (default vqa)")
+    p.add_argument("--task", choices=TASKS, default=None, help="with --model (default vqa)")
     p.add_argument("--queries", help="JSON-lines file of the examples to answer")
     p.add_argument("--support", help="JSON-lines file the demonstrations are drawn from")
+    p.add_argument("--karpathy", help="captioning: a Karpathy split file (dataset_coco.json, dataset_flickr30k.json) "
+                                      "instead of --queries and --support; with --image-dir")
+    p.add_argument("--image-dir", help="--karpathy: the folder its images' filepath/filename are under")
     p.add_argument("--class-names-file", help="classification: the class names, one per line")
     p.add_argument("--shots", type=count_arg("--shots"), nargs="+", default=None,
                    help="numbers of demonstrations (default: 0 4 8; --synthetic: 0 1 2 4 8)")
@@ -47,7 +57,7 @@ def add_parser(subparsers) -> None:
                    help="one draw of demonstrations for all queries, encoded once (few-shot prefix)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per call (default 8; --synthetic: 32)")
     p.add_argument("--num-beams", type=int, default=3)
-    p.add_argument("--max-new-tokens", type=int, default=5)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: 5 for vqa, 20 for captioning")
     p.add_argument("--length-penalty", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=42, help="the draw of demonstrations")
     p.add_argument("--steps", type=count_arg("--steps"), default=None, help="--synthetic: training steps (1500)")
@@ -67,8 +77,8 @@ def _check(args) -> None:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.synthetic:
-        given = [f"--{n.replace('_', '-')}" for n in ("queries", "support", "class_names_file", "quantization", "task")
-                 if getattr(args, n)]
+        given = [f"--{n.replace('_', '-')}" for n in ("queries", "support", "class_names_file", "quantization", "task",
+                                                      "karpathy", "image_dir") if getattr(args, n)]
         if given:
             raise ValueError(f"{', '.join(given)}: not used with --synthetic (it makes its own data and model)")
         for name in ("steps", "num_queries"):
@@ -79,16 +89,32 @@ def _check(args) -> None:
     given = [f"--{n.replace('_', '-')}" for n in ("steps", "num_queries", "save") if getattr(args, n) is not None]
     if given:
         raise ValueError(f"{', '.join(given)}: only used with --synthetic")
-    missing = [f"--{n}" for n in ("queries", "support") if not getattr(args, n)]
-    if missing:
-        raise ValueError(f"evaluating --model needs {' and '.join(missing)} (JSON-lines files)")
-    for name in ("queries", "support", "class_names_file"):
-        path = getattr(args, name)
-        if path and not os.path.isfile(path):
-            raise FileNotFoundError(f"--{name.replace('_', '-')}: no file {path!r}")
     args.task = args.task or "vqa"
     if args.task == "classification" and not args.class_names_file:
         raise ValueError("--task classification ranks class names: pass --class-names-file (one per line)")
+    if args.class_names_file and args.task not in ("classification", "hateful_memes"):
+        raise ValueError(f"--class-names-file is for classification and hateful_memes, not --task {args.task}")
+    if args.max_new_tokens is not None and args.task not in ("vqa", "captioning"):
+        raise ValueError(f"--max-new-tokens is for the generated tasks (vqa, captioning), not --task {args.task}")
+    if args.karpathy:
+        if args.task != "captioning":
+            raise ValueError(f"--karpathy holds captions: use it with --task captioning, not --task {args.task}")
+        if args.queries or args.support:
+            raise ValueError("--karpathy gives both the queries (its test split) and the support (its train split): "
+                             "drop --queries and --support")
+        if not args.image_dir or not os.path.isdir(args.image_dir):
+            raise ValueError(f"--karpathy needs --image-dir, the folder of its images, got {args.image_dir!r}")
+    elif args.image_dir:
+        raise ValueError("--image-dir is for --karpathy; JSON-lines files give image paths relative to themselves")
+    else:
+        missing = [f"--{n}" for n in ("queries", "support") if not getattr(args, n)]
+        if missing:
+            raise ValueError(f"evaluating --model needs {' and '.join(missing)} (JSON-lines files)"
+                             + (", or --karpathy" if args.task == "captioning" else ""))
+    for name in ("queries", "support", "class_names_file", "karpathy"):
+        path = getattr(args, name)
+        if path and not os.path.isfile(path):
+            raise FileNotFoundError(f"--{name.replace('_', '-')}: no file {path!r}")
 
 
 def run(args) -> int:
@@ -166,8 +192,11 @@ def _user_data(args, device, dtype) -> dict:
     from ..generation.cli import image_transform
     from ..model import Flamingo
     from .harness import evaluate
-    from .prompts import load_examples
-    queries, support = load_examples(args.queries, args.task), load_examples(args.support, args.task)
+    from .prompts import load_examples, load_karpathy
+    if args.karpathy:
+        queries, support = (load_karpathy(args.karpathy, args.image_dir, split) for split in ("test", "train"))
+    else:
+        queries, support = load_examples(args.queries, args.task), load_examples(args.support, args.task)
     class_names = None
     if args.class_names_file:
         with open(args.class_names_file) as f:
@@ -183,9 +212,10 @@ def _user_data(args, device, dtype) -> dict:
                   num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
                   demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations,
                   text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero)
-    report = {"kind": args.task, "model": args.model, "queries": args.queries, "support": args.support,
+    report = {"kind": args.task, "model": args.model, "queries": args.queries or f"{args.karpathy}: test",
+              "support": args.support or f"{args.karpathy}: train",
               "metric": rs[0].metric, "results": {args.task: [r.to_dict() for r in rs]}, **_meta(device)}
-    print(f"{args.task}: {len(queries)} queries, demonstrations from {len(support)}; {rs[0].metric} (%) "
+    print(f"{args.task}: {len(queries)} queries, demonstrations from {len(support)}; {rs[0].metric} (x 100) "
           f"on {report['device']}")
     print(_table(report))
     return report

@@ -3,12 +3,17 @@
 
 It follows open_flamingo's evaluation (``open_flamingo/eval/evaluate.py``) so its numbers can be
 set beside the published ones: the same prompts (:mod:`.prompts`), demonstrations drawn at random
-from a support set for every query, two text-only demonstrations at zero shots, 3-beam search of
-at most 5 new tokens with no length penalty for VQA, the answer cut at the next "Question" /
-"Answer" / "Short", and the VQA accuracy of the official script (:mod:`.metrics`).
-Classification ranks the class names by their mean log-probability per token after the prompt
-(open_flamingo's ``get_rank_classifications`` with ``normalize_length=True``), every prompt
-encoded once for all the classes (:func:`fastflamingo.generation.score`).
+from a support set for every query, two text-only demonstrations at zero shots, and per task:
+
+- ``"vqa"``: 3-beam search of at most 5 new tokens with no length penalty, the answer cut at the
+  next "Question" / "Answer" / "Short", the VQA accuracy of the official script (:mod:`.metrics`).
+- ``"captioning"``: 3-beam search of at most 20 new tokens, no length penalty, the caption cut
+  at the next "Output", CIDEr as the COCO caption evaluation computes it (x 100, as reported).
+- ``"classification"``: the class names ranked by their mean log-probability per token after
+  the prompt (open_flamingo's ``get_rank_classifications`` with ``normalize_length=True``),
+  every prompt encoded once for all the classes (:func:`fastflamingo.generation.score`); accuracy.
+- ``"hateful_memes"``: the same ranking of "no" and "yes"; the ROC AUC of the probability of
+  "yes" (the softmax of the two log-probabilities), x 100.
 
 ``demonstrations="similar"`` picks for each query the support examples whose images are most
 like its own instead (open_flamingo's RICES, retrieval-based in-context example selection; the
@@ -29,15 +34,18 @@ from tqdm.auto import tqdm
 
 from ..inputs import image_tensor
 from . import metrics
-from .prompts import (TASKS, ZERO_SHOT_TEXT_DEMOS, Example, demonstrations_text, few_shot_text,
-                      sample_demonstrations)
+from .prompts import (GENERATED, HATEFUL_MEMES_CLASSES, TASKS, ZERO_SHOT_TEXT_DEMOS, Example,
+                      demonstrations_text, few_shot_text, sample_demonstrations)
 
 DEMONSTRATIONS = ("random", "similar")
+METRICS = {"vqa": "vqa_accuracy", "captioning": "cider", "classification": "accuracy", "hateful_memes": "roc_auc"}
+MAX_NEW_TOKENS = {"vqa": 5, "captioning": 20}  # open_flamingo's evaluate_vqa and evaluate_captioning
 
 
 @dataclass
 class Result:
-    """One number of shots: the task's score (percent) and every query's prediction."""
+    """One number of shots: the task's score (x 100: percent, or CIDEr as papers report it) and
+    every query's prediction; for Hateful Memes also each query's probability of "yes"."""
     task: str
     shots: int
     score: float
@@ -45,6 +53,7 @@ class Result:
     predictions: list[str]
     references: list[list[str]]
     seconds: float
+    positive_probabilities: list[float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -127,6 +136,14 @@ def _check(task, queries, support, shots_list, tokenizer, class_names):
             raise ValueError(f"shots must be integers >= 0, got {s!r}")
     if task == "classification" and not class_names:
         raise ValueError("classification ranks the class names: pass class_names")
+    if task == "captioning":
+        metrics.check_cider_available()  # before any generation, not after it
+    if task == "hateful_memes":
+        if len(class_names) != 2:
+            raise ValueError(f"hateful_memes ranks two class names, the second the hateful one, got {class_names!r}")
+        other = sorted({a for q in queries for a in q.answers} - set(class_names))
+        if other:
+            raise ValueError(f"hateful_memes queries' labels must be class names {class_names!r}, got {other[:10]}")
     for tok in ("<image>", "<|endofchunk|>"):
         if tok not in tokenizer.get_vocab():
             raise ValueError(f"the tokenizer has no {tok!r} token: use the tokenizer the model was built with "
@@ -135,7 +152,7 @@ def _check(task, queries, support, shots_list, tokenizer, class_names):
 
 def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *, task: str = "vqa",
              shots=(0, 4, 8), image_processor=None, class_names: list[str] | None = None, seed: int = 42,
-             batch_size: int = 8, num_beams: int = 3, max_new_tokens: int = 5, length_penalty: float = 0.0,
+             batch_size: int = 8, num_beams: int = 3, max_new_tokens: int | None = None, length_penalty: float = 0.0,
              demonstrations: str = "random", shared_demonstrations: bool = False,
              text_demos_at_zero: int = ZERO_SHOT_TEXT_DEMOS, progress: bool | None = None) -> list[Result]:
     """Few-shot evaluation of ``model`` on ``queries``, one :class:`Result` per number of shots.
@@ -145,13 +162,16 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
         tokenizer: its tokenizer (with ``<image>`` and ``<|endofchunk|>``).
         queries: the examples to answer.
         support: the examples demonstrations are drawn from (the training split).
-        task: ``"vqa"`` (generation, VQA accuracy) or ``"classification"`` (rank classification
-            over ``class_names``, accuracy).
+        task: ``"vqa"`` (generation, VQA accuracy), ``"captioning"`` (generation, CIDEr: needs
+            pycocoevalcap and Java), ``"classification"`` (rank classification over
+            ``class_names``, accuracy) or ``"hateful_memes"`` (rank classification over
+            ``class_names``, default ``["no", "yes"]``, ROC AUC of the second).
         shots: the numbers of demonstrations to evaluate at.
         image_processor: turns a PIL image into a (C, H, W) tensor; not needed for tensor images.
         seed: the draw of demonstrations (the same for every number of shots' first query).
         batch_size: prompts per ``generate`` / ``score`` call.
-        num_beams, max_new_tokens, length_penalty: VQA generation, open_flamingo's defaults.
+        num_beams, max_new_tokens, length_penalty: generation, open_flamingo's defaults
+            (``max_new_tokens`` None: 5 for VQA, 20 for captioning).
         demonstrations: ``"random"`` (drawn for each query) or ``"similar"`` (the support
             examples whose images are most like the query's: open_flamingo's RICES, here with
             the model's own visual tokens as the features).
@@ -162,14 +182,20 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
     """
     import time
     shots_list = [shots] if isinstance(shots, int) else list(shots)
+    if task == "hateful_memes" and class_names is None:
+        class_names = HATEFUL_MEMES_CLASSES
     _check(task, queries, support, shots_list, tokenizer, class_names)
+    if max_new_tokens is None:
+        max_new_tokens = MAX_NEW_TOKENS.get(task)
+    elif task not in GENERATED:
+        raise ValueError(f"max_new_tokens is for the generated tasks {GENERATED}; {task!r} ranks class names")
     if demonstrations not in DEMONSTRATIONS:
         raise ValueError(f"demonstrations must be one of {DEMONSTRATIONS}, got {demonstrations!r}")
     if shared_demonstrations and demonstrations != "random":
         raise ValueError(f"shared_demonstrations draws one set for all queries; demonstrations={demonstrations!r} "
                          "picks a set per query: use one or the other")
     device, dtype = model.device, model.vision_encoder_dtype
-    candidates = None if task != "classification" else _class_tokens(tokenizer, class_names)
+    candidates = None if task in GENERATED else _class_tokens(tokenizer, class_names)
     results = []
     was_training = model.training
     model.eval()
@@ -178,7 +204,7 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
             model, image_processor, queries, support, demonstrations, seed, batch_size)
         for k in shots_list:
             t0 = time.perf_counter()
-            preds = []
+            preds, probs = [], []
             pick = similar or _picker(model, image_processor, queries, support, "random", seed, batch_size)
             texts, images, fixed = _prompts(task, queries, pick, k, text_demos_at_zero, shared_demonstrations)
             prefix = _encode_shared(model, tokenizer, image_processor, task, fixed, k, device, dtype)
@@ -187,16 +213,16 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
             for i in bar:
                 vx, ids, mask = _batch_inputs(model, tokenizer, image_processor, texts[i:i + batch_size],
                                               images[i:i + batch_size], device, dtype, first=prefix is None)
-                if task == "vqa":
-                    preds += _answer(model, tokenizer, vx, ids, mask, prefix, num_beams, max_new_tokens,
+                if task in GENERATED:
+                    preds += _answer(task, model, tokenizer, vx, ids, mask, prefix, num_beams, max_new_tokens,
                                      length_penalty)
                 else:
-                    preds += _classify(model, vx, ids, mask, prefix, class_names, candidates)
+                    names, p = _classify(model, vx, ids, mask, prefix, class_names, candidates)
+                    preds, probs = preds + names, probs + p
             refs = [q.answers for q in queries]
-            metric = metrics.vqa_accuracy if task == "vqa" else metrics.exact_match
-            score = 100 * sum(metric(p, r) for p, r in zip(preds, refs)) / len(preds)
-            results.append(Result(task, k, score, "vqa_accuracy" if task == "vqa" else "accuracy", preds, refs,
-                                  time.perf_counter() - t0))
+            positive = [p[-1] for p in probs] if task == "hateful_memes" else None
+            results.append(Result(task, k, 100 * _score(task, preds, refs, positive, class_names), METRICS[task],
+                                  preds, refs, time.perf_counter() - t0, positive))
     finally:
         model.train(was_training)
     return results
@@ -212,11 +238,23 @@ def _encode_shared(model, tokenizer, image_processor, task, fixed, shots, device
     return encode_prefix(model, vx, ids)
 
 
+def _score(task, preds, refs, positive, class_names) -> float:
+    """The task's metric over all queries, 0 to 1 (CIDEr: 0 to about 10)."""
+    if task == "captioning":
+        return metrics.cider(preds, refs)
+    if task == "hateful_memes":
+        return metrics.roc_auc([r[0] == class_names[-1] for r in refs], positive)
+    metric = metrics.vqa_accuracy if task == "vqa" else metrics.exact_match
+    return sum(metric(p, r) for p, r in zip(preds, refs)) / len(preds)
+
+
 @torch.no_grad()
-def _answer(model, tokenizer, vx, ids, mask, prefix, num_beams, max_new_tokens, length_penalty) -> list[str]:
+def _answer(task, model, tokenizer, vx, ids, mask, prefix, num_beams, max_new_tokens, length_penalty) -> list[str]:
     beams = dict(num_beams=num_beams, length_penalty=length_penalty) if num_beams > 1 else {}
     out = model.generate(vx, ids, attention_mask=mask, prefix=prefix, max_new_tokens=max_new_tokens, **beams)
     new = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    if task == "captioning":
+        return [metrics.postprocess_caption(t) for t in new]
     return [metrics.postprocess_vqa(t).strip() for t in new]
 
 
@@ -230,6 +268,8 @@ def _class_tokens(tokenizer, class_names: list[str]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _classify(model, vx, ids, mask, prefix, class_names, cands) -> list[str]:
-    logp = model.score(vx, ids, cands, attention_mask=mask, prefix=prefix, reduction="mean")
-    return [class_names[j] for j in logp.argmax(-1).tolist()]
+def _classify(model, vx, ids, mask, prefix, class_names, cands) -> tuple[list[str], list[list[float]]]:
+    """The best class per prompt, and the softmax over the classes of their mean log-probabilities
+    (open_flamingo's Hateful Memes score)."""
+    logp = model.score(vx, ids, cands, attention_mask=mask, prefix=prefix, reduction="mean").float()
+    return [class_names[j] for j in logp.argmax(-1).tolist()], logp.softmax(-1).tolist()

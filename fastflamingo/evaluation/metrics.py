@@ -98,3 +98,79 @@ def exact_match(prediction: str, answers: list[str]) -> float:
         raise ValueError("exact_match needs at least one reference answer, got none")
     p = prediction.strip().lower()
     return float(any(p == a.strip().lower() for a in answers))
+
+
+def postprocess_caption(generated: str) -> str:
+    """The caption in a generated continuation, as open_flamingo's captioning evaluation cuts it:
+    the text before any "Output" (the model starting the next demonstration), double quotes removed."""
+    return generated.split("Output", 1)[0].replace('"', "")
+
+
+def check_cider_available():
+    """Raises the error :func:`cider` would raise for a missing pycocoevalcap or Java."""
+    _pycocoevalcap()
+
+
+def _pycocoevalcap():
+    import shutil
+    try:
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    except ImportError as e:
+        raise ImportError("captioning's CIDEr is the COCO caption evaluation's (pycocoevalcap), which is not "
+                          "installed: pip install 'fastflamingo[eval]' (or pip install pycocoevalcap)") from e
+    if shutil.which("java") is None:
+        raise RuntimeError("captioning's CIDEr tokenizes captions with the Stanford PTB tokenizer, a Java program "
+                           "(as the COCO caption evaluation does), and no `java` is on the PATH: install a Java "
+                           "runtime (e.g. apt install default-jre) and run again")
+    return PTBTokenizer, Cider
+
+
+def cider(predictions: list[str], references: list[list[str]]) -> float:
+    """Corpus CIDEr-D (its usual scale: 0 to about 10; papers report it x 100) of one caption per
+    image against that image's reference captions, exactly as the COCO caption evaluation
+    (pycocoevalcap, which open_flamingo's ``compute_cider`` runs) computes it: every caption
+    tokenized by the Stanford PTB tokenizer (lowercased, punctuation tokens dropped), then
+    CIDEr-D's tf-idf n-gram cosines (n = 1 to 4, the document frequencies over these references,
+    sigma = 6 length penalty, clipped counts). A corpus metric: the score of a caption depends on
+    all the references, so it is not a mean of per-caption scores computed apart."""
+    if len(predictions) != len(references):
+        raise ValueError(f"cider needs one prediction per image, got {len(predictions)} predictions "
+                         f"and {len(references)} reference lists")
+    if not predictions:
+        raise ValueError("cider needs at least one image, got none")
+    empty = [i for i, r in enumerate(references) if not r]
+    if empty:
+        raise ValueError(f"cider needs reference captions for every image; images {empty[:10]} have none")
+    tokenizer_cls, cider_cls = _pycocoevalcap()
+    tokenizer = tokenizer_cls()
+    refs = tokenizer.tokenize({i: [{"caption": c} for c in r] for i, r in enumerate(references)})
+    preds = tokenizer.tokenize({i: [{"caption": p}] for i, p in enumerate(predictions)})
+    score, _ = cider_cls().compute_score(refs, preds)
+    return float(score)
+
+
+def roc_auc(labels: list[bool], scores: list[float]) -> float:
+    """The area under the ROC curve (0 to 1) of ``scores`` for the binary ``labels``: the chance
+    that a random positive scores above a random negative, ties counting one half (what
+    scikit-learn's ``roc_auc_score``, run by open_flamingo's Hateful Memes evaluation, computes)."""
+    if len(labels) != len(scores):
+        raise ValueError(f"roc_auc needs a score per label, got {len(scores)} scores and {len(labels)} labels")
+    pos = sum(1 for y in labels if y)
+    neg = len(labels) - pos
+    if pos == 0 or neg == 0:
+        raise ValueError(f"roc_auc needs positive and negative examples, got {pos} positive and {neg} negative")
+    bad = [i for i, s in enumerate(scores) if s != s]
+    if bad:
+        raise ValueError(f"roc_auc got NaN scores at {bad[:10]}")
+    # Mann-Whitney U: the rank sum of the positives, tied scores sharing their mean rank
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    rank_sum, i = 0.0, 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        mean_rank = (i + j) / 2 + 1
+        rank_sum += mean_rank * sum(1 for t in order[i:j + 1] if labels[t])
+        i = j + 1
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
