@@ -7,7 +7,6 @@ import random
 import pytest
 import torch
 
-import fastflamingo
 from fastflamingo.evaluation import Example, evaluate, load_examples, postprocess_vqa, synthetic, vqa_accuracy
 from fastflamingo.evaluation.metrics import exact_match, normalize_vqa_answer
 from fastflamingo.evaluation.prompts import few_shot_text
@@ -195,7 +194,7 @@ def test_bad_evaluation_input_is_refused(world):
     with pytest.raises(ValueError, match="class_names"):
         evaluate(model, tok, queries, support, task="classification", progress=False)
     with pytest.raises(ValueError, match="max_new_tokens is for the generated tasks"):
-        evaluate(model, tok, queries, support, task="classification", class_names=["a"], max_new_tokens=3,
+        evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES, max_new_tokens=3,
                  progress=False)
     with pytest.raises(ValueError, match="two class names"):
         evaluate(model, tok, queries, support, task="hateful_memes", class_names=["a", "b", "c"], progress=False)

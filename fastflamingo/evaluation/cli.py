@@ -6,16 +6,25 @@ Examples::
 
     fastflamingo evaluate --synthetic                      # train the tiny model, then 0-8 shots
     fastflamingo evaluate --model DIR --task vqa --queries val.jsonl --support train.jsonl --shots 0 4 8
+    fastflamingo evaluate --model DIR --task vqa --vqa-format vqav2 \\
+        --queries v2_OpenEnded_mscoco_val2014_questions.json --queries-annotations v2_mscoco_val2014_annotations.json \\
+        --queries-images coco/val2014 --support v2_OpenEnded_mscoco_train2014_questions.json \\
+        --support-annotations v2_mscoco_train2014_annotations.json --support-images coco/train2014
     fastflamingo evaluate --model DIR --task captioning --karpathy dataset_coco.json --image-dir coco/
     fastflamingo evaluate --model DIR --task classification --queries val.jsonl --support train.jsonl \\
         --class-names-file classes.txt --shots 0 1 2 4
+    fastflamingo evaluate --model DIR --task classification --queries imagenet/val --support imagenet/train \\
+        --class-names-file imagenet_names.txt
     fastflamingo evaluate --model DIR --task hateful_memes --queries hm/dev_seen.jsonl --support hm/train.jsonl
 
 Data files are JSON lines (paths relative to the file): ``{"image": "cat.jpg", "question": "what
 animal?", "answers": ["cat", ...]}`` for VQA, ``{"image": "cat.jpg", "captions": ["...", ...]}``
 for captioning (or a Karpathy split file: ``--karpathy``, its "train" images the support, its
-"test" images the queries), ``{"image": "cat.jpg", "label": "cat"}`` for classification, and
-Hateful Memes' own files. Captioning's CIDEr needs pycocoevalcap and Java
+"test" images the queries), ``{"image": "cat.jpg", "label": "cat"}`` for classification (or a
+folder of class folders, ImageNet's layout: ``--class-names-file`` names its sorted folders, or the
+folders are the names), and Hateful Memes' own files. ``--vqa-format`` reads VQAv2's, VizWiz's
+and TextVQA's question and annotation files instead (their images in ``--queries-images`` and
+``--support-images``). Captioning's CIDEr needs pycocoevalcap and Java
 (``pip install 'fastflamingo[eval]'``). Results go to ``--out``: ``results.json`` (every
 prediction), ``few_shot.png`` (score by shots).
 """
@@ -31,6 +40,7 @@ import torch
 
 def add_parser(subparsers) -> None:
     from ..cli import count_arg, device_arg
+    from .datasets import VQA_DATASETS
     from .prompts import TASKS
     p = subparsers.add_parser("evaluate", help="few-shot evaluation (VQA, captioning, classification, Hateful Memes)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,8 +49,15 @@ def add_parser(subparsers) -> None:
                      help="train the tiny preset on a synthetic world of shapes and colours, then evaluate it")
     src.add_argument("--model", help="a directory written by Flamingo.save_pretrained, with its tokenizer")
     p.add_argument("--task", choices=TASKS, default=None, help="with --model (default vqa)")
-    p.add_argument("--queries", help="JSON-lines file of the examples to answer")
-    p.add_argument("--support", help="JSON-lines file the demonstrations are drawn from")
+    p.add_argument("--queries", help="the examples to answer: a JSON-lines file (or a questions file with "
+                                     "--vqa-format, a folder of class folders for classification)")
+    p.add_argument("--support", help="the examples the demonstrations are drawn from, as --queries")
+    p.add_argument("--vqa-format", choices=VQA_DATASETS, default=None,
+                   help="--queries and --support are that dataset's question files (VQAv2's layout), with "
+                        "--queries-annotations, --queries-images, --support-annotations and --support-images")
+    for split in ("queries", "support"):
+        p.add_argument(f"--{split}-annotations", help=f"--vqa-format: the annotation file of --{split}")
+        p.add_argument(f"--{split}-images", help=f"--vqa-format: the image folder of --{split}")
     p.add_argument("--karpathy", help="captioning: a Karpathy split file (dataset_coco.json, dataset_flickr30k.json) "
                                       "instead of --queries and --support; with --image-dir")
     p.add_argument("--image-dir", help="--karpathy: the folder its images' filepath/filename are under")
@@ -71,6 +88,9 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+_VQA_FILES = ("queries_annotations", "queries_images", "support_annotations", "support_images")
+
+
 def _check(args) -> None:
     for name in ("batch_size", "num_beams", "max_new_tokens"):
         value = getattr(args, name)
@@ -78,7 +98,8 @@ def _check(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.synthetic:
         given = [f"--{n.replace('_', '-')}" for n in ("queries", "support", "class_names_file", "quantization", "task",
-                                                      "karpathy", "image_dir") if getattr(args, n)]
+                                                      "karpathy", "image_dir", "vqa_format", *_VQA_FILES)
+                 if getattr(args, n)]
         if given:
             raise ValueError(f"{', '.join(given)}: not used with --synthetic (it makes its own data and model)")
         for name in ("steps", "num_queries"):
@@ -90,8 +111,13 @@ def _check(args) -> None:
     if given:
         raise ValueError(f"{', '.join(given)}: only used with --synthetic")
     args.task = args.task or "vqa"
-    if args.task == "classification" and not args.class_names_file:
-        raise ValueError("--task classification ranks class names: pass --class-names-file (one per line)")
+    folders = [n for n in ("queries", "support") if getattr(args, n) and os.path.isdir(getattr(args, n))]
+    if folders and (args.task != "classification" or len(folders) != 2):
+        raise ValueError(f"--{folders[0]} is a folder: folders of class folders are for --task classification, "
+                         "both --queries and --support (else JSON-lines files)")
+    if args.task == "classification" and not args.class_names_file and not folders:
+        raise ValueError("--task classification ranks class names: pass --class-names-file (one per line), "
+                         "or folders of class folders as --queries and --support")
     if args.class_names_file and args.task not in ("classification", "hateful_memes"):
         raise ValueError(f"--class-names-file is for classification and hateful_memes, not --task {args.task}")
     if args.max_new_tokens is not None and args.task not in ("vqa", "captioning"):
@@ -111,9 +137,23 @@ def _check(args) -> None:
         if missing:
             raise ValueError(f"evaluating --model needs {' and '.join(missing)} (JSON-lines files)"
                              + (", or --karpathy" if args.task == "captioning" else ""))
-    for name in ("queries", "support", "class_names_file", "karpathy"):
+    if args.vqa_format:
+        if args.task != "vqa":
+            raise ValueError(f"--vqa-format reads VQA files: use it with --task vqa, not --task {args.task}")
+        missing = [f"--{n.replace('_', '-')}" for n in ("queries", "support", *_VQA_FILES) if not getattr(args, n)]
+        if missing:
+            raise ValueError(f"--vqa-format needs {', '.join(missing)}: the questions (--queries, --support), "
+                             "annotations and image folder of each split")
+        for name in ("queries_images", "support_images"):
+            if not os.path.isdir(getattr(args, name)):
+                raise FileNotFoundError(f"--{name.replace('_', '-')}: no folder {getattr(args, name)!r}")
+    else:
+        given = [f"--{n.replace('_', '-')}" for n in _VQA_FILES if getattr(args, n)]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only used with --vqa-format")
+    for name in ("queries", "support", "class_names_file", "karpathy", "queries_annotations", "support_annotations"):
         path = getattr(args, name)
-        if path and not os.path.isfile(path):
+        if path and not os.path.isfile(path) and not (name in ("queries", "support") and name in folders):
             raise FileNotFoundError(f"--{name.replace('_', '-')}: no file {path!r}")
 
 
@@ -186,23 +226,39 @@ def _synthetic(args, device, dtype) -> dict:
     return report
 
 
-def _user_data(args, device, dtype) -> dict:
-    from transformers import AutoTokenizer
-
-    from ..generation.cli import image_transform
-    from ..model import Flamingo
-    from .harness import evaluate
-    from .prompts import load_examples, load_karpathy
-    if args.karpathy:
-        queries, support = (load_karpathy(args.karpathy, args.image_dir, split) for split in ("test", "train"))
-    else:
-        queries, support = load_examples(args.queries, args.task), load_examples(args.support, args.task)
+def _load(args):
+    """(queries, support, class names or None) from the files the arguments name."""
+    from .datasets import load_examples, load_image_folder, load_karpathy, load_vqa
     class_names = None
     if args.class_names_file:
         with open(args.class_names_file) as f:
             class_names = [line.strip() for line in f if line.strip()]
         if not class_names:
             raise ValueError(f"{args.class_names_file} holds no class names (one per line)")
+    if args.karpathy:
+        queries, support = (load_karpathy(args.karpathy, args.image_dir, split) for split in ("test", "train"))
+    elif args.vqa_format:
+        queries, support = (load_vqa(getattr(args, s), getattr(args, f"{s}_annotations"), getattr(args, f"{s}_images"),
+                                     args.vqa_format) for s in ("queries", "support"))
+    elif os.path.isdir(args.queries):
+        (queries, class_names), (support, _) = (load_image_folder(path, class_names)
+                                                for path in (args.queries, args.support))
+        folders = [sorted({e.extra["folder"] for e in examples}) for examples in (queries, support)]
+        if folders[0] != folders[1]:
+            raise ValueError(f"--queries {args.queries} and --support {args.support} must hold the same class folders; "
+                             f"only in one: {sorted(set(folders[0]) ^ set(folders[1]))[:10]}")
+    else:
+        queries, support = load_examples(args.queries, args.task), load_examples(args.support, args.task)
+    return queries, support, class_names
+
+
+def _user_data(args, device, dtype) -> dict:
+    from transformers import AutoTokenizer
+
+    from ..generation.cli import image_transform
+    from ..model import Flamingo
+    from .harness import evaluate
+    queries, support, class_names = _load(args)
     model = Flamingo.from_pretrained(args.model, quantization=args.quantization, dtype=dtype, device=device).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
     style = "idefics" if model.config.cross_attention.style == "idefics" else "open_flamingo"

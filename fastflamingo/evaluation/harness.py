@@ -138,12 +138,23 @@ def _check(task, queries, support, shots_list, tokenizer, class_names):
         raise ValueError("classification ranks the class names: pass class_names")
     if task == "captioning":
         metrics.check_cider_available()  # before any generation, not after it
-    if task == "hateful_memes":
-        if len(class_names) != 2:
-            raise ValueError(f"hateful_memes ranks two class names, the second the hateful one, got {class_names!r}")
-        other = sorted({a for q in queries for a in q.answers} - set(class_names))
+    if task == "hateful_memes" and len(class_names) != 2:
+        raise ValueError(f"hateful_memes ranks two class names, the second the hateful one, got {class_names!r}")
+    if task not in GENERATED:
+        repeated = sorted({c for c in class_names if class_names.count(c) > 1})
+        if repeated:
+            raise ValueError(f"class names must be distinct (a ranking cannot tell copies apart): {repeated[:10]} "
+                             "appear more than once")
+        # a query whose label is no class name could never be right: an error, not a lower accuracy
+        # (classification's accuracy matches any answer, stripped and lowercased; Hateful Memes' AUC the label)
+        if task == "classification":
+            names = {c.strip().lower() for c in class_names}
+            other = sorted({q.answers[0] for q in queries if not any(a.strip().lower() in names for a in q.answers)})
+        else:
+            other = sorted({q.answers[0] for q in queries} - set(class_names))
         if other:
-            raise ValueError(f"hateful_memes queries' labels must be class names {class_names!r}, got {other[:10]}")
+            shown = class_names if len(class_names) <= 10 else f"{class_names[:10]} (of {len(class_names)})"
+            raise ValueError(f"{task} queries' labels must be class names {shown}, got {other[:10]}")
     for tok in ("<image>", "<|endofchunk|>"):
         if tok not in tokenizer.get_vocab():
             raise ValueError(f"the tokenizer has no {tok!r} token: use the tokenizer the model was built with "
