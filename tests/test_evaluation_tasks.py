@@ -3,6 +3,7 @@ from its definition (and the COCO evaluation's tokenizer is the one applied), RO
 pairwise definition, prompts and post-processing are open_flamingo's, the batched harness equals a
 plain one-prompt-at-a-time loop, and the data files (JSON lines, Karpathy splits, Hateful Memes'
 own) load or are refused with the offending line named."""
+import itertools
 import json
 import math
 import random
@@ -242,6 +243,78 @@ def test_hateful_memes_scores_the_probability_of_yes_as_open_flamingo(world):
     assert r.score == pytest.approx(100 * roc_auc([q.answers == ["red"] for q in queries], probs), abs=1e-6)
 
 
+# ------------------------------------------------------------------ prompt ensembling
+def test_orderings_are_distinct_and_the_drawn_one_first():
+    from fastflamingo.evaluation.harness import _orderings
+    assert _orderings(3, False, 0) == [(0, 1, 2)] and _orderings(1, True, 0) == [(0,)] and _orderings(0, True, 0) == [()]
+    assert _orderings(2, True, 0) == [(0, 1), (1, 0)]
+    three = _orderings(3, True, 0)
+    assert three[0] == (0, 1, 2) and sorted(three) == sorted(itertools.permutations(range(3)))
+    for k in (4, 8):
+        orders = _orderings(k, True, 5)
+        assert len(orders) == 6 == len(set(orders)) and orders[0] == tuple(range(k))
+        assert all(sorted(o) == list(range(k)) for o in orders) and orders == _orderings(k, True, 5)
+
+
+def _ensembled_reference(model, tok, task, queries, demos_of, cands, text_only=False):
+    """open_flamingo's prompt ensembling one prompt at a time: every order of each query's
+    demonstrations (k <= 3: all k! <= 6 of them), each class's mean log-probability per token
+    averaged over the orders; the best class and the softmax of the averages."""
+    names, probs = [], []
+    for i, q in enumerate(queries):
+        demos, lps = demos_of(i), []
+        for order in itertools.permutations(range(len(demos))):
+            shown = [demos[j] for j in order]
+            images = ([] if text_only else [d.image for d in shown]) + [q.image]
+            ids, vx = _prompt_inputs(tok, few_shot_text(task, shown, q, text_only=text_only), images)
+            lps.append(score_reference(model, vx, ids, cands, reduction="mean")[0])
+        lp = torch.stack(lps).mean(0)
+        names.append(int(lp.argmax()))
+        probs.append(lp.softmax(-1).tolist())
+    return names, probs
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_prompt_ensembling_averages_over_the_orders_as_open_flamingo(world, shared):
+    """Hateful Memes' probabilities of "yes" (continuous: a wrong order or average shows) at 3
+    shots (3! = 6 orders), per-query draws and one shared prefix per order."""
+    model, tok = world[:2]
+    rng = random.Random(3)
+    pool = synthetic.examples(40, "color", seed=43)
+    reds = [e for e in pool if e.extra["color"] == "red"]
+    queries = _memes(reds[:3] + [e for e in pool if e not in reds][:4], rng)
+    support = _memes(synthetic.examples(8, "color", seed=44), rng)
+    names = ["blue", "red"]
+    r = evaluate(model, tok, queries, support, task="hateful_memes", class_names=names, shots=3, batch_size=4,
+                 seed=9, prompt_ensembling=True, shared_demonstrations=shared, progress=False)[0]
+    draw = random.Random(9)
+    fixed = draw.sample(support, 3) if shared else None
+    drawn = [fixed if shared else draw.sample(support, 3) for _ in queries]
+    cands = [tok(c, add_special_tokens=False)["input_ids"] for c in names]
+    want, probs = _ensembled_reference(model, tok, "hateful_memes", queries, lambda i: drawn[i], cands)
+    assert r.orderings == 6 and r.predictions == [names[j] for j in want]
+    assert r.positive_probabilities == pytest.approx([p[1] for p in probs], abs=1e-4 if shared else 1e-5)
+    plain = evaluate(model, tok, queries, support, task="hateful_memes", class_names=names, shots=3, batch_size=4,
+                     seed=9, shared_demonstrations=shared, progress=False)[0]
+    assert plain.orderings == 1
+    assert max(abs(a - b) for a, b in zip(plain.positive_probabilities, r.positive_probabilities)) > 1e-4  # orders matter
+
+
+def test_prompt_ensembling_at_zero_shots_orders_the_text_only_demonstrations(world):
+    """At 0 shots the prompt still shows two text-only demonstrations (open_flamingo's effective
+    shots): ensembling averages their 2 orders."""
+    model, tok, queries, support = world
+    r = evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES, shots=0,
+                 batch_size=3, seed=2, prompt_ensembling=True, progress=False)[0]
+    draw = random.Random(2)
+    drawn = [draw.sample(support, 2) for _ in queries]
+    cands = [tok(c, add_special_tokens=False)["input_ids"] for c in synthetic.NAMES]
+    want, _ = _ensembled_reference(model, tok, "classification", queries, lambda i: drawn[i], cands, text_only=True)
+    assert r.orderings == 2 and r.predictions == [synthetic.NAMES[j] for j in want]
+    with pytest.raises(ValueError, match="prompt_ensembling averages the class rankings .* not 'vqa'"):
+        evaluate(model, tok, queries, support, task="vqa", prompt_ensembling=True, progress=False)
+
+
 # ------------------------------------------------------------------ data files
 def test_load_captioning_and_hateful_memes_files(tmp_path):
     p = tmp_path / "c.jsonl"
@@ -332,6 +405,8 @@ def test_cli_captioning_on_a_karpathy_file(tmp_path, world, capsys):
     (["--model", "m", "--task", "vqa", "--queries", "q", "--support", "s", "--class-names-file", "c"],
      "--class-names-file is for classification and hateful_memes"),
     (["--synthetic", "--karpathy", "k.json"], "--karpathy: not used with --synthetic"),
+    (["--model", "m", "--task", "vqa", "--queries", "q", "--support", "s", "--prompt-ensembling"],
+     "--prompt-ensembling averages class rankings: it is for classification and hateful_memes, not --task vqa"),
 ])
 def test_cli_captioning_bad_input_is_one_line_naming_it(capsys, args, message):
     from fastflamingo.cli import main

@@ -72,6 +72,9 @@ def add_parser(subparsers) -> None:
                         "(open_flamingo's RICES, on the model's own visual tokens)")
     p.add_argument("--shared-demonstrations", action="store_true",
                    help="one draw of demonstrations for all queries, encoded once (few-shot prefix)")
+    p.add_argument("--prompt-ensembling", action="store_true",
+                   help="classification, hateful_memes: average the class log-probabilities over min(6, k!) "
+                        "orders of the demonstrations (open_flamingo's --classification_prompt_ensembling)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per call (default 8; --synthetic: 32)")
     p.add_argument("--num-beams", type=int, default=3)
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 5 for vqa, 20 for captioning")
@@ -120,6 +123,9 @@ def _check(args) -> None:
                          "or folders of class folders as --queries and --support")
     if args.class_names_file and args.task not in ("classification", "hateful_memes"):
         raise ValueError(f"--class-names-file is for classification and hateful_memes, not --task {args.task}")
+    if args.prompt_ensembling and args.task in ("vqa", "captioning"):
+        raise ValueError(f"--prompt-ensembling averages class rankings: it is for classification and hateful_memes, "
+                         f"not --task {args.task}")
     if args.max_new_tokens is not None and args.task not in ("vqa", "captioning"):
         raise ValueError(f"--max-new-tokens is for the generated tasks (vqa, captioning), not --task {args.task}")
     if args.karpathy:
@@ -212,7 +218,8 @@ def _synthetic(args, device, dtype) -> dict:
         support = synthetic.examples(64, attribute, seed=20_000 + i, size=model.config.vision.image_size)
         rs = evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES, shots=shots,
                       seed=args.seed, batch_size=args.batch_size or 32, text_demos_at_zero=zero,
-                      demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations)
+                      demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations,
+                      prompt_ensembling=args.prompt_ensembling)
         results[attribute] = [r.to_dict() for r in rs]
     report = {"kind": "synthetic", "metric": "accuracy (%), rank classification over "
               f"{len(synthetic.NAMES)} names", "steps": steps, "train_seconds": trained,
@@ -267,7 +274,7 @@ def _user_data(args, device, dtype) -> dict:
                   image_processor=transform, class_names=class_names, seed=args.seed, batch_size=args.batch_size or 8,
                   num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
                   demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations,
-                  text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero)
+                  prompt_ensembling=args.prompt_ensembling, text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero)
     report = {"kind": args.task, "model": args.model, "queries": args.queries or f"{args.karpathy}: test",
               "support": args.support or f"{args.karpathy}: train",
               "metric": rs[0].metric, "results": {args.task: [r.to_dict() for r in rs]}, **_meta(device)}

@@ -23,9 +23,15 @@ CLIP), the most similar last.
 ``shared_demonstrations=True`` draws one set of demonstrations for all queries instead, encoded
 once as a few-shot prefix (:func:`fastflamingo.generation.encode_prefix`) and reused by every
 batch: the way to evaluate many queries against the same k examples quickly.
+
+``prompt_ensembling=True`` (the ranked tasks) shows each query's demonstrations in min(6, k!)
+orders and ranks the classes by their log-probabilities averaged over the orders (open_flamingo's
+``--classification_prompt_ensembling``; k counts the text-only demonstrations at zero shots).
 """
 from __future__ import annotations
 
+import itertools
+import math
 import random
 from dataclasses import asdict, dataclass
 
@@ -40,12 +46,14 @@ from .prompts import (GENERATED, HATEFUL_MEMES_CLASSES, TASKS, ZERO_SHOT_TEXT_DE
 DEMONSTRATIONS = ("random", "similar")
 METRICS = {"vqa": "vqa_accuracy", "captioning": "cider", "classification": "accuracy", "hateful_memes": "roc_auc"}
 MAX_NEW_TOKENS = {"vqa": 5, "captioning": 20}  # open_flamingo's evaluate_vqa and evaluate_captioning
+ENSEMBLE_ORDERINGS = 6  # open_flamingo's classification prompt ensembling: min(6, k!) orders
 
 
 @dataclass
 class Result:
     """One number of shots: the task's score (x 100: percent, or CIDEr as papers report it) and
-    every query's prediction; for Hateful Memes also each query's probability of "yes"."""
+    every query's prediction; for Hateful Memes also each query's probability of "yes";
+    ``orderings``: how many orders of the demonstrations each query's ranking averaged over."""
     task: str
     shots: int
     score: float
@@ -54,6 +62,7 @@ class Result:
     references: list[list[str]]
     seconds: float
     positive_probabilities: list[float] | None = None
+    orderings: int = 1
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,18 +84,42 @@ def _batch_inputs(model, tokenizer, image_processor, texts: list[str], images: l
     return torch.stack(rows).to(device=device, dtype=dtype), ids, mask
 
 
-def _prompts(task, queries, pick, shots, text_demos_at_zero, shared):
-    """(texts, images) per query, its demonstrations from ``pick(i, query, k)``; with ``shared``
-    one pick serves all (returned as the third value, written in no prompt)."""
-    text_only = shots == 0
-    k = text_demos_at_zero if text_only else shots
-    fixed = pick(None, None, k) if shared and k else None
+def _draw(queries, pick, shots, text_demos_at_zero, shared):
+    """(each query's demonstrations, or None with ``shared``; the one draw for all with ``shared``,
+    else None; how many a prompt shows), drawn by ``pick(i, query, k)``."""
+    k = text_demos_at_zero if shots == 0 else shots
+    if shared:
+        return None, pick(None, None, k) if k else None, k
+    return [pick(i, q, k) if k else [] for i, q in enumerate(queries)], None, k
+
+
+def _orderings(k: int, ensemble: bool, seed: int) -> list[tuple[int, ...]]:
+    """The orders the demonstrations are shown in: the drawn order alone, or with ``ensemble``
+    min(6, k!) distinct orders, the drawn one first (open_flamingo's prompt ensembling, which
+    shuffles the demonstrations min(6, k!) times, independently, so an order may repeat there)."""
+    identity = tuple(range(k))
+    if not ensemble or k < 2:
+        return [identity]
+    count = min(ENSEMBLE_ORDERINGS, math.factorial(k))
+    if math.factorial(k) <= ENSEMBLE_ORDERINGS:
+        return [identity] + [p for p in itertools.permutations(range(k)) if p != identity]
+    rng, out = random.Random(seed), [identity]
+    while len(out) < count:
+        p = tuple(rng.sample(range(k), k))
+        if p not in out:
+            out.append(p)
+    return out
+
+
+def _prompts(task, queries, demos, order, text_only):
+    """(texts, images) per query, its demonstrations (``demos[i]``; none with a shared prefix)
+    shown in ``order``."""
     texts, images = [], []
     for i, q in enumerate(queries):
-        demos = [] if shared or not k else pick(i, q, k)
-        texts.append(few_shot_text(task, demos, q, text_only=text_only))
-        images.append(([] if text_only else [d.image for d in demos]) + [q.image])
-    return texts, images, fixed
+        shown = [demos[i][j] for j in order] if demos is not None and demos[i] else []
+        texts.append(few_shot_text(task, shown, q, text_only=text_only))
+        images.append(([] if text_only else [d.image for d in shown]) + [q.image])
+    return texts, images
 
 
 @torch.no_grad()
@@ -164,7 +197,7 @@ def _check(task, queries, support, shots_list, tokenizer, class_names):
 def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *, task: str = "vqa",
              shots=(0, 4, 8), image_processor=None, class_names: list[str] | None = None, seed: int = 42,
              batch_size: int = 8, num_beams: int = 3, max_new_tokens: int | None = None, length_penalty: float = 0.0,
-             demonstrations: str = "random", shared_demonstrations: bool = False,
+             demonstrations: str = "random", shared_demonstrations: bool = False, prompt_ensembling: bool = False,
              text_demos_at_zero: int = ZERO_SHOT_TEXT_DEMOS, progress: bool | None = None) -> list[Result]:
     """Few-shot evaluation of ``model`` on ``queries``, one :class:`Result` per number of shots.
 
@@ -187,6 +220,8 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
             examples whose images are most like the query's: open_flamingo's RICES, here with
             the model's own visual tokens as the features).
         shared_demonstrations: one draw of demonstrations for all queries, encoded once.
+        prompt_ensembling: classification and Hateful Memes: average each class's
+            log-probability over min(6, k!) orders of the query's demonstrations.
         text_demos_at_zero: the text-only demonstrations of a zero-shot prompt (open_flamingo,
             after Flamingo: 2; 0 for none at all).
         progress: tqdm bars; None: when stderr is a terminal.
@@ -200,6 +235,9 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
         max_new_tokens = MAX_NEW_TOKENS.get(task)
     elif task not in GENERATED:
         raise ValueError(f"max_new_tokens is for the generated tasks {GENERATED}; {task!r} ranks class names")
+    if prompt_ensembling and task in GENERATED:
+        raise ValueError(f"prompt_ensembling averages the class rankings of several demonstration orders: it is "
+                         f"for the ranked tasks (classification, hateful_memes), not {task!r}")
     if demonstrations not in DEMONSTRATIONS:
         raise ValueError(f"demonstrations must be one of {DEMONSTRATIONS}, got {demonstrations!r}")
     if shared_demonstrations and demonstrations != "random":
@@ -217,23 +255,29 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
             t0 = time.perf_counter()
             preds, probs = [], []
             pick = similar or _picker(model, image_processor, queries, support, "random", seed, batch_size)
-            texts, images, fixed = _prompts(task, queries, pick, k, text_demos_at_zero, shared_demonstrations)
-            prefix = _encode_shared(model, tokenizer, image_processor, task, fixed, k, device, dtype)
+            demos, fixed, shown = _draw(queries, pick, k, text_demos_at_zero, shared_demonstrations)
+            # one variant per order of the demonstrations: its prompts, and its prefix when shared
+            variants = [(*_prompts(task, queries, demos, order, k == 0),
+                         _encode_shared(model, tokenizer, image_processor, task,
+                                        None if fixed is None else [fixed[j] for j in order], k, device, dtype))
+                        for order in _orderings(shown, prompt_ensembling, seed)]
             bar = tqdm(range(0, len(queries), batch_size), desc=f"{task} {k}-shot",
                        disable=None if progress is None else not progress, leave=False)
             for i in bar:
-                vx, ids, mask = _batch_inputs(model, tokenizer, image_processor, texts[i:i + batch_size],
-                                              images[i:i + batch_size], device, dtype, first=prefix is None)
+                batches = [(*_batch_inputs(model, tokenizer, image_processor, texts[i:i + batch_size],
+                                           images[i:i + batch_size], device, dtype, first=prefix is None), prefix)
+                           for texts, images, prefix in variants]
                 if task in GENERATED:
-                    preds += _answer(task, model, tokenizer, vx, ids, mask, prefix, num_beams, max_new_tokens,
-                                     length_penalty)
+                    preds += _answer(task, model, tokenizer, *batches[0], num_beams, max_new_tokens, length_penalty)
                 else:
-                    names, p = _classify(model, vx, ids, mask, prefix, class_names, candidates)
-                    preds, probs = preds + names, probs + p
+                    # open_flamingo's ensembling: the mean over the orders of each class's log-probability
+                    logp = torch.stack([_rank(model, *b, candidates) for b in batches]).mean(0)
+                    preds += [class_names[j] for j in logp.argmax(-1).tolist()]
+                    probs += logp.softmax(-1).tolist()
             refs = [q.answers for q in queries]
             positive = [p[-1] for p in probs] if task == "hateful_memes" else None
             results.append(Result(task, k, 100 * _score(task, preds, refs, positive, class_names), METRICS[task],
-                                  preds, refs, time.perf_counter() - t0, positive))
+                                  preds, refs, time.perf_counter() - t0, positive, len(variants)))
     finally:
         model.train(was_training)
     return results
@@ -279,8 +323,7 @@ def _class_tokens(tokenizer, class_names: list[str]) -> list[list[int]]:
 
 
 @torch.no_grad()
-def _classify(model, vx, ids, mask, prefix, class_names, cands) -> tuple[list[str], list[list[float]]]:
-    """The best class per prompt, and the softmax over the classes of their mean log-probabilities
-    (open_flamingo's Hateful Memes score)."""
-    logp = model.score(vx, ids, cands, attention_mask=mask, prefix=prefix, reduction="mean").float()
-    return [class_names[j] for j in logp.argmax(-1).tolist()], logp.softmax(-1).tolist()
+def _rank(model, vx, ids, mask, prefix, cands) -> torch.Tensor:
+    """(prompts, classes): each class name's mean log-probability per token after each prompt.
+    The best is the prediction; their softmax, open_flamingo's score (Hateful Memes' "yes")."""
+    return model.score(vx, ids, cands, attention_mask=mask, prefix=prefix, reduction="mean").float()
