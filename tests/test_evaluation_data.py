@@ -19,6 +19,9 @@ def _png(path, example=None, seed=0):
     Image.fromarray(pixels).save(path)
 
 
+TYPES = [("other", "what is"), ("yes/no", "is the"), ("number", "how many")]  # VQAv2's answer types
+
+
 def _vqa_files(tmp_path, image_ids, dataset="vqav2", split="val2014", order=None, examples=None):
     """Questions and annotations in VQAv2's layout, and the images where ``dataset`` looks."""
     name = {"vqav2": lambda i: f"COCO_{split}_{i:012d}.jpg", "vizwiz": str, "textvqa": lambda i: f"{i}.jpg"}[dataset]
@@ -27,13 +30,15 @@ def _vqa_files(tmp_path, image_ids, dataset="vqav2", split="val2014", order=None
     for n, image_id in enumerate(image_ids):
         _png(images / name(image_id), None if examples is None else examples[n], seed=n)
         questions.append({"question_id": 100 + n, "image_id": image_id, "question": f"what is {n} ?"})
-        annotations.append({"question_id": 100 + n, "answers": [{"answer": f"a{n}", "answer_id": k}
-                                                                 for k in range(1, 4)]})
+        annotations.append({"question_id": 100 + n, "image_id": image_id, "answer_type": TYPES[n % 3][0],
+                            "question_type": TYPES[n % 3][1],
+                            "answers": [{"answer": f"a{n}", "answer_id": k} for k in range(1, 4)]})
     if order is not None:
         annotations = [annotations[i] for i in order]
     q, a = tmp_path / f"{dataset}_questions.json", tmp_path / f"{dataset}_annotations.json"
-    q.write_text(json.dumps({"questions": questions}))
-    a.write_text(json.dumps({"annotations": annotations}))
+    header = {"info": {}, "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": split, "license": {}}
+    q.write_text(json.dumps({**header, "questions": questions}))
+    a.write_text(json.dumps({**header, "annotations": annotations}))
     return str(q), str(a), str(images)
 
 
@@ -52,6 +57,47 @@ def test_load_vqa_reads_what_open_flamingo_reads(tmp_path, dataset, image_ids):
         assert (ex.question, ex.answers, ex.extra["question_id"]) == (item["question"], item["answers"],
                                                                         item["question_id"])
     assert ours[0].answers == ["a0", "a0", "a0"] and ours[0].extra["image_id"] == image_ids[0]
+    assert [(e.extra["answer_type"], e.extra["question_type"]) for e in ours] == [TYPES[n % 3] for n in range(len(ours))]
+
+
+def test_vqa_accuracy_and_its_breakdown_equal_the_official_evaluation(tmp_path, world, capsys):
+    """The whole VQAv2 path, files to score: the harness's accuracy, per answer type and per
+    question type, equals the official evaluation's (open_flamingo's copy of it, run on the same
+    files and a results file of the same predictions). The references are written after a first
+    run so that some answers match the predictions fully, some partly, some after the official
+    normalisation (case, punctuation), some not at all."""
+    from open_flamingo.eval.vqa_metric import VQA, VQAEval
+    model, tok, _, support = world
+    examples = synthetic.examples(9, "shape", seed=12)
+    q, a, images = _vqa_files(tmp_path, list(range(1, 10)), examples=examples)
+
+    from fastflamingo.generation.cli import image_transform
+    transform = image_transform("open_flamingo", model.config.vision.image_size)  # what the command line uses
+
+    def run():
+        return evaluate(model, tok, load_vqa(q, a, images), support, task="vqa", shots=1, num_beams=1,
+                        max_new_tokens=2, seed=3, image_processor=transform, progress=False)[0]
+    first = run()
+    annotations = json.loads(open(a).read())
+    for n, ann in enumerate(annotations["annotations"]):
+        p, other = first.predictions[n], [f"w{k}" for k in range(10)]
+        matching = {0: [p] * 10, 1: [p] * 2, 2: [], 3: [p.upper() + "."] * 3}[n % 4] if p.strip() else []
+        ann["answers"] = [{"answer": x, "answer_id": k + 1} for k, x in enumerate((matching + other)[:10])]
+    open(a, "w").write(json.dumps(annotations))
+    r = run()
+    assert r.predictions == first.predictions  # the references do not enter the prompts
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps([{"question_id": 100 + n, "answer": p} for n, p in enumerate(r.predictions)]))
+    vqa = VQA(a, q)
+    official = VQAEval(vqa, vqa.loadRes(str(results), q), n=2)
+    official.evaluate()
+    capsys.readouterr()
+    assert 0 < official.accuracy["overall"] < 100, official.accuracy  # matches and misses both present
+    assert r.score == pytest.approx(official.accuracy["overall"], abs=0.006)
+    for ours, theirs in ((r.breakdown["answer_type"], official.accuracy["perAnswerType"]),
+                         (r.breakdown["question_type"], official.accuracy["perQuestionType"])):
+        assert sorted(ours) == sorted(theirs)
+        assert all(ours[t] == pytest.approx(theirs[t], abs=0.006) for t in theirs), (ours, theirs)
 
 
 def test_load_vqa_matches_answers_by_question_id(tmp_path):
@@ -170,6 +216,9 @@ def test_cli_vqav2_files_and_class_folders(tmp_path, world, capsys):
     rs = json.loads((out / "results.json").read_text())["results"]["vqa"]
     assert [r["shots"] for r in rs] == [0, 1]
     assert rs[0]["references"] == [["a0"] * 3, ["a1"] * 3, ["a2"] * 3] and len(rs[1]["predictions"]) == 3
+    assert set(rs[1]["breakdown"]["answer_type"]) == {"other", "yes/no", "number"}
+    official = json.loads((out / "vqa_results_1shot.json").read_text())  # the VQA results format
+    assert official == [{"question_id": 100 + n, "answer": p} for n, p in enumerate(rs[1]["predictions"])]
 
     layout = {}
     for split, seed in (("val", 7), ("train", 8)):

@@ -24,7 +24,8 @@ for captioning (or a Karpathy split file: ``--karpathy``, its "train" images the
 folder of class folders, ImageNet's layout: ``--class-names-file`` names its sorted folders, or the
 folders are the names), and Hateful Memes' own files. ``--vqa-format`` reads VQAv2's, VizWiz's
 and TextVQA's question and annotation files instead (their images in ``--queries-images`` and
-``--support-images``). Captioning's CIDEr needs pycocoevalcap and Java
+``--support-images``; the predictions are also written in the official VQA results format,
+``vqa_results_{shots}shot.json``). Captioning's CIDEr needs pycocoevalcap and Java
 (``pip install 'fastflamingo[eval]'``). Results go to ``--out``: ``results.json`` (every
 prediction), ``few_shot.png`` (score by shots).
 """
@@ -187,6 +188,11 @@ def _table(report: dict) -> str:
     for name, rs in report["results"].items():
         by = {r["shots"]: r["score"] for r in rs}
         lines.append(f"{name:<10}" + "".join(f"{by[s]:>8.1f}" if s in by else f"{'-':>8}" for s in shots))
+        # VQA per answer type (the official evaluation's perAnswerType), where the data carry it
+        types = {r["shots"]: (r.get("breakdown") or {}).get("answer_type", {}) for r in rs}
+        for t in sorted({t for by_type in types.values() for t in by_type}):
+            lines.append(f"  {t:<8}" + "".join(f"{types[s][t]:>8.1f}" if t in types.get(s, {}) else f"{'-':>8}"
+                                             for s in shots))
     return "\n".join(lines)
 
 
@@ -274,11 +280,18 @@ def _user_data(args, device, dtype) -> dict:
                   image_processor=transform, class_names=class_names, seed=args.seed, batch_size=args.batch_size or 8,
                   num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
                   demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations,
-                  prompt_ensembling=args.prompt_ensembling, text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero)
+                  prompt_ensembling=args.prompt_ensembling,
+                  text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero)
     report = {"kind": args.task, "model": args.model, "queries": args.queries or f"{args.karpathy}: test",
               "support": args.support or f"{args.karpathy}: train",
               "metric": rs[0].metric, "results": {args.task: [r.to_dict() for r in rs]}, **_meta(device)}
     print(f"{args.task}: {len(queries)} queries, demonstrations from {len(support)}; {rs[0].metric} (x 100) "
           f"on {report['device']}")
     print(_table(report))
+    if args.vqa_format:  # the official VQA results format, for the VQA evaluation script or a test server
+        os.makedirs(args.out, exist_ok=True)
+        for r in rs:
+            with open(os.path.join(args.out, f"vqa_results_{r.shots}shot.json"), "w") as f:
+                answers = [{"question_id": q.extra["question_id"], "answer": p} for q, p in zip(queries, r.predictions)]
+                json.dump(answers, f)
     return report

@@ -93,7 +93,9 @@ def load_vqa(questions: str, annotations: str, image_dir: str, dataset: str = "v
     which open_flamingo's VizWiz and TextVQA files come too), the references all the human
     answers. The answers are matched to their question by ``question_id`` (open_flamingo pairs
     them by position, the same for files in the same order; here a file pair that disagrees is an
-    error). The image of a question, by ``dataset``:
+    error). ``extra`` holds ``question_id``, ``image_id`` and, where the annotations have them,
+    ``answer_type`` and ``question_type`` (VQAv2's: the evaluation's per-type accuracies). The
+    image of a question, by ``dataset``:
 
     - ``"vqav2"``: ``image_dir/COCO_{split}_{image_id:012d}.jpg``, the split the folder's name
       (``train2014``, ``val2014`` or ``test2015``, as COCO ships them);
@@ -113,13 +115,14 @@ def load_vqa(questions: str, annotations: str, image_dir: str, dataset: str = "v
     if dataset == "vqav2" and split not in ("train2014", "val2014", "test2015"):
         raise ValueError(f"VQAv2's images are named after their COCO folder: image_dir must end in train2014, "
                          f"val2014 or test2015, got {image_dir!r}")
-    by_id = {}
+    by_id, types = {}, {}
     for n, a in enumerate(anns):
         answers = [x.get("answer") for x in a.get("answers", []) if isinstance(x, dict)] if isinstance(a, dict) else []
         if not answers or not all(isinstance(x, str) for x in answers) or "question_id" not in a:
             raise ValueError(f"{annotations}: annotations[{n}] needs a \"question_id\" and \"answers\" "
                              "with \"answer\" strings")
         by_id[a["question_id"]] = answers
+        types[a["question_id"]] = {k: a[k] for k in ("answer_type", "question_type") if isinstance(a.get(k), str)}
     out = []
     for n, q in enumerate(qs):
         if not (isinstance(q, dict) and isinstance(q.get("question"), str) and {"question_id", "image_id"} <= set(q)):
@@ -135,7 +138,7 @@ def load_vqa(questions: str, annotations: str, image_dir: str, dataset: str = "v
         else:
             name = str(image_id) if dataset == "vizwiz" else f"{image_id}.jpg"
         out.append(Example(os.path.join(image_dir, name), by_id[q["question_id"]], q["question"],
-                           extra={"question_id": q["question_id"], "image_id": image_id}))
+                           extra={"question_id": q["question_id"], "image_id": image_id, **types[q["question_id"]]}))
     if not out:
         raise ValueError(f"{questions} holds no questions")
     _check_images([e.image for e in out], questions)

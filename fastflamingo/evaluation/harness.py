@@ -53,7 +53,9 @@ ENSEMBLE_ORDERINGS = 6  # open_flamingo's classification prompt ensembling: min(
 class Result:
     """One number of shots: the task's score (x 100: percent, or CIDEr as papers report it) and
     every query's prediction; for Hateful Memes also each query's probability of "yes";
-    ``orderings``: how many orders of the demonstrations each query's ranking averaged over."""
+    ``orderings``: how many orders of the demonstrations each query's ranking averaged over;
+    ``breakdown``: VQA's accuracy (x 100) per ``"answer_type"`` and per ``"question_type"``, as the
+    official evaluation reports them, where the queries carry those (:func:`.datasets.load_vqa`)."""
     task: str
     shots: int
     score: float
@@ -63,6 +65,7 @@ class Result:
     seconds: float
     positive_probabilities: list[float] | None = None
     orderings: int = 1
+    breakdown: dict[str, dict[str, float]] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -277,7 +280,8 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
             refs = [q.answers for q in queries]
             positive = [p[-1] for p in probs] if task == "hateful_memes" else None
             results.append(Result(task, k, 100 * _score(task, preds, refs, positive, class_names), METRICS[task],
-                                  preds, refs, time.perf_counter() - t0, positive, len(variants)))
+                                  preds, refs, time.perf_counter() - t0, positive, len(variants),
+                                  _breakdown(task, queries, preds)))
     finally:
         model.train(was_training)
     return results
@@ -301,6 +305,22 @@ def _score(task, preds, refs, positive, class_names) -> float:
         return metrics.roc_auc([r[0] == class_names[-1] for r in refs], positive)
     metric = metrics.vqa_accuracy if task == "vqa" else metrics.exact_match
     return sum(metric(p, r) for p, r in zip(preds, refs)) / len(preds)
+
+
+def _breakdown(task, queries, preds) -> dict[str, dict[str, float]] | None:
+    """VQA accuracy (x 100) per answer type and per question type (the official evaluation's
+    perAnswerType and perQuestionType; a query without an answer type counts as "other", as
+    there), for the keys some query's ``extra`` has; None for the other tasks or without them."""
+    keys = [k for k in ("answer_type", "question_type") if any(k in q.extra for q in queries)]
+    if task != "vqa" or not keys:
+        return None
+    out = {}
+    for key in keys:
+        groups = {}
+        for q, p in zip(queries, preds):
+            groups.setdefault(str(q.extra.get(key, "other")), []).append(metrics.vqa_accuracy(p, q.answers))
+        out[key] = {g: 100 * sum(v) / len(v) for g, v in sorted(groups.items())}
+    return out
 
 
 @torch.no_grad()
