@@ -392,6 +392,8 @@ def test_cli_captioning_on_a_karpathy_file(tmp_path, world, capsys):
     rs = report["results"]["captioning"]
     assert [r["shots"] for r in rs] == [0, 2] and all(len(r["predictions"]) == 4 for r in rs)
     assert rs[1]["score"] == pytest.approx(100 * cider(rs[1]["predictions"], rs[1]["references"]))
+    official = json.loads((out / "captioning_results_2shot.json").read_text())  # COCO's results format
+    assert official == [{"image_id": i, "caption": p} for i, p in enumerate(rs[1]["predictions"])]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -25,7 +25,8 @@ folder of class folders, ImageNet's layout: ``--class-names-file`` names its sor
 folders are the names), and Hateful Memes' own files. ``--vqa-format`` reads VQAv2's, VizWiz's
 and TextVQA's question and annotation files instead (their images in ``--queries-images`` and
 ``--support-images``; the predictions are also written in the official VQA results format,
-``vqa_results_{shots}shot.json``). Captioning's CIDEr needs pycocoevalcap and Java
+``vqa_results_{shots}shot.json``; captions from ``--karpathy`` in COCO's,
+``captioning_results_{shots}shot.json``). Captioning's CIDEr needs pycocoevalcap and Java
 (``pip install 'fastflamingo[eval]'``). Results go to ``--out``: ``results.json`` (every
 prediction), ``few_shot.png`` (score by shots).
 """
@@ -288,10 +289,21 @@ def _user_data(args, device, dtype) -> dict:
     print(f"{args.task}: {len(queries)} queries, demonstrations from {len(support)}; {rs[0].metric} (x 100) "
           f"on {report['device']}")
     print(_table(report))
-    if args.vqa_format:  # the official VQA results format, for the VQA evaluation script or a test server
-        os.makedirs(args.out, exist_ok=True)
-        for r in rs:
-            with open(os.path.join(args.out, f"vqa_results_{r.shots}shot.json"), "w") as f:
-                answers = [{"question_id": q.extra["question_id"], "answer": p} for q, p in zip(queries, r.predictions)]
-                json.dump(answers, f)
+    _official_results(args, queries, rs)
     return report
+
+
+def _official_results(args, queries, rs) -> None:
+    """Each number of shots' predictions in the benchmark's own results format, for its official
+    evaluation script or test server: VQA's ``[{"question_id", "answer"}]`` (``--vqa-format``),
+    COCO captions' ``[{"image_id", "caption"}]`` (``--karpathy``)."""
+    if args.vqa_format:
+        name, key, value = "vqa_results", "question_id", "answer"
+    elif args.karpathy:
+        name, key, value = "captioning_results", "image_id", "caption"
+    else:
+        return
+    os.makedirs(args.out, exist_ok=True)
+    for r in rs:
+        with open(os.path.join(args.out, f"{name}_{r.shots}shot.json"), "w") as f:
+            json.dump([{key: q.extra[key], value: p} for q, p in zip(queries, r.predictions)], f)
