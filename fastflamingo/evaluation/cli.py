@@ -97,6 +97,7 @@ _VQA_FILES = ("queries_annotations", "queries_images", "support_annotations", "s
 
 
 def _check(args) -> None:
+    from .prompts import GENERATED
     for name in ("batch_size", "num_beams", "max_new_tokens"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -123,12 +124,12 @@ def _check(args) -> None:
     if args.task == "classification" and not args.class_names_file and not folders:
         raise ValueError("--task classification ranks class names: pass --class-names-file (one per line), "
                          "or folders of class folders as --queries and --support")
-    if args.class_names_file and args.task not in ("classification", "hateful_memes"):
+    if args.class_names_file and args.task in GENERATED:
         raise ValueError(f"--class-names-file is for classification and hateful_memes, not --task {args.task}")
-    if args.prompt_ensembling and args.task in ("vqa", "captioning"):
+    if args.prompt_ensembling and args.task in GENERATED:
         raise ValueError(f"--prompt-ensembling averages class rankings: it is for classification and hateful_memes, "
                          f"not --task {args.task}")
-    if args.max_new_tokens is not None and args.task not in ("vqa", "captioning"):
+    if args.max_new_tokens is not None and args.task not in GENERATED:
         raise ValueError(f"--max-new-tokens is for the generated tasks (vqa, captioning), not --task {args.task}")
     if args.karpathy:
         if args.task != "captioning":

@@ -103,11 +103,10 @@ def _orderings(k: int, ensemble: bool, seed: int) -> list[tuple[int, ...]]:
     identity = tuple(range(k))
     if not ensemble or k < 2:
         return [identity]
-    count = min(ENSEMBLE_ORDERINGS, math.factorial(k))
     if math.factorial(k) <= ENSEMBLE_ORDERINGS:
         return [identity] + [p for p in itertools.permutations(range(k)) if p != identity]
     rng, out = random.Random(seed), [identity]
-    while len(out) < count:
+    while len(out) < ENSEMBLE_ORDERINGS:
         p = tuple(rng.sample(range(k), k))
         if p not in out:
             out.append(p)
@@ -279,9 +278,9 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
                     probs += logp.softmax(-1).tolist()
             refs = [q.answers for q in queries]
             positive = [p[-1] for p in probs] if task == "hateful_memes" else None
-            results.append(Result(task, k, 100 * _score(task, preds, refs, positive, class_names), METRICS[task],
-                                  preds, refs, time.perf_counter() - t0, positive, len(variants),
-                                  _breakdown(task, queries, preds)))
+            score, per_query = _score(task, preds, refs, positive, class_names)
+            results.append(Result(task, k, 100 * score, METRICS[task], preds, refs, time.perf_counter() - t0,
+                                  positive, len(variants), _breakdown(task, queries, per_query)))
     finally:
         model.train(was_training)
     return results
@@ -297,17 +296,20 @@ def _encode_shared(model, tokenizer, image_processor, task, fixed, shots, device
     return encode_prefix(model, vx, ids)
 
 
-def _score(task, preds, refs, positive, class_names) -> float:
-    """The task's metric over all queries, 0 to 1 (CIDEr: 0 to about 10)."""
+def _score(task, preds, refs, positive, class_names) -> tuple[float, list[float] | None]:
+    """The task's metric over all queries, 0 to 1 (CIDEr: 0 to about 10), and each query's score
+    where the metric is their mean (VQA accuracy, classification accuracy; None for the corpus
+    metrics, CIDEr and ROC AUC)."""
     if task == "captioning":
-        return metrics.cider(preds, refs)
+        return metrics.cider(preds, refs), None
     if task == "hateful_memes":
-        return metrics.roc_auc([r[0] == class_names[-1] for r in refs], positive)
+        return metrics.roc_auc([r[0] == class_names[-1] for r in refs], positive), None
     metric = metrics.vqa_accuracy if task == "vqa" else metrics.exact_match
-    return sum(metric(p, r) for p, r in zip(preds, refs)) / len(preds)
+    per_query = [metric(p, r) for p, r in zip(preds, refs)]
+    return sum(per_query) / len(per_query), per_query
 
 
-def _breakdown(task, queries, preds) -> dict[str, dict[str, float]] | None:
+def _breakdown(task, queries, per_query) -> dict[str, dict[str, float]] | None:
     """VQA accuracy (x 100) per answer type and per question type (the official evaluation's
     perAnswerType and perQuestionType; a query without an answer type counts as "other", as
     there), for the keys some query's ``extra`` has; None for the other tasks or without them."""
@@ -317,8 +319,8 @@ def _breakdown(task, queries, preds) -> dict[str, dict[str, float]] | None:
     out = {}
     for key in keys:
         groups = {}
-        for q, p in zip(queries, preds):
-            groups.setdefault(str(q.extra.get(key, "other")), []).append(metrics.vqa_accuracy(p, q.answers))
+        for q, acc in zip(queries, per_query):
+            groups.setdefault(str(q.extra.get(key, "other")), []).append(acc)
         out[key] = {g: 100 * sum(v) / len(v) for g, v in sorted(groups.items())}
     return out
 
