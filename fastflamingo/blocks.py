@@ -110,10 +110,11 @@ class PerceiverAttention(nn.Module):
     """Latents attend to [media tokens ; latents] (open_flamingo layout).
 
     open_flamingo projects ``cat(media, latents)`` with ``to_kv``; the projection of a
-    concatenation is the concatenation of projections, so where the Triton kernel runs the media
-    and the latents are projected separately and it attends over both without building the
-    concatenation. PyTorch's SDPA (the CPU path) takes one key tensor: there the concatenated
-    input is projected once, the cheaper way to the same keys.
+    concatenation is the concatenation of projections, so where a fused kernel runs (Triton on
+    CUDA, the native kernel on the CPU where it is built) the media and the latents are projected
+    separately and it attends over both without building the concatenation. PyTorch's SDPA (the
+    "torch" path) takes one key tensor: there the concatenated input is projected once, the
+    cheaper way to the same keys.
     """
 
     def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8):

@@ -11,8 +11,7 @@ from torch import nn
 
 from . import mpt, ops
 from .blocks import (ATTENTION_MODULES, Checkpointed, GatedCrossAttentionBlock,
-                     IdeficsGatedCrossAttentionBlock, IdeficsPerceiverAttention, MediaState,
-                     PerceiverAttention, PerceiverResampler)
+                     IdeficsGatedCrossAttentionBlock, MediaState, PerceiverResampler)
 from .config import FlamingoConfig
 from .distribute import to_execution_device
 from .convert.open_flamingo import drop_duplicate_keys_hook
@@ -237,14 +236,12 @@ class Flamingo(nn.Module):
         train_new_embedding_rows(self, self.config.num_base_tokens if train_embeddings is not False else None)
 
     def set_attention_backend(self, backend: str) -> None:
-        """Force one backend of :mod:`fastflamingo.ops` for every attention in the model.
-        "native" (the C++ CPU kernel, image-causal attention only) applies to the cross-attention
-        layers; the resampler's attention, which has no native kernel, keeps "auto"."""
+        """Force one backend of :mod:`fastflamingo.ops` (``BACKENDS``) for every attention in the
+        model: the cross-attention layers and the resampler's."""
         ops._check_backend(backend)
         for m in self.modules():
             if isinstance(m, ATTENTION_MODULES):
-                perceiver = isinstance(m, (PerceiverAttention, IdeficsPerceiverAttention))
-                m.backend = "auto" if backend == "native" and perceiver else backend
+                m.backend = backend
 
     # ---------------------------------------------------------------- activation checkpointing
     def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,

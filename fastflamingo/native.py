@@ -2,14 +2,14 @@
 
 ``CMakeLists.txt`` at the top of a source checkout builds ``csrc/`` into
 ``libfastflamingo_native.so``, PyTorch operators under ``torch.ops.fastflamingo_native``:
-today the image-causal cross-attention, forward and backward (the CPU counterpart of the Triton
-kernels). ``fastflamingo build-native`` (or :func:`build`) configures and builds it in
+the image-causal cross-attention and the Perceiver attention, forward and backward (the CPU
+counterparts of the Triton kernels). ``fastflamingo build-native`` (or :func:`build`) configures and builds it in
 ``build/native/<key>/``, where the key names the torch version and installation, and the CPU's
 instruction sets (the library is compiled with ``-march=native`` for the machine that runs it).
 
 Once built, it is found and loaded on first use (``FASTFLAMINGO_NATIVE=0`` turns that off), and
-:func:`fastflamingo.ops.image_causal_attention` with ``backend="auto"`` runs it for CPU
-tensors; ``backend="native"`` asks for it (and says how to build it when it is missing).
+:func:`fastflamingo.ops.image_causal_attention` and :func:`fastflamingo.ops.perceiver_attention`
+with ``backend="auto"`` run it for CPU tensors; ``backend="native"`` asks for it (and says how to build it when it is missing).
 Without it the package runs its PyTorch path, as before.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ _state = {"loaded": False, "probed": False, "path": None}
 
 
 def _sources() -> list[Path]:
-    return [ROOT / "CMakeLists.txt", *sorted((ROOT / "csrc").glob("*.cpp"))]
+    return [ROOT / "CMakeLists.txt", *sorted((ROOT / "csrc").glob("*.cpp")), *sorted((ROOT / "csrc").glob("*.h"))]
 
 
 def _cpu_flags() -> str:
@@ -112,8 +112,9 @@ def load(path: str | Path | None = None) -> Path:
         raise RuntimeError(f"{path} is older than its sources (csrc/, CMakeLists.txt): rebuild it with "
                            "`fastflamingo build-native`")
     torch.ops.load_library(str(path))
-    from .ops import image_causal_op
+    from .ops import image_causal_op, perceiver_op
     image_causal_op.register_native()
+    perceiver_op.register_native()
     _state.update(loaded=True, probed=True, path=path)
     return path
 
@@ -149,6 +150,6 @@ def add_parser(sub) -> None:
 def _cli(args) -> int:
     path = build(verbose=args.verbose, jobs=args.jobs)
     load(path)
-    print(f"built {path}\nloaded: torch.ops.{OPS}.image_causal_attention (and _backward); "
-          "fastflamingo's backend='auto' now runs it for CPU tensors")
+    print(f"built {path}\nloaded: torch.ops.{OPS}.image_causal_attention and .perceiver_attention (and their "
+          "_backward); fastflamingo's backend='auto' now runs them for CPU tensors")
     return 0

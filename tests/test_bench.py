@@ -234,7 +234,7 @@ def test_kernel_suite_runs_the_goal_points_first_and_reports_in_sweep_order(monk
     monkeypatch.setattr(kernels.image_causal, "make_case", lambda B, H, T, N, *a, **k: (B, N, T))
     monkeypatch.setattr(kernels.image_causal, "providers", lambda *a, **k: [])
     monkeypatch.setattr(kernels.perceiver, "attention_case", lambda n, *a, **k: ("perceiver", n))
-    monkeypatch.setattr(kernels.perceiver, "attention_providers", lambda: [])
+    monkeypatch.setattr(kernels.perceiver, "attention_providers", lambda device: [])
     monkeypatch.setattr(kernels.perceiver, "layer_case", lambda n, *a, **k: (("layer", n), None))
     monkeypatch.setattr(kernels.perceiver, "layer_providers", lambda layer: [])
 

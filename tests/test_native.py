@@ -1,8 +1,8 @@
-"""The native CPU kernel (csrc/image_causal.cpp, built by CMakeLists.txt): forward and backward
-against the references by the flash-attention tolerance rule, on random layouts and the edge
-cases of the Triton kernel's tests, fp32 / fp16 / bf16, contiguous and projection views; the
-operator's registrations (opcheck), torch.compile without graph breaks, the model through it,
-its dispatch and its errors.
+"""The native CPU kernels (csrc/image_causal.cpp, csrc/perceiver.cpp, built by CMakeLists.txt):
+forward and backward against the references by the flash-attention tolerance rule, on random
+layouts and the edge cases of the Triton kernels' tests, fp32 / fp16 / bf16, contiguous and
+projection views; the operators' registrations (opcheck), torch.compile without graph breaks,
+the model through them, their dispatch and their errors.
 
 tests/conftest.py builds and loads the extension before the session; a failed build fails
 these tests with the build's error (they never skip).
@@ -23,6 +23,7 @@ from fastflamingo import native
 from fastflamingo.ops.reference import image_causal_attention_reference
 from test_image_causal_kernel import (EDGE_CASES, MODES, SETTINGS, TinyCrossAttention, check_against_references,
                                       idefics_text_time, layouts, make_qkv, text_time_from_rows)
+from test_perceiver_kernel import _ALL_LD, _ALL_V, _BF16, _ODD, NAMES, check_by_rule, make_inputs
 
 DTYPES = pytest.mark.parametrize("dtype,projection", [
     (torch.float32, False), (torch.float16, True), (torch.bfloat16, False), (torch.bfloat16, True)],
@@ -98,6 +99,24 @@ def test_native_lse_matches_the_triton_contract():
     torch.testing.assert_close(lse[0], scores.logsumexp(-1))
 
 
+def check_compiled_like_eager(layer, x, rest, dtype):
+    """``torch.compile(layer, fullgraph=True)`` (which fails on a graph break) gives eager's
+    output, gradient of ``x`` and gradient of the layer's ``to_kv`` weight."""
+    def run(fn):
+        x.grad = None
+        layer.zero_grad()
+        y = fn(x, *rest)
+        y.float().square().sum().backward()
+        return y.detach(), x.grad.clone(), layer.to_kv.weight.grad.clone()
+
+    torch._dynamo.reset()
+    compiled = run(torch.compile(layer, fullgraph=True))
+    eager = run(layer)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e, **tol)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_torch_compile_fullgraph(dtype):
     """torch.compile(fullgraph=True) of a cross-attention layer through the native operator:
@@ -110,19 +129,7 @@ def test_native_torch_compile_fullgraph(dtype):
     media_locations[0, [2, 5, 9]] = True
     media_locations[1, 0] = True
 
-    def run(fn):
-        x.grad = None
-        layer.zero_grad()
-        y = fn(x, media, media_locations)
-        y.float().square().sum().backward()
-        return y.detach(), x.grad.clone(), layer.to_kv.weight.grad.clone()
-
-    torch._dynamo.reset()
-    compiled = run(torch.compile(layer, fullgraph=True))
-    eager = run(layer)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    for c, e in zip(compiled, eager):
-        torch.testing.assert_close(c, e, **tol)
+    check_compiled_like_eager(layer, x, (media, media_locations), dtype)
 
 
 def test_auto_runs_native_on_cpu_when_built(monkeypatch):
@@ -145,8 +152,8 @@ def test_auto_runs_native_on_cpu_when_built(monkeypatch):
 
 
 def test_model_forward_and_backward_through_native():
-    """A tiny Flamingo (gates opened), native cross-attention vs the PyTorch path: same loss and
-    gradients; the resampler keeps its own backend."""
+    """A tiny Flamingo (gates opened), native cross-attention and resampler attention vs the
+    PyTorch paths: same loss and gradients."""
     from fastflamingo import Flamingo
     from peers import tiny_lm
     from test_model import batch, config, set_gates
@@ -157,8 +164,7 @@ def test_model_forward_and_backward_through_native():
     for backend in ("native", "torch"):
         model.zero_grad()
         model.set_attention_backend(backend)
-        if backend == "native":
-            assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {"native", "auto"}
+        assert {m.backend for m in model.modules() if hasattr(m, "backend")} == {backend}
         loss = model(vx, ids, labels=ids).loss
         loss.backward()
         results[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None])
@@ -183,8 +189,17 @@ def test_native_errors_name_the_value():
     with pytest.raises(TypeError, match="backend='native' takes"):
         ops.image_causal_attention(q.double(), k.double(), v.double(), text_time=torch.ones(1, 4, dtype=torch.int32),
                                    latents_per_media=4, backend="native")
-    with pytest.raises(ValueError, match="Perceiver attention has none"):
-        ops.perceiver_attention(q, k, v, q, q, backend="native")
+    with pytest.raises(TypeError, match="backend='native' takes"):
+        ops.perceiver_attention(*(t.double() for t in (q, k, v, q, q)), backend="native")
+    perceiver = torch.ops.fastflamingo_native.perceiver_attention
+    with pytest.raises(RuntimeError, match=r"k_latents has 3 tokens, q has 4 latents"):
+        perceiver(q, k, v, q[:, :, :3], v[:, :, :3], 0.25)
+    with pytest.raises(RuntimeError, match="keys and values must have the same shapes"):
+        perceiver(q, k, v[:, :, :2], q, q, 0.25)
+    with pytest.raises(RuntimeError, match="takes float32, float16 or bfloat16, got Double"):
+        perceiver(*(t.double() for t in (q, k, v, q, q)), 0.25)
+    with pytest.raises(RuntimeError, match="must share one dtype"):
+        perceiver(q, k.half(), v, q, q, 0.25)
 
 
 def test_native_backend_not_built_is_a_clear_error(monkeypatch):
@@ -194,6 +209,9 @@ def test_native_backend_not_built_is_a_clear_error(monkeypatch):
     with pytest.raises(RuntimeError, match="fastflamingo build-native"):
         ops.image_causal_attention(q, q, q, text_time=torch.ones(1, 4, dtype=torch.int32), latents_per_media=4,
                                    backend="native")
+    with pytest.raises(RuntimeError, match="fastflamingo build-native"):
+        ops.perceiver_attention(q, q, q, q, q, backend="native")
+    assert ops.perceiver_backend(q) == "torch"
     # auto falls back to the PyTorch path
     out = ops.image_causal_attention(q, q, q, text_time=torch.ones(1, 4, dtype=torch.int32), latents_per_media=4)
     torch.testing.assert_close(out, image_causal_attention_reference(q, q, q, torch.ones(1, 4, dtype=torch.int32),
@@ -218,4 +236,98 @@ def test_build_native_command_is_incremental():
     done = subprocess.run([sys.executable, "-c", "import sys; from fastflamingo.cli import main; "
                            "sys.exit(main(['build-native']))"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "torch.ops.fastflamingo_native.image_causal_attention" in done.stdout
+    assert "torch.ops.fastflamingo_native.image_causal_attention and .perceiver_attention" in done.stdout
+
+
+# ----------------------------------------------------------------------------- the Perceiver kernel
+
+def native_perceiver(inputs, seed=1):
+    """The public op on the native backend, forward and the five gradients of a random dout."""
+    leaves = [x.detach().requires_grad_() for x in inputs]
+    out = ops.perceiver_attention(*leaves, backend="native")
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return out, torch.autograd.grad(out, leaves, dout), dout
+
+
+# the Triton kernel's cases (every V of issue 6: 1, 63, 256, 257, 577; latents 16 and 64; heads
+# 64 and 96; odd sizes, no media at all), plus latents over one block of 64 queries (70, 130) and
+# media over one chunk of 256 keys with a short tail (513)
+_MORE = [(70, 257, 64, torch.float32), (130, 63, 32, torch.float16), (64, 513, 64, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("L,V,D,dtype", _ALL_V + _ALL_LD + _ODD + _BF16 + _MORE,
+                         ids=lambda p: str(p).replace("torch.", "") if not isinstance(p, int) else None)
+def test_native_perceiver_matches_reference(L, V, D, dtype):
+    inputs = make_inputs(2, 2, L, V, D, dtype, device="cpu")
+    out, grads, dout = native_perceiver(inputs)
+    check_by_rule(out, grads, inputs, dout)
+
+
+def test_native_perceiver_views_layout_and_lse():
+    """q/k/v as views of (B, S, H*D) projections, as the resampler passes them: the contiguous
+    case's results; outputs and gradients in (B, S, H, D) memory (the Triton kernels' layout, a
+    free reshape back to (B, S, H*D)); lse the log-sum-exp of each latent's scaled scores."""
+    B, H, L, V, D = 2, 3, 16, 63, 32
+    g = torch.Generator().manual_seed(0)
+    heads = lambda x: x.unflatten(-1, (H, D)).transpose(1, 2)  # noqa: E731
+    q = heads(torch.randn(B, L, H * D, generator=g))
+    k_media, v_media = map(heads, torch.randn(B, V, 2 * H * D, generator=g).chunk(2, dim=-1))
+    k_latents, v_latents = map(heads, torch.randn(B, L, 2 * H * D, generator=g).chunk(2, dim=-1))
+    views = (q, k_media, v_media, k_latents, v_latents)
+    out, grads, dout = native_perceiver(views)
+    out_c, grads_c, _ = native_perceiver(tuple(x.contiguous() for x in views))
+    torch.testing.assert_close(out, out_c, rtol=0, atol=0)
+    for name, a, b in zip(NAMES, grads, grads_c):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=lambda m: f"d{name}: {m}")
+    check_by_rule(out, grads, views, dout)
+    for t in (out, *grads):
+        assert t.transpose(1, 2).is_contiguous(), t.stride()
+    _, lse = torch.ops.fastflamingo_native.perceiver_attention(*views, 0.3)
+    keys = torch.cat([k_media, k_latents], 2)
+    torch.testing.assert_close(lse, (q @ keys.transpose(-1, -2) * 0.3).logsumexp(-1))
+
+
+def test_native_perceiver_opcheck():
+    """torch.library's checks of the C++ operators' schemas, fake functions (shapes, strides,
+    dtypes) and autograd registration."""
+    inputs = make_inputs(1, 2, 8, 17, 16, torch.float32, device="cpu")
+    fwd = torch.ops.fastflamingo_native.perceiver_attention.default
+    bwd = torch.ops.fastflamingo_native.perceiver_attention_backward.default
+    torch.library.opcheck(fwd, (*[x.clone().requires_grad_() for x in inputs], 0.25))
+    out, lse = fwd(*inputs, 0.25)
+    torch.library.opcheck(bwd, (torch.randn_like(out), *inputs, out, lse, 0.25))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_perceiver_torch_compile_fullgraph(dtype):
+    """torch.compile(fullgraph=True) of the resampler's attention layer through the native
+    operator: eager's output and gradients, no graph break."""
+    from fastflamingo.blocks import PerceiverAttention
+    torch.manual_seed(0)
+    layer = PerceiverAttention(dim=32, dim_head=16, heads=2).to(dtype)
+    layer.backend = "native"
+    x = torch.randn(3, 17, 32, dtype=dtype, requires_grad=True)
+    latents = torch.randn(3, 8, 32, dtype=dtype)
+
+    check_compiled_like_eager(layer, x, (latents,), dtype)
+
+
+def test_auto_runs_native_perceiver_on_cpu_when_built(monkeypatch):
+    """backend="auto" on CPU tensors takes the native Perceiver kernel once it is loaded (and the
+    layers then project media and latents apart); the result is the PyTorch path's."""
+    from fastflamingo.ops import perceiver_op
+    calls = []
+    real = perceiver_op._native_ops
+
+    def counted():
+        calls.append(1)
+        return real()
+
+    monkeypatch.setattr(perceiver_op, "_native_ops", counted)
+    inputs = make_inputs(2, 2, 8, 17, 16, torch.float32, device="cpu")
+    assert ops.perceiver_backend(inputs[0]) == "native"
+    auto = ops.perceiver_attention(*inputs)
+    assert calls, "auto did not run the native kernel"
+    torch.testing.assert_close(auto, ops.perceiver_attention(*inputs, backend="torch"))
+    # float64 has no native kernel: auto takes PyTorch's
+    assert ops.perceiver_backend(inputs[0].double()) == "torch"

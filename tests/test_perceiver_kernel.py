@@ -197,7 +197,7 @@ def test_dispatch_torch_paths(monkeypatch):
     inputs = make_inputs(1, 2, 8, 17, 16, torch.float32, device="cpu")
     _forbid_triton(monkeypatch)
     ref = perceiver_attention_reference(*inputs)
-    # auto on CPU tensors is the PyTorch path, whatever TRITON_INTERPRET says
+    # auto on CPU tensors is not Triton, whatever TRITON_INTERPRET says (the native kernel or PyTorch)
     torch.testing.assert_close(perceiver_attention(*inputs), ref)
     torch.testing.assert_close(perceiver_attention(*inputs, backend="torch"), ref)
     with pytest.raises(ValueError, match="backend='bogus'"):
@@ -272,7 +272,8 @@ def test_opcheck():
 @pytest.mark.parametrize("layer", ["open_flamingo", "idefics", "idefics-qk-norms"])
 def test_resampler_attention_layers_equal_across_backends(layer):
     """The layers' PyTorch path projects [media ; latents] once and runs one SDPA; the other
-    backends project the parts and run the op: same outputs and parameter gradients."""
+    backends (Triton in its interpreter, the native kernel) project the parts and run the op:
+    same outputs and parameter gradients."""
     from fastflamingo import ops
     from fastflamingo.blocks import IdeficsPerceiverAttention, PerceiverAttention
     torch.manual_seed(0)
@@ -283,7 +284,9 @@ def test_resampler_attention_layers_equal_across_backends(layer):
     for p in module.parameters():  # LayerNorms away from the identity
         torch.nn.init.normal_(p, std=0.3)
     x, latents = torch.randn(2, 17, 32), torch.randn(2, 8, 32)
-    backends = ["torch", "reference"] + (["triton"] if dispatch.HAS_TRITON and _interpreted() else [])
+    from fastflamingo import native
+    backends = (["torch", "reference"] + (["triton"] if dispatch.HAS_TRITON and _interpreted() else [])
+                + (["native"] if native.available() else []))
     # without a GPU, conftest sets TRITON_INTERPRET=1: the kernels run on these CPU tensors
     assert "triton" in backends or torch.cuda.is_available() or not dispatch.HAS_TRITON
     results = {}
@@ -291,7 +294,8 @@ def test_resampler_attention_layers_equal_across_backends(layer):
         module.backend = backend
         out = module(x, latents)
         results[backend] = (out, torch.autograd.grad(out.square().sum(), list(module.parameters())))
-    assert ops.perceiver_backend(torch.empty(2, 3, 8, 16)) == "torch"  # "auto" on the CPU
+    # "auto" on the CPU: the native kernel where it is built (the tests build it), else PyTorch
+    assert ops.perceiver_backend(torch.empty(2, 3, 8, 16)) == ("native" if native.available() else "torch")
     for backend in backends[1:]:
         torch.testing.assert_close(results[backend][0], results["torch"][0], atol=1e-5, rtol=1e-5)
         for a, b in zip(results[backend][1], results["torch"][1]):

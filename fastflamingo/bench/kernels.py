@@ -116,7 +116,7 @@ def run(cfg: KernelConfig, device: str, *, quick: bool = False, progress: bool =
         elif kind == "perceiver":
             case = perceiver.attention_case(point, cfg.tokens, cfg.latents, cfg.r_heads, cfg.r_dim_head,
                                             cfg.dtype, device)
-            rows += run_case(case, perceiver.attention_providers(), ("fwd", "fwd+bwd"), device, quick=quick)
+            rows += run_case(case, perceiver.attention_providers(device), ("fwd", "fwd+bwd"), device, quick=quick)
         else:
             case, layer = perceiver.layer_case(point, cfg.tokens, cfg.latents, cfg.dim, cfg.r_heads,
                                                cfg.r_dim_head, cfg.dtype, device)

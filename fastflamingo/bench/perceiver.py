@@ -1,12 +1,18 @@
 """The Perceiver resampler: its attention and its whole layer, with every provider.
 
 Attention providers (same q and media / latent K, V):
-* ``fastflamingo``: :func:`fastflamingo.ops.perceiver_attention`, backend ``auto``.
+* ``fastflamingo``: :func:`fastflamingo.ops.perceiver_attention`, backend ``auto`` (Triton on
+  CUDA; on the CPU the native C++ kernel where it is built, ``fastflamingo build-native``, else
+  the PyTorch path).
+* ``fastflamingo torch path`` (CPU, where the native kernel is built): the PyTorch path it
+  replaces, ``backend="torch"`` (cat + SDPA).
 * ``cat+sdpa``: concatenate the media and latent K/V, then SDPA (what an SDPA-based module does).
 * ``eager``: open_flamingo's einsum attention over the concatenation.
 
 Layer providers (attention + feed-forward with residuals, same weights):
 * ``fastflamingo``: :class:`fastflamingo.blocks.PerceiverAttention` and ``FeedForward``.
+* ``fastflamingo torch path`` (CPU, where the native kernel is built): the same layer on the
+  PyTorch path (``backend="torch"``: the concatenated input projected once, one SDPA).
 * ``open_flamingo``: ``open_flamingo.src.helpers.PerceiverAttention`` / ``FeedForward`` (installed).
 * ``sdpa module``: open_flamingo's module with its attention replaced by cat + SDPA.
 * ``matmuls only``: the layer's matrix products alone (projections, QK^T, PV, feed-forward),
@@ -21,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
+from .. import native, ops
 from ..blocks import FeedForward, PerceiverAttention
 from .env import has_module
 from .harness import Case, Prepared, Provider
@@ -57,12 +63,18 @@ def cat_sdpa(q, km, vm, kl, vl):
     return F.scaled_dot_product_attention(q, torch.cat((km, kl), dim=-2), torch.cat((vm, vl), dim=-2))
 
 
-def attention_providers() -> list[Provider]:
+def _beside_native(device) -> bool:
+    """Whether the PyTorch path gets its own column: on the CPU, where the native kernel replaces it."""
+    return torch.device(device).type == "cpu" and native.available()
+
+
+def attention_providers(device="cpu") -> list[Provider]:
     def plain(fn):
         return lambda a: Prepared(call=lambda: fn(*a), leaves=a)
-    return [Provider("fastflamingo", plain(ops.perceiver_attention)),
-            Provider("cat+sdpa", plain(cat_sdpa)),
-            Provider("eager", plain(eager_perceiver))]
+    ps = [Provider("fastflamingo", plain(ops.perceiver_attention))]
+    if _beside_native(device):
+        ps.append(Provider("fastflamingo torch path", plain(functools.partial(ops.perceiver_attention, backend="torch"))))
+    return ps + [Provider("cat+sdpa", plain(cat_sdpa)), Provider("eager", plain(eager_perceiver))]
 
 
 # ------------------------------------------------------------------------- whole layer
@@ -152,8 +164,12 @@ def layer_providers(layer: ResamplerLayer) -> list[Provider]:
     def module_provider(name, module):
         return Provider(name, lambda a: Prepared(call=lambda: module(*a), leaves=a))
     sdpa = ResamplerLayer(SdpaPerceiverAttention(dim=dim, dim_head=D, heads=H), FeedForward(dim, 4))
-    ps = [module_provider("fastflamingo", layer),
-          module_provider("sdpa module", _same_weights(sdpa, layer))]
+    ps = [module_provider("fastflamingo", layer)]
+    if _beside_native(next(layer.parameters()).device):
+        torch_path = copy.deepcopy(layer)
+        torch_path.attn.backend = "torch"
+        ps.append(module_provider("fastflamingo torch path", torch_path))
+    ps.append(module_provider("sdpa module", _same_weights(sdpa, layer)))
     if has_module("open_flamingo.src.helpers"):
         from open_flamingo.src import helpers
         peer = ResamplerLayer(helpers.PerceiverAttention(dim=dim, dim_head=D, heads=H),

@@ -5,7 +5,7 @@
 
 Backends (``backend=``): ``"auto"`` (Triton on CUDA tensors; on the CPU the native kernel where
 it is built, else the fast PyTorch path), ``"triton"``, ``"native"`` (the C++ CPU kernel of
-``csrc/``, :mod:`fastflamingo.native`; the image-causal attention only), ``"torch"`` (the fast
+``csrc/``, :mod:`fastflamingo.native`), ``"torch"`` (the fast
 PyTorch path, :mod:`fastflamingo.ops.cpu`) and ``"reference"`` (the readable math,
 :mod:`fastflamingo.ops.reference`).
 """
@@ -29,20 +29,17 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
 
 
-def _check_perceiver_backend(backend: str) -> None:
-    _check_backend(backend)
-    if backend == "native":
-        raise ValueError("perceiver_attention: backend='native' is the image-causal attention's C++ kernel; "
-                         "the Perceiver attention has none (its CPU path is PyTorch's fused SDPA): use "
-                         "'auto' or 'torch'")
-
-
 def _check_attention_inputs(name: str, q: torch.Tensor, keys: dict[str, torch.Tensor]) -> None:
-    if q.dim() != 4:
-        raise ValueError(f"{name}: q must be (B, H, T, D), got shape {tuple(q.shape)}")
-    if not q.dtype.is_floating_point:
-        raise TypeError(f"{name}: q must be a floating-point tensor, got {q.dtype}")
-    for kname, t in keys.items():
+    qs, dtype, device = q.shape, q.dtype, q.device
+    if len(qs) != 4:
+        raise ValueError(f"{name}: q must be (B, H, T, D), got shape {tuple(qs)}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"{name}: q must be a floating-point tensor, got {dtype}")
+    for kname, t in keys.items():  # one cheap test per tensor (a call's host time), then the error's
+        ts = t.shape
+        if (len(ts) == 4 and t.dtype == dtype and ts[0] == qs[0] and ts[1] == qs[1] and ts[3] == qs[3]
+                and t.device == device):
+            continue
         if t.dim() != 4:
             raise ValueError(f"{name}: {kname} must be (B, H, S, D), got shape {tuple(t.shape)}")
         if t.dtype != q.dtype:
@@ -140,7 +137,7 @@ def perceiver_attention(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.T
     Returns:
         (B, H, L, D).
     """
-    _check_perceiver_backend(backend)
+    _check_backend(backend)
     _check_attention_inputs("perceiver_attention", q, {"k_media": k_media, "v_media": v_media,
                                                        "k_latents": k_latents, "v_latents": v_latents})
     if k_media.shape != v_media.shape or k_latents.shape != v_latents.shape:
@@ -155,10 +152,13 @@ def perceiver_attention(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.T
 
 def perceiver_backend(q: torch.Tensor, backend: str = "auto") -> str:
     """The backend :func:`perceiver_attention` runs for latent queries ``q`` (B, H, L, D) given
-    ``backend``: "triton", "torch" or "reference" ("auto" resolved; a forced "triton" the
-    inputs cannot take raises here as it would there)."""
-    _check_perceiver_backend(backend)
+    ``backend``: "triton", "native", "torch" or "reference" ("auto" resolved; a forced
+    "triton" or "native" the inputs cannot take raises here as it would there)."""
+    _check_backend(backend)
     if backend == "reference":
         return "reference"
+    from .dispatch import use_native
     from .perceiver_op import runs_triton
+    if use_native("perceiver_attention", q, backend):
+        return "native"
     return "triton" if runs_triton(q, backend) else "torch"

@@ -79,3 +79,10 @@ def use_native(op: str, q: torch.Tensor, backend: str) -> bool:
                            f"machine ({native.library_path()}): run `fastflamingo build-native` in the "
                            "source checkout (cmake and g++), or use backend='auto' / 'torch'")
     return True
+
+
+def needs_grad(tensors) -> bool:
+    """Whether autograd would record an op on ``tensors``: eager calls that it would not
+    (inference, ``torch.no_grad``) run the kernels without an autograd Function around them,
+    ~7 us less host time per call."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)

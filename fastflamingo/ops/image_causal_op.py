@@ -27,7 +27,7 @@ import torch
 
 from .. import native
 from .cpu import image_causal_attention_torch
-from .dispatch import use_native, use_triton
+from .dispatch import needs_grad, use_native, use_triton
 
 _OP = "fastflamingo::image_causal_attention"
 
@@ -141,7 +141,7 @@ def image_causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     options = (int(latents_per_media), bool(only_immediate), scale)
     if use_native("image_causal_attention", q, backend):
         forward, backward = _native_ops()
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not needs_grad((q, k, v)):
             return forward(q, k, v, text_time, *options)[0]
         return _EagerImageCausal.apply(q, k, v, text_time, *options, forward, backward)
     if not use_triton("image_causal_attention", q, backend, lambda: _kernels().INTERPRET):
@@ -150,6 +150,8 @@ def image_causal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if torch.compiler.is_compiling():
         out, _ = _image_causal_attention(q, k, v, text_time, *options)
         return out
+    if not needs_grad((q, k, v)):  # inference: the launcher alone, no autograd node
+        return _kernels().image_causal_fwd(q, k, v, text_time, *options)[0]
     return _EagerImageCausal.apply(q, k, v, text_time, *options)
 
 

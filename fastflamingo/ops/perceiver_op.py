@@ -6,6 +6,11 @@ The Triton kernels (:mod:`fastflamingo.kernels.perceiver`) are registered as two
 ``register_autograd`` and given ``register_fake`` shape functions, so that
 ``torch.compile(fullgraph=True)`` sees one opaque node per call instead of a graph break.
 
+The native CPU kernel (``csrc/perceiver.cpp``, built by ``fastflamingo build-native``) is the
+C++ operator ``fastflamingo_native::perceiver_attention`` (and ``_backward``), with the same
+contract as the Triton pair; :func:`register_native` gives it fake and autograd functions once
+:mod:`fastflamingo.native` has loaded it, so it too compiles without a graph break.
+
 The PyTorch path (:func:`~fastflamingo.ops.cpu.perceiver_attention_torch`, SDPA over the
 concatenation) needs no registration: autograd and torch.compile trace it directly.
 
@@ -15,8 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from .. import native
 from .cpu import perceiver_attention_torch
-from .dispatch import use_triton
+from .dispatch import needs_grad, use_native, use_triton
 
 
 def _kernels():
@@ -84,6 +90,32 @@ def _backward(ctx, dout, _dlse):
 _perceiver_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _native_ops():
+    return torch.ops.fastflamingo_native.perceiver_attention.default, \
+        torch.ops.fastflamingo_native.perceiver_attention_backward.default
+
+
+def register_native() -> None:
+    """Fake and autograd functions of the native operators (called once they are loaded); the
+    fakes give the layouts the operators return, (B, S, H, D) memory as the Triton kernels'."""
+    name = native.OPS + "::perceiver_attention"
+
+    def fake_forward(q, k_media, v_media, k_latents, v_latents, scale):
+        B, H, L, _ = q.shape
+        return _bshd_like(q, L), q.new_empty(B, H, L, dtype=torch.float32)
+
+    def fake_backward(dout, q, k_media, v_media, k_latents, v_latents, out, lse, scale):
+        L, V = q.shape[2], k_media.shape[2]
+        return _bshd_like(q, L), _bshd_like(q, V), _bshd_like(q, V), _bshd_like(q, L), _bshd_like(q, L)
+
+    def backward(ctx, dout, _dlse):
+        return _grads(ctx, dout, _native_ops()[1])
+
+    torch.library.register_fake(name, fake_forward)
+    torch.library.register_fake(name + "_backward", fake_backward)
+    torch.library.register_autograd(name, backward, setup_context=_setup_context)
+
+
 def runs_triton(q: torch.Tensor, backend: str) -> bool:
     """Whether :func:`perceiver_attention_op` runs the Triton kernels for queries ``q``."""
     return use_triton("perceiver_attention", q, backend, lambda: _kernels().INTERPRET)
@@ -99,33 +131,45 @@ def perceiver_attention_op(q: torch.Tensor, k_media: torch.Tensor, v_media: torc
         q: (B, H, L, D); k_media, v_media: (B, H, V, D); k_latents, v_latents: (B, H, L, D).
             Any strides; a non-contiguous last dim costs a copy on the Triton path.
         scale: softmax scale, default ``D ** -0.5``.
-        backend: "auto" (Triton for CUDA fp16/bf16/fp32 tensors with head_dim <= 256, the
-            PyTorch path otherwise), "triton" (forced; CPU tensors only under
-            TRITON_INTERPRET=1), or "torch".
+        backend: "auto" (Triton for CUDA fp16/bf16/fp32 tensors with head_dim <= 256; for CPU
+            tensors the native kernel where it is built, else the PyTorch path), "triton"
+            (forced; CPU tensors only under TRITON_INTERPRET=1), "native" or "torch".
 
     Returns:
-        (B, H, L, D). From the Triton path it is stored in (B, L, H, D) memory layout, so
-        ``out.transpose(1, 2).reshape(B, L, H * D)`` is a free view.
+        (B, H, L, D). From the Triton and native paths it is stored in (B, L, H, D) memory
+        layout, so ``out.transpose(1, 2).reshape(B, L, H * D)`` is a free view.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    inputs = (q, k_media, v_media, k_latents, v_latents)
+    if use_native("perceiver_attention", q, backend):
+        forward, backward = _native_ops()
+        if torch.compiler.is_compiling() or not needs_grad(inputs):
+            return forward(*inputs, scale)[0]
+        return _EagerPerceiver.apply(*inputs, scale, forward, backward)
     if runs_triton(q, backend):
         if torch.compiler.is_compiling():
-            out, _ = _perceiver_fwd_op(q, k_media, v_media, k_latents, v_latents, scale)
+            out, _ = _perceiver_fwd_op(*inputs, scale)
             return out
-        return _EagerPerceiver.apply(q, k_media, v_media, k_latents, v_latents, scale)
+        if not needs_grad(inputs):  # inference: the launcher alone, no autograd node
+            return _kernels().perceiver_fwd(*inputs, scale)[0]
+        return _EagerPerceiver.apply(*inputs, scale)
     return perceiver_attention_torch(q, k_media, v_media, k_latents, v_latents, scale=scale)
 
 
 class _EagerPerceiver(torch.autograd.Function):
     """The custom op's kernels for eager calls, without its eager dispatch cost (~100-200 us of
-    host time per call on the H100 machine, several times the kernel; see the image-causal op)."""
+    host time per call on the H100 machine, several times the kernel; see the image-causal op).
+    ``forward`` / ``backward``: the kernels to run (default the Triton launchers; the native
+    operators for the native backend)."""
 
     @staticmethod
-    def forward(ctx, q, k_media, v_media, k_latents, v_latents, scale):
-        out, lse = _kernels().perceiver_fwd(q, k_media, v_media, k_latents, v_latents, scale)
+    def forward(ctx, q, k_media, v_media, k_latents, v_latents, scale, forward=None, backward=None):
+        forward = forward or _kernels().perceiver_fwd
+        out, lse = forward(q, k_media, v_media, k_latents, v_latents, scale)
         _save(ctx, (q, k_media, v_media, k_latents, v_latents, scale), out, lse)
+        ctx.backward_kernel = backward
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        return _grads(ctx, dout, _kernels().perceiver_bwd)
+        return *_grads(ctx, dout, ctx.backward_kernel or _kernels().perceiver_bwd), None, None
