@@ -56,10 +56,19 @@ def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-3, -2).flatten(-2)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """The Perceiver attention over keys already concatenated ([media ; latents]): the layers'
-    PyTorch path, one SDPA call, equal to :func:`fastflamingo.ops.perceiver_attention` of the parts."""
-    return nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+# the Perceiver attention's backends under which the layers project [media ; latents] at once
+CONCATENATING = ("torch", "native")
+
+
+def _attend_concatenated(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, media: int,
+                         scale: float) -> torch.Tensor:
+    """The Perceiver attention over keys already concatenated ([media ; latents], the first
+    ``media`` of them the media's): one SDPA call ("torch"), or the native kernel given the two
+    parts as views ("native"); equal to :func:`fastflamingo.ops.perceiver_attention` of the parts."""
+    if backend == "torch":
+        return nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+    return ops.perceiver_attention(q, k[..., :media, :], v[..., :media, :], k[..., media:, :], v[..., media:, :],
+                                   scale=scale, backend=backend)
 
 
 def FeedForward(dim: int, mult: int = 4) -> nn.Sequential:
@@ -110,11 +119,11 @@ class PerceiverAttention(nn.Module):
     """Latents attend to [media tokens ; latents] (open_flamingo layout).
 
     open_flamingo projects ``cat(media, latents)`` with ``to_kv``; the projection of a
-    concatenation is the concatenation of projections, so where a fused kernel runs (Triton on
-    CUDA, the native kernel on the CPU where it is built) the media and the latents are projected
-    separately and it attends over both without building the concatenation. PyTorch's SDPA (the
-    "torch" path) takes one key tensor: there the concatenated input is projected once, the
-    cheaper way to the same keys.
+    concatenation is the concatenation of projections, so where the Triton kernel runs (CUDA) the
+    media and the latents are projected separately and it attends over both without building the
+    concatenation. On the CPU paths one matrix product costs less than two (the CPU runs small
+    products far from its peak): the concatenated input is projected once, then PyTorch's SDPA
+    takes the keys as they are, and the native kernel their media and latent parts as views.
     """
 
     def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 8):
@@ -135,10 +144,10 @@ class PerceiverAttention(nn.Module):
         latents = self.norm_latents(latents)
         h = self.heads
         q = _heads(self.to_q(latents), h)
-        if ops.perceiver_backend(q, self.backend) == "torch":
-            # PyTorch's SDPA takes one key tensor: project the concatenation once
+        backend = ops.perceiver_backend(q, self.backend)
+        if backend in CONCATENATING:  # project the concatenation once
             k, v = (_heads(t, h) for t in self.to_kv(torch.cat([x, latents], dim=-2)).chunk(2, dim=-1))
-            return self.to_out(_merge_heads(_sdpa(q, k, v, self.scale)))
+            return self.to_out(_merge_heads(_attend_concatenated(backend, q, k, v, x.shape[-2], self.scale)))
         k_media, v_media = (_heads(t, h) for t in self.to_kv(x).chunk(2, dim=-1))
         k_lat, v_lat = (_heads(t, h) for t in self.to_kv(latents).chunk(2, dim=-1))
         out = ops.perceiver_attention(q, k_media, v_media, k_lat, v_lat, scale=self.scale,
@@ -170,13 +179,13 @@ class IdeficsPerceiverAttention(nn.Module):
         latents = self.latents_layer_norm(latents)
         h = self.heads
         q = _heads(self.q_proj(latents), h)
-        if ops.perceiver_backend(q, self.backend) == "torch":
-            # PyTorch's SDPA takes one key tensor: project the concatenation once
+        backend = ops.perceiver_backend(q, self.backend)
+        if backend in CONCATENATING:  # project the concatenation once
             both = torch.cat([x, latents], dim=-2)
             k, v = _heads(self.k_proj(both), h), _heads(self.v_proj(both), h)
             if self.qk_layer_norms:
                 q, k = self.q_layer_norm(q), self.k_layer_norm(k)
-            return self.output_proj(_merge_heads(_sdpa(q, k, v, self.scale)))
+            return self.output_proj(_merge_heads(_attend_concatenated(backend, q, k, v, x.shape[-2], self.scale)))
         k_media, k_lat = _heads(self.k_proj(x), h), _heads(self.k_proj(latents), h)
         v_media, v_lat = _heads(self.v_proj(x), h), _heads(self.v_proj(latents), h)
         if self.qk_layer_norms:

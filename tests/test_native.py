@@ -313,8 +313,8 @@ def test_native_perceiver_torch_compile_fullgraph(dtype):
 
 
 def test_auto_runs_native_perceiver_on_cpu_when_built(monkeypatch):
-    """backend="auto" on CPU tensors takes the native Perceiver kernel once it is loaded (and the
-    layers then project media and latents apart); the result is the PyTorch path's."""
+    """backend="auto" on CPU tensors takes the native Perceiver kernel once it is loaded; the
+    result is the PyTorch path's."""
     from fastflamingo.ops import perceiver_op
     calls = []
     real = perceiver_op._native_ops

@@ -271,9 +271,9 @@ def test_opcheck():
 
 @pytest.mark.parametrize("layer", ["open_flamingo", "idefics", "idefics-qk-norms"])
 def test_resampler_attention_layers_equal_across_backends(layer):
-    """The layers' PyTorch path projects [media ; latents] once and runs one SDPA; the other
-    backends (Triton in its interpreter, the native kernel) project the parts and run the op:
-    same outputs and parameter gradients."""
+    """The layers' PyTorch path projects [media ; latents] once and runs one SDPA, the native
+    path runs its kernel on the media and latent parts of that projection (views), Triton (in its
+    interpreter here) projects the parts apart: same outputs and parameter gradients."""
     from fastflamingo import ops
     from fastflamingo.blocks import IdeficsPerceiverAttention, PerceiverAttention
     torch.manual_seed(0)
