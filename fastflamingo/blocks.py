@@ -144,7 +144,7 @@ class PerceiverAttention(nn.Module):
         latents = self.norm_latents(latents)
         h = self.heads
         q = _heads(self.to_q(latents), h)
-        backend = ops.perceiver_backend(q, self.backend)
+        backend = ops.perceiver_backend(q, self.backend, x.shape[-2])
         if backend in CONCATENATING:  # project the concatenation once
             k, v = (_heads(t, h) for t in self.to_kv(torch.cat([x, latents], dim=-2)).chunk(2, dim=-1))
             return self.to_out(_merge_heads(_attend_concatenated(backend, q, k, v, x.shape[-2], self.scale)))
@@ -179,7 +179,7 @@ class IdeficsPerceiverAttention(nn.Module):
         latents = self.latents_layer_norm(latents)
         h = self.heads
         q = _heads(self.q_proj(latents), h)
-        backend = ops.perceiver_backend(q, self.backend)
+        backend = ops.perceiver_backend(q, self.backend, x.shape[-2])
         if backend in CONCATENATING:  # project the concatenation once
             both = torch.cat([x, latents], dim=-2)
             k, v = _heads(self.k_proj(both), h), _heads(self.v_proj(both), h)

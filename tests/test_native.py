@@ -313,8 +313,9 @@ def test_native_perceiver_torch_compile_fullgraph(dtype):
 
 
 def test_auto_runs_native_perceiver_on_cpu_when_built(monkeypatch):
-    """backend="auto" on CPU tensors takes the native Perceiver kernel once it is loaded; the
-    result is the PyTorch path's."""
+    """backend="auto" on CPU tensors takes the native Perceiver kernel once it is loaded, for
+    calls of at least NATIVE_MIN_WORK (below it one SDPA call costs less host time); the result
+    is the PyTorch path's either way."""
     from fastflamingo.ops import perceiver_op
     calls = []
     real = perceiver_op._native_ops
@@ -324,10 +325,20 @@ def test_auto_runs_native_perceiver_on_cpu_when_built(monkeypatch):
         return real()
 
     monkeypatch.setattr(perceiver_op, "_native_ops", counted)
-    inputs = make_inputs(2, 2, 8, 17, 16, torch.float32, device="cpu")
-    assert ops.perceiver_backend(inputs[0]) == "native"
-    auto = ops.perceiver_attention(*inputs)
-    assert calls, "auto did not run the native kernel"
-    torch.testing.assert_close(auto, ops.perceiver_attention(*inputs, backend="torch"))
+    large = make_inputs(8, 4, 16, 63, 32, torch.float32, device="cpu")  # 8·4·16·(63 + 16)·32 multiply-adds
+    small = make_inputs(2, 2, 8, 17, 16, torch.float32, device="cpu")
+    assert 8 * 4 * 16 * 79 * 32 >= perceiver_op.NATIVE_MIN_WORK > 2 * 2 * 8 * 25 * 16
+    for inputs, native_expected in ((large, True), (small, False)):
+        calls.clear()
+        assert ops.perceiver_backend(inputs[0], media_tokens=inputs[1].shape[2]) == (
+            "native" if native_expected else "torch")
+        auto = ops.perceiver_attention(*inputs)
+        assert bool(calls) == native_expected
+        torch.testing.assert_close(auto, ops.perceiver_attention(*inputs, backend="torch"))
+    # forced, the size does not matter; without the media size, the large calls' backend
+    calls.clear()
+    ops.perceiver_attention(*small, backend="native")
+    assert calls
+    assert ops.perceiver_backend(small[0]) == "native"
     # float64 has no native kernel: auto takes PyTorch's
-    assert ops.perceiver_backend(inputs[0].double()) == "torch"
+    assert ops.perceiver_backend(large[0].double(), media_tokens=63) == "torch"

@@ -150,15 +150,16 @@ def perceiver_attention(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.T
     return perceiver_attention_op(q, k_media, v_media, k_latents, v_latents, scale=scale, backend=backend)
 
 
-def perceiver_backend(q: torch.Tensor, backend: str = "auto") -> str:
-    """The backend :func:`perceiver_attention` runs for latent queries ``q`` (B, H, L, D) given
-    ``backend``: "triton", "native", "torch" or "reference" ("auto" resolved; a forced
-    "triton" or "native" the inputs cannot take raises here as it would there)."""
+def perceiver_backend(q: torch.Tensor, backend: str = "auto", media_tokens: int | None = None) -> str:
+    """The backend :func:`perceiver_attention` runs for latent queries ``q`` (B, H, L, D) over
+    ``media_tokens`` media keys given ``backend``: "triton", "native", "torch" or "reference"
+    ("auto" resolved; a forced "triton" or "native" the inputs cannot take raises here as it
+    would there). "auto" on the CPU takes the native kernel only for calls large enough to gain
+    from it (``perceiver_op.NATIVE_MIN_WORK``); ``media_tokens`` None: the backend for large calls."""
     _check_backend(backend)
     if backend == "reference":
         return "reference"
-    from .dispatch import use_native
-    from .perceiver_op import runs_triton
-    if use_native("perceiver_attention", q, backend):
+    from .perceiver_op import runs_native, runs_triton
+    if runs_native(q, media_tokens, backend):
         return "native"
     return "triton" if runs_triton(q, backend) else "torch"
