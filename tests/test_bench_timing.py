@@ -34,6 +34,47 @@ def test_cpu_timing_is_the_wall_clock_as_before():
     assert timing.measure(lambda: x @ x, "cpu", quick=True, method="events").method == WALL
 
 
+def test_side_by_side_timing_treats_a_drifting_machine_alike(monkeypatch):
+    """On the CPU a kernel case's providers are timed side by side (measure_side_by_side): two
+    identical calls on a machine that slows down during the run (each call a little longer than
+    the one before, on a fake clock) get the same median. Timed one after the other, the later
+    one reads slower: the bias this removes."""
+    clock, count = [0.0], [0]
+
+    class FakeTime:
+        @staticmethod
+        def perf_counter():
+            return clock[0]
+
+    def drifting():  # 1 ms, and 10 us more at every call
+        clock[0] += 1e-3 + 1e-5 * count[0]
+        count[0] += 1
+
+    monkeypatch.setattr(timing, "time", FakeTime)
+    a, b = timing.measure_side_by_side([drifting, drifting], quick=True)
+    assert a.method == b.method == WALL and a.reps >= 5 and b.reps >= 5
+    assert abs(a.median - b.median) < 0.02 * a.median, (a.median, b.median)
+    count[0] = 0
+    first, second = timing.measure(drifting, "cpu", quick=True), timing.measure(drifting, "cpu", quick=True)
+    assert second.median > 1.3 * first.median, (first.median, second.median)
+    assert timing.measure_side_by_side([]) == []
+
+
+def test_cpu_kernel_cases_are_timed_side_by_side(monkeypatch):
+    """run_case on the CPU times every provider's row of a mode in one measure_side_by_side call."""
+    batches = []
+    real = harness.measure_side_by_side
+
+    def spy(fns, *, quick=False):
+        batches.append(len(fns))
+        return real(fns, quick=quick)
+
+    monkeypatch.setattr(harness, "measure_side_by_side", spy)
+    ps = image_causal.providers("cpu", 8)[:3]
+    rows = run_case(_small_case(), ps, ("fwd", "fwd+bwd"), "cpu", quick=True, roofline=False)
+    assert batches == [3, 3] and all(r.ok for r in rows) and EAGER not in {r.provider for r in rows}
+
+
 def test_method_from_argument_environment_and_default(monkeypatch):
     monkeypatch.delenv(timing.ENV, raising=False)
     assert timing.resolve_method() == GRAPH
@@ -171,6 +212,7 @@ def test_eager_row_times_the_same_call_as_fastflamingos_row(monkeypatch):
         return Timing(0.06, 0.05, 0.07, -1, EVENTS) if method == EVENTS else Timing(0.01, 0.009, 0.011, 100, GRAPH)
 
     monkeypatch.setattr(harness, "measure", fake_measure)
+    monkeypatch.setattr(harness, "side_by_side", lambda device: False)  # time providers one by one, as on CUDA
     case = _small_case()
     ps = image_causal.providers("cpu", 8)[:2]
     assert ps[0].name == "fastflamingo" and ps[1].name != "fastflamingo"

@@ -313,9 +313,10 @@ def test_native_perceiver_torch_compile_fullgraph(dtype):
 
 
 def test_auto_runs_native_perceiver_on_cpu_when_built(monkeypatch):
-    """backend="auto" on CPU tensors takes the native Perceiver kernel once it is loaded, for
-    calls of at least NATIVE_MIN_WORK (below it one SDPA call costs less host time); the result
-    is the PyTorch path's either way."""
+    """backend="auto" on CPU tensors takes the native Perceiver kernel once it is loaded, in
+    inference, for calls of at least NATIVE_MIN_WORK (below it one SDPA call costs less host
+    time; in training SDPA with its backward measured faster); the result is the PyTorch path's
+    either way."""
     from fastflamingo.ops import perceiver_op
     calls = []
     real = perceiver_op._native_ops
@@ -335,10 +336,20 @@ def test_auto_runs_native_perceiver_on_cpu_when_built(monkeypatch):
         auto = ops.perceiver_attention(*inputs)
         assert bool(calls) == native_expected
         torch.testing.assert_close(auto, ops.perceiver_attention(*inputs, backend="torch"))
-    # forced, the size does not matter; without the media size, the large calls' backend
+    # in training (a gradient to compute) auto keeps SDPA
+    calls.clear()
+    leaves = [x.clone().requires_grad_() for x in large]
+    assert ops.perceiver_backend(leaves[0], media_tokens=63) == "torch"
+    ops.perceiver_attention(*leaves).sum().backward()
+    assert not calls
+    with torch.no_grad():
+        ops.perceiver_attention(*leaves)
+    assert calls
+    # forced, the size and the gradient do not matter; without the media size, the large calls' backend
     calls.clear()
     ops.perceiver_attention(*small, backend="native")
-    assert calls
+    ops.perceiver_attention(*leaves, backend="native").sum().backward()
+    assert len(calls) == 2
     assert ops.perceiver_backend(small[0]) == "native"
     # float64 has no native kernel: auto takes PyTorch's
     assert ops.perceiver_backend(large[0].double(), media_tokens=63) == "torch"

@@ -16,7 +16,7 @@ from ..testing import assert_close_by_rule
 from .env import copy_bandwidth, device_name, versions
 from .report import OURS
 from .rows import OK, Row
-from .timing import EVENTS, GRAPH, measure
+from .timing import EVENTS, GRAPH, measure, measure_side_by_side
 
 MODES = ("fwd", "fwd+bwd")
 # on a GPU fastflamingo's call is also timed eagerly: its GPU time (graph replay) is one row, what
@@ -141,8 +141,10 @@ def run_case(case: Case, providers: Sequence[Provider], modes: Sequence[str], de
     for mode in modes:
         dout = torch.randn_like(case.reference(*case.inputs).detach()) if mode == "fwd+bwd" else None
         ref_hi, ref_lo = reference_results(case, mode, dout)
+        pending = []  # (row, the call to time or None for a finished row, its method): timed below
         for p in providers:
-            rows += _provider_rows(p, case, mode, dout, ref_hi, ref_lo, device, quick, base)
+            _provider_rows(p, case, mode, dout, ref_hi, ref_lo, base, pending)
+        rows += _timed(pending, device, quick)
         if roofline and mode in case.bytes_moved:
             bw = copy_bandwidth(device)
             ms = case.bytes_moved[mode] / bw * 1e3
@@ -174,30 +176,62 @@ def timed_call(call, leaves, dout):
     return step
 
 
-def _provider_rows(p: Provider, case, mode, dout, ref_hi, ref_lo, device, quick, base) -> list[Row]:
+def _provider_rows(p: Provider, case, mode, dout, ref_hi, ref_lo, base, pending) -> None:
+    """A provider's rows, in ``pending`` as (row, call, method): the calls to time, or None for
+    a row that cannot be timed (n/a, FAILED)."""
     why = p.unavailable(mode)
     if why:
-        return [Row(provider=p.name, mode=mode, status=f"n/a: {why}", **base)]
+        pending.append((Row(provider=p.name, mode=mode, status=f"n/a: {why}", **base), None, None))
+        return
     try:
         prep, d, failure = prepare_checked(p, case, mode, dout, ref_hi, ref_lo)
     except Exception as e:  # noqa: BLE001 - a provider that cannot run these inputs is reported, not fatal
-        return [Row(provider=p.name, mode=mode, status=f"n/a: {type(e).__name__}: {str(e)[:160]}", **base)]
+        status = f"n/a: {type(e).__name__}: {str(e)[:160]}"
+        pending.append((Row(provider=p.name, mode=mode, status=status, **base), None, None))
+        return
     if failure:
-        return [Row(provider=p.name, mode=mode, status=f"FAILED: {failure[:200]}", **base)]
+        pending.append((Row(provider=p.name, mode=mode, status=f"FAILED: {failure[:200]}", **base), None, None))
+        return
     note = "floor: computes only part of the op, output not checked" if p.floor else ""
     call = timed_call(prep.call, prep.leaves, d)
-    rows = [Row(provider=p.name, mode=mode, note=note, **base).with_timing(measure(call, device, quick=quick))]
-    if p.name == OURS and rows[0].timing == GRAPH:
-        rows.append(Row(provider=EAGER, mode=mode, **base).with_timing(
-            measure(call, device, quick=quick, method=EVENTS)))
+    pending.append((Row(provider=p.name, mode=mode, note=note, **base), call, None))
+    if p.name == OURS:
+        pending.append((Row(provider=EAGER, mode=mode, **base), call, _EAGER_IF_GRAPH))
     if prep.build is not None:
         # a new batch layout costs its user the build's host time too: timed eagerly (CUDA events
         # around the call), never by graph replay, which would leave the host work out
         if mode == "fwd":
-            rows.append(Row(provider=f"{p.name} mask build", mode="build", **base).with_timing(
-                measure(prep.build, device, quick=quick, method=EVENTS)))
-        rows.append(Row(provider=f"{p.name}+build", mode=mode, **base).with_timing(
-            measure(timed_call(prep.call_with_build, prep.leaves, d), device, quick=quick, method=EVENTS)))
+            pending.append((Row(provider=f"{p.name} mask build", mode="build", **base), prep.build, EVENTS))
+        pending.append((Row(provider=f"{p.name}+build", mode=mode, **base),
+                        timed_call(prep.call_with_build, prep.leaves, d), EVENTS))
+
+
+def side_by_side(device: str) -> bool:
+    """Whether a case's providers are timed together (:func:`measure_side_by_side`): on the CPU.
+    On CUDA each is timed alone, by graph replay or events (:func:`measure`)."""
+    return torch.device(device).type == "cpu"
+
+
+# the method of a pending EAGER row: timed by CUDA events only where the row before it (the same
+# call, fastflamingo's) was timed by graph replay, to show the host time a user pays; else dropped
+_EAGER_IF_GRAPH = "events, if the row before was timed by graph replay"
+
+
+def _timed(pending: list, device: str, quick: bool) -> list[Row]:
+    """The pending rows (row, call or None, method), with their timings, in order."""
+    if side_by_side(device):
+        pending = [x for x in pending if x[2] != _EAGER_IF_GRAPH]  # no graph replay here
+        timings = iter(measure_side_by_side([call for _, call, _ in pending if call is not None], quick=quick))
+        return [row if call is None else row.with_timing(next(timings)) for row, call, _ in pending]
+    rows = []
+    for row, call, method in pending:
+        if call is None:
+            rows.append(row)
+        elif method == _EAGER_IF_GRAPH:
+            if rows and rows[-1].timing == GRAPH:
+                rows.append(row.with_timing(measure(call, device, quick=quick, method=EVENTS)))
+            continue
+        rows.append(row.with_timing(measure(call, device, quick=quick, method=method)))
     return rows
 
 

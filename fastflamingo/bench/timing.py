@@ -110,6 +110,29 @@ def measure(fn: Callable[[], object], device: str, *, quick: bool = False,
     return _quantiles(samples, WALL)
 
 
+def measure_side_by_side(fns: list[Callable[[], object]], *, quick: bool = False) -> list[Timing]:
+    """CPU: time the providers of one kernel case side by side, each with the budget and minimum
+    number of samples :func:`measure` gives one (0.6 s / 9 samples; quick 0.2 s / 5), but in
+    :func:`measure_together`'s rotating rounds: a shared machine's drift (another process, the
+    clock) then moves every provider's samples alike instead of favouring the one timed first or
+    last (timed one after the other, the first provider of a case ran up to ~1.5x slower than the
+    same code timed later). Each timed call follows an untimed one of the same fn, so caches are
+    warm as in back-to-back calls. The number of samples of each fn comes from one timed warm-up
+    call: its budget over that time, between the minimum and 200."""
+    if not fns:
+        return []
+    budget = 0.2 if quick else 0.6
+    min_reps = 5 if quick else 9
+    calls = []
+    for fn in fns:
+        fn()  # warm-up: allocator and caches
+        t0 = time.perf_counter()
+        fn()
+        took = max(time.perf_counter() - t0, 1e-6)
+        calls.append((fn, int(min(200, max(min_reps, budget / took)))))
+    return measure_together(calls, "cpu")
+
+
 # ------------------------------------------------------------------------- the choice
 def time_cuda(fn, quick: bool, method: str | None = None, *, graph_timer=None, event_timer=None) -> Timing:
     """The GPU path's decision: the graph timer unless EVENTS is asked for; the event timer, with

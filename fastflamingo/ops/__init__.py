@@ -154,8 +154,9 @@ def perceiver_backend(q: torch.Tensor, backend: str = "auto", media_tokens: int 
     """The backend :func:`perceiver_attention` runs for latent queries ``q`` (B, H, L, D) over
     ``media_tokens`` media keys given ``backend``: "triton", "native", "torch" or "reference"
     ("auto" resolved; a forced "triton" or "native" the inputs cannot take raises here as it
-    would there). "auto" on the CPU takes the native kernel only for calls large enough to gain
-    from it (``perceiver_op.NATIVE_MIN_WORK``); ``media_tokens`` None: the backend for large calls."""
+    would there). "auto" on the CPU takes the native kernel in inference (no gradient flows to
+    ``q``) for calls large enough to gain from it (``perceiver_op.NATIVE_MIN_WORK``);
+    ``media_tokens`` None: the backend for large calls."""
     _check_backend(backend)
     if backend == "reference":
         return "reference"

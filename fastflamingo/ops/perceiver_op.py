@@ -116,23 +116,30 @@ def register_native() -> None:
     torch.library.register_autograd(name, backward, setup_context=_setup_context)
 
 
-# "auto" takes the native kernel for CPU tensors from this much work up: B·H·L·(V + L)·D
-# multiply-adds of q·kᵀ. Below it, the 10-25 us more host time per call (PyTorch's dispatch of a
-# C++ operator from Python; in training an autograd Function) outweigh what the kernel saves
-# over one SDPA call (the tiny preset's resampler on 2 CPU cores, 2 heads of 16, 8 latents, 17
-# media tokens: 51k at 8 images, where the kernel saves nothing, 205k at 32 images, where it
-# saves ~30 us a call; benchmarks/RESULTS.md, 2026-12-07).
+# "auto" takes the native kernel for CPU tensors in inference (no gradient to compute) from this
+# much work up: B·H·L·(V + L)·D multiply-adds of q·kᵀ. Measured on 2 CPU cores (benchmarks/
+# RESULTS.md, 2026-12-07): below it, the ~10 us more host time of a C++ operator's dispatch from
+# Python outweigh what the kernel saves over one SDPA call (the tiny preset's resampler, 2 heads
+# of 16, 8 latents, 17 media tokens: 51k at 8 images saves nothing, 205k at 32 images ~20 us);
+# above it the forward is 1.2-1.6x SDPA's. In training "auto" keeps SDPA: with its backward the
+# native path measured 1.34x slower at the tiny shape (the autograd Function, and the views'
+# gradients summed back into the one projection) and even at OpenFlamingo-9B's (a layer +-3%).
 NATIVE_MIN_WORK = 1 << 17
 
 
-def runs_native(q: torch.Tensor, media_tokens: int | None, backend: str) -> bool:
+def runs_native(q: torch.Tensor, media_tokens: int | None, backend: str,
+                inputs: tuple[torch.Tensor, ...] | None = None) -> bool:
     """Whether :func:`perceiver_attention_op` runs the native kernel for latent queries ``q``
     (B, H, L, D) over ``media_tokens`` media keys: forced ("native"), or "auto" on CPU tensors
-    where it is built and the call holds at least :data:`NATIVE_MIN_WORK` (``media_tokens``
-    None: whatever the size)."""
+    where it is built, when no gradient flows to ``inputs`` (default ``q``) and the call holds at
+    least :data:`NATIVE_MIN_WORK` (``media_tokens`` None: whatever the size)."""
     if not use_native("perceiver_attention", q, backend):
         return False
-    if backend == "native" or media_tokens is None:
+    if backend == "native":
+        return True
+    if needs_grad(inputs if inputs is not None else (q,)):
+        return False
+    if media_tokens is None:
         return True
     B, H, L, D = q.shape
     return B * H * L * (media_tokens + L) * D >= NATIVE_MIN_WORK
@@ -154,7 +161,7 @@ def perceiver_attention_op(q: torch.Tensor, k_media: torch.Tensor, v_media: torc
             Any strides; a non-contiguous last dim costs a copy on the Triton path.
         scale: softmax scale, default ``D ** -0.5``.
         backend: "auto" (Triton for CUDA fp16/bf16/fp32 tensors with head_dim <= 256; for CPU
-            tensors the native kernel where it is built and the call is large enough
+            tensors the native kernel where it is built, in inference, for calls large enough
             (:data:`NATIVE_MIN_WORK`), else the PyTorch path), "triton"
             (forced; CPU tensors only under TRITON_INTERPRET=1), "native" or "torch".
 
@@ -164,7 +171,7 @@ def perceiver_attention_op(q: torch.Tensor, k_media: torch.Tensor, v_media: torc
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     inputs = (q, k_media, v_media, k_latents, v_latents)
-    if runs_native(q, k_media.shape[2], backend):
+    if runs_native(q, k_media.shape[2], backend, inputs):
         forward, backward = _native_ops()
         if torch.compiler.is_compiling() or not needs_grad(inputs):
             return forward(*inputs, scale)[0]
