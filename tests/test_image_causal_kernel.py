@@ -451,3 +451,26 @@ def test_cuda_every_autotune_candidate(monkeypatch):
         forced = {False: fwd[i % len(fwd)], True: bwd[i % len(bwd)]}
         monkeypatch.setattr(ic, "_launch_configs", lambda *args, backward, forced=forced, **kw: [forced[backward]])
         check_against_references("triton", q, k, v, text_time, L, True)
+
+
+def test_calls_without_gradient_skip_autograd_and_give_the_same_output(monkeypatch):
+    """An eager call that needs no gradient (torch.no_grad, inference_mode) runs the Triton
+    launcher without the autograd Function around it: the output of the call that records one,
+    bit for bit."""
+    from fastflamingo.ops import image_causal_op
+    applied = []
+    real = image_causal_op._EagerImageCausal.apply
+    monkeypatch.setattr(image_causal_op._EagerImageCausal, "apply", lambda *a: applied.append(1) or real(*a))
+    text_time = text_time_from_rows(40, [[3, 20], [0]]).to(DEVICE)
+    q, k, v = make_qkv(2, 2, 40, 16, 2, 8, torch.float32)
+
+    def call():
+        return ops.image_causal_attention(q, k, v, text_time=text_time, latents_per_media=8, backend="triton")
+    recorded = call()
+    assert recorded.grad_fn is not None and applied == [1]
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            out = call()
+        assert out.grad_fn is None
+        torch.testing.assert_close(out, recorded.detach(), rtol=0, atol=0)
+    assert applied == [1], "a call without gradient went through the autograd Function"
