@@ -3,7 +3,8 @@
 The order is the point: a provider's output (and, for ``fwd+bwd``, its input gradients) is
 compared with the reference by the flash-attention tolerance rule (:mod:`fastflamingo.testing`)
 first. A provider that disagrees gets a ``FAILED`` row and is never timed, so a wrong kernel
-cannot put a number in the table.
+cannot put a number in the table. The checked providers of a mode are then timed: on the CPU side
+by side (:func:`~.timing.measure_side_by_side`), on CUDA one by one (graph replay or events).
 """
 from __future__ import annotations
 

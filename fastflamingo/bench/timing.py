@@ -22,7 +22,8 @@ capture is cleaned up (capture ended, caller's stream current again, a fresh sid
 next one). ``measure(..., method="events")`` or ``FASTFLAMINGO_BENCH_TIMING=events`` forces it.
 
 CPU (method ``wall-clock``): ``time.perf_counter`` around each call, repeated until a time
-budget is spent.
+budget is spent; the providers of one kernel case side by side, in rotating rounds
+(:func:`measure_side_by_side`), the end-to-end stages likewise (:func:`measure_together`).
 """
 from __future__ import annotations
 
