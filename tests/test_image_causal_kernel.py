@@ -453,19 +453,13 @@ def test_cuda_every_autotune_candidate(monkeypatch):
         check_against_references("triton", q, k, v, text_time, L, True)
 
 
-def test_calls_without_gradient_skip_autograd_and_give_the_same_output(monkeypatch):
-    """An eager call that needs no gradient (torch.no_grad, inference_mode) runs the Triton
-    launcher without the autograd Function around it: the output of the call that records one,
-    bit for bit."""
-    from fastflamingo.ops import image_causal_op
+def check_inference_skips_autograd(monkeypatch, function, call) -> None:
+    """An eager ``call()`` that needs no gradient (torch.no_grad, inference_mode) runs its kernel
+    without the autograd Function ``function`` around it: the output of the call that records
+    one, bit for bit."""
     applied = []
-    real = image_causal_op._EagerImageCausal.apply
-    monkeypatch.setattr(image_causal_op._EagerImageCausal, "apply", lambda *a: applied.append(1) or real(*a))
-    text_time = text_time_from_rows(40, [[3, 20], [0]]).to(DEVICE)
-    q, k, v = make_qkv(2, 2, 40, 16, 2, 8, torch.float32)
-
-    def call():
-        return ops.image_causal_attention(q, k, v, text_time=text_time, latents_per_media=8, backend="triton")
+    real = function.apply
+    monkeypatch.setattr(function, "apply", lambda *a: applied.append(1) or real(*a))
     recorded = call()
     assert recorded.grad_fn is not None and applied == [1]
     for context in (torch.no_grad, torch.inference_mode):
@@ -474,3 +468,11 @@ def test_calls_without_gradient_skip_autograd_and_give_the_same_output(monkeypat
         assert out.grad_fn is None
         torch.testing.assert_close(out, recorded.detach(), rtol=0, atol=0)
     assert applied == [1], "a call without gradient went through the autograd Function"
+
+
+def test_calls_without_gradient_skip_autograd_and_give_the_same_output(monkeypatch):
+    from fastflamingo.ops import image_causal_op
+    text_time = text_time_from_rows(40, [[3, 20], [0]]).to(DEVICE)
+    q, k, v = make_qkv(2, 2, 40, 16, 2, 8, torch.float32)
+    check_inference_skips_autograd(monkeypatch, image_causal_op._EagerImageCausal, lambda: ops.image_causal_attention(
+        q, k, v, text_time=text_time, latents_per_media=8, backend="triton"))

@@ -310,18 +310,7 @@ def _interpreted() -> bool:
 
 @needs_triton
 def test_calls_without_gradient_skip_autograd_and_give_the_same_output(monkeypatch):
-    """An eager call that needs no gradient (torch.no_grad, inference_mode) runs the Triton
-    launcher without the autograd Function around it: the output of the call that records one,
-    bit for bit."""
-    applied = []
-    real = perceiver_op._EagerPerceiver.apply
-    monkeypatch.setattr(perceiver_op._EagerPerceiver, "apply", lambda *a: applied.append(1) or real(*a))
+    from test_image_causal_kernel import check_inference_skips_autograd
     inputs = [x.requires_grad_() for x in make_inputs(2, 2, 16, 63, 32, torch.float32)]
-    recorded = perceiver_attention(*inputs, backend="triton")
-    assert recorded.grad_fn is not None and applied == [1]
-    for context in (torch.no_grad, torch.inference_mode):
-        with context():
-            out = perceiver_attention(*inputs, backend="triton")
-        assert out.grad_fn is None
-        torch.testing.assert_close(out, recorded.detach(), rtol=0, atol=0)
-    assert applied == [1], "a call without gradient went through the autograd Function"
+    check_inference_skips_autograd(monkeypatch, perceiver_op._EagerPerceiver,
+                                   lambda: perceiver_attention(*inputs, backend="triton"))

@@ -8,6 +8,7 @@ by side (:func:`~.timing.measure_side_by_side`), on CUDA one by one (graph repla
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -196,8 +197,6 @@ def _provider_rows(p: Provider, case, mode, dout, ref_hi, ref_lo, base, pending)
     note = "floor: computes only part of the op, output not checked" if p.floor else ""
     call = timed_call(prep.call, prep.leaves, d)
     pending.append((Row(provider=p.name, mode=mode, note=note, **base), call, None))
-    if p.name == OURS:
-        pending.append((Row(provider=EAGER, mode=mode, **base), call, _EAGER_IF_GRAPH))
     if prep.build is not None:
         # a new batch layout costs its user the build's host time too: timed eagerly (CUDA events
         # around the call), never by graph replay, which would leave the host work out
@@ -213,26 +212,23 @@ def side_by_side(device: str) -> bool:
     return torch.device(device).type == "cpu"
 
 
-# the method of a pending EAGER row: timed by CUDA events only where the row before it (the same
-# call, fastflamingo's) was timed by graph replay, to show the host time a user pays; else dropped
-_EAGER_IF_GRAPH = "events, if the row before was timed by graph replay"
-
-
 def _timed(pending: list, device: str, quick: bool) -> list[Row]:
-    """The pending rows (row, call or None, method), with their timings, in order."""
+    """The pending rows (row, call or None, method), with their timings, in order. Where
+    fastflamingo's row was timed by graph replay, an EAGER row after it times the same call by
+    CUDA events (the host time a user pays)."""
     if side_by_side(device):
-        pending = [x for x in pending if x[2] != _EAGER_IF_GRAPH]  # no graph replay here
         timings = iter(measure_side_by_side([call for _, call, _ in pending if call is not None], quick=quick))
         return [row if call is None else row.with_timing(next(timings)) for row, call, _ in pending]
     rows = []
     for row, call, method in pending:
         if call is None:
             rows.append(row)
-        elif method == _EAGER_IF_GRAPH:
-            if rows and rows[-1].timing == GRAPH:
-                rows.append(row.with_timing(measure(call, device, quick=quick, method=EVENTS)))
             continue
+        # (copied before the timing writes into row)
+        eager = dataclasses.replace(row, provider=EAGER) if row.provider == OURS else None
         rows.append(row.with_timing(measure(call, device, quick=quick, method=method)))
+        if eager is not None and row.timing == GRAPH:
+            rows.append(eager.with_timing(measure(call, device, quick=quick, method=EVENTS)))
     return rows
 
 

@@ -127,17 +127,17 @@ def register_native() -> None:
 NATIVE_MIN_WORK = 1 << 17
 
 
-def runs_native(q: torch.Tensor, media_tokens: int | None, backend: str,
-                inputs: tuple[torch.Tensor, ...] | None = None) -> bool:
+def runs_native(q: torch.Tensor, media_tokens: int | None, backend: str, grad: bool | None = None) -> bool:
     """Whether :func:`perceiver_attention_op` runs the native kernel for latent queries ``q``
     (B, H, L, D) over ``media_tokens`` media keys: forced ("native"), or "auto" on CPU tensors
-    where it is built, when no gradient flows to ``inputs`` (default ``q``) and the call holds at
-    least :data:`NATIVE_MIN_WORK` (``media_tokens`` None: whatever the size)."""
+    where it is built, when no gradient is to be computed (``grad``; None: whether one flows to
+    ``q``) and the call holds at least :data:`NATIVE_MIN_WORK` (``media_tokens`` None: whatever
+    the size)."""
     if not use_native("perceiver_attention", q, backend):
         return False
     if backend == "native":
         return True
-    if needs_grad(inputs if inputs is not None else (q,)):
+    if needs_grad((q,)) if grad is None else grad:
         return False
     if media_tokens is None:
         return True
@@ -171,16 +171,17 @@ def perceiver_attention_op(q: torch.Tensor, k_media: torch.Tensor, v_media: torc
     """
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     inputs = (q, k_media, v_media, k_latents, v_latents)
-    if runs_native(q, k_media.shape[2], backend, inputs):
+    grad = needs_grad(inputs)
+    if runs_native(q, k_media.shape[2], backend, grad):
         forward, backward = _native_ops()
-        if torch.compiler.is_compiling() or not needs_grad(inputs):
+        if torch.compiler.is_compiling() or not grad:
             return forward(*inputs, scale)[0]
         return _EagerPerceiver.apply(*inputs, scale, forward, backward)
     if runs_triton(q, backend):
         if torch.compiler.is_compiling():
             out, _ = _perceiver_fwd_op(*inputs, scale)
             return out
-        if not needs_grad(inputs):  # inference: the launcher alone, no autograd node
+        if not grad:  # inference: the launcher alone, no autograd node
             return _kernels().perceiver_fwd(*inputs, scale)[0]
         return _EagerPerceiver.apply(*inputs, scale)
     return perceiver_attention_torch(q, k_media, v_media, k_latents, v_latents, scale=scale)
