@@ -12,8 +12,14 @@ puts Hugging Face's forward back. Reference: Hugging Face's forward itself (test
 
 ALiBi, relative to the query. Hugging Face adds ``(j - S + 1)·slope`` to the score of key j (S keys
 held), the same for every query: the softmax of a row does not change when a constant is added to
-it, so this module adds ``(j - p_i)·slope`` instead, with p_i the query's own position. The two
-differ by a per-row constant (same softmax in exact arithmetic); the relative form keeps the bias
+it, so this module adds ``(p_j - p_i)·slope`` instead, with p_i the query's own position. The two
+differ by a per-row constant (same softmax in exact arithmetic) wherever the padding comes before
+every token, as left padding does. Positions count tokens, not padding (a key's is the number of
+tokens up to it): Hugging Face counts slots, so padding *between* tokens (a few-shot prefix's K/V
+followed by a left-padded query: the layout of :mod:`fastflamingo.generation`'s sessions) would
+move the prefix further from the query by the row's padding, and a query's scores would depend on
+the other queries of its batch. Counted as tokens, the query sees the prefix as if written right
+before it, as open_flamingo's evaluation writes its demonstrations. The relative form keeps the bias
 of the keys that matter (near the query) small, so it survives the cast of the mask to bf16 / fp16
 that SDPA requires (``-1023.5`` in bf16 would be off by up to 4; ``-3.5`` is exact). Masked pairs
 get ``finfo(dtype).min``, Hugging Face's ``masked_fill`` value, so a fully masked row (a left-pad
@@ -121,18 +127,22 @@ def attention_bias(position_bias: torch.Tensor, mask: torch.Tensor | None, q_len
         mask: (B, 1, q_len, k_len) bool, True where a pair may not attend, or None (no mask, as
             Hugging Face's attention does without one).
         length: tokens held once this call's keys are written (an int, or the static cache's
-            tensor): the queries sit at positions ``length - q_len .. length - 1``.
+            tensor): the queries sit in slots ``length - q_len .. length - 1``.
     """
     device = position_bias.device
     slopes = -position_bias[:, :, -2:-1]                                    # (H, 1, 1)
-    query_pos = torch.arange(q_len, device=device) + (length - q_len)
-    offsets = torch.arange(k_len, device=device)[None, :] - query_pos[:, None]  # (q_len, k_len)
-    bias = offsets * slopes                                                 # (H, q_len, k_len) fp32
-    if mask is not None:
-        bias = bias.masked_fill(mask, torch.finfo(dtype).min)
-    else:
-        bias = bias.unsqueeze(0)
-    return bias.to(dtype)
+    query_slots = torch.arange(q_len, device=device) + (length - q_len)
+    if mask is None:  # no padding: a token's position is its slot
+        offsets = torch.arange(k_len, device=device)[None, :] - query_slots[:, None]  # (q_len, k_len)
+        return (offsets * slopes).unsqueeze(0).to(dtype)
+    # a token's position counts the tokens before it, not the padding: the keys the last query may
+    # see are every token held (causality hides nothing from it), so their running count is each
+    # key's position; the queries' are those of their own slots
+    key_pos = (~mask[:, 0, -1, :]).cumsum(-1)                               # (B, k_len)
+    query_pos = key_pos[:, query_slots]                                     # (B, q_len)
+    offsets = key_pos[:, None, :] - query_pos[:, :, None]                   # (B, q_len, k_len)
+    bias = offsets[:, None].to(slopes.dtype) * slopes                       # (B, H, q_len, k_len) fp32
+    return bias.masked_fill(mask, torch.finfo(dtype).min).to(dtype)
 
 
 # one LM forward builds its mask once: the layers get the same (mask, ALiBi table) objects

@@ -13,7 +13,7 @@ from fastflamingo.generation.session import Session
 
 import peers
 from peers import EOC_ID, EOS_ID, MEDIA_ID, PAD_ID
-from prompts import batch, plain_greedy, saved_tiny_with_tokenizer, tiny
+from prompts import MPT, batch, plain_greedy, saved_tiny_with_tokenizer, tiny
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -121,15 +121,21 @@ def test_every_shape_stays_compiled_past_dynamos_recompile_limit():
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_prefix_reuse_equals_plain_loop(cache):
-    """Demonstrations encoded once, then a batch of queries with padding and different image counts."""
-    model = tiny()
+@pytest.mark.parametrize("lm", ["llama", "mpt"])
+def test_prefix_reuse_equals_plain_loop(lm, cache):
+    """Demonstrations encoded once, then a batch of queries with padding, different image counts
+    and a query of padding only (it continues the prefix). Each row equals its prefix and query
+    written out alone: MPT's ALiBi counts tokens, so the padding between the prefix's K/V and a
+    query does not move the prefix away (it did, by the row's padding, when ALiBi counted slots)."""
+    model = tiny(**({"lm": MPT} if lm == "mpt" else {}))
     demo_vx, demo_ids, _ = batch(model, [2], [12], seed=7)
     prefix = encode_prefix(model, demo_vx, demo_ids)
     vx, ids, mask = batch(model, [1, 0, 2], [6, 9, 5], seed=8)
+    vx, ids, mask = (torch.cat([t, torch.zeros_like(t[:1])]) for t in (vx, ids, mask))  # a row of padding only
     got = generate(model, vx, ids, mask, prefix=prefix, max_new_tokens=6, eos_token_id=[], cache=cache)
     B = ids.shape[0]
-    pad_first = mask.argmax(-1)  # reference rows: [padding, prefix, query] with all their images
+    # reference rows: [padding, prefix, query] with all their images
+    pad_first = torch.where(mask.sum(-1) == 0, mask.shape[1], mask.argmax(-1))
     full = torch.stack([torch.cat([ids[i, :pad_first[i]], demo_ids[0], ids[i, pad_first[i]:]]) for i in range(B)])
     full_mask = torch.stack([torch.cat([mask[i, :pad_first[i]], torch.ones(demo_ids.shape[1], dtype=torch.long),
                                         mask[i, pad_first[i]:]]) for i in range(B)])
@@ -210,6 +216,10 @@ def test_bad_inputs_raise_clear_errors():
         generate(model, vx, ids, mask, cache="paged")
     with pytest.raises(TypeError, match="beam_groups"):
         generate(model, vx, ids, mask, num_beams=2, beam_groups=2)
+    with pytest.raises(ValueError, match="early_stopping must be a boolean or 'never', but is 'foo'"):
+        generate(model, vx, ids, mask, num_beams=2, early_stopping="foo")
+    with pytest.warns(UserWarning, match="min_new_tokens=5 is more than max_new_tokens=3"):
+        generate(model, vx, ids, mask, max_new_tokens=3, min_new_tokens=5)
 
 
 # ------------------------------------------------------------------ peers' own generate
@@ -283,6 +293,45 @@ def test_cache_media_scores_texts_against_cached_images():
         model.uncache_media()
     with torch.no_grad():
         assert not torch.allclose(model(lang_x=text).logits, want, atol=1e-3)  # text only again
+
+
+def test_generate_and_score_use_cached_media():
+    """After cache_media, generate and score given no images use the cached ones as a forward does:
+    a prompt's <image> tokens place them; a prompt without any sees its row's last cached image.
+    (They ran text-only, silently, before.)"""
+    model = tiny()
+    vx, ids, mask = batch(model, [2, 1], [9, 9], seed=12)
+    text = torch.randint(3, 500, (2, 5), generator=torch.Generator().manual_seed(3))
+    conts = [[5], [7, 8, 9]]
+    with_images = generate(model, vx, ids, max_new_tokens=4, eos_token_id=[])
+    with_images_score = model.score(vx, ids, conts, reduction="none")
+    model.cache_media(ids, vx)
+    try:
+        assert torch.equal(generate(model, None, ids, max_new_tokens=4, eos_token_id=[]), with_images)
+        assert torch.equal(model.score(None, ids, conts, reduction="none"), with_images_score)
+        out = text  # the reference: the model's forward over the whole text, which reads the cache
+        with torch.no_grad():
+            for _ in range(4):
+                out = torch.cat([out, model(None, out).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            want = torch.stack([torch.stack([
+                model(None, torch.cat([text, torch.tensor([c] * 2)], 1)).logits[b, 4:-1].log_softmax(-1)
+                .gather(-1, torch.tensor(c)[:, None])[:, 0].sum() for c in conts]) for b in range(2)])
+        for cache in ("dynamic", "static"):
+            assert torch.equal(generate(model, None, text, max_new_tokens=4, eos_token_id=[], cache=cache), out)
+        torch.testing.assert_close(model.score(None, text, conts), want, atol=2e-5, rtol=1e-5)
+        with pytest.raises(ValueError, match="cached by cache_media has batch 2 but lang_x has batch 1"):
+            generate(model, None, text[:1], max_new_tokens=2)
+        prefix_ids = torch.tensor([[model.config.media_token_id, 5, 6]])
+        prefix = encode_prefix(model, vx[:1, :1], prefix_ids)
+        with pytest.raises(ValueError, match="without <image> tokens after a few-shot prefix"):
+            model.score(None, text, conts, prefix=prefix)
+        with pytest.raises(ValueError, match="uncache_media"):
+            encode_prefix(model, None, prefix_ids[:, 1:])
+    finally:
+        model.uncache_media()
+    assert not torch.allclose(model.score(None, text, conts), want, atol=1e-3)  # text only again
+    with pytest.raises(ValueError, match=r"holds no image \(N = 0\)"):
+        model.cache_media(ids, vx[:, :0])
 
 
 # ------------------------------------------------------------------ command line

@@ -66,6 +66,34 @@ def test_score_with_a_prefix_equals_plain_forward(rows, conts, seed):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("lm", ["llama", "mpt"])
+def test_score_after_a_prefix_does_not_depend_on_the_batch(lm):
+    """After a few-shot prefix, each query's scores equal those of its prefix and tokens written
+    out alone, whatever padding the batch gives it (MPT's ALiBi counts tokens, not the padding
+    between the prefix's K/V and the query), and a query of padding only scores its candidates
+    right after the prefix (from the prefix's own last logits)."""
+    model = model_for(lm)
+    g = torch.Generator().manual_seed(11)
+    pre_ids = torch.randint(3, 500, (1, 9), generator=g)
+    pre_ids[0, [0, 5]] = MEDIA_ID
+    pre_vx = torch.randn(1, 2, 1, 3, 32, 32, generator=g)
+    prefix = encode_prefix(model, pre_vx, pre_ids)
+    vx, ids, mask = batch(model, [1, 0, 2], [4, 20, 7], seed=12)  # up to 16 columns of padding
+    vx, ids, mask = (torch.cat([t, torch.zeros_like(t[:1])]) for t in (vx, ids, mask))  # padding only
+    conts = [[5], [7, 8, 9], [100, 2, 3, 4]]
+    got = score(model, vx, ids, conts, mask, prefix=prefix, reduction="none")
+    for b in range(ids.shape[0]):  # the whole sequence through forward, no cache, no padding
+        row = torch.cat([pre_ids, ids[b:b + 1, mask[b] == 1]], 1)
+        row_vx = torch.cat([pre_vx, vx[b:b + 1, :int((row == MEDIA_ID).sum()) - 2]], 1)
+        for c, cont in enumerate(conts):
+            with torch.no_grad():
+                logits = model(row_vx, torch.cat([row, torch.tensor([cont])], 1)).logits[0, row.shape[1] - 1:-1]
+            want = logits.float().log_softmax(-1).gather(-1, torch.tensor(cont)[:, None])[:, 0]
+            torch.testing.assert_close(got[b, c, :len(cont)], want, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(got, score_reference(model, vx, ids, conts, mask, prefix=prefix, reduction="none"),
+                               atol=2e-5, rtol=1e-5)
+
+
 def test_one_token_candidates_cost_no_lm_call_beyond_the_prompt():
     model = model_for("llama")
     vx, ids, mask = batch(model, [1, 1], [6, 6], seed=2)

@@ -25,9 +25,10 @@ from collections.abc import Iterator
 
 import torch
 
+from .. import mpt
 from ..model import check_call, check_positions, check_vision_x
 from ..warn import warn_caller
-from . import lm_cache
+from . import lm_cache, media_cache
 from .lm_cache import release_static_caches
 from .outputs import Record, transition_scores
 from .prefix import Prefix, encode_prefix
@@ -81,20 +82,46 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
         prefix.check(model)
     mask, most = _prompt_mask(lang_x, attention_mask, prefix is not None)
     _check_room(model, mask, most, prefix, max_new_tokens, continuation)
+    sees_media = None
     with torch.no_grad():
         if vision_x is not None:
             check_vision_x(vision_x, batch=lang_x.shape[0])
             visual_tokens = model.encode_vision(vision_x)
+        elif visual_tokens is None and media_cache.cached(model) is not None:
+            visual_tokens, sees_media = _cached_media(model, lang_x, mask, prefix)
     n_images = 0 if visual_tokens is None else visual_tokens.shape[1]
     # the prompt's own images, counted from 1 (the prefix's, if any, come before them)
+    # (a prompt that sees cached media without <image> tokens refers to no image by its tokens)
     check_call(lang_x, model.text_time(lang_x.masked_fill(mask == 0, -1)), n_images, model.vocab_size,
-               derived=True)
+               derived=sees_media is None)
     if repeat > 1:
         lang_x, mask = lang_x.repeat_interleave(repeat, 0), mask.repeat_interleave(repeat, 0)
         visual_tokens = None if visual_tokens is None else visual_tokens.repeat_interleave(repeat, 0)
+        sees_media = None if sees_media is None else sees_media.repeat_interleave(repeat, 0)
     session = Session(model, lang_x, mask, visual_tokens, prefix=prefix, max_new_tokens=max_new_tokens,
-                      cache=cache, compile=compile)
-    return session, session.prefill(lang_x)
+                      cache=cache, compile=compile, sees_media=sees_media)
+    logits = session.prefill(lang_x)
+    if prefix is not None and prefix.logits is not None:
+        # a query of padding only continues the prefix: its last column is padding, whose logits are not
+        logits = torch.where((mask.sum(-1) == 0)[:, None], prefix.logits.to(logits.device), logits)
+    return session, logits
+
+
+def _cached_media(model, lang_x, mask, prefix: Prefix | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A call given no images, after ``model.cache_media``: (the cached visual tokens, None) where
+    the prompt's ``<image>`` tokens place them, as a forward does; (the visual tokens, each row's
+    image count (B, 1)) for a prompt without any, whose tokens all see their row's last cached image."""
+    cached = media_cache.cached(model)
+    if cached.visual.shape[0] != lang_x.shape[0]:
+        raise ValueError(f"the media cached by cache_media has batch {cached.visual.shape[0]} but lang_x has batch "
+                         f"{lang_x.shape[0]}: pass vision_x, or cache_media again for these rows")
+    if bool(((lang_x == model.config.media_token_id) & (mask != 0)).any()):
+        return cached.visual, None
+    if prefix is not None:
+        raise ValueError("a prompt without <image> tokens after a few-shot prefix, with media cached by cache_media: "
+                         "which image its tokens see is ambiguous. Put the <image> tokens in the prompt, pass "
+                         "vision_x, or call model.uncache_media()")
+    return cached.visual, cached.num_media.to(lang_x.device)
 
 
 def _prompt_mask(lang_x: torch.Tensor, attention_mask: torch.Tensor | None, prefixed: bool) -> tuple[torch.Tensor, int]:
@@ -126,11 +153,13 @@ def _prompt_mask(lang_x: torch.Tensor, attention_mask: torch.Tensor | None, pref
 def _check_room(model, mask: torch.Tensor, most: int, prefix: Prefix | None, max_new_tokens: int,
                 continuation: int | None) -> None:
     """The prompt and what follows it fit the LM's positions (:func:`fastflamingo.model.check_positions`).
-    An LM given position ids (all but MPT) counts each row's own tokens, from 0 after the prefix's
-    (left padding takes none); MPT counts the padded length. The last new token is never fed."""
+    Each row counts its own tokens, from 0 after the prefix's (left padding takes none: LMs given
+    position ids count them from the mask, and fastflamingo's MPT attention counts tokens,
+    :mod:`fastflamingo.mpt`); Hugging Face's own MPT attention counts the padded length. The last
+    new token is never fed."""
     lm = model.lang_encoder
     P = 0 if prefix is None else prefix.length
-    own = most if lm_cache.LMCall(lm).positions else mask.shape[1]
+    own = most if lm_cache.LMCall(lm).positions or mpt.is_prepared(lm) else mask.shape[1]
     room = max_new_tokens if continuation is None else continuation
     after = f"max_new_tokens={room}" if continuation is None else f"continuations of up to {room} tokens"
     check_positions(lm, P + own + room - 1, f"{own} prompt tokens{f' after a {P}-token prefix' if P else ''} and "
@@ -188,7 +217,11 @@ def _lengths(prompt_length: int, max_new_tokens, max_length, min_new_tokens, min
                              f"{prompt_length} tokens of the prompt (prefix and padding included)")
     if min_length is not None:
         min_new_tokens = max(0, min_length - prompt_length)
-    return (20 if max_new_tokens is None else max_new_tokens), min_new_tokens
+    max_new_tokens = 20 if max_new_tokens is None else max_new_tokens
+    if min_new_tokens > max_new_tokens:  # as Hugging Face's "Unfeasible length constraints"
+        warn_caller(f"min_new_tokens={min_new_tokens} is more than max_new_tokens={max_new_tokens}: generation stops "
+                    "at max_new_tokens. Decrease the minimum length and/or increase the maximum length.")
+    return max_new_tokens, min_new_tokens
 
 
 def stream(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -354,6 +387,8 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
     record = Record(output_scores, output_logits) if return_dict_in_generate else None
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if early_stopping not in (True, False, "never"):  # (1 and 0 are True and False, as in Hugging Face's check)
+        raise ValueError(f"early_stopping must be a boolean or 'never', but is {early_stopping!r}")
     R = num_return_sequences
     if isinstance(R, bool) or not isinstance(R, int) or R < 1:
         raise ValueError(f"num_return_sequences must be an int >= 1, got {R!r}")

@@ -3,16 +3,33 @@
 The images are encoded once and every cross-attention layer's K/V of them is kept (the visual
 KV cache). Until ``uncache_media``, a model call given no images uses them: tokens of a text
 with ``<image>`` tokens see images by their own count (as open_flamingo), tokens of a text with
-none see their row's last cached image (none after an EOS when ``eos_resets_media``).
+none see their row's last cached image (none after an EOS when ``eos_resets_media``). The same
+holds for ``generate`` and ``score`` given no images (:func:`cached`).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..model import text_time_for
 
 _HOOK = "_fastflamingo_media_cache_hook"
+_STATE = "_fastflamingo_cached_media"
 _POSITIONAL = ("vision_x", "lang_x", "attention_mask", "labels")
+
+
+@dataclass
+class CachedMedia:
+    """What :func:`cache_media` keeps: the visual tokens (B, N, L, D_vis) and each row's image
+    count (B, 1), which text without ``<image>`` tokens sees."""
+    visual: torch.Tensor
+    num_media: torch.Tensor
+
+
+def cached(model) -> CachedMedia | None:
+    """The media cached on ``model`` by :func:`cache_media`, or None."""
+    return model.__dict__.get(_STATE)
 
 
 def cache_media(model, input_ids: torch.Tensor, vision_x: torch.Tensor) -> None:
@@ -25,6 +42,8 @@ def cache_media(model, input_ids: torch.Tensor, vision_x: torch.Tensor) -> None:
                          f"{tuple(vision_x.shape)}")
     with torch.no_grad():
         visual = model.encode_vision(vision_x)
+    if visual is None:
+        raise ValueError(f"vision_x {tuple(vision_x.shape)} holds no image (N = 0): there is nothing to cache")
     num_media = (input_ids == c.media_token_id).sum(-1, keepdim=True).to(torch.int32)  # (B, 1)
     if int(num_media.max()) > visual.shape[1]:
         raise ValueError(f"input_ids has a row with {int(num_media.max())} <image> tokens but vision_x has "
@@ -45,6 +64,7 @@ def cache_media(model, input_ids: torch.Tensor, vision_x: torch.Tensor) -> None:
         return (), kwargs
 
     setattr(model, _HOOK, model.register_forward_pre_hook(use_cached_media, with_kwargs=True))
+    setattr(model, _STATE, CachedMedia(visual, num_media))
 
 
 def _cached_text_time(model, lang_x: torch.Tensor, num_media: torch.Tensor) -> torch.Tensor:
@@ -60,6 +80,7 @@ def _cached_text_time(model, lang_x: torch.Tensor, num_media: torch.Tensor) -> t
 
 def uncache_media(model) -> None:
     """Forget the cached images (a no-op when there are none)."""
+    model.__dict__.pop(_STATE, None)
     hook = model.__dict__.pop(_HOOK, None)
     if hook is not None:
         hook.remove()

@@ -27,12 +27,15 @@ class Prefix:
         owner: (a weak reference to) the model that encoded it: its K/V are of that model's
             weights, so another model refuses it (:meth:`check`). Encode it again after changing
             the weights.
+        logits: (1, V) fp32, the logits after its last token: what a query of padding only
+            continues from.
     """
     ids: torch.Tensor
     visual: torch.Tensor | None
     visual_kv: dict
     lm_kv: list
     owner: weakref.ref | None = None
+    logits: torch.Tensor | None = None
 
     def check(self, model) -> None:
         """Refuse to run after ``model`` unless it encoded this prefix."""
@@ -67,11 +70,16 @@ def encode_prefix(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor) ->
         raise ValueError(f"a prefix is one row of token ids (1, P), got shape {tuple(lang_x.shape)}")
     if vision_x is not None and vision_x.shape[0] != 1:
         raise ValueError(f"a prefix's vision_x must have batch 1, got {tuple(vision_x.shape)}")
+    from .media_cache import cached
     visual = None if vision_x is None else model.encode_vision(vision_x)
+    if visual is None and cached(model) is not None:
+        raise ValueError("encode_prefix of a prefix without images while cache_media's images are cached: the "
+                         "model's forward would condition the prefix on them. Call model.uncache_media() first")
     kv = project_visual_kv(model, visual)
     call = lm_cache.LMCall(model.lang_encoder)
     cache = lm_cache.dynamic_cache(model.lang_encoder)
     positions = torch.arange(lang_x.shape[1], device=lang_x.device)[None]
-    model(lang_x=lang_x, visual_tokens=visual, media_kv_cache=kv,
-          **call.kwargs(cache, torch.ones_like(lang_x), positions, last_only=True))
-    return Prefix(ids=lang_x, visual=visual, visual_kv=kv, lm_kv=lm_cache.layer_kv(cache), owner=weakref.ref(model))
+    out = model(lang_x=lang_x, visual_tokens=visual, media_kv_cache=kv,
+                **call.kwargs(cache, torch.ones_like(lang_x), positions, last_only=True))
+    return Prefix(ids=lang_x, visual=visual, visual_kv=kv, lm_kv=lm_cache.layer_kv(cache), owner=weakref.ref(model),
+                  logits=out.logits[:, -1].float().to(lang_x.device))

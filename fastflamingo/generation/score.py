@@ -108,7 +108,8 @@ def score_reference(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, 
                     attention_mask: torch.Tensor | None = None, *, visual_tokens: torch.Tensor | None = None,
                     prefix: Prefix | None = None, reduction: str = "sum") -> torch.Tensor:
     """:func:`score` the plain way: every (prompt, continuation) pair alone, the whole sequence
-    (prefix, prompt, continuation) through ``model.forward``, no cache of any kind."""
+    (prefix, the prompt's tokens without its padding, continuation) through ``model.forward``, no
+    cache of any kind and no padding."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
     cand, lengths = _candidates(model, continuations)
@@ -120,18 +121,19 @@ def score_reference(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, 
     B, (C, T) = lang_x.shape[0], cand.shape
     out = torch.zeros(B, C, T)
     for b in range(B):
-        ids, m = lang_x[b:b + 1], mask[b:b + 1]
-        n = int(((ids == media) & (m == 1)).sum())  # this row's images (the batch pads to the most)
+        ids = lang_x[b:b + 1, mask[b] != 0]  # the row's tokens, its padding dropped
+        n = int((ids == media).sum())  # this row's images (the batch pads to the most)
         row_visual = [v for v in (None if prefix is None else prefix.visual,
                                   visual[b:b + 1, :n] if visual is not None and n else None) if v is not None]
         row_visual = torch.cat(row_visual, dim=1) if row_visual else None
         if prefix is not None:
-            ids, m = torch.cat([prefix.ids, ids], 1), torch.cat([torch.ones_like(prefix.ids), m], 1)
+            ids = torch.cat([prefix.ids, ids], 1)
+        if ids.shape[1] == 0:
+            raise ValueError(f"row {b} of attention_mask is all padding: the row has no token to continue from")
         for c in range(C):
             cont = cand[c:c + 1, :int(lengths[c])].to(ids.device)
-            full, fm = torch.cat([ids, cont], 1), torch.cat([m, torch.ones_like(cont)], 1)
-            logits = model(lang_x=full, visual_tokens=row_visual, attention_mask=fm,
-                           position_ids=(fm.cumsum(-1) - 1).clamp(min=0)).logits[0]
+            full = torch.cat([ids, cont], 1)
+            logits = model(lang_x=full, visual_tokens=row_visual).logits[0]
             at = ids.shape[1] - 1 + torch.arange(cont.shape[1], device=full.device)  # predicts cont[t]
             out[b, c, :cont.shape[1]] = logits[at].float().log_softmax(-1).gather(-1, cont[0, :, None])[:, 0].cpu()
     out = out.to(lang_x.device)

@@ -90,11 +90,14 @@ class Session:
         compile: compile the decode step (static cache only): True, False, or ``"auto"`` (on CUDA
             where the static cache is used: CUDA graphs remove the launch overhead that dominates a
             decode step there; not on the CPU, where compiling costs seconds per shape).
+        sees_media: (B, 1) for a prompt without ``<image>`` tokens (and no prefix) after
+            ``cache_media``: the image every token of row b sees (its last cached one; none after
+            an EOS under ``eos_resets_media``). None: the ``<image>`` tokens say.
     """
 
     def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor | None, *,
                  prefix: Prefix | None = None, max_new_tokens: int, cache: str = "auto",
-                 compile: bool | str = "auto"):
+                 compile: bool | str = "auto", sees_media: torch.Tensor | None = None):
         if cache not in CACHE_MODES:
             raise ValueError(f"cache={cache!r} is not one of {CACHE_MODES}")
         lm = model.lang_encoder
@@ -124,7 +127,7 @@ class Session:
         self.mask = torch.zeros(B, max_len, dtype=torch.long, device=device)
         self.mask[:, :P] = 1
         self.mask[:, P:P + T] = mask
-        self._prepare_media(ids, mask, None if visual is None else visual.detach(), prefix)
+        self._prepare_media(ids, mask, None if visual is None else visual.detach(), prefix, sees_media)
         if compile and self.visual is not None:  # image counts in one bucket share a compiled step
             self.visual, self.kv = _pad_media(self.visual, self.kv, _MEDIA_ROUND)
         media = 0 if self.visual is None else self.visual.shape[1]
@@ -142,7 +145,7 @@ class Session:
         self._inference = torch.no_grad if compile else torch.inference_mode
 
     @torch.no_grad()
-    def _prepare_media(self, ids, mask, visual, prefix: Prefix | None) -> None:
+    def _prepare_media(self, ids, mask, visual, prefix: Prefix | None, sees_media: torch.Tensor | None) -> None:
         c, B = self.model.config, ids.shape[0]
         if prefix is not None:
             if prefix.ids.device != ids.device:
@@ -152,7 +155,12 @@ class Session:
         self.prefix_length = 0 if prefix is None else prefix.length
         # padding is neither an image nor an EOS, even where pad_token_id == eos_token_id
         visible = torch.cat([ids.masked_fill(self.mask[:, :ids.shape[1]] == 0, -1), ids.new_full((B, 1), -1)], dim=1)
-        tt = text_time_for(visible, c.media_token_id, c.eos_token_id if c.eos_resets_media else None)
+        eos = c.eos_token_id if c.eos_resets_media else None
+        if sees_media is None:
+            tt = text_time_for(visible, c.media_token_id, eos)
+        else:  # as if an <image> came first, then its row's last cached image
+            lead = torch.cat([visible.new_full((B, 1), c.media_token_id), visible], dim=1)
+            tt = text_time_for(lead, c.media_token_id, eos)[:, 1:] * sees_media.to(torch.int32)
         self.prompt_text_time = tt[:, self.prefix_length:-1]
         # (B, 1) what generated tokens see: the prompt's last token's images (left padding: the
         # last column, or the prefix's last token for a query of padding only)
