@@ -21,6 +21,12 @@ from .tokens import setup_tokenizer
 from .vision import vision_features
 from .warn import InputWarning
 
+from . import native as _native  # noqa: E402
+
+# an up-to-date native build is loaded now: a first call of an op inside a torch.compile trace could
+# not load it (no file access there) and would run the PyTorch path, or refuse backend="native"
+_native.available()
+
 __version__ = "0.1.0"
 
 __all__ = ["Flamingo", "FlamingoConfig", "VisionConfig", "ResamplerConfig", "CrossAttentionConfig",

@@ -77,20 +77,25 @@ def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vo
         raise TypeError(f"lang_x must hold integer token ids, got {lang_x.dtype}")
     if lang_x.numel() == 0:
         raise ValueError(f"lang_x {tuple(lang_x.shape)} holds no tokens: give at least one token per row")
+    if text_time.is_floating_point() or text_time.is_complex() or text_time.dtype == torch.bool:
+        raise TypeError(f"text_time must hold integer image indices, got {text_time.dtype}")
     stats = [lang_x.max(), lang_x.min(), text_time.max().to(lang_x.device, lang_x.dtype),
              text_time.min().to(lang_x.device, lang_x.dtype)]
+    if not derived:  # given: its order is checked too (derived from <image> tokens, it is in order)
+        stats.append(ops.text_time_decreases(text_time).to(lang_x.device, lang_x.dtype))
     after_padding = None
     if labels is not None and attention_mask is not None and attention_mask.shape == labels.shape:
         after_padding = (attention_mask[:, :-1] == 0) & (labels[:, 1:] != -100)
         stats.append(after_padding.sum().to(lang_x.device, lang_x.dtype))
-    hi, lo, worst, least, *labelled_after_padding = torch.stack(stats).tolist()
+    hi, lo, worst, least, *rest = torch.stack(stats).tolist()
+    decreasing, labelled_after_padding = (rest[:1], rest[1:]) if not derived else ([], rest)
     if hi >= vocab or lo < 0:
         bad = hi if hi >= vocab else lo
         row, col = (lang_x == bad).nonzero()[0].tolist()
         raise ValueError(f"lang_x holds token id {bad} (row {row}, position {col}) but the LM's input embedding "
                          f"has {vocab} rows (ids 0..{vocab - 1}): tokenize with the tokenizer this model was "
                          "built or loaded with (its added <image> / <|endofchunk|> tokens included)")
-    ops.check_text_time(text_time, num_media, (worst, least))
+    ops.check_text_time(text_time, num_media, (worst, least, *decreasing))
     if derived and worst < num_media:
         warn_caller(f"{num_media} images were given per row but no row of lang_x has more than {worst} <image> "
                     f"tokens: image {worst + 1}{f'..{num_media}' if num_media > worst + 1 else ''} is seen by no "
@@ -465,12 +470,15 @@ class Flamingo(nn.Module):
     @classmethod
     def from_pretrained(cls, directory, *, quantization=None, device=None, dtype: torch.dtype | None = None,
                         lang_encoder=None, vision_encoder=None, device_map=None, max_memory=None,
-                        offload_folder=None) -> "Flamingo":
-        """Rebuild a model written by :meth:`save_pretrained` (see :mod:`fastflamingo.convert.pretrained`)."""
+                        offload_folder=None, trust_remote_code: bool = False) -> "Flamingo":
+        """Rebuild a model written by :meth:`save_pretrained` (see :mod:`fastflamingo.convert.pretrained`).
+        ``trust_remote_code``: a trainable-only directory's recorded base LM may be built with its
+        repository's own code (off by default: no remote code runs unless asked)."""
         from .convert.pretrained import load_pretrained
         return load_pretrained(directory, quantization=quantization, device=device, dtype=dtype,
                                lang_encoder=lang_encoder, vision_encoder=vision_encoder, device_map=device_map,
-                               max_memory=max_memory, offload_folder=offload_folder)
+                               max_memory=max_memory, offload_folder=offload_folder,
+                               trust_remote_code=trust_remote_code)
 
     def generate(self, vision_x: torch.Tensor | None = None, lang_x: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *, input_ids: torch.Tensor | None = None,

@@ -7,7 +7,8 @@ counterparts of the Triton kernels). ``fastflamingo build-native`` (or :func:`bu
 ``build/native/<key>/``, where the key names the torch version and installation, and the CPU's
 instruction sets (the library is compiled with ``-march=native`` for the machine that runs it).
 
-Once built, it is found and loaded on first use (``FASTFLAMINGO_NATIVE=0`` turns that off), and
+Once built, it is found and loaded when ``fastflamingo`` is imported (``FASTFLAMINGO_NATIVE=0``
+turns that off; then, not inside a first ``torch.compile`` trace, which may touch no file), and
 :func:`fastflamingo.ops.image_causal_attention` and :func:`fastflamingo.ops.perceiver_attention`
 with ``backend="auto"`` run it for CPU tensors; ``backend="native"`` asks for it (and says how to build it when it is missing).
 Without it the package runs its PyTorch path, as before.
@@ -132,11 +133,21 @@ def available() -> bool:
     if os.environ.get("FASTFLAMINGO_NATIVE", "1") == "0":
         return False
     try:
-        if up_to_date():
+        _state["expected"] = library_path()
+        if up_to_date(_state["expected"]):
             load()
     except (OSError, RuntimeError):
         return False
     return _state["loaded"]
+
+
+def expected_path() -> Path | str:
+    """Where the library is looked for (for messages; read at the first probe, so that a message
+    raised inside a torch.compile trace touches no file)."""
+    if "expected" in _state:
+        return _state["expected"]
+    import torch
+    return "build/native/<torch, CPU>" if torch.compiler.is_compiling() else library_path()
 
 
 def add_parser(sub) -> None:

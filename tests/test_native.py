@@ -239,6 +239,31 @@ def test_build_native_command_is_incremental():
     assert "torch.ops.fastflamingo_native.image_causal_attention and .perceiver_attention" in done.stdout
 
 
+def test_compiled_before_any_eager_call_runs_native():
+    """In a fresh process, torch.compile(fullgraph=True) of the ops before any eager call traces the
+    native kernels (backend "native" and "auto"): the build is loaded when fastflamingo is imported,
+    not on first use (inside a trace, the load could touch no file: "native" failed, "auto" fell
+    back to the PyTorch path)."""
+    code = """
+import torch, fastflamingo.ops as ops
+from torch._dynamo.testing import CompileCounterWithBackend
+q = torch.randn(1, 2, 6, 16)
+tt = torch.tensor([[0, 1, 1, 2, 2, 2]], dtype=torch.int32)
+for backend in ("native", "auto"):
+    seen = CompileCounterWithBackend("eager")
+    f = torch.compile(lambda q: ops.image_causal_attention(q, q[:, :, :4], q[:, :, :4], text_time=tt,
+                      latents_per_media=2, backend=backend), backend=seen, fullgraph=True)
+    f(q)
+    p = torch.compile(lambda q: ops.perceiver_attention(q, q, q, q, q, backend=backend), backend=seen, fullgraph=True)
+    p(torch.randn(64, 8, 64, 64))
+    code = " ".join(str(g.graph) for g in seen.graphs)
+    print(backend, code.count("fastflamingo_native.image_causal_attention"), code.count("fastflamingo_native.perceiver"))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == ["native 1 1", "auto 1 1"], done.stdout
+
+
 # ----------------------------------------------------------------------------- the Perceiver kernel
 
 def native_perceiver(inputs, seed=1):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fastflamingo import ops
+from fastflamingo import native, ops
 from fastflamingo.ops import cpu, reference
 from fastflamingo.testing import assert_close_by_rule
 
@@ -393,6 +393,63 @@ def test_bad_tensors_are_named():
         ops.image_causal_attention(q, k, v, latents_per_media=4)
     with pytest.raises(ValueError, match=r"q must be \(B, H, T, D\)"):
         ops.image_causal_attention(q[0], k, v, media, latents_per_media=4)
+
+
+def test_bad_text_time_scale_and_head_dim_are_named():
+    """A float or bool text_time (once truncated silently), text_time going back to an earlier image
+    (the Triton backward assumed it never does, and gave wrong dK/dV), a non-finite scale (backends
+    disagreed: NaN or 0) and head_dim 0 (a bare ZeroDivisionError) are errors naming the value; so
+    are Perceiver keys and values of different shapes (named)."""
+    q, k, v, media = make(1, 10, 4, 2, 1, 8, [[0]], 0)
+    tt = torch.ones(1, 10, dtype=torch.int32)
+    for bad in (tt.float() * 1.9, tt.bool()):
+        with pytest.raises(TypeError, match=f"text_time must hold integer image indices, got {bad.dtype}"):
+            ops.image_causal_attention(q, k, v, text_time=bad, latents_per_media=4, validate=False)
+    q2, k2, v2, _ = make(1, 10, 4, 2, 1, 8, [[0, 5]], 0)
+    back = torch.tensor([[0, 2, 2, 2, 0, 1, 1, 2, 2, 2]], dtype=torch.int32)
+    for backend in ("reference", "torch", "auto"):
+        with pytest.raises(ValueError, match="text_time row 0 goes back to image 1 at token 5, after image 2"):
+            ops.image_causal_attention(q2, k2, v2, text_time=back, latents_per_media=4, backend=backend)
+    reset = torch.tensor([[0, 1, 1, 0, 0, 2, 2, 0, 2, 2]], dtype=torch.int32)  # IDEFICS's EOS reset: fine
+    ops.image_causal_attention(q2, k2, v2, text_time=reset, latents_per_media=4)
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"scale={scale} must be a finite number"):
+            ops.image_causal_attention(q, k, v, media, latents_per_media=4, scale=scale)
+        with pytest.raises(ValueError, match=f"scale={scale} must be a finite number"):
+            ops.perceiver_attention(q, k, v, q, q, scale=scale)
+    with pytest.raises(ValueError, match=r"q \(1, 1, 10, 0\) has head_dim 0"):
+        ops.image_causal_attention(q[..., :0], k[..., :0], v[..., :0], media, latents_per_media=4)
+    with pytest.raises(ValueError, match=r"k_media \(1, 1, 8, 8\), v_media \(1, 1, 3, 8\)"):
+        ops.perceiver_attention(q, k, v[:, :, :3], q, q)
+
+
+def test_model_refuses_a_text_time_going_back():
+    """The model's own check (one host sync per forward) refuses a given text_time out of order,
+    and a float one, as the op does."""
+    from fastflamingo import Flamingo
+    model = Flamingo.from_preset("tiny")
+    vx = torch.randn(1, 2, 1, 3, 32, 32)
+    ids = torch.randint(3, 500, (1, 6))
+    with pytest.raises(ValueError, match="text_time row 0 goes back to image 1 at token 3"):
+        model(vx, ids, text_time=torch.tensor([[1, 2, 2, 1, 1, 1]], dtype=torch.int32))
+    with pytest.raises(TypeError, match="text_time must hold integer image indices"):
+        model(vx, ids, text_time=torch.ones(1, 6))
+
+
+def test_text_time_made_in_inference_mode_can_be_saved_for_the_backward():
+    q, k, v, _ = make(1, 10, 4, 2, 1, 8, [[0]], 0)
+    with torch.inference_mode():
+        tt = torch.ones(1, 10, dtype=torch.int32)
+    q.requires_grad_(True)
+    grads = {}
+    for backend in ("reference", "torch", "native", "auto"):
+        if backend == "native" and not native.available():
+            continue
+        q.grad = None
+        ops.image_causal_attention(q, k, v, text_time=tt, latents_per_media=4, backend=backend).sum().backward()
+        grads[backend] = q.grad.clone()
+    for backend, g in grads.items():
+        torch.testing.assert_close(g, grads["reference"], atol=1e-5, rtol=1e-5)
 
 
 def test_torch_path_weighs_the_batch_call_by_intra_op_threads(monkeypatch):

@@ -11,6 +11,8 @@ PyTorch path, :mod:`fastflamingo.ops.cpu`) and ``"reference"`` (the readable mat
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import cpu, reference
@@ -21,7 +23,7 @@ BACKENDS = ("auto", "triton", "native", "torch", "reference")
 
 __all__ = ["image_causal_attention", "perceiver_attention", "text_time_from_media_locations",
            "image_causal_attention_reference", "perceiver_attention_reference",
-           "image_causal_mask", "BACKENDS", "check_text_time", "perceiver_backend"]
+           "image_causal_mask", "BACKENDS", "check_text_time", "text_time_decreases", "perceiver_backend"]
 
 
 def _check_backend(backend: str) -> None:
@@ -29,10 +31,17 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}")
 
 
+def _check_scale(name: str, scale: float | None) -> None:
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"{name}: scale={scale!r} must be a finite number (None: head_dim ** -0.5)")
+
+
 def _check_attention_inputs(name: str, q: torch.Tensor, keys: dict[str, torch.Tensor]) -> None:
     qs, dtype, device = q.shape, q.dtype, q.device
     if len(qs) != 4:
         raise ValueError(f"{name}: q must be (B, H, T, D), got shape {tuple(qs)}")
+    if qs[3] == 0:
+        raise ValueError(f"{name}: q {tuple(qs)} has head_dim 0: each head needs at least one feature")
     if not dtype.is_floating_point:
         raise TypeError(f"{name}: q must be a floating-point tensor, got {dtype}")
     for kname, t in keys.items():  # one cheap test per tensor (a call's host time), then the error's
@@ -51,14 +60,31 @@ def _check_attention_inputs(name: str, q: torch.Tensor, keys: dict[str, torch.Te
                              "in batch, heads or head_dim")
 
 
-def check_text_time(text_time: torch.Tensor, num_media: int, bounds: tuple[int, int] | None = None) -> None:
-    """Raise if any token refers to an image beyond the ``num_media`` given (one host sync, none
-    when the caller already read ``bounds`` = (text_time.max(), text_time.min()))."""
+def text_time_decreases(text_time: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> a 0-d count of the tokens whose image comes before an image an earlier token saw
+    (nonzero values only: 0, no image, may follow anything, as after IDEFICS's EOS reset)."""
+    return ((text_time != 0) & (text_time < text_time.cummax(-1).values)).sum()
+
+
+def check_text_time(text_time: torch.Tensor, num_media: int, bounds: tuple[int, ...] | None = None) -> None:
+    """Raise if any token refers to an image beyond the ``num_media`` given, or if ``text_time``'s
+    nonzero values decrease along T (a token sees the last image before it: no sequence of tokens
+    gives a later token an earlier image). One host sync; none when the caller already read
+    ``bounds`` = (text_time.max(), text_time.min()[, text_time_decreases(text_time)]); without the
+    third, the order is not checked (``text_time`` derived from ``<image>`` tokens is in order)."""
+    if text_time.is_floating_point() or text_time.is_complex() or text_time.dtype == torch.bool:
+        raise TypeError(f"text_time must hold integer image indices, got {text_time.dtype}")
     if text_time.numel() == 0:
         return
-    if bounds is None:
-        bounds = torch.stack((text_time.max(), text_time.min())).tolist()  # one sync for both
-    worst, least = bounds
+    if bounds is None:  # one sync for all three
+        bounds = torch.stack((text_time.max(), text_time.min(), text_time_decreases(text_time))).tolist()
+    worst, least, *decreasing = bounds
+    if decreasing and decreasing[0]:
+        bad = (text_time != 0) & (text_time < text_time.cummax(-1).values)
+        row, col = bad.nonzero()[0].tolist()
+        raise ValueError(f"text_time row {row} goes back to image {int(text_time[row, col])} at token {col}, after "
+                         f"image {int(text_time[row, :col].max())}: a token sees the last image before it, so nonzero "
+                         "text_time never decreases along a row (0, no image, may come anywhere)")
     if worst > num_media:
         row = int((text_time.max(dim=-1).values > num_media).nonzero()[0, 0])
         raise ValueError(
@@ -86,10 +112,12 @@ def image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         only_immediate: immediate (True, every released checkpoint) or all-previous mode.
         scale: softmax scale, default ``D ** -0.5``.
         text_time: (B, T) int, given instead of ``media_locations`` where the image index is not
-            a plain cumsum (decoding after a prompt, IDEFICS's EOS reset). 0 = no image.
+            a plain cumsum (decoding after a prompt, IDEFICS's EOS reset). 0 = no image; the
+            nonzero values never decrease along T.
         backend: one of :data:`BACKENDS`.
-        validate: check that no token refers to an image beyond N (a host sync, skipped while
-            torch.compile traces); the model validates once per forward and passes False.
+        validate: check that no token refers to an image beyond N and that ``text_time`` is in
+            order (a host sync, skipped while torch.compile traces); the model validates once per
+            forward and passes False.
 
     Returns:
         (B, H, T, D); tokens with ``text_time == 0`` get exactly 0 (and zero gradients).
@@ -112,6 +140,9 @@ def image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"{(q.shape[0], q.shape[2])}")
     if text_time.device != q.device:
         raise ValueError(f"media_locations/text_time is on {text_time.device} but q is on {q.device}")
+    if text_time.is_floating_point() or text_time.is_complex() or text_time.dtype == torch.bool:
+        raise TypeError(f"image_causal_attention: text_time must hold integer image indices, got {text_time.dtype}")
+    _check_scale("image_causal_attention", scale)
     if validate and not torch.compiler.is_compiling():  # the check syncs with the host
         check_text_time(text_time, k.shape[2] // latents_per_media)
     if backend == "reference":
@@ -141,7 +172,10 @@ def perceiver_attention(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.T
     _check_attention_inputs("perceiver_attention", q, {"k_media": k_media, "v_media": v_media,
                                                        "k_latents": k_latents, "v_latents": v_latents})
     if k_media.shape != v_media.shape or k_latents.shape != v_latents.shape:
-        raise ValueError("perceiver_attention: keys and values must have the same shapes")
+        raise ValueError(f"perceiver_attention: keys and values must have the same shapes, got k_media "
+                         f"{tuple(k_media.shape)}, v_media {tuple(v_media.shape)}, k_latents "
+                         f"{tuple(k_latents.shape)}, v_latents {tuple(v_latents.shape)}")
+    _check_scale("perceiver_attention", scale)
     if k_latents.shape[2] != q.shape[2]:
         raise ValueError(f"perceiver_attention: k_latents has {k_latents.shape[2]} tokens, q has {q.shape[2]} latents")
     if backend == "reference":

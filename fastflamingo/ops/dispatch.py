@@ -56,8 +56,8 @@ NATIVE_DTYPES = TRITON_DTYPES
 def use_native(op: str, q: torch.Tensor, backend: str) -> bool:
     """Whether ``backend`` means the native CPU kernel of ``op`` for queries ``q``.
 
-    "auto": for CPU tensors of a dtype it takes, where the extension is built (and loaded on
-    first use: :func:`fastflamingo.native.available`). "native": forced, with a clear error
+    "auto": for CPU tensors of a dtype it takes, where the extension is built (and loaded when
+    fastflamingo is imported: :func:`fastflamingo.native.available`). "native": forced, with a clear error
     where it is not built or cannot take the inputs.
     """
     if backend not in ("auto", "native"):
@@ -76,7 +76,7 @@ def use_native(op: str, q: torch.Tensor, backend: str) -> bool:
             raise RuntimeError(f"{op}: backend='native' asked for, but FASTFLAMINGO_NATIVE=0 turns the native "
                                "extension off: unset it, or use backend='auto' / 'torch'")
         raise RuntimeError(f"{op}: backend='native' needs the native extension, which is not built for this "
-                           f"machine ({native.library_path()}): run `fastflamingo build-native` in the "
+                           f"machine ({native.expected_path()}): run `fastflamingo build-native` in the "
                            "source checkout (cmake and g++), or use backend='auto' / 'torch'")
     return True
 

@@ -73,6 +73,8 @@ def _(dout, q, k, v, out, lse, text_time, latents_per_media, only_immediate, sca
 
 def _save(ctx, q, k, v, text_time, out, lse, options) -> None:
     """What the backward needs, for the custom op's autograd and the eager Function alike."""
+    if not torch.compiler.is_compiling() and text_time.is_inference():
+        text_time = text_time.clone()  # made under inference_mode: autograd cannot save it as it is
     ctx.save_for_backward(q, k, v, text_time, out, lse)
     ctx.options = options
 
