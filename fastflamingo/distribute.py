@@ -74,22 +74,40 @@ def dispatch(model: nn.Module, device_map: str | dict = "auto", *, max_memory: d
              offload_folder: str | None = None) -> nn.Module:
     """Place ``model`` over devices (in place; returns it). ``device_map``: a strategy name (see
     :func:`infer_device_map`) or a dict {module name: device} (``0``, ``"cuda:1"``, ``"cpu"``,
-    ``"disk"``), ``""`` naming the whole model. ``"disk"`` entries need ``offload_folder``.
+    ``"disk"``), ``""`` naming the whole model. ``"disk"`` entries need ``offload_folder``; a plan
+    with every module on ``"disk"`` (a ``max_memory`` too small for any of them) is refused.
     The plan is kept in ``model.hf_device_map``."""
     try:
         from accelerate import dispatch_model
     except ImportError as e:
         raise ImportError("device_map needs accelerate: pip install accelerate") from e
-    if isinstance(device_map, str):
+    planned = isinstance(device_map, str)
+    if planned:
         device_map = infer_device_map(model, device_map, max_memory)
     elif not isinstance(device_map, dict):
         raise TypeError(f"device_map must be a strategy name or a dict, got {type(device_map).__name__}")
     _check_device_map(model, device_map)
+    if device_map and all(str(d) == "disk" for d in device_map.values()):
+        raise ValueError(_all_on_disk(model, device_map, max_memory, planned=planned))
     if "disk" in device_map.values() and offload_folder is None:
         raise ValueError("device_map puts modules on 'disk': pass offload_folder=<a directory> for their weights")
     dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
     model.hf_device_map = dict(device_map)
     return model
+
+
+def _all_on_disk(model: nn.Module, device_map: dict, max_memory: dict | None, *, planned: bool) -> str:
+    """The message for a plan that puts every module on disk, which accelerate cannot run (nothing
+    would hold the weights a forward reads from disk): say why the plan came out so."""
+    size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
+    what = f"the whole model ({size / 2**20:.1f} MiB) would go to 'disk'"
+    if not planned:
+        return (f"device_map={device_map!r}: {what}, which accelerate cannot run: name a GPU or 'cpu' for "
+                "the model or some of its modules")
+    return (f"max_memory={max_memory!r} leaves no room for any module on a GPU or the CPU, so {what}, which "
+            "accelerate cannot run: raise max_memory (each budget must exceed the largest part accelerate keeps "
+            "whole, which it holds in reserve: the vision encoder, the resampler or a decoder layer with its "
+            "block), or pass max_memory=None to use what the machine has")
 
 
 def _check_device_map(model: nn.Module, device_map: dict) -> None:

@@ -328,7 +328,7 @@ def test_convert_command(local_models, tmp_path):
     vx = torch.randn(1, 1, 1, 3, 32, 32)
     with torch.no_grad():
         assert (ref(vx, ids).logits - model(vx, ids).logits).abs().max().item() <= TOL
-    with pytest.raises(SystemExit, match="--ln-post-on-tokens"):
+    with pytest.raises(ValueError, match="--ln-post-on-tokens"):
         args = parser.parse_args(["convert", "open_flamingo", str(ckpt), str(tmp_path / "o2"), "--lm", lm_dir,
                                   "--vision", TINY_VIT])
         args.func(args)

@@ -127,3 +127,48 @@ def test_quantization_is_applied_on_load(tmp_path):
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.lang_encoder.modules())
     with pytest.raises(ValueError, match="quantization='int3'"):
         Flamingo.from_pretrained(tmp_path, quantization="int3")
+
+
+def test_trust_remote_code_reaches_the_recorded_base_lm(tmp_path):
+    """A trainable-only directory whose recorded base LM has its own code (an ``auto_map``, as
+    OpenFlamingo-3B's MPT repository): ``Flamingo.from_pretrained`` builds the library's class by
+    default (no remote code runs unless asked) and the repository's with ``trust_remote_code=True``."""
+    from fastflamingo.convert.pretrained import record_sources
+    cfg = preset_config("tiny")
+    lm = build_lm(cfg)
+    lm.save_pretrained(tmp_path / "lm")
+    (tmp_path / "lm" / "modeling_custom.py").write_text(
+        "from transformers import LlamaConfig, LlamaForCausalLM\n"
+        "class CustomConfig(LlamaConfig):\n    model_type = 'llama'\n"
+        "class CustomForCausalLM(LlamaForCausalLM):\n    config_class = CustomConfig\n")
+    c = json.loads((tmp_path / "lm" / "config.json").read_text())
+    c.update(auto_map={"AutoConfig": "modeling_custom.CustomConfig",
+                       "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}, architectures=["CustomForCausalLM"])
+    (tmp_path / "lm" / "config.json").write_text(json.dumps(c))
+    model = Flamingo(cfg, lang_encoder=lm)
+    record_sources(model, lm=str(tmp_path / "lm"))
+    model.save_pretrained(tmp_path / "adapter", trainable_only=True)
+    plain = Flamingo.from_pretrained(tmp_path / "adapter", vision_encoder=model.vision_encoder)
+    assert type(plain.lang_encoder).__name__ == "LlamaForCausalLM"
+    trusted = Flamingo.from_pretrained(tmp_path / "adapter", vision_encoder=model.vision_encoder, trust_remote_code=True)
+    assert type(trusted.lang_encoder).__name__ == "CustomForCausalLM"
+
+
+def test_trainable_only_save_of_a_loaded_model_reloads_onto_its_base_directory(tmp_path):
+    """A model loaded from a full directory, trained, then saved trainable-only (fine-tuning's
+    ``model/``) loads back with no argument: the frozen parts from the directory it was loaded from
+    (recorded), the saved weights over them; the same logits. A base that moved is a clear error."""
+    Flamingo.from_preset("tiny").save_pretrained(tmp_path / "base")
+    model = Flamingo.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path / "trained", trainable_only=True)
+    vx, ids = torch.randn(1, 1, 1, 3, 32, 32), torch.tensor([[510, 5, 6, 7]])
+    back = Flamingo.from_pretrained(tmp_path / "trained")
+    with torch.no_grad():
+        assert torch.equal(back(vx, ids).logits, model(vx, ids).logits)
+    (tmp_path / "base").rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="not a fastflamingo directory any more: pass lang_encoder="):
+        Flamingo.from_pretrained(tmp_path / "trained")

@@ -10,6 +10,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -32,8 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("source", help="open_flamingo checkpoint file (.pt/.bin/.safetensors) or IDEFICS directory")
     p.add_argument("output", help="directory to write config.json and model.safetensors to")
     p.add_argument("--trainable-only", action="store_true",
-                   help="write only the resampler, cross-attention and embeddings (the base LM / vision "
-                        "encoder sources are recorded and reloaded from there)")
+                   help="open_flamingo only: write only the resampler, cross-attention and embeddings (the base "
+                        "LM / vision encoder sources are recorded and reloaded from there)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="cast before writing")
     g = p.add_argument_group("open_flamingo")
     g.add_argument("--lm", help="local directory of the LM the checkpoint was trained with")
@@ -52,6 +53,13 @@ def run(args) -> int:
     """Convert, then write the model and its tokenizer (when there is one) to ``args.output``."""
     from .pretrained import save_pretrained
     dtype = DTYPES[args.dtype] if args.dtype else None
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise ValueError(f"the output {args.output!r} is a file: give a folder to write the model to")
+    if args.source_format == "idefics" and args.trainable_only:
+        raise ValueError("--trainable-only applies to open_flamingo checkpoints only: an IDEFICS model has no "
+                         "separate base LM or vision encoder directory to record, so the frozen weights could not "
+                         "be reloaded (Flamingo.from_pretrained could not load the output). Write the full model: drop "
+                         "--trainable-only")
     if args.source_format == "idefics":
         from .idefics import from_idefics
         model = from_idefics(args.source, dtype=dtype)
@@ -61,7 +69,9 @@ def run(args) -> int:
         missing = [flag for flag, value in (("--lm", args.lm), ("--vision", args.vision),
                                             ("--ln-post-on-tokens", args.ln_post_on_tokens)) if value is None]
         if missing:
-            raise SystemExit(f"fastflamingo convert open_flamingo: {', '.join(missing)} required")
+            raise ValueError(f"converting an open_flamingo checkpoint needs {', '.join(missing)} "
+                             "(the LM and vision encoder it was trained with, and whether ln_post "
+                             "applies to the patch tokens: no for OpenFlamingo's releases)")
         tokenizer = _tokenizer(args.tokenizer or args.lm, args.trust_remote_code, required=True)
         model = from_open_flamingo(args.source, lang_encoder=args.lm, tokenizer=tokenizer,  # adds <image>, ...
                                    vision_encoder=(args.vision, args.vision_pretrained),

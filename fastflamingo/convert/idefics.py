@@ -15,6 +15,7 @@ IDEFICS is a Flamingo with ``idefics``-style blocks (SEMANTICS.md). The mapping:
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -145,9 +146,19 @@ def _read_dir(directory):
     d = Path(directory)
     if not (d / "config.json").is_file():
         raise FileNotFoundError(f"{str(d)!r} is not an IDEFICS model directory (no config.json)")
+    try:
+        raw = json.loads((d / "config.json").read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{str(d / 'config.json')!r} is not a JSON file: {e}") from e
+    # read from the file: IdeficsConfig says "idefics" for a config.json without a model_type
+    model_type = raw.get("model_type") if isinstance(raw, dict) else None
+    if model_type != "idefics":
+        if isinstance(raw, dict) and model_type is None and {"vision", "resampler", "cross_attention"} <= raw.keys():
+            raise ValueError(f"{str(d)!r} is a fastflamingo directory (already converted), not IDEFICS: load it "
+                             "with Flamingo.from_pretrained")
+        what = f"a {model_type!r} model" if model_type else "a config.json without a model_type"
+        raise ValueError(f"{str(d)!r} holds {what}, not IDEFICS (model_type 'idefics')")
     cfg = IdeficsConfig.from_pretrained(str(d), local_files_only=True)
-    if cfg.model_type != "idefics":
-        raise ValueError(f"{str(d)!r} holds a {cfg.model_type!r} model, not IDEFICS")
     return cfg, load_state_dir(d)
 
 

@@ -74,13 +74,20 @@ def check_state_fits(model: nn.Module, state: dict[str, torch.Tensor], *, requir
 def build_and_load(config: FlamingoConfig, state: dict[str, torch.Tensor], *, trainable_only: bool = False,
                    vision_encoder: nn.Module | None = None, lang_encoder: nn.Module | None = None,
                    dtype: torch.dtype | None = None, device=None, quantization=None, hint: str = "",
-                   device_map=None, max_memory=None, offload_folder=None):
+                   extra_required: Iterable[str] = (), device_map=None, max_memory=None, offload_folder=None):
     """Build a Flamingo of ``config`` (parts not passed are built without random initialisation)
-    and load ``state`` into it, taking its tensors rather than copying them.
+    and load ``state`` into it, taking its tensors rather than copying them (a model built from
+    the config holds the checkpoint's own tensors, in its dtype: nothing is copied or cast).
+
+    Where ``state`` completes modules passed in (trainable-only: the blocks go into the LM given),
+    its floating-point tensors take the dtype of those modules' own parameters
+    (:func:`_load_dtypes`), so a bf16 checkpoint on an fp32 LM gives an fp32 model, as
+    ``load_state_dict`` copying into the modules would; ``dtype`` given: everything ends in it.
 
     Args:
         trainable_only: ``state`` must hold the resampler and cross-attention blocks only (the
             rest of the model comes from the encoders passed); otherwise every key of the model.
+        extra_required: keys ``state`` must hold besides those (listed missing otherwise).
         dtype, device, quantization, device_map, max_memory, offload_folder: see :func:`finish`.
         hint: appended to a :class:`CheckpointMismatchError`.
     """
@@ -89,8 +96,13 @@ def build_and_load(config: FlamingoConfig, state: dict[str, torch.Tensor], *, tr
         model = Flamingo(config, vision_encoder=vision_encoder, lang_encoder=lang_encoder)
     keys = model.state_dict().keys()
     state = {k: v for k, v in state.items() if k in keys or not k.endswith(STALE_BUFFER_SUFFIXES)}
-    required = [k for k in keys if is_block_key(k)] if trainable_only else keys
+    required = [k for k in keys if is_block_key(k)] if trainable_only else list(keys)
+    required += [k for k in extra_required if k not in required]
     check_state_fits(model, state, required=required, hint=hint)
+    if as_dtype(dtype) is None:
+        targets = _load_dtypes(model, state)
+        state = {k: v.to(targets[k]) if k in targets and v.is_floating_point() and v.dtype != targets[k] else v
+                 for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.lang_encoder.config, "tie_word_embeddings", False):
         model.lang_encoder.tie_weights()
@@ -102,6 +114,23 @@ def build_and_load(config: FlamingoConfig, state: dict[str, torch.Tensor], *, tr
             model.to(next(iter(devices)))
     return finish(model, dtype=dtype, device=device, quantization=quantization, device_map=device_map,
                   max_memory=max_memory, offload_folder=offload_folder)
+
+
+def _load_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.dtype]:
+    """{state key: the dtype its tensor is loaded in} for keys that go into a part of the model
+    that ``state`` does not replace whole: the dtype most of that part's remaining floating-point
+    parameters have (its modules' dtype, e.g. the base LM's under trainable-only blocks). The
+    parts: the vision encoder, and the rest (LM, blocks, resampler: they compute together). Parts
+    ``state`` replaces whole keep the checkpoint's dtypes."""
+    def part(key: str) -> str:
+        return "vision" if key.startswith("vision_encoder.") else "rest"
+    kept: dict[str, dict[torch.dtype, int]] = {}
+    for name, p in model.named_parameters():
+        if name not in state and p.is_floating_point() and not p.is_meta:
+            counts = kept.setdefault(part(name), {})
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    dtypes = {k: max(counts, key=counts.get) for k, counts in kept.items()}
+    return {k: dtypes[part(k)] for k in state if part(k) in dtypes}
 
 
 def as_dtype(dtype) -> torch.dtype | None:

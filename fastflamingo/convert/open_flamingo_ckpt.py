@@ -23,7 +23,13 @@ from .load import build_and_load
 from .pretrained import record_sources
 from .open_flamingo import map_open_flamingo_state_dict, open_clip_image_size
 
-OPEN_FLAMINGO_DIM_HEAD = 64  # open_flamingo's fixed head width, resampler and cross-attention alike
+# what open_flamingo builds, whatever the checkpoint: ``Flamingo.__init__`` makes
+# ``PerceiverResampler(dim=vis_dim)`` and ``init_flamingo`` ``GatedCrossAttentionBlock(dim=, dim_visual=)``,
+# so their defaults (open_flamingo/src/helpers.py) are fixed: depth 6, 8 heads of 64, 4x feed-forwards
+OPEN_FLAMINGO_RESAMPLER_DEPTH = 6
+OPEN_FLAMINGO_HEADS = 8
+OPEN_FLAMINGO_DIM_HEAD = 64  # resampler and cross-attention alike
+OPEN_FLAMINGO_FF_MULT = 4
 LM_FAMILIES = {
     "transformer.blocks": "MPT (OpenFlamingo-3B, -9B)",
     "gpt_neox.layers": "GPT-NeoX / Pythia / RedPajama (OpenFlamingo-4B)",
@@ -41,7 +47,7 @@ class OpenFlamingoLayout:
     """What an open_flamingo checkpoint's keys and shapes say about the model it belongs to."""
     decoder_layers_attr: str
     cross_attn_layers: list[int]
-    lm_dim: int
+    lm_dim: int | None  # None: no cross-attention key in the checkpoint shows it
     vis_dim: int
     xattn_inner: int
     xattn_ff_mult: int
@@ -65,13 +71,20 @@ class OpenFlamingoLayout:
         n, last = self.every_n, self.cross_attn_layers[-1]
         vocab = f", a vocabulary of {self.vocab} tokens" if self.vocab else ""
         count = f"{last + 1}" if n == 1 else f"{last + 1} to {last + n}"
+        dim = "?" if self.lm_dim is None else self.lm_dim
         return (f"{self.family}: decoder layers at `{self.decoder_layers_attr}`, {count} of them, "
-                f"hidden size {self.lm_dim}{vocab}; cross-attention every {n} layer(s); "
+                f"hidden size {dim}{vocab}; cross-attention every {n} layer(s); "
                 f"vision features of width {self.vis_dim}")
 
 
 def read_open_flamingo_layout(state: dict[str, torch.Tensor]) -> OpenFlamingoLayout:
-    """Infer the architecture from an open_flamingo state dict (duplicates already dropped)."""
+    """Infer the architecture from an open_flamingo state dict (duplicates already dropped).
+
+    Each width is read from the first layer that holds the key it shows in (a truncated checkpoint
+    still gets its architecture read, and its missing keys listed when it is loaded); one no layer
+    shows falls back to open_flamingo's fixed value. The resampler is as deep as open_flamingo
+    builds it (:data:`OPEN_FLAMINGO_RESAMPLER_DEPTH`), or deeper where the checkpoint holds more
+    layers: a checkpoint without its last layers is incomplete, not a shallower resampler."""
     layers: dict[str, set[int]] = {}
     for key in state:
         m = _XATTN.match(key)
@@ -89,17 +102,48 @@ def read_open_flamingo_layout(state: dict[str, torch.Tensor]) -> OpenFlamingoLay
     if any((i + 1) % n for i in idx):
         raise ValueError(f"the checkpoint's cross-attention layers {idx} do not follow open_flamingo's "
                          "(i + 1) % n == 0 placement")
-    x = f"lang_encoder.{attr}.{idx[0]}.gated_cross_attn_layer."
-    p = "perceiver.layers.0."
-    depth = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("perceiver.layers."))
+    x = [f"lang_encoder.{attr}.{i}.gated_cross_attn_layer." for i in idx]
+    held = sorted({int(k.split(".")[2]) for k in state if re.match(r"perceiver\.layers\.\d+\.", k)})
+    p = [f"perceiver.layers.{i}." for i in held]
     latents = state["perceiver.latents"]
+    dim = latents.shape[1]
+
+    def size(prefixes, candidates, default=None):
+        """The first size a layer shows: ``candidates`` are (key suffix, tensor -> size), tried in
+        order over every layer; ``default`` where none is in the checkpoint."""
+        for suffix, read in candidates:
+            for prefix in prefixes:
+                t = state.get(prefix + suffix)
+                if t is not None and t.dim() >= 1:
+                    return int(read(t))
+        return default
+
+    def rows(t):
+        return t.shape[0]
+
+    def cols(t):
+        return t.shape[-1]
+
+    def mult(t):  # a feed-forward's first Linear: (inner, dim)
+        return t.shape[0] // t.shape[-1]
+
+    def inv_mult(t):  # its second: (dim, inner)
+        return t.shape[-1] // t.shape[0]
+    inner = OPEN_FLAMINGO_HEADS * OPEN_FLAMINGO_DIM_HEAD
     vocab = next((state[f"lang_encoder.{e}"].shape[0] for e in _EMBED_NAMES if f"lang_encoder.{e}" in state), None)
     return OpenFlamingoLayout(
-        decoder_layers_attr=attr, cross_attn_layers=idx, lm_dim=state[x + "attn.to_q.weight"].shape[1],
-        vis_dim=state[x + "attn.to_kv.weight"].shape[1], xattn_inner=state[x + "attn.to_q.weight"].shape[0],
-        xattn_ff_mult=state[x + "ff.1.weight"].shape[0] // state[x + "ff.1.weight"].shape[1],
-        depth=depth, num_latents=latents.shape[0], perceiver_inner=state[p + "0.to_q.weight"].shape[0],
-        perceiver_ff_mult=state[p + "1.1.weight"].shape[0] // latents.shape[1],
+        decoder_layers_attr=attr, cross_attn_layers=idx,
+        lm_dim=size(x, [("attn.to_q.weight", cols), ("attn.to_out.weight", rows), ("attn.norm.weight", rows),
+                        ("ff.0.weight", rows), ("ff.1.weight", cols), ("ff.3.weight", rows)]),
+        vis_dim=size(x, [("attn.to_kv.weight", cols)], default=dim),  # open_flamingo's resampler works at it
+        xattn_inner=size(x, [("attn.to_q.weight", rows), ("attn.to_out.weight", cols),
+                             ("attn.to_kv.weight", lambda t: t.shape[0] // 2)], default=inner),
+        xattn_ff_mult=size(x, [("ff.1.weight", mult), ("ff.3.weight", inv_mult)], default=OPEN_FLAMINGO_FF_MULT),
+        depth=max([OPEN_FLAMINGO_RESAMPLER_DEPTH] + [i + 1 for i in held]), num_latents=latents.shape[0],
+        perceiver_inner=size(p, [("0.to_q.weight", rows), ("0.to_out.weight", cols),
+                                 ("0.to_kv.weight", lambda t: t.shape[0] // 2)], default=inner),
+        perceiver_ff_mult=size(p, [("1.1.weight", lambda t: t.shape[0] // dim),
+                                   ("1.3.weight", lambda t: t.shape[-1] // dim)], default=OPEN_FLAMINGO_FF_MULT),
         max_num_media=state["perceiver.media_time_embs"].shape[0] if "perceiver.media_time_embs" in state else None,
         max_num_frames=state["perceiver.frame_embs"].shape[0] if "perceiver.frame_embs" in state else None,
         vocab=vocab)
@@ -140,17 +184,25 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
         cross_attn_every_n_layers: inferred from the checkpoint's keys when None.
         tokenizer: a tokenizer (or local path) to set up as open_flamingo does (adds ``<image>``,
             ``<|endofchunk|>``, resizes the LM); or give ``media_token_id`` and ``eoc_token_id``.
+            Where the set-up adds rows, the checkpoint must hold the LM's input embeddings (their
+            trained values; open_flamingo saves them), else a ``CheckpointMismatchError``.
         num_base_tokens: vocabulary size before the Flamingo tokens (None: from the tokenizer set-up).
         dtype, quantization, device_map, max_memory, offload_folder: see
-            :func:`fastflamingo.convert.load.finish`.
+            :func:`fastflamingo.convert.load.finish`. Without ``dtype``, the checkpoint's tensors
+            take the LM's dtype (a bf16 checkpoint on an fp32 LM: fp32).
+
+    The resampler is open_flamingo's, 6 layers deep: a checkpoint holding fewer is reported
+    incomplete (:class:`~fastflamingo.convert.load.CheckpointMismatchError`), as one missing any other key.
     """
     state = checkpoint if isinstance(checkpoint, dict) else load_state_file(checkpoint)
     state = map_open_flamingo_state_dict(state)
     layout = read_open_flamingo_layout(state)
     lm = _lang_encoder(lang_encoder, layout, trust_remote_code)
     visual, vision_name = _vision_encoder(vision_encoder, layout)
+    rows_before = lm.get_input_embeddings().weight.shape[0]
     media_token_id, eoc_token_id, num_base = _token_ids(tokenizer, lm, media_token_id, eoc_token_id,
                                                         trust_remote_code)
+    embedding_hint, required = _added_rows_need_embeddings(lm, state, rows_before, num_base)
     if num_base_tokens is None:
         num_base_tokens = num_base
     _resize_to_checkpoint(lm, state, layout, resized_by_tokenizer=tokenizer is not None)
@@ -176,9 +228,15 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
             f"{layout.vis_dim}.\nPass the LM and vision encoder the checkpoint was trained with "
             "(lang_encoder=, vision_encoder=), and leave cross_attn_every_n_layers=None to read it from the "
             "checkpoint.")
+    held = {int(k.split(".")[2]) for k in state if re.match(r"perceiver\.layers\.\d+\.", k)}
+    if len(held) < layout.depth:
+        hint = (f"open_flamingo builds a resampler of {layout.depth} layers (perceiver.layers.0 to "
+                f"{layout.depth - 1}); the checkpoint holds {len(held)} of them: is it complete?\n" + hint)
+    if embedding_hint:
+        hint = embedding_hint + "\n" + hint
     model = build_and_load(config, state, trainable_only=True, vision_encoder=visual, lang_encoder=lm,
-                           dtype=dtype, quantization=quantization, hint=hint, device_map=device_map,
-                           max_memory=max_memory, offload_folder=offload_folder)
+                           extra_required=required, dtype=dtype, quantization=quantization, hint=hint,
+                           device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
     vision_source = None
     if isinstance(vision_encoder, (str, tuple)):
         vision_source = (vision_name, None if isinstance(vision_encoder, str) else vision_encoder[1])
@@ -222,6 +280,31 @@ def _token_ids(tokenizer, lm, media_token_id, eoc_token_id, trust_remote_code):
                                                   trust_remote_code=trust_remote_code)
     ids = setup_tokenizer(tokenizer, lm)
     return ids["media_token_id"], ids["eoc_token_id"], ids["num_base_tokens"]
+
+
+def _added_rows_need_embeddings(lm: nn.Module, state, rows_before: int,
+                                num_base: int | None) -> tuple[str, list[str]]:
+    """-> (hint, keys the checkpoint must hold besides the blocks'). When the tokenizer set-up
+    added tokens (``<|endofchunk|>``, ``<image>``...) or resized the LM's input embeddings, the rows of
+    those tokens are untrained here; their trained values are in the checkpoint's input embeddings,
+    which open_flamingo saves (its train script keeps every name with "embed" and the trainable
+    parameters; it trains the embeddings unless ``--freeze_lm_embeddings``). So the checkpoint must
+    hold them. ``num_base``: the tokenizer's size before the set-up (None: no tokenizer given)."""
+    weight = lm.get_input_embeddings().weight
+    rows = weight.shape[0]
+    if num_base is None or (num_base >= rows and rows == rows_before):
+        return "", []  # no tokenizer, or one that already held the Flamingo tokens the LM has rows for
+    name = next(n for n, p in lm.named_parameters() if p is weight)
+    key = f"lang_encoder.{name}"
+    if key in state:
+        return "", []
+    added = f"added {rows - num_base} token(s) (<|endofchunk|>, <image>...)" if num_base < rows else "ran"
+    resized = f" and resized the LM's input embeddings from {rows_before} to {rows} rows" if rows != rows_before else ""
+    return (f"The tokenizer set-up {added}{resized}, but the checkpoint does not hold {key}: the rows of the "
+            "added tokens would stay random (as resizing left them), not the values the checkpoint was trained "
+            "with (open_flamingo's checkpoints hold the input embeddings). Pass the checkpoint that holds them; "
+            "or, for an LM whose embeddings already hold the Flamingo tokens, pass media_token_id= and "
+            "eoc_token_id= instead of tokenizer=."), [key]
 
 
 def _resize_to_checkpoint(lm: nn.Module, state, layout: OpenFlamingoLayout, *, resized_by_tokenizer: bool) -> None:

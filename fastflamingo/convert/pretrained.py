@@ -22,7 +22,9 @@ from .io import load_hf_causal_lm, load_state_file
 from .load import build_and_load
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
-SOURCES_ATTR = "base_model_sources"  # model attribute: {"lm": path, "vision": [open_clip name, pretrained]}
+SOURCES_ATTR = "base_model_sources"  # model attribute: {"lm": path, "vision": [open_clip name, pretrained],
+#   "base": the full fastflamingo directory the model was loaded from}
+BASE = "base"
 
 
 def record_sources(model: nn.Module, lm=None, vision=None) -> None:
@@ -99,7 +101,9 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
 
     Args:
         lang_encoder: for a trainable-only directory, the base LM (module or local path); by default
-            the path recorded when the model was made by :func:`fastflamingo.create_model_and_transforms`.
+            the path recorded when the model was made by :func:`fastflamingo.create_model_and_transforms`,
+            or, for a model loaded from a full directory (what ``fastflamingo finetune --model`` takes),
+            that whole directory, the saved weights over it.
         vision_encoder: the vision encoder module, where the config cannot build it (or, for
             trainable-only, where no open_clip name/pretrained pair was recorded).
         quantization: passed to :func:`fastflamingo.quant.quantize_model`.
@@ -120,6 +124,12 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
         state[alias] = state[target]
     sources = json.loads(meta.get("fastflamingo.sources", "{}"))
     trainable_only = meta.get("fastflamingo.contents") == "trainable"
+    if not trainable_only:  # a trainable-only save of this model (fine-tuning's) reloads its frozen parts from here
+        sources = {**sources, BASE: str(d.resolve())}
+    elif lang_encoder is None and vision_encoder is None and sources.get(BASE):
+        return _onto_base(d, state, sources, quantization=quantization, device=device, dtype=dtype,
+                          trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,
+                          offload_folder=offload_folder)
     if trainable_only:
         lang_encoder = _base_lm(lang_encoder, sources, config, d, trust_remote_code)
         vision_encoder = _base_vision(vision_encoder, sources, config, d)
@@ -133,6 +143,26 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
     model = build_and_load(config, state, trainable_only=trainable_only, vision_encoder=vision_encoder,
                            lang_encoder=lang_encoder, dtype=dtype, device=device, quantization=quantization,
                            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    setattr(model, SOURCES_ATTR, sources)
+    return model
+
+
+def _onto_base(d: Path, state: dict[str, torch.Tensor], sources: dict, *, quantization, device, dtype,
+               trust_remote_code: bool, device_map, max_memory, offload_folder):
+    """A trainable-only directory whose model was loaded from a full fastflamingo directory (the
+    ``"base"`` it records, as fine-tuning's ``model/`` does): that model, the saved weights over it."""
+    from .load import check_state_fits, finish
+    base = Path(sources[BASE])
+    if not (base / CONFIG_NAME).is_file() or not (base / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{str(d)!r} holds only the trainable parameters, over the model in {str(base)!r}, "
+                                "which is not a fastflamingo directory any more: pass lang_encoder= and vision_encoder= "
+                                "(the frozen models it was trained with)")
+    model = load_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    check_state_fits(model, state, required=trainable_keys(model),
+                     hint=f"the trainable parameters in {str(d)!r} do not fit the base model in {str(base)!r}")
+    model.load_state_dict(state, strict=False)  # copied into the base's tensors, in their dtype
+    model = finish(model, dtype=dtype, device=device, quantization=quantization, device_map=device_map,
+                   max_memory=max_memory, offload_folder=offload_folder)
     setattr(model, SOURCES_ATTR, sources)
     return model
 
