@@ -36,17 +36,28 @@ def device_arg(name: str) -> str:
     return name
 
 
-def count_arg(name: str):
-    """argparse ``type`` of an integer option that must be >= 0."""
+def count_arg(name: str, least: int = 0):
+    """argparse ``type`` of an integer option that must be >= ``least`` (0 unless told)."""
     def parse(text: str) -> int:
         try:
             n = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if n < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be >= 0, got {n}")
+        if n < least:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {least}, got {n}")
         return n
     return parse
+
+
+# bad paths given on the command line (a directory for a file, an output path that is a file, ...)
+PATH_ERRORS = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def _message(e: Exception) -> str:
+    """An error's one line: the OS's own errors without their "[Errno N]"."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None and str(e).startswith("[Errno"):
+        return f"{e.strerror}: {str(e.filename)!r}"
+    return str(e)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand. Bad input (a ``ValueError`` or a missing file, whose messages name the
-    value and the fix) ends with that message and exit status 2, not a traceback; set
+    """Run a subcommand. Bad input (a ``ValueError``, whose message names the value and the fix,
+    or a bad path: a missing file, a directory where a file goes, an output path that is a file)
+    ends with that message and exit status 2, not a traceback; set
     ``FASTFLAMINGO_TRACEBACK=1`` to see where it was raised. Warnings about the input
     (:class:`~fastflamingo.warn.InputWarning`) print the same way, as ``warning:`` lines."""
     args = build_parser().parse_args(argv)
@@ -75,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = show
             return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, *PATH_ERRORS) as e:
         if os.environ.get("FASTFLAMINGO_TRACEBACK", "0") not in ("", "0"):
             raise
-        print(f"fastflamingo {args.command}: error: {e}", file=sys.stderr)
+        print(f"fastflamingo {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
 
 

@@ -28,6 +28,22 @@ def json_lines(path: str) -> Iterator[tuple[str, dict, str]]:
             yield f"{path}:{n}", row, base
 
 
+def read_image(path: str):
+    """An image file -> a PIL RGB image, or an error naming the file: a missing one
+    (FileNotFoundError), one PIL cannot read (ValueError: not an image, corrupt, truncated)."""
+    from PIL import Image, UnidentifiedImageError
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no image file {path!r}")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except UnidentifiedImageError:
+        why = "not an image PIL can read (another kind of file, or a corrupt image)"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        why = f"a corrupt or truncated image ({e})"
+    raise ValueError(f"image file {path!r}: {why}; give a PNG, JPEG or other image file")
+
+
 def image_tensor(image, image_processor) -> torch.Tensor:
     """(F, C, H, W): an image (a path, a PIL image, or a (C, H, W) / (F, C, H, W) tensor already
     processed), through ``image_processor`` unless already a tensor."""
@@ -38,9 +54,7 @@ def image_tensor(image, image_processor) -> torch.Tensor:
             raise ValueError(f"images are {type(image).__name__}, not tensors: pass the model's "
                              "image_processor (create_model_and_transforms returns it)")
         if isinstance(image, str):
-            from PIL import Image
-            with Image.open(image) as im:
-                image = im.convert("RGB")
+            image = read_image(image)
         t = image_processor(image)
         t = t["pixel_values"][0] if isinstance(t, dict) or hasattr(t, "keys") else t
         t = torch.as_tensor(t)

@@ -8,8 +8,15 @@ Examples::
 
 A few-shot file is JSON: ``{"prefix": {"images": [...], "text": "..."}, "queries": [{"images":
 [...], "text": "..."}, ...]}``; the prefix (demonstrations) is encoded once and the queries run as
-one batch after it. Without a tokenizer (``--preset``), texts are lists of token ids and images
-are paths or ``"random"``.
+one batch after it. Image paths in it are relative to the file's folder (or absolute), or
+``"random"``. Without a tokenizer (``--preset``), texts are lists of token ids. Texts are tokenized
+as the tokenizer does by default (its BOS first, as ``fastflamingo evaluate`` does) at the start of
+a sequence: the prompt, the prefix, the queries of a file without a prefix; not a query after a
+prefix.
+
+One prompt greedy or sampled streams its text as it comes; several rows (a few-shot file's
+queries, ``--num-beams``, ``--num-return-sequences``) print when all are done, one line each.
+Each row ends at its first stop token (printed and counted among the new tokens).
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import time
 import torch
 
 from ..cli import count_arg, device_arg
+from ..inputs import read_image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (open_flamingo, IDEFICS)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -32,9 +40,10 @@ def add_parser(subparsers) -> None:
                               description=__doc__, formatter_class=__import__("argparse").RawDescriptionHelpFormatter)
     add_model_arguments(p)
     add_prompt_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=20)
-    p.add_argument("--num-beams", type=int, default=1)
-    p.add_argument("--length-penalty", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=count_arg("--max-new-tokens", 1), default=20,
+                   help="new tokens per row at most (a stop token included)")
+    p.add_argument("--num-beams", type=count_arg("--num-beams", 1), default=1)
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam search (--num-beams > 1) only")
     p.add_argument("--do-sample", action="store_true")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50, help="sampling: the k most likely tokens (0: all)")
@@ -44,7 +53,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="> 1 lowers the score of tokens already in the text (Hugging Face's rule)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=0, help="n > 0: no n-gram of tokens twice")
-    p.add_argument("--num-return-sequences", type=int, default=1,
+    p.add_argument("--num-return-sequences", type=count_arg("--num-return-sequences", 1), default=1,
                    help="continuations per prompt: the best beams (<= --num-beams) or samples (--do-sample)")
     p.add_argument("--cache", choices=["auto", "static", "dynamic"], default="auto")
     p.add_argument("--compile", choices=["auto", "yes", "no"], default="auto",
@@ -70,10 +79,12 @@ def add_prompt_arguments(p) -> None:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text with <image> tokens, one per image")
     prompt.add_argument("--prompt-ids", help="space-separated token ids (models without a tokenizer)")
-    prompt.add_argument("--few-shot", help="JSON file with a shared prefix and a batch of queries")
-    p.add_argument("--image", action="append", default=[], help="image file, one per <image> (repeatable)")
+    prompt.add_argument("--few-shot", help="JSON file with a shared prefix and a batch of queries (its image "
+                                           "paths relative to the file)")
+    p.add_argument("--image", action="append", default=[],
+                   help="image file, one per <image> of --prompt / --prompt-ids (repeatable)")
     p.add_argument("--random-images", type=count_arg("--random-images"), default=0,
-                   help="use N random images instead of files")
+                   help="use N random images instead of files (with --prompt / --prompt-ids)")
 
 
 def image_transform(style: str, size: int):
@@ -120,8 +131,7 @@ def _normalise(img) -> torch.Tensor:
 
 def load_image(path: str, transform) -> torch.Tensor:
     """An image file -> (3, H, W) pixels through ``transform`` (:func:`image_transform`)."""
-    from PIL import Image
-    return transform(Image.open(path).convert("RGB"))
+    return transform(read_image(path))
 
 
 def _images(sources: list[str], size: int, generator: torch.Generator, transform) -> torch.Tensor:
@@ -160,13 +170,17 @@ def token_ids(values, what: str) -> list[int]:
     return [int(v) for v in items]
 
 
-def _encode(text, tokenizer, what: str) -> list[int]:
+def _encode(text, tokenizer, what: str, first: bool = False) -> list[int]:
+    """A text's token ids (a list: the ids as given). ``first``: the text starts a sequence (the
+    prompt, a few-shot prefix, a query without one) and gets the tokenizer's special tokens (its
+    BOS) as ``tokenizer(text)`` adds them, as the evaluation harness does; not a query after a
+    prefix, nor a candidate continuation."""
     if isinstance(text, list):
         return token_ids(text, what)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: give texts as token ids (--prompt-ids, or lists in the "
                          "few-shot file)")
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=first)["input_ids"]
 
 
 def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,10 +196,15 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tens
 def _few_shot_spec(path: str) -> tuple[dict | None, list[dict]]:
     """The few-shot file's (prefix, queries), each entry {"text": ..., "images": [...]}, or a
     ValueError naming what is wrong with it."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path!r} is a directory: --few-shot takes a JSON file (see fastflamingo generate --help)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no few-shot file {path!r}")
     try:
-        spec = json.loads(open(path).read())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})")
+        with open(path, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     queries = spec.get("queries") if isinstance(spec, dict) else None
     if not isinstance(queries, list) or not queries:
         raise ValueError(f'{path}: needs a non-empty list "queries" of {{"text": ..., "images": [...]}} '
@@ -200,9 +219,22 @@ def _few_shot_spec(path: str) -> tuple[dict | None, list[dict]]:
         if set(entry) - {"text", "images"}:  # e.g. a misspelt "images": its images would go unused
             raise ValueError(f'{path}: {name} has unknown key(s) {sorted(set(entry) - {"text", "images"})}: an entry '
                              'is {"text": ..., "images": [...]}')
-        if not isinstance(entry.get("images", []), list):
-            raise ValueError(f'{path}: {name}\'s "images" must be a list of paths or "random"')
-    return pre, queries
+        images = entry.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(s, str) for s in images):
+            raise ValueError(f'{path}: {name}\'s "images" must be a list of paths or "random", got '
+                             f'{entry["images"]!r}')
+        text = entry["text"]
+        if not isinstance(text, (str, list)):
+            raise ValueError(f'{path}: {name}\'s "text" must be a string (with a tokenizer) or a list of token ids, '
+                             f"got {text!r}")
+        if not text:
+            raise ValueError(f'{path}: {name}\'s "text" is empty: give the text the model reads')
+    base = os.path.dirname(os.path.abspath(path))
+
+    def resolved(entry):  # image paths relative to the file, as evaluation's load_examples reads them
+        return dict(entry, images=[s if s == "random" else os.path.join(base, os.path.expanduser(s))
+                                   for s in entry.get("images", [])])
+    return (None if pre is None else resolved(pre)), [resolved(q) for q in queries]
 
 
 def _check_images(name: str, ids: list[int], images: torch.Tensor, media_token_id: int) -> None:
@@ -214,18 +246,28 @@ def _check_images(name: str, ids: list[int], images: torch.Tensor, media_token_i
 
 
 def _check_request(args) -> tuple[dict | None, list[dict]] | None:
-    """What can be checked before the model loads (minutes, for a 9B one): the few-shot file, and
-    that every image file exists. Returns the few-shot file's (prefix, queries), if any."""
+    """What can be checked before the model loads (minutes, for a 9B one): the flags that go
+    together, the prompt, the few-shot file, and that every image file exists and is an image PIL
+    reads. Returns the few-shot file's (prefix, queries), if any."""
     if args.image and args.random_images:
         raise ValueError("give --image files or --random-images, not both")
-    spec = _few_shot_spec(args.few_shot) if args.few_shot else None
+    if args.few_shot is not None and (args.image or args.random_images):
+        flag = "--image" if args.image else "--random-images"
+        raise ValueError(f"{flag} goes with --prompt / --prompt-ids: a few-shot file names its own images (each "
+                         'entry\'s "images", paths or "random")')
+    if args.prompt_ids is not None:
+        if not token_ids(args.prompt_ids, "--prompt-ids"):
+            raise ValueError('--prompt-ids is empty: give the prompt\'s token ids, e.g. --prompt-ids "510 17 42"')
+    elif args.prompt is not None and not args.prompt:
+        raise ValueError('--prompt is empty: give the text the model reads, e.g. --prompt "<image>An image of"')
+    spec = _few_shot_spec(args.few_shot) if args.few_shot is not None else None
     images = list(args.image)
     if spec is not None:
         pre, queries = spec
         images += [s for entry in ([pre] if pre else []) + queries for s in entry.get("images", [])]
-    for path in images:
-        if path != "random" and not os.path.isfile(path):
-            raise FileNotFoundError(f"no image file {path!r}")
+    for path in dict.fromkeys(images):  # each exists and decodes (read again, the same way, once the model loaded)
+        if path != "random":
+            read_image(path)
     return spec
 
 
@@ -233,20 +275,25 @@ def _requests(args, spec, tokenizer, size: int, generator, media_token_id: int, 
     """-> (prefix ids (1, P) | None, prefix images, query ids (B, T), mask, query images (B, N, 1, 3, s, s))."""
     if spec is not None:
         pre, queries = spec
-        rows = [_encode(q["text"], tokenizer, f"query {i}'s text") for i, q in enumerate(queries)]
+        # the queries start their sequences only where no prefix comes before them
+        rows = [_encode(q["text"], tokenizer, f"query {i}'s text", first=pre is None) for i, q in enumerate(queries)]
         per_row = [_images(q.get("images", []), size, generator, transform) for q in queries]
-        pre_ids = torch.tensor([_encode(pre["text"], tokenizer, "the prefix's text")]) if pre else None
+        pre_ids = torch.tensor([_encode(pre["text"], tokenizer, "the prefix's text", first=True)]) if pre else None
         pre_images = _images(pre.get("images", []), size, generator, transform)[None] if pre else None
         if pre:
+            if not pre_ids.shape[1]:
+                raise ValueError("the prefix's text has no tokens: give the demonstrations' text")
             _check_images("the prefix", pre_ids[0].tolist(), pre_images[0], media_token_id)
         names = [f"query {i}" for i in range(len(rows))]
     else:
-        rows = [token_ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids else
-                _encode(args.prompt, tokenizer, "--prompt")]
+        rows = [token_ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids is not None else
+                _encode(args.prompt, tokenizer, "--prompt", first=True)]
         sources = args.image or ["random"] * args.random_images
         per_row, pre_ids, pre_images = [_images(sources, size, generator, transform)], None, None
         names = ["the prompt"]
     for name, row, images in zip(names, rows, per_row):
+        if not row:
+            raise ValueError(f"{name}'s text has no tokens: give the text the model reads")
         _check_images(name, row, images, media_token_id)
     N = max(x.shape[0] for x in per_row)
     vision = torch.zeros(len(rows), N, 1, 3, size, size)
@@ -259,13 +306,47 @@ def _show(tokens: list[int], tokenizer) -> str:
     return tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens))
 
 
+def _until_stop(tokens: list[int], stops) -> list[int]:
+    """A generated row up to its first stop token, included: what follows is generate's fill of a
+    finished row, not generated text."""
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return tokens[:i + 1]
+    return tokens
+
+
+class _TextStream:
+    """The text of the tokens streamed so far, piece by piece, as transformers' ``TextStreamer``
+    prints it: each new token decodes with all before it (a word-level or sentencepiece
+    tokenizer's spaces come from the tokens around them) and only the new end of the text is
+    given; an end in U+FFFD (a character whose bytes are split over tokens) waits for the rest of
+    its bytes. The pieces joined are ``tokenizer.decode`` of all the tokens. Without a tokenizer:
+    the ids, space-separated."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.tokens, self.shown = tokenizer, [], 0
+
+    def put(self, token: int) -> str:
+        self.tokens.append(token)
+        if self.tokenizer is None:
+            return f"{token} "
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return ""
+        new, self.shown = text[self.shown:], len(text)
+        return new
+
+    def end(self) -> str:
+        """What is still held back (bytes that never completed a character print as U+FFFD)."""
+        return "" if self.tokenizer is None or not self.tokens else self.tokenizer.decode(self.tokens)[self.shown:]
+
+
 def prepare(args):
     """Load the model and build the request (``generate`` and ``score``): (model, tokenizer, ids,
     mask, vision_x or None, the prefix's (vision_x or None, ids) or None), on the device where the
     token embeddings compute (the first device of a device map)."""
     from ..distribute import execution_device
     spec = _check_request(args)
-    torch.manual_seed(args.seed)
     model, tokenizer = _load(args)
     c = model.config
     device = execution_device(model.lang_encoder.get_input_embeddings()) or torch.device("cpu")
@@ -282,8 +363,9 @@ def prepare(args):
 
 
 def run(args) -> int:
-    from . import _stop_ids, default_pad, encode_prefix, generate, stream
+    from . import _stop_ids, _unused_flags, encode_prefix, generate, stream
     model, tokenizer, ids, mask, vision, prefix = prepare(args)
+    stops = set(_stop_ids(model, None))  # generate's default stop tokens
     compile_ = {"auto": "auto", "yes": True, "no": False}[args.compile]
     kw = dict(max_new_tokens=args.max_new_tokens, cache=args.cache, compile=compile_)
     sampling = dict(do_sample=args.do_sample, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -294,20 +376,24 @@ def run(args) -> int:
         if prefix is not None:
             kw["prefix"] = encode_prefix(model, *prefix)
         R = args.num_return_sequences
+        # seeded here, after the model loaded (which draws random numbers): --seed S samples what
+        # torch.manual_seed(S) then model.generate(...) samples
+        torch.manual_seed(args.seed)
         if args.num_beams > 1 or ids.shape[0] > 1 or R > 1:
             out = generate(model, vision, ids, mask, num_beams=args.num_beams, length_penalty=args.length_penalty,
                            num_return_sequences=R, **sampling, **kw)
-            new = out[:, ids.shape[1]:]
-            for i, row in enumerate(new.tolist()):
+            rows = [_until_stop(row, stops) for row in out[:, ids.shape[1]:].tolist()]
+            for i, row in enumerate(rows):
                 print(f"[{i // R}{f'.{i % R}' if R > 1 else ''}] {_show(row, tokenizer)}")
-            count = int((new != default_pad(model, _stop_ids(model, None))).sum())  # generate's fill
+            count = sum(map(len, rows))  # as streamed: up to each row's first stop token, included
         else:
-            count = 0
+            _unused_flags("num_beams", 1, "beam-based", length_penalty=(args.length_penalty, 1.0))
+            count, text = 0, _TextStream(tokenizer)
             for step in stream(model, vision, ids, mask, **sampling, **kw):
-                print(_show([int(step[0])], tokenizer), end=" " if tokenizer is None else "", flush=True)
+                print(text.put(int(step[0])), end="", flush=True)
                 count += 1
                 first = first if first is not None else time.perf_counter() - start
-            print()
+            print(text.end())
     seconds = time.perf_counter() - start
     detail = (f"first token after {first:.2f} s, then {(count - 1) / max(seconds - first, 1e-9):.1f} tokens/s"
               if first is not None and count > 1 else "prefill included")
