@@ -175,6 +175,16 @@ def test_cli_finetune_from_files_then_resume(tmp_path, capsys):
     assert "steps 3..4" in capsys.readouterr().out
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4] and (tmp_path / "run" / "loss.png").stat().st_size > 0
+    # run/model loads with no argument (over the --model directory it records) and holds the tokenizer,
+    # so `fastflamingo generate / evaluate --model run/model` take it as it is
+    from transformers import AutoTokenizer
+    trained = fastflamingo.Flamingo.from_pretrained(tmp_path / "run" / "model")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["trainable"]
+    assert all(torch.equal(trained.state_dict()[k], v) for k, v in state.items())
+    assert AutoTokenizer.from_pretrained(tmp_path / "run" / "model").convert_tokens_to_ids("<image>") == 510
+    assert main(["generate", "--model", str(tmp_path / "run" / "model"), "--random-images", "1", "--prompt",
+                 "<image> red", "--max-new-tokens", "2"]) == 0
+    capsys.readouterr()
     assert main(args[:4] + ["/no/docs.jsonl", "--steps", "1", "--out", str(tmp_path / "x")]) == 2
     assert "--data: no file '/no/docs.jsonl'" in capsys.readouterr().err
 

@@ -251,7 +251,8 @@ def _load(args):
         if not class_names:
             raise ValueError(f"{args.class_names_file} holds no class names (one per line)")
     if args.karpathy:
-        queries, support = (load_karpathy(args.karpathy, args.image_dir, split) for split in ("test", "train"))
+        queries, support = (load_karpathy(args.karpathy, args.image_dir, split, check_images=True)
+                            for split in ("test", "train"))
     elif args.vqa_format:
         queries, support = (load_vqa(getattr(args, s), getattr(args, f"{s}_annotations"), getattr(args, f"{s}_images"),
                                      args.vqa_format) for s in ("queries", "support"))
@@ -263,7 +264,7 @@ def _load(args):
             raise ValueError(f"--queries {args.queries} and --support {args.support} must hold the same class folders; "
                              f"only in one: {sorted(set(folders[0]) ^ set(folders[1]))[:10]}")
     else:
-        queries, support = load_examples(args.queries, args.task), load_examples(args.support, args.task)
+        queries, support = (load_examples(path, args.task, check_images=True) for path in (args.queries, args.support))
     return queries, support, class_names
 
 

@@ -19,7 +19,7 @@ VQA_DATASETS = ("vqav2", "vizwiz", "textvqa")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")  # ImageFolder's
 
 
-def load_examples(path: str, task: str) -> list[Example]:
+def load_examples(path: str, task: str, check_images: bool = False) -> list[Example]:
     """Examples from a JSON-lines file, one object a line, image paths relative to the file:
 
     - VQA: ``{"image": "a.jpg", "question": "...", "answers": ["...", ...]}``
@@ -27,11 +27,15 @@ def load_examples(path: str, task: str) -> list[Example]:
     - classification: ``{"image": "a.jpg", "label": "cat"}`` (or ``"answers": ["cat"]``)
     - Hateful Memes: its own files as published (``train.jsonl``, ``dev_seen.jsonl``):
       ``{"id": 42953, "img": "img/42953.png", "label": 0, "text": "..."}``, label 1 for hateful
-      (``"yes"``), 0 for not (``"no"``)."""
+      (``"yes"``), 0 for not (``"no"``).
+
+    ``check_images``: every image must exist, a missing one an error naming its ``path:line``
+    (``fastflamingo evaluate`` checks so; :func:`~.harness.evaluate` checks every image anyway
+    before it runs)."""
     from ..inputs import json_lines
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    out = []
+    out, missing = [], []
     for where, row, base in json_lines(path):
         image_key = "img" if task == "hateful_memes" else "image"
         if not isinstance(row.get(image_key), str):
@@ -45,9 +49,16 @@ def load_examples(path: str, task: str) -> list[Example]:
                 raise ValueError(f"{where}: a Hateful Memes example needs its meme's \"text\" string, got {text!r}")
         used = (image_key, "question", "answers", "captions", "label", "text" if task == "hateful_memes" else None)
         extra = {k: v for k, v in row.items() if k not in used}
-        out.append(Example(os.path.join(base, row[image_key]), answers, row.get("question"), extra, text))
+        image = os.path.join(base, row[image_key])
+        if check_images and not os.path.isfile(image):
+            missing.append((where, row[image_key]))
+        out.append(Example(image, answers, row.get("question"), extra, text))
     if not out:
         raise ValueError(f"{path} holds no examples")
+    if missing:  # every image there before hours of evaluation (after the lines' own errors)
+        where, image = missing[0]
+        raise FileNotFoundError(f"{where}: no image file {image!r} ({len(missing)} of the file's images are missing; "
+                                "paths are relative to the file's folder)")
     return out
 
 
@@ -145,13 +156,15 @@ def load_vqa(questions: str, annotations: str, image_dir: str, dataset: str = "v
     return out
 
 
-def load_karpathy(path: str, image_dir: str, split: str) -> list[Example]:
+def load_karpathy(path: str, image_dir: str, split: str, check_images: bool = False) -> list[Example]:
     """The captioning examples of one split of a Karpathy split file (``dataset_coco.json``,
     ``dataset_flickr30k.json``), as open_flamingo's ``CaptionDataset`` reads them: the images
     whose ``"split"`` is ``split`` (open_flamingo: ``"train"`` for demonstrations, ``"test"`` for
     queries; ``"restval"`` is neither), each at ``image_dir/filepath/filename`` (COCO's
     ``filepath`` is ``train2014`` or ``val2014``; Flickr30k has none), its references the raw
-    sentences. ``extra["image_id"]`` is COCO's ``cocoid`` or the file name's stem."""
+    sentences. ``extra["image_id"]`` is COCO's ``cocoid`` or the file name's stem.
+    ``check_images``: every image of the split must exist (an error names the first missing
+    ones; :func:`~.harness.evaluate` checks every image anyway before it runs)."""
     images = _json(path, "images", "Karpathy split")
     splits = sorted({im.get("split") for im in images if isinstance(im, dict)} - {None})
     out = []
@@ -166,6 +179,8 @@ def load_karpathy(path: str, image_dir: str, split: str) -> list[Example]:
                            extra={"image_id": image_id}))
     if not out:
         raise ValueError(f"{path} has no images in split {split!r}; its splits are {splits}")
+    if check_images:
+        _check_images([e.image for e in out], f"{path}'s {split!r} split")
     return out
 
 

@@ -161,7 +161,8 @@ def _picker(model, image_processor, queries, support, how, seed, batch_size):
     return pick
 
 
-def _check(task, queries, support, shots_list, tokenizer, class_names):
+def _check(task, queries, support, shots_list, tokenizer, class_names, text_demos_at_zero=ZERO_SHOT_TEXT_DEMOS,
+           demonstrations="random", shared=False):
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if not queries:
@@ -169,6 +170,8 @@ def _check(task, queries, support, shots_list, tokenizer, class_names):
     for s in shots_list:
         if not isinstance(s, int) or s < 0:
             raise ValueError(f"shots must be integers >= 0, got {s!r}")
+    _check_support(queries, support, shots_list, text_demos_at_zero, demonstrations, shared)
+    _check_images(queries, support)
     if task == "classification" and not class_names:
         raise ValueError("classification ranks the class names: pass class_names")
     if task == "captioning":
@@ -194,6 +197,39 @@ def _check(task, queries, support, shots_list, tokenizer, class_names):
         if tok not in tokenizer.get_vocab():
             raise ValueError(f"the tokenizer has no {tok!r} token: use the tokenizer the model was built with "
                              "(create_model_and_transforms adds it)")
+
+
+def _check_support(queries, support, shots_list, text_demos_at_zero, demonstrations, shared) -> None:
+    """The most demonstrations a prompt shows (zero shots: ``text_demos_at_zero`` text-only ones)
+    fit in the support set besides the query (a query that is also in the support is never its
+    own demonstration; one shared draw excludes no query): found before the smaller shots run."""
+    need = max((text_demos_at_zero if k == 0 else k) for k in shots_list) if shots_list else 0
+    if not need:
+        return
+    if shared:
+        have = len(support)
+    else:
+        count: dict[int, int] = {}
+        for s in support:
+            count[id(s)] = count.get(id(s), 0) + 1
+        inside = max((count.get(id(q), 0) for q in queries), default=0)
+        have = len(support) - (min(inside, 1) if demonstrations == "similar" else inside)
+    if need > have:
+        what = f"{need} shots" if need in shots_list else f"0 shots (with text_demos_at_zero={need})"
+        raise ValueError(f"{what} need at least {need} support examples besides the query, "
+                         f"the support set has {len(support)}" + (f" ({len(support) - have} of them a query's own)"
+                                                                 if have < len(support) else "")
+                         + ": pass fewer shots, or a bigger support set")
+
+
+def _check_images(queries, support) -> None:
+    """Every image given as a path is a file, before the first prompt runs, not at query 10,000."""
+    import os
+    paths = [e.image for e in list(queries) + list(support) if isinstance(e.image, (str, os.PathLike))]
+    missing = [p for p in dict.fromkeys(map(str, paths)) if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} image file(s) of the queries and support are missing, the first "
+                                f"{missing[:3]}: is the image folder the right one?")
 
 
 def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *, task: str = "vqa",
@@ -232,7 +268,8 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
     shots_list = [shots] if isinstance(shots, int) else list(shots)
     if task == "hateful_memes" and class_names is None:
         class_names = HATEFUL_MEMES_CLASSES
-    _check(task, queries, support, shots_list, tokenizer, class_names)
+    _check(task, queries, support, shots_list, tokenizer, class_names, text_demos_at_zero, demonstrations,
+           shared_demonstrations)
     if max_new_tokens is None:
         max_new_tokens = MAX_NEW_TOKENS.get(task)
     elif task not in GENERATED:
@@ -341,6 +378,19 @@ def _class_tokens(tokenizer, class_names: list[str]) -> list[list[int]]:
     empty = [c for c, t in zip(class_names, cands) if not t]
     if empty:
         raise ValueError(f"class names {empty} tokenize to nothing")
+    # names with the same tokens score the same: the ranking cannot tell them apart (as copies)
+    same: dict[tuple[int, ...], list[str]] = {}
+    for c, t in zip(class_names, cands):
+        same.setdefault(tuple(t), []).append(c)
+    ties = [(names, list(ids)) for ids, names in same.items() if len(names) > 1]
+    if ties:
+        shown = "; ".join(f"{names} all tokenize to {ids}" for names, ids in ties[:5])
+        unk = getattr(tokenizer, "unk_token_id", None)
+        hint = (" (the tokenizer's unknown token: words it does not know)"
+                if unk is not None and any(unk in ids for _, ids in ties) else "")
+        raise ValueError(f"class names must tokenize differently (a ranking cannot tell them apart, the first of "
+                         f"them would always win): {shown}{hint}; use the tokenizer the model was trained with, or "
+                         "other names")
     return cands
 
 

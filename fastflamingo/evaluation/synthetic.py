@@ -10,6 +10,11 @@ That is the in-context learning Flamingo does (recognising the task from a few e
 miniature, and the few-shot harness (:mod:`.harness`) measures it as it measures VQAv2: same
 prompts, demonstrations drawn at random from a support set, rank classification.
 
+The pictures the model sees (:func:`examples`, :func:`training_batch`) are what
+``fastflamingo evaluate --model DIR`` makes of the pictures' 8-bit image files (open_flamingo's
+image transform: CLIP normalisation; :func:`pixels`), so a saved model scores on PNG files of
+them (:func:`to_image`) what it scores on the tensors.
+
 The ``tiny`` preset's language model is random, not pretrained, so :func:`train` trains the whole
 model here; a real Flamingo freezes a pretrained LM and trains the resampler and the
 cross-attention layers (:meth:`~fastflamingo.Flamingo.set_trainable`).
@@ -73,15 +78,40 @@ def render(colors: list[str], shapes: list[str], generator: torch.Generator, siz
     return (mask[:, None] * rgb + NOISE * torch.randn(n, 3, size, size, generator=generator))[:, None]
 
 
+def _clip():
+    from ..generation.cli import CLIP_MEAN, CLIP_STD
+    return torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+
+
+def pixels(pictures: torch.Tensor) -> torch.Tensor:
+    """Pictures (..., 3, H, W) in [0, 1] (:func:`render`) -> the pixels the model takes: the
+    picture's 8-bit image (clamped, rounded) CLIP-normalised, bit for bit what
+    ``fastflamingo evaluate --model DIR`` gives for its image file
+    (:func:`fastflamingo.generation.cli.image_transform`, open_flamingo's transform)."""
+    mean, std = _clip()
+    return ((pictures.clamp(0, 1) * 255).round() / 255 - mean) / std
+
+
+def to_image(image: torch.Tensor):
+    """The 8-bit PIL picture of one image of this world ((3, H, W) or (1, 3, H, W) :func:`pixels`):
+    saved as a PNG, it reads back through the image transform as the same tensor."""
+    from PIL import Image
+    mean, std = _clip()
+    x = image.reshape(-1, *image.shape[-3:])[0]
+    q = ((x * std + mean) * 255).round().clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(q.permute(1, 2, 0).numpy())
+
+
 def examples(n: int, attribute: str, seed: int, size: int = 32) -> list[Example]:
-    """``n`` random pictures named by ``attribute`` (``"color"`` or ``"shape"``)."""
+    """``n`` random pictures named by ``attribute`` (``"color"`` or ``"shape"``), as the model
+    takes them (:func:`pixels`; :func:`to_image` gives each one's picture)."""
     if attribute not in ATTRIBUTES:
         raise ValueError(f"attribute must be one of {ATTRIBUTES}, got {attribute!r}")
     if n < 1:
         raise ValueError(f"examples needs n >= 1, got {n}")
     rng = random.Random(seed)
     colors, shapes = [rng.choice(list(COLORS)) for _ in range(n)], [rng.choice(SHAPES) for _ in range(n)]
-    images = render(colors, shapes, torch.Generator().manual_seed(seed), size)
+    images = pixels(render(colors, shapes, torch.Generator().manual_seed(seed), size))
     return [Example(im, [c if attribute == "color" else s], extra={"color": c, "shape": s})
             for im, c, s in zip(images, colors, shapes)]
 
@@ -89,11 +119,11 @@ def examples(n: int, attribute: str, seed: int, size: int = 32) -> list[Example]
 def training_batch(tok, batch: int, rng: random.Random, generator: torch.Generator, size: int,
                    media_token_id: int):
     """(vision_x (B, 8, 1, 3, H, W), ids, attention_mask, labels): sequences of eight new pictures
-    and their names, each sequence naming one attribute; labels on every text token (not
+    (:func:`pixels`) and their names, each sequence naming one attribute; labels on every text token (not
     ``<image>``, not padding)."""
     n = batch * IMAGES_PER_SEQUENCE
     colors, shapes = [rng.choice(list(COLORS)) for _ in range(n)], [rng.choice(SHAPES) for _ in range(n)]
-    images = render(colors, shapes, generator, size).view(batch, IMAGES_PER_SEQUENCE, 1, 3, size, size)
+    images = pixels(render(colors, shapes, generator, size)).view(batch, IMAGES_PER_SEQUENCE, 1, 3, size, size)
     from ..training.data import Document, collate
     docs = []
     for b in range(batch):

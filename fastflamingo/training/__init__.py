@@ -66,10 +66,15 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         model: a :class:`~fastflamingo.Flamingo` (its LM may be quantized: it stays frozen).
         batches: ``batches(step)`` -> the step's micro-batches, each ``(vision_x or None, input_ids,
             attention_mask, labels)`` (:class:`~fastflamingo.training.data.DocumentBatches`).
-        steps: optimizer steps in all (a resumed run continues to this many).
+        steps: optimizer steps in all (a resumed run continues to this many). A resumed run may
+            change it (extend a finished run, or end sooner): the schedule is then the one of the
+            new ``steps``, from the first resumed step on (its rate at that step, not the old
+            run's; the steps already made keep the rates they had).
         lr, weight_decay, warmup: AdamW's; the rate warms up linearly over ``warmup`` steps, then
             decays along a cosine to 10% (:func:`schedule`). Weight decay spares norms, gates,
-            latents and embeddings (:meth:`~fastflamingo.Flamingo.parameter_groups`).
+            latents and embeddings (:meth:`~fastflamingo.Flamingo.parameter_groups`). A resumed
+            run must give the checkpoint's (and its ``optimizer``): another one is an error
+            naming both, not silently the checkpoint's.
         max_grad_norm: clip the trainable parameters' gradient norm (None: no clipping).
         optimizer: ``"adamw"`` (torch) or ``"adamw8bit"`` (bitsandbytes: its two moments in 8
             bits, ~75% less optimizer memory).
@@ -84,11 +89,14 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
             with all of them. Rank 0 writes the checkpoints.
         out: a directory for checkpoints (``checkpoint.pt``, ``model/``) and ``history.json``.
         save_every: also checkpoint every this many steps (0: at the end only).
-        resume: continue from ``out``'s checkpoint.
+        resume: continue from ``out``'s checkpoint (the same ``lr``, ``weight_decay``,
+            ``warmup`` and ``optimizer``; ``steps`` may change, see above).
         progress: a tqdm bar; None: when stderr is a terminal.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if train not in TRAIN:
@@ -119,13 +127,28 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     params = _trainable(model)
     if not params:
         raise ValueError("the model has no trainable parameter (no resampler or cross-attention layers?)")
+    settings = {"lr": lr, "weight_decay": weight_decay, "warmup": warmup, "optimizer": optimizer, "steps": steps}
+    if isinstance(batches, DocumentBatches):
+        batches.check()  # every document's length and image files, before the first step (not at step 900)
     opt = _optimizer(model, optimizer, lr, weight_decay, train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, steps, warmup))
     history, start = [], 0
     if resume:
-        start, history = _load(os.path.join(out, CHECKPOINT), model, params, opt, sched, shard)
-        if start >= steps:
-            raise ValueError(f"the checkpoint in {out} is at step {start}, not before steps={steps}: nothing to do")
+        path = os.path.join(out, CHECKPOINT)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"resume=True: no checkpoint {path!r}")
+        state = torch.load(path, weights_only=True, map_location="cpu")
+        _check_settings(path, state, settings)  # before any weight is overwritten
+        if state["step"] >= steps:
+            raise ValueError(f"the checkpoint in {out} is at step {state['step']}, not before steps={steps}: "
+                             "nothing to do")
+        start, history = _load(path, state, model, params, opt, sched, shard)
+        # the rate of the first resumed step from this run's schedule (steps may differ from the
+        # checkpoint's): the optimizer's restored rate is the old schedule's
+        # (base_lr * factor, as LambdaLR computes it: an unchanged run's rate, bit for bit)
+        for group, base in zip(opt.param_groups, sched.base_lrs):
+            group["lr"] = base * schedule(start, steps, warmup)
+        sched._last_lr = [group["lr"] for group in opt.param_groups]
     model.train()
     device = model.device
     bar = tqdm(range(start, steps), desc="fine-tuning", initial=start, total=steps,
@@ -172,12 +195,13 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
                         "tokens": total, "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
         if out is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
-            _save(out, model, params, opt, sched, step + 1, history, shard)
+            _save(out, model, params, opt, sched, step + 1, history, shard, settings)
     model.eval()
     return history
 
 
-def _save(out: str, model, params, opt, sched, step: int, history: list[dict], shard: bool) -> None:
+def _save(out: str, model, params, opt, sched, step: int, history: list[dict], shard: bool,
+          settings: dict) -> None:
     from ..convert.pretrained import trainable_keys
     from ..distribute import gather_state
     # collectives first (every rank), then rank 0 writes
@@ -193,7 +217,7 @@ def _save(out: str, model, params, opt, sched, step: int, history: list[dict], s
         optim = opt.state_dict()
     os.makedirs(out, exist_ok=True)
     state = {"step": step, "trainable": trainable, "optimizer": optim, "scheduler": sched.state_dict(),
-             "history": history}
+             "history": history, "settings": settings}
     tmp = os.path.join(out, CHECKPOINT + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(out, CHECKPOINT))  # a run killed while saving keeps the last checkpoint
@@ -204,10 +228,29 @@ def _save(out: str, model, params, opt, sched, step: int, history: list[dict], s
         torch.distributed.barrier()
 
 
-def _load(path: str, model, params, opt, sched, shard: bool) -> tuple[int, list[dict]]:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"resume=True: no checkpoint {path!r}")
-    state = torch.load(path, weights_only=True, map_location="cpu")
+_FLAGS = {"lr": "lr (--lr)", "weight_decay": "weight_decay (--weight-decay)", "warmup": "warmup (--warmup)",
+          "optimizer": "optimizer (--optimizer)"}
+
+
+def _check_settings(path: str, state: dict, settings: dict) -> None:
+    """A resumed run trains on with the checkpoint's lr, weight decay, warm-up and optimizer, or
+    not at all: restoring the optimizer's state would otherwise keep the old ones silently.
+    (A checkpoint written before the settings were saved holds its lr and weight decay in the
+    scheduler's and optimizer's states; its warm-up is unknown.)"""
+    saved = dict(state.get("settings") or {})
+    if "lr" not in saved and state.get("scheduler", {}).get("base_lrs"):
+        saved["lr"] = state["scheduler"]["base_lrs"][0]
+    if "weight_decay" not in saved and state.get("optimizer", {}).get("param_groups"):
+        saved["weight_decay"] = max(g.get("weight_decay", 0.0) for g in state["optimizer"]["param_groups"])
+    changed = [f"{_FLAGS[k]} {saved[k]!r} -> {settings[k]!r}" for k in _FLAGS
+               if k in saved and saved[k] != settings[k]]
+    if changed:
+        raise ValueError(f"resume: the checkpoint {path} was trained with other settings: {'; '.join(changed)}; "
+                         "resume with the checkpoint's, or start a new run in another out directory "
+                         "(steps may change on resume)")
+
+
+def _load(path: str, state: dict, model, params, opt, sched, shard: bool) -> tuple[int, list[dict]]:
     missing = sorted(params.keys() - state["trainable"].keys())
     extra = sorted(state["trainable"].keys() - params.keys())
     if missing or extra:

@@ -8,6 +8,12 @@ Examples::
         --quantization nf4 --activation-checkpointing --optimizer adamw8bit --out run1
     fastflamingo finetune --model DIR --data train.jsonl --steps 2000 --out run1 --resume
 
+``--resume`` continues from ``--out``'s checkpoint with its ``--lr``, ``--weight-decay``,
+``--warmup`` and ``--optimizer`` (others are an error naming both values); ``--steps`` may change
+(the second example extends a 1000-step run): the learning rate then follows the schedule of the
+new ``--steps`` from the first resumed step on. Every document's image files and
+``--max-length`` are checked before training starts (an error names its ``file:line``).
+
 ``--out`` gets ``checkpoint.pt`` (to resume), ``model/`` (the trained weights only: load them onto
 the base model with ``Flamingo.from_pretrained("run1/model", lang_encoder=...)``),
 ``history.json`` and ``loss.png``. Over several GPUs, FSDP2 (data parallel, weights and optimizer
@@ -30,7 +36,8 @@ def add_parser(subparsers) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="a directory written by Flamingo.save_pretrained, with its tokenizer")
     p.add_argument("--data", required=True, help="JSON-lines documents: {\"images\": [...], \"text\": \"<image>...\"}")
-    p.add_argument("--steps", type=count_arg("--steps"), required=True, help="optimizer steps in all")
+    p.add_argument("--steps", type=count_arg("--steps"), required=True, help="optimizer steps in all (with --resume it may change: the warm-up and cosine "
+                        "schedule of the new total from the first resumed step on)")
     p.add_argument("--batch-size", type=count_arg("--batch-size"), default=4, help="documents per micro-batch")
     p.add_argument("--grad-accum", type=count_arg("--grad-accum"), default=1, help="micro-batches per step")
     p.add_argument("--lr", type=float, default=1e-4)
@@ -46,7 +53,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--seed", type=int, default=0, help="the order of the documents")
     p.add_argument("--save-every", type=count_arg("--save-every"), default=0, help="checkpoint every N steps too")
-    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint, with its --lr, --weight-decay, --warmup and "
+                        "--optimizer (a change is an error; --steps may change)")
     p.add_argument("--shard", action="store_true",
                    help="FSDP2 data parallel, one process per GPU under torchrun: torchrun --nproc-per-node N "
                         "-m fastflamingo.cli finetune ... --shard (gloo on CPUs)")
@@ -65,14 +73,15 @@ def run(args) -> int:
             raise FileNotFoundError(f"{flag}: no {'directory' if flag == '--model' else 'file'} {path!r}")
     if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
         raise ValueError("--steps, --batch-size and --grad-accum must be >= 1")
-    docs = load_documents(args.data)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    # every document's images and length checked before the model loads, naming its file:line
+    docs = load_documents(args.data, tok, args.max_length)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = 0, 1
     if args.shard:
         device, rank, world = _init_distributed(device)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     model = Flamingo.from_pretrained(args.model, quantization=args.quantization, dtype=dtype, device=device)
-    tok = AutoTokenizer.from_pretrained(args.model)
     style = "idefics" if model.config.cross_attention.style == "idefics" else "open_flamingo"
     data = DocumentBatches(docs, tok, model.config.media_token_id, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, seed=args.seed, max_length=args.max_length,
@@ -91,6 +100,7 @@ def run(args) -> int:
         torch.distributed.destroy_process_group()
         if rank != 0:
             return 0
+    tok.save_pretrained(os.path.join(args.out, "model"))  # beside the weights: what generate / evaluate --model read
     png = loss_plot(history, os.path.join(args.out, "loss.png"))
     run_ = history[done:]
     first, last = run_[0], run_[-1]

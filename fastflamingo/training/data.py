@@ -5,7 +5,10 @@ one ``<image>`` tag in the text per image, in order (paths relative to the file)
 right-padded (as open_flamingo trains: a left-padded row's first label would be predicted from a
 padding position), a row with fewer images than the batch's most gets zero images after its own
 (no token sees them), and the labels are the text tokens: ``<image>`` and padding are -100.
-A document longer than ``max_length`` tokens is an error naming it, never cut.
+A document longer than ``max_length`` tokens is an error naming it (``file:line``), never cut;
+so is an image file that is not there. Both are checked for every document before training
+starts (:meth:`DocumentBatches.check`, which :func:`~fastflamingo.training.fine_tune` calls), not
+when the document's batch comes.
 
 :class:`DocumentBatches` gives the micro-batches of a step as a function of the step alone (the
 order is a permutation per epoch, drawn from the seed), so a run resumed from a checkpoint sees
@@ -23,13 +26,17 @@ import torch
 @dataclass(eq=False)
 class Document:
     """One interleaved document: its images (paths, PIL images, or (C, H, W) / (F, C, H, W)
-    tensors already processed) and its text, one ``<image>`` tag per image."""
+    tensors already processed) and its text, one ``<image>`` tag per image. ``where``: where it
+    comes from, for error messages (``"train.jsonl:4"``; None: ``"document {index}"``)."""
     images: list
     text: str
+    where: str | None = None
 
 
-def load_documents(path: str) -> list[Document]:
-    """Documents from a JSON-lines file (see the module's docstring)."""
+def load_documents(path: str, tokenizer=None, max_length: int | None = None) -> list[Document]:
+    """Documents from a JSON-lines file (see the module's docstring). Every image file must
+    exist; with ``tokenizer`` and ``max_length``, every document must be at most ``max_length``
+    tokens: errors name the document as ``path:line``."""
     from ..inputs import json_lines
     out = []
     for where, row, base in json_lines(path):
@@ -43,10 +50,36 @@ def load_documents(path: str) -> list[Document]:
         if tags != len(images):
             raise ValueError(f"{where}: the text has {tags} <image> tag(s) for {len(images)} image(s); "
                              "put one <image> in the text where each image goes")
-        out.append(Document([os.path.join(base, p) for p in images], row["text"]))
+        out.append(Document([os.path.join(base, p) for p in images], row["text"], where))
     if not out:
         raise ValueError(f"{path} holds no documents")
+    check_documents(out, tokenizer if max_length is not None else None, max_length)
     return out
+
+
+def _where(doc: Document, i: int) -> str:
+    return doc.where or f"document {i}"
+
+
+def check_documents(docs: list[Document], tokenizer=None, max_length: int | None = None) -> None:
+    """Before any training: every image given as a path is a file, and with ``tokenizer`` and
+    ``max_length`` every document is at most ``max_length`` tokens; an error names the first
+    document that is not (``file:line``, or ``document {index}``)."""
+    for i, d in enumerate(docs):
+        for p in d.images:
+            if isinstance(p, str) and not os.path.isfile(p):
+                missing = sum(isinstance(q, str) and not os.path.isfile(q) for e in docs[i:] for q in e.images)
+                raise FileNotFoundError(f"{_where(d, i)}: no image file {p!r} ({missing} missing from here on): "
+                                        "image paths are relative to the data file's folder")
+    if tokenizer is None or max_length is None:
+        return
+    for start in range(0, len(docs), 1024):
+        chunk = docs[start:start + 1024]
+        lengths = [len(ids) for ids in tokenizer([d.text for d in chunk])["input_ids"]]
+        for j, (d, n) in enumerate(zip(chunk, lengths)):
+            if n > max_length:
+                raise ValueError(f"{_where(d, start + j)} is {n} tokens, more than max_length={max_length}: split it, "
+                                 "or raise max_length (documents are never cut)")
 
 
 def collate(docs: list[Document], tokenizer, media_token_id: int, *, image_processor=None, image_size: int,
@@ -59,7 +92,7 @@ def collate(docs: list[Document], tokenizer, media_token_id: int, *, image_proce
     ids, mask = enc["input_ids"], enc["attention_mask"]
     lengths = mask.sum(-1).tolist()
     for i, (d, n) in enumerate(zip(docs, lengths)):
-        where = f"document {index[i] if index else i}"
+        where = _where(d, index[i] if index else i)
         if max_length is not None and n > max_length:
             raise ValueError(f"{where} is {n} tokens, more than max_length={max_length}: split it, or raise "
                              "max_length (documents are never cut)")
@@ -104,6 +137,15 @@ class DocumentBatches:
         # the len(docs) % per_step documents left over sit out the epoch (the next epoch draws another order)
         self.per_epoch = len(docs) // per_step
         self._orders: dict[int, list[int]] = {}
+        self._checked = False
+
+    def check(self) -> None:
+        """Every document's image files and (with ``max_length``) length, at once: what a batch
+        would find when it comes (:func:`check_documents`). :func:`~fastflamingo.training.fine_tune`
+        calls it before the first step."""
+        if not self._checked:
+            check_documents(self.docs, self.tokenizer, self.max_length)
+            self._checked = True
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:

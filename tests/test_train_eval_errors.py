@@ -1,0 +1,294 @@
+"""Fine-tuning and few-shot evaluation refuse what they cannot do before they start, naming it:
+documents over --max-length and missing image files (training and evaluation), a resume with
+another learning rate, weight decay or warm-up (a longer --steps takes the new schedule from the
+first resumed step), more shots than the support set holds, class names that tokenize alike; and
+the synthetic world's pictures are pixels as image files give them, so a saved synthetic model
+scores on PNG files what it scores in-process."""
+import json
+
+import pytest
+import torch
+
+import fastflamingo
+from fastflamingo.evaluation import Example, evaluate, load_examples, load_karpathy, synthetic
+from fastflamingo.training import Document, DocumentBatches, fine_tune, load_documents, schedule
+
+
+def _model(seed: int = 5):
+    model = fastflamingo.Flamingo.from_preset("tiny", seed=seed)
+    with torch.no_grad():  # random tiny blocks start with closed gates: open them (gradients reach the blocks)
+        for name, p in model.named_parameters():
+            if "gate" in name:
+                p.fill_(0.5)
+    return model
+
+
+def _saved(path, seed: int = 5):
+    _model(seed).save_pretrained(path)
+    synthetic.tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def _png(path, example):
+    synthetic.to_image(example.image).save(path)
+    return path
+
+
+def _docs_file(tmp_path, n: int = 8, long_line: int | None = None, missing_line: int | None = None):
+    """n one-picture documents as PNGs and JSON lines; line ``long_line`` over-long, line
+    ``missing_line``'s image not there."""
+    lines = []
+    for i, ex in enumerate(synthetic.examples(n, "color", seed=1)):
+        name = f"{i}.png"
+        _png(tmp_path / name, ex)
+        text = f"<image>Output:{ex.answers[0]}<|endofchunk|>"
+        if i + 1 == long_line:
+            text += " Output red" * 30
+        lines.append(json.dumps({"images": ["nope.png" if i + 1 == missing_line else name], "text": text}))
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    return str(tmp_path / "docs.jsonl")
+
+
+class _Counting:
+    """Counts a model method's calls (generate, score): what ran before an error."""
+
+    def __init__(self, model, name):
+        self.calls, self.orig = 0, getattr(model, name)
+        setattr(model, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.orig(*args, **kwargs)
+
+
+# ------------------------------------------------------------------ 1. fine-tuning data, checked up front
+@pytest.mark.parametrize("case, message", [
+    ("long", r"docs.jsonl:8 is \d+ tokens, more than max_length=20: split it"),
+    ("missing", r"docs.jsonl:7: no image file '.*nope.png' \(1 missing from here on\)"),
+])
+def test_finetune_checks_every_document_before_training(tmp_path, capsys, case, message):
+    """The over-long document is the last line (3 steps of 2 documents never draw it) and the
+    missing image comes late: both are errors naming file:line before any step."""
+    from fastflamingo.cli import main
+    data = _docs_file(tmp_path, long_line=8 if case == "long" else None, missing_line=7 if case == "missing" else None)
+    out = tmp_path / "run"
+    args = ["finetune", "--model", _saved(tmp_path / "model"), "--data", data, "--batch-size", "2", "--steps", "3",
+            "--save-every", "1", "--out", str(out)]
+    assert main(args + (["--max-length", "20"] if case == "long" else [])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastflamingo finetune: error: ") and len(err.strip().splitlines()) == 1
+    import re
+    assert re.search(message, err), err
+    assert not out.exists()  # not one step trained
+
+
+def test_fine_tune_checks_document_batches_before_the_first_step(tmp_path):
+    tok = synthetic.tokenizer()
+    docs = [Document(list(synthetic.examples(1, "color", seed=i)[0].image[None]), "<image>Output:red<|endofchunk|>")
+            for i in range(6)]
+    docs[5] = Document([], "Output " * 40)
+    data = DocumentBatches(docs, tok, 510, batch_size=2, image_size=32, max_length=30, seed=0)
+    model = _model()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"document 5 is 40 tokens, more than max_length=30"):
+        fine_tune(model, data, steps=2, lr=1e-2, out=str(tmp_path / "run"), progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    docs[5] = Document([str(tmp_path / "gone.png")], "<image>Output:red<|endofchunk|>")
+    data = DocumentBatches(docs, tok, 510, batch_size=2, image_size=32, seed=0)
+    with pytest.raises(FileNotFoundError, match=r"document 5: no image file '.*gone.png'"):
+        fine_tune(model, data, steps=2, progress=False)
+    with pytest.raises(FileNotFoundError, match=r"docs.jsonl:3: no image file"):
+        load_documents(_docs_file(tmp_path, missing_line=3))
+    with pytest.raises(ValueError, match=r"docs.jsonl:2 is \d+ tokens, more than max_length=20"):
+        load_documents(_docs_file(tmp_path, long_line=2), tok, max_length=20)
+
+
+# ------------------------------------------------------------------ 5. resume: the same settings, or an error
+def _resume_setup(tmp_path):
+    tok = synthetic.tokenizer()
+    docs = [Document(list(ex.image[None]), f"<image>Output:{ex.answers[0]}<|endofchunk|>")
+            for ex in synthetic.examples(8, "shape", seed=4)]
+    return DocumentBatches(docs, tok, 510, batch_size=2, image_size=32, seed=1)
+
+
+def test_resume_refuses_another_lr_weight_decay_or_warmup(tmp_path):
+    data = _resume_setup(tmp_path)
+    out = str(tmp_path / "run")
+    kw = dict(lr=1e-3, weight_decay=0.1, warmup=1, progress=False)
+    fine_tune(_model(), data, steps=2, out=out, **kw)
+    for change, message in [(dict(lr=5e-2), r"lr \(--lr\) 0.001 -> 0.05"),
+                            (dict(weight_decay=0.0), r"weight_decay \(--weight-decay\) 0.1 -> 0.0"),
+                            (dict(warmup=3), r"warmup \(--warmup\) 1 -> 3"),
+                            (dict(optimizer="adamw8bit"), r"optimizer \(--optimizer\) 'adamw' -> 'adamw8bit'")]:
+        with pytest.raises(ValueError, match=r"resume: the checkpoint .* was trained with other settings: " + message):
+            fine_tune(_model(), data, steps=4, out=out, resume=True, **{**kw, **change})
+    # a checkpoint saved before the settings were: its lr is the scheduler's, still checked
+    path = tmp_path / "run" / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    del state["settings"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"lr \(--lr\) 0.001 -> 0.05"):
+        fine_tune(_model(), data, steps=4, out=out, resume=True, **{**kw, "lr": 5e-2})
+    h = fine_tune(_model(), data, steps=3, out=out, resume=True, **kw)
+    assert [r["step"] for r in h] == [1, 2, 3]
+
+
+def test_cli_resume_with_another_lr_is_one_line(tmp_path, capsys):
+    from fastflamingo.cli import main
+    args = ["finetune", "--model", _saved(tmp_path / "model"), "--data", _docs_file(tmp_path), "--batch-size", "2",
+            "--out", str(tmp_path / "run")]
+    assert main(args + ["--steps", "1", "--lr", "1e-3"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--steps", "2", "--lr", "5e-2", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "error: resume: the checkpoint" in err and "lr (--lr) 0.001 -> 0.05" in err and len(err.strip().splitlines()) == 1
+
+
+def test_resume_with_more_steps_follows_the_new_schedule_from_the_first_resumed_step(tmp_path):
+    data = _resume_setup(tmp_path)
+    out = str(tmp_path / "run")
+    kw = dict(lr=1e-2, warmup=1, progress=False)
+    first = fine_tune(_model(), data, steps=3, out=out, **kw)
+    assert [r["lr"] for r in first] == pytest.approx([1e-2 * schedule(s, 3, 1) for s in range(3)])
+    h = fine_tune(_model(), data, steps=6, out=out, resume=True, **kw)
+    rates = [r["lr"] for r in h]
+    assert rates[:3] == [r["lr"] for r in first]  # the steps made keep their rates
+    assert rates[3:] == [1e-2 * schedule(s, 6, 1) for s in range(3, 6)]  # the new schedule, its first step included
+    assert rates[3] > rates[2]  # the old schedule had decayed to its floor at step 3
+
+
+# ------------------------------------------------------------------ 2. evaluation: every image checked first
+def _tiny_eval():
+    return _model(1).eval(), synthetic.tokenizer()
+
+
+def test_evaluate_checks_every_image_before_it_runs(tmp_path):
+    from fastflamingo.generation.cli import image_transform
+    model, tok = _tiny_eval()
+    examples = synthetic.examples(6, "color", seed=3)
+    queries = [Example(str(_png(tmp_path / f"q{i}.png", e)), e.answers) for i, e in enumerate(examples[:4])]
+    support = [Example(str(_png(tmp_path / f"s{i}.png", e)), e.answers) for i, e in enumerate(examples)]
+    queries[-1] = Example(str(tmp_path / "missing.png"), ["red"])
+    score = _Counting(model, "score")
+    with pytest.raises(FileNotFoundError, match=r"1 image file\(s\) of the queries and support are missing, the "
+                                                r"first \['.*missing.png'\]"):
+        evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES, shots=(0, 2),
+                 image_processor=image_transform("open_flamingo", 32), batch_size=2, progress=False)
+    assert score.calls == 0
+
+
+def test_loaders_check_images_naming_the_line(tmp_path, capsys):
+    p = tmp_path / "q.jsonl"
+    _png(tmp_path / "a.png", synthetic.examples(1, "color", seed=0)[0])
+    p.write_text('{"image": "a.png", "label": "red"}\n\n{"image": "gone.png", "label": "blue"}\n')
+    with pytest.raises(FileNotFoundError, match=r"q.jsonl:3: no image file 'gone.png' \(1 of the file's images"):
+        load_examples(str(p), "classification", check_images=True)
+    k = tmp_path / "k.json"
+    k.write_text(json.dumps({"images": [{"split": "test", "filename": "nope.jpg", "filepath": "val2014",
+                                         "cocoid": 1, "sentences": [{"raw": "a cat"}]}]}))
+    with pytest.raises(FileNotFoundError, match=r"1 images of .*k.json's 'test' split are missing, the first "
+                                                r"\['.*val2014/nope.jpg'\]"):
+        load_karpathy(str(k), str(tmp_path), "test", check_images=True)
+    # the command line: a missing support image, before the model loads
+    from fastflamingo.cli import main
+    (tmp_path / "names.txt").write_text("\n".join(synthetic.NAMES) + "\n")
+    s = tmp_path / "s.jsonl"
+    s.write_text('{"image": "a.png", "label": "red"}\n{"image": "gone.png", "label": "blue"}\n')
+    p.write_text('{"image": "a.png", "label": "red"}\n')
+    assert main(["evaluate", "--model", str(tmp_path / "no-model-needed"), "--task", "classification", "--queries", str(p),
+                 "--support", str(s), "--class-names-file", str(tmp_path / "names.txt"), "--out",
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "s.jsonl:2: no image file 'gone.png'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------ 6. shots beyond the support set, up front
+def test_shots_beyond_the_support_set_are_refused_before_any_runs():
+    model, tok = _tiny_eval()
+    queries, support = synthetic.examples(3, "color", seed=5), synthetic.examples(6, "color", seed=6)
+    for ex in queries + support:
+        ex.question = "what is it ?"
+    generate = _Counting(model, "generate")
+    kw = dict(task="vqa", num_beams=1, max_new_tokens=1, batch_size=2, progress=False)
+    with pytest.raises(ValueError, match=r"7 shots need at least 7 support examples besides the query, the support "
+                                         r"set has 6: pass fewer shots"):
+        evaluate(model, tok, queries, support, shots=(0, 2, 7), **kw)
+    with pytest.raises(ValueError, match=r"0 shots \(with text_demos_at_zero=7\) need at least 7"):
+        evaluate(model, tok, queries, support, shots=(0, 2), text_demos_at_zero=7, **kw)
+    # a query in the support is never its own demonstration: 6 shots from 6 need 7
+    with pytest.raises(ValueError, match=r"6 shots need at least 6 .* the support set has 6 \(1 of them a query's own\)"):
+        evaluate(model, tok, support[:2], support, shots=(1, 6), **kw)
+    with pytest.raises(ValueError, match=r"6 shots need at least 6 .* \(1 of them a query's own\)"):
+        evaluate(model, tok, support[:2], support, shots=(1, 6), demonstrations="similar", **kw)
+    assert generate.calls == 0
+    # what fits runs: 6 of 6 with queries outside the support, and one shared draw (no query excluded)
+    assert [r.shots for r in evaluate(model, tok, queries[:1], support, shots=(6,), **kw)] == [6]
+    assert [r.shots for r in evaluate(model, tok, support[:1], support, shots=(6,), shared_demonstrations=True,
+                                      **kw)] == [6]
+
+
+# ------------------------------------------------------------------ 7. class names the ranking cannot tell apart
+def test_class_names_that_tokenize_alike_are_named_before_the_ranking():
+    """Names with the same tokens score the same (the first would always win; Hateful Memes' AUC
+    would be 50): an error before any prompt runs, naming the names and their ids."""
+    model, tok = _tiny_eval()
+    queries = synthetic.examples(2, "color", seed=7)
+    score = _Counting(model, "score")
+    memes = [Example(q.image, [["no", "yes"][i % 2]], text="red square") for i, q in enumerate(queries)]
+    with pytest.raises(ValueError, match=r"class names must tokenize differently .*: \['no', 'yes'\] all "
+                                         r"tokenize to \[1\] \(the tokenizer's unknown token"):
+        evaluate(model, tok, memes, memes, task="hateful_memes", shots=(0,), text_demos_at_zero=0, progress=False)
+    assert score.calls == 0
+    named = [Example(q.image, [["purple", "red"][i % 2]]) for i, q in enumerate(queries)]
+    with pytest.raises(ValueError, match=r"\['purple', 'pink'\] all tokenize to \[1\]"):
+        evaluate(model, tok, named, named, task="classification", class_names=["purple", "red", "pink"],
+                 shots=(0,), text_demos_at_zero=0, progress=False)
+    assert score.calls == 0
+    # distinct tokens: it runs
+    evaluate(model, tok, named, named, task="classification", class_names=["blue", "red", "purple"],
+             shots=(0,), text_demos_at_zero=0, progress=False)
+    assert score.calls > 0
+
+
+# ------------------------------------------------------------------ 4. the synthetic world as image files give it
+def test_synthetic_pictures_are_the_pixels_of_their_image_files(tmp_path):
+    """The world's tensors are bit for bit what the image transform of ``evaluate --model`` makes
+    of their PNG files (training batches too), so a saved synthetic model scores the same on
+    the files through the command line as on the tensors in-process."""
+    from PIL import Image
+
+    from fastflamingo.cli import main
+    from fastflamingo.generation.cli import image_transform
+    transform = image_transform("open_flamingo", 32)
+    queries, support = synthetic.examples(8, "color", seed=11), synthetic.examples(8, "color", seed=12)
+    for i, e in enumerate(queries):
+        _png(tmp_path / f"{i}.png", e)
+        with Image.open(tmp_path / f"{i}.png") as im:
+            assert torch.equal(transform(im.convert("RGB")), e.image[0]), i
+    tok = synthetic.tokenizer()
+    g = torch.Generator().manual_seed(0)
+    vx = synthetic.training_batch(tok, 2, __import__("random").Random(0), g, 32, 510)[0]
+    assert vx.min() < -1.5 and vx.max() > 1.5  # CLIP-normalised, not [0, 1]
+    picture = synthetic.to_image(vx[0, 0])
+    assert torch.equal(transform(picture), vx[0, 0, 0])
+
+    model = fastflamingo.Flamingo.from_preset("tiny", seed=0)
+    synthetic.train(model, tok, steps=20, batch_size=8, lr=3e-3, progress=False)
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    files = {}
+    for split, examples in (("q", queries), ("s", support)):
+        lines = [json.dumps({"image": _png(tmp_path / f"{split}{i}.png", e).name, "label": e.answers[0]})
+                 for i, e in enumerate(examples)]
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+        files[split] = str(tmp_path / f"{split}.jsonl")
+    (tmp_path / "names.txt").write_text("\n".join(synthetic.NAMES) + "\n")
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--task", "classification", "--queries", files["q"],
+                 "--support", files["s"], "--class-names-file", str(tmp_path / "names.txt"), "--shots", "0", "2",
+                 "--batch-size", "4", "--out", str(tmp_path / "out")]) == 0
+    on_files = json.loads((tmp_path / "out" / "results.json").read_text())["results"]["classification"]
+    in_process = evaluate(model.eval(), tok, queries, support, task="classification", class_names=synthetic.NAMES,
+                          shots=(0, 2), batch_size=4, seed=42, progress=False)
+    assert [r["predictions"] for r in on_files] == [r.predictions for r in in_process]
+    assert [r["score"] for r in on_files] == [r.score for r in in_process]
