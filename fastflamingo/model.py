@@ -77,8 +77,7 @@ def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vo
         raise TypeError(f"lang_x must hold integer token ids, got {lang_x.dtype}")
     if lang_x.numel() == 0:
         raise ValueError(f"lang_x {tuple(lang_x.shape)} holds no tokens: give at least one token per row")
-    if text_time.is_floating_point() or text_time.is_complex() or text_time.dtype == torch.bool:
-        raise TypeError(f"text_time must hold integer image indices, got {text_time.dtype}")
+    ops.check_text_time_dtype(text_time)
     stats = [lang_x.max(), lang_x.min(), text_time.max().to(lang_x.device, lang_x.dtype),
              text_time.min().to(lang_x.device, lang_x.dtype)]
     if not derived:  # given: its order is checked too (derived from <image> tokens, it is in order)

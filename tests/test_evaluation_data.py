@@ -119,7 +119,7 @@ def test_load_vqa_refuses_bad_files(tmp_path):
     with pytest.raises(ValueError, match="is not a VQA questions file: it needs a \"questions\" list"):
         load_vqa(a, a, images)
     (tmp_path / "images" / "val2014" / "COCO_val2014_000000000002.jpg").unlink()
-    with pytest.raises(FileNotFoundError, match=r"1 images of .* are missing, the first \['.*COCO_val2014_000000000002"
+    with pytest.raises(FileNotFoundError, match=r"1 image file\(s\) of .* are missing, the first \['.*COCO_val2014_000000000002"
                                                 r"\.jpg'\]: is the image folder the right one\?"):
         load_vqa(q, a, images)
     annotations = json.loads(open(a).read())

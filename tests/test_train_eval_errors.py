@@ -186,7 +186,7 @@ def test_loaders_check_images_naming_the_line(tmp_path, capsys):
     k = tmp_path / "k.json"
     k.write_text(json.dumps({"images": [{"split": "test", "filename": "nope.jpg", "filepath": "val2014",
                                          "cocoid": 1, "sentences": [{"raw": "a cat"}]}]}))
-    with pytest.raises(FileNotFoundError, match=r"1 images of .*k.json's 'test' split are missing, the first "
+    with pytest.raises(FileNotFoundError, match=r"1 image file\(s\) of .*k.json's 'test' split are missing, the first "
                                                 r"\['.*val2014/nope.jpg'\]"):
         load_karpathy(str(k), str(tmp_path), "test", check_images=True)
     # the command line: a missing support image, before the model loads

@@ -77,6 +77,11 @@ class OpenFlamingoLayout:
                 f"vision features of width {self.vis_dim}")
 
 
+def resampler_layers_held(state: dict[str, torch.Tensor]) -> list[int]:
+    """The indices of the resampler layers an open_flamingo state dict holds keys of, sorted."""
+    return sorted({int(k.split(".")[2]) for k in state if re.match(r"perceiver\.layers\.\d+\.", k)})
+
+
 def read_open_flamingo_layout(state: dict[str, torch.Tensor]) -> OpenFlamingoLayout:
     """Infer the architecture from an open_flamingo state dict (duplicates already dropped).
 
@@ -103,7 +108,7 @@ def read_open_flamingo_layout(state: dict[str, torch.Tensor]) -> OpenFlamingoLay
         raise ValueError(f"the checkpoint's cross-attention layers {idx} do not follow open_flamingo's "
                          "(i + 1) % n == 0 placement")
     x = [f"lang_encoder.{attr}.{i}.gated_cross_attn_layer." for i in idx]
-    held = sorted({int(k.split(".")[2]) for k in state if re.match(r"perceiver\.layers\.\d+\.", k)})
+    held = resampler_layers_held(state)
     p = [f"perceiver.layers.{i}." for i in held]
     latents = state["perceiver.latents"]
     dim = latents.shape[1]
@@ -228,7 +233,7 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
             f"{layout.vis_dim}.\nPass the LM and vision encoder the checkpoint was trained with "
             "(lang_encoder=, vision_encoder=), and leave cross_attn_every_n_layers=None to read it from the "
             "checkpoint.")
-    held = {int(k.split(".")[2]) for k in state if re.match(r"perceiver\.layers\.\d+\.", k)}
+    held = resampler_layers_held(state)
     if len(held) < layout.depth:
         hint = (f"open_flamingo builds a resampler of {layout.depth} layers (perceiver.layers.0 to "
                 f"{layout.depth - 1}); the checkpoint holds {len(held)} of them: is it complete?\n" + hint)

@@ -89,11 +89,11 @@ def _json(path: str, key: str, what: str):
     return data[key]
 
 
-def _check_images(paths: list[str], source: str) -> None:
+def check_image_files(paths: list[str], source: str) -> None:
     """Every image is there before hours of evaluation, not discovered missing at query 10,000."""
     missing = [p for p in dict.fromkeys(paths) if not os.path.isfile(p)]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} images of {source} are missing, the first {missing[:3]}: "
+        raise FileNotFoundError(f"{len(missing)} image file(s) of {source} are missing, the first {missing[:3]}: "
                                 "is the image folder the right one?")
 
 
@@ -152,7 +152,7 @@ def load_vqa(questions: str, annotations: str, image_dir: str, dataset: str = "v
                            extra={"question_id": q["question_id"], "image_id": image_id, **types[q["question_id"]]}))
     if not out:
         raise ValueError(f"{questions} holds no questions")
-    _check_images([e.image for e in out], questions)
+    check_image_files([e.image for e in out], questions)
     return out
 
 
@@ -180,7 +180,7 @@ def load_karpathy(path: str, image_dir: str, split: str, check_images: bool = Fa
     if not out:
         raise ValueError(f"{path} has no images in split {split!r}; its splits are {splits}")
     if check_images:
-        _check_images([e.image for e in out], f"{path}'s {split!r} split")
+        check_image_files([e.image for e in out], f"{path}'s {split!r} split")
     return out
 
 

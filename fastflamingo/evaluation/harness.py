@@ -223,13 +223,12 @@ def _check_support(queries, support, shots_list, text_demos_at_zero, demonstrati
 
 
 def _check_images(queries, support) -> None:
-    """Every image given as a path is a file, before the first prompt runs, not at query 10,000."""
+    """Every image given as a path is a file, before the first prompt runs."""
     import os
-    paths = [e.image for e in list(queries) + list(support) if isinstance(e.image, (str, os.PathLike))]
-    missing = [p for p in dict.fromkeys(map(str, paths)) if not os.path.isfile(p)]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} image file(s) of the queries and support are missing, the first "
-                                f"{missing[:3]}: is the image folder the right one?")
+
+    from .datasets import check_image_files
+    check_image_files([str(e.image) for e in [*queries, *support] if isinstance(e.image, (str, os.PathLike))],
+                      "the queries and support")
 
 
 def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *, task: str = "vqa",

@@ -87,8 +87,8 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
         if vision_x is not None:
             check_vision_x(vision_x, batch=lang_x.shape[0])
             visual_tokens = model.encode_vision(vision_x)
-        elif visual_tokens is None and media_cache.cached(model) is not None:
-            visual_tokens, sees_media = _cached_media(model, lang_x, mask, prefix)
+        elif visual_tokens is None and (cached := media_cache.cached(model)) is not None:
+            visual_tokens, sees_media = _cached_media(model, cached, lang_x, mask, prefix)
     n_images = 0 if visual_tokens is None else visual_tokens.shape[1]
     # the prompt's own images, counted from 1 (the prefix's, if any, come before them)
     # (a prompt that sees cached media without <image> tokens refers to no image by its tokens)
@@ -107,11 +107,12 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
     return session, logits
 
 
-def _cached_media(model, lang_x, mask, prefix: Prefix | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A call given no images, after ``model.cache_media``: (the cached visual tokens, None) where
-    the prompt's ``<image>`` tokens place them, as a forward does; (the visual tokens, each row's
-    image count (B, 1)) for a prompt without any, whose tokens all see their row's last cached image."""
-    cached = media_cache.cached(model)
+def _cached_media(model, cached: media_cache.CachedMedia, lang_x, mask,
+                  prefix: Prefix | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A call given no images, after ``model.cache_media`` (``cached``): (the cached visual tokens,
+    None) where the prompt's ``<image>`` tokens place them, as a forward does; (the visual tokens,
+    each row's image count (B, 1)) for a prompt without any, whose tokens all see their row's last
+    cached image."""
     if cached.visual.shape[0] != lang_x.shape[0]:
         raise ValueError(f"the media cached by cache_media has batch {cached.visual.shape[0]} but lang_x has batch "
                          f"{lang_x.shape[0]}: pass vision_x, or cache_media again for these rows")

@@ -69,12 +69,18 @@ def cache_media(model, input_ids: torch.Tensor, vision_x: torch.Tensor) -> None:
 
 def _cached_text_time(model, lang_x: torch.Tensor, num_media: torch.Tensor) -> torch.Tensor:
     c = model.config
-    eos = c.eos_token_id if c.eos_resets_media else None
     if bool((lang_x == c.media_token_id).any()):
-        return text_time_for(lang_x, c.media_token_id, eos)
-    # every token sees the last cached image, unless an EOS before it resets (eos_resets_media)
-    lead = torch.full_like(lang_x[:, :1], c.media_token_id)
-    sees = text_time_for(torch.cat([lead, lang_x], dim=1), c.media_token_id, eos)[:, 1:]
+        return text_time_for(lang_x, c.media_token_id, c.eos_token_id if c.eos_resets_media else None)
+    return seeing_last_image(model, lang_x, num_media)
+
+
+def seeing_last_image(model, lang_x: torch.Tensor, num_media: torch.Tensor) -> torch.Tensor:
+    """``text_time`` of text without ``<image>`` tokens (B, T) whose every token sees its row's
+    last cached image, ``num_media`` (B, 1), unless an EOS before it resets (``eos_resets_media``)."""
+    c = model.config
+    lead = torch.full_like(lang_x[:, :1], c.media_token_id)  # as if an <image> came first
+    sees = text_time_for(torch.cat([lead, lang_x], dim=1), c.media_token_id,
+                         c.eos_token_id if c.eos_resets_media else None)[:, 1:]
     return sees * num_media.to(lang_x.device)
 
 

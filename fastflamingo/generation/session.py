@@ -25,7 +25,7 @@ import torch
 
 from ..distribute import uses_several_devices
 from ..model import text_time_for
-from . import llama_decode, lm_cache
+from . import llama_decode, lm_cache, media_cache
 from .prefix import Prefix
 
 CACHE_MODES = ("auto", "static", "dynamic")
@@ -155,12 +155,10 @@ class Session:
         self.prefix_length = 0 if prefix is None else prefix.length
         # padding is neither an image nor an EOS, even where pad_token_id == eos_token_id
         visible = torch.cat([ids.masked_fill(self.mask[:, :ids.shape[1]] == 0, -1), ids.new_full((B, 1), -1)], dim=1)
-        eos = c.eos_token_id if c.eos_resets_media else None
         if sees_media is None:
-            tt = text_time_for(visible, c.media_token_id, eos)
-        else:  # as if an <image> came first, then its row's last cached image
-            lead = torch.cat([visible.new_full((B, 1), c.media_token_id), visible], dim=1)
-            tt = text_time_for(lead, c.media_token_id, eos)[:, 1:] * sees_media.to(torch.int32)
+            tt = text_time_for(visible, c.media_token_id, c.eos_token_id if c.eos_resets_media else None)
+        else:
+            tt = media_cache.seeing_last_image(self.model, visible, sees_media)
         self.prompt_text_time = tt[:, self.prefix_length:-1]
         # (B, 1) what generated tokens see: the prompt's last token's images (left padding: the
         # last column, or the prefix's last token for a query of padding only)

@@ -23,7 +23,7 @@ BACKENDS = ("auto", "triton", "native", "torch", "reference")
 
 __all__ = ["image_causal_attention", "perceiver_attention", "text_time_from_media_locations",
            "image_causal_attention_reference", "perceiver_attention_reference",
-           "image_causal_mask", "BACKENDS", "check_text_time", "text_time_decreases", "perceiver_backend"]
+           "image_causal_mask", "BACKENDS", "check_text_time", "check_text_time_dtype", "text_time_decreases", "perceiver_backend"]
 
 
 def _check_backend(backend: str) -> None:
@@ -60,10 +60,21 @@ def _check_attention_inputs(name: str, q: torch.Tensor, keys: dict[str, torch.Te
                              "in batch, heads or head_dim")
 
 
+def check_text_time_dtype(text_time: torch.Tensor, name: str = "") -> None:
+    """``text_time`` holds integers (a float or bool one would be truncated to image indices)."""
+    if text_time.is_floating_point() or text_time.is_complex() or text_time.dtype == torch.bool:
+        raise TypeError(f"{name + ': ' if name else ''}text_time must hold integer image indices, got {text_time.dtype}")
+
+
+def _goes_back(text_time: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: the tokens whose image comes before an image an earlier token saw (nonzero
+    values only: 0, no image, may follow anything, as after IDEFICS's EOS reset)."""
+    return (text_time != 0) & (text_time < text_time.cummax(-1).values)
+
+
 def text_time_decreases(text_time: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> a 0-d count of the tokens whose image comes before an image an earlier token saw
-    (nonzero values only: 0, no image, may follow anything, as after IDEFICS's EOS reset)."""
-    return ((text_time != 0) & (text_time < text_time.cummax(-1).values)).sum()
+    """(B, T) -> a 0-d count of the tokens of :func:`_goes_back` (0 for a ``text_time`` in order)."""
+    return _goes_back(text_time).sum()
 
 
 def check_text_time(text_time: torch.Tensor, num_media: int, bounds: tuple[int, ...] | None = None) -> None:
@@ -72,16 +83,14 @@ def check_text_time(text_time: torch.Tensor, num_media: int, bounds: tuple[int, 
     gives a later token an earlier image). One host sync; none when the caller already read
     ``bounds`` = (text_time.max(), text_time.min()[, text_time_decreases(text_time)]); without the
     third, the order is not checked (``text_time`` derived from ``<image>`` tokens is in order)."""
-    if text_time.is_floating_point() or text_time.is_complex() or text_time.dtype == torch.bool:
-        raise TypeError(f"text_time must hold integer image indices, got {text_time.dtype}")
+    check_text_time_dtype(text_time)
     if text_time.numel() == 0:
         return
     if bounds is None:  # one sync for all three
         bounds = torch.stack((text_time.max(), text_time.min(), text_time_decreases(text_time))).tolist()
     worst, least, *decreasing = bounds
     if decreasing and decreasing[0]:
-        bad = (text_time != 0) & (text_time < text_time.cummax(-1).values)
-        row, col = bad.nonzero()[0].tolist()
+        row, col = _goes_back(text_time).nonzero()[0].tolist()
         raise ValueError(f"text_time row {row} goes back to image {int(text_time[row, col])} at token {col}, after "
                          f"image {int(text_time[row, :col].max())}: a token sees the last image before it, so nonzero "
                          "text_time never decreases along a row (0, no image, may come anywhere)")
@@ -140,8 +149,7 @@ def image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          f"{(q.shape[0], q.shape[2])}")
     if text_time.device != q.device:
         raise ValueError(f"media_locations/text_time is on {text_time.device} but q is on {q.device}")
-    if text_time.is_floating_point() or text_time.is_complex() or text_time.dtype == torch.bool:
-        raise TypeError(f"image_causal_attention: text_time must hold integer image indices, got {text_time.dtype}")
+    check_text_time_dtype(text_time, "image_causal_attention")
     _check_scale("image_causal_attention", scale)
     if validate and not torch.compiler.is_compiling():  # the check syncs with the host
         check_text_time(text_time, k.shape[2] // latents_per_media)
