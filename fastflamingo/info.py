@@ -53,7 +53,9 @@ def collect() -> dict:
         "ops backend torch": "yes",
         "ops backend reference": "yes",
         "baseline flex_attention": "yes" if _has("torch.nn.attention.flex_attention") else "no",
-        "baseline varlen_attn": "yes" if _has("torch.nn.attention.varlen") else "no",
+        # torch's varlen attention runs flash-attention kernels: CUDA only (the CPU raises)
+        "baseline varlen_attn": ("no" if not _has("torch.nn.attention.varlen") else
+                                 "yes (CUDA)" if info["cuda_available"] else "CUDA only (no GPU here)"),
     }
     return info
 

@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-from . import mpt, ops
+from . import mpt, ops, quant
 from .blocks import (ATTENTION_MODULES, Checkpointed, GatedCrossAttentionBlock,
                      IdeficsGatedCrossAttentionBlock, MediaState, PerceiverResampler)
 from .config import FlamingoConfig
@@ -186,6 +186,9 @@ class Flamingo(nn.Module):
         # open_flamingo checkpoints hold every block twice: load_state_dict drops the copies
         self.register_load_state_dict_pre_hook(drop_duplicate_keys_hook)
         self.set_trainable()
+        # given encoders quantized elsewhere (transformers' BitsAndBytesConfig): bitsandbytes' CPU
+        # NF4 kernel crashes at some shapes and has no backward (fastflamingo.quant)
+        quant.guard_cpu_4bit(self)
 
     # ---------------------------------------------------------------- construction
     def _check_token_ids(self) -> None:

@@ -2,7 +2,9 @@
 
 ``tiny`` runs on a CPU in seconds (tests, the CPU benchmark). The others have the shapes of the
 released checkpoints (OpenFlamingo-3B/4B/9B, IDEFICS-9B) and of the paper's models
-(Flamingo-3B/9B/80B, with LLaMA-shaped stand-ins for Chinchilla and timm's NFNet-F6), for
+(Flamingo-3B/9B/80B: the paper's depths, widths and heads, with LLaMA-shaped stand-ins for
+Chinchilla, their gated MLPs at LLaMA's 8/3 d so the LMs have Chinchilla's 1.4B / 7B / 70B-class
+parameter counts, and timm's NFNet-F6; 3.67B / 9.28B / 74.9B in all, tests/test_model.py), for
 benchmarking; load real weights with :mod:`fastflamingo.convert`.
 """
 from __future__ import annotations
@@ -76,9 +78,9 @@ PRESETS = {
                                              heads=None, dim_head=None, alpha_type="float"),
         lm=_llama(4096, 32, 32, 11008, vocab=32002), media_token_id=32001, eoc_token_id=32000,
         pad_token_id=0, eos_token_id=2, eos_resets_media=True, num_base_tokens=32000),
-    "flamingo-3b": lambda: _paper(_llama(2048, 24, 16, 8192), every=1, heads=16),
-    "flamingo-9b": lambda: _paper(_llama(4096, 32, 32, 16384), every=4, heads=32),
-    "flamingo-80b": lambda: _paper(_llama(8192, 80, 64, 32768), every=7, heads=64),
+    "flamingo-3b": lambda: _paper(_llama(2048, 24, 16, 5632), every=1, heads=16),
+    "flamingo-9b": lambda: _paper(_llama(4096, 32, 32, 11008), every=4, heads=32),
+    "flamingo-80b": lambda: _paper(_llama(8192, 80, 64, 22016), every=7, heads=64),
 }
 
 

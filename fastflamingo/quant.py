@@ -6,10 +6,15 @@ bitsandbytes layers. Trainable layers (the resampler, the cross-attention blocks
 training, trainable LM layers) and the LM head stay in 16/32-bit.
 
 bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks NF4 weights for a fast kernel on the first
-eval/no-grad forward, and that kernel crashes unless ``in_features % 64 == 0`` and
-``out_features`` is a multiple of its block (ENVIRONMENT.md): every NF4 layer of other shapes
-gets ``support_avx512bf16_for_cpu = False`` (the generic kernel), here and in
-:func:`guard_cpu_4bit` for models quantized elsewhere (e.g. transformers' BitsAndBytesConfig).
+eval/no-grad forward, for good. That kernel crashes unless ``in_features % 64 == 0`` and
+``out_features`` is a multiple of its block (ENVIRONMENT.md); where it runs, it computes in bf16
+(an fp32 model's outputs change by ~3e-3 after its first no-grad call) and has no backward (a
+later training step gets no gradient through the layer, with only a warning). So every NF4 layer
+gets ``support_avx512bf16_for_cpu = False`` (the generic kernel: exact, gradients, ~1.2x slower
+at the ``tiny`` preset's CPU decode), here and in :func:`guard_cpu_4bit`, which every model
+built or loaded by fastflamingo runs (models quantized elsewhere, e.g. with transformers'
+BitsAndBytesConfig, included). A layer repacked before it got here cannot be unpacked exactly:
+a forward that needs its input's gradient is refused.
 Its native CPU dequantization (from 0.49) also scales rows wrongly where ``in_features`` is not a
 multiple of the block size (silently wrong outputs, e.g. K = 48 or 96): those layers' CPU inputs take
 fastflamingo's reference dequantization (:mod:`fastflamingo.ops.nf4`).
@@ -47,6 +52,8 @@ def import_bitsandbytes():
     (the user's choice). Whether ``kernels`` was imported before says nothing of that choice:
     transformers imports it to see whether it is installed. Raises ImportError without bitsandbytes."""
     if "bitsandbytes" in sys.modules:
+        if sys.modules["bitsandbytes"] is None:  # Python's marker of a blocked import
+            raise ImportError("import of bitsandbytes blocked (sys.modules['bitsandbytes'] is None)")
         return sys.modules["bitsandbytes"]
     if os.environ.get("FASTFLAMINGO_HUB_KERNELS", "0") not in ("", "0"):
         import bitsandbytes
@@ -68,11 +75,11 @@ def import_bitsandbytes():
     return bitsandbytes
 
 
-def _bnb():
+def _bnb(purpose: str = "quantization"):
     try:
         bnb = import_bitsandbytes()
     except ImportError as e:
-        raise ImportError("quantization needs bitsandbytes: pip install bitsandbytes") from e
+        raise ImportError(f"{purpose} needs bitsandbytes: pip install bitsandbytes") from e
     versions.require("bitsandbytes", bnb.__version__)
     return bnb
 
@@ -83,22 +90,27 @@ def cpu_4bit_fast_path_ok(in_features: int, out_features: int) -> bool:
 
 
 def guard_cpu_4bit(model: nn.Module) -> int:
-    """Route every bitsandbytes 4-bit layer whose shape crashes the AVX512-BF16 CPU kernel to the
-    generic kernel, and every one whose shape bitsandbytes' CPU dequantization scales wrongly
+    """Route every bitsandbytes 4-bit layer to the generic CPU kernel, away from the AVX512-BF16
+    one (which crashes at some shapes, computes in bf16 and has no backward: the module's
+    docstring), every one whose shape bitsandbytes' CPU dequantization scales wrongly
     (in_features not a multiple of the block size: silently wrong outputs) to fastflamingo's
-    reference dequantization (:func:`fastflamingo.ops.nf4.linear4bit_forward`) for CPU inputs.
-    Returns the number of layers changed."""
-    from .ops.nf4 import guard_cpu_dequantize
+    reference dequantization (:func:`fastflamingo.ops.nf4.linear4bit_forward`) for CPU inputs,
+    and every one already repacked for that kernel to a forward that refuses to be
+    differentiated. Returns the number of layers changed. A no-op (0) without bitsandbytes
+    imported: nothing can hold its layers then."""
+    if sys.modules.get("bitsandbytes") is None:
+        return 0
+    from .ops.nf4 import guard_cpu_dequantize, guard_repacked
     bnb = _bnb()
     changed = 0
     for m in model.modules():
         if not isinstance(m, bnb.nn.Linear4bit):
             continue
         fixed = False
-        if not cpu_4bit_fast_path_ok(m.in_features, m.out_features) and getattr(m, "support_avx512bf16_for_cpu", False):
+        if getattr(m, "support_avx512bf16_for_cpu", False):
             m.support_avx512bf16_for_cpu = False
             fixed = True
-        changed += guard_cpu_dequantize(m) or fixed
+        changed += guard_repacked(m) or guard_cpu_dequantize(m) or fixed
     return changed
 
 
@@ -110,8 +122,7 @@ def _quantized_linear(linear: nn.Linear, quantization: str) -> nn.Module:
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=has_bias, compute_dtype=w.dtype,
                               quant_type="nf4", device="meta")
         q.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", module=q)
-        if not cpu_4bit_fast_path_ok(linear.in_features, linear.out_features):
-            q.support_avx512bf16_for_cpu = False
+        q.support_avx512bf16_for_cpu = False  # the module's docstring: bf16 compute, no backward
     else:
         q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=has_bias, has_fp16_weights=False,
                                 threshold=INT8_THRESHOLD, device="meta")
@@ -164,6 +175,8 @@ def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool =
     if cross_attention and model.training:
         raise ValueError("cross_attention=True quantizes the layers Flamingo trains: call model.eval() first "
                          "(quantize them for inference only; training keeps them in 16-bit)")
+    if fused and quantization != "nf4":
+        raise ValueError(f"fused=True is for NF4 weights; quantization={quantization!r}")
     if quantization == "int8":
         # bitsandbytes logs at every call that fp32/bf16 activations enter its int8 matmul as fp16
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_int8_cast_notice)
@@ -177,10 +190,13 @@ def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool =
         for block in model.gated_cross_attn_layers:
             count += _replace_linears(block, quantization, set(), frozen_only=False)
     if count == 0:
+        held = quantized_modules(model)
+        if held:
+            raise ValueError(f"quantize_model found no frozen nn.Linear layer to quantize: this model is already "
+                             f"quantized ({len(held)} bitsandbytes layers, e.g. {held[0]}); build or load it "
+                             f"again to quantize it another way")
         raise ValueError("quantize_model found no frozen nn.Linear layer to quantize in this model")
     if fused:
-        if quantization != "nf4":
-            raise ValueError(f"fused=True is for NF4 weights; quantization={quantization!r}")
         from .ops.nf4 import use_fused_nf4
         use_fused_nf4(model)
     return model
@@ -189,7 +205,7 @@ def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool =
 def quantized_modules(model: nn.Module) -> list[str]:
     """Names of the bitsandbytes 4- and 8-bit layers in ``model`` (none where bitsandbytes was never
     imported)."""
-    if "bitsandbytes" not in sys.modules:
+    if sys.modules.get("bitsandbytes") is None:
         return []
     bnb = _bnb()
     return [name for name, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]

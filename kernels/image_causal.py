@@ -442,9 +442,12 @@ def _as_kernel_operand(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _prepare_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor):
-    """Raise on what the kernels cannot take; q, k, v as kernel operands, text_time contiguous
-    (it is tiny)."""
+def _prepare_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_time: torch.Tensor,
+                    latents_per_media: int):
+    """Raise on what the kernels cannot take (shapes, dtypes and devices only: no sync), naming
+    the tensor; q, k, v as kernel operands, text_time contiguous (it is tiny)."""
+    from fastflamingo.ops import check_image_causal_inputs  # (here: the kernels import without the package)
+    check_image_causal_inputs("image_causal", q, k, v, latents_per_media)
     check_dtype_and_head_dim("image_causal", q)
     if text_time.dtype != torch.int32:
         raise TypeError(f"image_causal: text_time must be int32, got {text_time.dtype}")
@@ -474,7 +477,7 @@ def image_causal_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_tim
         lse: (B, H, T) fp32 natural-log log-sum-exp of each row's scaled scores; -inf for
             tokens that see no key.
     """
-    q, k, v, text_time = _prepare_inputs(q, k, v, text_time)
+    q, k, v, text_time = _prepare_inputs(q, k, v, text_time, latents_per_media)
     B, H, T, D = q.shape
     nkeys = k.shape[2]
     out = torch.empty_like(q)
@@ -519,7 +522,12 @@ def image_causal_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         dq, dk, dv shaped and (when dense) laid out like q, k, v. Tokens with text_time 0 get
         dq = 0 exactly; keys of images no token sees get dk = dv = 0.
     """
-    q, k, v, text_time = _prepare_inputs(q, k, v, text_time)
+    q, k, v, text_time = _prepare_inputs(q, k, v, text_time, latents_per_media)
+    for name, t, shape, dtype in (("out", out, q.shape, q.dtype), ("dout", dout, q.shape, q.dtype),
+                                  ("lse", lse, q.shape[:3], torch.float32)):
+        if t.shape != shape or t.dtype != dtype or t.device != q.device:
+            raise ValueError(f"image_causal: {name} is {tuple(t.shape)} {t.dtype} on {t.device}, expected "
+                             f"{tuple(shape)} {dtype} on {q.device} (the forward's, for q {tuple(q.shape)})")
     out = _as_kernel_operand("out", out)
     dout = _as_kernel_operand("dout", dout)
     B, H, T, D = q.shape

@@ -280,7 +280,8 @@ def _x_pairs(x: torch.Tensor) -> torch.Tensor:
     try:
         return x.view(dtype)
     except RuntimeError:
-        return x.contiguous().view(dtype)
+        # a fresh buffer: .contiguous() returns a one-row x with an odd row stride or offset as it is
+        return x.clone(memory_format=torch.contiguous_format).view(dtype)
 
 
 def _block_m(M: int) -> int:

@@ -11,7 +11,8 @@ latent key blocks, with the same running max and sum (one online softmax over bo
 Shapes: ``q`` (B, H, L, D) latent queries; ``k_media``/``v_media`` (B, H, V, D);
 ``k_latents``/``v_latents`` (B, H, L, D). B = images x frames. Any strides are accepted as long
 as the last dim is contiguous (the resampler passes views of its (B, S, H*D) projections).
-One launch covers all B*H heads.
+One launch covers all B*H heads, on a 1-D grid (CUDA caps a grid's second and third axes at
+65535 programs, which B*H passes at 8192 images of 8 heads; the first takes 2**31 - 1).
 
 Outputs are allocated in the (B, S, H, D) memory layout and returned as (B, H, S, D) views (see
 :func:`empty_bshd`): that is the layout the resampler's projections produce and consume, so
@@ -119,9 +120,12 @@ def _perceiver_fwd_kernel(
         H, L, V, D, qk_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
         EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (cdiv(L, BLOCK_M), B*H). ``qk_scale`` = scale * log2(e); LSE is (B*H, L) fp32, natural log."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    """1-D grid of cdiv(L, BLOCK_M) * B*H programs, query tiles fastest.
+    ``qk_scale`` = scale * log2(e); LSE is (B*H, L) fp32, natural log."""
+    n_tiles = tl.cdiv(L, BLOCK_M)
+    pid = tl.program_id(0)
+    bh = pid // n_tiles
+    pid_m = pid % n_tiles
     b = bh // H
     h = bh % H
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -228,11 +232,14 @@ def _perceiver_bwd_kernel(
         H, L, V, D, KEYS_PER_SPLIT, qk_scale, sm_scale,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, SINGLE_M: tl.constexpr,
         EVEN_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Grid (splits, B*H): program (s, bh) owns keys [s*KEYS_PER_SPLIT, (s+1)*KEYS_PER_SPLIT) of
-    the virtual concatenation [media ; latents] of head bh, writes their dK, dV, and writes its
-    share of dQ to DQ[s] (summed over splits by the host when there is more than one)."""
-    split = tl.program_id(0)
-    bh = tl.program_id(1)
+    """1-D grid of splits * B*H programs, a head's splits fastest (they share its q, dO and O):
+    program (s, bh) owns keys [s*KEYS_PER_SPLIT, (s+1)*KEYS_PER_SPLIT) of the virtual
+    concatenation [media ; latents] of head bh, writes their dK, dV, and writes its share of dQ
+    to DQ[s] (summed over splits by the host when there is more than one)."""
+    splits = tl.cdiv(V + L, KEYS_PER_SPLIT)
+    pid = tl.program_id(0)
+    bh = pid // splits
+    split = pid % splits
     b = bh // H
     h = bh % H
     key_lo = split * KEYS_PER_SPLIT
@@ -356,9 +363,9 @@ def perceiver_fwd(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor,
         out (B, H, L, D) in q's dtype, stored in (B, L, H, D) memory layout; lse (B, H, L) fp32,
         the natural-log log-sum-exp of each row's scaled scores (kept for the backward).
 
-    Grid (query tiles, B*H): with the resampler's 64 latents one tile holds all queries, so each
-    program streams one head's V + L keys and values exactly once (B*H = 512 programs for 64
-    images x 8 heads); autotuning picks the key block and pipelining depth.
+    One program per (query tile, head): with the resampler's 64 latents one tile holds all
+    queries, so each program streams one head's V + L keys and values exactly once (B*H = 512
+    programs for 64 images x 8 heads); autotuning picks the key block and pipelining depth.
     """
     _check_inputs(q, k_media, v_media, k_latents, v_latents)
     q, k_media, v_media, k_latents, v_latents = map(
@@ -370,8 +377,7 @@ def perceiver_fwd(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.Tensor,
     if out.numel() == 0:
         return out, lse
     BLOCK_M = _block_m(q, block_m)
-    grid = (triton.cdiv(L, BLOCK_M), B * H)
-    _perceiver_fwd_kernel[grid](
+    _perceiver_fwd_kernel[(triton.cdiv(L, BLOCK_M) * B * H,)](
         q, k_media, v_media, k_latents, v_latents, out, lse,
         *bhs_strides(q), *bhs_strides(k_media), *bhs_strides(v_media), *bhs_strides(k_latents),
         *bhs_strides(v_latents), *bhs_strides(out),
@@ -458,8 +464,7 @@ def perceiver_bwd(dout: torch.Tensor, q: torch.Tensor, k_media: torch.Tensor, v_
         dq_buf = torch.empty(splits, B, L, H, D, device=q.device, dtype=torch.float32).transpose(2, 3)
         dq_strides = (dq_buf.stride(0), dq_buf.stride(1), dq_buf.stride(2), dq_buf.stride(3))
 
-    grid = (splits, B * H)
-    _perceiver_bwd_kernel[grid](
+    _perceiver_bwd_kernel[(splits * B * H,)](
         q, k_media, v_media, k_latents, v_latents, out, dout, lse, dq_buf,
         dk_media, dv_media, dk_latents, dv_latents,
         *bhs_strides(q), *bhs_strides(k_media), *bhs_strides(v_media), *bhs_strides(k_latents),

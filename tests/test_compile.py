@@ -94,3 +94,39 @@ def test_compiled_decode_through_the_triton_kernel_is_one_graph(lm, monkeypatch)
     assert not counters["graph_break"] and counters["stats"]["unique_graphs"] == 1, dict(counters["graph_break"])
     assert calls
     assert torch.equal(compiled, generate(model, vx, ids, max_new_tokens=3, cache="static", compile=False))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiled_op_checks_text_time_on_the_device(backend):
+    """Under torch.compile the op's text_time checks (a host sync eagerly) are device-side asserts:
+    still one graph (fullgraph), eager's results for a good text_time, an error for one going
+    back to an earlier image (the Triton backward would give wrong dK/dV) or beyond the images
+    given. On CPU tensors: on a GPU a failed device-side assert ends the process's CUDA context."""
+    import fastflamingo.ops as ops
+    from fastflamingo.kernels import image_causal
+    if backend == "triton" and not image_causal.INTERPRET:
+        pytest.skip("the Triton kernels take CPU tensors only in the interpreter")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 1, n, 16, generator=g).requires_grad_() for n in (6, 32, 32))
+
+    def attention(q, k, v, text_time):
+        return ops.image_causal_attention(q, k, v, text_time=text_time, latents_per_media=16, backend=backend)
+
+    def run(fn, text_time):
+        out = fn(q, k, v, text_time)
+        return out.detach(), torch.autograd.grad(out.square().sum(), (q, k, v))
+
+    good = torch.tensor([[0, 1, 1, 2, 0, 2]], dtype=torch.int32)
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, fullgraph=True)  # fullgraph: a graph break is an error
+    for c, e in zip(*(run(fn, good) for fn in (compiled, attention))):
+        torch.testing.assert_close(c, e, rtol=1e-5, atol=1e-5)
+    for bad, match in [([[1, 1, 2, 2, 1, 1]], "nonzero values decrease along a row"),
+                       ([[1, 1, 2, 2, 3, 3]], "beyond the N images"), ([[-1, 1, 1, 1, 1, 1]], "or is < 0")]:
+        bad = torch.tensor(bad, dtype=torch.int32)
+        with pytest.raises(RuntimeError, match=f"image_causal_attention: text_time.*{match}"):
+            compiled(q, k, v, bad)
+        with pytest.raises(RuntimeError, match=match):  # the asserts by themselves, eagerly
+            ops.assert_text_time_async(bad, 2)
+        with pytest.raises(ValueError):  # eagerly the op's check, naming the row
+            attention(q, k, v, bad)

@@ -209,3 +209,12 @@ def test_convert_open_flamingo_without_its_options_is_a_usage_error(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert err.startswith("fastflamingo convert: error: ") and "--vision, --ln-post-on-tokens" in err
     assert len(err.splitlines()) == 1
+
+
+def test_from_pretrained_of_a_missing_directory_says_it_loads_local_directories(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"does not exist: from_pretrained loads a local directory"):
+        Flamingo.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*nothing is downloaded"):
+        Flamingo.from_pretrained("HuggingFaceM4/idefics-9b")
+    with pytest.raises(FileNotFoundError, match=r"is not a fastflamingo directory: config.json is missing"):
+        Flamingo.from_pretrained(tmp_path)

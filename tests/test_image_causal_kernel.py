@@ -98,20 +98,21 @@ def fp32_floor(*factors):
     return 4 * torch.finfo(torch.float32).eps * magnitude
 
 
-def check_against_references(backend, q, k, v, text_time, L, only_immediate, *, seed=1):
+def check_against_references(backend, q, k, v, text_time, L, only_immediate, *, scale=None, seed=1):
     """Forward + backward of ``backend`` vs the references by the rule (2x for the output, 3x
     for the gradients), plus the exact zeros: output and dq of tokens without an image, dk and
-    dv of keys no token may see. fp32 results get the floor of :func:`fp32_floor`."""
+    dv of keys no token may see. fp32 results get the floor of :func:`fp32_floor`. ``scale``:
+    the softmax scale given to both (None: their default, D ** -0.5)."""
     dtype = q.dtype
     dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(q.device, dtype)
 
     def fast(q_, k_, v_):
         return ops.image_causal_attention(q_, k_, v_, text_time=text_time, latents_per_media=L,
-                                          only_immediate=only_immediate, backend=backend)
+                                          only_immediate=only_immediate, scale=scale, backend=backend)
 
     def reference(q_, k_, v_):
         return image_causal_attention_reference(q_, k_, v_, text_time, latents_per_media=L,
-                                                only_immediate=only_immediate)
+                                                only_immediate=only_immediate, scale=scale)
 
     high = torch.float64 if dtype == torch.float32 else torch.float32
     out, grads = forward_backward(fast, q, k, v, dout)
@@ -135,6 +136,22 @@ def check_against_references(backend, q, k, v, text_time, L, only_immediate, *, 
     unseen = (~seen)[:, None, :, None].expand(k.shape)
     assert (grads[1][unseen] == 0).all() and (grads[2][unseen] == 0).all(), \
         "keys of images no token may see must get dk = dv = 0 exactly"
+
+
+def check_double_backward_is_refused(call, inputs, op):
+    """Gradients through ``call(*inputs)`` taken with create_graph=True are the plain ones, and
+    differentiating them again (a gradient penalty on dq) raises, naming the backend that can,
+    rather than silently dropping the kernels' second-order terms; also for a loss linear in the
+    output, whose constant dout does not require grad."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    for loss in (torch.square, lambda out: out):
+        plain = torch.autograd.grad(loss(call(*leaves)).sum(), leaves)
+        out = call(*leaves)
+        grads = torch.autograd.grad(loss(out).sum(), leaves, create_graph=True)
+        for g, p in zip(grads, plain):
+            torch.testing.assert_close(g.detach(), p, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match=f'{op}: .* cannot be differentiated again .*backend="reference"'):
+            (grads[0].square().sum() + out.sum()).backward()
 
 
 # ----------------------------------------------------------------------------- edge cases
@@ -171,6 +188,17 @@ def test_triton_edge_cases(case, only_immediate, dtype, projection):
     text_time = build(T)
     q, k, v = make_qkv(text_time.shape[0], H, T, D, N, L, dtype, projection=projection)
     check_against_references("triton", q, k, v, text_time, L, only_immediate)
+
+
+@pytest.mark.parametrize("scale", [0.37, 0.0, -2.0])
+@MODES
+def test_triton_non_default_scale(scale, only_immediate):
+    """The kernels use the scale given, not D ** -0.5 (0.25 here): forward and backward; 0 gives
+    uniform attention over the visible keys, a negative scale reverses the scores' order."""
+    H, D, N, L, T, build = EDGE_CASES["idefics_eos_resets"]
+    text_time = build(T)
+    q, k, v = make_qkv(text_time.shape[0], H, T, 16, N, L, torch.float32)
+    check_against_references("triton", q, k, v, text_time, L, only_immediate, scale=scale)
 
 
 @st.composite
@@ -217,6 +245,18 @@ def test_output_laid_out_like_projection_queries():
     dq, dk, dv = torch.ops.fastflamingo.image_causal_attention_backward(
         torch.ones_like(out), q, k, v, out, lse, text_time, 4, True, 0.25)
     assert dq.stride() == q.stride()
+
+
+def test_triton_double_backward_is_a_clear_error():
+    """Through the eager autograd Function and through the custom op called directly."""
+    text_time = text_time_from_rows(7, [[1, 4]])
+    qkv = make_qkv(1, 2, 7, 16, 2, 3, torch.float32)
+    check_double_backward_is_refused(
+        lambda q, k, v: ops.image_causal_attention(q, k, v, text_time=text_time, latents_per_media=3,
+                                                   backend="triton"), qkv, "image_causal_attention")
+    check_double_backward_is_refused(
+        lambda q, k, v: torch.ops.fastflamingo.image_causal_attention(q, k, v, text_time, 3, True, 0.3)[0],
+        qkv, "image_causal_attention")
 
 
 def test_triton_from_media_locations():
@@ -267,7 +307,7 @@ class TinyCrossAttention(torch.nn.Module):
         H, D = self.heads, self.dim_head
         q = self.to_q(x).view(B, T, H, D).transpose(1, 2)
         k, v = (t.view(B, -1, H, D).transpose(1, 2) for t in self.to_kv(media).chunk(2, dim=-1))
-        # validate=False: the check is a host sync, which a compiled graph cannot hold
+        # validate=False, as the model passes (it checks text_time once per forward, outside the graph)
         out = ops.image_causal_attention(q, k, v, media_locations, latents_per_media=self.latents,
                                          backend=self.backend, validate=False)
         return self.to_out(out.transpose(1, 2).reshape(B, T, H * D))
@@ -352,6 +392,34 @@ def test_kernel_rejects_bad_text_time():
         image_causal_fwd(q, k, v, torch.ones(1, 4, dtype=torch.int64, device=DEVICE), 4, True, 0.25)
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         image_causal_fwd(q, k, v, torch.ones(1, 5, dtype=torch.int32, device=DEVICE), 4, True, 0.25)
+
+
+def test_kernel_and_registered_op_reject_keys_and_values_that_do_not_fit_q():
+    """The registered op (a documented entry point) and the launchers check k and v against q as
+    the public function does, naming the tensor: they would otherwise read past a short k or v."""
+    from fastflamingo.kernels.image_causal import image_causal_bwd, image_causal_fwd
+    q, k, v = (t.detach() for t in make_qkv(1, 1, 4, 16, 2, 3, torch.float32))
+    tt = torch.ones(1, 4, dtype=torch.int32, device=DEVICE)
+    bad = {
+        "k head_dim": ((q, k[..., :8], v, tt, 3), ValueError, r"k shape \(1, 1, 6, 8\) does not match q"),
+        "k heads": ((q, k.expand(1, 2, 6, 16), v, tt, 3), ValueError, r"k shape \(1, 2, 6, 16\) does not match q"),
+        "v batch": ((q, k, v.expand(2, 1, 6, 16), tt, 3), ValueError, r"v shape \(2, 1, 6, 16\) does not match q"),
+        "k dtype": ((q, k.half(), v, tt, 3), TypeError, "k has dtype torch.float16 but q has torch.float32"),
+        "v shorter than k": ((q, k, v[:, :, :3], tt, 3), ValueError, r"k \(1, 1, 6, 16\) and v \(1, 1, 3, 16\) differ"),
+        "part of an image": ((q, k[:, :, :5], v[:, :, :5], tt, 3), ValueError, "the 5 keys are not a whole number"),
+        "no latents": ((q, k, v, tt, 0), ValueError, "the 6 keys are not a whole .* latents_per_media=0"),
+    }
+    for case, (args, error, match) in bad.items():
+        for call in (image_causal_fwd, torch.ops.fastflamingo.image_causal_attention):
+            with pytest.raises(error, match=f"image_causal: {match}"):
+                call(*args, True, 0.25)
+    out, lse = image_causal_fwd(q, k, v, tt, 3, True, 0.25)
+    with pytest.raises(ValueError, match=r"image_causal: k \(1, 1, 6, 16\) and v \(1, 1, 3, 16\) differ"):
+        image_causal_bwd(out, q, k, v[:, :, :3], out, lse, tt, 3, True, 0.25)
+    for name, args in (("dout", (out[:, :, :2], q, k, v, out, lse)), ("out", (out, q, k, v, out.half(), lse)),
+                       ("lse", (out, q, k, v, out, lse[..., :2]))):
+        with pytest.raises(ValueError, match=f"image_causal: {name} is"):
+            image_causal_bwd(*args, tt, 3, True, 0.25)
 
 
 # ----------------------------------------------------------------------------- launch configs

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from fastflamingo import CrossAttentionConfig, Flamingo, FlamingoConfig, ResamplerConfig, VisionConfig, mpt, setup_tokenizer
+from fastflamingo.presets import preset_config
 from fastflamingo.vision import vision_features
 
 from peers import EOS_ID, MEDIA_ID, tiny_lm, tiny_open_clip, tiny_tokenizer
@@ -602,3 +603,15 @@ def test_activation_checkpointing_refuses_reentrant_and_takes_transformers_older
     assert model.is_gradient_checkpointing and model.perceiver.checkpoint_kwargs == {"preserve_rng_state": False}
     model.gradient_checkpointing_disable()
     assert not model.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("name,total,lm", [("flamingo-3b", 3.67e9, 1.36e9), ("flamingo-9b", 9.28e9, 6.74e9),
+                                          ("flamingo-80b", 74.9e9, 65.3e9)])
+def test_paper_presets_have_the_documented_parameter_counts(name, total, lm):
+    """README and presets.py give these totals (the paper: 3.2B, 9.3B, 80B in all; 1.4B, 7B, 70B
+    LMs); a LLaMA MLP at 4 d had made them 4.05B, 11.4B and 96.1B."""
+    with torch.device("meta"):
+        model = Flamingo(preset_config(name))
+    blocks = sum(p.numel() for b in model.gated_cross_attn_layers for p in b.parameters())
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(total, rel=0.01)
+    assert sum(p.numel() for p in model.lang_encoder.parameters()) - blocks == pytest.approx(lm, rel=0.01)

@@ -22,7 +22,8 @@ import fastflamingo.ops as ops
 from fastflamingo import native
 from fastflamingo.ops.reference import image_causal_attention_reference
 from test_image_causal_kernel import (EDGE_CASES, MODES, SETTINGS, TinyCrossAttention, check_against_references,
-                                      idefics_text_time, layouts, make_qkv, text_time_from_rows)
+                                      check_double_backward_is_refused, idefics_text_time, layouts, make_qkv,
+                                      text_time_from_rows)
 from test_perceiver_kernel import _ALL_LD, _ALL_V, _BF16, _ODD, NAMES, check_by_rule, make_inputs
 
 DTYPES = pytest.mark.parametrize("dtype,projection", [
@@ -171,6 +172,25 @@ def test_model_forward_and_backward_through_native():
     torch.testing.assert_close(results["native"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
     for a, b in zip(results["native"][1], results["torch"][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_native_double_backward_is_a_clear_error():
+    """backend "native", "auto" (native on the CPU) and the operators called directly (their
+    registered autograd): a gradient penalty through them raises instead of losing its terms."""
+    text_time = text_time_from_rows(7, [[1, 4]]).cpu()
+    qkv = cpu_qkv(1, 2, 7, 16, 2, 3, torch.float32)
+    for backend in ("native", "auto"):
+        check_double_backward_is_refused(
+            lambda q, k, v: ops.image_causal_attention(q, k, v, text_time=text_time, latents_per_media=3,
+                                                       backend=backend), qkv, "image_causal_attention")
+    check_double_backward_is_refused(
+        lambda q, k, v: torch.ops.fastflamingo_native.image_causal_attention(q, k, v, text_time, 3, True, 0.3)[0],
+        qkv, "image_causal_attention")
+    inputs = make_inputs(2, 2, 8, 17, 16, torch.float32, device="cpu")
+    check_double_backward_is_refused(lambda *x: ops.perceiver_attention(*x, backend="native"), inputs,
+                                     "perceiver_attention")
+    check_double_backward_is_refused(lambda *x: torch.ops.fastflamingo_native.perceiver_attention(*x, 0.3)[0],
+                                     inputs, "perceiver_attention")
 
 
 # ----------------------------------------------------------------------------- errors

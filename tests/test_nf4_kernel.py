@@ -216,6 +216,10 @@ def test_triton_strided_and_3d_inputs(N, K):
     for x in (randn(K, 3).t(), randn(4, 2 * K)[:, ::2]):
         assert not x.is_contiguous()
         check(nf4_linear(x, packed, state, bias, backend="triton"), x, packed, state, bias)
+    # one row of an odd-width buffer, and rows at an odd storage offset: not viewable as pairs
+    flat = randn(3 * K + 1)
+    for x in (randn(3, K + 1)[1:2, :K], randn(3, K + 1)[1:2, :K].unsqueeze(0), flat[1:1 + 3 * K].view(3, K)):
+        check(nf4_linear(x, packed, state, bias, backend="triton"), x, packed, state, bias)
     y = nf4_linear(randn(K), packed, state, bias, backend="triton")   # one row, no leading dims
     assert y.shape == (N,)
     check(y, randn(K), packed, state, bias)

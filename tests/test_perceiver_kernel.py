@@ -11,6 +11,7 @@ fp16/bf16 inputs and fp64 for fp32 inputs, so fp32 is held to fp32 accuracy too.
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import pytest
 import torch
@@ -106,6 +107,46 @@ def test_kernel_multi_tile_and_split_paths(L, V, block_m, num_splits):
 
 
 @needs_triton
+@pytest.mark.parametrize("block_m,num_splits", [(None, None), (16, 3)], ids=["one_tile", "tiles_and_splits"])
+def test_launch_grids_stay_within_cuda_limits(block_m, num_splits, monkeypatch):
+    """CUDA caps a grid's axes 1 and 2 at 65535 programs: B*H = 2**16 heads (the resampler's
+    8192 images of 8 heads) must not sit there. The launches' grids, captured on meta tensors
+    (no kernel runs), cover every (query tile or split, head) program."""
+    from fastflamingo.kernels import perceiver as pc
+    grids = {}
+
+    class Capture:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            grids[self.name] = grid
+            return lambda *args, **kwargs: None
+
+    monkeypatch.setattr(pc, "INTERPRET", True)  # meta tensors pass the kernels' device check
+    monkeypatch.setattr(pc, "_perceiver_fwd_kernel", Capture("fwd"))
+    monkeypatch.setattr(pc, "_perceiver_bwd_kernel", Capture("bwd"))
+    B, H, L, V, D = 2 ** 13, 8, 64, 257, 64
+    inputs = [torch.empty(B, H, S, D, device="meta", dtype=torch.bfloat16) for S in (L, V, V, L, L)]
+    out, lse = pc.perceiver_fwd(*inputs, 0.125, block_m=block_m)
+    pc.perceiver_bwd(torch.empty_like(out), *inputs, out, lse, 0.125, block_m=block_m, num_splits=num_splits)
+    programs = {"fwd": B * H * (1 if block_m is None else L // block_m), "bwd": B * H * (num_splits or 1)}
+    for name, grid in grids.items():
+        assert all(n <= 65535 for n in grid[1:]) and grid[0] < 2 ** 31, (name, grid)
+        assert math.prod(grid) == programs[name], (name, grid)
+    assert set(grids) == {"fwd", "bwd"}
+
+
+@cuda_only
+@needs_triton
+def test_cuda_more_heads_than_a_second_grid_axis_takes():
+    """B*H = 65536 heads (one over the 65535 of a second grid axis), tiny otherwise."""
+    inputs = make_inputs(2 ** 16, 1, 16, 1, 16, torch.float16)
+    out, _, dout, grads = kernel_fwd_bwd(inputs, 0.25)
+    check_by_rule(out, grads, inputs, dout, scale=0.25)
+
+
+@needs_triton
 def test_kernel_strided_views_and_output_layout():
     """q/k/v as views of (B, S, H*D) projections (k and v of one fused to_kv), as the resampler
     passes them: no copies needed, results equal the contiguous case; outputs in (B, S, H, D)."""
@@ -162,6 +203,13 @@ def test_public_op_triton_backend_autograd(dtype):
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, inputs, dout)
     check_by_rule(out, grads, inputs, dout, scale=0.2)
+
+
+@needs_triton
+def test_public_op_triton_backend_double_backward_is_a_clear_error():
+    from test_image_causal_kernel import check_double_backward_is_refused
+    check_double_backward_is_refused(lambda *x: perceiver_attention(*x, backend="triton"),
+                                     make_inputs(2, 2, 8, 17, 16, torch.float32), "perceiver_attention")
 
 
 @cuda_only

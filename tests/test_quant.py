@@ -7,7 +7,7 @@ from torch import nn
 from fastflamingo import Flamingo
 from fastflamingo.generation import generate
 from fastflamingo.presets import preset_config
-from fastflamingo.quant import cpu_4bit_fast_path_ok, guard_cpu_4bit, model_bytes, quantize_model
+from fastflamingo.quant import guard_cpu_4bit, model_bytes, quantize_model, quantized_modules
 from fastflamingo.tokens import RowMaskedLinear
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -54,14 +54,91 @@ def test_quantized_tiny_model_generates_close_to_full_precision(shape, quantizat
     assert model_bytes(quant) < model_bytes(full)
 
 
-def test_cpu_4bit_guard_covers_crash_shapes():
-    assert cpu_4bit_fast_path_ok(64, 128) and not cpu_4bit_fast_path_ok(48, 64) and not cpu_4bit_fast_path_ok(64, 48)
+def test_cpu_4bit_guard_turns_the_avx512bf16_kernel_off():
+    """bitsandbytes' AVX512-BF16 CPU kernel crashes at some shapes (48 x 96 here), computes in bf16
+    and has no backward: guard_cpu_4bit turns it off on every 4-bit layer."""
     layer = bnb.nn.Linear4bit(48, 96, quant_type="nf4")
     layer.support_avx512bf16_for_cpu = True  # as bitsandbytes sets it on such CPUs
-    holder = nn.Sequential(layer, bnb.nn.Linear4bit(64, 64, quant_type="nf4"))
+    holder = nn.Sequential(layer, bnb.nn.Linear4bit(64, 64, quant_type="nf4"), bnb.nn.Linear4bit(64, 64))
     holder[1].support_avx512bf16_for_cpu = True
-    assert guard_cpu_4bit(holder) == 1
-    assert layer.support_avx512bf16_for_cpu is False and holder[1].support_avx512bf16_for_cpu is True
+    holder[2].support_avx512bf16_for_cpu = False
+    assert guard_cpu_4bit(holder) == 2
+    assert all(m.support_avx512bf16_for_cpu is False for m in holder)
+
+
+def _avx512bf16() -> bool:
+    has = getattr(bnb.functional, "has_avx512bf16", None)  # bitsandbytes >= 0.49
+    return bool(has is not None and has())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nf4_gradients_and_outputs_do_not_change_after_an_inference_call(dtype):
+    """bitsandbytes repacks an NF4 weight for its AVX512-BF16 kernel on the first eval/no-grad CPU
+    forward, for good: an fp32 model then computed in bf16, and training after it got no gradient
+    through the quantized layers (gemv_4bit has no backward; only a warning). fastflamingo keeps
+    that kernel off: the same call gives the same outputs and gradients before and after."""
+    model = build("x64", "nf4").to(dtype)  # every LM linear a multiple of 64: the kernel's shapes
+    vx, ids = inputs(model)
+
+    def grads():
+        model.train()
+        model.zero_grad(set_to_none=True)
+        out = model(vx.to(dtype), ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    logits0, g0 = grads()
+    model.eval()
+    with torch.no_grad():
+        model(vx.to(dtype), ids)
+        generate(model, vx.to(dtype), ids, max_new_tokens=2, eos_token_id=[])
+    logits1, g1 = grads()
+    assert not any(vars(m.weight.quant_state).get("packing_format_for_cpu", False)
+                   for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    torch.testing.assert_close(logits1, logits0, atol=0, rtol=0)
+    assert g1.keys() == g0.keys() and "perceiver.latents" in g0
+    for name in g0:
+        torch.testing.assert_close(g1[name], g0[name], atol=0, rtol=0, msg=name)
+
+
+@pytest.mark.skipif(not _avx512bf16(), reason="bitsandbytes repacks NF4 weights only on CPUs with AVX512-BF16")
+def test_a_layer_repacked_before_the_guard_refuses_a_gradient():
+    """An LM quantized elsewhere that already ran inference holds repacked weights, which cannot be
+    unpacked exactly: inference goes on, a forward needing the input's gradient is an error, not a
+    silently missing gradient."""
+    layer = bnb.nn.Linear4bit(64, 128, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+    layer.weight = bnb.nn.Params4bit(torch.randn(128, 64), requires_grad=False, quant_type="nf4", module=layer)
+    layer.weight._quantize("cpu")
+    layer.support_avx512bf16_for_cpu = True
+    x = torch.randn(2, 64, dtype=torch.bfloat16)
+    with torch.no_grad():
+        want = layer.eval()(x)  # bitsandbytes repacks here
+    assert vars(layer.weight.quant_state).get("packing_format_for_cpu", False)
+    assert guard_cpu_4bit(nn.Sequential(layer)) == 1
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), want)
+    with pytest.raises(RuntimeError, match="repacked .* no backward"):
+        layer(x.requires_grad_())
+
+
+def test_an_lm_quantized_elsewhere_is_guarded_by_flamingo(tmp_path):
+    """An LM quantized by transformers' BitsAndBytesConfig, given as lang_encoder=, with a hidden
+    size (48) that crashed bitsandbytes' AVX512-BF16 CPU kernel on its first no-grad forward."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from fastflamingo.model import build_lm
+    config = preset_config("tiny", lm=dict(preset_config("tiny").lm, **SHAPES["odd"]))
+    build_lm(config).save_pretrained(tmp_path)
+    lm = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu", quantization_config=BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32))
+    layers = [m for m in lm.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(layers) == 4 * 7
+    for m in layers:
+        m.support_avx512bf16_for_cpu = True  # what bitsandbytes sets on AVX512-BF16 CPUs
+    model = Flamingo(config, lang_encoder=lm).eval()
+    assert all(m.support_avx512bf16_for_cpu is False for m in layers)
+    vx, ids = inputs(model)
+    with torch.no_grad():
+        assert torch.isfinite(model(vx, ids).logits).all()
 
 
 @pytest.mark.parametrize("in_features,blocksize", [(48, 64), (96, 64), (64, 128), (200, 64), (128, 64)])
@@ -115,6 +192,26 @@ def test_quantize_options_and_errors():
     assert all(p.requires_grad for p in model.perceiver.parameters())  # the resampler stays trainable
     vx, ids = inputs(model)
     assert generate(model, vx, ids, max_new_tokens=2, eos_token_id=[]).shape == (2, 12)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(model, "nf4")
+
+
+def test_fused_with_int8_is_refused_before_the_model_changes():
+    model = build("x64")
+    with pytest.raises(ValueError, match="fused=True is for NF4"):
+        quantize_model(model, "int8", fused=True)
+    assert quantized_modules(model) == []
+    quantize_model(model, "int8")  # the model is as it was: the fixed call works
+    assert quantized_modules(model)
+
+
+def test_blocked_bitsandbytes_gives_the_install_hint(monkeypatch):
+    """sys.modules["bitsandbytes"] = None is Python's marker of a blocked import."""
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
+    model = build("x64")
+    assert quantized_modules(model) == [] and guard_cpu_4bit(model) == 0
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        quantize_model(model, "nf4")
 
 
 def test_bitsandbytes_is_imported_without_its_download_of_hub_code(tmp_path):

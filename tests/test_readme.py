@@ -7,10 +7,14 @@
   argument that does not exist;
 - every ``fastflamingo <subcommand> ...`` command line, in README and in the subcommands' own
   ``--help`` examples, parses with the real command-line parser;
-- every ``--flag`` README names is an option of some subcommand, or of another tool README names.
+- every ``--flag`` README names is an option of some subcommand, or of another tool README names;
+- in the prose's inline `code` spans: each call of a fastflamingo function or method binds to its
+  signature, each dotted ``fastflamingo.`` name exists, each repository path exists, each
+  ``FASTFLAMINGO_*`` variable is read by the package, and the preset list is the package's.
 
-The blocks, command lines and flags are read from README.md itself, never copied here, so a
-renamed function, argument or flag fails one of these tests, naming its line in README.md.
+The blocks, command lines, flags and spans are read from README.md itself, never copied here, so
+a renamed function, argument, flag, file or variable fails one of these tests, naming its line in
+README.md.
 """
 from __future__ import annotations
 
@@ -205,10 +209,10 @@ def _getattr_path(obj, root: str, path: list[str]):
     return obj
 
 
-def _call_failures(block: Block, model) -> tuple[list[str], int]:
-    """(the failures, the number of calls checked) in one block."""
+def _call_failures(block: Block, model, names: dict | None = None) -> tuple[list[str], int]:
+    """(the failures, the number of calls checked) in one block; ``names``: more call roots."""
     tree = ast.parse(block.code)
-    failures, checked, names = [], 0, {}
+    failures, checked, names = [], 0, dict(names or {})
     for node in ast.walk(tree):  # the block's ``from fastflamingo... import name``
         if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "fastflamingo":
             for alias in node.names:
@@ -238,8 +242,12 @@ def _call_failures(block: Block, model) -> tuple[list[str], int]:
         except (TypeError, ValueError):
             continue  # a callable without a signature (none in README today) cannot be checked
         checked += 1
+        # `f(..., x=1)` in prose: `...` stands for the arguments left out; the rest must still fit
+        dots = [i for i, a in enumerate(node.args) if isinstance(a, ast.Constant) and a.value is Ellipsis]
+        binder = sig.bind_partial if dots else sig.bind
+        args = node.args[:dots[0]] if dots else node.args
         try:
-            bound = sig.bind(*node.args, **{k.arg: k.value for k in node.keywords})
+            bound = binder(*args, **{k.arg: k.value for k in node.keywords})
         except TypeError as e:
             failures.append(f"{where}: {e} (signature {path[-1]}{sig})")
             continue
@@ -399,3 +407,95 @@ def test_every_readme_flag_is_an_option():
     assert not unknown, ("README flags that no fastflamingo subcommand has (another tool's? then add it to "
                          "OTHER_TOOLS):\n" + "\n".join(unknown))
     assert not stale, f"OTHER_TOOLS lists flags README no longer names: {stale}"
+
+
+# --- 5. the prose's inline code spans -----------------------------------------------------------
+
+# Calls in inline spans whose callee is another library's (the span names it as such).
+OTHER_CALLS = {"tokenizer.save_pretrained"}
+# Where a bare name in an inline span (``quantize_model(...)``) is looked up: the package's modules a
+# README paragraph is about; a name found in none of them is a failure.
+BARE_NAME_HOMES = ("fastflamingo", "fastflamingo.quant", "fastflamingo.training", "fastflamingo.evaluation",
+                   "fastflamingo.evaluation.datasets", "fastflamingo.generation", "fastflamingo.ops")
+REPO = README.parent
+PATH_ROOTS = ("fastflamingo/", "kernels/", "tests/", "benchmarks/", "csrc/", "generation/")
+
+
+def _inline_expressions(text: str) -> list[tuple[int, str, ast.expr]]:
+    out = []
+    for line, span in inline_spans(text):
+        with contextlib.suppress(SyntaxError):
+            out.append((line, span, ast.parse(span, mode="eval").body))
+    return out
+
+
+def _bare_name(name: str, model):
+    """A bare name of an inline span: a method of ``model`` or a name in one of BARE_NAME_HOMES."""
+    if hasattr(model, name):
+        return getattr(model, name)
+    for home in BARE_NAME_HOMES:
+        module = importlib.import_module(home)
+        if hasattr(module, name):
+            return getattr(module, name)
+    return None
+
+
+def test_inline_calls_bind_to_their_signatures():
+    """`model.cache_media(lang_x, vision_x)`, `quantize_model(model, "nf4", fused=True)`,
+    `from_pretrained(dir, lang_encoder=..., quantization="nf4")`: each inline call of a
+    fastflamingo function binds to its signature (``...`` stands for any argument)."""
+    model = fastflamingo.Flamingo.from_preset("tiny")
+    failures, checked = [], 0
+    for line, span, expr in _inline_expressions(readme_text()):
+        for node in ast.walk(expr):
+            if not isinstance(node, ast.Call) or not (path := _dotted(node.func)):
+                continue
+            if ".".join(path) in OTHER_CALLS:
+                continue
+            names = {}
+            if path[0] not in ("fastflamingo", "model"):
+                target = _bare_name(path[0], model)
+                if target is None:
+                    failures.append(f"README.md:{line}: `{span}`: {path[0]} is not a fastflamingo name "
+                                    f"(looked in model and {', '.join(BARE_NAME_HOMES)}; another library's "
+                                    f"call goes in OTHER_CALLS)")
+                    continue
+                names[path[0]] = target
+            f, n = _call_failures(Block("python", line, ast.unparse(node) + "\n"), model, names)
+            failures += [x.replace(f"README.md:{line}:", f"README.md:{line}: `{span}`:", 1) for x in f]
+            checked += n
+    assert not failures, "README's inline calls that do not fit fastflamingo's API:\n" + "\n".join(failures)
+    assert checked >= 10, f"only {checked} inline calls checked: is the parsing broken?"
+
+
+def test_inline_names_paths_and_variables_exist():
+    text = readme_text()
+    failures = []
+    for line, span, expr in _inline_expressions(text):
+        path = _dotted(expr)
+        if path and path[0] == "fastflamingo" and len(path) > 1:
+            try:
+                _getattr_path(fastflamingo, "fastflamingo", path[1:])
+            except AttributeError as e:
+                failures.append(f"README.md:{line}: `{span}`: {e}")
+    source = "\n".join(p.read_text(encoding="utf-8") for d in ("fastflamingo", "kernels", "tests", "benchmarks")
+                       for p in (REPO / d).rglob("*.py"))
+    paths = 0
+    for line, span in inline_spans(text):
+        for var in re.findall(r"\bFASTFLAMINGO_[A-Z0-9_]+", span):
+            if f'"{var}"' not in source:
+                failures.append(f"README.md:{line}: `{span}`: no code reads the variable {var}")
+        if span.startswith(PATH_ROOTS) and " " not in span:
+            paths += 1
+            where = REPO / "fastflamingo" if span.startswith("generation/") else REPO
+            if not list(where.glob(span.rstrip("/"))):
+                failures.append(f"README.md:{line}: `{span}`: no such file or folder in the repository")
+    assert not failures, "README names what does not exist:\n" + "\n".join(failures)
+    assert paths >= 20, f"only {paths} repository paths found in README's spans: is the parsing broken?"
+
+
+def test_readme_preset_list_is_the_packages():
+    paragraph = next((p for p in prose(readme_text()).split("\n\n") if p.startswith("Presets (")), None)
+    assert paragraph is not None, "README.md has no paragraph starting 'Presets (' (update this test if moved)"
+    listed = re.findall(r"`([a-z0-9-]+)`", paragraph)
+    assert listed == list(fastflamingo.PRESETS), (listed, list(fastflamingo.PRESETS))

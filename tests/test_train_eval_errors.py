@@ -103,6 +103,16 @@ def test_fine_tune_checks_document_batches_before_the_first_step(tmp_path):
         load_documents(_docs_file(tmp_path, long_line=2), tok, max_length=20)
 
 
+def test_adamw8bit_without_bitsandbytes_names_the_optimizer(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # a blocked import
+    tok = synthetic.tokenizer()
+    docs = [Document(list(ex.image[None]), f"<image>Output:{ex.answers[0]}<|endofchunk|>")
+            for ex in synthetic.examples(2, "color", seed=0)]
+    data = DocumentBatches(docs, tok, 510, batch_size=2, image_size=32, seed=0)
+    with pytest.raises(ImportError, match=r'optimizer="adamw8bit" needs bitsandbytes: pip install bitsandbytes'):
+        fine_tune(_model(), data, steps=1, optimizer="adamw8bit", progress=False)
+
+
 # ------------------------------------------------------------------ 5. resume: the same settings, or an error
 def _resume_setup(tmp_path):
     tok = synthetic.tokenizer()

@@ -129,3 +129,13 @@ def test_info_says_when_bitsandbytes_is_too_old(monkeypatch):
     assert info.collect()["bitsandbytes"] == bnb.__version__
     monkeypatch.setattr(bnb, "__version__", "0.45.5")
     assert info.collect()["bitsandbytes"] == "0.45.5 (too old: fastflamingo needs >= 0.46)"
+
+
+def test_info_says_varlen_attention_needs_cuda(monkeypatch):
+    """torch's varlen attention is flash-attention's kernel: info must not call it available on a
+    machine without CUDA (the CPU raises NotImplementedError)."""
+    from fastflamingo import info
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    got = info.collect()
+    assert not got["cuda_available"]
+    assert got["backends"]["baseline varlen_attn"] in ("CUDA only (no GPU here)", "no")

@@ -113,6 +113,10 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
     """
     from safetensors import safe_open
     d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"{str(d)!r} does not exist: from_pretrained loads a local directory written by "
+                                f"save_pretrained or `fastflamingo convert` (nothing is downloaded; for a Hugging "
+                                f"Face IDEFICS model use fastflamingo.from_idefics)")
     for name in (CONFIG_NAME, WEIGHTS_NAME):
         if not (d / name).is_file():
             raise FileNotFoundError(f"{str(d)!r} is not a fastflamingo directory: {name} is missing")

@@ -32,11 +32,11 @@ from . import lm_cache, media_cache
 from .lm_cache import release_static_caches
 from .outputs import Record, transition_scores
 from .prefix import Prefix, encode_prefix
-from .score import score
+from .score import score, score_reference
 from .search import Sampling, beam_search
 from .session import CACHE_MODES, Session
 
-__all__ = ["generate", "stream", "score", "encode_prefix", "Prefix", "Sampling", "CACHE_MODES", "release_static_caches",
+__all__ = ["generate", "stream", "score", "score_reference", "encode_prefix", "Prefix", "Sampling", "CACHE_MODES", "release_static_caches",
            "transition_scores"]
 
 

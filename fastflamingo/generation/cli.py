@@ -179,7 +179,8 @@ def _encode(text, tokenizer, what: str, first: bool = False) -> list[int]:
         return token_ids(text, what)
     if tokenizer is None:
         raise ValueError("this model has no tokenizer: give texts as token ids (--prompt-ids, or lists in the "
-                         "few-shot file)")
+                         "few-shot file), or save its tokenizer into the model directory "
+                         "(tokenizer.save_pretrained(DIR); `fastflamingo convert` writes one)")
     return tokenizer(text, add_special_tokens=first)["input_ids"]
 
 

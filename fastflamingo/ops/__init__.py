@@ -23,7 +23,8 @@ BACKENDS = ("auto", "triton", "native", "torch", "reference")
 
 __all__ = ["image_causal_attention", "perceiver_attention", "text_time_from_media_locations",
            "image_causal_attention_reference", "perceiver_attention_reference",
-           "image_causal_mask", "BACKENDS", "check_text_time", "check_text_time_dtype", "text_time_decreases", "perceiver_backend"]
+           "image_causal_mask", "BACKENDS", "check_image_causal_inputs", "check_text_time", "check_text_time_dtype",
+           "text_time_decreases", "assert_text_time_async", "perceiver_backend"]
 
 
 def _check_backend(backend: str) -> None:
@@ -58,6 +59,20 @@ def _check_attention_inputs(name: str, q: torch.Tensor, keys: dict[str, torch.Te
         if t.shape[0] != q.shape[0] or t.shape[1] != q.shape[1] or t.shape[3] != q.shape[3]:
             raise ValueError(f"{name}: {kname} shape {tuple(t.shape)} does not match q {tuple(q.shape)} "
                              "in batch, heads or head_dim")
+
+
+def check_image_causal_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              latents_per_media: int) -> None:
+    """Raise, naming ``name`` and the tensor, unless q (B, H, T, D) and k, v (B, H, N·L, D) agree
+    in dtype, device, batch, heads and head size, k and v in shape, and the keys are whole images
+    of L = ``latents_per_media`` tokens: the public function's checks, which the Triton kernels
+    repeat for callers of the registered op (they would read past a short k or v)."""
+    _check_attention_inputs(name, q, {"k": k, "v": v})
+    if k.shape != v.shape:
+        raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if latents_per_media <= 0 or k.shape[2] % latents_per_media:
+        raise ValueError(f"{name}: the {k.shape[2]} keys are not a whole number of "
+                         f"images of latents_per_media={latents_per_media} tokens")
 
 
 def check_text_time_dtype(text_time: torch.Tensor, name: str = "") -> None:
@@ -104,6 +119,20 @@ def check_text_time(text_time: torch.Tensor, num_media: int, bounds: tuple[int, 
         raise ValueError("text_time must be >= 0 (0 = no image yet)")
 
 
+def assert_text_time_async(text_time: torch.Tensor, num_media: int) -> None:
+    """The checks of :func:`check_text_time` as device-side asserts (``torch._assert_async``), for
+    torch.compile: no host sync, so a compiled graph holds them without a graph break (the
+    Triton backward would otherwise silently give wrong dK/dV for a text_time going back). Their
+    messages cannot name the row and token: the eager call does. On a GPU a failed device-side
+    assert is fatal to the process's CUDA context, as an out-of-bounds index is."""
+    torch._assert_async(text_time_decreases(text_time) == 0,
+                        "image_causal_attention: text_time's nonzero values decrease along a row (a token goes back "
+                        "to an earlier image); checked on the device under torch.compile: call eagerly for the row")
+    torch._assert_async(~((text_time < 0) | (text_time > num_media)).any(),
+                        "image_causal_attention: text_time refers to an image beyond the N images of k and v, or is "
+                        "< 0; checked on the device under torch.compile: call eagerly for the row")
+
+
 def image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            media_locations: torch.Tensor | None = None, *,
                            latents_per_media: int, only_immediate: bool = True,
@@ -125,19 +154,15 @@ def image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             nonzero values never decrease along T.
         backend: one of :data:`BACKENDS`.
         validate: check that no token refers to an image beyond N and that ``text_time`` is in
-            order (a host sync, skipped while torch.compile traces); the model validates once per
-            forward and passes False.
+            order: eagerly a host sync (:func:`check_text_time`), while torch.compile traces
+            device-side asserts with no sync (:func:`assert_text_time_async`); the model
+            validates once per forward and passes False.
 
     Returns:
         (B, H, T, D); tokens with ``text_time == 0`` get exactly 0 (and zero gradients).
     """
     _check_backend(backend)
-    _check_attention_inputs("image_causal_attention", q, {"k": k, "v": v})
-    if k.shape != v.shape:
-        raise ValueError(f"image_causal_attention: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    if latents_per_media <= 0 or k.shape[2] % latents_per_media:
-        raise ValueError(f"image_causal_attention: the {k.shape[2]} keys are not a whole number of "
-                         f"images of latents_per_media={latents_per_media} tokens")
+    check_image_causal_inputs("image_causal_attention", q, k, v, latents_per_media)
     if (media_locations is None) == (text_time is None):
         raise ValueError("image_causal_attention: pass exactly one of media_locations and text_time")
     if text_time is None:
@@ -151,7 +176,9 @@ def image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"media_locations/text_time is on {text_time.device} but q is on {q.device}")
     check_text_time_dtype(text_time, "image_causal_attention")
     _check_scale("image_causal_attention", scale)
-    if validate and not torch.compiler.is_compiling():  # the check syncs with the host
+    if validate and torch.compiler.is_compiling():  # a graph cannot hold a host sync
+        assert_text_time_async(text_time, k.shape[2] // latents_per_media)
+    elif validate:
         check_text_time(text_time, k.shape[2] // latents_per_media)
     if backend == "reference":
         return image_causal_attention_reference(q, k, v, text_time, latents_per_media=latents_per_media,

@@ -11,6 +11,7 @@ import importlib.util
 from typing import Callable
 
 import torch
+from torch._C import _functions  # DelayedError, the node of torch's own @once_differentiable
 
 # looked up once (not per call, and not inside a torch.compile trace)
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -86,3 +87,20 @@ def needs_grad(tensors) -> bool:
     (inference, ``torch.no_grad``) run the kernels without an autograd Function around them,
     ~7 us less host time per call."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def kernel_backward(op: str, backward: Callable[..., tuple], *args) -> tuple:
+    """The input gradients ``backward(*args)`` of a Triton or native kernel, which autograd cannot
+    see into: computed without recording, and, under ``create_graph=True``, made to raise if they
+    are differentiated again. Without this a double backward (a gradient penalty) would silently
+    lose the kernel's second-order terms. Like torch's ``once_differentiable``, with a message
+    naming the remedy, and whatever ``dout`` is: a constant ``dout`` (a ``.sum()`` loss) still
+    gives gradients that depend on the saved inputs."""
+    with torch.no_grad():
+        grads = backward(*args)
+    if not torch.is_grad_enabled():  # create_graph=False: the usual backward
+        return grads
+    refuse = _functions.DelayedError(
+        f"{op}: the Triton and native kernels' backward cannot be differentiated again (double backward, "
+        f"create_graph=True): use backend=\"reference\", whose plain PyTorch math supports it".encode(), len(grads))
+    return refuse(*(g.detach().requires_grad_() for g in grads))

@@ -27,7 +27,7 @@ import torch
 
 from .. import native
 from .cpu import image_causal_attention_torch
-from .dispatch import needs_grad, use_native, use_triton
+from .dispatch import kernel_backward, needs_grad, use_native, use_triton
 
 _OP = "fastflamingo::image_causal_attention"
 
@@ -80,9 +80,10 @@ def _save(ctx, q, k, v, text_time, out, lse, options) -> None:
 
 
 def _grads(ctx, dout, backward) -> tuple:
-    """The inputs' gradients from ``backward`` (the backward custom op, or the kernels' launcher)."""
+    """The inputs' gradients from ``backward`` (the backward custom op, or the kernels' launcher),
+    which refuse to be differentiated again (:func:`~fastflamingo.ops.dispatch.kernel_backward`)."""
     q, k, v, text_time, out, lse = ctx.saved_tensors
-    dq, dk, dv = backward(dout, q, k, v, out, lse, text_time, *ctx.options)
+    dq, dk, dv = kernel_backward("image_causal_attention", backward, dout, q, k, v, out, lse, text_time, *ctx.options)
     return dq, dk, dv, None, None, None, None
 
 

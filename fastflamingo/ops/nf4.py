@@ -298,8 +298,16 @@ def bnb_cpu_dequantize_is_wrong(in_features: int, blocksize: int) -> bool:
 def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     """``Linear4bit.forward``, except CPU inputs of a layer whose shape bitsandbytes' CPU
     dequantization gets wrong (:func:`bnb_cpu_dequantize_is_wrong`): those take the reference
-    dequantization (same compute-dtype handling as the layer)."""
+    dequantization (same compute-dtype handling as the layer); and a layer bitsandbytes already
+    repacked for its CPU inference kernel (no backward) refuses a call that needs the input's
+    gradient."""
     state = getattr(self.weight, "quant_state", None)
+    if state is not None and _repacked_for_cpu(state) and torch.is_grad_enabled() and x.requires_grad:
+        raise RuntimeError(
+            "this NF4 layer's weight was repacked by bitsandbytes for its AVX512-BF16 CPU inference kernel "
+            "(on a forward before fastflamingo guarded it), which has no backward: the gradient through it "
+            "would be missing. Load or quantize the model again (fastflamingo keeps that kernel off: "
+            "fastflamingo.quant.guard_cpu_4bit) before training, or run this call under torch.no_grad()")
     if (x.device.type != "cpu" or state is None or _repacked_for_cpu(state) or state.shape is None
             or not bnb_cpu_dequantize_is_wrong(int(state.shape[1]), int(state.blocksize))):
         return type(self).forward(self, x)
@@ -337,6 +345,17 @@ def guard_cpu_dequantize(layer: nn.Module) -> bool:
     state = getattr(layer.weight, "quant_state", None)
     if ("forward" in layer.__dict__ or state is None or state.shape is None
             or not bnb_cpu_dequantize_is_wrong(int(state.shape[1]), int(state.blocksize))):
+        return False
+    layer.forward = types.MethodType(linear4bit_forward, layer)
+    return True
+
+
+def guard_repacked(layer: nn.Module) -> bool:
+    """Give a ``Linear4bit`` whose weight bitsandbytes already repacked for its AVX512-BF16 CPU
+    kernel (no backward) the forward :func:`linear4bit_forward`, which refuses to be
+    differentiated (unless it already has an instance forward). Returns whether it was changed."""
+    state = getattr(layer.weight, "quant_state", None)
+    if "forward" in layer.__dict__ or state is None or not _repacked_for_cpu(state):
         return False
     layer.forward = types.MethodType(linear4bit_forward, layer)
     return True

@@ -22,7 +22,7 @@ import torch
 
 from .. import native
 from .cpu import perceiver_attention_torch
-from .dispatch import needs_grad, use_native, use_triton
+from .dispatch import kernel_backward, needs_grad, use_native, use_triton
 
 
 def _kernels():
@@ -73,8 +73,9 @@ def _save(ctx, inputs, out, lse) -> None:
 
 
 def _grads(ctx, dout, backward) -> tuple:
-    """The inputs' gradients from ``backward`` (the backward custom op, or the kernels' launcher)."""
-    return (*backward(dout, *ctx.saved_tensors, ctx.scale), None)
+    """The inputs' gradients from ``backward`` (the backward custom op, or the kernels' launcher),
+    which refuse to be differentiated again (:func:`~fastflamingo.ops.dispatch.kernel_backward`)."""
+    return (*kernel_backward("perceiver_attention", backward, dout, *ctx.saved_tensors, ctx.scale), None)
 
 
 def _setup_context(ctx, inputs, output):

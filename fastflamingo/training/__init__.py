@@ -48,7 +48,7 @@ def _optimizer(model, name: str, lr: float, weight_decay: float, train: str):
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     from ..quant import _bnb
-    return _bnb().optim.AdamW8bit(groups, lr=lr)
+    return _bnb('optimizer="adamw8bit"').optim.AdamW8bit(groups, lr=lr)
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:

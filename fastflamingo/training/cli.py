@@ -14,8 +14,9 @@ Examples::
 new ``--steps`` from the first resumed step on. Every document's image files and
 ``--max-length`` are checked before training starts (an error names its ``file:line``).
 
-``--out`` gets ``checkpoint.pt`` (to resume), ``model/`` (the trained weights only: load them onto
-the base model with ``Flamingo.from_pretrained("run1/model", lang_encoder=...)``),
+``--out`` gets ``checkpoint.pt`` (to resume), ``model/`` (the trained weights only, with the
+tokenizer; ``Flamingo.from_pretrained("run1/model")`` loads it as it is, the frozen parts from the
+``--model`` directory it records; ``lang_encoder=`` loads it onto another module),
 ``history.json`` and ``loss.png``. Over several GPUs, FSDP2 (data parallel, weights and optimizer
 state sharded): ``torchrun --nproc-per-node 8 -m fastflamingo.cli finetune ... --shard``; each
 process takes its share of every step (``--grad-accum`` micro-batches of ``--batch-size``), the step
