@@ -5,14 +5,21 @@
 #   bash benchmarks/gpu_suite.sh generation  # issue 7's pieces: generation on CUDA, NF4 linear, overhead probe
 #   bash benchmarks/gpu_suite.sh e2e         # issue 7: end-to-end suite, two 9B groups, compiled decode
 #   bash benchmarks/gpu_suite.sh finetune    # low-memory fine-tuning at the 9B shape (ahead of its issue)
-#   bash benchmarks/gpu_suite.sh all         # kernels, generation, e2e (more than one 10-minute device call)
+#   bash benchmarks/gpu_suite.sh all         # kernels, generation, e2e in one call, within the same $BUDGET:
+#                                            # the later steps are skipped once it is spent (one part a call fits)
+#
+# The wheels in .whl/ are git-ignored: the device call must carry them (`carry: [".whl"]`), or
+# bitsandbytes, open_flamingo and xformers are missing there (the nf4, score and open_flamingo e2e
+# rows then read n/a); steps.log says so in a WARNING line.
 #
 # From the repository root. Results go to $WORK (default /tmp/gpu-results) and, packed in one
 # file, to $OUT/gpu-results-<part>.tgz when $OUT is set (the device tool brings back 8 files at
 # most), packed again after every step: a call cut off by its limit still brings back what the
 # finished steps wrote. The script keeps within $BUDGET seconds in all (default 570: a device
 # call of timeout_s=600 less the transfers): each step's limit is its own or what is left of the
-# budget, and a step with under 20 s left is skipped (steps.log says so).
+# budget, and a step with under 20 s left is skipped (steps.log says so). Each call starts
+# steps.log with a header line (part, date, code) and each suite's folder afresh (a rerun on a
+# warm machine ships no earlier call's table, goals or plots beside its rows).
 #
 # 1. installs the wheels collected in .whl/ (bitsandbytes, xformers, open_flamingo, open_clip...:
 #    ../shared/tools/gpu-wheels.sh hypothesis sortedcontainers attrs) without network, and this
@@ -43,6 +50,8 @@ WORK=${WORK:-/tmp/gpu-results}
 mkdir -p "$WORK"
 BUDGET=${BUDGET:-570}
 T0=$(date +%s)
+echo "=== gpu_suite.sh $PART: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), code $(git rev-parse --short HEAD 2>/dev/null || echo unknown), budget ${BUDGET} s" \
+  | tee -a "$WORK/steps.log"
 step() { echo "== $(($(date +%s) - T0)) s: $*" | tee -a "$WORK/steps.log"; }
 pack() {  # the results so far, in $OUT (overwritten after every step)
   if [ -n "${OUT:-}" ]; then
@@ -61,6 +70,10 @@ step "install wheels and fastflamingo"
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl > "$WORK/install.log" 2>&1
   export PYTHONPATH=$PWD/.site:${PYTHONPATH:-}
+else
+  echo "== WARNING: no .whl/*.whl here (carry .whl in the device call): bitsandbytes, open_flamingo, xformers missing" \
+    | tee -a "$WORK/steps.log"
+  : > "$WORK/install.log"
 fi
 if ! python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . >> "$WORK/install.log" 2>&1; then
   # no setuptools build here: point the package at kernels/ in this throw-away checkout instead
@@ -75,9 +88,11 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm,power.draw,temp
 bench() {  # bench <suite> <seconds> [options]
   local t; t=$(limit "$2" "$1 suite"); [ "$t" -gt 0 ] || return 0
   step "$1 suite (limit $t s)"
+  rm -rf "${WORK:?}/$1"  # this call's rows, table, goals and plots only
   timeout "$t" python3 -m fastflamingo.bench --suite "$1" --out "$WORK/$1" --no-progress "${@:3}" > "$WORK/$1.log" 2>&1
   echo "$1 exit $?" | tee -a "$WORK/steps.log"
-  # a suite cut off by its time limit still left rows.json: render its table and plots
+  # a suite cut off by its time limit still left rows.json (every suite saves its rows as they
+  # come): render its table and plots
   if [ -f "$WORK/$1/rows.json" ] && [ ! -f "$WORK/$1/table.txt" ]; then
     python3 -m fastflamingo.bench --from-json "$WORK/$1/rows.json" --out "$WORK/$1" > /dev/null 2>&1
   fi
@@ -98,6 +113,7 @@ tests() {  # tests <name> <seconds> <pytest -k expression> [files]
 script() {  # script <name> <seconds> <benchmarks/script.py> [options]: writes $WORK/<name>/, logs $WORK/<name>.log
   local t; t=$(limit "$2" "$1"); [ "$t" -gt 0 ] || return 0
   step "$1 (limit $t s)"
+  rm -rf "${WORK:?}/$1"
   timeout "$t" python3 "$3" --out "$WORK/$1" "${@:4}" > "$WORK/$1.log" 2>&1
   echo "$1 exit $?" | tee -a "$WORK/steps.log"
   pack
@@ -121,6 +137,7 @@ fi
 if [ "$PART" = e2e ] || [ "$PART" = all ]; then
   # one more profiled call per end-to-end stage: GPU time by kind of kernel (fastflamingo.bench.breakdown)
   export FASTFLAMINGO_BREAKDOWN="$WORK/breakdown"
+  rm -rf "$FASTFLAMINGO_BREAKDOWN"
   bench e2e 540 ${E2E_GROUPS:+--groups "$E2E_GROUPS"}
 fi
 

@@ -53,7 +53,7 @@ def test_perceiver_attention(benchmark, name, mode):
 def test_resampler_layer_fwd_bwd(benchmark, name):
     benchmark.group = "resampler layer fwd+bwd 8 images x 257, dim 512"
     case, layer = perceiver.layer_case(8, 257, 64, 512, 8, 64, torch.float32, "cpu")
-    provider = _provider(perceiver.layer_providers(layer), name)
+    provider = _provider(perceiver.layer_providers(layer, 8, 257, 64), name)
     if provider.prepare is None:
         pytest.skip(provider.unavailable("fwd+bwd"))
     benchmark(_checked(case, provider, "fwd+bwd"))

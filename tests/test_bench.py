@@ -1,5 +1,6 @@
 """The benchmark suite: it runs end to end, writes its outputs, and never times a wrong provider."""
 import csv
+import dataclasses
 import json
 import os
 
@@ -66,9 +67,17 @@ def test_quick_suite_runs_and_writes_everything(tmp_path):
     ours = [r for r in rows if r.provider == "fastflamingo"]
     assert ours and all(r.ok for r in ours), [r.status for r in ours if not r.ok]
     assert all(r.device and r.versions for r in rows)
+    # how many calls each number comes from: a decode median of at least 3, even at reps=1
+    timed = [r for r in rows if r.ok and "roofline" not in r.provider and r.kernel not in ("e2e weights",)
+             and r.metric != "peak_mem_MB"]
+    assert timed and all(r.reps and r.reps >= 1 for r in timed), [(r.kernel, r.provider) for r in timed if not r.reps]
+    assert all(r.reps >= stages.MIN_DECODE_REPS for r in timed if r.kernel == "e2e decode")
+    kernel_rows = [r for r in rows if r.kernel in ("image-causal xattn", "perceiver attention", "resampler layer")]
+    assert all(r.dtype == "fp32" and r.geometry.endswith("H=2 D=16 L=8") for r in kernel_rows)
     with open(tmp_path / "rows.csv") as f:
         header = next(csv.reader(f))
     assert header[:10] == ["kernel", "provider", "mode", "metric", "x", "median", "p20", "p80", "device", "versions"]
+    assert {"reps", "dtype", "geometry"} <= set(header)
     meta = json.loads((tmp_path / "rows.json").read_text())["meta"]
     assert meta["device"] and meta["versions"]
     assert "fastflamingo" in result["table"] and "x)" in result["table"]
@@ -236,7 +245,7 @@ def test_kernel_suite_runs_the_goal_points_first_and_reports_in_sweep_order(monk
     monkeypatch.setattr(kernels.perceiver, "attention_case", lambda n, *a, **k: ("perceiver", n))
     monkeypatch.setattr(kernels.perceiver, "attention_providers", lambda device: [])
     monkeypatch.setattr(kernels.perceiver, "layer_case", lambda n, *a, **k: (("layer", n), None))
-    monkeypatch.setattr(kernels.perceiver, "layer_providers", lambda layer: [])
+    monkeypatch.setattr(kernels.perceiver, "layer_providers", lambda layer, *shape: [])
 
     def fake_run_case(case, providers, modes, device, **kw):
         ran.append(case)
@@ -273,3 +282,362 @@ def test_e2e_runs_the_named_groups_and_notes_what_the_compiled_decode_compiled()
         e2e.run(cfg, "cpu", progress=False, groups=["vllm"])
     with pytest.raises(SystemExit, match="unknown group"):
         main(["--suite", "e2e", "--groups", "open_flamingo,vllm"])
+
+
+# ------------------------------------------------------------------------- audit fixes
+def _tiny_train_inputs(model, cfg):
+    c = model.config
+    return e2e._both_inputs(cfg, c.media_token_id, vocab=c.num_base_tokens, image_size=c.vision.image_size,
+                            device="cpu", dtype=torch.float32, specials=(c.eoc_token_id,))
+
+
+def test_the_checkpointed_training_step_checkpoints_and_puts_the_mode_back(monkeypatch):
+    """The models are built in eval mode, where activation checkpointing does nothing: the training
+    steps run in training mode (dropout off: the checked loss is the reference's), so the
+    checkpointed entrant calls torch.utils.checkpoint and peaks lower, and the mode is restored."""
+    from fastflamingo import Flamingo
+    from fastflamingo import blocks
+    model = Flamingo.from_preset("tiny").eval()
+    cfg = dataclasses.replace(SMALL_E2E, batch=2, train_tokens=256, train_images=2)
+    inputs, train_inputs = _tiny_train_inputs(model, cfg)
+    entrants = {e.name: e for e in stages.fastflamingo_entrants(model, inputs, train_inputs, set(), compiled=False)}
+    with torch.no_grad():
+        loss = model(*train_inputs[:2], attention_mask=train_inputs[2], labels=train_inputs[3]).loss.item()
+    group = e2e.Group("x", [], {"loss": loss}, cfg, "cpu", False)
+    calls = []
+    real = blocks.checkpoint
+    monkeypatch.setattr(blocks, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    peaks, counts, notes = {}, {}, {}
+    for name, e in entrants.items():
+        assert group.train_check(e) is None, name  # the training-mode loss is the eval-mode reference's
+        calls.clear()
+        rows = group.train(e, None)
+        assert all(r.ok for r in rows), rows
+        peaks[name], counts[name] = next(r.median for r in rows if r.metric == "peak_mem_MB"), len(calls)
+        notes[name] = rows[0].note
+        assert not any(m.training for m in model.modules())
+    assert counts["fastflamingo"] == 0 and counts["fastflamingo checkpointed"] > 0, counts
+    assert peaks["fastflamingo checkpointed"] < 0.7 * peaks["fastflamingo"], peaks
+    assert all("training mode, dropout off" in note for note in notes.values()), notes
+
+
+def test_train_mode_turns_dropout_off_and_puts_everything_back():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).eval()
+    net[0].train()  # a submodule in another mode than its parent
+    with stages.train_mode(net):
+        assert all(m.training for m in net.modules()) and net[1].p == 0.0
+        x = torch.ones(3, 4)
+        assert torch.equal(net(x), net[0](x))
+    assert not net.training and net[0].training and not net[1].training and net[1].p == 0.5
+
+
+def _cut_after_first(monkeypatch, module, name):
+    """``module.name`` raises on its second call (a run cut off by its time limit)."""
+    real, seen = getattr(module, name), []
+
+    def once(*a, **k):
+        seen.append(1)
+        if len(seen) > 1:
+            raise KeyboardInterrupt("cut off")
+        return real(*a, **k)
+    monkeypatch.setattr(module, name, once)
+
+
+def test_nf4_and_score_suites_save_their_rows_as_they_go(tmp_path, monkeypatch):
+    """gpu_suite.sh gives each suite a time limit: a cut-off nf4 or score run must leave the rows
+    it finished in rows.json (for --from-json), as kernels and e2e do."""
+    pytest.importorskip("bitsandbytes")
+    from fastflamingo.bench import nf4
+    from fastflamingo.bench.rows import read_json
+    monkeypatch.setattr(nf4, "run", lambda device, quick, progress, on_rows: nf4.run_cases(
+        device, [(64, 128), (64, 64)], [1], quick=True, progress=False, on_rows=on_rows))
+    _cut_after_first(monkeypatch, nf4, "_quantized_layer")  # the second shape never finishes
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(suite="nf4", out=str(tmp_path / "nf4"), device="cpu", progress=False, plots=False,
+                  echo=lambda *a: None)
+    _, rows = read_json(str(tmp_path / "nf4" / "rows.json"))
+    assert {r.x for r in rows} == {"N=64 K=128 M=1"} and all(r.ok for r in rows), rows
+
+    def cut_off(*a, **k):  # the timing never finishes
+        raise KeyboardInterrupt("cut off")
+    monkeypatch.setattr(score, "measure_together", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(suite="score", out=str(tmp_path / "score"), device="cpu", progress=False, plots=False,
+                  score_config=SMALL_SCORE, echo=lambda *a: None)
+    _, rows = read_json(str(tmp_path / "score" / "rows.json"))
+    assert [r.provider for r in rows] == list(score.PROVIDERS)
+    assert all(r.status == score.NOT_TIMED and "max |error|" in r.note for r in rows), rows
+
+
+def test_gpu_peak_is_the_calls_own_allocation_plus_what_its_user_holds(monkeypatch):
+    """On a GPU, max_memory_allocated counts every tensor of the process: the benchmark's reference
+    logits (~0.6 GB at the 9B shape) were in the NF4 peak. A GiB more held by the harness must
+    not change the figure; the stages give the model's weights (and a step's optimizer state)."""
+    from fastflamingo.bench import memory
+    mem = {"now": 5 << 30, "peak": 0}  # what the process holds before the call
+
+    def alloc(n):
+        mem["now"] += n
+        mem["peak"] = max(mem["peak"], mem["now"])
+    for name, fn in dict(synchronize=lambda: None, memory_allocated=lambda: mem["now"],
+                         reset_peak_memory_stats=lambda: mem.update(peak=mem["now"]),
+                         max_memory_allocated=lambda: mem["peak"]).items():
+        monkeypatch.setattr(torch.cuda, name, fn)
+
+    def call():
+        alloc(3 << 20)
+        alloc(-(2 << 20))
+        return "out"
+    peaks = []
+    for held_by_harness in (0, 1 << 30):
+        mem["now"] += held_by_harness
+        out, peak, how = memory.peak_memory_call(call, "cuda", held_bytes=100 << 20)
+        peaks.append(peak)
+    assert out == "out" and peaks == [103.0, 103.0] and "plus the model's weights" in how
+    assert "everything allocated" in memory.peak_memory_call(call, "cuda")[2]  # scripts: as before
+
+    seen = []
+    monkeypatch.setattr(stages, "peak_memory_call", lambda fn, device, **kw: (seen.append(kw), (fn(), 1.0, "m"))[1])
+    lin = torch.nn.Linear(4, 4)  # 20 fp32 numbers: 80 bytes
+    ref = {"logits": torch.randn(1, 3, 4), "tokens": torch.zeros(1, 3, dtype=torch.long), "loss": 1.0}
+    ref["logits_hi"] = ref["logits"].double()
+    group = e2e.Group("x", [], ref, SMALL_E2E, "cpu", False)
+    e = e2e.Entrant("e", prefill=lambda: ref["logits"], loss=lambda: lin(torch.ones(4)).sum(),
+                    params=lambda: list(lin.parameters()), module=lin)
+    group.prefill(e)
+    group.train(e, None)
+    assert seen[0] == {"held_bytes": 80}
+    assert seen[-1]["held_bytes"] == 80 + 2 * 80 + 2 * 4 and "optimizer" in seen[-1]["held"]  # + AdamW's state
+
+
+def test_kernel_rows_say_their_dtype_geometry_and_sample_count(tmp_path):
+    case = image_causal.make_case(1, 2, 48, 3, 8, 16, torch.float32, "cpu")
+    rows = run_case(case, image_causal.providers("cpu", 8)[:2], ("fwd",), "cpu", quick=True)
+    assert rows and all(r.dtype == "fp32" and r.geometry == "H=2 D=16 L=8" for r in rows)
+    assert all(r.reps >= 5 for r in rows if r.provider != "roofline")
+    assert "fp32 H=2 D=16 L=8" in format_table(rows).splitlines()[1]
+
+
+def test_roofline_bytes_by_hand():
+    """The fewest bytes, counted by hand: forward reads the inputs and writes the output; the
+    backward reads inputs, out and dout and writes a gradient per input (twice the forward)."""
+    from fastflamingo.bench import perceiver
+    c = image_causal.make_case(1, 2, 8, 2, 4, 16, torch.float32, "cpu")  # q, k, v: 256 numbers each
+    assert c.bytes_moved == {"fwd": 4 * 256 * 4, "fwd+bwd": 4 * 256 * 4 + 8 * 256 * 4}
+    c = perceiver.attention_case(1, 3, 2, 2, 4, torch.float32, "cpu")  # q, kl, vl: 16; km, vm: 24
+    fwd = (16 + 24 + 24 + 16 + 16 + 16) * 4
+    assert c.bytes_moved == {"fwd": fwd, "fwd+bwd": fwd + (96 + 16 + 16 + 96) * 4}
+
+
+def test_resampler_floor_is_its_gemms_plus_the_attention_at_the_roofline():
+    """The floor computed the attention as unfused matmuls (writing and reading the score
+    matrices): slower than the fused layer, no floor. It now runs the projection and
+    feed-forward GEMMs alone (FLOPs counted: nothing else) and charges the attention's bytes."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from fastflamingo.bench import perceiver
+    n, V, L, dim, H, D = 2, 17, 8, 32, 2, 16
+    case, layer = perceiver.layer_case(n, V, L, dim, H, D, torch.float32, "cpu")
+    inner = H * D
+    gemms = 2 * n * (L * dim * inner + V * dim * 2 * inner + L * dim * 2 * inner + L * inner * dim
+                     + 2 * L * dim * 4 * dim)
+    floor = perceiver.MatmulsOnly(layer)
+    with FlopCounterMode(display=False) as flops:
+        out = floor(*case.inputs)
+    assert flops.get_total_flops() == gemms and out.shape == case.inputs[1].shape
+    lat = case.inputs[1].clone().requires_grad_(True)
+    floor(case.inputs[0], lat).sum().backward()
+    assert lat.grad is not None and layer.attn.to_kv.weight.grad is not None  # the K/V GEMMs' backward ran
+    provider = next(p for p in perceiver.layer_providers(layer, n, V, L) if p.name == perceiver.FLOOR)
+    assert provider.floor and provider.charged_bytes == perceiver.attention_bytes(n, V, L, H, D, 4)
+    rows = run_case(case, [provider], ("fwd",), "cpu", quick=True, roofline=False)
+    assert rows[0].ok and "µs charged" in rows[0].note
+
+
+def test_python_m_bench_gives_the_cli_errors(tmp_path, capsys):
+    """``python -m fastflamingo.bench`` is ``fastflamingo bench``: one-line errors, flags that do
+    not apply refused before anything runs or is written."""
+    import subprocess
+    import sys
+    from fastflamingo.bench.cli import main
+    out = tmp_path / "out"
+    p = subprocess.run([sys.executable, "-m", "fastflamingo.bench", "--preset", "nope", "--suite", "kernels",
+                        "--out", str(out)], capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "fastflamingo bench: error: unknown preset 'nope'; choose one of ['flamingo-3b', 'flamingo-80b', "
+        "'flamingo-9b', 'idefics-9b', 'openflamingo-3b', 'openflamingo-4b', 'openflamingo-9b', 'tiny']"], p.stderr
+    assert not out.exists()  # checked before --out is made
+    (tmp_path / "not_rows.json").write_text('{"rows": []}')
+    cases = {
+        ("--suite", "e2e", "--preset", "nope", "--groups", "open_flamingo"): "unknown preset 'nope'",
+        ("--suite", "kernels", "--groups", "idefics"): "--groups idefics: the kernels suite does not read it",
+        ("--suite", "nf4", "--preset", "tiny"): "--preset tiny: the nf4 suite does not read it",
+        ("--from-json", str(tmp_path / "not_rows.json")): f"{tmp_path / 'not_rows.json'}: no 'meta' key",
+        ("--from-json", "r.json", "--suite", "e2e", "--quick"): "--suite, --quick would do nothing",
+    }
+    for argv, message in cases.items():
+        assert main([*argv, "--out", str(out)]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, (argv, err)
+        assert not out.exists()
+    with pytest.raises(SystemExit):
+        main(["--device", "meta"])
+    assert "runs on cpu or cuda" in capsys.readouterr().err
+
+
+def test_rows_json_errors_name_the_file_and_the_keys(tmp_path):
+    from fastflamingo.bench.rows import read_json, write_json
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"meta": {}, "rows": [{"kernel": "k", "provider": "p", "colour": 1}]}')
+    with pytest.raises(ValueError, match=r"bad.json: row 0 lacks \['mode', 'metric', 'x'\]; has fields this "
+                                         r"version does not know: \['colour'\]"):
+        read_json(str(bad))
+    bad.write_text("not json")
+    with pytest.raises(ValueError, match="bad.json: not JSON"):
+        read_json(str(bad))
+    row = Row(kernel="k", provider="p", mode="fwd", metric="time_ms", x="x", median=1.0, reps=3, dtype="bf16",
+              geometry="H=8 D=64 L=64")
+    write_json([row], str(bad), {"date": "d"})
+    assert read_json(str(bad)) == ({"date": "d"}, [row])
+
+
+def _quant_group(new_tokens=SMALL_E2E.new_tokens):
+    g = torch.Generator().manual_seed(0)
+    ref = {"logits": torch.randn(2, 6, 50, generator=g), "tokens": torch.zeros(2, 8, dtype=torch.long), "loss": 1.0}
+    ref["logits_hi"] = ref["logits"].double()
+    return e2e.Group("x", [], ref, dataclasses.replace(SMALL_E2E, new_tokens=new_tokens), "cpu", False, banned={0})
+
+
+@pytest.mark.parametrize("quant, off, passes", [("int8", 0.03, True), ("int8", 0.1, False), ("nf4", 0.3, True),
+                                                ("nf4", 0.45, False)])
+def test_quantized_prefill_bounds_are_per_quantization(quant, off, passes):
+    """int8's logits are ~30x closer to the reference than NF4's: one 0.5 bound for both let an
+    int8 model 40% off be timed."""
+    group = _quant_group()
+    noise = torch.randn(group.ref["logits"].shape, generator=torch.Generator().manual_seed(1))
+    logits = group.ref["logits"] + off * noise * group.ref["logits"].norm() / noise.norm()
+    e = e2e.Entrant(f"fastflamingo {quant}", prefill=lambda: logits, loss=None, params=lambda: [], quant=quant)
+    rows = group.prefill(e)
+    assert rows[0].mode == quant and rows[0].ok is passes, rows[0]
+    if passes:
+        assert "top-1 agreement" in rows[0].note
+    else:
+        assert rows[0].status.startswith("FAILED: logits relative error") and rows[0].median is None
+
+
+def test_quantized_prefill_must_agree_on_the_top_token():
+    """Close in norm, every position's top token swapped with its second: refused."""
+    group = _quant_group()
+    logits = group.ref["logits"].clone()
+    top2 = logits.topk(2, dim=-1).indices
+    a, b = logits.gather(-1, top2[..., :1]), logits.gather(-1, top2[..., 1:])
+    logits.scatter_(-1, top2[..., :1], b).scatter_(-1, top2[..., 1:], a)
+    e = e2e.Entrant("fastflamingo nf4", prefill=lambda: logits, loss=None, params=lambda: [], quant="nf4")
+    row = group.prefill(e)[0]
+    assert row.status.startswith("FAILED: top-1 agreement 0% < 10%") and row.median is None
+
+
+def test_quantized_decode_must_be_its_own_greedy_choice():
+    """Any tokens passed a quantized entrant's decode check: now its new tokens must be what its
+    own model picks when scoring them (teacher-forced), or it is not timed."""
+    T, n = 6, 2
+    group = _quant_group(new_tokens=n)
+    out = torch.randint(1, 50, (2, T + n), generator=torch.Generator().manual_seed(2))
+
+    def entrant(tokens_it_scores):
+        def teacher_forced(seq):  # logits whose argmax at position t is tokens_it_scores[:, t + 1]
+            logits = torch.zeros(seq.shape[0], seq.shape[1], 50)
+            logits[:, :-1].scatter_(-1, tokens_it_scores[:, 1:, None], 1.0)
+            return logits
+        return e2e.Entrant("fastflamingo nf4", prefill=None, loss=None, params=lambda: [], quant="nf4",
+                           generate=lambda k, num_beams=1: out[:, :T + k], teacher_forced=teacher_forced)
+    good = stages.time_stages([group.check_decode(entrant(out))], "cpu")
+    assert good[0].ok and "100% its own model's argmax" in good[0].note and good[0].reps >= stages.MIN_DECODE_REPS
+    other = out.clone()
+    other[:, T:] = (out[:, T:] + 1) % 50
+    bad = group.check_decode(entrant(other))
+    assert len(bad) == 1 and bad[0].status.startswith("FAILED: generated tokens") and "0% its own" in bad[0].status
+
+
+def test_quantized_entrants_pass_their_checks_in_a_real_run():
+    """The tiny preset's NF4 entrant, as the full CPU run builds it: within its bounds, decoding
+    its own greedy tokens."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("open_flamingo")
+    cfg = dataclasses.replace(SMALL_E2E, batch=2, quant=("nf4",), beams=0)
+    rows = [r for r in e2e.run(cfg, "cpu", progress=False, groups=["open_flamingo"]) if r.mode == "nf4"]
+    by = {(r.kernel, r.metric): r for r in rows}
+    assert all(r.ok for r in rows), [(r.kernel, r.status) for r in rows]
+    assert "top-1 agreement" in by[("e2e prefill", "time_ms")].note
+    assert "its own model's argmax" in by[("e2e decode", "tokens_per_s")].note
+
+
+def test_compare_quantized_measures_a_copy_and_refuses_other_models():
+    pytest.importorskip("bitsandbytes")
+    from fastflamingo import Flamingo
+    from fastflamingo.generation.measure import compare_quantized
+    full = Flamingo.from_preset("tiny")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 500, (2, 10), generator=g)
+    ids[:, 0] = full.config.media_token_id
+    vx = torch.randn(2, 1, 1, 3, 32, 32, generator=g)
+    got = compare_quantized(full, Flamingo.from_preset("tiny", quantization="int8"), vx, ids, max_new_tokens=4)
+    assert got["bytes_quantized"] < got["bytes_reference"]
+    assert got["logits_rel_error"] < 0.05 and got["top1_agreement"] >= 0.75, got
+    self_cmp = compare_quantized(full, full, vx, ids, max_new_tokens=4)
+    assert self_cmp["logits_rel_error"] == 0.0 and self_cmp["top1_agreement"] == self_cmp["greedy_agreement"] == 1.0
+    with pytest.raises(ValueError, match="token embeddings differ .*not the same weights"):
+        compare_quantized(full, Flamingo.from_preset("tiny", seed=1, quantization="int8"), vx, ids)
+    lm = dict(full.config.lm, vocab_size=600)
+    with pytest.raises(ValueError, match="vocabularies differ \\(512 vs 600 tokens\\)"):
+        compare_quantized(full, Flamingo.from_preset("tiny", lm=lm), vx, ids)
+    lm = dict(full.config.lm, intermediate_size=192)
+    with pytest.raises(ValueError, match="configs differ in \\['lm'\\]"):
+        compare_quantized(full, Flamingo.from_preset("tiny", lm=lm), vx, ids)
+
+
+_SHIM = """#!/bin/bash
+# python3 for a dry run of benchmarks/gpu_suite.sh: the real one renders (--from-json) and writes
+# info.json; pip has nothing to install; a suite writes $SHIM_ROWS as its rows.json and dies
+if [ "$1" = "-m" ] && [ "$2" = "pip" ]; then exit 1; fi
+if [ "$1" = "-m" ] && [ "$2" = "pytest" ]; then echo "1 passed"; exit 0; fi
+if [ "$1" = "-m" ] && [ "$2" = "fastflamingo.bench" ]; then
+  for a in "$@"; do [ "$a" = "--from-json" ] && exec "$REAL_PYTHON" "$@"; done
+  prev=""; for a in "$@"; do [ "$prev" = "--out" ] && out=$a; prev=$a; done
+  mkdir -p "$out" && cp "$SHIM_ROWS" "$out/rows.json"; exit 1
+fi
+case "$1" in benchmarks/*) exit 0;; esac
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def test_gpu_suite_reruns_ship_their_own_tables_and_log_each_call(tmp_path):
+    """A part run twice on a warm device machine: the second call's cut-off suite is rendered from
+    its own rows (not paired with the first call's table and goals), steps.log has a header per
+    call, and a missing .whl/ is a WARNING line there."""
+    import shutil
+    import subprocess
+    import sys
+    from fastflamingo.bench.rows import write_json
+    root = os.path.join(os.path.dirname(__file__), "..")
+    repo = tmp_path / "repo"
+    for part in ("fastflamingo", "kernels", "benchmarks"):
+        shutil.copytree(os.path.join(root, part), repo / part, ignore=shutil.ignore_patterns("__pycache__", "results"))
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python3").write_text(_SHIM)
+    (tmp_path / "bin" / "python3").chmod(0o755)
+    work, out = tmp_path / "work", tmp_path / "out"
+    out.mkdir()
+    blocks = []
+    for i, kernel in enumerate(("image-causal xattn", "perceiver attention")):
+        rows = tmp_path / f"rows{i}.json"
+        write_json([Row(kernel=kernel, provider="fastflamingo", mode="fwd", metric="time_ms", x="x", median=1.0,
+                        device="cpu")], str(rows), {"wall_s": 1.0})
+        env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", WORK=str(work), OUT=str(out),
+                   BUDGET="60", SHIM_ROWS=str(rows), REAL_PYTHON=sys.executable, PYTHONPATH=str(repo))
+        subprocess.run(["bash", "benchmarks/gpu_suite.sh", "kernels"], cwd=repo, env=env,  # (exit: its last tail)
+                       capture_output=True, timeout=300)
+        table = (work / "kernels" / "table.txt").read_text()
+        blocks.append({ln.split(" |")[0][3:] for ln in table.splitlines() if ln.startswith("== ")})
+    assert blocks == [{"image-causal xattn"}, {"perceiver attention"}]
+    log = (work / "steps.log").read_text()
+    assert log.count("=== gpu_suite.sh kernels: ") == 2 and log.count("== WARNING: no .whl/") == 2, log

@@ -160,7 +160,8 @@ def _row(provider, t: Timing, **kw) -> Row:
 def test_rows_say_how_they_were_timed(tmp_path):
     graph = _row("fastflamingo", Timing(0.01, 0.009, 0.011, 100, GRAPH))
     assert graph.timing == GRAPH and "CUDA-graph replay" in graph.note and "timing_fallback" not in graph.extra
-    floor = _row("matmuls only (floor)", Timing(0.01, 0.009, 0.011, 100, GRAPH), note="floor: part of the op")
+    floor = _row("matmuls + attention roofline (floor)", Timing(0.01, 0.009, 0.011, 100, GRAPH),
+                 note="floor: part of the op")
     assert floor.note.startswith("floor: part of the op; ") and "CUDA-graph" in floor.note
     fell = _row("varlen mask build", Timing(0.3, 0.2, 0.4, -1, EVENTS, "RuntimeError: capturing"))
     assert fell.timing == EVENTS and "CUDA events" in fell.note
@@ -172,6 +173,26 @@ def test_rows_say_how_they_were_timed(tmp_path):
     with open(tmp_path / "rows.csv") as f:
         got = {r["provider"] + r["timing"]: r for r in csv.DictReader(f)}
     assert {"fastflamingo" + GRAPH, "varlen mask build" + EVENTS, "fastflamingo" + WALL} == set(got)
+
+
+def test_rows_record_how_many_samples_their_numbers_come_from(tmp_path, monkeypatch):
+    """A median of 1 call and one of 300 are not the same figure: the row keeps the count, in
+    rows.csv and rows.json; the eager GPU path (triton's do_bench) counts its own samples."""
+    row = _row("fastflamingo", Timing(1.0, 0.9, 1.1, 7))
+    assert row.reps == 7
+    write_csv([row], str(tmp_path / "rows.csv"))
+    with open(tmp_path / "rows.csv") as f:
+        assert next(csv.DictReader(f))["reps"] == "7"
+    testing = pytest.importorskip("triton.testing")
+    seen = {}
+
+    def fake_do_bench(fn, warmup=25, rep=100, quantiles=None, return_mode="mean"):
+        seen.update(quantiles=quantiles, return_mode=return_mode)
+        return [3.0, 1.0, 2.0, 4.0, 5.0]
+    monkeypatch.setattr(testing, "do_bench", fake_do_bench)
+    t = timing._event_timing(lambda: None, quick=True)
+    assert seen == {"quantiles": None, "return_mode": "all"}
+    assert (t.reps, t.median, t.method) == (5, 3.0, EVENTS) and t.p20 < t.median < t.p80
 
 
 def test_table_says_which_cells_were_timed_eagerly():

@@ -1,4 +1,4 @@
-"""``python -m fastflamingo.bench``: the same as ``fastflamingo bench``."""
+"""``python -m fastflamingo.bench``: the same as ``fastflamingo bench``, errors included."""
 import sys
 
 from .cli import main

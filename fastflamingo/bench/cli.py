@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 import time
 
 import torch
 
 from ..cli import count_arg, device_arg
+from ..presets import preset_config
 
 from . import e2e, kernels
 from .env import code_version, device_name, versions
@@ -41,8 +43,11 @@ def run_bench(*, suite: str = "all", preset: str | None = None, quick: bool = Fa
     choice, or 1 when other work keeps the CPU busy (1-minute load average >= half the cores):
     there, threads waiting on each other's time slices made calls 5-10x slower and far noisier.
     ``groups``: the end-to-end groups to run (default: all of ``e2e.GROUPS``)."""
+    if suite not in SUITES:
+        raise ValueError(f"suite {suite!r}: choose one of {', '.join(SUITES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     preset = preset or default_preset(device)
+    preset_config(preset)  # an unknown name is an error before anything runs
     os.makedirs(out, exist_ok=True)
     if threads is None and torch.device(device).type == "cpu" and hasattr(os, "getloadavg") \
             and os.getloadavg()[0] >= 0.5 * (os.cpu_count() or 1):
@@ -58,30 +63,33 @@ def run_bench(*, suite: str = "all", preset: str | None = None, quick: bool = Fa
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     echo(f"fastflamingo bench: suite={suite} preset={preset} quick={quick} on {meta['device']}\n  {meta['versions']}")
     rows = []
-    files = [os.path.join(out, "rows.csv"), os.path.join(out, "rows.json")]
+    path = os.path.join(out, "rows.json")
+
+    def save(done):  # every suite saves its rows as they come: kept if the run is cut off
+        write_json(rows + done, path, meta)
     if suite in ("kernels", "all"):
         cfg = kernel_config or kernels.default_config(preset, device, quick)
-        rows += kernels.run(cfg, device, quick=quick, progress=progress,
-                            on_rows=lambda done: write_json(done, files[1], meta))  # kept if interrupted
+        rows += kernels.run(cfg, device, quick=quick, progress=progress, on_rows=save)
     if suite in ("e2e", "all"):
         cfg = e2e_config or e2e.default_config(preset, device, quick)
-        rows += e2e.run(cfg, device, progress=progress, groups=groups,
-                        on_rows=lambda done: write_json(rows + done, files[1], meta))
+        rows += e2e.run(cfg, device, progress=progress, groups=groups, on_rows=save)
     if suite == "nf4" or (suite == "all" and torch.device(device).type == "cuda"):  # a CUDA kernel
         from . import nf4
-        rows += nf4.run(device, quick=quick, progress=progress)
+        rows += nf4.run(device, quick=quick, progress=progress, on_rows=save)
     if suite == "score" or (suite == "all" and torch.device(device).type != "cuda"):
         # (on a GPU only when asked: the 9B-shape open_flamingo model is built again for it)
         from . import score
-        rows += score.run(score_config or score.default_config(preset, device, quick), device, progress=progress)
+        rows += score.run(score_config or score.default_config(preset, device, quick), device, progress=progress,
+                          on_rows=save)
     meta["wall_s"] = round(time.perf_counter() - start, 1)
     meta["torch_threads"] = torch.get_num_threads()
     return write_outputs(rows, meta, out, plots=plots, echo=echo)
 
 
-def write_outputs(rows, meta: dict, out: str, *, plots: bool = True, echo=print) -> dict:
+def write_outputs(rows, meta: dict, out: str, *, plots: bool = True, echo=print, source: str | None = None) -> dict:
     """Print the table and the goals it decides; write rows.csv, rows.json, table.txt, goals.txt
-    (where some goal is decided) and the plots to ``out``."""
+    (where some goal is decided) and the plots to ``out``. ``source``: the rows.json the rows were
+    read from (a re-render: the last line says so, and gives that run's time as its own)."""
     table = format_table(rows)
     echo(table)
     files = [os.path.join(out, name) for name in ("rows.csv", "rows.json", "table.txt")]
@@ -97,20 +105,56 @@ def write_outputs(rows, meta: dict, out: str, *, plots: bool = True, echo=print)
             f.write(f"{goals}\n")
     if plots:
         files += all_plots(rows, out)
-    echo(f"\nwrote {', '.join(files)}  ({meta.get('wall_s')} s)")
+    if source is None:
+        echo(f"\nwrote {', '.join(files)}  ({meta.get('wall_s')} s)")
+    else:
+        took = f"; that run took {meta['wall_s']} s" if meta.get("wall_s") is not None else ""
+        echo(f"\nwrote {', '.join(files)}  (re-rendered from {source}, written {meta.get('date', '?')}{took})")
     return {"rows": rows, "table": table, "files": files, "meta": meta}
+
+
+# the options each suite reads (beyond --out, --device, --threads, --no-progress, --no-plots)
+APPLIES = {"preset": ("kernels", "e2e", "score", "all"), "groups": ("e2e", "all")}
+# what --from-json reads: the rows' own suite, preset and device were the run's
+RUN_OPTIONS = {"suite": None, "preset": None, "quick": False, "device": None, "threads": 0, "groups": None,
+               "no_progress": False}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 def run(args) -> int:
     if args.from_json:  # re-render the table and plots of an earlier (possibly interrupted) run
+        given = [_flag(k) for k, default in RUN_OPTIONS.items() if getattr(args, k) != default]
+        if given:
+            raise ValueError(f"--from-json only re-renders {args.from_json}'s rows (their suite, preset and device "
+                             f"are that run's): {', '.join(given)} would do nothing; leave them out")
         meta, rows = read_json(args.from_json)
         os.makedirs(args.out, exist_ok=True)
-        write_outputs(rows, meta, args.out, plots=not args.no_plots)
+        write_outputs(rows, meta, args.out, plots=not args.no_plots, source=args.from_json)
         return 0
-    run_bench(suite=args.suite, preset=args.preset, quick=args.quick, out=args.out, device=args.device,
+    suite = args.suite or "all"
+    for k, suites in APPLIES.items():
+        if getattr(args, k) is not None and suite not in suites:
+            why = " (it runs its fixed 7B weight shapes)" if suite == "nf4" else ""
+            raise ValueError(f"{_flag(k)} {getattr(args, k)}: the {suite} suite does not read it{why}; it is for "
+                             f"--suite {' / '.join(suites)}")
+    if args.preset is not None:
+        preset_config(args.preset)  # before the header is printed or --out is made
+    run_bench(suite=suite, preset=args.preset, quick=args.quick, out=args.out, device=args.device,
               progress=not args.no_progress, plots=not args.no_plots, threads=args.threads or None,
               groups=_groups(args.groups))
     return 0
+
+
+def bench_device(name: str) -> str:
+    """argparse ``type`` of ``--device``: a CPU or a CUDA device this machine has (the suites
+    run nowhere else)."""
+    name = device_arg(name)
+    if torch.device(name).type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{name!r}: fastflamingo bench runs on cpu or cuda (cuda:N)")
+    return name
 
 
 def _groups(text: str | None) -> list[str] | None:
@@ -130,12 +174,13 @@ def add_parser(subparsers) -> None:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", choices=SUITES, default="all", help="what to run (default: all)")
+    p.add_argument("--suite", choices=SUITES, default=None, help="what to run (default: all)")
     p.add_argument("--preset", default=None,
-                   help="model shape (default: tiny on a CPU, openflamingo-9b on a GPU); see fastflamingo.presets")
+                   help="model shape (default: tiny on a CPU, openflamingo-9b on a GPU); see fastflamingo.presets. "
+                        "The nf4 suite has fixed 7B shapes; the e2e suite's idefics group runs the IDEFICS shape")
     p.add_argument("--quick", action="store_true", help="fewer points and repetitions")
     p.add_argument("--out", default="bench-results", help="directory for rows.csv, rows.json, table.txt, PNGs")
-    p.add_argument("--device", type=device_arg, default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--device", type=bench_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=count_arg("--threads"), default=0,
                    help="torch CPU threads (default, 0: torch's choice; 1 on a CPU kept busy by other work)")
     p.add_argument("--groups", default=None, metavar="NAMES",
@@ -148,7 +193,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fastflamingo bench", description=__doc__)
-    configure(parser)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    """``fastflamingo bench ARGS`` (``python -m fastflamingo.bench``): the same program, with the
+    command line's one-line errors (:func:`fastflamingo.cli.main`)."""
+    from ..cli import main as cli_main
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])

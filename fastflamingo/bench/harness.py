@@ -17,7 +17,7 @@ import torch
 from ..testing import assert_close_by_rule
 from .env import copy_bandwidth, device_name, versions
 from .report import OURS
-from .rows import OK, Row
+from .rows import DTYPE_NAMES, OK, Row
 from .timing import EVENTS, GRAPH, measure, measure_side_by_side
 
 MODES = ("fwd", "fwd+bwd")
@@ -59,12 +59,15 @@ class Provider:
 
     ``floor=True`` marks a lower bound that computes something else on purpose (the matrix
     products of a layer without the rest): it is timed without the output check, and its rows
-    say so. Every other provider must pass the check to be timed.
+    say so. Every other provider must pass the check to be timed. ``charged_bytes[mode]``: bytes
+    of a part a floor does not compute, charged on top of its timed call at the measured copy
+    bandwidth (that part's memory roofline, the least it can take).
     """
     name: str
     prepare: Callable[[tuple], Prepared] | None
     unavailable: Callable[[str], str | None] = lambda mode: None
     floor: bool = False
+    charged_bytes: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -72,7 +75,8 @@ class Case:
     """One point of a sweep: inputs in the working dtype and the readable reference math.
 
     ``bytes_moved[mode]`` is the fewest bytes the op must move (each input read once, each
-    output written once), for the roofline row.
+    output written once), for the roofline row. ``geometry`` names what ``x`` does not
+    (``H=8 D=64 L=64``: heads, head size, latents per image); the rows carry it and the dtype.
     """
     kernel: str
     x: str
@@ -82,6 +86,7 @@ class Case:
     sweep: str = ""
     x_value: float | None = None
     bytes_moved: dict = field(default_factory=dict)
+    geometry: str = ""
 
 
 def reference_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -139,19 +144,34 @@ def run_case(case: Case, providers: Sequence[Provider], modes: Sequence[str], de
     rows = []
     dev = device_name(device)
     base = dict(kernel=case.kernel, x=case.x, device=dev, versions=versions(), sweep=case.sweep,
-                x_value=case.x_value, metric="time_ms")
+                x_value=case.x_value, metric="time_ms", geometry=case.geometry,
+                dtype=DTYPE_NAMES.get(case.inputs[0].dtype, str(case.inputs[0].dtype)))
     for mode in modes:
         dout = torch.randn_like(case.reference(*case.inputs).detach()) if mode == "fwd+bwd" else None
         ref_hi, ref_lo = reference_results(case, mode, dout)
         pending = []  # (row, the call to time or None for a finished row, its method): timed below
         for p in providers:
             _provider_rows(p, case, mode, dout, ref_hi, ref_lo, base, pending)
-        rows += _timed(pending, device, quick)
+        rows += _charged(_timed(pending, device, quick), providers, mode, device)
         if roofline and mode in case.bytes_moved:
             bw = copy_bandwidth(device)
             ms = case.bytes_moved[mode] / bw * 1e3
             rows.append(Row(provider="roofline", mode=mode, median=ms, p20=ms, p80=ms,
                             note=f"bytes / measured copy bandwidth {bw / 1e9:.0f} GB/s", **base))
+    return rows
+
+
+def _charged(rows: list[Row], providers, mode: str, device: str) -> list[Row]:
+    """``rows`` with each provider's ``charged_bytes[mode]`` added to its timed row, at the
+    measured copy bandwidth, and said in its note."""
+    charge = {p.name: p.charged_bytes[mode] for p in providers if mode in p.charged_bytes}
+    for r in rows:
+        if r.provider in charge and r.ok and r.mode == mode:
+            bw = copy_bandwidth(device)
+            ms = charge[r.provider] / bw * 1e3
+            r.median, r.p20, r.p80 = r.median + ms, r.p20 + ms, r.p80 + ms
+            r.note = (f"{r.note}; + {ms * 1e3:.1f} µs charged: {charge[r.provider] / 1e6:.3g} MB / measured copy "
+                      f"bandwidth {bw / 1e9:.0f} GB/s")
     return rows
 
 

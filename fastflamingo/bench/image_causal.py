@@ -51,7 +51,8 @@ def make_case(B, H, T, N, L, D, dtype, device, *, sweep="", x_value=None, seed=0
     bwd = (4 * q.numel() + 4 * k.numel()) * el                    # read q, k, v, out, dout; write dq, dk, dv
     ref = functools.partial(_reference, L=L)
     return Case(kernel="image-causal xattn", x=f"B={B} N={N} T={T}", inputs=(q, k, v, tt), reference=ref,
-                sweep=sweep, x_value=x_value, bytes_moved={"fwd": fwd, "fwd+bwd": fwd + bwd})
+                sweep=sweep, x_value=x_value, bytes_moved={"fwd": fwd, "fwd+bwd": fwd + bwd},
+                geometry=f"H={H} D={D} L={L}")
 
 
 def _reference(q, k, v, tt, *, L):

@@ -120,8 +120,8 @@ def run(cfg: KernelConfig, device: str, *, quick: bool = False, progress: bool =
         else:
             case, layer = perceiver.layer_case(point, cfg.tokens, cfg.latents, cfg.dim, cfg.r_heads,
                                                cfg.r_dim_head, cfg.dtype, device)
-            rows += run_case(case, perceiver.layer_providers(layer), ("fwd", "fwd+bwd"), device, quick=quick,
-                             roofline=False)
+            providers = perceiver.layer_providers(layer, point, cfg.tokens, cfg.latents)
+            rows += run_case(case, providers, ("fwd", "fwd+bwd"), device, quick=quick, roofline=False)
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
         if on_rows is not None:

@@ -1,9 +1,14 @@
 """Peak memory of one call of a stage.
 
-GPU: ``torch.cuda.max_memory_allocated`` over the call (weights included: the footprint a user
-needs). CPU: the peak of the tensor memory allocated during the call, from the torch profiler's
-memory timeline (weights already resident are not included). tracemalloc does not see torch's
-allocations and RSS does not drop when torch frees, so neither would be right.
+GPU: ``torch.cuda.max_memory_allocated`` over the call. Given ``held_bytes`` (the model's weights,
+an optimizer's state: what a user of the call holds anyway), the peak is what the call allocates
+above what was allocated before it, plus those bytes: the footprint a user needs, without the
+tensors the benchmark itself holds (its reference outputs, other models, buffers of earlier
+suites), which ``max_memory_allocated`` alone would count. Without it, everything allocated (a
+script that holds only what it measures). CPU: the peak of the tensor memory allocated during the
+call, from the torch profiler's memory timeline (weights already resident are not included).
+tracemalloc does not see torch's allocations and RSS does not drop when torch frees, so neither
+would be right.
 """
 from __future__ import annotations
 
@@ -17,17 +22,26 @@ import torch
 from .env import device_name
 
 CPU_METHOD = "CPU: peak tensor memory allocated during the call (torch.profiler memory timeline; weights excluded)"
-GPU_METHOD = "GPU: torch.cuda.max_memory_allocated during the call (weights included)"
+GPU_METHOD = "GPU: torch.cuda.max_memory_allocated during the call (everything allocated, weights included)"
+GPU_HELD_METHOD = ("GPU: what the call allocates at its peak above what was allocated before it "
+                   "(torch.cuda.max_memory_allocated), plus {held}: not the benchmark's own tensors")
 
 
-def peak_memory_call(fn: Callable[[], object], device: str) -> tuple[object, float | None, str]:
-    """(fn's result, peak MiB, how it was measured)."""
+def peak_memory_call(fn: Callable[[], object], device: str, *, held_bytes: int | None = None,
+                     held: str = "the model's weights") -> tuple[object, float | None, str]:
+    """(fn's result, peak MiB, how it was measured). ``held_bytes``: on a GPU, count the call's
+    own allocations plus these bytes (``held`` says what they are) instead of everything
+    allocated; the CPU's timeline counts the call's allocations alone either way."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         out = fn()
         torch.cuda.synchronize()
-        return out, torch.cuda.max_memory_allocated() / 2**20, GPU_METHOD
+        peak = torch.cuda.max_memory_allocated()
+        if held_bytes is None:
+            return out, peak / 2**20, GPU_METHOD
+        return out, (peak - before + held_bytes) / 2**20, GPU_HELD_METHOD.format(held=held)
     from torch.profiler import ProfilerActivity, profile
     with _quiet_native_output(), profile(activities=[ProfilerActivity.CPU], profile_memory=True,
                                          record_shapes=True, with_stack=True) as prof:

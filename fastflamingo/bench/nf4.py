@@ -38,7 +38,8 @@ def _label(N: int, K: int, M: int) -> str:
 
 
 def _unavailable_rows(device: str, why: str, rows_per_shape) -> list[Row]:
-    base = dict(kernel=KERNEL, mode="fwd", metric="time_ms", device=device_name(device), versions=versions())
+    base = dict(kernel=KERNEL, mode="fwd", metric="time_ms", device=device_name(device), versions=versions(),
+                dtype="bf16")
     return [Row(provider=p, x=_label(N, K, M), sweep=f"{N}x{K}", x_value=M, status=f"n/a: {why}", **base)
             for N, K in SHAPES for M in rows_per_shape for p in PROVIDERS]
 
@@ -86,21 +87,23 @@ def _providers(layer, w_bf16: torch.Tensor) -> list[Provider]:
     ]
 
 
-def run(device: str, quick: bool = False, progress: bool = True) -> list[Row]:
+def run(device: str, quick: bool = False, progress: bool = True, on_rows=None) -> list[Row]:
     """Every (shape, M) case on ``device``: checked, then timed. Returns the rows (``n/a`` rows
-    at once on the CPU or without bitsandbytes)."""
+    at once on the CPU or without bitsandbytes); ``on_rows(rows)`` after each shape (to save
+    partial results)."""
     rows_per_shape = (1, 16) if quick else ROWS
     if torch.device(device).type != "cuda":
         return _unavailable_rows(device, "needs a CUDA GPU (the fused kernel's timings, bitsandbytes' CUDA kernels)",
                                  rows_per_shape)
     if not has_module("bitsandbytes"):
         return _unavailable_rows(device, "needs bitsandbytes (pip install bitsandbytes)", rows_per_shape)
-    return run_cases(device, SHAPES, rows_per_shape, quick=quick, progress=progress)
+    return run_cases(device, SHAPES, rows_per_shape, quick=quick, progress=progress, on_rows=on_rows)
 
 
-def run_cases(device: str, shapes, rows_per_shape, *, quick: bool = False, progress: bool = True) -> list[Row]:
+def run_cases(device: str, shapes, rows_per_shape, *, quick: bool = False, progress: bool = True,
+              on_rows=None) -> list[Row]:
     """The cases of ``shapes`` x ``rows_per_shape`` on any device (tests run tiny ones on the
-    CPU, the kernel in Triton's interpreter)."""
+    CPU, the kernel in Triton's interpreter); ``on_rows(rows)`` after each shape."""
     rows: list[Row] = []
     bandwidth = copy_bandwidth(device)
     cuda = torch.device(device).type == "cuda"
@@ -122,10 +125,12 @@ def run_cases(device: str, shapes, rows_per_shape, *, quick: bool = False, progr
             ms = (2 * N * K + io) / bandwidth * 1e3
             case_rows.append(Row(kernel=KERNEL, provider="roofline bf16", mode="fwd", metric="time_ms",
                                  x=case.x, median=ms, p20=ms, p80=ms, device=device_name(device),
-                                 versions=versions(), sweep=case.sweep, x_value=M,
+                                 versions=versions(), sweep=case.sweep, x_value=M, dtype="bf16",
                                  note=f"bf16 weight + x + y / measured copy bandwidth {bandwidth / 1e9:.0f} GB/s"))
             rows += case_rows
         del layer, w, w_bf16
         if cuda:
             torch.cuda.empty_cache()
+        if on_rows is not None:
+            on_rows(rows)
     return rows

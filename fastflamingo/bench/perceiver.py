@@ -15,8 +15,13 @@ Layer providers (attention + feed-forward with residuals, same weights):
   PyTorch path (``backend="torch"``: the concatenated input projected once, one SDPA).
 * ``open_flamingo``: ``open_flamingo.src.helpers.PerceiverAttention`` / ``FeedForward`` (installed).
 * ``sdpa module``: open_flamingo's module with its attention replaced by cat + SDPA.
-* ``matmuls only``: the layer's matrix products alone (projections, QK^T, PV, feed-forward),
-  with autograd's matching products for fwd+bwd: the floor the layer is measured against.
+* ``matmuls + attention roofline (floor)``: the floor the layer is measured against, a lower
+  bound of its time: the layer's projection and feed-forward GEMMs alone (with autograd's
+  matching products for fwd+bwd; the attention's gradients to the K/V projections given, not
+  computed), timed, plus its attention charged at the memory roofline (:func:`attention_bytes`
+  over the measured copy bandwidth). Computing the attention instead (the unfused ``QK^T``,
+  ``PV`` of earlier runs' ``matmuls only (floor)``) wrote and read its score matrices: a "floor"
+  the fused layer beat.
 """
 from __future__ import annotations
 
@@ -38,17 +43,23 @@ def _rand(g, dtype, device, *shape):
 
 
 # ------------------------------------------------------------------------- attention
+def attention_bytes(images, V, L, H, D, element_size) -> dict:
+    """The fewest bytes the attention moves: forward, read q, K/V of media and latents, write out;
+    the backward, read those inputs, out and dout, write the five gradients: twice the forward."""
+    q, media, lat = images * H * L * D, images * H * V * D, images * H * L * D
+    fwd = (2 * q + 2 * media + 2 * lat) * element_size
+    return {"fwd": fwd, "fwd+bwd": fwd + 2 * fwd}
+
+
 def attention_case(images, V, L, H, D, dtype, device, *, seed=0) -> Case:
     g = torch.Generator().manual_seed(seed)
     q = _rand(g, dtype, device, images, H, L, D)
     km, vm = _rand(g, dtype, device, images, H, V, D), _rand(g, dtype, device, images, H, V, D)
     kl, vl = _rand(g, dtype, device, images, H, L, D), _rand(g, dtype, device, images, H, L, D)
-    el = q.element_size()
-    fwd = (2 * q.numel() + 2 * km.numel() + 2 * kl.numel()) * el
-    bwd = 2 * fwd + q.numel() * el  # read inputs, out, dout; write the five gradients
     return Case(kernel="perceiver attention", x=f"images={images} V={V}", inputs=(q, km, vm, kl, vl),
                 reference=ops.perceiver_attention_reference, grad_inputs=(0, 1, 2, 3, 4), sweep="images",
-                x_value=images, bytes_moved={"fwd": fwd, "fwd+bwd": fwd + bwd})
+                x_value=images, bytes_moved=attention_bytes(images, V, L, H, D, q.element_size()),
+                geometry=f"H={H} D={D} L={L}")
 
 
 def eager_perceiver(q, km, vm, kl, vl):
@@ -105,21 +116,42 @@ class SdpaPerceiverAttention(PerceiverAttention):
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
+FLOOR = "matmuls + attention roofline (floor)"
+
+
+class _GivenGrads(torch.autograd.Function):
+    """``out`` as it is; its backward passes ``out``'s gradient on and gives ``kv_media`` and
+    ``kv_latents`` the gradients ``grads`` (what an attention's backward would hand the K/V
+    projections), so their GEMMs' backward runs without an attention being computed."""
+
+    @staticmethod
+    def forward(ctx, out, kv_media, kv_latents, grads):
+        ctx.grads = grads
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, ctx.grads[0], ctx.grads[1], None
+
+
 class MatmulsOnly(nn.Module):
-    """The layer's matrix products and nothing else (no norms, softmax, activation): the same
-    GEMM shapes as :class:`ResamplerLayer`, so its time is the floor the layer is held to."""
+    """The layer's projection and feed-forward GEMMs and nothing else (no norms, attention,
+    activation): the same GEMM shapes as :class:`ResamplerLayer` (the output projection reads a
+    tensor of the attention output's shape). Its time, plus the attention at its roofline
+    (:data:`FLOOR`), is the least the layer can take."""
 
     def __init__(self, layer: ResamplerLayer):
         super().__init__()
         self.attn, self.ff = layer.attn, layer.ff
+        self.grads = None  # the K/V projections' given gradients, made by the first (checking) call
 
     def forward(self, x, latents):
-        a, h = self.attn, self.attn.heads
-        q = a.to_q(latents).unflatten(-1, (h, -1)).transpose(1, 2)
-        km, vm = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in a.to_kv(x).chunk(2, dim=-1))
-        kl, vl = (t.unflatten(-1, (h, -1)).transpose(1, 2) for t in a.to_kv(latents).chunk(2, dim=-1))
-        out = (q @ km.transpose(-1, -2)) @ vm + (q @ kl.transpose(-1, -2)) @ vl
-        lat = a.to_out(out.transpose(1, 2).flatten(2))
+        a = self.attn
+        q = a.to_q(latents)  # (images, L, H·D): the attention output's shape
+        kv_media, kv_latents = a.to_kv(x), a.to_kv(latents)
+        if self.grads is None:
+            self.grads = (torch.randn_like(kv_media), torch.randn_like(kv_latents))
+        lat = _GivenGrads.apply(a.to_out(q), kv_media, kv_latents, self.grads)
         return self.ff[3](self.ff[1](lat))
 
 
@@ -140,7 +172,8 @@ def layer_case(images, V, L, dim, H, D, dtype, device, *, seed=0):
     x = _rand(g, dtype, device, images, V, dim)
     lat = _rand(g, dtype, device, images, L, dim)
     case = Case(kernel="resampler layer", x=f"images={images} V={V}", inputs=(x, lat),
-                reference=_ReferenceLayer(reference), grad_inputs=(1,), sweep="images", x_value=images)
+                reference=_ReferenceLayer(reference), grad_inputs=(1,), sweep="images", x_value=images,
+                geometry=f"dim={dim} H={H} D={D} L={L}")
     return case, layer
 
 
@@ -156,10 +189,12 @@ class _ReferenceLayer:
         return self.layers[x.dtype](x, latents)
 
 
-def layer_providers(layer: ResamplerLayer) -> list[Provider]:
-    """Providers sharing ``layer``'s weights (copied into each peer's own module)."""
+def layer_providers(layer: ResamplerLayer, images: int, V: int, L: int) -> list[Provider]:
+    """Providers sharing ``layer``'s weights (copied into each peer's own module), for a case of
+    ``images`` x ``V`` media tokens and ``L`` latents (the floor's attention bytes)."""
     dim = layer.attn.to_q.in_features
     H, D = layer.attn.heads, layer.attn.to_q.out_features // layer.attn.heads
+    el = next(layer.parameters()).element_size()
 
     def module_provider(name, module):
         return Provider(name, lambda a: Prepared(call=lambda: module(*a), leaves=a))
@@ -177,7 +212,8 @@ def layer_providers(layer: ResamplerLayer) -> list[Provider]:
         ps.append(module_provider("open_flamingo", _same_weights(peer, layer)))
     else:
         ps.append(Provider("open_flamingo", None, unavailable=lambda mode: "open_flamingo is not installed"))
-    ps.append(Provider("matmuls only (floor)", functools.partial(_matmuls_only, layer), floor=True))
+    ps.append(Provider(FLOOR, functools.partial(_matmuls_only, layer), floor=True,
+                       charged_bytes=attention_bytes(images, V, L, H, D, el)))
     return ps
 
 

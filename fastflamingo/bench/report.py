@@ -68,8 +68,9 @@ def format_table(rows: list[Row]) -> str:
             body.append([x] + [_cell(grid.get((x, p)), ours) for p in providers])
         widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
         unit = UNITS.get(metric, metric)
+        ran = ", ".join(dict.fromkeys(f"{r.dtype} {r.geometry}".strip() for r in rs if r.dtype or r.geometry))
         lines.append(f"\n== {kernel} | {mode} | {metric} [{unit}], median; (Nx) = fastflamingo's speedup | "
-                     f"{rs[0].device}")
+                     + (f"{ran} | " if ran else "") + rs[0].device)
         for row in [header] + body:
             lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
         reasons = OrderedDict()

@@ -19,6 +19,7 @@ same plain run in the working precision, plus one epsilon of it per unit of the 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import gc
 from dataclasses import dataclass
 
@@ -28,7 +29,7 @@ from ..presets import preset_config
 from .env import device_name, has_module, versions
 from .harness import reference_dtype
 from .rows import Row
-from .stages import DTYPE_NAMES
+from .rows import DTYPE_NAMES
 from .timing import measure_together
 
 KERNEL = "score"
@@ -94,9 +95,13 @@ def open_flamingo_no_cache(live, vx, ids, mask, conts) -> torch.Tensor:
     return torch.stack(scores, 1)
 
 
-def run(cfg: ScoreConfig, device: str, progress: bool = True) -> list[Row]:
+NOT_TIMED = "n/a: passed its check; the run stopped before it was timed"
+
+
+def run(cfg: ScoreConfig, device: str, progress: bool = True, on_rows=None) -> list[Row]:
     """The check, then the providers timed together; ``n/a`` rows where open_flamingo is missing
-    or the preset is not open_flamingo-style."""
+    or the preset is not open_flamingo-style. ``on_rows(rows)`` after the check (the checked
+    providers' rows ``NOT_TIMED``) and after the timing, to save partial results."""
     from ..convert.open_flamingo import from_open_flamingo
     from ..generation.score import score, score_reference
     from .e2e import make_inputs
@@ -142,7 +147,15 @@ def run(cfg: ScoreConfig, device: str, progress: bool = True) -> list[Row]:
                 rows.append(Row(provider=name, status=f"FAILED: {note}", **base))
             else:
                 timed[name] = Row(provider=name, note=note, **base)
+        if on_rows is not None:
+            on_rows(_in_order(rows + [dataclasses.replace(r, status=NOT_TIMED) for r in timed.values()]))
         timings = measure_together([(calls[name], cfg.reps) for name in timed], device)
     for (name, row), t in zip(timed.items(), timings):
         rows.append(row.with_timing(t))
+    if on_rows is not None:
+        on_rows(_in_order(rows))
+    return _in_order(rows)
+
+
+def _in_order(rows: list[Row]) -> list[Row]:
     return sorted(rows, key=lambda r: PROVIDERS.index(r.provider))

@@ -54,7 +54,7 @@ class Timing:
     median: float  # milliseconds
     p20: float
     p80: float
-    reps: int
+    reps: int            # the number of samples
     method: str = WALL   # GRAPH, EVENTS or WALL: how the samples were taken
     fallback: str = ""   # why the CUDA-graph capture failed (method EVENTS instead of GRAPH)
 
@@ -172,8 +172,8 @@ def _event_timing(fn, quick: bool) -> Timing:
         from triton.testing import do_bench
     except ImportError:
         return _measure_events(fn, rep)
-    med, p20, p80 = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-    return Timing(med, p20, p80, -1, EVENTS)
+    # every sample (not do_bench's quantiles): the median and deciles as on the other paths, and their count
+    return _quantiles([float(t) for t in do_bench(fn, warmup=warmup, rep=rep, return_mode="all")], EVENTS)
 
 
 def _measure_events(fn, rep_ms: int) -> Timing:
