@@ -84,11 +84,6 @@ def _bnb(purpose: str = "quantization"):
     return bnb
 
 
-def cpu_4bit_fast_path_ok(in_features: int, out_features: int) -> bool:
-    """Whether bitsandbytes' AVX512-BF16 NF4 CPU kernel handles this shape (both multiples of 64)."""
-    return in_features % 64 == 0 and out_features % 64 == 0
-
-
 def guard_cpu_4bit(model: nn.Module) -> int:
     """Route every bitsandbytes 4-bit layer to the generic CPU kernel, away from the AVX512-BF16
     one (which crashes at some shapes, computes in bf16 and has no backward: the module's
@@ -100,7 +95,7 @@ def guard_cpu_4bit(model: nn.Module) -> int:
     imported: nothing can hold its layers then."""
     if sys.modules.get("bitsandbytes") is None:
         return 0
-    from .ops.nf4 import guard_cpu_dequantize, guard_repacked
+    from .ops.nf4 import guard_cpu_forward
     bnb = _bnb()
     changed = 0
     for m in model.modules():
@@ -110,7 +105,7 @@ def guard_cpu_4bit(model: nn.Module) -> int:
         if getattr(m, "support_avx512bf16_for_cpu", False):
             m.support_avx512bf16_for_cpu = False
             fixed = True
-        changed += guard_repacked(m) or guard_cpu_dequantize(m) or fixed
+        changed += guard_cpu_forward(m) or fixed
     return changed
 
 
@@ -131,8 +126,8 @@ def _quantized_linear(linear: nn.Linear, quantization: str) -> nn.Module:
     if has_bias:
         q.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     if quantization == "nf4":
-        from .ops.nf4 import guard_cpu_dequantize
-        guard_cpu_dequantize(q)  # bitsandbytes' CPU dequantization mis-scales some shapes
+        from .ops.nf4 import guard_cpu_forward
+        guard_cpu_forward(q)  # bitsandbytes' CPU dequantization mis-scales some shapes
     return q.train(linear.training)
 
 

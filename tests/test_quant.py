@@ -119,6 +119,10 @@ def test_a_layer_repacked_before_the_guard_refuses_a_gradient():
         torch.testing.assert_close(layer(x), want)
     with pytest.raises(RuntimeError, match="repacked .* no backward"):
         layer(x.requires_grad_())
+    from fastflamingo.ops.nf4 import use_fused_nf4
+    use_fused_nf4(nn.Sequential(layer), max_rows=0)  # restoring the layer's own forward keeps the guard
+    with pytest.raises(RuntimeError, match="repacked .* no backward"):
+        layer(x)
 
 
 def test_an_lm_quantized_elsewhere_is_guarded_by_flamingo(tmp_path):

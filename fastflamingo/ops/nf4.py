@@ -49,7 +49,7 @@ AUTO_MAX_ROWS = 16       # "auto" takes the fused kernel up to this many rows (d
 QUANT_TYPES = ("nf4", "fp4")  # one code table each: the kernel looks codes up, it takes both
 
 __all__ = ["nf4_linear", "nf4_linear_reference", "dequantize_4bit_reference", "use_fused_nf4",
-           "guard_cpu_dequantize", "linear4bit_forward",
+           "guard_cpu_forward", "linear4bit_forward",
            "BACKENDS", "AUTO_MAX_ROWS"]
 
 
@@ -302,13 +302,14 @@ def linear4bit_forward(self, x: torch.Tensor) -> torch.Tensor:
     repacked for its CPU inference kernel (no backward) refuses a call that needs the input's
     gradient."""
     state = getattr(self.weight, "quant_state", None)
-    if state is not None and _repacked_for_cpu(state) and torch.is_grad_enabled() and x.requires_grad:
+    repacked = state is not None and _repacked_for_cpu(state)
+    if repacked and torch.is_grad_enabled() and x.requires_grad:
         raise RuntimeError(
             "this NF4 layer's weight was repacked by bitsandbytes for its AVX512-BF16 CPU inference kernel "
             "(on a forward before fastflamingo guarded it), which has no backward: the gradient through it "
             "would be missing. Load or quantize the model again (fastflamingo keeps that kernel off: "
             "fastflamingo.quant.guard_cpu_4bit) before training, or run this call under torch.no_grad()")
-    if (x.device.type != "cpu" or state is None or _repacked_for_cpu(state) or state.shape is None
+    if (x.device.type != "cpu" or state is None or repacked or state.shape is None
             or not bnb_cpu_dequantize_is_wrong(int(state.shape[1]), int(state.blocksize))):
         return type(self).forward(self, x)
     compute = self.compute_dtype or x.dtype
@@ -338,24 +339,16 @@ def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
     return nf4_linear(x, self.weight, state, self.bias, backend="triton").to(inp_dtype)
 
 
-def guard_cpu_dequantize(layer: nn.Module) -> bool:
-    """Give a ``Linear4bit`` whose shape bitsandbytes' CPU dequantization gets wrong the
-    forward :func:`linear4bit_forward` (unless it already has an instance forward). Returns
-    whether it was changed."""
+def guard_cpu_forward(layer: nn.Module) -> bool:
+    """Give a ``Linear4bit`` whose own forward goes wrong on the CPU the forward
+    :func:`linear4bit_forward` (unless it already has an instance forward): a shape bitsandbytes'
+    CPU dequantization scales wrongly, or a weight bitsandbytes already repacked for its
+    AVX512-BF16 kernel (no backward). Returns whether it was changed."""
     state = getattr(layer.weight, "quant_state", None)
-    if ("forward" in layer.__dict__ or state is None or state.shape is None
-            or not bnb_cpu_dequantize_is_wrong(int(state.shape[1]), int(state.blocksize))):
+    if "forward" in layer.__dict__ or state is None:
         return False
-    layer.forward = types.MethodType(linear4bit_forward, layer)
-    return True
-
-
-def guard_repacked(layer: nn.Module) -> bool:
-    """Give a ``Linear4bit`` whose weight bitsandbytes already repacked for its AVX512-BF16 CPU
-    kernel (no backward) the forward :func:`linear4bit_forward`, which refuses to be
-    differentiated (unless it already has an instance forward). Returns whether it was changed."""
-    state = getattr(layer.weight, "quant_state", None)
-    if "forward" in layer.__dict__ or state is None or not _repacked_for_cpu(state):
+    wrong = state.shape is not None and bnb_cpu_dequantize_is_wrong(int(state.shape[1]), int(state.blocksize))
+    if not (wrong or _repacked_for_cpu(state)):
         return False
     layer.forward = types.MethodType(linear4bit_forward, layer)
     return True
@@ -390,7 +383,7 @@ def use_fused_nf4(model: nn.Module, max_rows: int = AUTO_MAX_ROWS, *, backend: s
             continue
         if max_rows == 0:
             m.__dict__.pop("forward", None)
-            guard_cpu_dequantize(m)
+            guard_cpu_forward(m)
             for attr in ("fused_nf4_max_rows", "fused_nf4_backend"):
                 m.__dict__.pop(attr, None)
         else:
