@@ -410,6 +410,11 @@ class IdeficsGatedCrossAttentionBlock(Checkpointed):
         super().__init__()
         c = config
         heads = c.heads or lm_heads
+        if c.dim_head is None and dim % heads:  # (IDEFICS raises too: "must be divisible")
+            whose = " (the LM's)" if c.heads is None else ""
+            raise ValueError(f"cross_attention.heads={heads}{whose} does not divide the LM's width {dim}, and "
+                             "cross_attention.dim_head=None takes width / heads: give a dim_head, or heads that "
+                             "divide the width")
         dim_head = c.dim_head or dim // heads
         self.cross_attn = IdeficsCrossAttention(dim=dim, dim_visual=dim_visual, heads=heads, dim_head=dim_head,
                                                 qk_layer_norms=c.qk_layer_norms, eps=c.rms_norm_eps,

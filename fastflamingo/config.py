@@ -104,7 +104,10 @@ class FlamingoConfig:
             sees, as IDEFICS's ``generate``).
         eos_token_id: the LM's EOS id (used when ``eos_resets_media``).
         num_base_tokens: the LM's vocabulary size before the Flamingo tokens were added; the
-            embedding rows from here on are trainable (None: embeddings frozen).
+            embedding rows from here on are trainable (None: embeddings frozen; 0: every row).
+        train_output_embeddings: with untied embeddings, the output embedding's rows from
+            ``num_base_tokens`` on train too (IDEFICS trains both); False: only the input
+            embedding's, as open_flamingo's ``create_model_and_transforms`` (fastflamingo's sets it).
     """
     vision: VisionConfig = field(default_factory=VisionConfig)
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
@@ -118,6 +121,7 @@ class FlamingoConfig:
     eos_resets_media: bool = False
     eos_token_id: int | None = None
     num_base_tokens: int | None = None
+    train_output_embeddings: bool = True
 
     def __post_init__(self):
         for name, cls in (("vision", VisionConfig), ("resampler", ResamplerConfig),
@@ -128,6 +132,8 @@ class FlamingoConfig:
         self.validate()
 
     def validate(self) -> None:
+        """Refuse values that would fail deep in the model, or build a degenerate one (a
+        feed-forward of width 0), naming the field."""
         v, r, x = self.vision, self.resampler, self.cross_attention
         if v.source not in VISION_SOURCES:
             raise ValueError(f"vision.source={v.source!r} is not one of {VISION_SOURCES}")
@@ -136,15 +142,28 @@ class FlamingoConfig:
                 raise ValueError(f"{name}={style!r} is not one of {BLOCK_STYLES}")
         if x.placement not in PLACEMENTS:
             raise ValueError(f"cross_attention.placement={x.placement!r} is not one of {PLACEMENTS}")
-        if x.every_n_layers < 1:
-            raise ValueError(f"cross_attention.every_n_layers must be >= 1, got {x.every_n_layers}")
         if x.alpha_type not in ("float", "vector"):
             raise ValueError(f"cross_attention.alpha_type={x.alpha_type!r} is not 'float' or 'vector'")
-        for name, value in (("resampler.depth", r.depth), ("resampler.heads", r.heads),
-                            ("resampler.dim_head", r.dim_head), ("resampler.num_latents", r.num_latents),
-                            ("vision.dim", v.dim)):
-            if value < 1:
-                raise ValueError(f"{name} must be >= 1, got {value}")
+        idefics = x.style == "idefics"  # its heads / dim_head may be None: the LM's own
+        for name, value, optional in (
+                ("vision.dim", v.dim, False), ("resampler.depth", r.depth, False), ("resampler.heads", r.heads, False),
+                ("resampler.dim_head", r.dim_head, False), ("resampler.num_latents", r.num_latents, False),
+                ("resampler.ff_mult", r.ff_mult, False), ("resampler.max_num_media", r.max_num_media, True),
+                ("resampler.max_num_frames", r.max_num_frames, True),
+                ("cross_attention.every_n_layers", x.every_n_layers, False),
+                ("cross_attention.heads", x.heads, idefics), ("cross_attention.dim_head", x.dim_head, idefics),
+                ("cross_attention.ff_mult", x.ff_mult, False),
+                ("cross_attention.intermediate_size", x.intermediate_size, True)):
+            if (value is None and optional) or (type(value) is int and value >= 1):
+                continue
+            hint = ""
+            if name in ("cross_attention.heads", "cross_attention.dim_head"):
+                hint = ("; None takes the LM's own" if idefics else
+                        "; None (the LM's own) is for cross_attention.style='idefics' only")
+            raise ValueError(f"{name} must be an int >= 1{' or None' if optional else ''}, got {value!r}{hint}")
+        eps = x.rms_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+            raise ValueError(f"cross_attention.rms_norm_eps must be a number > 0, got {eps!r}")
 
     def has_cross_attention(self, layer_idx: int) -> bool:
         """Whether a gated cross-attention block sits before decoder layer ``layer_idx``."""

@@ -14,8 +14,6 @@ CPU memory (or on disk) and visit the execution device for each forward.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import nn
 
@@ -137,11 +135,12 @@ def shard(model: nn.Module) -> nn.Module:
     """FSDP2 over a Flamingo (``torch.distributed`` initialized): each gated cross-attention block,
     each decoder layer and the resampler is a unit of ``fully_shard`` (innermost first: the blocks
     sit inside the decoder layers), the rest the root's. Parameters become DTensor shards; their
-    names are unchanged."""
+    names are unchanged. The decoder layers are those the model wrapped
+    (``model.decoder_layers_attr``: ``config.decoder_layers_attr`` where given)."""
     from torch.distributed.fsdp import fully_shard
 
-    from .lm import decoder_layers_attr_for
-    layers = operator.attrgetter(decoder_layers_attr_for(model.lang_encoder))(model.lang_encoder)
+    from .lm import get_attr
+    layers = get_attr(model.lang_encoder, model.decoder_layers_attr)
     units = [*model.gated_cross_attn_layers, *layers] + ([model.perceiver] if model.perceiver is not None else [])
     for m in units:
         fully_shard(m)

@@ -34,7 +34,8 @@ def create_model_and_transforms(clip_vision_encoder_path: str, clip_vision_encod
             (open_flamingo placement: layers n-1, 2n-1, ...).
         use_local_files: never reach the network (``local_files_only``).
         decoder_layers_attr_name: dotted path of the LM's decoder layers (None: by LM family).
-        freeze_lm_embeddings: open_flamingo trains the whole input embedding matrix unless True.
+        freeze_lm_embeddings: open_flamingo trains the whole input embedding matrix unless True
+            (only the input one: an untied output embedding, ``lm_head``, stays frozen, as there).
         cache_dir: Hugging Face / open_clip download cache.
         ln_post_on_tokens: required; whether open_clip's ``ln_post`` applies to the patch tokens.
         trust_remote_code: allow the LM's / tokenizer's own code (e.g. MosaicML's MPT repos).
@@ -74,8 +75,8 @@ def create_model_and_transforms(clip_vision_encoder_path: str, clip_vision_encod
         only_attend_immediate_media=flamingo_kwargs.get("only_attend_immediate_media", True),
         media_token_id=ids["media_token_id"], eoc_token_id=ids["eoc_token_id"], pad_token_id=ids["pad_token_id"],
         eos_token_id=getattr(lm.config, "eos_token_id", None),
-        # open_flamingo trains every row of the input embeddings (0 = from row 0 on)
-        num_base_tokens=None if freeze_lm_embeddings else 0)
+        # open_flamingo trains every row of the input embeddings (0 = from row 0 on), not the output ones
+        num_base_tokens=None if freeze_lm_embeddings else 0, train_output_embeddings=False)
     from .convert.load import finish
     from .model import Flamingo
     model = finish(Flamingo(config, vision_encoder=visual, lang_encoder=lm), quantization=quantization,

@@ -64,9 +64,7 @@ def _native() -> str:
     from . import native
     if native.available():
         return f"yes (loaded {native.library_path()})"
-    if native.library_path().exists():
-        return "built but older than its sources: run fastflamingo build-native"
-    return "not built (fastflamingo build-native)"
+    return f"no: {native.unavailable_reason()} (fastflamingo build-native builds it)"
 
 
 def _has(module: str) -> bool:

@@ -18,7 +18,8 @@ from .convert.open_flamingo import drop_duplicate_keys_hook
 from .lm import (decoder_layers_attr_for, get_attr, lm_hidden_size, lm_intermediate_size, lm_num_heads,
                  position_limit, thin_checkpointing, wrap_decoder_layers)
 from .warn import warn_caller
-from .vision import build_vision_model, check_pixels, check_vision_config, vision_features
+from .vision import (build_vision_model, check_pixels, check_vision_config, check_vision_dim, encoder_width,
+                     vision_features)
 
 
 def build_lm(config: FlamingoConfig) -> nn.Module:
@@ -59,6 +60,32 @@ def check_vision_x(vision_x, *, batch: int | None = None) -> None:
         raise TypeError(f"vision_x must hold float pixels, got {vision_x.dtype}")
     if batch is not None and vision_x.shape[0] != batch:
         raise ValueError(f"vision_x has batch {vision_x.shape[0]} but lang_x has batch {batch}")
+    if vision_x.shape[2] == 0:
+        raise ValueError(f"vision_x {tuple(vision_x.shape)} has F=0 frames: each image (or video) needs at least "
+                         "one frame (F=1 for an image)")
+
+
+def check_visual_tokens(visual_tokens, config: FlamingoConfig, *, batch: int) -> None:
+    """Already encoded images are (B, N, L, D_vis) float tokens, as :meth:`Flamingo.encode_vision`
+    returns them: ``batch`` rows, D_vis = ``config.vision.dim`` and, with the resampler, L =
+    ``config.latents_per_media`` (swapped N and L would otherwise run as L images of one token)."""
+    if not torch.is_tensor(visual_tokens) or visual_tokens.dim() != 4:
+        got = tuple(visual_tokens.shape) if torch.is_tensor(visual_tokens) else type(visual_tokens).__name__
+        raise ValueError(f"visual_tokens must be (B, N_media, L_tokens, D_vis), as encode_vision returns them, got "
+                         f"{got}; add a singleton dim for one image (N=1)")
+    if not visual_tokens.is_floating_point():
+        raise TypeError(f"visual_tokens must be float, got {visual_tokens.dtype}")
+    B, N, L, D = visual_tokens.shape
+    if B != batch:
+        raise ValueError(f"visual_tokens {tuple(visual_tokens.shape)} has batch {B} but lang_x has batch {batch}")
+    if D != config.vision.dim:
+        raise ValueError(f"visual_tokens {tuple(visual_tokens.shape)} are {D} wide but config.vision.dim is "
+                         f"{config.vision.dim}: give (B, N, L, D_vis) tokens as encode_vision returns them")
+    L_want = config.latents_per_media
+    if L_want is not None and L != L_want:
+        raise ValueError(f"visual_tokens {tuple(visual_tokens.shape)} has L={L} tokens per image but the resampler "
+                         f"makes {L_want} (config.resampler.num_latents): the order is (B, N_media, L_tokens, "
+                         "D_vis), as encode_vision returns them")
 
 
 def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vocab: int, *,
@@ -167,10 +194,12 @@ class Flamingo(nn.Module):
     def __init__(self, config: FlamingoConfig, vision_encoder: nn.Module | None = None,
                  lang_encoder: nn.Module | None = None):
         super().__init__()
+        config.validate()  # again: its fields may have been set since it was made
         self.config = config
         vc = config.vision
         check_vision_config(vc)
         self.vision_encoder = build_vision_model(vc) if vision_encoder is None else vision_encoder
+        check_vision_dim(vc, encoder_width(self.vision_encoder, vc))
         self.lang_encoder = build_lm(config) if lang_encoder is None else lang_encoder
         self.perceiver = PerceiverResampler(dim=vc.dim, config=config.resampler) if config.resampler.enabled else None
 
@@ -179,6 +208,7 @@ class Flamingo(nn.Module):
         self._checkpointing = False  # activation checkpointing (activation_checkpointing_enable)
         self.decoder_layers_attr = decoder_layers_attr_for(self.lang_encoder, config.decoder_layers_attr)
         n_layers = len(get_attr(self.lang_encoder, self.decoder_layers_attr))
+        self._check_some_block(n_layers)
         blocks = [self._make_block(i) if config.has_cross_attention(i) else None for i in range(n_layers)]
         wrap_decoder_layers(self.lang_encoder, self.decoder_layers_attr, blocks, self._media)
         mpt.prepare(self.lang_encoder)  # an MPT LM's attention as one SDPA call (fastflamingo.mpt)
@@ -203,6 +233,18 @@ class Flamingo(nn.Module):
                                  f"0..{vocab - 1}): add Flamingo's tokens to the tokenizer and resize the LM's "
                                  "embeddings first (fastflamingo.setup_tokenizer(tokenizer, lm) does both), and give "
                                  "their ids")
+
+    def _check_some_block(self, n_layers: int) -> None:
+        """A placement that puts no block in the LM would build a model on which images have no
+        effect (and whose resampler gets no gradient)."""
+        c = self.config
+        if any(c.has_cross_attention(i) for i in range(n_layers)):
+            return
+        x = c.cross_attention
+        rule = "(i + 1) % n == 0" if x.placement == "after_every_n" else "i % n == 0"
+        raise ValueError(f"cross_attention.every_n_layers={x.every_n_layers} puts no cross-attention block in the "
+                         f"LM's {n_layers} decoder layers (placement {x.placement!r}: a block before layer i when "
+                         f"{rule}), so the images would change nothing: use every_n_layers <= {n_layers}")
 
     def _make_block(self, layer_idx: int) -> nn.Module:
         c, lm = self.config, self.lang_encoder
@@ -233,14 +275,27 @@ class Flamingo(nn.Module):
 
     def set_trainable(self, train_embeddings: bool | None = None) -> None:
         """Freeze the vision encoder and the LM; train the resampler, the cross-attention blocks and,
-        when ``config.num_base_tokens`` is set, the embedding rows of the added tokens only."""
+        when ``config.num_base_tokens`` is set, the embedding rows of the added tokens only (of the
+        output embedding too, when untied, unless ``config.train_output_embeddings`` is False).
+
+        Args:
+            train_embeddings: None: as ``config.num_base_tokens`` says; False: no embedding row
+                trains, whatever it says; True: the added tokens' rows, which needs
+                ``config.num_base_tokens`` (which rows are new; 0 for all of them).
+        """
+        c = self.config
+        if train_embeddings is True and c.num_base_tokens is None:
+            raise ValueError("set_trainable(train_embeddings=True) needs config.num_base_tokens, the LM's vocabulary "
+                             "size before the Flamingo tokens were added: it says which embedding rows are new and "
+                             "train (0: every row). Set it, or leave train_embeddings out")
         self.requires_grad_(False)
         if self.perceiver is not None:
             self.perceiver.requires_grad_(True)
         for block in self.gated_cross_attn_layers:
             block.requires_grad_(True)
         from .tokens import train_new_embedding_rows
-        train_new_embedding_rows(self, self.config.num_base_tokens if train_embeddings is not False else None)
+        train_new_embedding_rows(self, c.num_base_tokens if train_embeddings is not False else None,
+                                 output=c.train_output_embeddings)
 
     def set_attention_backend(self, backend: str) -> None:
         """Force one backend of :mod:`fastflamingo.ops` (``BACKENDS``) for every attention in the
@@ -353,6 +408,7 @@ class Flamingo(nn.Module):
         pixels = to_execution_device(vision_x.flatten(0, 2).to(self.vision_encoder_dtype), self.vision_encoder)
         with torch.no_grad():
             feats = vision_features(self.vision_encoder, pixels, self.config.vision)
+        check_vision_dim(self.config.vision, feats.shape[-1], when="the vision encoder's features are")
         feats = feats.reshape(B, N, F, *feats.shape[1:])
         if self.perceiver is None:
             if F != 1:
@@ -366,6 +422,11 @@ class Flamingo(nn.Module):
         embedding = self.lang_encoder.get_input_embeddings()
         rows = getattr(embedding, "num_embeddings", None)
         return rows if rows is not None else embedding.weight.shape[0]
+
+    @property
+    def _blocks_dtype(self) -> torch.dtype:
+        """The dtype of the cross-attention blocks' weights, which project the visual tokens."""
+        return next(p for p in self.gated_cross_attn_layers[0].parameters() if p.is_floating_point()).dtype
 
     @property
     def vision_encoder_dtype(self) -> torch.dtype:
@@ -418,6 +479,9 @@ class Flamingo(nn.Module):
             if vision_x.device != lang_x.device:
                 raise ValueError(f"vision_x is on {vision_x.device} but lang_x is on {lang_x.device}")
             visual_tokens = self.encode_vision(vision_x)
+        elif visual_tokens is not None:
+            check_visual_tokens(visual_tokens, self.config, batch=lang_x.shape[0])
+            visual_tokens = visual_tokens.to(self._blocks_dtype)  # as vision_x goes to the encoder's dtype
         derived = text_time is None
         if derived:
             text_time = self.text_time(lang_x)

@@ -6,6 +6,9 @@ the image-causal cross-attention and the Perceiver attention, forward and backwa
 counterparts of the Triton kernels). ``fastflamingo build-native`` (or :func:`build`) configures and builds it in
 ``build/native/<key>/``, where the key names the torch version and installation, and the CPU's
 instruction sets (the library is compiled with ``-march=native`` for the machine that runs it).
+``$FASTFLAMINGO_NATIVE_BUILD`` names another folder, which nothing keys: a library there records
+the torch it was built for (:data:`STAMP`), and one built for another torch is refused, not
+loaded (a C++ ABI difference would crash or give wrong results).
 
 Once built, it is found and loaded when ``fastflamingo`` is imported (``FASTFLAMINGO_NATIVE=0``
 turns that off; then, not inside a first ``torch.compile`` trace, which may touch no file), and
@@ -16,6 +19,7 @@ Without it the package runs its PyTorch path, as before.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import shutil
@@ -25,8 +29,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the source checkout (where CMakeLists.txt is)
 LIBRARY = "libfastflamingo_native.so"
+STAMP = "built_for.json"  # beside the library: the torch (version, folder) it was built for
 OPS = "fastflamingo_native"
+REBUILD = "rebuild it with `fastflamingo build-native` in the source checkout (needs cmake and g++)"
 
+# "problem": (path, why a library there did not load), for messages (unavailable_reason)
 _state = {"loaded": False, "probed": False, "path": None}
 
 
@@ -44,15 +51,20 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
+def this_torch() -> dict[str, str]:
+    """The torch of this process, as :data:`STAMP` records it: its version and its folder."""
+    import torch
+    return {"torch": torch.__version__, "torch_dir": str(Path(torch.__file__).resolve().parent)}
+
+
 def build_dir() -> Path:
     """Where this machine's build lives: ``$FASTFLAMINGO_NATIVE_BUILD`` or
     ``<checkout>/build/native/torch-<version>-<hash of torch's folder and the CPU's flags>``."""
     if os.environ.get("FASTFLAMINGO_NATIVE_BUILD"):
         return Path(os.environ["FASTFLAMINGO_NATIVE_BUILD"])
-    import torch
-    torch_dir = Path(torch.__file__).resolve().parent
-    key = hashlib.sha256(f"{torch_dir}\n{platform.machine()}\n{_cpu_flags()}".encode()).hexdigest()[:12]
-    return ROOT / "build" / "native" / f"torch-{torch.__version__.replace('+', '_')}-{key}"
+    torch = this_torch()
+    key = hashlib.sha256(f"{torch['torch_dir']}\n{platform.machine()}\n{_cpu_flags()}".encode()).hexdigest()[:12]
+    return ROOT / "build" / "native" / f"torch-{torch['torch'].replace('+', '_')}-{key}"
 
 
 def library_path() -> Path:
@@ -68,9 +80,57 @@ def up_to_date(path: Path | None = None) -> bool:
     return all(src.stat().st_mtime <= built for src in _sources() if src.exists())
 
 
+def _cmake_cache(out: Path) -> dict[str, str]:
+    """The entries of ``out``'s CMakeCache.txt ({} without one)."""
+    try:
+        lines = (out / "CMakeCache.txt").read_text().splitlines()
+    except OSError:
+        return {}
+    entries = (line.split("=", 1) for line in lines if "=" in line and not line.startswith(("#", "//")))
+    return {key.split(":", 1)[0]: value for key, value in entries}
+
+
+def _configured_for(out: Path) -> dict[str, str]:
+    """What the CMake configuration in ``out`` was made with: its Python and the torch folder it
+    links against (its cached ``libc10``); {} without one."""
+    cache = _cmake_cache(out)
+    found = {"python": str(Path(cache["Python_EXECUTABLE"]).resolve())} if cache.get("Python_EXECUTABLE") else {}
+    if cache.get("C10_LIB"):
+        found["torch_dir"] = str(Path(cache["C10_LIB"]).resolve().parent.parent)  # <torch>/lib/libc10.so
+    return found
+
+
+def built_for(path: Path) -> dict[str, str]:
+    """The torch the library at ``path`` was built for: the :data:`STAMP` that :func:`build`
+    writes beside it, else (built by hand with CMake) the torch folder of its folder's CMake
+    configuration; {} where neither says."""
+    try:
+        stamp = json.loads(path.with_name(STAMP).read_text())
+    except (OSError, ValueError):
+        stamp = None
+    if isinstance(stamp, dict):
+        return stamp
+    found = _configured_for(path.parent)
+    return {"torch_dir": found["torch_dir"]} if "torch_dir" in found else {}
+
+
+def _describe(torch: dict[str, str]) -> str:
+    return f"torch {torch['torch']} ({torch['torch_dir']})" if "torch" in torch else f"the torch in {torch['torch_dir']}"
+
+
+def _torch_mismatch(path: Path) -> str | None:
+    """Why the library at ``path`` is not for this process's torch, or None."""
+    built, this = built_for(path), this_torch()
+    if any(built.get(k) not in (None, v) for k, v in this.items()):
+        return f"{path} was built for {_describe(built)}, but this process runs {_describe(this)}"
+    return None
+
+
 def build(verbose: bool = False, jobs: int | None = None) -> Path:
     """Configure (once) and build the extension for this Python's torch; returns the library's
-    path. CMake rebuilds only what changed, so a second call costs about a second."""
+    path. CMake rebuilds only what changed, so a second call costs about a second. A folder
+    configured by another Python or torch (a shared ``$FASTFLAMINGO_NATIVE_BUILD``), or holding a
+    library built for another torch, is configured afresh and rebuilt from scratch."""
     if not (ROOT / "CMakeLists.txt").exists() or not (ROOT / "csrc").is_dir():
         raise RuntimeError(f"the native extension builds from a source checkout (CMakeLists.txt and csrc/ "
                            f"beside the fastflamingo package); {ROOT} has none. Clone the repository and "
@@ -81,12 +141,21 @@ def build(verbose: bool = False, jobs: int | None = None) -> Path:
                            "(g++ >= 10 or clang >= 12): apt install cmake g++, or pip install cmake")
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
+    this = this_torch()
+    configured = _configured_for(out)
+    if configured and configured != {"python": str(Path(sys.executable).resolve()), "torch_dir": this["torch_dir"]}:
+        # CMake keeps what it found (the torch libraries) in its cache: start from none
+        (out / "CMakeCache.txt").unlink()
+        shutil.rmtree(out / "CMakeFiles", ignore_errors=True)
+    fresh = not (out / "CMakeCache.txt").exists()
     configure = [cmake, "-S", str(ROOT), "-B", str(out), "-DCMAKE_BUILD_TYPE=Release",
                  f"-DPython_EXECUTABLE={sys.executable}"]
-    if shutil.which("ninja") and not (out / "CMakeCache.txt").exists():
+    if shutil.which("ninja") and fresh:
         configure += ["-G", "Ninja"]
-    steps = [] if (out / "CMakeCache.txt").exists() else [configure]
+    steps = [configure] if fresh else []
     steps.append([cmake, "--build", str(out), "--parallel", str(jobs or os.cpu_count() or 1)])
+    if (out / LIBRARY).exists() and (fresh and configured or _torch_mismatch(out / LIBRARY)):
+        steps[-1].append("--clean-first")  # objects compiled against another torch's headers
     for cmd in steps:
         done = subprocess.run(cmd, capture_output=not verbose, text=True)
         if done.returncode != 0:
@@ -95,13 +164,21 @@ def build(verbose: bool = False, jobs: int | None = None) -> Path:
     path = out / LIBRARY
     if not path.exists():
         raise RuntimeError(f"the build finished but made no {path}")
+    # up to date now, also where CMake relinked nothing: an edit that changes no object (a comment
+    # in CMakeLists.txt) would otherwise leave it older than its sources however often it is built
+    os.utime(path)
+    stamp = path.with_name(f"{STAMP}.{os.getpid()}.tmp")  # replaced whole: a reader sees one version
+    stamp.write_text(json.dumps(this))
+    stamp.replace(path.with_name(STAMP))
     return path
 
 
 def load(path: str | Path | None = None) -> Path:
     """Load the built library (``path``, default :func:`library_path`) into this process and
     register its operators' fake and autograd functions; returns its path. Loading twice is a
-    no-op. Raises with the build command where there is no up-to-date build."""
+    no-op. Raises with the build command where there is no build, where it is older than its
+    sources or was built for another torch (:func:`built_for`), and where the loader refuses it
+    (with the loader's reason)."""
     import torch
     if _state["loaded"]:
         return _state["path"]
@@ -109,10 +186,17 @@ def load(path: str | Path | None = None) -> Path:
     if not path.exists():
         raise RuntimeError(f"the native extension is not built ({path} does not exist): run "
                            "`fastflamingo build-native` in the source checkout (needs cmake and g++)")
-    if path == library_path() and not up_to_date(path):
-        raise RuntimeError(f"{path} is older than its sources (csrc/, CMakeLists.txt): rebuild it with "
-                           "`fastflamingo build-native`")
-    torch.ops.load_library(str(path))
+    stale = path == library_path() and not up_to_date(path)
+    problem = f"{path} is older than its sources (csrc/, CMakeLists.txt)" if stale else _torch_mismatch(path)
+    if problem is None:
+        try:
+            torch.ops.load_library(str(path))
+        except OSError as e:  # torch's message names only the file; the loader's says why
+            problem = f"{path} exists but failed to load: {e.__cause__ or e}"
+    if problem is not None:
+        _state["problem"] = (path, problem)
+        raise RuntimeError(f"{problem}: {REBUILD}")
+    _state.pop("problem", None)
     from .ops import image_causal_op, perceiver_op
     image_causal_op.register_native()
     perceiver_op.register_native()
@@ -134,18 +218,37 @@ def available() -> bool:
         return False
     try:
         _state["expected"] = library_path()
-        if up_to_date(_state["expected"]):
+        if _state["expected"].exists():
             load()
     except (OSError, RuntimeError):
         return False
     return _state["loaded"]
 
 
+def _problem() -> str | None:
+    """Why the library where it is looked for did not load, where load() said so."""
+    path, problem = _state.get("problem", (None, None))
+    return problem if not _state["loaded"] and path is not None and path == _state.get("expected") else None
+
+
+def unavailable_reason() -> str | None:
+    """Why the native operators are not loaded (None when they are), for messages: turned off,
+    not built (where it is looked for), or a library there that is older than its sources, was
+    built for another torch, or failed to load (the loader's reason). Probes like
+    :func:`available`, so it touches no file inside a torch.compile trace."""
+    if available():
+        return None
+    if os.environ.get("FASTFLAMINGO_NATIVE", "1") == "0":
+        return "FASTFLAMINGO_NATIVE=0 turns it off"
+    return _problem() or f"it is not built for this machine ({expected_path()})"
+
+
 def expected_path() -> Path | str:
-    """Where the library is looked for (for messages; read at the first probe, so that a message
-    raised inside a torch.compile trace touches no file)."""
+    """Where the library is looked for, or, where one is there but did not load, why (for
+    messages; read at the first probe, so that a message raised inside a torch.compile trace
+    touches no file)."""
     if "expected" in _state:
-        return _state["expected"]
+        return _problem() or _state["expected"]
     import torch
     return "build/native/<torch, CPU>" if torch.compiler.is_compiling() else library_path()
 

@@ -36,10 +36,11 @@ def setup_tokenizer(tokenizer, lang_encoder: nn.Module | None = None) -> dict:
     }
 
 
-def train_new_embedding_rows(model: nn.Module, num_base_tokens: int | None) -> None:
+def train_new_embedding_rows(model: nn.Module, num_base_tokens: int | None, *, output: bool = True) -> None:
     """Make only the embedding rows ``>= num_base_tokens`` trainable (None: none), in the input
-    embeddings and, when it is a separate matrix of the same rows, the output embeddings too
-    (IDEFICS trains both; with tied embeddings they are one matrix).
+    embeddings and, when it is a separate matrix of the same rows and ``output``, the output
+    embeddings too (IDEFICS trains both; open_flamingo only the input one; with tied embeddings
+    they are one matrix, whose gradient through the output embedding is masked the same way).
 
     Each embedding stays one matrix (checkpoints keep their layout). The rows of the original
     vocabulary get no gradient, by masks in the modules' own forward: the input embedding's output
@@ -58,7 +59,7 @@ def train_new_embedding_rows(model: nn.Module, num_base_tokens: int | None) -> N
         return
     lm = model.lang_encoder
     inp, out = lm.get_input_embeddings(), lm.get_output_embeddings()
-    for weight in embedding_matrices(model):
+    for weight in embedding_matrices(model)[:None if output else 1]:
         if num_base_tokens < weight.shape[0]:
             weight.requires_grad_(True)
     if num_base_tokens >= inp.weight.shape[0]:

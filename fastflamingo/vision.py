@@ -64,6 +64,27 @@ def expected_pixels(model: nn.Module, config: VisionConfig) -> tuple[int, int, i
     return int(channels), int(h), int(w)
 
 
+def encoder_width(model: nn.Module, config: VisionConfig) -> int | None:
+    """The width D of the features the encoder ``model`` gives, where its own config says it:
+    Hugging Face CLIP (``config.hidden_size``), open_clip (``transformer.width``). None for the
+    rest (timm, any module), whose features are checked as they come (Flamingo.encode_vision)."""
+    if config.source == "hf_clip":
+        width = getattr(getattr(model, "config", None), "hidden_size", None)
+    elif config.source == "open_clip":
+        width = getattr(getattr(model, "transformer", None), "width", None)
+    else:
+        return None
+    return width if isinstance(width, int) else None
+
+
+def check_vision_dim(config: VisionConfig, width: int | None, when: str = "the vision encoder is") -> None:
+    """Refuse a ``config.vision.dim`` other than the encoder's width (``width``; None: unknown),
+    which the resampler's and the cross-attention's weights are sized by."""
+    if width is not None and width != config.dim:
+        raise ValueError(f"config.vision.dim={config.dim} but {when} {width} wide: set vision.dim={width}, the "
+                         "width the resampler and the cross-attention blocks take the visual features at")
+
+
 def check_pixels(model: nn.Module, config: VisionConfig, chw: tuple[int, ...]) -> None:
     """Refuse images of another channel count or resolution than the encoder takes, naming both."""
     want = expected_pixels(model, config)

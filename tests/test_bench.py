@@ -171,7 +171,7 @@ def test_train_stages_timed_together_leave_shared_weights_as_checked():
     before = w.detach().clone()
     group = e2e.Group("x", [], {"loss": 1.0}, SMALL_E2E, "cpu", False)
     entrants = [e2e.Entrant(name, prefill=None, loss=lambda: (w ** 2).sum(), params=lambda: [w]) for name in "ab"]
-    rows = stages.time_stages([group.check_train(e, None) for e in entrants], "cpu")
+    rows = group.train_rows([(e, None) for e in entrants])
     assert [r.provider for r in rows if r.metric == "time_ms"] == ["a", "b"]
     assert all(r.median is not None and r.median > 0 for r in rows)
     assert torch.equal(w.detach(), before)
@@ -319,6 +319,34 @@ def test_the_checkpointed_training_step_checkpoints_and_puts_the_mode_back(monke
     assert counts["fastflamingo"] == 0 and counts["fastflamingo checkpointed"] > 0, counts
     assert peaks["fastflamingo checkpointed"] < 0.7 * peaks["fastflamingo"], peaks
     assert all("training mode, dropout off" in note for note in notes.values()), notes
+
+
+def test_the_timed_training_steps_run_in_training_mode_without_walking_the_modules():
+    """Two entrants sharing one module: every step (checked and timed) runs in training mode with
+    dropout off, the modes are entered once around the timing (the walk over the modules is not
+    timed: as many walks at 1 rep as at 5), and both come back as they were."""
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.5)).eval()
+    x = torch.ones(3, 4)
+    walks, seen = [], []
+    real_modules = net.modules
+    net.modules = lambda: walks.append(1) or real_modules()
+
+    def loss():
+        seen.append((net.training, net[1].p))
+        return net(x).square().sum()
+
+    def run(reps):
+        walks.clear()
+        group = e2e.Group("x", [], {"loss": 1.0}, dataclasses.replace(SMALL_E2E, reps=reps), "cpu", False)
+        entrants = [e2e.Entrant(n, prefill=None, loss=loss, params=lambda: list(net.parameters()), module=net)
+                    for n in "ab"]
+        rows = group.train_rows([(e, None) for e in entrants])
+        assert all(r.ok for r in rows), rows
+        return len(walks)
+
+    assert run(1) == run(5) > 0
+    assert seen and all(s == (True, 0.0) for s in seen), seen
+    assert not net.training and net[1].p == 0.5
 
 
 def test_train_mode_turns_dropout_off_and_puts_everything_back():

@@ -252,8 +252,13 @@ def test_few_shot_image_paths_are_relative_to_the_file(tmp_path, capsys, monkeyp
     pre, queries = gen_cli._few_shot_spec("../shots/shots.json")
     assert pre["images"] == [str(folder / "cat.png")]
     assert [q["images"] for q in queries] == [[str(folder / "cat.png")], [str(tmp_path / "dog.png")], ["random"]]
+    reads = []
+    real_read = gen_cli.read_image
+    monkeypatch.setattr(gen_cli, "read_image", lambda path: reads.append(path) or real_read(path))
     assert main(["generate", "--preset", "tiny", "--few-shot", "../shots/shots.json", "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.startswith("[0] ")
+    # each file decoded once, before the model loads (cat.png serves the prefix and a query)
+    assert sorted(reads) == sorted([str(folder / "cat.png"), str(tmp_path / "dog.png")]), reads
     (folder / "missing.json").write_text(json.dumps({"queries": [{"images": ["dog.png"], "text": [510, 5]}]}))
     assert main(["generate", "--preset", "tiny", "--few-shot", "../shots/missing.json"]) == 2
     assert f"error: no image file {str(folder / 'dog.png')!r}" in capsys.readouterr().err  # not ./dog.png

@@ -73,3 +73,21 @@ def test_fsdp2_training_step_equals_the_unsharded_model(tmp_path):
         for emb in (ref.lang_encoder.get_input_embeddings(), ref.lang_encoder.get_output_embeddings()):
             name = next(n for n, p in ref.named_parameters() if p is emb.weight)
             assert grads[name][:base].abs().sum() == 0 and grads[name][base:].abs().sum() > 0, (family, name)
+
+
+def test_shard_wraps_the_decoder_layers_the_config_names(tmp_path, monkeypatch):
+    """An LM family outside fastflamingo's table (Qwen3), its layers named by
+    ``config.decoder_layers_attr``: shard() wraps the layers the model wrapped (it had asked the
+    table, and refused the model). World size 1, in this process."""
+    from torch.distributed.fsdp import FSDPModule
+    qwen3 = dict(model_type="qwen3", hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, head_dim=16, vocab_size=512, max_position_embeddings=256)
+    model = tiny(lm=qwen3, decoder_layers_attr="model.layers").train()
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        shard(model)
+        assert all(isinstance(layer, FSDPModule) for layer in model.lang_encoder.model.layers)
+        assert _step(model) > 0
+    finally:
+        dist.destroy_process_group()

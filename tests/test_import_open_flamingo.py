@@ -232,20 +232,23 @@ def test_live_conversion_round_trips_given_its_vision_encoder(mpt_checkpoint, tm
 
 
 # ------------------------------------------------------------------ create_model_and_transforms
-@pytest.fixture(scope="module")
-def local_models(tmp_path_factory):
+def _local_models(d, tied: bool):
     """A tiny LLaMA + tokenizer directory (vocabulary without the Flamingo tokens) and a local
     open_clip checkpoint, as a user would have them on disk."""
     from transformers import AutoModelForCausalLM
-    d = tmp_path_factory.mktemp("local")
     cfg = tiny_lm_config("llama")
-    cfg.vocab_size, cfg.pad_token_id, cfg.tie_word_embeddings = 100, None, True
+    cfg.vocab_size, cfg.pad_token_id, cfg.tie_word_embeddings = 100, None, tied
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(d / "lm")
     tiny_tokenizer(100, {"<unk>": 0, "<s>": 1, "</s>": 2}).save_pretrained(d / "lm")
     clip_ckpt = d / "clip.pt"
     torch.save(tiny_open_clip(seed=5).state_dict(), clip_ckpt)
     return str(d / "lm"), str(clip_ckpt)
+
+
+@pytest.fixture(scope="module")
+def local_models(tmp_path_factory):
+    return _local_models(tmp_path_factory.mktemp("local"), tied=True)
 
 
 def _open_flamingo_reference(lm_dir, clip_ckpt):
@@ -298,6 +301,35 @@ def test_create_model_and_transforms_loads_open_flamingo_state_dicts(local_model
     back = Flamingo.from_pretrained(tmp_path / "ff")
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("freeze_lm_embeddings", [False, True])
+def test_create_model_and_transforms_trains_what_open_flamingo_trains_with_untied_embeddings(
+        tmp_path, freeze_lm_embeddings):
+    """An LM whose output embedding (lm_head) is its own matrix (LLaMA, GPT-NeoX: Med-Flamingo,
+    OpenFlamingo-4B): open_flamingo's factory trains the input embedding only, and so does this one
+    (it had trained lm_head too: another optimisation, and a V x D matrix more of optimizer state)."""
+    from open_flamingo import create_model_and_transforms as of_create
+    lm_dir, clip_ckpt = _local_models(tmp_path, tied=False)
+    kw = dict(cross_attn_every_n_layers=2, use_local_files=True, freeze_lm_embeddings=freeze_lm_embeddings)
+    ours, _, _ = create_model_and_transforms(TINY_VIT, clip_ckpt, lm_dir, lm_dir, ln_post_on_tokens=True, **kw)
+    ref, _, _ = of_create(TINY_VIT, clip_ckpt, lm_dir, lm_dir, **kw)
+    lm = ours.lang_encoder
+    assert lm.get_output_embeddings().weight is not lm.get_input_embeddings().weight
+    trained = {n for n, p in ours.named_parameters() if p.requires_grad}
+    # open_flamingo's blocks appear twice: in the decoder layers and in lang_encoder.gated_cross_attn_layers
+    want = {n for n, p in ref.named_parameters(remove_duplicate=False)
+            if p.requires_grad and not n.startswith("lang_encoder.gated_cross_attn_layers.")}
+    assert trained == want, sorted(trained ^ want)
+    assert ("lang_encoder.model.embed_tokens.weight" in trained) != freeze_lm_embeddings
+    assert not lm.get_output_embeddings().weight.requires_grad
+    count = sum(p.numel() for p in ours.parameters() if p.requires_grad)
+    assert count == sum(p.numel() for p in ref.parameters() if p.requires_grad)
+    ours.train()
+    ids = torch.tensor([[1, ours.config.media_token_id, 5, 6, 7]])
+    ours(torch.randn(1, 1, 1, 3, 32, 32), ids, labels=ids).loss.backward()
+    assert lm.get_output_embeddings().weight.grad is None
+    assert (lm.get_input_embeddings().weight.grad is None) == freeze_lm_embeddings
 
 
 def test_create_model_and_transforms_requires_explicit_choices(local_models):

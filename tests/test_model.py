@@ -1,5 +1,6 @@
 """The Flamingo model on many LMs and vision encoders; training; input validation."""
 import copy
+import re
 
 import pytest
 import torch
@@ -71,8 +72,10 @@ def test_unsupported_lm_lists_supported_families():
                                     intermediate_size=64, is_decoder=True))
     with pytest.raises(ValueError, match=r"model_type='bert'.*Supported LM families: \['gemma', 'gpt2'"):
         Flamingo(config(), lang_encoder=lm)
-    # with an explicit path it works
-    Flamingo(config(decoder_layers_attr="bert.encoder.layer"), lang_encoder=lm)
+    # with an explicit path it works (one layer: a block before every one)
+    model = Flamingo(config(decoder_layers_attr="bert.encoder.layer",
+                            cross_attention=CrossAttentionConfig(every_n_layers=1, heads=2, dim_head=8)), lang_encoder=lm)
+    assert len(model.gated_cross_attn_layers) == 1
 
 
 def test_cross_attention_placement_rules():
@@ -315,6 +318,145 @@ def test_config_json_round_trip_and_errors():
     from fastflamingo import preset_config
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         preset_config("huge")
+
+
+@pytest.mark.parametrize("part,field,value", [
+    ("cross_attention", "heads", 0), ("cross_attention", "dim_head", 0),
+    ("cross_attention", "heads", None), ("cross_attention", "dim_head", None),  # None: idefics style only
+    ("cross_attention", "heads", 2.0), ("cross_attention", "ff_mult", 0), ("cross_attention", "intermediate_size", 0),
+    ("cross_attention", "every_n_layers", 0), ("cross_attention", "every_n_layers", 2.5),
+    ("cross_attention", "every_n_layers", True), ("cross_attention", "rms_norm_eps", -1.0),
+    ("cross_attention", "rms_norm_eps", 0), ("resampler", "ff_mult", 0), ("resampler", "max_num_frames", -1),
+    ("resampler", "max_num_frames", 0), ("resampler", "max_num_media", 0), ("resampler", "depth", True),
+])
+def test_config_values_are_refused_naming_the_field(part, field, value):
+    """Each would fail deep in the model (a reshape of 0 elements, a division by zero), or build a
+    degenerate one (a feed-forward of width 0, a model without cross-attention): refused when the
+    config is made, and when a model is built from one changed since."""
+    cfg = preset_config("tiny")
+    setattr(getattr(cfg, part), field, value)
+    with pytest.raises(ValueError, match=rf"{part}\.{field} must be .*, got {re.escape(repr(value))}"):
+        cfg.validate()
+    with pytest.raises(ValueError, match=rf"{part}\.{field} must be"):
+        Flamingo(cfg)
+    with pytest.raises(ValueError, match=rf"{part}\.{field} must be"):
+        FlamingoConfig.from_dict(cfg.to_dict())
+
+
+def test_idefics_heads_that_do_not_divide_the_width_are_refused():
+    """IDEFICS's blocks take dim_head = width / heads: 3 heads of a 64-wide LM would make a
+    63-wide attention (IDEFICS itself raises); a given dim_head needs no division."""
+    idefics = dict(style="idefics", every_n_layers=2, placement="first_of_every_n")
+    with pytest.raises(ValueError, match=r"cross_attention.heads=3 does not divide the LM's width 64"):
+        Flamingo.from_preset("tiny", cross_attention=CrossAttentionConfig(heads=3, dim_head=None, **idefics))
+    model = Flamingo.from_preset("tiny", cross_attention=CrossAttentionConfig(heads=3, dim_head=16, **idefics))
+    assert model.gated_cross_attn_layers[0].cross_attn.q_proj.out_features == 48
+
+
+@pytest.mark.parametrize("every_n_layers", [5, 9])
+def test_a_placement_that_puts_no_block_in_the_lm_is_refused(every_n_layers):
+    """Every n-th layer of a 4-layer LM with n > 4 is none: the model would ignore its images (and
+    its resampler would never get a gradient)."""
+    with pytest.raises(ValueError, match=rf"cross_attention.every_n_layers={every_n_layers} puts no cross-attention "
+                                         r"block in the LM's 4 decoder layers \(placement 'after_every_n': a block "
+                                         r"before layer i when \(i \+ 1\) % n == 0\).*every_n_layers <= 4"):
+        Flamingo.from_preset("tiny", cross_attention=CrossAttentionConfig(every_n_layers=every_n_layers))
+    first = Flamingo.from_preset("tiny", cross_attention=CrossAttentionConfig(
+        every_n_layers=every_n_layers, placement="first_of_every_n"))  # layer 0 always has one
+    assert len(first.gated_cross_attn_layers) == 1
+    assert len(Flamingo.from_preset("tiny", cross_attention=CrossAttentionConfig(every_n_layers=4))
+               .gated_cross_attn_layers) == 1
+
+
+def test_visual_tokens_are_checked_and_cast_like_pixels():
+    model = Flamingo.from_preset("tiny", seed=0).eval()
+    set_gates(model, 0.8)
+    ids = torch.tensor([[1, 510, 5, 6, 7], [1, 5, 510, 6, 7]])
+    with torch.no_grad():
+        vt = model.encode_vision(torch.randn(2, 1, 1, 3, 32, 32))
+        want = model(lang_x=ids, visual_tokens=vt).logits
+        for dtype in (torch.bfloat16, torch.float64):  # cast to the blocks' dtype, as pixels to the encoder's
+            got = model(lang_x=ids, visual_tokens=vt.to(dtype)).logits
+            torch.testing.assert_close(got, want, atol=0.05 if dtype == torch.bfloat16 else 1e-6, rtol=0)
+    with pytest.raises(TypeError, match=r"visual_tokens must be float, got torch.int64"):
+        model(lang_x=ids, visual_tokens=vt.long())
+    with pytest.raises(ValueError, match=r"visual_tokens must be \(B, N_media, L_tokens, D_vis\).*got \(2, 8, 32\)"):
+        model(lang_x=ids, visual_tokens=vt[:, 0])
+    with pytest.raises(ValueError, match=r"visual_tokens \(2, 1, 8, 16\) are 16 wide but config.vision.dim is 32"):
+        model(lang_x=ids, visual_tokens=vt[..., :16])
+    for bad in (vt[:1], vt.repeat(2, 1, 1, 1)):
+        with pytest.raises(ValueError, match=rf"has batch {bad.shape[0]} but lang_x has batch 2"):
+            model(lang_x=ids, visual_tokens=bad)
+    with pytest.raises(ValueError, match=r"visual_tokens \(2, 8, 1, 32\) has L=1 tokens per image but the "
+                                         r"resampler makes 8 \(config.resampler.num_latents\)"):
+        model(lang_x=ids, visual_tokens=vt.transpose(1, 2))  # (B, L, N, D): would run as 8 images
+
+
+def test_vision_x_without_frames_is_refused():
+    model = Flamingo.from_preset("tiny", seed=0).eval()
+    with pytest.raises(ValueError, match=r"vision_x \(1, 1, 0, 3, 32, 32\) has F=0 frames"):
+        model(torch.randn(1, 1, 0, 3, 32, 32), torch.tensor([[1, 510, 5]]))
+
+
+class _WideEncoder(nn.Module):
+    """A 'module' vision encoder: (B, 3, H, W) -> (B, 4, 48) features."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(3, 48)
+
+    def forward(self, pixels):
+        return self.proj(pixels.flatten(2).transpose(1, 2)[:, :4])
+
+
+def test_vision_dim_other_than_the_encoders_width_is_refused_naming_vision_dim():
+    """Known from the encoder's own config (Hugging Face CLIP, open_clip): at build; else at the
+    first encode, before the resampler fails on a broadcast."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    wide = CLIPVisionModel(CLIPVisionConfig(**{**TINY_CLIP, "hidden_size": 48}))
+    with pytest.raises(ValueError, match=r"config.vision.dim=32 but the vision encoder is 48 wide: set vision.dim=48"):
+        Flamingo(preset_config("tiny"), vision_encoder=wide)
+    clip = tiny_open_clip().visual
+    with pytest.raises(ValueError, match=r"config.vision.dim=48 but the vision encoder is 32 wide"):
+        Flamingo(config(vision=VisionConfig(source="open_clip", dim=48, ln_post_on_tokens=False, image_size=32)),
+                 vision_encoder=clip, lang_encoder=tiny_lm("llama"))
+    model = Flamingo(preset_config("tiny", vision=VisionConfig(source="module", dim=32, image_size=32)),
+                     vision_encoder=_WideEncoder()).eval()
+    with pytest.raises(ValueError, match=r"config.vision.dim=32 but the vision encoder's features are 48 wide"):
+        model(torch.randn(1, 1, 1, 3, 32, 32), torch.tensor([[1, 510, 5]]))
+
+
+def test_set_trainable_train_embeddings():
+    """None: as config.num_base_tokens says; False: no row; True: the new rows, which needs
+    num_base_tokens (which rows are new?), else an error rather than nothing."""
+    model = Flamingo.from_preset("tiny")
+    emb = model.lang_encoder.get_input_embeddings().weight
+    model.set_trainable(train_embeddings=False)
+    assert not emb.requires_grad
+    model.set_trainable(train_embeddings=True)
+    assert emb.requires_grad
+    untracked = Flamingo.from_preset("tiny", num_base_tokens=None)
+    with pytest.raises(ValueError, match=r"train_embeddings=True\) needs config.num_base_tokens.*0: every row"):
+        untracked.set_trainable(train_embeddings=True)
+    assert not untracked.lang_encoder.get_input_embeddings().weight.requires_grad
+    assert Flamingo.from_preset("tiny", num_base_tokens=0).lang_encoder.get_input_embeddings().weight.requires_grad
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_train_output_embeddings_false_trains_the_input_embeddings_new_rows_only(tied):
+    """open_flamingo's recipe (create_model_and_transforms): an untied lm_head stays frozen; a tied
+    one is the input matrix, whose gradient through lm_head is masked to the new rows too."""
+    lm = {**preset_config("tiny").lm, "tie_word_embeddings": tied}
+    model = Flamingo.from_preset("tiny", lm=lm, train_output_embeddings=False).train()
+    inp, out = model.lang_encoder.get_input_embeddings().weight, model.lang_encoder.get_output_embeddings().weight
+    assert (inp is out) == tied and out.requires_grad == tied
+    ids = torch.tensor([[1, 510, 5, 6, 511, 7, 8]])
+    model(torch.randn(1, 1, 1, 3, 32, 32), ids, labels=ids).loss.backward()
+    base = model.config.num_base_tokens
+    assert inp.grad[:base].abs().sum() == 0 and inp.grad[base:].abs().sum() > 0
+    assert tied or out.grad is None
+    back = Flamingo(FlamingoConfig.from_json(model.config.to_json()))  # kept in config.json
+    assert back.lang_encoder.get_output_embeddings().weight.requires_grad == tied
 
 
 def test_kernels_folder_never_takes_the_top_level_name(tmp_path):

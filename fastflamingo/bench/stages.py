@@ -412,10 +412,20 @@ class Group:
 
     def train(self, e: Entrant, failure: str | None) -> list[Row]:
         """The training rows of ``e`` alone: :meth:`check_train`, then its timing."""
-        return time_stages([self.check_train(e, failure)], self.device)
+        return self.train_rows([(e, failure)])
+
+    def train_rows(self, trained: list[tuple[Entrant, str | None]]) -> list[Row]:
+        """The training rows of the entrants ``trained`` ((entrant, failure) pairs), checked and
+        timed together, every entrant's module in :func:`train_mode` once around it all (not
+        inside each timed step, where walking the modules would be timed too)."""
+        with contextlib.ExitStack() as modes:
+            for e, _ in trained:
+                modes.enter_context(train_mode(e.module))
+            return time_stages([self.check_train(e, failure) for e, failure in trained], self.device)
 
     def check_train(self, e: Entrant, failure: str | None) -> list[Row] | Timed:
-        """A step with AdamW, in training mode with dropout off (:func:`train_mode`), measured for
+        """A step with AdamW, in training mode with dropout off (:func:`train_mode`, which the
+        caller holds: :meth:`train_rows`), measured for
         peak memory once a first step has allocated the optimizer's state: a training step's peak
         is in its backward, with the activations, the gradients and that state all held (the first
         step's backward has no optimizer state yet). The steps change the weights (shared with the
@@ -428,9 +438,7 @@ class Group:
         opt = torch.optim.AdamW(params, lr=1e-5)
 
         def step():
-            with train_mode(e.module):
-                loss = e.loss()
-                loss.backward()
+            e.loss().backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -481,7 +489,7 @@ class Group:
             for e, f in zip(trained, failures):
                 rows += self.train(e, f)
         else:
-            rows += time_stages([self.check_train(e, f) for e, f in zip(trained, failures)], self.device)
+            rows += self.train_rows(list(zip(trained, failures)))
         return rows
 
 

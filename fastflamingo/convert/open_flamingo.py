@@ -68,7 +68,8 @@ def config_from_open_flamingo(live: nn.Module, *, ln_post_on_tokens: bool | None
         only_attend_immediate_media=x_attn.only_attend_immediate_media,
         media_token_id=live.media_token_id, eoc_token_id=live.eoc_token_id,
         pad_token_id=getattr(lm.config, "pad_token_id", None), eos_token_id=getattr(lm.config, "eos_token_id", None),
-        num_base_tokens=num_base_tokens)
+        num_base_tokens=num_base_tokens,
+        train_output_embeddings=False)  # open_flamingo trains no output embedding rows
 
 
 def open_clip_image_size(visual: nn.Module) -> int:

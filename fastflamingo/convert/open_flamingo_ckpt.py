@@ -227,7 +227,8 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
                                              dim_head=OPEN_FLAMINGO_DIM_HEAD, ff_mult=layout.xattn_ff_mult),
         lm=lm.config.to_dict(), decoder_layers_attr=layers_attr, media_token_id=media_token_id,
         eoc_token_id=eoc_token_id, pad_token_id=getattr(lm.config, "pad_token_id", None),
-        eos_token_id=getattr(lm.config, "eos_token_id", None), num_base_tokens=num_base_tokens)
+        eos_token_id=getattr(lm.config, "eos_token_id", None), num_base_tokens=num_base_tokens,
+        train_output_embeddings=False)  # open_flamingo trains no output embedding rows
     hint = (f"The checkpoint expects {layout.describe()}.\nThe model was built with {describe_lm(lm, layers_attr)}, "
             f"cross-attention every {config.cross_attention.every_n_layers} layer(s), vision width "
             f"{layout.vis_dim}.\nPass the LM and vision encoder the checkpoint was trained with "

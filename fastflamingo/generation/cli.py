@@ -134,10 +134,16 @@ def load_image(path: str, transform) -> torch.Tensor:
     return transform(read_image(path))
 
 
-def _images(sources: list[str], size: int, generator: torch.Generator, transform) -> torch.Tensor:
-    """Paths or "random" -> (N, 1, 3, size, size)."""
-    return torch.stack([torch.randn(3, size, size, generator=generator) if s == "random" else load_image(s, transform)
-                        for s in sources])[:, None] if sources else torch.zeros(0, 1, 3, size, size)
+def _images(sources: list[str], size: int, generator: torch.Generator, transform,
+            decoded: dict | None = None) -> torch.Tensor:
+    """Paths or "random" -> (N, 1, 3, size, size); ``decoded``: images already read, by path."""
+    decoded = decoded or {}
+
+    def pixels(s: str) -> torch.Tensor:
+        if s == "random":
+            return torch.randn(3, size, size, generator=generator)
+        return transform(decoded[s]) if s in decoded else load_image(s, transform)
+    return torch.stack([pixels(s) for s in sources])[:, None] if sources else torch.zeros(0, 1, 3, size, size)
 
 
 def _load(args):
@@ -246,10 +252,11 @@ def _check_images(name: str, ids: list[int], images: torch.Tensor, media_token_i
                          "in its text: give one image per <image> token")
 
 
-def _check_request(args) -> tuple[dict | None, list[dict]] | None:
+def _check_request(args) -> tuple[tuple[dict | None, list[dict]] | None, dict]:
     """What can be checked before the model loads (minutes, for a 9B one): the flags that go
     together, the prompt, the few-shot file, and that every image file exists and is an image PIL
-    reads. Returns the few-shot file's (prefix, queries), if any."""
+    reads. Returns the few-shot file's (prefix, queries) (None without one) and the images it
+    read, by path (decoded once: :func:`_requests` transforms them once the model loaded)."""
     if args.image and args.random_images:
         raise ValueError("give --image files or --random-images, not both")
     if args.few_shot is not None and (args.image or args.random_images):
@@ -266,21 +273,19 @@ def _check_request(args) -> tuple[dict | None, list[dict]] | None:
     if spec is not None:
         pre, queries = spec
         images += [s for entry in ([pre] if pre else []) + queries for s in entry.get("images", [])]
-    for path in dict.fromkeys(images):  # each exists and decodes (read again, the same way, once the model loaded)
-        if path != "random":
-            read_image(path)
-    return spec
+    decoded = {path: read_image(path) for path in dict.fromkeys(images) if path != "random"}
+    return spec, decoded
 
 
-def _requests(args, spec, tokenizer, size: int, generator, media_token_id: int, transform):
+def _requests(args, spec, tokenizer, size: int, generator, media_token_id: int, transform, decoded=None):
     """-> (prefix ids (1, P) | None, prefix images, query ids (B, T), mask, query images (B, N, 1, 3, s, s))."""
     if spec is not None:
         pre, queries = spec
         # the queries start their sequences only where no prefix comes before them
         rows = [_encode(q["text"], tokenizer, f"query {i}'s text", first=pre is None) for i, q in enumerate(queries)]
-        per_row = [_images(q.get("images", []), size, generator, transform) for q in queries]
+        per_row = [_images(q.get("images", []), size, generator, transform, decoded) for q in queries]
         pre_ids = torch.tensor([_encode(pre["text"], tokenizer, "the prefix's text", first=True)]) if pre else None
-        pre_images = _images(pre.get("images", []), size, generator, transform)[None] if pre else None
+        pre_images = _images(pre.get("images", []), size, generator, transform, decoded)[None] if pre else None
         if pre:
             if not pre_ids.shape[1]:
                 raise ValueError("the prefix's text has no tokens: give the demonstrations' text")
@@ -290,7 +295,7 @@ def _requests(args, spec, tokenizer, size: int, generator, media_token_id: int, 
         rows = [token_ids(args.prompt_ids, "--prompt-ids") if args.prompt_ids is not None else
                 _encode(args.prompt, tokenizer, "--prompt", first=True)]
         sources = args.image or ["random"] * args.random_images
-        per_row, pre_ids, pre_images = [_images(sources, size, generator, transform)], None, None
+        per_row, pre_ids, pre_images = [_images(sources, size, generator, transform, decoded)], None, None
         names = ["the prompt"]
     for name, row, images in zip(names, rows, per_row):
         if not row:
@@ -347,13 +352,14 @@ def prepare(args):
     mask, vision_x or None, the prefix's (vision_x or None, ids) or None), on the device where the
     token embeddings compute (the first device of a device map)."""
     from ..distribute import execution_device
-    spec = _check_request(args)
+    spec, decoded = _check_request(args)
     model, tokenizer = _load(args)
     c = model.config
     device = execution_device(model.lang_encoder.get_input_embeddings()) or torch.device("cpu")
     g = torch.Generator().manual_seed(args.seed)
     pre_ids, pre_images, ids, mask, vision = _requests(args, spec, tokenizer, c.vision.image_size, g, c.media_token_id,
-                                                       image_transform(c.cross_attention.style, c.vision.image_size))
+                                                       image_transform(c.cross_attention.style, c.vision.image_size),
+                                                       decoded)
     if c.pad_token_id is not None:
         ids = ids.masked_fill(mask == 0, c.pad_token_id)
     ids, mask = ids.to(device), mask.to(device)

@@ -71,14 +71,15 @@ def use_native(op: str, q: torch.Tensor, backend: str) -> bool:
                          "use backend='auto' or 'triton' for CUDA tensors")
     if q.dtype not in NATIVE_DTYPES:
         raise TypeError(f"{op}: backend='native' takes {NATIVE_DTYPES}, got {q.dtype}; use backend='torch'")
-    if not native.available():
+    reason = native.unavailable_reason()
+    if reason is not None:
         import os
         if os.environ.get("FASTFLAMINGO_NATIVE") == "0":
             raise RuntimeError(f"{op}: backend='native' asked for, but FASTFLAMINGO_NATIVE=0 turns the native "
                                "extension off: unset it, or use backend='auto' / 'torch'")
-        raise RuntimeError(f"{op}: backend='native' needs the native extension, which is not built for this "
-                           f"machine ({native.expected_path()}): run `fastflamingo build-native` in the "
-                           "source checkout (cmake and g++), or use backend='auto' / 'torch'")
+        raise RuntimeError(f"{op}: backend='native' needs the native extension, which is not loaded: {reason}. Run "
+                           "`fastflamingo build-native` in the source checkout (cmake and g++), or use "
+                           "backend='auto' / 'torch'")
     return True
 
 
