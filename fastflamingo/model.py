@@ -424,7 +424,7 @@ class Flamingo(nn.Module):
         return rows if rows is not None else embedding.weight.shape[0]
 
     @property
-    def _blocks_dtype(self) -> torch.dtype:
+    def blocks_dtype(self) -> torch.dtype:
         """The dtype of the cross-attention blocks' weights, which project the visual tokens."""
         return next(p for p in self.gated_cross_attn_layers[0].parameters() if p.is_floating_point()).dtype
 
@@ -481,7 +481,7 @@ class Flamingo(nn.Module):
             visual_tokens = self.encode_vision(vision_x)
         elif visual_tokens is not None:
             check_visual_tokens(visual_tokens, self.config, batch=lang_x.shape[0])
-            visual_tokens = visual_tokens.to(self._blocks_dtype)  # as vision_x goes to the encoder's dtype
+            visual_tokens = visual_tokens.to(self.blocks_dtype)  # as vision_x goes to the encoder's dtype
         derived = text_time is None
         if derived:
             text_time = self.text_time(lang_x)

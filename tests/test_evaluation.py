@@ -3,6 +3,7 @@ are open_flamingo's, batched and prefix-shared evaluation equals a plain one-pro
 loop, and the synthetic world is learned in context (shots help) by the tiny model on a CPU."""
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -79,7 +80,7 @@ def test_prompts_are_open_flamingos():
     assert few_shot_text("vqa", [demo], query, text_only=True) == (
         "Question:is it red? Short answer:yes<|endofchunk|>\n<image>Question:is it blue? Short answer:")
     assert few_shot_text("classification", [Example(None, ["cat"])], Example(None, ["dog"])) == (
-        "<image>Output:cat<|endofchunk|>\n<image>Output:")
+        "<image>Output:cat<|endofchunk|><image>Output:")  # (open_flamingo's classification: no newline)
     with pytest.raises(ValueError, match="non-empty list"):
         Example(None, "cat")
 
@@ -185,8 +186,50 @@ def test_similar_demonstrations_are_the_nearest_images_most_similar_last(world):
     assert same >= 0.5, same
 
 
+@pytest.mark.parametrize("demonstrations", ["random", "similar"])
+def test_a_query_loaded_again_in_the_support_is_never_its_own_demonstration(world, tmp_path, demonstrations):
+    """Queries and support read from one file (`fastflamingo evaluate --queries f --support f`) are
+    other objects but the same examples: a query was shown itself, answer included (with
+    "similar", always, as the last demonstration). Examples are the same by Example.key."""
+    model, tok = world[:2]
+    from fastflamingo.evaluation import harness
+    exs = synthetic.examples(6, "color", seed=41)
+    rows = []
+    for i, e in enumerate(exs):
+        synthetic.to_image(e.image).save(tmp_path / f"{i}.png")
+        rows.append(json.dumps({"image": f"{i}.png", "label": e.answers[0]}))
+    (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
+    queries, support = (load_examples(str(tmp_path / "data.jsonl"), "classification") for _ in range(2))
+    assert all(q is not s and q.key == s.key for q, s in zip(queries, support))
+    assert len({q.key for q in queries}) == 6
+    seen = []
+    real = harness._prompts
+
+    def spy(task, qs, demos, order, text_only):
+        seen.extend((q.key, [d.key for d in ds]) for q, ds in zip(qs, demos or []))
+        return real(task, qs, demos, order, text_only)
+    from fastflamingo.generation.cli import image_transform
+    transform = image_transform("open_flamingo", model.config.vision.image_size)  # what the command line uses
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(harness, "_prompts", spy)
+        evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES, shots=[5],
+                 image_processor=transform, demonstrations=demonstrations, progress=False)
+    assert len(seen) == 6 and all(len(ds) == 5 and q not in ds for q, ds in seen), seen
+    with pytest.raises(ValueError, match=r"6 shots need at least 6 support examples besides the query, the support "
+                                         r"set has 6 \(1 of them a query's own\)"):
+        evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES, shots=[6],
+                 image_processor=transform, demonstrations=demonstrations, progress=False)
+
+
 def test_bad_evaluation_input_is_refused(world):
     model, tok, queries, support = world
+    for kw, message in ((dict(batch_size=0), "batch_size must be an int >= 1, got 0"),
+                        (dict(batch_size=2.0), "batch_size must be an int >= 1, got 2.0"),
+                        (dict(num_beams=0), "num_beams must be an int >= 1, got 0"),  # (ran greedy)
+                        (dict(text_demos_at_zero=-1), "text_demos_at_zero must be an int >= 0, got -1"),
+                        (dict(length_penalty="0"), "length_penalty must be a number, got '0'")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            evaluate(model, tok, queries, support, shots=1, progress=False, **kw)
     with pytest.raises(ValueError, match="at least 13 support examples"):
         evaluate(model, tok, queries, support, shots=13, progress=False)
     with pytest.raises(ValueError, match="task must be one of"):
@@ -280,6 +323,13 @@ def test_cli_synthetic_then_the_saved_model_on_files(tmp_path, capsys):
     (["--synthetic", "--num-beams", "0"], "--num-beams must be >= 1, got 0"),
     (["--synthetic", "--task", "vqa"], "--task: not used with --synthetic"),
     (["--synthetic", "--num-queries", "0"], "--num-queries must be >= 1, got 0"),
+    # beam search settings where nothing is generated (were accepted and dropped)
+    (["--synthetic", "--num-beams", "5", "--length-penalty", "1"], "--num-beams, --length-penalty: not used with "
+                                                                   "--synthetic"),
+    (["--model", "m", "--task", "hateful_memes", "--queries", "q", "--support", "s", "--num-beams", "7"],
+     "--num-beams is for the generated tasks (vqa, captioning), not --task hateful_memes"),
+    (["--model", "m", "--task", "hateful_memes", "--queries", "q", "--support", "s", "--length-penalty", "2.5"],
+     "--length-penalty is for the generated tasks"),
     (["--model", "m", "--queries", "q", "--support", "s", "--save", "d"], "--save: only used with --synthetic"),
 ])
 def test_cli_evaluate_bad_input_is_one_line_naming_it(capsys, args, message):
@@ -290,3 +340,21 @@ def test_cli_evaluate_bad_input_is_one_line_naming_it(capsys, args, message):
         code = e.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_few_shot_plot_shows_scores_above_100(tmp_path):
+    """Captioning's CIDEr x 100 passes 100 (real models: ~80-115 on COCO): the axis grows to show it."""
+    pytest.importorskip("matplotlib")
+    from unittest import mock
+
+    from fastflamingo.evaluation.plot import few_shot_plot
+    report = {"results": {"coco": [{"shots": 0, "score": 79.5}, {"shots": 4, "score": 104.2},
+                                   {"shots": 8, "score": 112.8}]},
+              "metric": "cider", "kind": "captioning", "device": "cpu"}
+    import matplotlib.axes
+    limits = []
+    real = matplotlib.axes.Axes.set_ylim
+    with mock.patch.object(matplotlib.axes.Axes, "set_ylim", lambda ax, *a, **k: limits.append(a) or real(ax, *a, **k)):
+        assert few_shot_plot(report, str(tmp_path / "p.png")) == str(tmp_path / "p.png")
+    assert limits and limits[-1][0] == 0 and limits[-1][1] >= 112.8, limits
+    assert (tmp_path / "p.png").stat().st_size > 0

@@ -7,6 +7,7 @@ import itertools
 import json
 import math
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -163,8 +164,10 @@ def test_roc_auc_refuses_bad_input():
 
 # ------------------------------------------------------------------ prompts
 def test_captioning_and_hateful_memes_prompts_are_open_flamingos():
-    """open_flamingo's get_caption_prompt and get_hateful_memes_prompt, demonstrations joined by
-    newlines, the caption stripped as its captioning evaluation strips it."""
+    """open_flamingo's get_caption_prompt and get_hateful_memes_prompt, the caption stripped as its
+    captioning evaluation strips it; captioning's (and VQA's) demonstrations each followed by a
+    newline, classification's and Hateful Memes' by nothing, as its evaluate.py joins them (read
+    from the installed open_flamingo below)."""
     demo, query = Example(None, [" a red bus  ", "a bus"]), Example(None, ["a cat"])
     assert few_shot_text("captioning", [demo, demo], query) == (
         "<image>Output:a red bus<|endofchunk|>\n" * 2 + "<image>Output:")
@@ -172,10 +175,34 @@ def test_captioning_and_hateful_memes_prompts_are_open_flamingos():
         "Output:a red bus<|endofchunk|>\n<image>Output:")
     meme = Example(None, ["yes"], text="look at this")
     assert few_shot_text("hateful_memes", [meme], Example(None, ["no"], text="hi")) == (
-        "<image>is an image with: 'look at this' written on it. Is it hateful? Answer:yes<|endofchunk|>\n"
+        "<image>is an image with: 'look at this' written on it. Is it hateful? Answer:yes<|endofchunk|>"
         "<image>is an image with: 'hi' written on it. Is it hateful? Answer:")
+    tench, goldfish = Example(None, ["tench"]), Example(None, ["goldfish"])
+    assert few_shot_text("classification", [tench, goldfish], query) == (
+        "<image>Output:tench<|endofchunk|><image>Output:goldfish<|endofchunk|><image>Output:")
+    assert few_shot_text("vqa", [Example(None, ["red"], question="what colour?")], Example(None, ["x"], question="q?")) \
+        == "<image>Question:what colour? Short answer:red<|endofchunk|>\n<image>Question:q? Short answer:"
     with pytest.raises(ValueError, match="needs its meme's text"):
         few_shot_text("hateful_memes", [], Example(None, ["no"]))
+
+
+def test_the_separators_are_those_of_open_flamingos_evaluate():
+    """The installed open_flamingo's evaluate.py: its captioning and VQA evaluations add "\\n" after
+    each demonstration, its classification evaluation (ImageNet, Hateful Memes) joins them with
+    nothing."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    from fastflamingo.evaluation.prompts import SEPARATOR
+    # read, not imported (its imports need open_flamingo's training dependencies)
+    path = Path(importlib.util.find_spec("open_flamingo").origin).parent / "eval" / "evaluate.py"
+    text = path.read_text()
+    source = {f.name: ast.get_source_segment(text, f) for f in ast.parse(text).body if isinstance(f, ast.FunctionDef)}
+    assert 'get_caption_prompt(caption=x["caption"].strip()) + "\\n"' in source["evaluate_captioning"]
+    assert re.search(r'get_vqa_prompt\([^)]*\)\s*\+\s*"\\n"', source["evaluate_vqa"], re.S)
+    assert 'context_text = "".join([prompt_fn(x) for x in batch_demo_samples[i]])' in source["evaluate_classification"]
+    assert SEPARATOR == {"vqa": "\n", "captioning": "\n", "classification": "", "hateful_memes": ""}
 
 
 # ------------------------------------------------------------------ the harness vs a plain loop

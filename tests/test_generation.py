@@ -634,6 +634,17 @@ def test_total_lengths_equal_idefics_generate():
     (dict(bad_words_ids=[[5, 999]]), r"bad_words_ids holds token id 999 but the LM has 512 tokens"),
     (dict(pad_token_id=512), r"pad_token_id=512 is not a token id of this LM \(0..511\): finished rows are fed it"),
     (dict(pad_token_id=-1), r"pad_token_id=-1 is not a token id of this LM"),
+    # stop and suppressed ids out of range (a negative one counted from the end: -1 was <|endofchunk|>)
+    (dict(eos_token_id=10000, pad_token_id=0), r"eos_token_id holds 10000, not a token id of this LM \(0..511\)"),
+    (dict(eos_token_id=10000), r"eos_token_id holds 10000"),  # (not: pad_token_id=10000, which was not passed)
+    (dict(eos_token_id=[2, -1], min_new_tokens=1), r"eos_token_id holds -1, not a token id"),
+    (dict(suppress_tokens=[-1]), r"suppress_tokens holds token id -1 but the LM has 512 tokens"),
+    # counts that are not ints (were torch TypeErrors, or True taken as 1)
+    (dict(max_new_tokens=2.5), r"max_new_tokens must be an int >= 1, got 2.5"),
+    (dict(max_new_tokens=True), r"max_new_tokens must be an int >= 1, got True"),
+    (dict(max_new_tokens=2, min_new_tokens=1.5), r"min_new_tokens must be an int >= 0, got 1.5"),
+    (dict(max_new_tokens=2, do_sample=True, top_k=2.5), r"top_k must be an int >= 0 \(or None\), got 2.5"),
+    (dict(max_new_tokens=2, do_sample=True, temperature=0.0), r"temperature must be > 0 for sampling, got 0.0"),
 ])
 def test_bad_generation_arguments_name_the_value(kwargs, message):
     model = tiny()
@@ -641,6 +652,49 @@ def test_bad_generation_arguments_name_the_value(kwargs, message):
     for beams in (1, 2):
         with pytest.raises(ValueError, match=message):
             generate(model, vx, ids, mask, num_beams=beams, **kwargs)
+
+
+def test_beam_counts_are_ints_and_greedy_takes_temperature_zero():
+    model = tiny()
+    vx, ids, mask = batch(model, [1], [9])
+    with pytest.raises(ValueError, match=r"num_beams must be an int >= 1, got 2.0"):
+        generate(model, vx, ids, mask, max_new_tokens=2, num_beams=2.0)
+    with pytest.raises(ValueError, match=r"length_penalty must be a number \(1.0: none\), got '1'"):
+        generate(model, vx, ids, mask, max_new_tokens=2, num_beams=2, length_penalty="1")
+    # temperature=0 with greedy decoding (a common way to ask for it): as Hugging Face, only a warning
+    with pytest.warns(UserWarning, match="`temperature` is set to `0.0`"):
+        got = generate(model, vx, ids, mask, max_new_tokens=3, temperature=0.0)
+    assert torch.equal(got, generate(model, vx, ids, mask, max_new_tokens=3))
+
+
+def test_visual_tokens_are_checked_and_cast_as_forward_does():
+    """generate given encoded images takes what forward takes: (B, N, L, D) tokens (N and L swapped
+    ran as L images of one token, silently), of the model's batch, cast to the blocks' dtype
+    (fp32 tokens on a bf16 model crashed in a matmul)."""
+    model = tiny()
+    vx, ids, mask = batch(model, [1, 1], [9, 7])
+    tokens = model.encode_vision(vx)
+    with pytest.raises(ValueError, match=r"has L=1 tokens per image but the resampler makes 8"):
+        generate(model, None, ids, mask, visual_tokens=tokens.transpose(1, 2), max_new_tokens=2)
+    with pytest.raises(ValueError, match=r"has batch 1 but lang_x has batch 2"):
+        generate(model, None, ids, mask, visual_tokens=tokens[:1], max_new_tokens=2)
+    assert torch.equal(generate(model, None, ids, mask, visual_tokens=tokens, max_new_tokens=3),
+                       generate(model, vx, ids, mask, max_new_tokens=3))
+    half = tiny().to(torch.bfloat16)
+    want = generate(half, None, ids, mask, visual_tokens=tokens.to(torch.bfloat16), max_new_tokens=3)
+    assert torch.equal(generate(half, None, ids, mask, visual_tokens=tokens, max_new_tokens=3), want)
+
+
+def test_a_generation_config_max_length_gives_way_to_max_new_tokens():
+    """Checkpoints' generation configs often set max_length (Llama-2: 4096): max_new_tokens passed
+    by name wins, as in Hugging Face (it was 'pass max_new_tokens or max_length, not both')."""
+    from transformers import GenerationConfig
+    model = tiny()
+    vx, ids, mask = batch(model, [1], [9])
+    got = model.generate(vx, ids, mask, generation_config=GenerationConfig(max_length=4096), max_new_tokens=4)
+    assert torch.equal(got, model.generate(vx, ids, mask, max_new_tokens=4))
+    got = model.generate(vx, ids, mask, generation_config=GenerationConfig(max_new_tokens=50), max_length=12)
+    assert got.shape[1] == 12
 
 
 def test_attention_mask_values_and_empty_rows_are_refused():
@@ -1001,7 +1055,7 @@ def test_streamer_is_fed_as_by_idefics_generate():
     with pytest.raises(ValueError, match="`streamer` cannot be used with beam search"):
         ours.generate(**one, max_new_tokens=3, num_beams=2, streamer=_Recorder())
     quiet = _Recorder()
-    with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1"):
         ours.generate(**one, max_new_tokens=0, streamer=quiet)
     assert quiet.calls == []
 

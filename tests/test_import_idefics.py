@@ -197,3 +197,22 @@ def test_random_layouts_match_idefics(cross_layer_interval):
             got = ours.generate(**inp, max_new_tokens=4, eos_token_id=[7], pad_token_id=PAD_ID)
             assert torch.equal(got, want), (seed, got[:, -4:], want[:, -4:])
     assert images > 30 and eos_inside > 20  # the layouts are varied
+
+
+def test_settings_fastflamingo_does_not_apply_are_refused_or_said():
+    """Another MLP activation would change the blocks' output: refused by name (it was computed as
+    SiLU, 2e-2 off HF's logits for relu). freeze_* settings that train more than the released
+    models (HF's IdeficsConfig default freeze_lm_head=False) are warned about, not silently dropped."""
+    from transformers import IdeficsForVisionText2Text
+    cfg = idefics_config()
+    cfg.hidden_act = "relu"
+    with torch.device("meta"):
+        live = IdeficsForVisionText2Text(cfg)
+    with pytest.raises(ValueError, match="hidden_act='relu'.*'silu'"):
+        from_idefics(live)
+    cfg = idefics_config()
+    cfg.freeze_lm_head, cfg.freeze_vision_layers = False, False
+    with torch.device("meta"):
+        live = IdeficsForVisionText2Text(cfg)
+    with pytest.warns(UserWarning, match="freeze_lm_head=False.*freeze_vision_layers=False.*does not apply these"):
+        from_idefics(live)

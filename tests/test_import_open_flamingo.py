@@ -100,6 +100,88 @@ def _load(ckpt, lm, live, **kw):
     return from_open_flamingo(ckpt, lang_encoder=lm, vision_encoder=copy.deepcopy(live.vision_encoder), **kw)
 
 
+def test_blocks_loaded_into_an_lm_on_another_device_follow_it(tmp_path):
+    """A checkpoint is read on the CPU; loaded into an LM and vision encoder already on an
+    accelerator (the meta device stands in: this machine has none), the new blocks, the resampler
+    and the checkpoint's embeddings go where the LM is (they stayed on the CPU), through
+    from_open_flamingo and through from_pretrained of a trainable-only directory."""
+    live = open_flamingo_model("llama", every_n=2)
+    state = trainable_only_state(live)
+    assert all(t.device.type == "cpu" for t in state.values())
+
+    def devices(model):
+        return {t.device.type for t in [*model.parameters(), *model.buffers()]}
+    ours = from_open_flamingo(state, lang_encoder=base_lm(live, "llama").to("meta"),
+                              vision_encoder=copy.deepcopy(live.vision_encoder).to("meta"), ln_post_on_tokens=True,
+                              media_token_id=MEDIA_ID, eoc_token_id=EOC_ID)
+    assert devices(ours) == {"meta"}
+    on_cpu = _load(state, base_lm(live, "llama"), live)
+    on_cpu.save_pretrained(tmp_path, trainable_only=True)
+    back = Flamingo.from_pretrained(tmp_path, lang_encoder=base_lm(live, "llama").to("meta"),
+                                    vision_encoder=copy.deepcopy(live.vision_encoder).to("meta"))
+    assert devices(back) == {"meta"}
+    assert devices(_load(state, base_lm(live, "llama"), live)) == {"cpu"}  # and a CPU LM keeps it all there
+
+
+def test_a_live_import_leaves_the_live_model_as_it_was_and_trains_what_it_trains():
+    """from_open_flamingo(live, dtype=...) cast the live model's own vision encoder (the same module:
+    the live model then failed), and froze it; and it froze the input embedding that open_flamingo's
+    factory trains."""
+    live = open_flamingo_model("llama", every_n=2)
+    live.requires_grad_(False)  # open_flamingo's factory's trainable set (freeze_lm_embeddings=False)
+    live.perceiver.requires_grad_(True)
+    live.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
+    live.lang_encoder.get_input_embeddings().requires_grad_(True)
+    live.vision_encoder.conv1.weight.requires_grad_(True)  # (a user's choice: it must stay)
+    _, ids, mask = layouts()[0]
+    vx = _vision(ids)
+    with torch.no_grad():
+        before = live(vx, ids, attention_mask=mask).logits
+    ours = from_open_flamingo(live, dtype=torch.bfloat16)
+    assert ours.vision_encoder.conv1.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in live.parameters()} == {torch.float32} and live.vision_encoder.conv1.weight.requires_grad
+    with torch.no_grad():
+        assert torch.equal(live(vx, ids, attention_mask=mask).logits, before)
+    shared = from_open_flamingo(live)  # without a cast the tensors are the live model's own
+    assert shared.vision_encoder.conv1.weight.data_ptr() == live.vision_encoder.conv1.weight.data_ptr()
+    assert not shared.vision_encoder.conv1.weight.requires_grad
+    want = {n for n, p in live.named_parameters() if p.requires_grad and not n.startswith(
+        ("lang_encoder.gated_cross_attn_layers.", "vision_encoder."))}
+    got = {n for n, p in shared.named_parameters() if p.requires_grad}
+    assert shared.config.num_base_tokens == 0 and "lang_encoder.model.embed_tokens.weight" in got
+    assert sum(p.numel() for n, p in shared.named_parameters() if n in got) == \
+        sum(p.numel() for n, p in live.named_parameters() if n in want)
+    live.lang_encoder.get_input_embeddings().requires_grad_(False)  # freeze_lm_embeddings=True: frozen here too
+    assert from_open_flamingo(live).config.num_base_tokens is None
+
+
+def test_a_checkpoint_missing_its_first_block_lists_it_missing(tmp_path):
+    """The interval is the one every block held fits (gcd), not the first block's: a checkpoint that
+    lost its first block was read as every 4 layers and loaded silently wrong, or was refused as
+    'not open_flamingo's placement'; now the lost block's keys are listed missing."""
+    for every_n, lost in ((2, "lang_encoder.model.layers.1.gated_cross_attn_layer."),
+                          (1, "lang_encoder.model.layers.0.gated_cross_attn_layer.")):
+        live = open_flamingo_model("llama", every_n=every_n)
+        state = {k: v for k, v in trainable_only_state(live).items() if not k.startswith(lost)}
+        if every_n == 2:  # one block left (before layer 3): ambiguous, so a warning says to give the interval
+            with pytest.warns(UserWarning, match="holds one cross-attention block.*cross_attn_every_n_layers="):
+                _load(state, base_lm(live, "llama"), live)
+            with pytest.raises(CheckpointMismatchError) as e:
+                _load(state, base_lm(live, "llama"), live, cross_attn_every_n_layers=2)
+        else:
+            with pytest.raises(CheckpointMismatchError) as e:
+                _load(state, base_lm(live, "llama"), live)
+        assert e.value.missing and all(k.startswith(lost) for k in e.value.missing), e.value.missing
+
+
+def test_a_ddp_prefix_is_stripped_from_every_checkpoint_format(tmp_path):
+    from fastflamingo.convert.io import load_state_file
+    state = {"module.perceiver.latents": torch.ones(2, 3), "module.x": torch.zeros(1)}
+    for suffix in (".pt", ".safetensors"):
+        got = load_state_file(_save(state, tmp_path / f"c{suffix}"))
+        assert sorted(got) == ["perceiver.latents", "x"], (suffix, sorted(got))
+
+
 def test_checkpoint_for_another_lm_family_says_which_lm_it_expects(mpt_checkpoint):
     live, _, path = mpt_checkpoint
     with pytest.raises(CheckpointMismatchError) as e:
@@ -364,3 +446,18 @@ def test_convert_command(local_models, tmp_path):
         args = parser.parse_args(["convert", "open_flamingo", str(ckpt), str(tmp_path / "o2"), "--lm", lm_dir,
                                   "--vision", TINY_VIT])
         args.func(args)
+
+
+def test_a_relative_vision_checkpoint_path_is_recorded_whole(local_models, tmp_path, monkeypatch):
+    """create_model_and_transforms(..., "clip.pt") from the file's folder: a trainable-only save
+    records the file's absolute path, so it reloads from any working directory."""
+    from pathlib import Path
+    lm_dir, clip_ckpt = local_models
+    monkeypatch.chdir(Path(clip_ckpt).parent)
+    model, _, _ = create_model_and_transforms(TINY_VIT, Path(clip_ckpt).name, lm_dir, lm_dir, ln_post_on_tokens=True,
+                                              cross_attn_every_n_layers=2, use_local_files=True)
+    model.save_pretrained(tmp_path / "saved", trainable_only=True)
+    monkeypatch.chdir(tmp_path)
+    back = Flamingo.from_pretrained(tmp_path / "saved")
+    a, b = model.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -172,3 +172,24 @@ def test_trainable_only_save_of_a_loaded_model_reloads_onto_its_base_directory(t
     (tmp_path / "base").rename(tmp_path / "moved")
     with pytest.raises(FileNotFoundError, match="not a fastflamingo directory any more: pass lang_encoder="):
         Flamingo.from_pretrained(tmp_path / "trained")
+
+
+def test_a_trainable_only_save_onto_its_base_keeps_its_own_trainable_set(tmp_path):
+    """The config saved beside the trainable weights is read, not only the base's: a change of
+    which embedding rows train (num_base_tokens, train_output_embeddings) made after loading the
+    base comes back; a change of anything else is an error naming the field."""
+    Flamingo.from_preset("tiny").save_pretrained(tmp_path / "base")
+    model = Flamingo.from_pretrained(tmp_path / "base")
+    base_rows = model.config.num_base_tokens
+    model.config.num_base_tokens, model.config.train_output_embeddings = 0, False
+    model.set_trainable()
+    model.save_pretrained(tmp_path / "trained", trainable_only=True)
+    back = Flamingo.from_pretrained(tmp_path / "trained")
+    assert (back.config.num_base_tokens, back.config.train_output_embeddings) == (0, False) != (base_rows, True)
+    assert {n for n, p in back.named_parameters() if p.requires_grad} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}
+    config = json.loads((tmp_path / "trained" / "config.json").read_text())
+    config["only_attend_immediate_media"] = False
+    (tmp_path / "trained" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"another config than its base.*\['only_attend_immediate_media'\]"):
+        Flamingo.from_pretrained(tmp_path / "trained")

@@ -137,8 +137,22 @@ def test_score_input_errors_name_the_problem():
             score(model, vx, ids, conts, mask)
     with pytest.raises(ValueError, match="reduction='max' is not one of"):
         score(model, vx, ids, [[1]], mask, reduction="max")
-    with pytest.raises(ValueError, match=r"chunk_size must be >= 1 \(or None: by memory\), got 0"):
-        score(model, vx, ids, [[1]], mask, chunk_size=0)
+    for chunk in (0, 2.5, True):
+        with pytest.raises(ValueError, match=rf"chunk_size must be an int >= 1 \(or None: by memory\), got {chunk}"):
+            score(model, vx, ids, [[1]], mask, chunk_size=chunk)
+    for conts, shown in (([5, 6, 7], "5"), (["cat", "dog"], "'cat'")):  # one flat sequence; texts
+        with pytest.raises(ValueError, match=rf"continuation 0 is {shown}: continuations are a list of token-id "
+                                             r"sequences.*tokenize texts first"):
+            score(model, vx, ids, conts, mask)
+    tokens = model.encode_vision(vx)
+    with pytest.raises(ValueError, match=r"has L=1 tokens per image but the resampler makes"):  # N and L swapped
+        score(model, None, ids, [[1]], mask, visual_tokens=tokens.transpose(1, 2))
+    model.cache_media(ids, vx)
+    try:
+        with pytest.raises(ValueError, match=r"score_reference runs each .* pair alone.*uncache_media\(\)"):
+            score_reference(model, None, ids, [[1]], mask)
+    finally:
+        model.uncache_media()
 
 
 def test_score_on_the_triton_kernel_reads_broadcast_visual_kv():

@@ -1,9 +1,10 @@
 """Fine-tuning and few-shot evaluation refuse what they cannot do before they start, naming it:
-documents over --max-length and missing image files (training and evaluation), a resume with
-another learning rate, weight decay or warm-up (a longer --steps takes the new schedule from the
-first resumed step), more shots than the support set holds, class names that tokenize alike; and
-the synthetic world's pictures are pixels as image files give them, so a saved synthetic model
-scores on PNG files what it scores in-process."""
+documents over --max-length and missing image files (training and evaluation), a max_grad_norm
+that is not > 0 (or None), a resume with another learning rate, weight decay, warm-up,
+max_grad_norm or data order (a longer --steps takes the new schedule from the first resumed
+step), documents left out of every epoch (a warning), more shots than the support set holds,
+class names that tokenize alike; and the synthetic world's pictures are pixels as image files
+give them, so a saved synthetic model scores on PNG files what it scores in-process."""
 import json
 
 import pytest
@@ -113,6 +114,70 @@ def test_adamw8bit_without_bitsandbytes_names_the_optimizer(tmp_path, monkeypatc
         fine_tune(_model(), data, steps=1, optimizer="adamw8bit", progress=False)
 
 
+@pytest.mark.parametrize("value", [-1.0, -0.5, 0, 0.0, float("nan"), float("inf")])
+def test_max_grad_norm_must_be_positive_or_none(value):
+    """clip_grad_norm_ scales the gradients by max_grad_norm / norm: a negative one flips every
+    gradient (gradient ascent, the loss rising with no error). Refused before any weight moves."""
+    data = _resume_setup(None)
+    model = _model()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError) as e:
+        fine_tune(model, data, steps=2, lr=1e-2, max_grad_norm=value, progress=False)
+    assert str(e.value) == (f"max_grad_norm must be > 0 (the norm to clip the gradients to) or None (no clipping), "
+                            f"got {value}")
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_cli_max_grad_norm_refuses_negative_and_non_finite_values(capsys):
+    from fastflamingo.cli import build_parser
+    args = ["finetune", "--model", "m", "--data", "d.jsonl", "--steps", "1", "--out", "o"]
+    assert build_parser().parse_args(args + ["--max-grad-norm", "0"]).max_grad_norm == 0.0  # no clipping
+    assert build_parser().parse_args(args + ["--max-grad-norm", "2.5"]).max_grad_norm == 2.5
+    assert build_parser().parse_args(args).max_grad_norm == 1.0
+    for value in ["-1", "-0.1", "nan", "inf"]:
+        with pytest.raises(SystemExit) as e:
+            build_parser().parse_args(args + ["--max-grad-norm", value])
+        assert e.value.code == 2
+        assert ("fastflamingo finetune: error: argument --max-grad-norm: --max-grad-norm must be > 0 (the norm to "
+                f"clip the gradients to) or 0 (no clipping), got {value}\n") in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(args + ["--max-grad-norm", "one"])
+    assert "error: argument --max-grad-norm: 'one' is not a number" in capsys.readouterr().err
+
+
+def test_document_batches_warn_once_of_the_documents_left_out_of_every_epoch():
+    """7 documents in steps of 4: 3 sit out each epoch (other ones each epoch); said once, when
+    the batches are built, at the caller's line, and which documents a step takes is unchanged."""
+    import warnings
+
+    from fastflamingo.warn import InputWarning
+    data = _resume_setup(None)
+    docs, tok = data.docs[:7], data.tokenizer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        b = DocumentBatches(docs, tok, 510, batch_size=2, grad_accum=2, image_size=32, seed=1)
+        for step in range(3):
+            b(step)
+        DocumentBatches(docs[:4], tok, 510, batch_size=2, grad_accum=2, image_size=32)  # none left over
+        DocumentBatches(docs, tok, 510, batch_size=1, image_size=32)
+        DocumentBatches(docs[:6], tok, 510, batch_size=2, image_size=32, rank=1, world_size=2)  # rank 0 says it
+    assert [(w.category, str(w.message)) for w in caught] == [(InputWarning, (
+        "3 of the 7 documents sit out each epoch: an epoch is 1 step(s) of batch_size x grad_accum x world_size = "
+        "4 documents (each epoch's shuffle leaves out other ones); to train on every document every epoch, give a "
+        "multiple of 4 documents, or a batch_size x grad_accum x world_size that divides 7"))]
+    assert caught[0].filename == __file__
+    assert b.per_epoch == 1
+    import random
+
+    from fastflamingo.training import collate
+    for step in range(3):  # step k (epoch k) takes the first 4 of epoch k's shuffle, as before the warning
+        order = list(range(7))
+        random.Random(1 * 1_000_003 + step).shuffle(order)
+        got = b(step)
+        for m, index in enumerate((order[:2], order[2:4])):
+            assert torch.equal(got[m][1], collate([docs[i] for i in index], tok, 510, image_size=32)[1])
+
+
 # ------------------------------------------------------------------ 5. resume: the same settings, or an error
 def _resume_setup(tmp_path):
     tok = synthetic.tokenizer()
@@ -143,6 +208,55 @@ def test_resume_refuses_another_lr_weight_decay_or_warmup(tmp_path):
     assert [r["step"] for r in h] == [1, 2, 3]
 
 
+def test_resume_refuses_another_max_grad_norm_or_data_order(tmp_path):
+    """max_grad_norm and DocumentBatches' seed, batch_size, grad_accum, world_size and number of
+    documents are the checkpoint's settings too: another one would read other documents (or clip
+    otherwise) than the uninterrupted run; a checkpoint written before they were saved resumes."""
+    import re
+    data = _resume_setup(tmp_path)  # 8 documents, batch_size 2, seed 1
+    out = str(tmp_path / "run")
+    path = str(tmp_path / "run" / "checkpoint.pt")
+    kw = dict(lr=1e-3, progress=False)
+    fine_tune(_model(), data, steps=2, out=out, **kw)
+    assert torch.load(path, weights_only=True)["settings"] == {
+        "lr": 1e-3, "weight_decay": 0.1, "warmup": 0, "optimizer": "adamw", "steps": 2, "max_grad_norm": 1.0,
+        "seed": 1, "batch_size": 2, "grad_accum": 1, "world_size": 1, "documents": 8}
+    docs, tok = data.docs, data.tokenizer
+
+    def batches(**change):
+        return DocumentBatches(change.pop("docs", docs), tok, 510, **{**dict(batch_size=2, image_size=32, seed=1),
+                                                                       **change})
+    for change, message in [
+            (dict(max_grad_norm=None), "max_grad_norm (--max-grad-norm) 1.0 -> None"),
+            (dict(max_grad_norm=0.5), "max_grad_norm (--max-grad-norm) 1.0 -> 0.5"),
+            (dict(data=batches(seed=2)), "seed (--seed) 1 -> 2"),
+            (dict(data=batches(batch_size=4)), "batch_size (--batch-size) 2 -> 4"),
+            (dict(data=batches(grad_accum=2)), "grad_accum (--grad-accum) 1 -> 2"),
+            (dict(data=batches(world_size=2)), "world_size (torchrun --nproc-per-node) 1 -> 2"),
+            (dict(data=batches(docs=docs[:6])), "documents (in --data) 8 -> 6"),
+            (dict(data=batches(seed=0, grad_accum=2), max_grad_norm=None),
+             "max_grad_norm (--max-grad-norm) 1.0 -> None; seed (--seed) 1 -> 0; grad_accum (--grad-accum) 1 -> 2")]:
+        given = change.pop("data", data)
+        with pytest.raises(ValueError) as e:
+            fine_tune(_model(), given, steps=4, out=out, resume=True, **{**kw, **change})
+        assert str(e.value) == (f"resume: the checkpoint {path} was trained with other settings: {message}; resume "
+                                "with the checkpoint's, or start a new run in another out directory (steps may "
+                                "change on resume)")
+    with pytest.raises(ValueError, match=re.escape("max_grad_norm (--max-grad-norm) 1.0 -> None")):
+        fine_tune(_model(), lambda step: data(step), steps=4, out=out, resume=True, **kw, max_grad_norm=None)
+    # the same settings resume; so does data that is no DocumentBatches (it has no data settings to check)
+    assert [r["step"] for r in fine_tune(_model(), lambda step: data(step), steps=3, out=out, resume=True,
+                                         **kw)] == [1, 2, 3]
+    assert [r["step"] for r in fine_tune(_model(), data, steps=4, out=out, resume=True, **kw)] == [1, 2, 3, 4]
+    # a checkpoint written before max_grad_norm and the data settings were saved: not checked, it resumes
+    state = torch.load(path, weights_only=True)
+    state["settings"] = {k: state["settings"][k] for k in ("lr", "weight_decay", "warmup", "optimizer", "steps")}
+    torch.save(state, path)
+    h = fine_tune(_model(), batches(seed=2), steps=5, out=out, resume=True, max_grad_norm=None, **kw)
+    assert [r["step"] for r in h] == [1, 2, 3, 4, 5]
+    assert torch.load(path, weights_only=True)["settings"]["seed"] == 2  # recorded from now on
+
+
 def test_cli_resume_with_another_lr_is_one_line(tmp_path, capsys):
     from fastflamingo.cli import main
     args = ["finetune", "--model", _saved(tmp_path / "model"), "--data", _docs_file(tmp_path), "--batch-size", "2",
@@ -152,6 +266,13 @@ def test_cli_resume_with_another_lr_is_one_line(tmp_path, capsys):
     assert main(args + ["--steps", "2", "--lr", "5e-2", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "error: resume: the checkpoint" in err and "lr (--lr) 0.001 -> 0.05" in err and len(err.strip().splitlines()) == 1
+    for flags, message in [(["--seed", "3"], "seed (--seed) 0 -> 3"),
+                           (["--batch-size", "4"], "batch_size (--batch-size) 2 -> 4"),
+                           (["--max-grad-norm", "0"], "max_grad_norm (--max-grad-norm) 1.0 -> None")]:
+        assert main(args + ["--steps", "2", "--lr", "1e-3", "--resume", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("fastflamingo finetune: error: resume: the checkpoint ") and message in err, err
+        assert len(err.strip().splitlines()) == 1
 
 
 def test_resume_with_more_steps_follows_the_new_schedule_from_the_first_resumed_step(tmp_path):

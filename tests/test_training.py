@@ -170,7 +170,14 @@ def test_cli_finetune_from_files_then_resume(tmp_path, capsys):
     args = ["finetune", "--model", str(saved), "--data", str(tmp_path / "docs.jsonl"), "--batch-size", "2",
             "--grad-accum", "2", "--out", str(tmp_path / "run")]
     assert main(args + ["--steps", "2"]) == 0
-    assert "steps 1..2" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "steps 1..2" in out
+    # 6 documents in steps of 2 x 2: 2 sit out each epoch, said once
+    assert err.count("warning:") == 1 and (
+        "fastflamingo finetune: warning: 2 of the 6 documents sit out each epoch: an epoch is 1 step(s) of batch_size x "
+        "grad_accum x world_size = 4 documents (each epoch's shuffle leaves out other ones); to train on every "
+        "document every epoch, give a multiple of 4 documents, or a batch_size x grad_accum x world_size that "
+        "divides 6\n") in err, err
     assert main(args + ["--steps", "4", "--resume"]) == 0
     assert "steps 3..4" in capsys.readouterr().out
     history = json.loads((tmp_path / "run" / "history.json").read_text())

@@ -106,14 +106,17 @@ def idefics_config(device: str):
     additional vocabulary: transformers' IDEFICS loss reshapes logits by ``vocab_size`` alone and
     fails with ``additional_vocab_size > 0``."""
     from transformers import IdeficsConfig
+    # the released models' trainable set (IdeficsConfig's default, freeze_lm_head=False, trains
+    # every lm_head row): what the fastflamingo entrants, imported from it, train
+    released = {"freeze_lm_head": True, "freeze_text_layers": True, "freeze_vision_layers": True}
     if torch.device(device).type == "cuda":  # IDEFICS-9B: LLaMA-7B, ViT-H/14, cross-attention every 4 layers
         return IdeficsConfig(
-            use_resampler=True, cross_layer_interval=4, alpha_type="float", qk_layer_norms=False,
+            use_resampler=True, cross_layer_interval=4, alpha_type="float", qk_layer_norms=False, **released,
             vision_config={"embed_dim": 1280, "image_size": 224, "patch_size": 14, "num_hidden_layers": 32,
                            "num_attention_heads": 16, "intermediate_size": 5120})
     return IdeficsConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        cross_layer_interval=2, use_resampler=True, additional_vocab_size=0,
+        cross_layer_interval=2, use_resampler=True, additional_vocab_size=0, **released,
         vision_config={"embed_dim": 32, "image_size": 32, "patch_size": 8, "num_hidden_layers": 2,
                        "num_attention_heads": 4, "intermediate_size": 64},
         perceiver_config={"use_resampler": True, "resampler_n_latents": 8, "resampler_depth": 2,

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
+from ..warn import warn_caller
 from .io import has_tokenizer, load_state_dir
 from .load import build_and_load
 
@@ -39,6 +40,11 @@ def _rope_parameters(cfg) -> dict:
 
 def config_from_idefics(cfg, *, media_token_id: int) -> FlamingoConfig:
     """An ``IdeficsConfig`` -> the :class:`FlamingoConfig` of the same architecture."""
+    if cfg.hidden_act != "silu":  # the blocks' MLP (and the lean decode path's) is IDEFICS's SwiGLU with SiLU
+        raise ValueError(f"IdeficsConfig.hidden_act={cfg.hidden_act!r}: fastflamingo's IDEFICS cross-attention "
+                         "blocks compute IDEFICS's MLP with 'silu' (every released IDEFICS model's), and would "
+                         "give other logits with another activation")
+    _warn_other_trainable_set(cfg)
     v, p = cfg.vision_config, cfg.perceiver_config
     vocab = cfg.vocab_size + cfg.additional_vocab_size
     heads = cfg.num_attention_heads
@@ -68,6 +74,19 @@ def config_from_idefics(cfg, *, media_token_id: int) -> FlamingoConfig:
         lm=lm, decoder_layers_attr="model.layers", only_attend_immediate_media=True,
         media_token_id=media_token_id, eoc_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
         eos_resets_media=True, eos_token_id=cfg.eos_token_id, num_base_tokens=cfg.vocab_size)
+
+
+def _warn_other_trainable_set(cfg) -> None:
+    """fastflamingo trains IDEFICS's released set (its ``freeze_*`` settings all True): the blocks,
+    the resampler and the added tokens' rows. A config that unfreezes more is said so, not dropped."""
+    more = [f"{name}=False ({what})" for name, what in (
+        ("freeze_lm_head", "Hugging Face trains every lm_head row"),
+        ("freeze_text_layers", "it trains the decoder layers and every embedding row"),
+        ("freeze_vision_layers", "it trains the vision tower")) if not getattr(cfg, name, True)]
+    if more:
+        warn_caller(f"the IDEFICS config says {', '.join(more)}; fastflamingo trains the cross-attention blocks, the "
+                    "resampler and the added tokens' embedding rows only (the released models' settings), and does not "
+                    "apply these")
 
 
 _RENAMES = [  # IDEFICS name (regex) -> fastflamingo name; cross-attention layers handled apart

@@ -27,8 +27,9 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = load_file(str(path))
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(f"checkpoint {str(path)!r} holds objects other than tensors and plain containers; "
                          f"fastflamingo never executes code from a checkpoint (weights_only=True): {e}") from e

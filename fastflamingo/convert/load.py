@@ -103,17 +103,50 @@ def build_and_load(config: FlamingoConfig, state: dict[str, torch.Tensor], *, tr
         targets = _load_dtypes(model, state)
         state = {k: v.to(targets[k]) if k in targets and v.is_floating_point() and v.dtype != targets[k] else v
                  for k, v in state.items()}
+    kept = _kept_devices(model, state)
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(model.lang_encoder.config, "tie_word_embeddings", False):
         model.lang_encoder.tie_weights()
     if device is None and device_map is None:
-        # tensors the state does not hold (non-persistent buffers: position ids, rotary
-        # frequencies) were built on the CPU: put them where the loaded weights are
-        devices = {t.device for t in state.values() if torch.is_tensor(t)}
-        if len(devices) == 1 and next(iter(devices)).type != "cpu":
-            model.to(next(iter(devices)))
+        for part, modules in _parts(model).items():
+            if part in kept:
+                # a part the state completes (blocks into an LM passed in): the state's tensors, read
+                # on the CPU, and the new blocks and resampler follow its modules' device, as
+                # load_state_dict copying into them would; a part spread over devices is left as is
+                if len(kept[part]) == 1:
+                    for m in modules:
+                        m.to(next(iter(kept[part])))
+                continue
+            # a part the state replaces whole: tensors it does not hold (non-persistent buffers:
+            # position ids, rotary frequencies) were built on the CPU: put them where its weights are
+            devices = {t.device for k, t in state.items() if torch.is_tensor(t) and _part(k) == part}
+            if len(devices) == 1 and next(iter(devices)).type != "cpu":
+                for m in modules:
+                    m.to(next(iter(devices)))
     return finish(model, dtype=dtype, device=device, quantization=quantization, device_map=device_map,
                   max_memory=max_memory, offload_folder=offload_folder)
+
+
+def _part(key: str) -> str:
+    """The part of the model a state key goes into: the vision encoder, or the rest (LM, blocks,
+    resampler: they compute together)."""
+    return "vision" if key.startswith("vision_encoder.") else "rest"
+
+
+def _parts(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """The modules of each :func:`_part`."""
+    rest = [model.lang_encoder] + ([model.perceiver] if model.perceiver is not None else [])
+    return {"vision": [model.vision_encoder], "rest": rest}
+
+
+def _kept_devices(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, set[torch.device]]:
+    """{part: the devices of its parameters that ``state`` does not replace}, for the parts that
+    keep some (modules passed in: the LM under trainable-only blocks)."""
+    kept: dict[str, set[torch.device]] = {}
+    for name, p in model.named_parameters():
+        if name not in state:
+            kept.setdefault(_part(name), set()).add(p.device)
+    return kept
 
 
 def _load_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.dtype]:
@@ -122,8 +155,7 @@ def _load_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
     parameters have (its modules' dtype, e.g. the base LM's under trainable-only blocks). The
     parts: the vision encoder, and the rest (LM, blocks, resampler: they compute together). Parts
     ``state`` replaces whole keep the checkpoint's dtypes."""
-    def part(key: str) -> str:
-        return "vision" if key.startswith("vision_encoder.") else "rest"
+    part = _part
     kept: dict[str, dict[torch.dtype, int]] = {}
     for name, p in model.named_parameters():
         if name not in state and p.is_floating_point() and not p.is_meta:

@@ -8,6 +8,8 @@ beside ``lang_encoder.<layers>.k.gated_cross_attn_layer``) and the original deco
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -100,7 +102,8 @@ def from_open_flamingo(source, *, lang_encoder=None, vision_encoder=None, ln_pos
 
     Args:
         source: a live ``open_flamingo.src.flamingo.Flamingo`` (its tensors are shared, not copied:
-            ``copy.deepcopy`` the result for an independent model), or an open_flamingo checkpoint
+            ``copy.deepcopy`` the result for an independent model; a ``dtype``, quantization or
+            device given casts the result's own, and leaves the live model as it was), or an open_flamingo checkpoint
             (.pt / .bin / .safetensors path, or a state dict), full or trainable-only, e.g.
             OpenFlamingo-3B/4B/9B or Med-Flamingo.
         lang_encoder, vision_encoder, tokenizer, media_token_id, eoc_token_id, cross_attn_every_n_layers,
@@ -108,7 +111,9 @@ def from_open_flamingo(source, *, lang_encoder=None, vision_encoder=None, ln_pos
             :func:`fastflamingo.convert.open_flamingo_ckpt.from_open_flamingo_checkpoint`.
         ln_post_on_tokens: whether open_clip's ``ln_post`` applies to the patch tokens; for a live
             model it is read from its encoder unless given, so outputs match it.
-        num_base_tokens: vocabulary size before the Flamingo tokens (to train only their rows).
+        num_base_tokens: vocabulary size before the Flamingo tokens (to train only their rows);
+            for a live model whose input embedding trains (open_flamingo's factory's default) None
+            trains every row, as it does.
         dtype, quantization: cast / quantize the result (:func:`fastflamingo.quant.quantize_model`).
         device_map, max_memory, offload_folder: spread the result over devices with accelerate
             (:func:`fastflamingo.distribute.dispatch`).
@@ -138,11 +143,19 @@ def _from_live(live: nn.Module, *, ln_post_on_tokens: bool | None, num_base_toke
     from transformers import AutoModelForCausalLM
 
     from ..model import Flamingo
+    if num_base_tokens is None and live.lang_encoder.get_input_embeddings().weight.requires_grad:
+        num_base_tokens = 0  # it trains its whole input embedding (open_flamingo's factory's default): so does this
     config = config_from_open_flamingo(live, ln_post_on_tokens=ln_post_on_tokens, num_base_tokens=num_base_tokens)
     hf_config = type(live.lang_encoder.config).from_dict(live.lang_encoder.config.to_dict())
     with torch.device("meta"):
         lm = AutoModelForCausalLM.from_config(hf_config)
-    model = Flamingo(config, vision_encoder=live.vision_encoder, lang_encoder=lm)
+    # the vision encoder as a module of its own over the same tensors: casting, freezing or moving
+    # the result must not change the live model's encoder (its LM is rebuilt above for the same reason)
+    # (its own Parameter objects, over the live ones' storage: Flamingo() freezes them first)
+    memo = {id(p): nn.Parameter(p.detach(), requires_grad=p.requires_grad) for p in live.vision_encoder.parameters()}
+    memo |= {id(b): b for b in live.vision_encoder.buffers()}
+    visual = copy.deepcopy(live.vision_encoder, memo=memo)
+    model = Flamingo(config, vision_encoder=visual, lang_encoder=lm)
     model.load_state_dict(live.state_dict(), strict=True, assign=True)  # duplicates: drop_duplicate_keys_hook
     _fill_meta_buffers(model, live)
     if getattr(hf_config, "tie_word_embeddings", False):

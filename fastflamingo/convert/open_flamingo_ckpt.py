@@ -8,6 +8,7 @@ that does not fit the LM it is given fails with a message that says which LM it 
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,9 @@ class OpenFlamingoLayout:
 
     @property
     def every_n(self) -> int:
-        return self.cross_attn_layers[0] + 1
+        """The interval n of open_flamingo's placement (blocks at layers n-1, 2n-1, ...): the
+        greatest n the blocks held fit, so that a missing first block is reported missing."""
+        return math.gcd(*(i + 1 for i in self.cross_attn_layers))
 
     @property
     def family(self) -> str:
@@ -103,10 +106,6 @@ def read_open_flamingo_layout(state: dict[str, torch.Tensor]) -> OpenFlamingoLay
         raise ValueError(f"the checkpoint has cross-attention layers under several paths: {sorted(layers)}")
     (attr, idx), = layers.items()
     idx = sorted(idx)
-    n = idx[0] + 1
-    if any((i + 1) % n for i in idx):
-        raise ValueError(f"the checkpoint's cross-attention layers {idx} do not follow open_flamingo's "
-                         "(i + 1) % n == 0 placement")
     x = [f"lang_encoder.{attr}.{i}.gated_cross_attn_layer." for i in idx]
     held = resampler_layers_held(state)
     p = [f"perceiver.layers.{i}." for i in held]
@@ -215,6 +214,12 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
     if decoder_layers_attr_name is None and _has_attr(lm, layout.decoder_layers_attr):
         decoder_layers_attr_name = layout.decoder_layers_attr
     layers_attr = decoder_layers_attr_for(lm, decoder_layers_attr_name)
+    if cross_attn_every_n_layers is None and len(layout.cross_attn_layers) == 1:
+        i = layout.cross_attn_layers[0]
+        warn_caller(f"the checkpoint holds one cross-attention block (before layer {i}), so its interval is read as "
+                    f"{i + 1} (open_flamingo's placement: blocks at layers n-1, 2n-1, ...); if blocks are missing "
+                    "from it, pass cross_attn_every_n_layers= (the interval it was trained with) to have them "
+                    "reported")
     config = FlamingoConfig(
         vision=VisionConfig(source="open_clip", dim=layout.vis_dim, open_clip_name=vision_name, keep_cls=False,
                             ln_post_on_tokens=ln_post_on_tokens, image_size=open_clip_image_size(visual)),

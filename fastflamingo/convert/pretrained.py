@@ -34,7 +34,9 @@ def record_sources(model: nn.Module, lm=None, vision=None) -> None:
     if isinstance(lm, (str, Path)):
         sources["lm"] = str(Path(lm).resolve()) if Path(lm).is_dir() else str(lm)
     if vision is not None:
-        sources["vision"] = list(vision)
+        name, *pretrained = vision  # a local checkpoint file by its absolute path: found from any directory
+        sources["vision"] = [name, *(str(Path(p).resolve()) if isinstance(p, (str, Path)) and Path(p).is_file()
+                                     else p for p in pretrained)]
     setattr(model, SOURCES_ATTR, sources)
 
 
@@ -162,6 +164,7 @@ def _onto_base(d: Path, state: dict[str, torch.Tensor], sources: dict, *, quanti
                                 "which is not a fastflamingo directory any more: pass lang_encoder= and vision_encoder= "
                                 "(the frozen models it was trained with)")
     model = load_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
+    _take_saved_config(model, FlamingoConfig.from_json((d / CONFIG_NAME).read_text()), d, base)
     check_state_fits(model, state, required=trainable_keys(model),
                      hint=f"the trainable parameters in {str(d)!r} do not fit the base model in {str(base)!r}")
     model.load_state_dict(state, strict=False)  # copied into the base's tensors, in their dtype
@@ -169,6 +172,26 @@ def _onto_base(d: Path, state: dict[str, torch.Tensor], sources: dict, *, quanti
                    max_memory=max_memory, offload_folder=offload_folder)
     setattr(model, SOURCES_ATTR, sources)
     return model
+
+
+# the fields a trainable-only save may change over its base: which parameters train
+TRAINING_FIELDS = ("num_base_tokens", "train_output_embeddings")
+
+
+def _take_saved_config(model: nn.Module, saved: FlamingoConfig, d: Path, base: Path) -> None:
+    """The config saved beside trainable-only weights, over the base model's: which parameters
+    train (:data:`TRAINING_FIELDS`) is taken from it (the trainable set is made again); any other
+    difference is an error naming the fields (the base is not the model those weights were saved from)."""
+    have, want = model.config.to_dict(), saved.to_dict()
+    other = sorted(k for k in want if k not in TRAINING_FIELDS and want[k] != have.get(k))
+    if other:
+        raise ValueError(f"{str(d)!r} was saved with another config than its base model in {str(base)!r} has "
+                         f"(differing: {other}): pass lang_encoder= and vision_encoder= (the frozen models it was "
+                         "trained with) to build it from its own config")
+    if any(want[k] != have.get(k) for k in TRAINING_FIELDS):
+        for k in TRAINING_FIELDS:
+            setattr(model.config, k, getattr(saved, k))
+        model.set_trainable()
 
 
 def _base_lm(lang_encoder, sources: dict, config: FlamingoConfig, d: Path, trust_remote_code: bool) -> nn.Module:

@@ -78,9 +78,10 @@ def add_parser(subparsers) -> None:
                    help="classification, hateful_memes: average the class log-probabilities over min(6, k!) "
                         "orders of the demonstrations (open_flamingo's --classification_prompt_ensembling)")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per call (default 8; --synthetic: 32)")
-    p.add_argument("--num-beams", type=int, default=3)
+    p.add_argument("--num-beams", type=int, default=None, help="beam search of the generated tasks (default 3)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 5 for vqa, 20 for captioning")
-    p.add_argument("--length-penalty", type=float, default=0.0)
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="beam search's length penalty, generated tasks (default 0.0)")
     p.add_argument("--seed", type=int, default=42, help="the draw of demonstrations")
     p.add_argument("--steps", type=count_arg("--steps"), default=None, help="--synthetic: training steps (1500)")
     p.add_argument("--num-queries", type=count_arg("--num-queries"), default=None,
@@ -106,6 +107,9 @@ def _check(args) -> None:
         given = [f"--{n.replace('_', '-')}" for n in ("queries", "support", "class_names_file", "quantization", "task",
                                                       "karpathy", "image_dir", "vqa_format", *_VQA_FILES)
                  if getattr(args, n)]
+        # (its task ranks class names: nothing is generated)
+        given += [f"--{n.replace('_', '-')}" for n in ("num_beams", "max_new_tokens", "length_penalty")
+                  if getattr(args, n) is not None]
         if given:
             raise ValueError(f"{', '.join(given)}: not used with --synthetic (it makes its own data and model)")
         for name in ("steps", "num_queries"):
@@ -129,8 +133,10 @@ def _check(args) -> None:
     if args.prompt_ensembling and args.task in GENERATED:
         raise ValueError(f"--prompt-ensembling averages class rankings: it is for classification and hateful_memes, "
                          f"not --task {args.task}")
-    if args.max_new_tokens is not None and args.task not in GENERATED:
-        raise ValueError(f"--max-new-tokens is for the generated tasks (vqa, captioning), not --task {args.task}")
+    for name in ("max_new_tokens", "num_beams", "length_penalty"):
+        if getattr(args, name) is not None and args.task not in GENERATED:
+            raise ValueError(f"--{name.replace('_', '-')} is for the generated tasks (vqa, captioning), not --task "
+                             f"{args.task} (it ranks class names: nothing is generated)")
     if args.karpathy:
         if args.task != "captioning":
             raise ValueError(f"--karpathy holds captions: use it with --task captioning, not --task {args.task}")
@@ -281,7 +287,8 @@ def _user_data(args, device, dtype) -> dict:
     transform = image_transform(style, model.config.vision.image_size)
     rs = evaluate(model, tok, queries, support, task=args.task, shots=args.shots or [0, 4, 8],
                   image_processor=transform, class_names=class_names, seed=args.seed, batch_size=args.batch_size or 8,
-                  num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
+                  num_beams=3 if args.num_beams is None else args.num_beams, max_new_tokens=args.max_new_tokens,
+                  length_penalty=0.0 if args.length_penalty is None else args.length_penalty,
                   demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations,
                   prompt_ensembling=args.prompt_ensembling,
                   text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero)

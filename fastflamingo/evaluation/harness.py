@@ -146,15 +146,16 @@ def _picker(model, image_processor, queries, support, how, seed, batch_size):
         return lambda i, q, k: sample_demonstrations(support, k, rng, exclude=q)
     sim = image_features(model, queries, image_processor, batch_size) @ \
         image_features(model, support, image_processor, batch_size).T
-    where = {id(s): j for j, s in enumerate(support)}
-    own = [where.get(id(q)) for q in queries]  # a query that is also in the support is not its own demonstration
-    for i, j in enumerate(own):
-        if j is not None:
-            sim[i, j] = float("-inf")
+    where: dict[tuple, list[int]] = {}
+    for j, s in enumerate(support):
+        where.setdefault(s.key, []).append(j)
+    own = [where.get(q.key, []) for q in queries]  # a query also in the support (any copy) is not its own demonstration
+    for i, js in enumerate(own):
+        sim[i, js] = float("-inf")
     order = sim.argsort(dim=-1, descending=True, stable=True)
 
     def pick(i, q, k):
-        if k > len(support) - (own[i] is not None):
+        if k > len(support) - len(own[i]):
             raise ValueError(f"{k} shots need at least {k} support examples besides the query, "
                              f"the support set has {len(support)}")
         return [support[j] for j in reversed(order[i, :k].tolist())]
@@ -209,11 +210,11 @@ def _check_support(queries, support, shots_list, text_demos_at_zero, demonstrati
     if shared:
         have = len(support)
     else:
-        count: dict[int, int] = {}
+        count: dict[tuple, int] = {}
         for s in support:
-            count[id(s)] = count.get(id(s), 0) + 1
-        inside = max((count.get(id(q), 0) for q in queries), default=0)
-        have = len(support) - (min(inside, 1) if demonstrations == "similar" else inside)
+            count[s.key] = count.get(s.key, 0) + 1
+        inside = max((count.get(q.key, 0) for q in queries), default=0)  # copies of a query: never shown to it
+        have = len(support) - inside
     if need > have:
         what = f"{need} shots" if need in shots_list else f"0 shots (with text_demos_at_zero={need})"
         raise ValueError(f"{what} need at least {need} support examples besides the query, "
@@ -264,6 +265,14 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
         progress: tqdm bars; None: when stderr is a terminal.
     """
     import time
+
+    from ..generation import check_count
+    check_count("batch_size", batch_size, 1)
+    check_count("num_beams", num_beams, 1)
+    check_count("text_demos_at_zero", text_demos_at_zero, 0)
+    check_count("max_new_tokens", max_new_tokens, 1, optional=True)
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
+        raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
     shots_list = [shots] if isinstance(shots, int) else list(shots)
     if task == "hateful_memes" and class_names is None:
         class_names = HATEFUL_MEMES_CLASSES

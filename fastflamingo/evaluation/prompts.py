@@ -1,6 +1,7 @@
 """Few-shot prompts as open_flamingo's evaluation writes them.
 
-Every demonstration is ``<image>`` + its text + ``<|endofchunk|>``, joined by newlines; the query
+Every demonstration is ``<image>`` + its text + ``<|endofchunk|>``, followed by a newline for VQA and
+captioning and by nothing for classification and Hateful Memes (open_flamingo's evaluation); the query
 is ``<image>`` + its text up to where the answer goes. With no shots, open_flamingo (following
 Flamingo) still shows the model two demonstrations, text only: their ``<image>`` tags removed.
 
@@ -14,6 +15,9 @@ The tasks' texts (open_flamingo's ``get_vqa_prompt``, ``get_caption_prompt``,
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +26,15 @@ TASKS = ("vqa", "captioning", "classification", "hateful_memes")
 GENERATED = ("vqa", "captioning")          # answered by generate; the others rank their class names
 HATEFUL_MEMES_CLASSES = ["no", "yes"]
 ZERO_SHOT_TEXT_DEMOS = 2  # open_flamingo's compute_effective_num_shots
+# after each demonstration: open_flamingo's evaluate_vqa / evaluate_captioning add "\n", its
+# evaluate_classification (ImageNet, Hateful Memes) joins them with nothing
+SEPARATOR = {"vqa": "\n", "captioning": "\n", "classification": "", "hateful_memes": ""}
 
 
 @dataclass(eq=False)
 class Example:
-    """One evaluation example (equal only to itself: its image may be a tensor).
+    """One evaluation example (equal only to itself: its image may be a tensor; :attr:`key` says
+    whether two are the same example, loaded twice).
 
     Attributes:
         image: a PIL image, a path to one, or a (C, H, W) / (F, C, H, W) tensor already processed.
@@ -44,6 +52,25 @@ class Example:
     def __post_init__(self):
         if isinstance(self.answers, str) or not self.answers:
             raise ValueError(f"Example.answers must be a non-empty list of strings, got {self.answers!r}")
+
+    @functools.cached_property
+    def key(self) -> tuple:
+        """What makes two examples the same one, however they were loaded (queries and support read
+        from one file, or overlapping splits): the image (a file by its resolved path, a tensor or
+        a PIL image by its pixels) and the question and text. A query is never shown itself as a
+        demonstration, by this key."""
+        img = self.image
+        if isinstance(img, (str, os.PathLike)):
+            image = ("file", os.path.realpath(img))
+        elif hasattr(img, "data_ptr") and hasattr(img, "contiguous"):  # a tensor
+            import torch
+            t = img.detach().cpu().contiguous().view(-1)
+            image = ("tensor", tuple(img.shape), str(t.dtype), hashlib.sha1(t.view(torch.uint8).numpy()).hexdigest())
+        elif hasattr(img, "tobytes") and hasattr(img, "mode"):  # a PIL image
+            image = ("pixels", img.mode, img.size, hashlib.sha1(img.tobytes()).hexdigest())
+        else:
+            image = ("object", id(img))
+        return image, self.question, self.text
 
 
 def demonstration(task: str, ex: Example) -> str:
@@ -69,9 +96,10 @@ def query(task: str, ex: Example) -> str:
 
 
 def demonstrations_text(task: str, demos: list[Example], text_only: bool = False) -> str:
-    """The demonstrations, one a line (each ending in a newline). ``text_only`` drops their image
-    tags (the zero-shot prompt)."""
-    context = "".join(demonstration(task, d) + "\n" for d in demos)
+    """The demonstrations, each followed by its task's :data:`SEPARATOR` (a newline for VQA and
+    captioning, nothing for classification and Hateful Memes, as open_flamingo's evaluation joins
+    them). ``text_only`` drops their image tags (the zero-shot prompt)."""
+    context = "".join(demonstration(task, d) + SEPARATOR[task] for d in demos)
     return context.replace("<image>", "") if text_only else context
 
 
@@ -82,8 +110,9 @@ def few_shot_text(task: str, demos: list[Example], ex: Example, text_only: bool 
 
 def sample_demonstrations(support: list[Example], shots: int, rng: random.Random,
                           exclude: Example | None = None) -> list[Example]:
-    """``shots`` distinct demonstrations drawn at random from ``support`` (never the query itself)."""
-    pool = [s for s in support if s is not exclude]
+    """``shots`` distinct demonstrations drawn at random from ``support`` (never the query itself,
+    nor another copy of it: :attr:`Example.key`)."""
+    pool = support if exclude is None else [s for s in support if s.key != exclude.key]
     if shots > len(pool):
         raise ValueError(f"{shots} shots need at least {shots} support examples besides the query, "
                          f"the support set has {len(pool)}")

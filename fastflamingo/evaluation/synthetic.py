@@ -25,7 +25,7 @@ import random
 
 import torch
 
-from .prompts import Example, demonstration
+from .prompts import SEPARATOR, Example, demonstration
 
 COLORS = {"red": (1.0, 0.0, 0.0), "green": (0.0, 1.0, 0.0), "blue": (0.0, 0.0, 1.0),
           "yellow": (1.0, 1.0, 0.0), "magenta": (1.0, 0.0, 1.0), "cyan": (0.0, 1.0, 1.0)}
@@ -128,8 +128,9 @@ def training_batch(tok, batch: int, rng: random.Random, generator: torch.Generat
     docs = []
     for b in range(batch):
         names = colors if rng.choice(ATTRIBUTES) == "color" else shapes
-        text = "\n".join(demonstration("classification", Example(None, [names[i]]))
-                         for i in range(b * IMAGES_PER_SEQUENCE, (b + 1) * IMAGES_PER_SEQUENCE))
+        # joined as the evaluation's classification prompts join their demonstrations
+        text = SEPARATOR["classification"].join(demonstration("classification", Example(None, [names[i]]))
+                                                for i in range(b * IMAGES_PER_SEQUENCE, (b + 1) * IMAGES_PER_SEQUENCE))
         docs.append(Document(list(images[b]), text))
     return collate(docs, tok, media_token_id, image_size=size)
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 import functools
 import inspect
 import itertools
+import numbers
 from collections.abc import Iterator
 
 import torch
 
 from .. import mpt
-from ..model import check_call, check_positions, check_vision_x
+from ..model import check_call, check_positions, check_vision_x, check_visual_tokens
 from ..warn import warn_caller
 from . import lm_cache, media_cache
 from .lm_cache import release_static_caches
@@ -38,6 +39,15 @@ from .session import CACHE_MODES, Session
 
 __all__ = ["generate", "stream", "score", "score_reference", "encode_prefix", "Prefix", "Sampling", "CACHE_MODES", "release_static_caches",
            "transition_scores"]
+
+
+def check_count(name: str, value, least: int, *, optional: bool = False) -> None:
+    """Refuse a count that is not an integer >= ``least`` (None too where ``optional``), naming it:
+    a float or a string would otherwise fail deep in torch, and True would count as 1."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise ValueError(f"{name} must be an int >= {least}{' or None' if optional else ''}, got {value!r}")
 
 
 def _stop_ids(model, eos_token_id) -> list[int]:
@@ -74,8 +84,7 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
     """Check the inputs, build the session, prefill; returns (session, last logits (B·repeat, V)).
     ``continuation``: scoring's longest continuation, fed after the prompt instead of new tokens."""
     _check_lang_x(lang_x)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    check_count("max_new_tokens", max_new_tokens, 1)
     if vision_x is not None and visual_tokens is not None:
         raise ValueError("pass vision_x or visual_tokens, not both")
     if prefix is not None:
@@ -87,7 +96,10 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
         if vision_x is not None:
             check_vision_x(vision_x, batch=lang_x.shape[0])
             visual_tokens = model.encode_vision(vision_x)
-        elif visual_tokens is None and (cached := media_cache.cached(model)) is not None:
+        elif visual_tokens is not None:  # as forward takes them: checked, in the blocks' dtype
+            check_visual_tokens(visual_tokens, model.config, batch=lang_x.shape[0])
+            visual_tokens = visual_tokens.to(model.blocks_dtype)
+        elif (cached := media_cache.cached(model)) is not None:
             visual_tokens, sees_media = _cached_media(model, cached, lang_x, mask, prefix)
     n_images = 0 if visual_tokens is None else visual_tokens.shape[1]
     # the prompt's own images, counted from 1 (the prefix's, if any, come before them)
@@ -180,6 +192,10 @@ def _sampling(model, *, beams: bool, eos_token_id, pad_token_id, do_sample, temp
                         suppress_tokens=list(suppress_tokens or []), generator=generator,
                         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                         bad_words_ids=[] if bad_words_ids is None else bad_words_ids)
+    outside = [t for t in stops if not 0 <= t < model.vocab_size]
+    if outside:
+        raise ValueError(f"eos_token_id holds {outside[0]}, not a token id of this LM (0..{model.vocab_size - 1}): a "
+                         "stop token it cannot generate would never stop it")
     if not 0 <= pad < model.vocab_size:
         raise ValueError(f"pad_token_id={pad} is not a token id of this LM (0..{model.vocab_size - 1}): finished "
                          "rows are fed it, as in Hugging Face's generate")
@@ -188,8 +204,9 @@ def _sampling(model, *, beams: bool, eos_token_id, pad_token_id, do_sample, temp
                       min_p=(min_p, None), top_k=(top_k, 50))
     for name, ids in (("suppress_tokens", sampling.suppress_tokens),
                       ("bad_words_ids", [t for w in sampling.bad_words_ids for t in w])):
-        if any(t >= model.vocab_size for t in ids):
-            raise ValueError(f"{name} holds token id {max(ids)} but the LM has {model.vocab_size} tokens "
+        outside = [t for t in ids if not 0 <= t < model.vocab_size]
+        if outside:  # (a negative id would count from the end: -1 is the last token)
+            raise ValueError(f"{name} holds token id {outside[0]} but the LM has {model.vocab_size} tokens "
                              f"(ids 0..{model.vocab_size - 1})")
     return sampling, pad
 
@@ -209,6 +226,9 @@ def _lengths(prompt_length: int, max_new_tokens, max_length, min_new_tokens, min
     ``max_length`` / ``min_length`` (prefix and prompt, padding included, plus new tokens)."""
     if max_new_tokens is not None and max_length is not None:
         raise ValueError(f"pass max_new_tokens ({max_new_tokens}) or max_length ({max_length}), not both")
+    check_count("min_new_tokens", min_new_tokens, 0)
+    check_count("max_length", max_length, 1, optional=True)
+    check_count("min_length", min_length, 0, optional=True)
     if min_new_tokens and min_length is not None:
         raise ValueError(f"pass min_new_tokens ({min_new_tokens}) or min_length ({min_length}), not both")
     if max_length is not None:
@@ -386,8 +406,9 @@ def generate(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, attenti
         warn_caller("output_scores / output_logits are only returned with return_dict_in_generate=True: the "
                     "tokens alone are returned (as Hugging Face's generate)")
     record = Record(output_scores, output_logits) if return_dict_in_generate else None
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    check_count("num_beams", num_beams, 1)
+    if isinstance(length_penalty, bool) or not isinstance(length_penalty, numbers.Real):
+        raise ValueError(f"length_penalty must be a number (1.0: none), got {length_penalty!r}")
     if early_stopping not in (True, False, "never"):  # (1 and 0 are True and False, as in Hugging Face's check)
         raise ValueError(f"early_stopping must be a boolean or 'never', but is {early_stopping!r}")
     R = num_return_sequences
@@ -453,6 +474,13 @@ def hugging_face_arguments(generation_config, kwargs: dict) -> dict:
                    if not k.startswith("_") and k not in _NO_EFFECT}
         from_config = set(changed) - set(kwargs)
         merged = {**changed, **kwargs}
+        # a length passed by name replaces the config's other way of saying it (a checkpoint's
+        # generation_config often sets max_length: max_new_tokens=5 then means 5 new tokens)
+        for pair in (("max_new_tokens", "max_length"), ("min_new_tokens", "min_length")):
+            for named, other in (pair, pair[::-1]):
+                if named in kwargs and other in from_config:
+                    del merged[other]
+                    from_config.discard(other)
     taken = _keyword_arguments()
     unknown = sorted(set(merged) - taken)
     if unknown:

@@ -13,10 +13,12 @@ EOS under ``eos_resets_media``). A candidate cannot hold an ``<image>`` token (i
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from tqdm.auto import tqdm
 
-from . import lm_cache
+from . import lm_cache, media_cache
 from .prefix import Prefix
 
 REDUCTIONS = ("sum", "mean", "none")
@@ -32,6 +34,10 @@ def _candidates(model, continuations) -> tuple[torch.Tensor, torch.Tensor]:
                          f"{'' if isinstance(continuations, torch.Tensor) else ' of length 0'}")
     rows = []
     for i, c in enumerate(continuations):
+        if isinstance(c, (str, bytes)) or isinstance(c, numbers.Number):
+            raise ValueError(f"continuation {i} is {c!r}: continuations are a list of token-id sequences, e.g. "
+                             "[[5, 6], [7]] (one continuation: [[5, 6, 7]]); tokenize texts first, "
+                             "tokenizer(text, add_special_tokens=False)['input_ids']")
         t = c if isinstance(c, torch.Tensor) else torch.tensor(list(c))
         if t.dim() != 1 or t.numel() == 0:
             raise ValueError(f"continuation {i} must be a non-empty 1-D sequence of token ids, got shape {tuple(t.shape)}")
@@ -84,8 +90,9 @@ def score(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuati
     from . import _start
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1 (or None: by memory), got {chunk_size}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be an int >= 1 (or None: by memory), got {chunk_size!r}")
     cand, lengths = _candidates(model, continuations)
     session, last = _start(model, vision_x, lang_x, attention_mask, visual_tokens=visual_tokens, prefix=prefix,
                            max_new_tokens=1, cache="dynamic", compile=False, continuation=cand.shape[1])
@@ -115,6 +122,10 @@ def score_reference(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, 
     cand, lengths = _candidates(model, continuations)
     if prefix is not None:
         prefix.check(model)
+    if media_cache.cached(model) is not None:
+        raise ValueError("score_reference runs each (prompt, continuation) pair alone through forward, which cached "
+                         "media (model.cache_media) would give the whole batch's images: call model.uncache_media() "
+                         "and pass the images as vision_x (or visual_tokens)")
     mask = torch.ones_like(lang_x) if attention_mask is None else attention_mask
     visual = model.encode_vision(vision_x) if vision_x is not None else visual_tokens
     media = model.config.media_token_id

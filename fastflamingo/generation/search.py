@@ -13,6 +13,7 @@ cannot beat its worst finished one (``early_stopping=False``).
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -46,10 +47,14 @@ class Sampling:
     _sequences: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}; use do_sample=False for greedy")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real):
+            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
+        if self.do_sample and self.temperature <= 0:  # (greedy decoding reads no temperature: 0 is fine there)
+            raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}; use do_sample=False for "
+                             "greedy decoding")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral)
+                                       or self.top_k < 0):
+            raise ValueError(f"top_k must be an int >= 0 (or None), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:

@@ -65,7 +65,10 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     Args:
         model: a :class:`~fastflamingo.Flamingo` (its LM may be quantized: it stays frozen).
         batches: ``batches(step)`` -> the step's micro-batches, each ``(vision_x or None, input_ids,
-            attention_mask, labels)`` (:class:`~fastflamingo.training.data.DocumentBatches`).
+            attention_mask, labels)`` (:class:`~fastflamingo.training.data.DocumentBatches`: an
+            epoch leaves out the ``len(docs) % (batch_size x grad_accum x world_size)`` documents
+            left over, other ones each epoch, with a warning; a resumed run must give the
+            checkpoint's seed, batch_size, grad_accum, world_size and number of documents).
         steps: optimizer steps in all (a resumed run continues to this many). A resumed run may
             change it (extend a finished run, or end sooner): the schedule is then the one of the
             new ``steps``, from the first resumed step on (its rate at that step, not the old
@@ -75,7 +78,8 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
             latents and embeddings (:meth:`~fastflamingo.Flamingo.parameter_groups`). A resumed
             run must give the checkpoint's (and its ``optimizer``): another one is an error
             naming both, not silently the checkpoint's.
-        max_grad_norm: clip the trainable parameters' gradient norm (None: no clipping).
+        max_grad_norm: clip the trainable parameters' gradient norm to this (> 0; None: no
+            clipping). A resumed run must give the checkpoint's.
         optimizer: ``"adamw"`` (torch) or ``"adamw8bit"`` (bitsandbytes: its two moments in 8
             bits, ~75% less optimizer memory).
         train: ``"flamingo"``: the Flamingo recipe (:meth:`~fastflamingo.Flamingo.set_trainable`);
@@ -90,13 +94,18 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         out: a directory for checkpoints (``checkpoint.pt``, ``model/``) and ``history.json``.
         save_every: also checkpoint every this many steps (0: at the end only).
         resume: continue from ``out``'s checkpoint (the same ``lr``, ``weight_decay``,
-            ``warmup`` and ``optimizer``; ``steps`` may change, see above).
+            ``warmup``, ``optimizer``, ``max_grad_norm`` and ``DocumentBatches`` settings: another
+            one is an error naming both values; ``steps`` may change, see above).
         progress: a tqdm bar; None: when stderr is a terminal.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if warmup < 0:
         raise ValueError(f"warmup must be >= 0, got {warmup}")
+    if max_grad_norm is not None and not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        # clip_grad_norm_ scales by max_grad_norm / norm: a negative one flips every gradient (gradient ascent)
+        raise ValueError(f"max_grad_norm must be > 0 (the norm to clip the gradients to) or None (no clipping), "
+                         f"got {max_grad_norm}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if train not in TRAIN:
@@ -127,8 +136,10 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     params = _trainable(model)
     if not params:
         raise ValueError("the model has no trainable parameter (no resampler or cross-attention layers?)")
-    settings = {"lr": lr, "weight_decay": weight_decay, "warmup": warmup, "optimizer": optimizer, "steps": steps}
+    settings = {"lr": lr, "weight_decay": weight_decay, "warmup": warmup, "optimizer": optimizer, "steps": steps,
+                "max_grad_norm": max_grad_norm}
     if isinstance(batches, DocumentBatches):
+        settings.update(batches.settings())  # the data order: a resume with others reads other documents
         batches.check()  # every document's length and image files, before the first step (not at step 900)
     opt = _optimizer(model, optimizer, lr, weight_decay, train)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, steps, warmup))
@@ -229,21 +240,28 @@ def _save(out: str, model, params, opt, sched, step: int, history: list[dict], s
 
 
 _FLAGS = {"lr": "lr (--lr)", "weight_decay": "weight_decay (--weight-decay)", "warmup": "warmup (--warmup)",
-          "optimizer": "optimizer (--optimizer)"}
+          "optimizer": "optimizer (--optimizer)", "max_grad_norm": "max_grad_norm (--max-grad-norm)",
+          # DocumentBatches': which documents each step takes
+          "seed": "seed (--seed)", "batch_size": "batch_size (--batch-size)", "grad_accum": "grad_accum (--grad-accum)",
+          "world_size": "world_size (torchrun --nproc-per-node)", "documents": "documents (in --data)"}
 
 
 def _check_settings(path: str, state: dict, settings: dict) -> None:
-    """A resumed run trains on with the checkpoint's lr, weight decay, warm-up and optimizer, or
-    not at all: restoring the optimizer's state would otherwise keep the old ones silently.
-    (A checkpoint written before the settings were saved holds its lr and weight decay in the
-    scheduler's and optimizer's states; its warm-up is unknown.)"""
+    """A resumed run trains on with the checkpoint's lr, weight decay, warm-up, optimizer and
+    max_grad_norm, and with its DocumentBatches' seed, batch_size, grad_accum, world_size and
+    number of documents, or not at all: restoring the optimizer's state would otherwise keep the
+    old ones silently, and other data settings read other documents than the uninterrupted run.
+    A setting the checkpoint does not hold is not checked: one written before the settings were
+    saved holds its lr and weight decay in the scheduler's and optimizer's states (its warm-up is
+    unknown); one written before max_grad_norm and the data settings were, or with data that is
+    not a DocumentBatches (nor data that is one now), has no data settings."""
     saved = dict(state.get("settings") or {})
     if "lr" not in saved and state.get("scheduler", {}).get("base_lrs"):
         saved["lr"] = state["scheduler"]["base_lrs"][0]
     if "weight_decay" not in saved and state.get("optimizer", {}).get("param_groups"):
         saved["weight_decay"] = max(g.get("weight_decay", 0.0) for g in state["optimizer"]["param_groups"])
     changed = [f"{_FLAGS[k]} {saved[k]!r} -> {settings[k]!r}" for k in _FLAGS
-               if k in saved and saved[k] != settings[k]]
+               if k in saved and k in settings and saved[k] != settings[k]]
     if changed:
         raise ValueError(f"resume: the checkpoint {path} was trained with other settings: {'; '.join(changed)}; "
                          "resume with the checkpoint's, or start a new run in another out directory "

@@ -9,10 +9,15 @@ Examples::
     fastflamingo finetune --model DIR --data train.jsonl --steps 2000 --out run1 --resume
 
 ``--resume`` continues from ``--out``'s checkpoint with its ``--lr``, ``--weight-decay``,
-``--warmup`` and ``--optimizer`` (others are an error naming both values); ``--steps`` may change
-(the second example extends a 1000-step run): the learning rate then follows the schedule of the
-new ``--steps`` from the first resumed step on. Every document's image files and
-``--max-length`` are checked before training starts (an error names its ``file:line``).
+``--warmup``, ``--optimizer`` and ``--max-grad-norm``, and its data order: ``--seed``,
+``--batch-size``, ``--grad-accum``, the number of processes and of documents in ``--data`` (others
+are an error naming both values); ``--steps`` may change (the second example extends a 1000-step
+run): the learning rate then follows the schedule of the new ``--steps`` from the first resumed
+step on. Every document's image files and ``--max-length`` are checked before training starts (an
+error names its ``file:line``). An epoch is the documents' number // (``--batch-size`` x
+``--grad-accum`` x processes) steps: the remainder sits out each epoch (other documents each
+epoch, the order being shuffled anew), with a warning giving how many; a number of documents
+that is a multiple of it trains on all of them every epoch.
 
 ``--out`` gets ``checkpoint.pt`` (to resume), ``model/`` (the trained weights only, with the
 tokenizer; ``Flamingo.from_pretrained("run1/model")`` loads it as it is, the frozen parts from the
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import torch
@@ -40,11 +46,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=count_arg("--steps"), required=True, help="optimizer steps in all (with --resume it may change: the warm-up and cosine "
                         "schedule of the new total from the first resumed step on)")
     p.add_argument("--batch-size", type=count_arg("--batch-size"), default=4, help="documents per micro-batch")
-    p.add_argument("--grad-accum", type=count_arg("--grad-accum"), default=1, help="micro-batches per step")
+    p.add_argument("--grad-accum", type=count_arg("--grad-accum"), default=1,
+                   help="micro-batches per step (the documents' number modulo --batch-size x --grad-accum x "
+                        "processes sit out each epoch, with a warning)")
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--warmup", type=count_arg("--warmup"), default=0, help="steps of linear warm-up")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the gradient norm (0: no clipping)")
+    p.add_argument("--max-grad-norm", type=_max_grad_norm, default=1.0,
+                   help="clip the gradient norm to this (0: no clipping)")
     p.add_argument("--optimizer", choices=["adamw", "adamw8bit"], default="adamw")
     p.add_argument("--max-length", type=count_arg("--max-length"), default=None,
                    help="refuse documents longer than this many tokens (never cut)")
@@ -54,13 +63,28 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--seed", type=int, default=0, help="the order of the documents")
     p.add_argument("--save-every", type=count_arg("--save-every"), default=0, help="checkpoint every N steps too")
-    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint, with its --lr, --weight-decay, --warmup and "
-                        "--optimizer (a change is an error; --steps may change)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out's checkpoint, with its --lr, --weight-decay, --warmup, --optimizer, "
+                        "--max-grad-norm, --seed, --batch-size, --grad-accum, processes and number of documents "
+                        "(a change is an error; --steps may change)")
     p.add_argument("--shard", action="store_true",
                    help="FSDP2 data parallel, one process per GPU under torchrun: torchrun --nproc-per-node N "
                         "-m fastflamingo.cli finetune ... --shard (gloo on CPUs)")
     p.add_argument("--out", required=True, help="directory for checkpoints, history.json and loss.png")
     p.set_defaults(func=run)
+
+
+def _max_grad_norm(text: str) -> float:
+    """argparse ``type`` of ``--max-grad-norm``: a norm >= 0 (0: no clipping); a negative one
+    would flip every gradient (gradient ascent)."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(x) and x >= 0):
+        raise argparse.ArgumentTypeError(f"--max-grad-norm must be > 0 (the norm to clip the gradients to) "
+                                         f"or 0 (no clipping), got {text}")
+    return x
 
 
 def run(args) -> int:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..warn import warn_caller
+
 
 @dataclass(eq=False)
 class Document:
@@ -117,7 +119,15 @@ class DocumentBatches:
     world_size`` micro-batches of ``batch_size`` documents, in a per-epoch shuffled order drawn
     from ``seed``; rank r gets micro-batches r, r + world_size, ... (data parallel: with
     ``world_size`` ranks, the step is the one a single process makes with ``grad_accum x
-    world_size``)."""
+    world_size``).
+
+    An epoch is ``len(docs) // (batch_size x grad_accum x world_size)`` steps: the ``len(docs) %
+    (batch_size x grad_accum x world_size)`` documents left over sit out each epoch (the last ones
+    of its shuffled order, so other ones each epoch), and building the batches warns, giving how
+    many; a number of documents that is a multiple of ``batch_size x grad_accum x world_size``
+    uses every one of them every epoch. :meth:`settings` (the seed, batch_size, grad_accum,
+    world_size and the number of documents) fix the order: a resumed
+    :func:`~fastflamingo.training.fine_tune` refuses others than its checkpoint's."""
 
     def __init__(self, docs: list[Document], tokenizer, media_token_id: int, *, batch_size: int,
                  grad_accum: int = 1, seed: int = 0, image_processor=None, image_size: int = 224,
@@ -136,8 +146,20 @@ class DocumentBatches:
         self.image_processor, self.image_size, self.max_length = image_processor, image_size, max_length
         # the len(docs) % per_step documents left over sit out the epoch (the next epoch draws another order)
         self.per_epoch = len(docs) // per_step
+        if len(docs) % per_step and rank == 0:  # once, not once a process
+            left = len(docs) % per_step
+            warn_caller(f"{left} of the {len(docs)} documents sit out each epoch: an epoch is {self.per_epoch} "
+                        f"step(s) of batch_size x grad_accum x world_size = {per_step} documents (each epoch's "
+                        f"shuffle leaves out other ones); to train on every document every epoch, give a multiple "
+                        f"of {per_step} documents, or a batch_size x grad_accum x world_size that divides {len(docs)}")
         self._orders: dict[int, list[int]] = {}
         self._checked = False
+
+    def settings(self) -> dict:
+        """What fixes which documents every step takes: a resumed
+        :func:`~fastflamingo.training.fine_tune` checks them against its checkpoint's."""
+        return {"seed": self.seed, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                "world_size": self.world_size, "documents": len(self.docs)}
 
     def check(self) -> None:
         """Every document's image files and (with ``max_length``) length, at once: what a batch
