@@ -96,12 +96,18 @@ class _NewTokenPositions:
 
 
 class _KeepRows(torch.autograd.Function):
-    """The identity; its gradient keeps the rows where ``keep`` is True (zeros elsewhere)."""
+    """The identity; its gradient keeps the rows where ``keep`` is True (zeros elsewhere). Its
+    context is set apart from its forward (``setup_context``), and its forward is plain torch, so
+    that ``torch.func`` transforms (grad, vjp, vmap) take it."""
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, weight, keep):
-        ctx.save_for_backward(keep)
+    def forward(weight, keep):
         return weight.view_as(weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
 
     @staticmethod
     def backward(ctx, grad):

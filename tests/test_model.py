@@ -757,3 +757,31 @@ def test_paper_presets_have_the_documented_parameter_counts(name, total, lm):
     blocks = sum(p.numel() for b in model.gated_cross_attn_layers for p in b.parameters())
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(total, rel=0.01)
     assert sum(p.numel() for p in model.lang_encoder.parameters()) - blocks == pytest.approx(lm, rel=0.01)
+
+
+def test_torch_func_grad_of_the_model_equals_its_backward():
+    """torch.func.grad (functional_call over the trainable parameters): on the CPU "auto" had taken
+    the native kernels' autograd Function (where built), and the embedding-row mask's, which
+    torch.func refused; now "auto" takes the PyTorch path under a transform, the mask takes the
+    transforms, and a forced kernel backend says what to do."""
+    from fastflamingo.ops import image_causal_attention
+    torch.manual_seed(0)
+    model = Flamingo.from_preset("tiny").eval()
+    model.config.num_base_tokens = 500  # (the added rows train: the row mask is in the graph)
+    model.set_trainable()
+    ids, vx = torch.tensor([[510, 5, 6, 7, 511, 510, 8]]), torch.randn(1, 2, 1, 3, 32, 32)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss(p):
+        return torch.func.functional_call(model, p, (vx, ids)).logits.square().mean()
+    got = torch.func.grad(loss)(params)
+    loss(params).backward()
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], p.grad, atol=1e-7, rtol=1e-5, msg=n)
+    assert got["lang_encoder.model.embed_tokens.weight"][:500].abs().sum() == 0  # the base rows stay masked
+    q, kv = torch.randn(1, 2, 5, 16), torch.randn(1, 2, 8, 16)
+    loc = torch.tensor([[True, False, False, True, False]])
+    for backend in ("triton", "native"):
+        with pytest.raises(RuntimeError, match=f"backend='{backend}' runs kernels that torch.func transforms"):
+            torch.func.grad(lambda q: image_causal_attention(q, kv, kv, loc, latents_per_media=4,
+                                                             backend=backend).sum())(q)

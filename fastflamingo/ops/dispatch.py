@@ -21,6 +21,19 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
 
 
+def under_func_transform() -> bool:
+    """Whether a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...) runs this call: the
+    kernels' autograd Functions take none of them (their backward is not differentiable, and
+    they have no batching rule), so "auto" takes the PyTorch path there, which takes every one."""
+    return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None
+
+
+def _refuse_under_func_transform(op: str, backend: str) -> None:
+    if under_func_transform():
+        raise RuntimeError(f"{op}: backend={backend!r} runs kernels that torch.func transforms (grad, vjp, vmap, "
+                           "...) cannot see into: use backend='auto' or 'torch' there (the PyTorch path)")
+
+
 def use_triton(op: str, q: torch.Tensor, backend: str, interpreted: Callable[[], bool]) -> bool:
     """Whether ``backend`` means the Triton kernels of ``op`` for queries ``q`` (B, H, T, D).
 
@@ -32,9 +45,11 @@ def use_triton(op: str, q: torch.Tensor, backend: str, interpreted: Callable[[],
     if backend in ("torch", "native"):
         return False
     if backend == "auto":
-        return q.is_cuda and q.dtype in TRITON_DTYPES and q.shape[-1] <= TRITON_MAX_HEAD_DIM and HAS_TRITON
+        return (q.is_cuda and q.dtype in TRITON_DTYPES and q.shape[-1] <= TRITON_MAX_HEAD_DIM and HAS_TRITON
+                and not under_func_transform())
     if backend != "triton":
         raise ValueError(f"{op}: backend={backend!r} is not 'auto', 'triton', 'native' or 'torch'")
+    _refuse_under_func_transform(op, backend)
     if not HAS_TRITON:
         raise RuntimeError(f"{op}: backend='triton' needs the triton package "
                            "(pip install triton, or fastflamingo[gpu]); use backend='torch' without it")
@@ -65,7 +80,9 @@ def use_native(op: str, q: torch.Tensor, backend: str) -> bool:
         return False
     from .. import native
     if backend == "auto":
-        return q.device.type == "cpu" and q.dtype in NATIVE_DTYPES and native.available()
+        return (q.device.type == "cpu" and q.dtype in NATIVE_DTYPES and native.available()
+                and not under_func_transform())
+    _refuse_under_func_transform(op, backend)
     if q.device.type != "cpu":
         raise ValueError(f"{op}: backend='native' runs on CPU tensors, got them on {q.device}; "
                          "use backend='auto' or 'triton' for CUDA tensors")
