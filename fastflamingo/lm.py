@@ -21,7 +21,12 @@ DECODER_LAYERS_ATTR = {
     "mistral": "model.layers",
     "qwen2": "model.layers",
     "gemma": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
+    "qwen3": "model.layers",
+    "phi": "model.layers",
     "phi3": "model.layers",
+    "falcon": "transformer.h",
     "mpt": "transformer.blocks",
     "gpt_neox": "gpt_neox.layers",
     "opt": "model.decoder.layers",
@@ -47,7 +52,9 @@ def decoder_layers_attr_for(lm: nn.Module, override: str | None = None) -> str:
 
 # families whose position ids index a table of fixed size (learned embeddings; GPT-J's sinusoid
 # table): past its end the LM fails, with an IndexError (on a GPU, a device-side assert)
-_POSITION_TABLES = {"gpt2": "n_positions", "gptj": "n_positions", "opt": "max_position_embeddings"}
+_POSITION_TABLES = {"gpt2": "n_positions", "gptj": "n_positions", "opt": "max_position_embeddings",
+                    "gpt_neo": "max_position_embeddings", "gpt_bigcode": "n_positions",
+                    "biogpt": "max_position_embeddings"}
 
 
 def position_limit(lm: nn.Module) -> tuple[str, int, bool] | None:
@@ -109,7 +116,31 @@ def set_attr(obj, dotted: str, value) -> None:
 
 
 def lm_hidden_size(lm: nn.Module) -> int:
+    """The width of the hidden states between the decoder layers (where the blocks run): the
+    config's, not the embedding's, which may differ (OPT-350m projects its 512-wide embeddings to
+    1024); the embedding's width where the config names none."""
+    cfg = getattr(lm, "config", None)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    for name in ("hidden_size", "d_model", "n_embd"):
+        width = getattr(cfg, name, None)
+        if isinstance(width, int) and width > 0:
+            return width
     return lm.get_input_embeddings().weight.shape[1]
+
+
+def decoder_layers(lm: nn.Module, attr: str) -> nn.ModuleList:
+    """``lm``'s decoder-layer list at the dotted path ``attr``, or an error naming the option."""
+    obj = lm
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"decoder_layers_attr={attr!r}: {type(obj).__name__} has no attribute {part!r}; give "
+                             f"the dotted path of {type(lm).__name__}'s nn.ModuleList of decoder blocks (e.g. "
+                             "'model.layers')")
+        obj = getattr(obj, part)
+    if not isinstance(obj, nn.ModuleList):
+        raise ValueError(f"decoder_layers_attr={attr!r} is a {type(obj).__name__}, not the nn.ModuleList of "
+                         f"{type(lm).__name__}'s decoder blocks")
+    return obj
 
 
 def lm_num_heads(lm: nn.Module) -> int:

@@ -15,7 +15,7 @@ from .blocks import (ATTENTION_MODULES, Checkpointed, GatedCrossAttentionBlock,
 from .config import FlamingoConfig
 from .distribute import to_execution_device
 from .convert.open_flamingo import drop_duplicate_keys_hook
-from .lm import (decoder_layers_attr_for, get_attr, lm_hidden_size, lm_intermediate_size, lm_num_heads,
+from .lm import (decoder_layers, decoder_layers_attr_for, get_attr, lm_hidden_size, lm_intermediate_size, lm_num_heads,
                  position_limit, thin_checkpointing, wrap_decoder_layers)
 from .warn import warn_caller
 from .vision import (build_vision_model, check_pixels, check_vision_config, check_vision_dim, encoder_width,
@@ -207,7 +207,7 @@ class Flamingo(nn.Module):
         self._media = MediaState()
         self._checkpointing = False  # activation checkpointing (activation_checkpointing_enable)
         self.decoder_layers_attr = decoder_layers_attr_for(self.lang_encoder, config.decoder_layers_attr)
-        n_layers = len(get_attr(self.lang_encoder, self.decoder_layers_attr))
+        n_layers = len(decoder_layers(self.lang_encoder, self.decoder_layers_attr))
         self._check_some_block(n_layers)
         blocks = [self._make_block(i) if config.has_cross_attention(i) else None for i in range(n_layers)]
         wrap_decoder_layers(self.lang_encoder, self.decoder_layers_attr, blocks, self._media)

@@ -70,7 +70,7 @@ def test_unsupported_lm_lists_supported_families():
     from transformers import BertConfig, BertLMHeadModel
     lm = BertLMHeadModel(BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                     intermediate_size=64, is_decoder=True))
-    with pytest.raises(ValueError, match=r"model_type='bert'.*Supported LM families: \['gemma', 'gpt2'"):
+    with pytest.raises(ValueError, match=r"model_type='bert'.*Supported LM families: \['falcon', 'gemma', 'gemma2'"):
         Flamingo(config(), lang_encoder=lm)
     # with an explicit path it works (one layer: a block before every one)
     model = Flamingo(config(decoder_layers_attr="bert.encoder.layer",
@@ -785,3 +785,44 @@ def test_torch_func_grad_of_the_model_equals_its_backward():
         with pytest.raises(RuntimeError, match=f"backend='{backend}' runs kernels that torch.func transforms"):
             torch.func.grad(lambda q: image_causal_attention(q, kv, kv, loc, latents_per_media=4,
                                                              backend=backend).sum())(q)
+
+
+def test_lm_families_the_audit_found_unhandled():
+    """OPT-350m's decoder width differs from its embeddings' (the blocks were built too narrow and
+    crashed); GPT-Neo's learned position table is refused past its end (warned as 'extrapolating',
+    then an IndexError); Falcon and Phi need no decoder_layers_attr; a wrong one names the option;
+    mpt.restore stays restored after a generate (LMCall re-prepared it)."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM, FalconConfig, GPTNeoConfig, OPTConfig, PhiConfig
+
+    from fastflamingo.model import check_positions
+    common = dict(vocab_size=512, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    torch.manual_seed(0)
+    opt = AutoModelForCausalLM.from_config(OPTConfig(hidden_size=48, ffn_dim=96, num_hidden_layers=2,
+                                                     num_attention_heads=4, word_embed_proj_dim=32, **common))
+    model = Flamingo(preset_config("tiny"), lang_encoder=opt).eval()
+    assert model.gated_cross_attn_layers[0].attn.norm.normalized_shape == (48,)
+    ids = torch.tensor([[510, 5, 6, 7]])
+    assert model(torch.randn(1, 1, 1, 3, 32, 32), ids).logits.shape == (1, 4, 512)
+    neo = AutoModelForCausalLM.from_config(GPTNeoConfig(hidden_size=32, num_layers=2, num_heads=4,
+                                                        attention_types=[[["global"], 2]], max_position_embeddings=16,
+                                                        **common))
+    with pytest.raises(ValueError, match="has max_position_embeddings=16, the size of its position table"):
+        check_positions(neo, 17, "17 tokens")
+    for config in (FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, **common),
+                   PhiConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             **common)):
+        Flamingo(preset_config("tiny"), lang_encoder=AutoModelForCausalLM.from_config(config))
+    falcon = AutoModelForCausalLM.from_config(FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                           **common))
+    with pytest.raises(ValueError, match="decoder_layers_attr='model.layers': FalconForCausalLM has no attribute 'model'"):
+        Flamingo(dataclasses.replace(preset_config("tiny"), decoder_layers_attr="model.layers"), lang_encoder=falcon)
+    from transformers import MptConfig
+    mpt_lm = AutoModelForCausalLM.from_config(MptConfig(d_model=48, n_heads=4, n_layers=2, expansion_ratio=2,
+                                                        max_seq_len=256, **common))
+    m = Flamingo(preset_config("tiny"), lang_encoder=mpt_lm).eval()
+    assert mpt.is_prepared(m.lang_encoder)
+    mpt.restore(m.lang_encoder)
+    m.generate(None, ids[:, 1:], max_new_tokens=2)
+    assert not mpt.is_prepared(m.lang_encoder)

@@ -46,7 +46,8 @@ class LMCall:
         positions: whether forward takes ``position_ids`` (MPT does not: ALiBi).
         logits_to_keep: whether forward can compute logits for the last position only.
         static: whether Hugging Face's StaticCache works with this family (for MPT once
-            :func:`fastflamingo.mpt.prepare` has adapted the LM's attention layers, done here).
+            :func:`fastflamingo.mpt.prepare` has adapted the LM's attention layers, as
+            :class:`~fastflamingo.Flamingo` does when it is built).
     """
 
     def __init__(self, lm: nn.Module):
@@ -60,7 +61,8 @@ class LMCall:
                              "fastflamingo cannot keep its KV cache; use cache='none'")
         self.positions = "position_ids" in params
         self.logits_to_keep = "logits_to_keep" in params
-        self.static = bool(getattr(type(lm), "_can_compile_fullgraph", False)) or mpt.prepare(lm)
+        # (read, not made so: the model prepares its MPT once, and mpt.restore stays restored)
+        self.static = bool(getattr(type(lm), "_can_compile_fullgraph", False)) or mpt.is_prepared(lm)
 
     def kwargs(self, cache, attention_mask: torch.Tensor, position_ids: torch.Tensor | None,
                last_only: bool = False) -> dict:
