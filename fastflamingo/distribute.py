@@ -91,7 +91,23 @@ def dispatch(model: nn.Module, device_map: str | dict = "auto", *, max_memory: d
         raise ValueError("device_map puts modules on 'disk': pass offload_folder=<a directory> for their weights")
     dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
     model.hf_device_map = dict(device_map)
+    # weights offloaded to "cpu" / "disk" are meta tensors between calls, loaded by accelerate's
+    # hooks for each forward: a backward gives them no gradient (offloaded_trainable)
+    model._offloaded = [n for n, p in model.named_parameters() if p.is_meta]  # (names: the hooks swap the tensors)
     return model
+
+
+def offloaded_trainable(model: nn.Module) -> list[str]:
+    """The trainable parameters (``requires_grad``) that :func:`dispatch` offloaded to "cpu" or
+    "disk": a backward leaves them without a gradient (silently, in accelerate), so training them
+    is refused (:func:`fastflamingo.training.fine_tune`) or warned about (a forward with grad)."""
+    return [n for n in getattr(model, "_offloaded", ()) if model.get_parameter(n).requires_grad]
+
+
+def offload_message(names: list[str]) -> str:
+    return (f"{len(names)} trainable parameter(s) are offloaded by device_map (e.g. {names[0]}): accelerate loads "
+            "them for each forward, and a backward gives them no gradient. Keep the resampler, the cross-attention "
+            "blocks and the trained embeddings on a device (a device_map that maps them to a GPU), or freeze them")
 
 
 def _all_on_disk(model: nn.Module, device_map: dict, max_memory: dict | None, *, planned: bool) -> str:

@@ -474,6 +474,11 @@ class Flamingo(nn.Module):
                              "(the LM shifts them itself; -100 marks positions without a target)")
         if vision_x is not None and visual_tokens is not None:
             raise ValueError("pass vision_x or visual_tokens, not both")
+        if getattr(self, "_offloaded", None) and torch.is_grad_enabled() and not getattr(self, "_offload_warned", False):
+            from .distribute import offload_message, offloaded_trainable
+            if offloaded := offloaded_trainable(self):
+                self._offload_warned = True  # (once: an inference call without torch.no_grad is fine)
+                warn_caller(offload_message(offloaded))
         if vision_x is not None:
             check_vision_x(vision_x, batch=lang_x.shape[0])
             if vision_x.device != lang_x.device:

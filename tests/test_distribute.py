@@ -168,3 +168,28 @@ def test_added_token_rows_train_alone_when_set_on_a_placed_model(tmp_path):
         got, want = placed.get_parameter(name).grad, ref.get_parameter(name).grad
         assert got[:base].abs().sum() == 0 and got[base:].abs().sum() > 0, name
         torch.testing.assert_close(got, want)
+
+
+def test_training_offloaded_blocks_is_refused_or_warned(tmp_path):
+    """Blocks offloaded to disk got no gradient from a backward (22 of the tiny model's 50 trainable
+    parameters), silently: a forward with gradients warns once, fine_tune refuses; frozen offloaded
+    LM layers (disk_layers 0, 2 hold no block) are fine."""
+    import warnings
+
+    from fastflamingo.distribute import offloaded_trainable
+    from fastflamingo.training import fine_tune
+    ref = _model()
+    placed = dispatch(copy.deepcopy(ref), _offload_map(ref), offload_folder=str(tmp_path / "a"))
+    names = offloaded_trainable(placed)
+    assert names and all("gated_cross_attn_layer" in n for n in names), names
+    vx, ids, _ = _batch()
+    with pytest.warns(UserWarning, match=rf"{len(names)} trainable parameter\(s\) are offloaded by device_map"):
+        placed(vx, ids, labels=ids).loss.backward()
+    assert any(placed.get_parameter(n).grad is None for n in names)  # (what the warning is about)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        placed(vx, ids)  # once only
+    with pytest.raises(ValueError, match=r"fine_tune: \d+ trainable parameter\(s\) are offloaded by device_map"):
+        fine_tune(placed, lambda step: [(vx, ids, None, ids)], steps=1)
+    frozen_only = dispatch(copy.deepcopy(ref), _offload_map(ref, disk_layers=(0, 2)), offload_folder=str(tmp_path / "b"))
+    assert offloaded_trainable(frozen_only) == []

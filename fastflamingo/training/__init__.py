@@ -136,6 +136,9 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     params = _trainable(model)
     if not params:
         raise ValueError("the model has no trainable parameter (no resampler or cross-attention layers?)")
+    from ..distribute import offload_message, offloaded_trainable
+    if offloaded := offloaded_trainable(model):
+        raise ValueError(f"fine_tune: {offload_message(offloaded)}")
     settings = {"lr": lr, "weight_decay": weight_decay, "warmup": warmup, "optimizer": optimizer, "steps": steps,
                 "max_grad_norm": max_grad_norm}
     if isinstance(batches, DocumentBatches):
