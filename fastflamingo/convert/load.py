@@ -155,14 +155,13 @@ def _load_dtypes(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, 
     parameters have (its modules' dtype, e.g. the base LM's under trainable-only blocks). The
     parts: the vision encoder, and the rest (LM, blocks, resampler: they compute together). Parts
     ``state`` replaces whole keep the checkpoint's dtypes."""
-    part = _part
     kept: dict[str, dict[torch.dtype, int]] = {}
     for name, p in model.named_parameters():
         if name not in state and p.is_floating_point() and not p.is_meta:
-            counts = kept.setdefault(part(name), {})
+            counts = kept.setdefault(_part(name), {})
             counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
     dtypes = {k: max(counts, key=counts.get) for k, counts in kept.items()}
-    return {k: dtypes[part(k)] for k in state if part(k) in dtypes}
+    return {k: dtypes[_part(k)] for k in state if _part(k) in dtypes}
 
 
 def as_dtype(dtype) -> torch.dtype | None:
