@@ -68,7 +68,7 @@ def test_decode_steps_equal_forward_teacher_forced(eos_resets_media):
     assert prompt_tt[:, -1].tolist() == [2, 1]
     for cache in ("dynamic", "static"):
         s = Session(model, ids, mask, model.encode_vision(vx), max_new_tokens=4, cache=cache)
-        got = [s.prefill(ids)] + [s.step(forced[:, i]) for i in range(3)]
+        got = [s.prefill()] + [s.step(forced[:, i]) for i in range(3)]
         for i, logits in enumerate(got):
             seq = torch.cat([ids, forced[:, :i]], 1)
             m = torch.cat([mask, mask.new_ones(2, i)], 1)
@@ -1258,3 +1258,56 @@ def test_prefix_reuse_with_sequence_rules_equals_the_prompt_written_out(cache):
             got = generate(model, vx, ids, mask, prefix=prefix, **kw)
             want = generate(model, full_vx, full, full_mask, **kw)
             assert torch.equal(got[:, ids.shape[1]:], want[:, full.shape[1]:]), (rules, beams)
+
+
+_WINDOWED = {  # LM families whose attention (some layers' or all) sees only the last `window` cache slots
+    "mistral": dict(model_type="mistral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+                    sliding_window=8),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=256, use_sliding_window=True,
+                  sliding_window=8, max_window_layers=0),
+    "gemma2": dict(model_type="gemma2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+                   max_position_embeddings=256, sliding_window=8),
+    "gpt_neo": dict(model_type="gpt_neo", hidden_size=64, num_layers=2, num_heads=4, vocab_size=512,
+                    max_position_embeddings=256, attention_types=[[["local", "global"], 1]], window_size=8,
+                    bos_token_id=1, eos_token_id=2),
+    "gemma3_text": dict(model_type="gemma3_text", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512,
+                        max_position_embeddings=256, sliding_window=8,
+                        layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(_WINDOWED))
+def test_sliding_window_lm_with_prefix_and_padding_equals_the_prompt_written_out(family):
+    """A sliding-window LM counts cache slots, padding included, against its window. A few-shot
+    prefix (longer than the window) before left-padded queries: each row's padding goes before the
+    prefix, as in the prompt written out whole (it sat between the prefix and the query and hid up
+    to its length of prefix tokens from the query: first logits off by up to 0.45); the LM cache
+    keeps every slot (Hugging Face's per-config DynamicCache cropped a prefix longer than the
+    window, and scoring's per-pair caches read the cropped slots as the first ones). Greedy tokens
+    with both caches equal the written-out prompt's, and score equals score_reference."""
+    model = tiny(lm=_WINDOWED[family], **({"decoder_layers_attr": "transformer.h"} if family == "gpt_neo" else {}))
+    demo_vx, demo_ids, _ = batch(model, [1], [13], seed=7)
+    prefix = encode_prefix(model, demo_vx, demo_ids)
+    vx, ids, mask = batch(model, [1, 1, 0], [3, 9, 6], seed=8)
+    B, T = ids.shape
+    pad = T - mask.sum(-1)
+    full = torch.stack([torch.cat([ids[i, :pad[i]], demo_ids[0], ids[i, pad[i]:]]) for i in range(B)])
+    full_mask = torch.stack([torch.cat([mask[i, :pad[i]], torch.ones(demo_ids.shape[1], dtype=torch.long),
+                                        mask[i, pad[i]:]]) for i in range(B)])
+    full_vx = torch.cat([demo_vx.expand(B, -1, -1, -1, -1, -1), vx], 1)
+    want = plain_greedy(model, full_vx, full, full_mask, 6)[:, full.shape[1]:]
+    for cache in ("dynamic", "auto"):  # auto: static where the family supports it (not GPT-Neo)
+        got = generate(model, vx, ids, mask, prefix=prefix, max_new_tokens=6, eos_token_id=[], cache=cache)
+        assert torch.equal(got[:, T:], want), (family, cache)
+        plain = generate(model, full_vx, full, full_mask, max_new_tokens=6, eos_token_id=[], cache=cache)
+        assert torch.equal(plain[:, full.shape[1]:], want), (family, cache, "no prefix")
+    conts = [[5, 6, 7], [9], list(range(20, 32))]  # the longest runs past the window
+    for pre, args in ((prefix, (vx, ids)), (None, (full_vx, full))):
+        m = mask if pre is not None else full_mask
+        fast = model.score(*args, conts, m, prefix=pre)
+        ref = score_reference(model, *args, conts, m, prefix=pre)
+        assert (fast - ref).abs().max() < 1e-4, (family, pre is not None, (fast - ref).abs().max())

@@ -70,7 +70,7 @@ def _sessions(model, cache, seed, device, layout="padded"):
         assert s._prefill.__self__ is s._decode.__self__, "the session does not take the lean prefill"
         if not lean:
             s._decode = s._prefill = _lm_logits
-        out.append((s, s.prefill(ids)))
+        out.append((s, s.prefill()))
     return out
 
 

@@ -55,7 +55,7 @@ def _visual(vx):
 def _teacher_forced(model, vx, ids, mask, forced, session):
     """Max |logits of the session's prefill and steps (fed ``forced``) - model.forward on the whole sequence|."""
     # contiguous (B,) tokens, as generate's: a strided column would be another input layout to dynamo
-    got = [session.prefill(ids)] + [session.step(forced[:, i].contiguous()) for i in range(forced.shape[1] - 1)]
+    got = [session.prefill()] + [session.step(forced[:, i].contiguous()) for i in range(forced.shape[1] - 1)]
     err = 0.0
     for i, logits in enumerate(got):
         m = torch.cat([mask, mask.new_ones(mask.shape[0], i)], 1)

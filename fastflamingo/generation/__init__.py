@@ -112,11 +112,7 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
         sees_media = None if sees_media is None else sees_media.repeat_interleave(repeat, 0)
     session = Session(model, lang_x, mask, visual_tokens, prefix=prefix, max_new_tokens=max_new_tokens,
                       cache=cache, compile=compile, sees_media=sees_media)
-    logits = session.prefill(lang_x)
-    if prefix is not None and prefix.logits is not None:
-        # a query of padding only continues the prefix: its last column is padding, whose logits are not
-        logits = torch.where((mask.sum(-1) == 0)[:, None], prefix.logits.to(logits.device), logits)
-    return session, logits
+    return session, session.prefill()
 
 
 def _cached_media(model, cached: media_cache.CachedMedia, lang_x, mask,

@@ -75,11 +75,14 @@ class LMCall:
 
 
 def dynamic_cache(lm: nn.Module):
+    """An empty DynamicCache whose every layer keeps all its slots. Not Hugging Face's per-config
+    one: that crops a sliding-window layer (Mistral, Qwen2, Gemma2) to its last window - 1 slots,
+    while :func:`layer_kv`, :func:`fill`, the few-shot prefix and scoring's per-pair caches need
+    every layer to hold the whole sequence, slot for slot with the attention mask (a cropped
+    prefix or prompt was read as the wrong tokens). The window is then the mask's, as in a forward
+    over the whole sequence."""
     from transformers import DynamicCache
-    try:
-        return DynamicCache(config=lm.config)
-    except TypeError:  # older signatures take no config
-        return DynamicCache()
+    return DynamicCache()
 
 
 def new_static_cache(lm: nn.Module, max_len: int):

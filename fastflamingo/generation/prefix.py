@@ -2,10 +2,12 @@
 
 A :class:`Prefix` holds everything the demonstrations contribute to a query's decoding: their
 LM KV (every decoder layer's keys and values), their visual tokens and every cross-attention
-layer's K/V of them. Queries are then run after it, batched, without recomputing any of it:
-the prefix's LM KV is copied into each row's cache, its visual K/V is joined in front of the
-query images' K/V (projection is per token, so the K/V of the concatenation is the
-concatenation of the K/V), and query tokens see image ``N_prefix + k`` for their k-th image.
+layer's K/V of them. Queries are then run after it, batched, without recomputing it: the
+prefix's LM KV is copied into each row's cache after the row's left padding, as in the prompt
+written out whole (the prefill recomputes the prefix tokens that a row's padding pushes past the
+prefix's slots); its visual K/V is joined in front of the query images' K/V (projection is per
+token, so the K/V of the concatenation is the concatenation of the K/V), and query tokens see
+image ``N_prefix + k`` for their k-th image.
 """
 from __future__ import annotations
 
@@ -27,15 +29,12 @@ class Prefix:
         owner: (a weak reference to) the model that encoded it: its K/V are of that model's
             weights, so another model refuses it (:meth:`check`). Encode it again after changing
             the weights.
-        logits: (1, V) fp32, the logits after its last token: what a query of padding only
-            continues from.
     """
     ids: torch.Tensor
     visual: torch.Tensor | None
     visual_kv: dict
     lm_kv: list
     owner: weakref.ref | None = None
-    logits: torch.Tensor | None = None
 
     def check(self, model) -> None:
         """Refuse to run after ``model`` unless it encoded this prefix."""
@@ -79,7 +78,6 @@ def encode_prefix(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor) ->
     call = lm_cache.LMCall(model.lang_encoder)
     cache = lm_cache.dynamic_cache(model.lang_encoder)
     positions = torch.arange(lang_x.shape[1], device=lang_x.device)[None]
-    out = model(lang_x=lang_x, visual_tokens=visual, media_kv_cache=kv,
-                **call.kwargs(cache, torch.ones_like(lang_x), positions, last_only=True))
-    return Prefix(ids=lang_x, visual=visual, visual_kv=kv, lm_kv=lm_cache.layer_kv(cache), owner=weakref.ref(model),
-                  logits=out.logits[:, -1].float().to(lang_x.device))
+    model(lang_x=lang_x, visual_tokens=visual, media_kv_cache=kv,
+          **call.kwargs(cache, torch.ones_like(lang_x), positions, last_only=True))
+    return Prefix(ids=lang_x, visual=visual, visual_kv=kv, lm_kv=lm_cache.layer_kv(cache), owner=weakref.ref(model))

@@ -125,8 +125,6 @@ class Session:
             max_len = total
             self.cache = lm_cache.new_static_cache(lm, max_len) if self.static else lm_cache.dynamic_cache(lm)
         self.mask = torch.zeros(B, max_len, dtype=torch.long, device=device)
-        self.mask[:, :P] = 1
-        self.mask[:, P:P + T] = mask
         self._prepare_media(ids, mask, None if visual is None else visual.detach(), prefix, sees_media)
         if compile and self.visual is not None:  # image counts in one bucket share a compiled step
             self.visual, self.kv = _pad_media(self.visual, self.kv, _MEDIA_ROUND)
@@ -147,22 +145,24 @@ class Session:
     @torch.no_grad()
     def _prepare_media(self, ids, mask, visual, prefix: Prefix | None, sees_media: torch.Tensor | None) -> None:
         c, B = self.model.config, ids.shape[0]
+        self.prefix_length = P = 0 if prefix is None else prefix.length
         if prefix is not None:
             if prefix.ids.device != ids.device:
                 raise ValueError(f"the prefix is on {prefix.ids.device} but the prompt is on {ids.device}")
-            ids = torch.cat([prefix.ids.expand(B, -1), ids], dim=1)
-            lm_cache.fill(self.cache, prefix.lm_kv, B)
-        self.prefix_length = 0 if prefix is None else prefix.length
+            ids, mask = _after_padding(prefix, ids, mask)
+            lm_cache.fill(self.cache, _shifted_kv(prefix.lm_kv, mask[:, :P]), B)
+        self.mask[:, :ids.shape[1]] = mask
+        self.prompt_ids = ids[:, P:]  # what prefill runs (with a prefix: the prefix's tail where a row has padding)
         # padding is neither an image nor an EOS, even where pad_token_id == eos_token_id
-        visible = torch.cat([ids.masked_fill(self.mask[:, :ids.shape[1]] == 0, -1), ids.new_full((B, 1), -1)], dim=1)
+        visible = torch.cat([ids.masked_fill(mask == 0, -1), ids.new_full((B, 1), -1)], dim=1)
         if sees_media is None:
             tt = text_time_for(visible, c.media_token_id, c.eos_token_id if c.eos_resets_media else None)
         else:
             tt = media_cache.seeing_last_image(self.model, visible, sees_media)
         self.prompt_text_time = tt[:, self.prefix_length:-1]
         # (B, 1) what generated tokens see: the prompt's last token's images (left padding: the
-        # last column, or the prefix's last token for a query of padding only)
-        real = self.mask[:, :ids.shape[1]] != 0
+        # last column; the prefix's last token for a query of padding only)
+        real = mask != 0
         last = (real * torch.arange(ids.shape[1], device=ids.device)).argmax(-1, keepdim=True)
         self.tt = tt.gather(1, last).contiguous()
         # (B, 1) what a text token after the prompt sees under the model's rule (scoring)
@@ -176,8 +176,9 @@ class Session:
     def _mask(self, length: int) -> torch.Tensor:
         return self.mask if self.static else self.mask[:, :length]
 
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Run the prompt (B, T); returns the last position's logits (B, V) in fp32."""
+    def prefill(self) -> torch.Tensor:
+        """Run the prompt (:attr:`prompt_ids`, B x T); returns the last position's logits (B, V) in fp32."""
+        ids = self.prompt_ids
         kwargs = self.call.kwargs(self.cache, self._mask(self.length), self.prompt_positions, last_only=True)
         with self._inference(), self.model.conditioned(self.visual, self.prompt_text_time, self.kv):
             logits = self._prefill(self.lm, ids, kwargs)
@@ -221,6 +222,31 @@ class Session:
             lm_cache.reorder(self.cache, index)
             for t in (self.mask, self.pos):
                 t.copy_(t.index_select(0, index))
+
+
+def _after_padding(prefix: Prefix, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row (B, P + T) as [its padding][the prefix][its tokens], the prompt written out whole.
+    No padding sits between the prefix and the tokens: a sliding-window LM (Mistral, Qwen2, Gemma2,
+    GPT-Neo's local layers) counts cache slots, padding included, against its window, so padding
+    there hid prefix tokens from the query that a written-out prompt lets it see."""
+    B, P = ids.shape[0], prefix.length
+    full_ids = torch.cat([prefix.ids.expand(B, -1), ids], dim=1)
+    full_mask = torch.cat([mask.new_ones(B, P), mask], dim=1)
+    order = torch.sort(full_mask, dim=1, stable=True).indices  # padding first, the rest in order
+    return full_ids.gather(1, order), full_mask.gather(1, order)
+
+
+def _shifted_kv(lm_kv: list, head_mask: torch.Tensor) -> list:
+    """The prefix's per-layer K/V (1, H, P, D) for the first P slots of each row (B, H, P, D): a row
+    with p padding slots there holds prefix tokens 0..P-p-1 after them (its prefill recomputes the
+    rest); padding slots get a copy of token 0, which the mask hides."""
+    B, P = head_mask.shape
+    src = (torch.arange(P, device=head_mask.device) - (P - head_mask.sum(-1, keepdim=True))).clamp(min=0)  # (B, P)
+    out = []
+    for k, v in lm_kv:
+        index = src.to(k.device)[:, None, :, None].expand(B, k.shape[1], P, k.shape[3])
+        out.append(tuple(t.expand(B, *t.shape[1:]).gather(2, index) for t in (k, v)))
+    return out
 
 
 def _join_media(model, visual: torch.Tensor | None, prefix: Prefix | None, batch: int):
