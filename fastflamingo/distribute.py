@@ -14,6 +14,9 @@ CPU memory (or on disk) and visit the execution device for each forward.
 """
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 from torch import nn
 
@@ -79,6 +82,7 @@ def dispatch(model: nn.Module, device_map: str | dict = "auto", *, max_memory: d
         from accelerate import dispatch_model
     except ImportError as e:
         raise ImportError("device_map needs accelerate: pip install accelerate") from e
+    from .quant import quantized_modules
     planned = isinstance(device_map, str)
     if planned:
         device_map = infer_device_map(model, device_map, max_memory)
@@ -87,6 +91,9 @@ def dispatch(model: nn.Module, device_map: str | dict = "auto", *, max_memory: d
     _check_device_map(model, device_map)
     if device_map and all(str(d) == "disk" for d in device_map.values()):
         raise ValueError(_all_on_disk(model, device_map, max_memory, planned=planned))
+    held = quantized_modules(model)
+    if held:  # quantized before placement (a planned map is made for the quantized sizes)
+        refuse_quantized_on_disk(device_map, f"this model's bitsandbytes layers ({len(held)}, e.g. {held[0]})")
     if "disk" in device_map.values() and offload_folder is None:
         raise ValueError("device_map puts modules on 'disk': pass offload_folder=<a directory> for their weights")
     dispatch_model(model, device_map=device_map, offload_dir=offload_folder)
@@ -95,6 +102,44 @@ def dispatch(model: nn.Module, device_map: str | dict = "auto", *, max_memory: d
     # hooks for each forward: a backward gives them no gradient (offloaded_trainable)
     model._offloaded = [n for n, p in model.named_parameters() if p.is_meta]  # (names: the hooks swap the tensors)
     return model
+
+
+def refuse_quantized_on_disk(device_map: dict, what: str) -> None:
+    """bitsandbytes' packed weights (and their statistics, on the parameter) cannot be offloaded
+    to disk: accelerate fails placing NF4 layers there, int8 ones at their first forward. A
+    ValueError naming the "disk" entries of ``device_map``, with ``what`` (the quantization)."""
+    disk = [name or "''" for name, d in device_map.items() if str(d) == "disk"]
+    if disk:
+        more = f", ... {len(disk)} in all" if len(disk) > 5 else ""
+        raise ValueError(f"{what} with device_map entries on 'disk' ({', '.join(disk[:5])}{more}) is not supported: "
+                         "bitsandbytes weights cannot be offloaded to disk; offload to 'cpu' or drop quantization")
+
+
+def placed_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with the weights :func:`dispatch` offloaded ("cpu" / "disk", meta
+    placeholders in the model between calls) read back from accelerate's hooks, on the CPU; tied
+    parameters stay one tensor. A weight none of the hooks holds is an error naming it."""
+    state = model.state_dict()
+    offloaded = {k for k, t in state.items() if t.is_meta}
+    if not offloaded:
+        return state
+    from accelerate.utils import align_module_device, has_offloaded_params
+    for name, module in model.named_modules():
+        if has_offloaded_params(module):
+            with align_module_device(module, "cpu"):  # the hook's weights_map, loaded for the call
+                for k, t in module.state_dict(prefix=f"{name}." if name else "").items():
+                    if k in offloaded and not t.is_meta:
+                        state[k] = t.detach().clone()
+    tied: dict[int, torch.Tensor] = {}  # one tensor per parameter, as state_dict gives tied weights
+    for k, p in model.named_parameters(remove_duplicate=False):
+        if k in offloaded:
+            state[k] = tied.setdefault(id(p), state[k])
+    missing = [k for k in offloaded if state[k].is_meta]
+    if missing:
+        raise ValueError(f"{len(missing)} offloaded tensor(s) of this model cannot be read back from accelerate's hooks "
+                         f"(e.g. {missing[0]}, still on 'meta'): place the model with fastflamingo's device_map= "
+                         "(fastflamingo.distribute.dispatch), or save it before offloading")
+    return state
 
 
 def offloaded_trainable(model: nn.Module) -> list[str]:
@@ -152,16 +197,80 @@ def shard(model: nn.Module) -> nn.Module:
     each decoder layer and the resampler is a unit of ``fully_shard`` (innermost first: the blocks
     sit inside the decoder layers), the rest the root's. Parameters become DTensor shards; their
     names are unchanged. The decoder layers are those the model wrapped
-    (``model.decoder_layers_attr``: ``config.decoder_layers_attr`` where given)."""
-    from torch.distributed.fsdp import fully_shard
+    (``model.decoder_layers_attr``: ``config.decoder_layers_attr`` where given).
+
+    What runs outside a forward of its unit also gathers the weights it reads: ``encode_vision``
+    and the LM's own forward (generation and scoring call them, not the model's forward) run as
+    a forward of the root (FSDP's lazy initialization, the root's weights gathered and kept, as
+    after its forward), and each block's visual K/V projection (``project_kv``, run once per
+    batch by generation) gathers its block's weights for the call.
+
+    int8 layers (``quantization="int8"``: bitsandbytes keeps the int8 weight and its scales on
+    attributes of the parameter, ``CB`` / ``SCB``, which a shard does not carry) are left out of
+    sharding: their frozen weights stay whole on every rank (``fully_shard``'s ``ignored_params``).
+    NF4 layers are sharded like the rest."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
     from .lm import get_attr
+    from .quant import int8_modules
     layers = get_attr(model.lang_encoder, model.decoder_layers_attr)
     units = [*model.gated_cross_attn_layers, *layers] + ([model.perceiver] if model.perceiver is not None else [])
-    for m in units:
-        fully_shard(m)
-    fully_shard(model)
+    whole = {p for name in int8_modules(model) for p in model.get_submodule(name).parameters()}
+    for m in [*units, model]:
+        fully_shard(m, ignored_params=whole or None)
+    if not any(p.is_meta for p in model.parameters()):
+        # FSDP2 allocates each unit's gathered weights at its first gather, for good: one under
+        # inference_mode (generation's) would make them inference tensors, which no later gather
+        # outside it may write ("Inplace update to inference tensor"): allocate them here
+        with torch.inference_mode(False):
+            for m in [*units, model]:
+                m.unshard()
+                m.reshard()
+    for block in model.gated_cross_attn_layers:
+        for m in block.modules():
+            if hasattr(m, "project_kv"):
+                m.project_kv = _gathering(block, m, m.project_kv)
+    # a call through the root's FSDP forward hooks: ``fn`` then runs as the root's forward would
+    model._fsdp_root_call = types.MethodType(lambda self, fn, *args, **kwargs: fn(*args, **kwargs), model)
+    register_fsdp_forward_method(model, "_fsdp_root_call")
+    model.encode_vision = _as_root_call(model, model.encode_vision)
+    model.lang_encoder.forward = _as_root_call(model, model.lang_encoder.forward)
     return model
+
+
+def _sharded(module: nn.Module) -> bool:
+    """Whether ``module``'s weights (of one FSDP2 unit) are DTensor shards now (FSDP2 registers
+    the gathered, plain tensors during its unit's forward)."""
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _as_root_call(model: nn.Module, fn):
+    """``fn`` through the root's FSDP forward hooks where the root's weights are sharded (outside
+    its forward: before the first, or after a backward), else as it is (inside the forward)."""
+    embedding = model.lang_encoder.get_input_embeddings  # a weight of the root's unit
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if _sharded(embedding()):
+            return model._fsdp_root_call(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+    return call
+
+
+def _gathering(unit: nn.Module, module: nn.Module, fn):
+    """``fn`` with ``unit``'s weights gathered (then freed again) where ``module``'s are sharded:
+    called outside ``unit``'s forward; as it is inside."""
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        if not _sharded(module):
+            return fn(*args, **kwargs)
+        unit.unshard()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            unit.reshard()
+    return call
 
 
 def gather_state(model: nn.Module, keys) -> dict[str, torch.Tensor]:

@@ -200,10 +200,19 @@ def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool =
 def quantized_modules(model: nn.Module) -> list[str]:
     """Names of the bitsandbytes 4- and 8-bit layers in ``model`` (none where bitsandbytes was never
     imported)."""
+    return _bnb_modules(model, "Linear4bit", "Linear8bitLt")
+
+
+def int8_modules(model: nn.Module) -> list[str]:
+    """Names of the bitsandbytes int8 (``Linear8bitLt``) layers in ``model``."""
+    return _bnb_modules(model, "Linear8bitLt")
+
+
+def _bnb_modules(model: nn.Module, *classes: str) -> list[str]:
     if sys.modules.get("bitsandbytes") is None:
         return []
-    bnb = _bnb()
-    return [name for name, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    kinds = tuple(getattr(_bnb().nn, c) for c in classes)
+    return [name for name, m in model.named_modules() if isinstance(m, kinds)]
 
 
 def model_bytes(model: nn.Module) -> int:

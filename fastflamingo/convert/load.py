@@ -187,6 +187,9 @@ def finish(model, *, dtype: torch.dtype | None = None, device=None, quantization
         raise ValueError(f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})")
     if device_map is None and (max_memory is not None or offload_folder is not None):
         raise ValueError("max_memory and offload_folder apply with device_map= only")
+    if quantization is not None and isinstance(device_map, dict):  # before quantizing (a planned map: dispatch)
+        from ..distribute import refuse_quantized_on_disk
+        refuse_quantized_on_disk(device_map, f"quantization={quantization!r}")
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     if quantization is not None:

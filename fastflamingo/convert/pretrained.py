@@ -54,11 +54,14 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, trainable_only: 
                     progress: bool = False, state: dict | None = None) -> Path:
     """Write ``config.json`` and ``model.safetensors`` (full, or trainable-only) into ``directory``.
     ``state``: the tensors to write, when ``model.state_dict()`` does not hold them whole (a model
-    sharded by FSDP2: :func:`fastflamingo.distribute.gather_state`)."""
+    sharded by FSDP2: :func:`fastflamingo.distribute.gather_state`); weights a ``device_map``
+    offloaded to "cpu" / "disk" are read back from accelerate (:func:`fastflamingo.distribute.placed_state`)."""
     from safetensors.torch import save_file
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict() if state is None else state
+    if state is None:
+        from ..distribute import placed_state
+        state = placed_state(model)  # weights offloaded by device_map read back
     if trainable_only:
         state = {k: state[k] for k in trainable_keys(model)}
     _refuse_quantized(model, state, trainable_only)
