@@ -12,6 +12,7 @@ PyTorch path, :mod:`fastflamingo.ops.cpu`) and ``"reference"`` (the readable mat
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -70,9 +71,25 @@ def check_image_causal_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: to
     _check_attention_inputs(name, q, {"k": k, "v": v})
     if k.shape != v.shape:
         raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
+    if not _is_int(latents_per_media):
+        raise TypeError(f"{name}: latents_per_media={latents_per_media!r} must be an int (visual tokens per image), "
+                        f"got {type(latents_per_media).__name__}")
     if latents_per_media <= 0 or k.shape[2] % latents_per_media:
         raise ValueError(f"{name}: the {k.shape[2]} keys are not a whole number of "
                          f"images of latents_per_media={latents_per_media} tokens")
+
+
+def _is_int(x) -> bool:
+    """An int or a numpy int; not a bool, nor a float (which the kernels would truncate)."""
+    if isinstance(x, bool):
+        return False
+    if isinstance(x, int):
+        return True
+    try:
+        operator.index(x)  # a numpy int
+        return True
+    except TypeError:
+        return False
 
 
 def check_text_time_dtype(text_time: torch.Tensor, name: str = "") -> None:
@@ -104,6 +121,10 @@ def check_text_time(text_time: torch.Tensor, num_media: int, bounds: tuple[int, 
     if bounds is None:  # one sync for all three
         bounds = torch.stack((text_time.max(), text_time.min(), text_time_decreases(text_time))).tolist()
     worst, least, *decreasing = bounds
+    if least < 0:  # first: a negative value also counts as going back
+        row, col = (text_time < 0).nonzero()[0].tolist()
+        raise ValueError(f"text_time must be >= 0 (0 = no image yet): row {row} has {int(text_time[row, col])} "
+                         f"at token {col}")
     if decreasing and decreasing[0]:
         row, col = _goes_back(text_time).nonzero()[0].tolist()
         raise ValueError(f"text_time row {row} goes back to image {int(text_time[row, col])} at token {col}, after "
@@ -115,8 +136,6 @@ def check_text_time(text_time: torch.Tensor, num_media: int, bounds: tuple[int, 
             f"row {row} of the batch has {int(text_time[row].max())} <image> tokens but only "
             f"{num_media} images were given (vision_x has N={num_media} media per row): pass one image "
             "per <image> token, padding rows with fewer images with zero images at the end")
-    if least < 0:
-        raise ValueError("text_time must be >= 0 (0 = no image yet)")
 
 
 def assert_text_time_async(text_time: torch.Tensor, num_media: int) -> None:
@@ -163,6 +182,10 @@ def image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     _check_backend(backend)
     check_image_causal_inputs("image_causal_attention", q, k, v, latents_per_media)
+    if not isinstance(latents_per_media, int):  # a numpy int: every backend takes a Python int
+        latents_per_media = operator.index(latents_per_media)
+    if not isinstance(only_immediate, bool):  # (a string "False" would be truthy)
+        raise TypeError(f"image_causal_attention: only_immediate={only_immediate!r} must be a bool")
     if (media_locations is None) == (text_time is None):
         raise ValueError("image_causal_attention: pass exactly one of media_locations and text_time")
     if text_time is None:

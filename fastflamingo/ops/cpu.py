@@ -22,8 +22,10 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..tensor_cache import SharedByTensors
+from .dispatch import under_func_transform
 from .reference import image_causal_mask
 
 # tokens per chunk of the compiled gather path: bounds its gathered-key tensors
@@ -127,13 +129,17 @@ def _all_previous(q, k, v, text_time, latents_per_media, scale):
     return out.masked_fill(~has_media, 0.0)
 
 
+def _zeros(q, k, v):
+    """Exact zeros like q, still connected to the inputs for autograd (zero gradients)."""
+    return q.new_zeros(q.shape) + (q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum())
+
+
 def _immediate_ranges(q, k, v, text_time, latents_per_media, scale):
     B, H, T, D = q.shape
     L = latents_per_media
     plan = _eager_plan(text_time, L, k.shape[2] // L, H, D)
     if plan is None:
-        # no token sees an image: exact zeros, still connected to the inputs for autograd
-        return q.new_zeros(B, H, T, D) + (q[..., :0].sum() + k[..., :0].sum() + v[..., :0].sum())
+        return _zeros(q, k, v)  # no token sees an image
     if isinstance(plan, _OneImagePerRow):  # each row's tokens all see one image (or none)
         return _one_image_per_row(q, k, v, plan.images, L, scale)
     if isinstance(plan, tuple):  # one masked call for the batch costs less
@@ -324,13 +330,16 @@ def image_causal_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  scale: float | None = None) -> torch.Tensor:
     """Same signature and result as :func:`~fastflamingo.ops.reference.image_causal_attention_reference`.
 
-    Differentiable with autograd. fp16 / bf16 inputs are computed in fp32 and cast back.
+    Differentiable with autograd and torch.func (forward mode and higher orders too:
+    :func:`_differentiable_sdpa`). fp16 / bf16 inputs are computed in fp32 and cast back.
     """
     dtype = q.dtype
     if dtype in (torch.float16, torch.bfloat16):
         q, k, v = q.float(), k.float(), v.float()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if not only_immediate:
+    if k.shape[-2] == 0:  # no images (the gather paths would index an empty image axis)
+        fn = _no_images
+    elif not only_immediate:
         fn = _all_previous
     elif q.shape[2] == 1:
         fn = _immediate_one_token  # decoding: no host read, one SDPA for the batch
@@ -338,12 +347,32 @@ def image_causal_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         fn = _immediate_gather  # no host reads: traceable, and no device sync off the CPU
     else:
         fn = _immediate_ranges
-    return fn(q, k, v, text_time, latents_per_media, scale).to(dtype)
+    return _differentiable_sdpa(dtype, fn, q, k, v, text_time, latents_per_media, scale).to(dtype)
+
+
+def _no_images(q, k, v, text_time, latents_per_media, scale):
+    return _zeros(q, k, v)
+
+
+def _differentiable_sdpa(dtype: torch.dtype, fn, *args):
+    """``fn(*args)``, its SDPA calls on the math kernel under a torch.func transform or for fp64
+    inputs (eager): the CPU flash kernel (and CUDA's fused ones) have no forward-mode derivative
+    and a backward that cannot be differentiated again, so jacfwd, hessian, jacrev of jacrev and
+    gradgradcheck need the math one; a double backward (create_graph=True) of other dtypes cannot
+    be told apart at forward time, and keeps the fused kernel (see :mod:`.dispatch`)."""
+    if not torch.compiler.is_compiling() and (dtype == torch.float64 or under_func_transform()):
+        with sdpa_kernel(SDPBackend.MATH):
+            return fn(*args)
+    return fn(*args)
 
 
 def perceiver_attention_torch(q, k_media, v_media, k_latents, v_latents, *, scale=None):
     """Same signature and result as :func:`~fastflamingo.ops.reference.perceiver_attention_reference`,
-    through PyTorch's fused SDPA."""
+    through PyTorch's fused SDPA (its math kernel where :func:`_differentiable_sdpa` needs it)."""
+    return _differentiable_sdpa(q.dtype, _perceiver_sdpa, q, k_media, v_media, k_latents, v_latents, scale)
+
+
+def _perceiver_sdpa(q, k_media, v_media, k_latents, v_latents, scale):
     k = torch.cat([k_media, k_latents], dim=-2)
     v = torch.cat([v_media, v_latents], dim=-2)
     return torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)

@@ -22,9 +22,18 @@ TRITON_MAX_HEAD_DIM = 256
 
 
 def under_func_transform() -> bool:
-    """Whether a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...) runs this call: the
-    kernels' autograd Functions take none of them (their backward is not differentiable, and
-    they have no batching rule), so "auto" takes the PyTorch path there, which takes every one."""
+    """Whether a ``torch.func`` transform (grad, vjp, jacrev, jacfwd, hessian, vmap, ...) runs
+    this call: the kernels' autograd Functions take none of them (their backward is not
+    differentiable, and they have no batching rule), so "auto" takes the PyTorch path there,
+    which takes every one: its SDPA calls then run on the math kernel, whose derivatives have
+    forward-mode and second-order formulas (:func:`fastflamingo.ops.cpu._differentiable_sdpa`).
+
+    A plain double backward (``torch.autograd.grad(..., create_graph=True)``, a gradient penalty)
+    outside torch.func cannot be seen at forward time: the kernels refuse it with a message, and
+    the PyTorch path's fused SDPA fails in torch ("derivative for ..._backward is not
+    implemented"), except for fp64 inputs (gradgradcheck's), which it runs on the math kernel.
+    For other dtypes take the second derivative through torch.func (``grad`` of ``grad``,
+    ``hessian``), or use backend="reference"."""
     return not torch.compiler.is_compiling() and torch._C._functorch.maybe_current_level() is not None
 
 
