@@ -88,6 +88,16 @@ def check_visual_tokens(visual_tokens, config: FlamingoConfig, *, batch: int) ->
                          "D_vis), as encode_vision returns them")
 
 
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s values where a ``torch.func.vmap`` batches it (the whole batch, 2-D: rows of every
+    vmapped example), so that the input checks, which read values on the host, run under vmap."""
+    if not torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return t
+    while torch._C._functorch.is_functorch_wrapped_tensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t.reshape(-1, t.shape[-1])
+
+
 def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vocab: int, *,
                derived: bool, labels: torch.Tensor | None = None,
                attention_mask: torch.Tensor | None = None) -> None:
@@ -102,6 +112,8 @@ def check_call(lang_x: torch.Tensor, text_time: torch.Tensor, num_media: int, vo
     them something else): the first token of a left-padded row whose label is not -100."""
     if lang_x.is_floating_point() or lang_x.is_complex() or lang_x.dtype == torch.bool:
         raise TypeError(f"lang_x must hold integer token ids, got {lang_x.dtype}")
+    lang_x, text_time, labels, attention_mask = (None if t is None else _values(t)
+                                                 for t in (lang_x, text_time, labels, attention_mask))
     if lang_x.numel() == 0:
         raise ValueError(f"lang_x {tuple(lang_x.shape)} holds no tokens: give at least one token per row")
     ops.check_text_time_dtype(text_time)

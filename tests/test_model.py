@@ -787,6 +787,41 @@ def test_torch_func_grad_of_the_model_equals_its_backward():
                                                              backend=backend).sum())(q)
 
 
+def test_torch_func_vmap_over_the_model_per_sample_gradients():
+    """torch.func.vmap over the model (vision_x and token ids batched): the input checks read the
+    vmapped batch's values ("Cannot access data pointer" before) and still refuse a bad id, and
+    the PyTorch path takes its gather route (no host reads); per-example gradients
+    (vmap of grad) equal each example's own."""
+    from torch.func import functional_call, grad, vmap
+    torch.manual_seed(0)
+    model = Flamingo.from_preset("tiny").eval()
+    model.set_trainable()
+    with torch.no_grad():  # open gates: the cross-attention reaches the loss
+        for block in model.gated_cross_attn_layers:
+            block.attn_gate.fill_(1.0)
+    ids = torch.tensor([[510, 5, 6, 7, 511, 510, 8], [9, 510, 10, 11, 12, 13, 510]])
+    vx = torch.randn(2, 2, 1, 3, 32, 32)
+
+    def logits(v, i):
+        return model(v[None], i[None]).logits[0]
+    with torch.no_grad():
+        torch.testing.assert_close(vmap(logits)(vx, ids), model(vx, ids).logits, atol=1e-5, rtol=1e-5)
+        bad = ids.clone()
+        bad[1, 3] = 100000
+        with pytest.raises(ValueError, match=r"token id 100000 \(row 1, position 3\)"):
+            vmap(logits)(vx, bad)
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss(p, v, i):
+        return functional_call(model, p, (v[None], i[None]), {"labels": i[None]}).loss
+    per_example = vmap(grad(loss), in_dims=(None, 0, 0))(params, vx, ids)
+    for b in range(2):
+        one = grad(loss)(params, vx[b], ids[b])
+        for n in params:
+            torch.testing.assert_close(per_example[n][b], one[n], atol=1e-6, rtol=1e-5, msg=n)
+    assert any(per_example[n][0].abs().sum() > 0 for n in params if "to_kv" in n)
+
+
 def test_lm_families_the_audit_found_unhandled():
     """OPT-350m's decoder width differs from its embeddings' (the blocks were built too narrow and
     crashed); GPT-Neo's learned position table is refused past its end (warned as 'extrapolating',

@@ -343,8 +343,8 @@ def image_causal_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         fn = _all_previous
     elif q.shape[2] == 1:
         fn = _immediate_one_token  # decoding: no host read, one SDPA for the batch
-    elif torch.compiler.is_compiling() or q.device.type != "cpu":
-        fn = _immediate_gather  # no host reads: traceable, and no device sync off the CPU
+    elif torch.compiler.is_compiling() or q.device.type != "cpu" or under_func_transform():
+        fn = _immediate_gather  # no host reads: traceable, vmappable, and no device sync off the CPU
     else:
         fn = _immediate_ranges
     return _differentiable_sdpa(dtype, fn, q, k, v, text_time, latents_per_media, scale).to(dtype)

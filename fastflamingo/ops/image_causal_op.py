@@ -6,7 +6,12 @@ only_immediate, scale) -> (out, lse) runs the Triton kernels of
 :mod:`fastflamingo.kernels.image_causal`; ``fastflamingo::image_causal_attention_backward``
 runs their backward. Both have fake (meta) implementations and the pair is tied together with
 ``register_autograd``, so ``torch.compile(fullgraph=True)`` traces a model through them with no
-graph break, forward and backward.
+graph break, forward and backward. The op trusts ``text_time`` as flash-attention's varlen
+functions trust their ``cu_seqlens`` (no host sync): values in 0..N whose nonzero ones never
+decrease along T. The Triton backward finds each image's tokens from that order (a row going
+back to an earlier image gets wrong dK/dV), so callers check it first:
+:func:`fastflamingo.ops.image_causal_attention` does unless ``validate=False`` (on the device
+under torch.compile), and the model does once per forward.
 
 The PyTorch backend (:func:`fastflamingo.ops.cpu.image_causal_attention_torch`) is plain
 differentiable PyTorch: torch.compile traces it and autograd differentiates it directly, so it
