@@ -77,7 +77,8 @@ def test_quick_suite_runs_and_writes_everything(tmp_path):
     with open(tmp_path / "rows.csv") as f:
         header = next(csv.reader(f))
     assert header[:10] == ["kernel", "provider", "mode", "metric", "x", "median", "p20", "p80", "device", "versions"]
-    assert {"reps", "dtype", "geometry"} <= set(header)
+    assert {"reps", "dtype", "geometry", "date", "code", "threads"} <= set(header)
+    assert all(r.date and r.code and r.threads for r in rows)  # the run's, on every row
     meta = json.loads((tmp_path / "rows.json").read_text())["meta"]
     assert meta["device"] and meta["versions"]
     assert "fastflamingo" in result["table"] and "x)" in result["table"]
@@ -669,3 +670,197 @@ def test_gpu_suite_reruns_ship_their_own_tables_and_log_each_call(tmp_path):
     assert blocks == [{"image-causal xattn"}, {"perceiver attention"}]
     log = (work / "steps.log").read_text()
     assert log.count("=== gpu_suite.sh kernels: ") == 2 and log.count("== WARNING: no .whl/") == 2, log
+
+
+# --------------------------------------------------------------------------- audit 5 (bench)
+def test_every_timed_call_gets_fresh_index_tensors(monkeypatch):
+    """fastflamingo's PyTorch path caches its chunk plan by text_time's identity: timed with one
+    tensor, only the check call paid for the plan, while eager einsum+mask built its mask every
+    call. Every provider's every call now sees a text_time (or mask) of its own."""
+    from fastflamingo import ops
+    seen = {"ours": [], "eager": [], "sdpa": []}
+    real_op, real_eager = ops.image_causal_attention, image_causal.eager_open_flamingo
+    monkeypatch.setattr(ops, "image_causal_attention",
+                        lambda q, k, v, text_time, **kw: (seen["ours"].append(text_time), real_op(q, k, v, text_time=text_time, **kw))[1])
+    monkeypatch.setattr(image_causal, "eager_open_flamingo",
+                        lambda q, k, v, tt, **kw: (seen["eager"].append(tt), real_eager(q, k, v, tt, **kw))[1])
+    real_sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(image_causal.F, "scaled_dot_product_attention",
+                        lambda *a, attn_mask=None, **kw: (seen["sdpa"].append(attn_mask), real_sdpa(*a, attn_mask=attn_mask, **kw))[1])
+    case = image_causal.make_case(1, 2, 48, 3, 8, 16, torch.float32, "cpu")
+    providers = [p for p in image_causal.providers("cpu", 8) if p.name in ("fastflamingo", "eager einsum+mask",
+                                                                           "sdpa dense mask")]
+    rows = run_case(case, providers, ("fwd", "fwd+bwd"), "cpu", quick=True, roofline=False)
+    assert all(r.ok for r in rows), [(r.provider, r.status) for r in rows]
+    for name, tensors in seen.items():  # (the tensors are held: no id is reused)
+        assert len(tensors) > 10 and len({id(t) for t in tensors}) == len(tensors), name
+        assert all(torch.equal(t, tensors[0]) for t in tensors), name  # the same values, new objects
+
+
+def test_timed_call_setup_runs_outside_the_timed_region(monkeypatch):
+    """measure_together runs a PerCall's setup before each call, untimed."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock["t"])
+    calls = []
+
+    def setup():
+        clock["t"] += 100.0  # a slow setup: must not show in the samples
+        calls.append("setup")
+
+    def fn():
+        clock["t"] += 0.001
+        calls.append("call")
+    (t,) = timing.measure_together([(timing.PerCall(fn, setup), 3)], "cpu")
+    assert t.reps == 3 and abs(t.median - 1.0) < 1e-6
+    assert calls == ["setup", "call"] * 3
+
+
+class _GradTimes(torch.autograd.Function):
+    """``w`` as it is; its gradient ``scale`` times the right one."""
+    @staticmethod
+    def forward(ctx, w, scale):
+        ctx.scale = scale
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.scale * g, None
+
+
+def _layer_case():
+    from fastflamingo.bench import perceiver
+    from fastflamingo.bench.harness import prepare_checked, reference_results
+    case, layer = perceiver.layer_case(2, 17, 8, 32, 2, 16, torch.float32, "cpu")
+    dout = torch.randn_like(case.reference(*case.inputs).detach())
+    return case, layer, dout, reference_results(case, "fwd+bwd", dout), prepare_checked
+
+
+def test_resampler_layer_check_compares_every_parameter_gradient():
+    """A layer with its K/V projection's weight detached (no gradient: less backward work, so it
+    would time faster) passed the output-and-latents check. Refused now, as is one whose parameter
+    gradients are off, or one that names no parameters; the real providers pass."""
+    import copy
+    from fastflamingo.bench import perceiver
+    case, layer, dout, (hi, lo), prepare_checked = _layer_case()
+    assert "attn.to_kv.weight" in hi[2] and len(hi[2]) == len(list(layer.parameters()))
+
+    class Detached(torch.nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer = layer
+
+        def forward(self, x, lat):
+            a = self.layer.attn
+            w = a.to_kv.weight
+            a.to_kv.weight = torch.nn.Parameter(w.detach(), requires_grad=False)
+            try:
+                return self.layer(x, lat)
+            finally:
+                a.to_kv.weight = w
+
+    bad = Detached(copy.deepcopy(layer))
+    names = dict(bad.layer.named_parameters())
+    _, _, failure = prepare_checked(Provider("detached", lambda a: Prepared(call=lambda: bad(*a), leaves=a,
+                                                                             params=lambda: names)),
+                                    case, "fwd+bwd", dout, hi, lo)
+    assert failure == "no gradient for parameter attn.to_kv.weight"
+    _, _, failure = prepare_checked(Provider("no params", lambda a: Prepared(call=lambda: bad(*a), leaves=a)),
+                                    case, "fwd+bwd", dout, hi, lo)
+    assert failure.startswith("no parameter gradients to check")
+
+    off = copy.deepcopy(layer)  # right forward, the q projection's weight gradient 1.5x
+
+    def off_call(x, lat):
+        w = off.attn.to_q.weight
+        del off.attn.to_q.weight
+        off.attn.to_q.weight = _GradTimes.apply(w, 1.5)
+        try:
+            return off(x, lat)
+        finally:
+            off.attn.to_q.weight = w
+    off_names = dict(off.named_parameters())
+    _, _, failure = prepare_checked(Provider("off", lambda a: Prepared(call=lambda: off_call(*a), leaves=a,
+                                                                        params=lambda: off_names)),
+                                    case, "fwd+bwd", dout, hi, lo)
+    assert failure.startswith("grad of parameter attn.to_q.weight"), failure
+    for p in perceiver.layer_providers(layer, 2, 17, 8):
+        assert prepare_checked(p, case, "fwd+bwd", dout, hi, lo)[2] is None, p.name
+
+
+def test_train_check_compares_the_gradients_not_only_the_loss():
+    """The loss is the reference's, but a trainable weight gets no gradient, or a wrong one: refused."""
+    model = torch.nn.Linear(4, 3)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+
+    def loss_of(m, dtype=torch.float32):
+        return lambda: (m(x.to(dtype)) ** 2).mean()
+    import copy
+    hi_model = copy.deepcopy(model).double()
+    ref = {"loss": loss_of(model)().item(), "grads": e2e._trainable_grads(model, loss_of(model)),
+           "grads_hi": e2e._trainable_grads(hi_model, loss_of(hi_model, torch.float64))}
+    group = e2e.Group("x", [], ref, SMALL_E2E, "cpu", False)
+
+    def entrant(loss):
+        return e2e.Entrant("fastflamingo", prefill=None, loss=loss, params=lambda: list(model.parameters()),
+                           module=model)
+    assert group.train_check(entrant(loss_of(model))) is None
+    assert all(p.grad is None for p in model.parameters())  # cleared for the steps
+    detached = entrant(lambda: ((x @ model.weight.detach().t() + model.bias) ** 2).mean())
+    assert group.train_check(detached) == "FAILED: 1 of 2 trainable parameters got no gradient"
+    wrong = entrant(lambda: ((x @ _GradTimes.apply(model.weight, 0.5).t() + model.bias) ** 2).mean())
+    assert group.train_check(wrong).startswith("FAILED: trainable parameters' gradients rel. error")
+
+
+def test_gpu_decode_peak_counts_the_pooled_static_cache(monkeypatch):
+    """A compiling entrant's first generate leaves its StaticCache in the pool, allocated before
+    the measured call: its bytes are added to what the user holds (a peer's cache is allocated in
+    its call, and counted there)."""
+    import types
+    import weakref
+    from fastflamingo.generation import lm_cache
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lang_encoder = torch.nn.Linear(4, 4)  # 80 bytes of weights
+    model = Model()
+    kv = [types.SimpleNamespace(keys=torch.zeros(2, 2, 8, 4), values=torch.zeros(2, 2, 8, 4)) for _ in range(3)]
+    old = types.SimpleNamespace(layers=[types.SimpleNamespace(keys=torch.zeros(100), values=torch.zeros(100))])
+    monkeypatch.setitem(lm_cache._STATIC_POOL, model.lang_encoder, {
+        "older shape": lm_cache.Pooled(old, weakref.ref(model)),
+        "last used": lm_cache.Pooled(types.SimpleNamespace(layers=kv), weakref.ref(model))})
+    assert stages.pooled_cache_bytes(model) == 3 * 2 * 128 * 4
+    seen = []
+    monkeypatch.setattr(stages, "peak_memory_call", lambda fn, device, **kw: (seen.append(kw), (fn(), 1.0, "m"))[1])
+    out = torch.zeros(1, 3 + SMALL_E2E.new_tokens, dtype=torch.long)
+    ref = {"tokens": out, "logits": None}
+    group = e2e.Group("x", [], ref, SMALL_E2E, "cpu", False)
+    for compiles, extra in ((True, 3 * 2 * 128 * 4), (False, 0)):
+        e = e2e.Entrant("fastflamingo", prefill=None, loss=None, params=lambda: [], module=model, compiles=compiles,
+                        generate=lambda n, num_beams=1: out[:, :3 + n])
+        assert isinstance(group.check_decode(e), stages.Timed)
+        assert seen[-1]["held_bytes"] == 80 + extra
+    assert "pooled static KV cache" in seen[-2]["held"]
+
+
+def test_16bit_decode_checks_every_new_token():
+    """bf16 decode passed when the first new token of each row matched: a decode-step bug after
+    step one was timed. Now the later tokens must be the entrant's own greedy choices."""
+    T, n = 6, 4
+    group = _quant_group(new_tokens=n)
+    group.cfg = dataclasses.replace(group.cfg, dtype=torch.bfloat16)
+    out = torch.randint(1, 50, (2, T + n), generator=torch.Generator().manual_seed(2))
+    group.ref["tokens"] = out
+
+    def entrant(generated, tokens_it_scores=out):
+        def teacher_forced(seq):
+            logits = torch.zeros(seq.shape[0], seq.shape[1], 50)
+            logits[:, :-1].scatter_(-1, tokens_it_scores[:, 1:, None], 1.0)
+            return logits
+        return e2e.Entrant("fastflamingo", prefill=None, loss=None, params=lambda: [],
+                           generate=lambda k, num_beams=1: generated[:, :T + k], teacher_forced=teacher_forced)
+    assert isinstance(group.check_decode(entrant(out)), stages.Timed)
+    broken = out.clone()
+    broken[:, T + 1:] = (out[:, T + 1:] + 1) % 50  # first token right, the rest not what it would pick
+    bad = group.check_decode(entrant(broken))
+    assert len(bad) == 1 and bad[0].status.startswith("FAILED") and "25% of all new tokens" in bad[0].status

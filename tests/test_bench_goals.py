@@ -5,7 +5,7 @@ import os
 import pytest
 
 from fastflamingo.bench.cli import write_outputs
-from fastflamingo.bench.goals import GB, MET, NOT_MET, OLD_FLOOR, UNMEASURED, evaluate, format_goals
+from fastflamingo.bench.goals import GB, MET, NOISE, NOT_MET, OLD_FLOOR, UNMEASURED, evaluate, format_goals
 from fastflamingo.bench.perceiver import FLOOR
 from fastflamingo.bench.rows import Row, read_json
 
@@ -20,10 +20,11 @@ LAYER = "resampler layer fwd+bwd, {} images, <= 1.3x its matmuls (floor: its pro
 
 
 def _row(kernel, mode, x, provider, median, metric="time_ms", device=H100, status="ok", sweep="", dtype="bf16",
-         geometry=GOAL_GEOMETRY):
+         geometry=GOAL_GEOMETRY, p20=None, p80=None):
     kernel_row = not kernel.startswith("e2e")
     return Row(kernel=kernel, provider=provider, mode=mode, metric=metric, x=x, median=median, device=device,
-               status=status, sweep=sweep, dtype=dtype if kernel_row else "", geometry=geometry if kernel_row else "")
+               status=status, sweep=sweep, dtype=dtype if kernel_row else "", geometry=geometry if kernel_row else "",
+               p20=p20, p80=p80)
 
 
 def _verdicts(rows):
@@ -91,21 +92,50 @@ def test_n_sweep_and_perceiver_goals():
     assert modules.status == NOT_MET and modules.measured == "1.20x sdpa module, 0.90x open_flamingo"
 
 
-def test_end_to_end_goals_on_another_gpu_say_the_goal_is_an_h100s():
+def test_absolute_h100_goals_on_another_gpu_are_not_measured_ratio_goals_stand():
+    """An H200 (the device tool's fallback) meets a time or rate goal set for an H100 by its faster
+    memory alone: those read "not measured (device: ...)"; a ratio against a peer on the same device stands."""
     x = "idefics shape B=4 N=8 T=512"
     dev = "NVIDIA H200"
     rows = [_row("e2e decode", "bf16", x, "fastflamingo", 520.0, "tokens_per_s", dev),
             _row("e2e prefill", "bf16", x, "fastflamingo", 71.0, device=dev),
             _row("e2e decode", "nf4", x, "fastflamingo nf4", 310.0, "tokens_per_s", dev),
-            _row("e2e decode", "nf4", x, "fastflamingo nf4", 7.9 * GB, "peak_mem_MB", dev),
-            _row("e2e decode", "nf4", x, "fastflamingo nf4 fused", 400.0, "tokens_per_s", dev),
-            _row("e2e decode", "nf4", x, "fastflamingo nf4 fused", 8.1 * GB, "peak_mem_MB", dev)]
+            _row("e2e decode", "nf4", x, "fastflamingo nf4", 7.9 * GB, "peak_mem_MB", dev)]
+    k = "B=8 N=32 T=2048"
+    rows += [_row("image-causal xattn", "fwd", k, "fastflamingo", 0.030, device=dev),
+             _row("image-causal xattn", "fwd", k, "sdpa dense mask", 0.090, device=dev)]
     v = _verdicts(rows)
-    assert v[f"{x}: >= 500 new tokens/s, bf16"].status == MET
-    assert v[f"{x}: prefill <= 70 ms, bf16"].status == NOT_MET
-    nf4 = v[f"{x}: NF4 peak <= 8 GB at >= 300 new tokens/s"]
-    assert nf4.status == MET and nf4.measured.startswith("fastflamingo nf4: 7.90 GB")  # fused: faster, over 8 GB
-    assert "the goal is set for an H100" in format_goals(evaluate(rows))
+    for goal in (f"{x}: >= 500 new tokens/s, bf16", f"{x}: prefill <= 70 ms, bf16",
+                 f"{x}: NF4 peak <= 8 GB at >= 300 new tokens/s", f"image-causal fwd {k} <= 35 µs"):
+        assert v[goal].status == UNMEASURED and v[goal].measured.startswith(f"(device: {dev})"), goal
+    assert v[f"image-causal fwd {k} >= 2x the best peer"].status == MET  # a ratio: judged on any GPU
+    assert "the goals are set for an H100" in format_goals(evaluate(rows))
+    # on the H100 itself the same rows are judged
+    on_h100 = _verdicts([_row(r.kernel, r.mode, r.x, r.provider, r.median, r.metric, H100) for r in rows[:2]])
+    assert on_h100[f"{x}: >= 500 new tokens/s, bf16"].status == MET
+    assert on_h100[f"{x}: prefill <= 70 ms, bf16"].status == NOT_MET
+
+
+def test_a_goal_decided_by_the_medians_alone_is_within_noise():
+    """3 samples and a p20-p80 spread that straddles the goal: neither met nor missed."""
+    x = "tiny shape B=2 N=2 T=32"
+    ours = dict(metric="tokens_per_s", device=CPU)
+    noisy = [_row("e2e decode", "fp32", x, "fastflamingo", 1000.0, p20=700.0, p80=1200.0, **ours),
+             _row("e2e decode", "fp32", x, "open_flamingo", 450.0, p20=400.0, p80=500.0, **ours)]
+    (v,) = evaluate(noisy)
+    assert v.status == NOISE and v.measured.startswith("2.22x open_flamingo") and "medians: met" in v.measured
+    assert "within noise" in format_goals([v])
+    clear = [_row("e2e decode", "fp32", x, "fastflamingo", 1000.0, p20=950.0, p80=1050.0, **ours),
+             _row("e2e decode", "fp32", x, "open_flamingo", 450.0, p20=440.0, p80=460.0, **ours)]
+    assert evaluate(clear)[0].status == MET  # 950 / 460 = 2.07x at the worse ends
+    missed = [_row("e2e decode", "fp32", x, "fastflamingo", 800.0, p20=780.0, p80=850.0, **ours), clear[1]]
+    assert evaluate(missed)[0].status == NOT_MET  # 850 / 440 = 1.93x at the better ends
+    # a time goal: fastflamingo's p80 against the peer's p20
+    k = "B=8 N=32 T=2048"
+    times = [_row("image-causal xattn", "fwd", k, "fastflamingo", 0.030, p20=0.028, p80=0.040),
+             _row("image-causal xattn", "fwd", k, "sdpa dense mask", 0.070, p20=0.065, p80=0.075)]
+    assert _verdicts(times)[f"image-causal fwd {k} >= 2x the best peer"].status == NOISE  # 2.33x; 1.63x-2.68x
+    assert _verdicts(times)[f"image-causal fwd {k} <= 35 µs"].status == NOISE
 
 
 def test_cpu_goal_and_the_written_file(tmp_path):

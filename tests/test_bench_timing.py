@@ -391,6 +391,19 @@ def test_graph_path_falls_back_on_a_host_sync_and_recovers(fake_cuda, monkeypatc
     assert t.method == EVENTS and "empty" in t.fallback
 
 
+def test_events_without_triton_flush_l2_before_each_call_as_described(fake_cuda):
+    """The no-Triton event timer's rows say "L2 flushed": it flushes, outside the events."""
+    flushes = []
+    real_zero = fake_cuda.flush.zero_
+    fake_cuda.flush.zero_ = lambda: (flushes.append(1), real_zero())
+
+    def call():
+        fake_cuda.now += 0.01
+    t = timing._measure_events(call, 1)
+    assert t.method == EVENTS and len(flushes) >= t.reps >= 5
+    assert t.median == pytest.approx(0.01) and "L2 flushed" in timing.describe(t)
+
+
 # ------------------------------------------------------------------------- on a GPU
 @needs_gpu
 def test_cuda_graph_time_of_a_matmul_agrees_with_events(monkeypatch):

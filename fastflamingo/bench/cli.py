@@ -83,6 +83,8 @@ def run_bench(*, suite: str = "all", preset: str | None = None, quick: bool = Fa
                           on_rows=save)
     meta["wall_s"] = round(time.perf_counter() - start, 1)
     meta["torch_threads"] = torch.get_num_threads()
+    for r in rows:  # every row carries the run's date, code and threads (rows.csv has no meta)
+        r.date, r.code, r.threads = r.date or meta["date"], r.code or meta["code"], r.threads or meta["torch_threads"]
     return write_outputs(rows, meta, out, plots=plots, echo=echo)
 
 

@@ -8,14 +8,19 @@ readable ``reference`` attention backend, same weights:
 * prefill logits by the flash-attention rule at model level: relative error vs a copy of the
   reference model in higher precision (fp64 for fp32 runs, fp32 for 16-bit runs) at most twice
   that of the reference in the working precision, plus one epsilon of that precision;
-* the training loss within 1e-4 (fp32) / 2e-2 (16-bit) relative error, before any optimizer step
+* the training loss within 1e-4 (fp32) / 2e-2 (16-bit) relative error, and the trainable
+  parameters' gradients (``Group.train_check``), before any optimizer step
   (training steps run in training mode with dropout off, the modes put back after: activation
   checkpointing acts only in training, and the loss is then the reference's);
 * generated tokens equal to a plain greedy loop without any cache (fp32: every token; 16-bit: the
-  first new token of every row, since a near-tie may flip a later one; the agreement is in the note);
+  first new token of every row, since a near-tie may flip a later one, and every later one checked
+  too: at least ``stages.GREEDY_16BIT_FLOOR`` of all the new tokens must be the entrant's own
+  argmax when it scores its output in one forward, teacher-forced, no cache; the agreement is in
+  the note);
 * the best beams of beam search (``E2EConfig.beams``, 3 on a CPU as open_flamingo's evaluation;
   not run on a GPU) equal to fastflamingo's beam search on the reference attention backend with a
-  dynamic cache (fp32: every token; 16-bit: the first new token of every row).
+  dynamic cache (fp32: every token; 16-bit: the first new token of every row only, said in the
+  row's note: a beam's later tokens depend on near-ties of sums of log-probabilities);
 
 Quantized weights (NF4, int8) are an approximation by design: their prefill logits must be finite,
 within a relative error of the high-precision reference and agree on its top-1 token at a share of
@@ -95,7 +100,9 @@ def _reference_outputs(model, inputs, train_inputs, n, banned, beams: int = 0) -
     """Prefill logits, greedy tokens, the best beams of ``beams``-beam search (when > 1) and the
     training loss of ``model`` on the readable ``reference`` attention backend, and the prefill
     logits of a copy of it in higher precision (fp64 for fp32 models, fp32 for 16-bit ones: the
-    flash-attention rule, see Group.prefill)."""
+    flash-attention rule, see Group.prefill); on a CPU also the trainable parameters' gradients
+    of the training loss, in both precisions (on a GPU a high-precision copy of a 9B model's
+    backward would not fit beside the entrants: there the loss and the gradients' presence are checked)."""
     vx, ids, mask = inputs
     tvx, tids, tmask, labels = train_inputs
     hi = reference_dtype(vx.dtype)
@@ -111,7 +118,11 @@ def _reference_outputs(model, inputs, train_inputs, n, banned, beams: int = 0) -
                                              compile=False)
             upcast = copy.deepcopy(model).to(hi)
             ref["logits_hi"] = upcast(vx.to(hi), ids, attention_mask=mask).logits
-            del upcast
+        if not vx.is_cuda:  # the trainable parameters' gradients (Group.train_check); a CPU's sizes only
+            ref["grads"] = _trainable_grads(model, lambda: model(tvx, tids, attention_mask=tmask, labels=labels).loss)
+            ref["grads_hi"] = _trainable_grads(upcast, lambda: upcast(tvx.to(hi), tids, attention_mask=tmask,
+                                                                        labels=labels).loss)
+        del upcast
     finally:
         model.set_attention_backend("auto")
     gc.collect()
@@ -120,12 +131,29 @@ def _reference_outputs(model, inputs, train_inputs, n, banned, beams: int = 0) -
     return ref
 
 
+def _trainable_grads(model, loss) -> dict:
+    """name -> gradient of ``model``'s trainable parameters after ``loss().backward()`` (cleared after)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    for p in params.values():
+        p.grad = None
+    loss().backward()
+    out = {n: p.grad.detach().clone() for n, p in params.items() if p.grad is not None}
+    for p in params.values():
+        p.grad = None
+    return out
+
+
 def _both_inputs(cfg: E2EConfig, media_token_id: int, **kw):
     """The prompt (B x prompt tokens, N images) and the training batch (B x train tokens)."""
     inputs = make_inputs(cfg.batch, cfg.images, cfg.prompt, media_token_id=media_token_id, **kw)
     tvx, tids, tmask = make_inputs(cfg.batch, cfg.train_images, cfg.train_tokens, media_token_id=media_token_id,
                                    seed=1, **kw)
     return inputs, (tvx, tids, tmask, _labels(tids, media_token_id))
+
+
+def _longer(mask, seq):
+    """``mask`` (B, T) extended with ones to ``seq``'s length (a prompt and its new tokens)."""
+    return torch.cat([mask, mask.new_ones(mask.shape[0], seq.shape[1] - mask.shape[1])], dim=1)
 
 
 def _labels(ids, *specials):
@@ -162,7 +190,7 @@ def open_flamingo_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row
                 loss=lambda: live(tvx, tids, attention_mask=tmask, labels=labels).loss,
                 params=lambda: [p for p in live.parameters() if p.requires_grad],
                 generate=lambda n, k=1: call_generate(live.generate, vx, ids, mask, n, banned, num_beams=k),
-                module=live)]
+                module=live, teacher_forced=lambda seq: live(vx, seq, attention_mask=_longer(mask, seq)).logits)]
     group = Group(label, entrants, ref, cfg, device, progress, banned)
     rows = group.run()
     # free open_flamingo's copy of the 16-bit weights before measuring the quantized model
@@ -248,9 +276,13 @@ def idefics_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row]:
         return live.generate(**hf, max_new_tokens=n, min_new_tokens=n, num_beams=num_beams, do_sample=False,
                              suppress_tokens=list(banned))
     entrants = fastflamingo_entrants(ours, inputs, train_inputs, banned, cfg.compiled) + [
-        Entrant("IDEFICS", prefill=lambda: live(**hf).logits, loss=lambda: live(**hf_train, labels=labels).loss,
+        # use_cache=False as fastflamingo's and open_flamingo's forwards: transformers' default
+        # (the config's use_cache) builds a DynamicCache and holds every layer's K/V until it returns
+        Entrant("IDEFICS", prefill=lambda: live(**hf, use_cache=False).logits,
+                loss=lambda: live(**hf_train, labels=labels, use_cache=False).loss,
                 params=lambda: [p for p in live.parameters() if p.requires_grad], generate=hf_generate,
-                module=live)]
+                module=live, teacher_forced=lambda seq: live(**hf_inputs(vx, seq, _longer(mask, seq), cfg.images),
+                                                             use_cache=False).logits)]
     return Group(label, entrants, ref, cfg, device, progress, banned).run()
 
 

@@ -54,15 +54,22 @@ def versions() -> str:
 
 @functools.lru_cache(maxsize=None)
 def code_version() -> str:
-    """``git describe --always --dirty`` of the checkout fastflamingo runs from, where it is one."""
+    """``git describe --always --dirty`` of the checkout fastflamingo runs from, where it is one,
+    else the installed package's version (``fastflamingo <version>``)."""
     import subprocess
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=5)
+                             text=True, timeout=5).stdout.strip()
     except (OSError, subprocess.SubprocessError):
+        out = ""
+    if out:
+        return out
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return f"fastflamingo {version('fastflamingo')}"
+    except PackageNotFoundError:
         return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 @functools.lru_cache(maxsize=None)

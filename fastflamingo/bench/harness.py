@@ -18,7 +18,7 @@ from ..testing import assert_close_by_rule
 from .env import copy_bandwidth, device_name, versions
 from .report import OURS
 from .rows import DTYPE_NAMES, OK, Row
-from .timing import EVENTS, GRAPH, measure, measure_side_by_side
+from .timing import EVENTS, GRAPH, PerCall, measure, measure_side_by_side
 
 MODES = ("fwd", "fwd+bwd")
 # on a GPU fastflamingo's call is also timed eagerly: its GPU time (graph replay) is one row, what
@@ -42,6 +42,13 @@ class Prepared:
         call_with_build: build + run, timed as ``<provider>+build``.
         to_common: provider layout -> the case's layout, for outputs and gradients (one per leaf).
         dout: the case's output gradient -> the provider's output layout.
+        fresh: gives ``call`` (and ``build``) new copies of the per-call index tensors (text_time,
+            a prebuilt mask or cu_seqlens), run before every timed call, outside the timed region
+            (:class:`~.timing.PerCall`): what a provider derives from a tensor's identity (the
+            chunk plan of fastflamingo's PyTorch path) is then rebuilt each call, as in a model,
+            where each forward gets its own text_time.
+        params: name -> parameter of the provider's module (the reference's names), for a case
+            with ``reference_params``: every parameter's gradient is checked (factor 3).
     """
     call: Callable[[], torch.Tensor]
     leaves: tuple
@@ -50,6 +57,8 @@ class Prepared:
     to_common: Callable[[torch.Tensor], torch.Tensor] = _same
     grads_to_common: Callable[[list], list] = _same
     dout: Callable[[torch.Tensor], torch.Tensor] = _same
+    fresh: Callable[[], None] | None = None
+    params: Callable[[], dict] | None = None
 
 
 @dataclass
@@ -77,6 +86,9 @@ class Case:
     ``bytes_moved[mode]`` is the fewest bytes the op must move (each input read once, each
     output written once), for the roofline row. ``geometry`` names what ``x`` does not
     (``H=8 D=64 L=64``: heads, head size, latents per image); the rows carry it and the dtype.
+    ``reference_params(dtype)``: name -> parameter of the reference module that runs in ``dtype``
+    (a layer's case): their gradients are compared with each provider's (:attr:`Prepared.params`)
+    by the input gradients' rule.
     """
     kernel: str
     x: str
@@ -87,6 +99,7 @@ class Case:
     x_value: float | None = None
     bytes_moved: dict = field(default_factory=dict)
     geometry: str = ""
+    reference_params: Callable[[torch.dtype], dict] | None = None
 
 
 def reference_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -110,19 +123,35 @@ def _run_once(call, leaves, dout, grad_inputs):
     return out, [leaves[i].grad for i in grad_inputs]
 
 
+def _param_grads(params: dict | None, clear: bool = False) -> dict:
+    """name -> gradient (None where there is none) of ``params``; ``clear``: set them to None."""
+    out = {}
+    for name, p in (params or {}).items():
+        out[name] = None if p.grad is None else p.grad.detach().clone()
+        if clear:
+            p.grad = None
+    return out
+
+
 def reference_results(case: Case, mode: str, dout: torch.Tensor | None):
-    """(out, grads) of the reference at high and at working precision."""
+    """(out, input grads, parameter grads by name) of the reference at high and at working precision."""
     results = []
     for dtype in (reference_dtype(case.inputs[0].dtype), None):
         leaves = _leaves(case.inputs, case.grad_inputs, dtype, grad=mode == "fwd+bwd")
+        params = None
+        if case.reference_params is not None and dout is not None:
+            params = case.reference_params(leaves[0].dtype)
+            _param_grads(params, clear=True)
         d = None if dout is None else dout.to(leaves[0].dtype)
         out, grads = _run_once(lambda: case.reference(*leaves), leaves, d, case.grad_inputs)
-        results.append((out.detach(), [g.detach() for g in grads]))
+        results.append((out.detach(), [g.detach() for g in grads], _param_grads(params, clear=True)))
     return results
 
 
-def check(out, grads, ref_hi, ref_lo) -> str | None:
-    """None when the output (factor 2) and gradients (factor 3) pass the tolerance rule, else why not."""
+def check(out, grads, ref_hi, ref_lo, param_grads: dict | None = None) -> str | None:
+    """None when the output (factor 2), the input gradients and the parameter gradients (factor 3,
+    every one the reference has, ``ref_hi[2]``) pass the tolerance rule, else why not."""
+    want = ref_hi[2] if len(ref_hi) > 2 else {}
     try:
         if tuple(out.shape) != tuple(ref_hi[0].shape):
             return f"output shape {tuple(out.shape)} != {tuple(ref_hi[0].shape)}"
@@ -133,6 +162,13 @@ def check(out, grads, ref_hi, ref_lo) -> str | None:
             if g is None:
                 return f"no gradient for input {i}"
             assert_close_by_rule(g, gh, gl, factor=3.0, name=f"grad of input {i}")
+        if want and param_grads is None:
+            return "no parameter gradients to check (the provider names no parameters)"
+        for name, gh in want.items():
+            g = param_grads.get(name)
+            if g is None:
+                return f"no gradient for parameter {name}"
+            assert_close_by_rule(g, gh, ref_lo[2][name], factor=3.0, name=f"grad of parameter {name}")
     except AssertionError as e:
         return str(e)
     return None
@@ -181,21 +217,26 @@ def prepare_checked(p: Provider, case: Case, mode: str, dout, ref_hi, ref_lo):
     leaves = _leaves(case.inputs, case.grad_inputs, grad=mode == "fwd+bwd")
     prep = p.prepare(leaves)
     d = None if dout is None else prep.dout(dout)
+    params = prep.params() if prep.params is not None else None
+    _param_grads(params, clear=True)  # what earlier calls (another mode, another provider) left
     out, grads = _run_once(prep.call, prep.leaves, d, case.grad_inputs)
-    failure = None if p.floor else check(prep.to_common(out.detach()), prep.grads_to_common(grads), ref_hi, ref_lo)
+    pgrads = None if params is None else _param_grads(params)
+    failure = None if p.floor else check(prep.to_common(out.detach()), prep.grads_to_common(grads), ref_hi, ref_lo,
+                                         pgrads)
     return prep, d, failure
 
 
-def timed_call(call, leaves, dout):
-    """What is timed: the forward, or forward + backward with the gradients cleared first."""
+def timed_call(call, leaves, dout, fresh=None):
+    """What is timed: the forward, or forward + backward with the gradients cleared first;
+    ``fresh`` (:attr:`Prepared.fresh`) runs before each call, outside the timed region."""
     if dout is None:
-        return call
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        call().backward(dout)
-    return step
+        step = call
+    else:
+        def step():
+            for t in leaves:
+                t.grad = None
+            call().backward(dout)
+    return step if fresh is None else PerCall(step, fresh)
 
 
 def _provider_rows(p: Provider, case, mode, dout, ref_hi, ref_lo, base, pending) -> None:
@@ -215,15 +256,16 @@ def _provider_rows(p: Provider, case, mode, dout, ref_hi, ref_lo, base, pending)
         pending.append((Row(provider=p.name, mode=mode, status=f"FAILED: {failure[:200]}", **base), None, None))
         return
     note = "floor: computes only part of the op, output not checked" if p.floor else ""
-    call = timed_call(prep.call, prep.leaves, d)
+    call = timed_call(prep.call, prep.leaves, d, prep.fresh)
     pending.append((Row(provider=p.name, mode=mode, note=note, **base), call, None))
     if prep.build is not None:
         # a new batch layout costs its user the build's host time too: timed eagerly (CUDA events
         # around the call), never by graph replay, which would leave the host work out
+        build = prep.build if prep.fresh is None else PerCall(prep.build, prep.fresh)
         if mode == "fwd":
-            pending.append((Row(provider=f"{p.name} mask build", mode="build", **base), prep.build, EVENTS))
+            pending.append((Row(provider=f"{p.name} mask build", mode="build", **base), build, EVENTS))
         pending.append((Row(provider=f"{p.name}+build", mode=mode, **base),
-                        timed_call(prep.call_with_build, prep.leaves, d), EVENTS))
+                        timed_call(prep.call_with_build, prep.leaves, d, prep.fresh), EVENTS))
 
 
 def side_by_side(device: str) -> bool:

@@ -1,6 +1,9 @@
 """Image-causal cross-attention: the layouts benchmarked and every provider of the op.
 
-Providers (each gets the same q, k, v and image positions):
+Providers (each gets the same q, k, v and image positions; before every timed call each gets a new
+copy of ``text_time`` and of whatever index tensors it prebuilt from it, outside the timed region,
+:attr:`~.harness.Prepared.fresh`: the same values, but no cache keyed on a tensor's identity, such
+as fastflamingo's per-call chunk plan, lasts from one call to the next):
 
 * ``fastflamingo``: :func:`fastflamingo.ops.image_causal_attention`, backend ``auto`` (Triton on
   CUDA; on the CPU the native C++ kernel where it is built, ``fastflamingo build-native``, else
@@ -88,9 +91,21 @@ def providers(device: str, L: int, *, flex_compile: bool | None = None) -> list[
     return ps
 
 
+class _Fresh:
+    """Per-call copies of a provider's index tensors: ``now[name]`` is read by its call;
+    :meth:`renew` (the timed call's setup, outside the timed region) replaces every one by a clone."""
+
+    def __init__(self, **tensors):
+        self.kept, self.now = tensors, dict(tensors)
+
+    def renew(self) -> None:
+        self.now = {k: v.clone() for k, v in self.kept.items()}
+
+
 def _plain(args, fn) -> Prepared:
     q, k, v, tt = args
-    return Prepared(call=lambda: fn(q, k, v, tt), leaves=args)
+    f = _Fresh(tt=tt)
+    return Prepared(call=lambda: fn(q, k, v, f.now["tt"]), leaves=args, fresh=f.renew)
 
 
 def eager_open_flamingo(q, k, v, text_time, *, L, only_immediate=True):
@@ -111,11 +126,11 @@ def _sdpa(args, L) -> Prepared:
     q, k, v, tt = args
     no_media = (tt == 0)[:, None, :, None]
     # a query row that sees no key would be NaN: let it see all, then zero it (as the CPU path does)
-    mask = image_causal_mask(tt, k.shape[2] // L, L)[:, None] | no_media
+    f = _Fresh(mask=image_causal_mask(tt, k.shape[2] // L, L)[:, None] | no_media, no_media=no_media)
 
     def call():
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).masked_fill(no_media, 0.0)
-    return Prepared(call=call, leaves=args)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=f.now["mask"]).masked_fill(f.now["no_media"], 0.0)
+    return Prepared(call=call, leaves=args, fresh=f.renew)
 
 
 def _flex_unavailable(cuda: bool, mode: str) -> str | None:
@@ -142,17 +157,18 @@ def _flex(args, L, compiled: bool) -> Prepared:
     q, k, v, tt = args
     B, _, T, _ = q.shape
     S = k.shape[2]
-    ttl = tt.long()
-
-    def mask_mod(b, h, qi, ki):
-        return ttl[b, qi] == ki // L + 1
+    f = _Fresh(ttl=tt.long())
 
     def build():
+        ttl = f.now["ttl"]
+
+        def mask_mod(b, h, qi, ki):
+            return ttl[b, qi] == ki // L + 1
         return create_block_mask(mask_mod, B, None, T, S, device=q.device)
     fn = _compiled_flex() if compiled else flex_attention
-    block_mask = build()
+    block_mask = build()  # prebuilt once (the row without +build): a BlockMask is not a tensor to copy
     return Prepared(call=lambda: fn(q, k, v, block_mask=block_mask), leaves=args, build=build,
-                    call_with_build=lambda: fn(q, k, v, block_mask=build()))
+                    call_with_build=lambda: fn(q, k, v, block_mask=build()), fresh=f.renew)
 
 
 # ------------------------------------------------------------------------- varlen family
@@ -201,13 +217,15 @@ def _varlen(args, L, kernel) -> Prepared:
     tt = args[3]
     N = args[1].shape[2] // L
     (q, k, v, _), to_common, grads_back, dout, no_media = _packed(args)
-    meta = varlen_segments(tt, N, L)
+    cu_q, cu_k, max_q, max_k = varlen_segments(tt, N, L)
+    f = _Fresh(tt=tt, cu_q=cu_q, cu_k=cu_k, no_media=no_media)
 
-    def call(m=meta):
-        return kernel(q, k, v, *m).masked_fill(no_media, 0.0)
-    return Prepared(call=call, leaves=(q, k, v, tt), build=lambda: varlen_segments(tt, N, L),
-                    call_with_build=lambda: call(varlen_segments(tt, N, L)),
-                    to_common=to_common, grads_to_common=grads_back, dout=dout)
+    def call(m=None):
+        m = m if m is not None else (f.now["cu_q"], f.now["cu_k"], max_q, max_k)
+        return kernel(q, k, v, *m).masked_fill(f.now["no_media"], 0.0)
+    return Prepared(call=call, leaves=(q, k, v, tt), build=lambda: varlen_segments(f.now["tt"], N, L),
+                    call_with_build=lambda: call(varlen_segments(f.now["tt"], N, L)),
+                    to_common=to_common, grads_to_common=grads_back, dout=dout, fresh=f.renew)
 
 
 def _xformers(args, L) -> Prepared:

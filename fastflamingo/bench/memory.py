@@ -5,8 +5,9 @@ an optimizer's state: what a user of the call holds anyway), the peak is what th
 above what was allocated before it, plus those bytes: the footprint a user needs, without the
 tensors the benchmark itself holds (its reference outputs, other models, buffers of earlier
 suites), which ``max_memory_allocated`` alone would count. Without it, everything allocated (a
-script that holds only what it measures). CPU: the peak of the tensor memory allocated during the
-call, from the torch profiler's memory timeline (weights already resident are not included).
+script that holds only what it measures). CPU: the peak of the tensor memory the torch profiler's
+memory timeline sees during the call: what the call allocates, and also the tensors made before it
+that it reads (the weights it uses, a reused cache): not the allocations alone.
 tracemalloc does not see torch's allocations and RSS does not drop when torch frees, so neither
 would be right.
 """
@@ -21,7 +22,8 @@ import torch
 
 from .env import device_name
 
-CPU_METHOD = "CPU: peak tensor memory allocated during the call (torch.profiler memory timeline; weights excluded)"
+CPU_METHOD = ("CPU: peak of the tensors allocated or read during the call (torch.profiler memory timeline; "
+              "the weights it reads included)")
 GPU_METHOD = "GPU: torch.cuda.max_memory_allocated during the call (everything allocated, weights included)"
 GPU_HELD_METHOD = ("GPU: what the call allocates at its peak above what was allocated before it "
                    "(torch.cuda.max_memory_allocated), plus {held}: not the benchmark's own tensors")
@@ -31,7 +33,8 @@ def peak_memory_call(fn: Callable[[], object], device: str, *, held_bytes: int |
                      held: str = "the model's weights") -> tuple[object, float | None, str]:
     """(fn's result, peak MiB, how it was measured). ``held_bytes``: on a GPU, count the call's
     own allocations plus these bytes (``held`` says what they are) instead of everything
-    allocated; the CPU's timeline counts the call's allocations alone either way."""
+    allocated; the CPU's timeline counts what the call allocates and the older tensors it reads
+    (its weights included) either way."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()

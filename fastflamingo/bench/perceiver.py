@@ -171,9 +171,10 @@ def layer_case(images, V, L, dim, H, D, dtype, device, *, seed=0):
     g = torch.Generator().manual_seed(seed + 1)
     x = _rand(g, dtype, device, images, V, dim)
     lat = _rand(g, dtype, device, images, L, dim)
+    ref = _ReferenceLayer(reference)
     case = Case(kernel="resampler layer", x=f"images={images} V={V}", inputs=(x, lat),
-                reference=_ReferenceLayer(reference), grad_inputs=(1,), sweep="images", x_value=images,
-                geometry=f"dim={dim} H={H} D={D} L={L}")
+                reference=ref, grad_inputs=(1,), sweep="images", x_value=images,
+                geometry=f"dim={dim} H={H} D={D} L={L}", reference_params=ref.params)
     return case, layer
 
 
@@ -183,10 +184,17 @@ class _ReferenceLayer:
     def __init__(self, layer):
         self.layers = {next(layer.parameters()).dtype: layer}
 
+    def _layer(self, dtype):
+        if dtype not in self.layers:
+            self.layers[dtype] = copy.deepcopy(next(iter(self.layers.values()))).to(dtype)
+        return self.layers[dtype]
+
     def __call__(self, x, latents):
-        if x.dtype not in self.layers:
-            self.layers[x.dtype] = copy.deepcopy(next(iter(self.layers.values()))).to(x.dtype)
-        return self.layers[x.dtype](x, latents)
+        return self._layer(x.dtype)(x, latents)
+
+    def params(self, dtype) -> dict:
+        """name -> parameter of the copy that runs in ``dtype`` (its gradients: the reference's)."""
+        return dict(self._layer(dtype).named_parameters())
 
 
 def layer_providers(layer: ResamplerLayer, images: int, V: int, L: int) -> list[Provider]:
@@ -197,7 +205,8 @@ def layer_providers(layer: ResamplerLayer, images: int, V: int, L: int) -> list[
     el = next(layer.parameters()).element_size()
 
     def module_provider(name, module):
-        return Provider(name, lambda a: Prepared(call=lambda: module(*a), leaves=a))
+        return Provider(name, lambda a: Prepared(call=lambda: module(*a), leaves=a,
+                                                 params=lambda: dict(module.named_parameters())))
     sdpa = ResamplerLayer(SdpaPerceiverAttention(dim=dim, dim_head=D, heads=H), FeedForward(dim, 4))
     ps = [module_provider("fastflamingo", layer)]
     if _beside_native(next(layer.parameters()).device):

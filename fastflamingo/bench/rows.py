@@ -26,6 +26,7 @@ class Row:
     from (None for a number that was not timed: a roofline). ``dtype`` and ``geometry``
     (``H=8 D=64 L=64``: heads, head size, latents per image) say what a kernel row ran: its
     ``x`` names only the sweep's sizes, and a goal holds for one geometry (:mod:`.goals`).
+    ``date``, ``code`` and ``threads`` are the run's (its meta), on every row so that rows.csv keeps them.
     Rows written before these fields existed read back with them empty: unknown.
     """
     kernel: str
@@ -47,6 +48,9 @@ class Row:
     reps: int | None = None
     dtype: str = ""
     geometry: str = ""
+    date: str = ""          # the run's (UTC), its code (git describe or the package version) and torch threads
+    code: str = ""
+    threads: int | None = None
 
     @property
     def ok(self) -> bool:

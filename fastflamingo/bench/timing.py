@@ -24,6 +24,9 @@ next one). ``measure(..., method="events")`` or ``FASTFLAMINGO_BENCH_TIMING=even
 CPU (method ``wall-clock``): ``time.perf_counter`` around each call, repeated until a time
 budget is spent; the providers of one kernel case side by side, in rotating rounds
 (:func:`measure_side_by_side`), the end-to-end stages likewise (:func:`measure_together`).
+A callable with a ``setup`` attribute (:class:`PerCall`) has it run before each of its calls,
+outside the timed region: the kernel cases give every provider fresh index tensors there, so that
+nothing derived from a tensor's identity (fastflamingo's chunk plan) carries over between calls.
 """
 from __future__ import annotations
 
@@ -57,6 +60,25 @@ class Timing:
     reps: int            # the number of samples
     method: str = WALL   # GRAPH, EVENTS or WALL: how the samples were taken
     fallback: str = ""   # why the CUDA-graph capture failed (method EVENTS instead of GRAPH)
+
+
+class PerCall:
+    """``fn`` with ``setup()`` run before each call of it, outside the timed region (fresh inputs
+    per call: see the module docstring). On CUDA ``setup`` runs once, before the timing (a graph
+    replays the same tensors; the Triton path derives nothing from a tensor's identity)."""
+
+    def __init__(self, fn: Callable[[], object], setup: Callable[[], object]):
+        self.fn, self.setup = fn, setup
+
+    def __call__(self):
+        return self.fn()
+
+
+def _setup(fn) -> None:
+    """Run ``fn``'s per-call setup (a :class:`PerCall`'s), if any."""
+    setup = getattr(fn, "setup", None)
+    if setup is not None:
+        setup()
 
 
 def _quantiles(samples: list[float], method: str = WALL) -> Timing:
@@ -101,10 +123,12 @@ def measure(fn: Callable[[], object], device: str, *, quick: bool = False,
             return time_cuda(fn, quick, method)
     budget = budget_s if budget_s is not None else (0.2 if quick else 0.6)
     min_reps = min_reps if min_reps is not None else (5 if quick else 9)
+    _setup(fn)
     fn()  # warm-up: allocator and caches
     samples: list[float] = []
     start = time.perf_counter()
     while len(samples) < min_reps or (time.perf_counter() - start < budget and len(samples) < 200):
+        _setup(fn)
         t0 = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - t0) * 1e3)
@@ -126,7 +150,9 @@ def measure_side_by_side(fns: list[Callable[[], object]], *, quick: bool = False
     min_reps = 5 if quick else 9
     calls = []
     for fn in fns:
+        _setup(fn)
         fn()  # warm-up: allocator and caches
+        _setup(fn)
         t0 = time.perf_counter()
         fn()
         took = max(time.perf_counter() - t0, 1e-6)
@@ -141,6 +167,7 @@ def time_cuda(fn, quick: bool, method: str | None = None, *, graph_timer=None, e
     parameters so that tests can drive this without a GPU."""
     graph_timer = graph_timer or _graph_timing
     event_timer = event_timer or _event_timing
+    _setup(fn)
     if resolve_method(method) == EVENTS:
         return event_timer(fn, quick)
     try:
@@ -177,12 +204,16 @@ def _event_timing(fn, quick: bool) -> Timing:
 
 
 def _measure_events(fn, rep_ms: int) -> Timing:
+    """CUDA events around each eager call, without Triton: L2 flushed before each (outside the
+    events), as ``do_bench`` does, so that :func:`describe`'s "L2 flushed" holds here too."""
     fn()
+    flush = flush_buffer()
     torch.cuda.synchronize()
     samples = []
     budget = time.perf_counter() + rep_ms * 1e-3
     while len(samples) < 5 or time.perf_counter() < budget:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        flush.zero_()
         start.record()
         fn()
         end.record()
@@ -369,6 +400,8 @@ def measure_together(calls: list[tuple[Callable[[], object], int]], device: str)
         for i in live[shift:] + live[:shift]:
             fn = calls[i][0]
             if rewarm:
+                _setup(fn)
                 fn()
+            _setup(fn)  # outside the timed call
             samples[i].append(time_once(fn, device)[1])
     return [_quantiles(s) for s in samples]
