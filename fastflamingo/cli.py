@@ -60,9 +60,18 @@ def _message(e: Exception) -> str:
     return str(e)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser that takes options only as spelt: argparse's prefix matching read a typo
+    (``--random-image``, ``--max-new-token``) as the option it abbreviates, without a word."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastflamingo", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="fastflamingo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)  # (subcommands' parsers: the same class)
     for module in SUBCOMMANDS.values():
         importlib.import_module(module).add_parser(sub)
     return parser

@@ -1,6 +1,8 @@
-"""Reading a user's files: JSON-lines records and images (evaluation examples, training documents)."""
+"""Reading a user's files: JSON-lines records and images (evaluation examples, training documents),
+and the image processors that turn images into a model's pixels."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -52,7 +54,7 @@ def image_tensor(image, image_processor) -> torch.Tensor:
     else:
         if image_processor is None:
             raise ValueError(f"images are {type(image).__name__}, not tensors: pass the model's "
-                             "image_processor (create_model_and_transforms returns it)")
+                             "image_processor (model.image_processor(), or the one create_model_and_transforms returns)")
         if isinstance(image, str):
             image = read_image(image)
         t = image_processor(image)
@@ -63,3 +65,49 @@ def image_tensor(image, image_processor) -> torch.Tensor:
     if t.dim() != 4:
         raise ValueError(f"an image must be (C, H, W) or (F, C, H, W), got shape {tuple(t.shape)}")
     return t
+
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (open_flamingo, IDEFICS)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def image_transform(style: str, size: int):
+    """PIL image -> (3, size, size) pixels, as the model's own project prepares them for inference:
+    IDEFICS's processor (transformers'), or open_flamingo's, which is open_clip's evaluation
+    transform (resize the short side, crop the centre, CLIP normalisation). Without open_clip
+    installed, the same steps written here, with torchvision's sizes and offsets."""
+    if style == "idefics":
+        try:
+            from transformers import IdeficsImageProcessor
+            processor = IdeficsImageProcessor(image_size=size)
+        except ImportError:  # (transformers' processor needs torchvision) its PIL steps, written here
+            return functools.partial(_resize_normalise, size=size)
+        return lambda img: processor([img], return_tensors="pt")[0]
+    try:
+        import open_clip
+        return open_clip.image_transform(size, is_train=False)
+    except ImportError:
+        return functools.partial(_resize_crop_normalise, size=size)
+
+
+def _resize_crop_normalise(img, size: int) -> torch.Tensor:
+    """open_clip's evaluation transform (torchvision's Resize(size) and CenterCrop(size), bicubic)."""
+    from PIL import Image
+    short, long = sorted(img.size)
+    long = int(size * long / short)  # torchvision's resized size of the long side (truncated)
+    img = img.resize((size, long) if img.width <= img.height else (long, size), Image.BICUBIC)
+    left, top = int(round((img.width - size) / 2.0)), int(round((img.height - size) / 2.0))
+    return _normalise(img.crop((left, top, left + size, top + size)))
+
+
+def _resize_normalise(img, size: int) -> torch.Tensor:
+    """IDEFICS's processor without torchvision: the whole image resized to the square (bicubic)."""
+    from PIL import Image
+    return _normalise(img.resize((size, size), Image.BICUBIC))
+
+
+def _normalise(img) -> torch.Tensor:
+    """A PIL RGB image -> CLIP-normalised (3, H, W) pixels."""
+    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    return (x.float() / 255 - mean) / std

@@ -309,6 +309,14 @@ class Flamingo(nn.Module):
         train_new_embedding_rows(self, c.num_base_tokens if train_embeddings is not False else None,
                                  output=c.train_output_embeddings)
 
+    def image_processor(self):
+        """PIL image -> (3, S, S) pixels (S = ``config.vision.image_size``) as this model's own
+        project prepares them for inference: open_flamingo's (open_clip's evaluation transform) or
+        IDEFICS's processor, by ``config.cross_attention.style``. What ``evaluate``,
+        ``fine_tune``'s documents and the command line take as ``image_processor``."""
+        from .inputs import image_transform
+        return image_transform(self.config.cross_attention.style, self.config.vision.image_size)
+
     def set_attention_backend(self, backend: str) -> None:
         """Force one backend of :mod:`fastflamingo.ops` (``BACKENDS``) for every attention in the
         model: the cross-attention layers and the resampler's."""

@@ -212,8 +212,11 @@ def test_convert_open_flamingo_without_its_options_is_a_usage_error(tmp_path, ca
 
 
 def test_from_pretrained_of_a_missing_directory_says_it_loads_local_directories(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"does not exist: from_pretrained loads a local directory"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist: a fastflamingo model is a local directory"):
         Flamingo.from_pretrained(tmp_path / "nowhere")
+    (tmp_path / "checkpoint.pt").write_bytes(b"")  # a file where a directory belongs (it said "does not exist")
+    with pytest.raises(NotADirectoryError, match=r"checkpoint.pt' is a file: .*its model/ folder, not checkpoint.pt"):
+        Flamingo.from_pretrained(tmp_path / "checkpoint.pt")
     with pytest.raises(FileNotFoundError, match=r"does not exist.*nothing is downloaded"):
         Flamingo.from_pretrained("HuggingFaceM4/idefics-9b")
     with pytest.raises(FileNotFoundError, match=r"is not a fastflamingo directory: config.json is missing"):

@@ -208,7 +208,7 @@ def test_a_query_loaded_again_in_the_support_is_never_its_own_demonstration(worl
     def spy(task, qs, demos, order, text_only):
         seen.extend((q.key, [d.key for d in ds]) for q, ds in zip(qs, demos or []))
         return real(task, qs, demos, order, text_only)
-    from fastflamingo.generation.cli import image_transform
+    from fastflamingo.inputs import image_transform
     transform = image_transform("open_flamingo", model.config.vision.image_size)  # what the command line uses
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(harness, "_prompts", spy)
@@ -261,6 +261,11 @@ def test_load_examples(tmp_path):
     p.write_text('{"image": "a.png", "question": "q?", "answers": ["x", "y"]}\n\n{"image": "b.png", "label": "z"}\n')
     with pytest.raises(ValueError, match=r"d.jsonl:3: a VQA example needs a \"question\""):
         load_examples(str(p), "vqa")
+    # a VQA row read for another task: its question would be dropped (it was, silently)
+    for task in ("classification", "captioning"):
+        with pytest.raises(ValueError, match=rf"d.jsonl:1: a {task} example has a \"question\" \('q\?'\).*--task vqa"):
+            load_examples(str(p), task)
+    p.write_text('{"image": "a.png", "answers": ["x", "y"]}\n\n{"image": "b.png", "label": "z"}\n')
     ex = load_examples(str(p), "classification")
     assert [e.answers for e in ex] == [["x", "y"], ["z"]] and ex[0].image == str(tmp_path / "a.png")
     p.write_text('{"image": "a.png", "answers": []}\n')

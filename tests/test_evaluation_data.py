@@ -71,7 +71,7 @@ def test_vqa_accuracy_and_its_breakdown_equal_the_official_evaluation(tmp_path, 
     examples = synthetic.examples(9, "shape", seed=12)
     q, a, images = _vqa_files(tmp_path, list(range(1, 10)), examples=examples)
 
-    from fastflamingo.generation.cli import image_transform
+    from fastflamingo.inputs import image_transform
     transform = image_transform("open_flamingo", model.config.vision.image_size)  # what the command line uses
 
     def run():

@@ -752,7 +752,8 @@ def test_cli_prepares_images_as_the_models_own_project_does(tmp_path):
     from PIL import Image
     from transformers import IdeficsImageProcessor
     from transformers.models.idefics.image_processing_pil_idefics import IdeficsImageProcessorPil
-    from fastflamingo.generation.cli import _resize_crop_normalise, _resize_normalise, image_transform, load_image
+    from fastflamingo.generation.cli import load_image
+    from fastflamingo.inputs import _resize_crop_normalise, _resize_normalise, image_transform
     for h, w in [(40, 64), (64, 41), (33, 33), (21, 90), (91, 20)]:
         path = tmp_path / f"{h}x{w}.png"
         Image.fromarray((np.random.RandomState(h * w).rand(h, w, 3) * 255).astype("uint8")).save(path)

@@ -6,6 +6,7 @@ step), documents left out of every epoch (a warning), more shots than the suppor
 class names that tokenize alike; and the synthetic world's pictures are pixels as image files
 give them, so a saved synthetic model scores on PNG files what it scores in-process."""
 import json
+import re
 
 import pytest
 import torch
@@ -294,7 +295,7 @@ def _tiny_eval():
 
 
 def test_evaluate_checks_every_image_before_it_runs(tmp_path):
-    from fastflamingo.generation.cli import image_transform
+    from fastflamingo.inputs import image_transform
     model, tok = _tiny_eval()
     examples = synthetic.examples(6, "color", seed=3)
     queries = [Example(str(_png(tmp_path / f"q{i}.png", e)), e.answers) for i, e in enumerate(examples[:4])]
@@ -390,7 +391,7 @@ def test_synthetic_pictures_are_the_pixels_of_their_image_files(tmp_path):
     from PIL import Image
 
     from fastflamingo.cli import main
-    from fastflamingo.generation.cli import image_transform
+    from fastflamingo.inputs import image_transform
     transform = image_transform("open_flamingo", 32)
     queries, support = synthetic.examples(8, "color", seed=11), synthetic.examples(8, "color", seed=12)
     for i, e in enumerate(queries):
@@ -423,3 +424,75 @@ def test_synthetic_pictures_are_the_pixels_of_their_image_files(tmp_path):
                           shots=(0, 2), batch_size=4, seed=42, progress=False)
     assert [r["predictions"] for r in on_files] == [r.predictions for r in in_process]
     assert [r["score"] for r in on_files] == [r.score for r in in_process]
+
+
+# ------------------------------------------------------------------ 4. what a new user gets wrong (README audit)
+def test_model_directories_that_are_not_say_what_they_are(tmp_path, capsys):
+    """finetune / evaluate --model given a directory without a tokenizer (what save_pretrained
+    alone writes) said to install sentencepiece or tiktoken; given a finetune run's checkpoint.pt
+    (a file), finetune printed transformers' traceback and generate said the file did not exist.
+    Now each names what the path is and what to give instead; generate still runs a model without
+    a tokenizer on token ids."""
+    from fastflamingo.cli import main
+    bare = tmp_path / "bare"
+    _model().save_pretrained(bare)  # no tokenizer
+    data = _docs_file(tmp_path)
+    ckpt = tmp_path / "checkpoint.pt"
+    torch.save({"step": 1}, ckpt)
+    queries = tmp_path / "q.jsonl"
+    queries.write_text('{"image": "0.png", "question": "what colour?", "answers": ["red"]}\n')
+    cases = [
+        (["finetune", "--model", str(bare), "--data", data, "--steps", "1", "--out", str(tmp_path / "r")],
+         r"finetune --model: '.*bare' has no tokenizer .*tokenizer.save_pretrained"),
+        (["evaluate", "--model", str(bare), "--task", "vqa", "--queries", str(queries),
+          "--support", str(queries)], r"evaluate --model: '.*bare' has no tokenizer"),
+        (["finetune", "--model", str(ckpt), "--data", data, "--steps", "1", "--out", str(tmp_path / "r")],
+         r"checkpoint.pt' is a file: .*its model/ folder, not checkpoint.pt"),
+        (["generate", "--model", str(ckpt), "--prompt-ids", "5 6"], r"checkpoint.pt' is a file"),
+    ]
+    for args, message in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert main(["generate", "--model", str(bare), "--prompt-ids", "5 6", "--max-new-tokens", "2"]) == 0
+
+
+def test_the_model_gives_its_own_image_processor():
+    """model.image_processor(): the README's evaluate(..., image_processor=...) for a model from
+    from_pretrained / from_preset (only create_model_and_transforms returned one)."""
+    from fastflamingo.inputs import image_transform
+    model = _model()
+    ex = synthetic.examples(1, "color", seed=2)[0]
+    img = synthetic.to_image(ex.image)
+    want = image_transform("open_flamingo", model.config.vision.image_size)(img)
+    assert torch.equal(model.image_processor()(img), want) and want.shape == (3, 32, 32)
+
+
+def test_a_new_run_into_an_earlier_runs_directory_is_refused(tmp_path, capsys):
+    """fine_tune without resume into an out that holds a checkpoint replaced it (and model/,
+    history.json) without a word: forgetting --resume cost the run."""
+    from fastflamingo.cli import main
+    data = _resume_setup(tmp_path)
+    out = str(tmp_path / "run")
+    fine_tune(_model(), data, steps=1, out=out, progress=False)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(FileExistsError, match=r"holds an earlier run's checkpoint .*resume=True \(--resume\)"):
+        fine_tune(_model(), data, steps=2, out=out, progress=False)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+    assert len(fine_tune(_model(), data, steps=2, out=out, resume=True, progress=False)) == 2
+
+
+def test_abbreviated_flags_are_not_taken_for_the_flag(capsys):
+    """argparse's prefix matching read --random-image as --random-images and --max-new-token as
+    --max-new-tokens: a typo passed silently."""
+    from fastflamingo.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--preset", "tiny", "--random-image", "1", "--prompt-ids", "510 5"])
+    assert e.value.code == 2 and "unrecognized arguments: --random-image 1" in capsys.readouterr().err
+
+
+def test_a_finetune_checkpoint_given_to_convert_names_the_model_folder(tmp_path):
+    from fastflamingo.convert.io import load_state_file
+    fine_tune(_model(), _resume_setup(tmp_path), steps=1, out=str(tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match=r"is a `fastflamingo finetune` checkpoint .*the model/ folder beside it"):
+        load_state_file(tmp_path / "run" / "checkpoint.pt")

@@ -40,6 +40,10 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
             break
+    if isinstance(obj, dict) and {"step", "trainable", "optimizer", "settings"} <= set(obj):
+        raise ValueError(f"checkpoint {str(path)!r} is a `fastflamingo finetune` checkpoint (optimizer state to "
+                         f"resume from), not an open_flamingo one: the run's model is the model/ folder beside it "
+                         f"({str(path.parent / 'model')!r}), which Flamingo.from_pretrained and --model load")
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
         raise ValueError(f"checkpoint {str(path)!r} does not hold a state dict of tensors "
                          f"(found {type(obj).__name__} with keys {list(obj)[:5] if isinstance(obj, dict) else ''})")
@@ -69,6 +73,21 @@ def load_state_dir(directory: str | Path) -> dict[str, torch.Tensor]:
 def has_tokenizer(directory: str | Path) -> bool:
     """Whether a Hugging Face directory holds tokenizer files."""
     return any((Path(directory) / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def saved_tokenizer(directory: str | Path, *, required_by: str | None = None):
+    """The tokenizer saved in a model directory (local files only), or None where it holds none;
+    with ``required_by`` (the command that needs it) an error saying how to add one. A tokenizer
+    that is there but fails to load fails with its own error."""
+    if not has_tokenizer(directory):
+        if required_by is None:
+            return None
+        raise ValueError(f"{required_by}: {str(directory)!r} has no tokenizer (no tokenizer.json or "
+                         f"tokenizer_config.json; a model written by save_pretrained alone has none): save the LM's "
+                         f"tokenizer, set up with fastflamingo.setup_tokenizer, into it "
+                         f"(tokenizer.save_pretrained({str(directory)!r}); `fastflamingo convert` writes one)")
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
 
 
 @contextlib.contextmanager

@@ -99,6 +99,25 @@ def _refuse_quantized(model: nn.Module, state: dict, trainable_only: bool) -> No
                          + ("" if not trainable_only else " of a model whose cross-attention blocks are not quantized"))
 
 
+def check_model_directory(directory: str | Path) -> Path:
+    """``directory`` as a Path, or an error saying what it is instead of a fastflamingo model
+    directory (missing, a file, or without its config or weights)."""
+    d = Path(directory)
+    if d.is_file():
+        raise NotADirectoryError(
+            f"{str(d)!r} is a file: a fastflamingo model is a directory written by save_pretrained or `fastflamingo "
+            f"convert` (for a `fastflamingo finetune` run, its model/ folder, not checkpoint.pt; an open_flamingo "
+            f"checkpoint file loads with fastflamingo.from_open_flamingo or `fastflamingo convert open_flamingo`)")
+    if not d.is_dir():
+        raise FileNotFoundError(f"{str(d)!r} does not exist: a fastflamingo model is a local directory written by "
+                                f"save_pretrained or `fastflamingo convert` (nothing is downloaded; for a Hugging "
+                                f"Face IDEFICS model use fastflamingo.from_idefics)")
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (d / name).is_file():
+            raise FileNotFoundError(f"{str(d)!r} is not a fastflamingo directory: {name} is missing")
+    return d
+
+
 def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder: nn.Module | None = None,
                     quantization=None, device=None, dtype: torch.dtype | None = None,
                     trust_remote_code: bool = False, device_map=None, max_memory=None, offload_folder=None):
@@ -117,14 +136,7 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
             (:func:`fastflamingo.distribute.dispatch`; after quantization).
     """
     from safetensors import safe_open
-    d = Path(directory)
-    if not d.is_dir():
-        raise FileNotFoundError(f"{str(d)!r} does not exist: from_pretrained loads a local directory written by "
-                                f"save_pretrained or `fastflamingo convert` (nothing is downloaded; for a Hugging "
-                                f"Face IDEFICS model use fastflamingo.from_idefics)")
-    for name in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (d / name).is_file():
-            raise FileNotFoundError(f"{str(d)!r} is not a fastflamingo directory: {name} is missing")
+    d = check_model_directory(directory)
     config = FlamingoConfig.from_json((d / CONFIG_NAME).read_text())
     state = load_state_file(d / WEIGHTS_NAME)  # a truncated file fails here, with a clear message
     with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:

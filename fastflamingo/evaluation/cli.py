@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import torch
@@ -221,6 +222,9 @@ def _synthetic(args, device, dtype) -> dict:
     start = time.perf_counter()
     steps = 1500 if args.steps is None else args.steps
     num_queries = 200 if args.num_queries is None else args.num_queries
+    if not sys.stderr.isatty():  # (a terminal shows the progress bars instead)
+        print(f"training the tiny preset {steps} steps on the synthetic world (about 3 minutes on 2 CPU cores "
+              f"at 1500), then {num_queries} queries per attribute ...", flush=True)
     losses = synthetic.train(model, tok, steps=steps, seed=args.seed)
     trained = time.perf_counter() - start
     if args.save:
@@ -275,16 +279,15 @@ def _load(args):
 
 
 def _user_data(args, device, dtype) -> dict:
-    from transformers import AutoTokenizer
-
-    from ..generation.cli import image_transform
+    from ..convert.io import saved_tokenizer
+    from ..convert.pretrained import check_model_directory
     from ..model import Flamingo
     from .harness import evaluate
-    queries, support, class_names = _load(args)
+    queries, support, class_names = _load(args)  # the data's errors first (they need no model)
+    check_model_directory(args.model)
+    tok = saved_tokenizer(args.model, required_by="fastflamingo evaluate --model")  # before the weights load
     model = Flamingo.from_pretrained(args.model, quantization=args.quantization, dtype=dtype, device=device).eval()
-    tok = AutoTokenizer.from_pretrained(args.model)
-    style = "idefics" if model.config.cross_attention.style == "idefics" else "open_flamingo"
-    transform = image_transform(style, model.config.vision.image_size)
+    transform = model.image_processor()
     rs = evaluate(model, tok, queries, support, task=args.task, shots=args.shots or [0, 4, 8],
                   image_processor=transform, class_names=class_names, seed=args.seed, batch_size=args.batch_size or 8,
                   num_beams=3 if args.num_beams is None else args.num_beams, max_new_tokens=args.max_new_tokens,

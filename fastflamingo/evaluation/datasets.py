@@ -43,6 +43,10 @@ def load_examples(path: str, task: str, check_images: bool = False) -> list[Exam
         answers, text = _answers(where, row, task), None
         if task == "vqa" and not isinstance(row.get("question"), str):
             raise ValueError(f"{where}: a VQA example needs a \"question\" string")
+        if task != "vqa" and "question" in row:  # its prompt has no question: it would be dropped
+            raise ValueError(f"{where}: a {task} example has a \"question\" ({str(row['question'])[:60]!r}), which "
+                             f"{task} prompts do not show: is this a VQA file? Evaluate it with task 'vqa' "
+                             "(--task vqa), or remove the questions")
         if task == "hateful_memes":
             text = row.get("text")
             if not isinstance(text, str):

@@ -79,7 +79,7 @@ def render(colors: list[str], shapes: list[str], generator: torch.Generator, siz
 
 
 def _clip():
-    from ..generation.cli import CLIP_MEAN, CLIP_STD
+    from ..inputs import CLIP_MEAN, CLIP_STD
     return torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
 
 
@@ -87,7 +87,7 @@ def pixels(pictures: torch.Tensor) -> torch.Tensor:
     """Pictures (..., 3, H, W) in [0, 1] (:func:`render`) -> the pixels the model takes: the
     picture's 8-bit image (clamped, rounded) CLIP-normalised, bit for bit what
     ``fastflamingo evaluate --model DIR`` gives for its image file
-    (:func:`fastflamingo.generation.cli.image_transform`, open_flamingo's transform)."""
+    (:func:`fastflamingo.inputs.image_transform`, open_flamingo's transform)."""
     mean, std = _clip()
     return ((pictures.clamp(0, 1) * 255).round() / 255 - mean) / std
 

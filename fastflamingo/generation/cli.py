@@ -20,7 +20,6 @@ Each row ends at its first stop token (printed and counted among the new tokens)
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -31,8 +30,6 @@ import torch
 from ..cli import count_arg, device_arg
 from ..inputs import read_image
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation (open_flamingo, IDEFICS)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def add_parser(subparsers) -> None:
@@ -87,50 +84,8 @@ def add_prompt_arguments(p) -> None:
                    help="use N random images instead of files (with --prompt / --prompt-ids)")
 
 
-def image_transform(style: str, size: int):
-    """PIL image -> (3, size, size) pixels, as the model's own project prepares them for inference:
-    IDEFICS's processor (transformers'), or open_flamingo's, which is open_clip's evaluation
-    transform (resize the short side, crop the centre, CLIP normalisation). Without open_clip
-    installed, the same steps written here, with torchvision's sizes and offsets."""
-    if style == "idefics":
-        try:
-            from transformers import IdeficsImageProcessor
-            processor = IdeficsImageProcessor(image_size=size)
-        except ImportError:  # (transformers' processor needs torchvision) its PIL steps, written here
-            return functools.partial(_resize_normalise, size=size)
-        return lambda img: processor([img], return_tensors="pt")[0]
-    try:
-        import open_clip
-        return open_clip.image_transform(size, is_train=False)
-    except ImportError:
-        return functools.partial(_resize_crop_normalise, size=size)
-
-
-def _resize_crop_normalise(img, size: int) -> torch.Tensor:
-    """open_clip's evaluation transform (torchvision's Resize(size) and CenterCrop(size), bicubic)."""
-    from PIL import Image
-    short, long = sorted(img.size)
-    long = int(size * long / short)  # torchvision's resized size of the long side (truncated)
-    img = img.resize((size, long) if img.width <= img.height else (long, size), Image.BICUBIC)
-    left, top = int(round((img.width - size) / 2.0)), int(round((img.height - size) / 2.0))
-    return _normalise(img.crop((left, top, left + size, top + size)))
-
-
-def _resize_normalise(img, size: int) -> torch.Tensor:
-    """IDEFICS's processor without torchvision: the whole image resized to the square (bicubic)."""
-    from PIL import Image
-    return _normalise(img.resize((size, size), Image.BICUBIC))
-
-
-def _normalise(img) -> torch.Tensor:
-    """A PIL RGB image -> CLIP-normalised (3, H, W) pixels."""
-    x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)
-    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
-    return (x.float() / 255 - mean) / std
-
-
 def load_image(path: str, transform) -> torch.Tensor:
-    """An image file -> (3, H, W) pixels through ``transform`` (:func:`image_transform`)."""
+    """An image file -> (3, H, W) pixels through ``transform`` (:func:`fastflamingo.inputs.image_transform`)."""
     return transform(read_image(path))
 
 
@@ -157,12 +112,8 @@ def _load(args):
         return Flamingo.from_preset(args.preset, dtype=dtype, quantization=args.quantization, seed=args.seed,
                                     **where), None
     model = Flamingo.from_pretrained(args.model, quantization=args.quantization, dtype=dtype, **where)
-    try:
-        from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError):
-        tokenizer = None
-    return model.eval(), tokenizer
+    from ..convert.io import saved_tokenizer
+    return model.eval(), saved_tokenizer(args.model)
 
 
 def token_ids(values, what: str) -> list[int]:
@@ -358,7 +309,7 @@ def prepare(args):
     device = execution_device(model.lang_encoder.get_input_embeddings()) or torch.device("cpu")
     g = torch.Generator().manual_seed(args.seed)
     pre_ids, pre_images, ids, mask, vision = _requests(args, spec, tokenizer, c.vision.image_size, g, c.media_token_id,
-                                                       image_transform(c.cross_attention.style, c.vision.image_size),
+                                                       model.image_processor(),
                                                        decoded)
     if c.pad_token_id is not None:
         ids = ids.masked_fill(mask == 0, c.pad_token_id)

@@ -112,6 +112,10 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         raise ValueError(f"train must be one of {TRAIN}, got {train!r}")
     if resume and out is None:
         raise ValueError("resume=True continues from out's checkpoint: pass out")
+    if not resume and out is not None and os.path.isfile(os.path.join(out, CHECKPOINT)):
+        raise FileExistsError(f"out={out!r} holds an earlier run's checkpoint ({CHECKPOINT}): a new run would overwrite "
+                              "it, its model/ and history.json. resume=True (--resume) continues that run; to start "
+                              "over, remove the directory or give another out")
     if shard and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ValueError("shard=True trains data parallel over torch.distributed: initialize it first "
                          "(torch.distributed.init_process_group, e.g. under torchrun)")

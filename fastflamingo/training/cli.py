@@ -33,6 +33,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import torch
 
@@ -88,17 +89,16 @@ def _max_grad_norm(text: str) -> float:
 
 
 def run(args) -> int:
-    from transformers import AutoTokenizer
-
-    from ..generation.cli import image_transform
+    from ..convert.io import saved_tokenizer
+    from ..convert.pretrained import check_model_directory
     from ..model import Flamingo
     from . import DocumentBatches, fine_tune, load_documents
-    for flag, path in (("--model", args.model), ("--data", args.data)):
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{flag}: no {'directory' if flag == '--model' else 'file'} {path!r}")
+    check_model_directory(args.model)
+    if not os.path.isfile(args.data):
+        raise FileNotFoundError(f"--data: no file {args.data!r}")
     if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
         raise ValueError("--steps, --batch-size and --grad-accum must be >= 1")
-    tok = AutoTokenizer.from_pretrained(args.model)
+    tok = saved_tokenizer(args.model, required_by="fastflamingo finetune --model")
     # every document's images and length checked before the model loads, naming its file:line
     docs = load_documents(args.data, tok, args.max_length)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -107,16 +107,17 @@ def run(args) -> int:
         device, rank, world = _init_distributed(device)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
     model = Flamingo.from_pretrained(args.model, quantization=args.quantization, dtype=dtype, device=device)
-    style = "idefics" if model.config.cross_attention.style == "idefics" else "open_flamingo"
     data = DocumentBatches(docs, tok, model.config.media_token_id, batch_size=args.batch_size,
                            grad_accum=args.grad_accum, seed=args.seed, max_length=args.max_length,
                            rank=rank, world_size=world,
-                           image_processor=image_transform(style, model.config.vision.image_size),
+                           image_processor=model.image_processor(),
                            image_size=model.config.vision.image_size)
     done = 0
     if args.resume and os.path.isfile(os.path.join(args.out, "history.json")):
         with open(os.path.join(args.out, "history.json")) as f:
             done = len(json.load(f))
+    if rank == 0 and not sys.stderr.isatty():  # (a terminal shows the progress bar instead)
+        print(f"training {len(docs)} documents to step {args.steps} on {device} ...", flush=True)
     history = fine_tune(model, data, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
                         warmup=args.warmup, max_grad_norm=args.max_grad_norm or None, optimizer=args.optimizer,
                         activation_checkpointing=args.activation_checkpointing, shard=args.shard,
