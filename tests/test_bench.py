@@ -281,8 +281,53 @@ def test_e2e_runs_the_named_groups_and_notes_what_the_compiled_decode_compiled()
     assert f"fastflamingo compiled: {fallback}" in format_table(rows)  # printed under the table
     with pytest.raises(ValueError, match="unknown e2e group"):
         e2e.run(cfg, "cpu", progress=False, groups=["vllm"])
-    with pytest.raises(SystemExit, match="unknown group"):
-        main(["--suite", "e2e", "--groups", "open_flamingo,vllm"])
+    assert main(["--suite", "e2e", "--groups", "open_flamingo,vllm"]) == 2  # a usage error (see below)
+
+
+def test_an_unknown_group_is_a_usage_error_with_the_closest_name(tmp_path, capsys):
+    """``--groups openflamingo``: "fastflamingo bench: error: ...", exit 2 as argparse's usage
+    errors, the closest valid name suggested, before anything runs or --out is made."""
+    from fastflamingo.bench.cli import main
+    out = tmp_path / "out"
+    assert main(["--suite", "e2e", "--groups", "openflamingo", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastflamingo bench: error: --groups 'openflamingo': unknown group"), err
+    assert "did you mean 'open_flamingo'" in err[0] and "choose from open_flamingo, idefics" in err[0]
+    assert main(["--suite", "e2e", "--groups", "idefics,vllm", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown group(s) 'vllm'" in err and "did you mean" not in err  # nothing close to suggest
+    assert not out.exists()
+
+
+def test_without_the_peers_fastflamingo_is_measured_and_the_peers_read_na(tmp_path, monkeypatch):
+    """``pip install -e . && fastflamingo bench`` installs no peer: fastflamingo's own tiny-shape
+    rows (prefill, decode, beams, train; scoring) are measured all the same, on its own vision
+    encoder (no open_clip); open_flamingo's read n/a with the reason, and the goal against it
+    "not measured", with the reason."""
+    import sys
+    from fastflamingo.bench import peers
+    for name in ("open_flamingo", "open_clip", "bitsandbytes"):
+        monkeypatch.setitem(sys.modules, name, None)  # not importable, as when not installed
+    assert peers.open_flamingo_missing() == "open_flamingo is not installed"
+    cfg = dataclasses.replace(SMALL_E2E, new_tokens=4, quant=("nf4",))
+    result = run_bench(suite="e2e", out=str(tmp_path), device="cpu", progress=False, plots=False,
+                       e2e_config=cfg, groups=["open_flamingo"], echo=lambda *a: None)
+    rows = result["rows"]
+    assert all(r.x.startswith("tiny shape") for r in rows), {r.x for r in rows}
+    ours = {r.kernel: r for r in rows if r.provider == "fastflamingo" and r.metric != "peak_mem_MB"}
+    assert {"e2e prefill", "e2e decode", "e2e beam search x2", "e2e train step"} <= set(ours)
+    assert all(r.ok for r in ours.values()), [r.status for r in ours.values() if not r.ok]
+    theirs = {r.kernel: r.status for r in rows if r.provider == "open_flamingo"}
+    assert {"e2e prefill", "e2e decode", "e2e beam search x2", "e2e train step"} <= set(theirs)
+    assert set(theirs.values()) == {"n/a: open_flamingo is not installed"}
+    nf4 = next(r for r in rows if r.provider == "fastflamingo nf4")
+    assert nf4.status == "n/a: bitsandbytes is not installed"
+    goals = (tmp_path / "goals.txt").read_text()
+    assert "tiny preset generation >= 2x open_flamingo (CPU), tiny shape B=1 N=1 T=12: not measured: " \
+           "open_flamingo decode: n/a: open_flamingo is not installed" in goals, goals
+    scored = {r.provider: r for r in score.run(SMALL_SCORE, "cpu", progress=False)}
+    assert list(scored) == list(score.PROVIDERS) and scored["fastflamingo"].ok, scored["fastflamingo"].status
+    assert all(scored[p].status == "n/a: open_flamingo is not installed" for p in score.PROVIDERS[1:])
 
 
 # ------------------------------------------------------------------------- audit fixes

@@ -166,6 +166,18 @@ def test_a_row_that_did_not_run_is_not_measured(status):
     assert len(v) == 1 and v[0].status == UNMEASURED and status.split(":")[0] in v[0].measured
 
 
+def test_a_cpu_group_that_gave_no_decode_row_leaves_its_goal_not_measured():
+    """An end-to-end group that failed outright (``e2e.run``'s one row, labelled with the preset
+    or the shape): its goal reads "not measured" with the reason, not left out."""
+    rows = [_row("e2e", "-", "tiny", "open_flamingo", None, device=CPU, status="n/a: RuntimeError: boom"),
+            _row("e2e", "-", "idefics shape", "idefics", None, device=CPU, status="n/a: ImportError: no IDEFICS")]
+    assert [(v.goal, v.status, v.measured) for v in evaluate(rows)] == [
+        ("tiny preset generation >= 2x open_flamingo (CPU)", UNMEASURED, "open_flamingo: n/a: RuntimeError: boom"),
+        ("tiny IDEFICS-shape generation >= 2x transformers' IDEFICS (CPU)", UNMEASURED,
+         "idefics: n/a: ImportError: no IDEFICS")]
+    assert evaluate([_row("e2e", "-", "openflamingo-3b", "open_flamingo", None, device=CPU, status="n/a: x")]) == []
+
+
 def test_kernel_goals_hold_for_their_geometry_alone():
     """Issue 3's goals are set for H=8, d=64 (64 latents), bf16, issue 6's for 8 x 64 heads: rows of
     another preset's heads or dtype at the same points decide nothing; rows that do not record

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import difflib
 import os
 import sys
 import time
@@ -164,9 +165,11 @@ def _groups(text: str | None) -> list[str] | None:
         return None
     names = [g.strip() for g in text.split(",") if g.strip()]
     unknown = [g for g in names if g not in e2e.GROUPS]
-    if unknown:
-        raise SystemExit(f"fastflamingo bench: --groups {text!r}: unknown group(s) {unknown}; "
-                         f"choose from {', '.join(e2e.GROUPS)}")
+    if unknown:  # a usage error: fastflamingo.cli.main prints "fastflamingo bench: error: ..." and exits 2
+        close = {g: difflib.get_close_matches(g, e2e.GROUPS, n=1, cutoff=0.5) for g in unknown}
+        hint = "".join(f"; did you mean {m[0]!r} for {g!r}?" for g, m in close.items() if m)
+        raise ValueError(f"--groups {text!r}: unknown group(s) {', '.join(map(repr, unknown))}{hint} "
+                         f"(choose from {', '.join(e2e.GROUPS)})")
     return names
 
 
@@ -181,7 +184,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="model shape (default: tiny on a CPU, openflamingo-9b on a GPU); see fastflamingo.presets. "
                         "The nf4 suite has fixed 7B shapes; the e2e suite's idefics group runs the IDEFICS shape")
     p.add_argument("--quick", action="store_true", help="fewer points and repetitions")
-    p.add_argument("--out", default="bench-results", help="directory for rows.csv, rows.json, table.txt, PNGs")
+    p.add_argument("--out", default="bench-results",
+                   help="directory for rows.csv, rows.json, table.txt, goals.txt, PNGs (default: %(default)s, "
+                        "under the current directory)")
     p.add_argument("--device", type=bench_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=count_arg("--threads"), default=0,
                    help="torch CPU threads (default, 0: torch's choice; 1 on a CPU kept busy by other work)")

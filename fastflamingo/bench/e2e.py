@@ -164,18 +164,24 @@ def _labels(ids, *specials):
 
 
 def open_flamingo_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row]:
-    """fastflamingo vs open_flamingo's own model (same weights), then fastflamingo with NF4."""
+    """fastflamingo vs open_flamingo's own model (same weights), then fastflamingo with NF4. Where
+    open_flamingo cannot be built (not installed, or open_clip not), fastflamingo's own model in its
+    shape (:func:`.peers.open_flamingo_shaped`) runs alone and open_flamingo's rows read n/a."""
     from ..convert.open_flamingo import from_open_flamingo
-    from .peers import open_flamingo_model
+    from .peers import open_flamingo_missing, open_flamingo_model, open_flamingo_shaped
     config = preset_config(cfg.preset)
     if config.cross_attention.style != "open_flamingo":
         return [Row(kernel="e2e", provider="open_flamingo", mode="-", metric="time_ms", x=cfg.preset,
                     status=f"n/a: preset {cfg.preset} is not open_flamingo-style", device=device_name(device),
                     versions=versions(), sweep="stage")]
-    live = open_flamingo_model(config, device, cfg.dtype)
-    ours = from_open_flamingo(live)
+    missing = open_flamingo_missing()
+    if missing:  # fastflamingo alone, in the shape it would have had (no peer to share weights with)
+        live, ours = None, open_flamingo_shaped(config, device, cfg.dtype)
+    else:
+        live = open_flamingo_model(config, device, cfg.dtype)
+        ours = from_open_flamingo(live)
     ours.lang_encoder.get_input_embeddings().requires_grad_(True)  # the same trainable set as live
-    vocab = live.lang_encoder.get_input_embeddings().num_embeddings
+    vocab = ours.lang_encoder.get_input_embeddings().num_embeddings
     specials = (config.eoc_token_id, config.pad_token_id or 0, config.eos_token_id or 0)
     label = f"{cfg.preset} shape B={cfg.batch} N={cfg.images} T={cfg.prompt}"
     inputs, train_inputs = _both_inputs(cfg, config.media_token_id, vocab=min(vocab, config.num_base_tokens or vocab),
@@ -185,19 +191,34 @@ def open_flamingo_group(cfg: E2EConfig, device: str, progress: bool) -> list[Row
     ref = _reference_outputs(ours, inputs, train_inputs, cfg.new_tokens, banned, cfg.beams)
     vx, ids, mask = inputs
     tvx, tids, tmask, labels = train_inputs
-    entrants = fastflamingo_entrants(ours, inputs, train_inputs, banned, cfg.compiled) + [
+    entrants = fastflamingo_entrants(ours, inputs, train_inputs, banned, cfg.compiled) + ([] if live is None else [
         Entrant("open_flamingo", prefill=lambda: live(vx, ids, attention_mask=mask).logits,
                 loss=lambda: live(tvx, tids, attention_mask=tmask, labels=labels).loss,
                 params=lambda: [p for p in live.parameters() if p.requires_grad],
                 generate=lambda n, k=1: call_generate(live.generate, vx, ids, mask, n, banned, num_beams=k),
-                module=live, teacher_forced=lambda seq: live(vx, seq, attention_mask=_longer(mask, seq)).logits)]
+                module=live, teacher_forced=lambda seq: live(vx, seq, attention_mask=_longer(mask, seq)).logits)])
     group = Group(label, entrants, ref, cfg, device, progress, banned)
     rows = group.run()
+    if missing:
+        rows = _peer_unavailable(rows, "open_flamingo", f"n/a: {missing}")
     # free open_flamingo's copy of the 16-bit weights before measuring the quantized model
     del live, entrants
     group.entrants = []
     gc.collect()
     return rows + _quantized_rows(group, ours, inputs, train_inputs)
+
+
+def _peer_unavailable(rows: list[Row], peer: str, status: str) -> list[Row]:
+    """``rows`` with, after each of fastflamingo's own time or rate rows, ``peer``'s at the same
+    stage reading ``status`` (a peer that could not be built: its cells, and the goals against it,
+    say why)."""
+    out = []
+    for r in rows:
+        out.append(r)
+        if r.provider == "fastflamingo" and r.metric in ("time_ms", "tokens_per_s"):
+            out.append(Row(kernel=r.kernel, provider=peer, mode=r.mode, metric=r.metric, x=r.x, status=status,
+                           device=r.device, versions=r.versions, sweep=r.sweep))
+    return out
 
 
 def _quantized_rows(group: Group, ours, inputs, train_inputs) -> list[Row]:
@@ -212,9 +233,10 @@ def _quantized_rows(group: Group, ours, inputs, train_inputs) -> list[Row]:
 
 
 def _one_quantized(group: Group, model, q: str, inputs, train_inputs) -> list[Row]:
-    if not (importlib.util.find_spec("fastflamingo.quant") and has_module("bitsandbytes")):
-        return [group.row("e2e prefill", f"fastflamingo {q}", "time_ms", mode=q,
-                          status="n/a: fastflamingo.quant (quantize_model) is not in this build")]
+    why = ("fastflamingo.quant (quantize_model) is not in this build" if not importlib.util.find_spec(
+        "fastflamingo.quant") else "bitsandbytes is not installed" if not has_module("bitsandbytes") else None)
+    if why:
+        return [group.row("e2e prefill", f"fastflamingo {q}", "time_ms", mode=q, status=f"n/a: {why}")]
     from ..quant import quantize_model
     try:
         # inference: the cross-attention blocks and the vision encoder too (issue 7's memory goal
@@ -298,11 +320,6 @@ def run(cfg: E2EConfig, device: str, *, progress: bool = True, on_rows=None, gro
         raise ValueError(f"unknown e2e group(s) {unknown}: choose from {list(GROUPS)}")
     rows = []
     for name in tqdm(groups, desc="e2e", disable=not progress, unit="group"):
-        if name == "open_flamingo" and not has_module("open_flamingo"):
-            rows.append(Row(kernel="e2e prefill", provider="open_flamingo", mode="-", metric="time_ms",
-                            x=cfg.preset, status="n/a: open_flamingo is not installed", device=device_name(device),
-                            versions=versions(), sweep="stage"))
-            continue
         try:
             rows += GROUPS[name](cfg, device, progress)
         except Exception as ex:  # noqa: BLE001 - one group failing must not lose the others' rows

@@ -339,9 +339,22 @@ def evaluate(rows: Iterable[Row]) -> list[Verdict]:
         c = _Rows(cpu)
         device = cpu[0].device
         for issue, text, prefix, check in _E2E_CPU_GOALS:
-            for x in c.xs("e2e decode", "fp32", "tokens_per_s", prefix=prefix):
+            xs = c.xs("e2e decode", "fp32", "tokens_per_s", prefix=prefix)
+            for x in xs:
                 out.append(_judge(issue, f"{text}, {x}", device, check, c, x))
+            failed = None if xs else _group_failure(c, prefix)
+            if failed is not None:
+                why = failed.status.splitlines()[0][:120]
+                out.append(Verdict(issue, text, UNMEASURED, f"{failed.provider}: {why}", device))
     return sorted(out, key=lambda v: v.issue)
+
+
+def _group_failure(rows: _Rows, prefix: str) -> Row | None:
+    """The row of an end-to-end group that gave no decode rows at all (``e2e.run``'s row for a
+    group that failed, labelled with its preset, ``tiny``, or its shape, ``idefics shape``), or None."""
+    preset = prefix.removesuffix(" shape")
+    return next((r for r in rows.rows if r.kernel.startswith("e2e") and not r.ok
+                 and (r.x == preset or r.x.startswith(prefix))), None)
 
 
 def format_goals(verdicts: list[Verdict]) -> str:

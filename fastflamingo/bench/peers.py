@@ -8,7 +8,9 @@
   on a GPU, the transformers test-suite's tiny sizes on the CPU).
 
 fastflamingo then runs the same weights through :func:`fastflamingo.convert.open_flamingo.from_open_flamingo`
-and ``fastflamingo.convert.idefics.from_idefics`` (when present).
+and ``fastflamingo.convert.idefics.from_idefics`` (when present). Where open_flamingo cannot be
+built (:func:`open_flamingo_missing`), :func:`open_flamingo_shaped` builds fastflamingo's own model
+in the shape it would have had: fastflamingo's rows are measured, the peer's read n/a.
 """
 from __future__ import annotations
 
@@ -90,6 +92,40 @@ def open_flamingo_model(config: FlamingoConfig, device: str, dtype: torch.dtype,
     model.perceiver.requires_grad_(True)
     model.lang_encoder.gated_cross_attn_layers.requires_grad_(True)
     model.lang_encoder.get_input_embeddings().requires_grad_(True)
+    return model.eval()
+
+
+def open_flamingo_missing() -> str | None:
+    """Why :func:`open_flamingo_model` cannot be built here (open_flamingo or open_clip, its vision
+    encoder, not importable), or None."""
+    from .env import has_module
+    if not has_module("open_flamingo"):
+        return "open_flamingo is not installed"
+    if not has_module("open_clip"):
+        return "open_clip (open_flamingo's vision encoder) is not installed"
+    return None
+
+
+def open_flamingo_shaped(config: FlamingoConfig, device: str, dtype: torch.dtype, seed: int = 0):
+    """fastflamingo's own model in the shape ``from_open_flamingo(open_flamingo_model(config))``
+    has (open_flamingo's fixed resampler and cross-attention heads, every input embedding row
+    trained, the gates and norms perturbed alike), with random weights, but with the preset's own
+    vision encoder (``config.vision``: for ``tiny`` a transformers CLIP ViT of the same shape)
+    where the peer has open_clip's: fastflamingo's entrant when open_flamingo is missing (there is
+    no peer whose weights it must share), needing neither open_flamingo nor open_clip."""
+    import copy
+
+    from ..config import CrossAttentionConfig, ResamplerConfig
+    from ..model import Flamingo
+    config = copy.deepcopy(config)
+    config.resampler = ResamplerConfig()  # open_flamingo's: 6 layers, 8 x 64 heads, 64 latents
+    config.cross_attention = CrossAttentionConfig(every_n_layers=config.cross_attention.every_n_layers)
+    config.num_base_tokens, config.train_output_embeddings = 0, False  # as from_open_flamingo reads the peer
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Flamingo(config)
+    model = model.to(device=device, dtype=dtype)
+    _perturb(model, model.gated_cross_attn_layers, 0.5, seed)
     return model.eval()
 
 

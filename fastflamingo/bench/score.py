@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..presets import preset_config
-from .env import device_name, has_module, versions
+from .env import device_name, versions
 from .harness import reference_dtype
 from .rows import Row
 from .rows import DTYPE_NAMES
@@ -99,33 +99,38 @@ NOT_TIMED = "n/a: passed its check; the run stopped before it was timed"
 
 
 def run(cfg: ScoreConfig, device: str, progress: bool = True, on_rows=None) -> list[Row]:
-    """The check, then the providers timed together; ``n/a`` rows where open_flamingo is missing
-    or the preset is not open_flamingo-style. ``on_rows(rows)`` after the check (the checked
-    providers' rows ``NOT_TIMED``) and after the timing, to save partial results."""
+    """The check, then the providers timed together; ``n/a`` rows for open_flamingo's providers
+    where it is missing (fastflamingo then scores its own model in that shape,
+    :func:`.peers.open_flamingo_shaped`), for all of them where the preset is not
+    open_flamingo-style. ``on_rows(rows)`` after the check (the checked providers' rows
+    ``NOT_TIMED``) and after the timing, to save partial results."""
     from ..convert.open_flamingo import from_open_flamingo
     from ..generation.score import score, score_reference
     from .e2e import make_inputs
-    from .peers import open_flamingo_model
+    from .peers import open_flamingo_missing, open_flamingo_model, open_flamingo_shaped
     config = preset_config(cfg.preset)
     label = f"{cfg.preset} B={cfg.batch} N={cfg.images} T={cfg.prompt} C={cfg.candidates}"
     base = dict(kernel=KERNEL, mode=DTYPE_NAMES[cfg.dtype], metric="time_ms", x=label,
                 device=device_name(device), versions=versions(), sweep="stage", x_value=cfg.candidates)
-    why = ("open_flamingo is not installed" if not has_module("open_flamingo") else
-           f"preset {cfg.preset} is not open_flamingo-style" if config.cross_attention.style != "open_flamingo"
-           else None)
-    if why:
-        return [Row(provider=p, status=f"n/a: {why}", **base) for p in PROVIDERS]
-    live = open_flamingo_model(config, device, cfg.dtype)
-    ours = from_open_flamingo(live)
+    if config.cross_attention.style != "open_flamingo":
+        return [Row(provider=p, status=f"n/a: preset {cfg.preset} is not open_flamingo-style", **base)
+                for p in PROVIDERS]
+    missing = open_flamingo_missing()
+    if missing:  # fastflamingo alone, in the shape it would have had; the peer's rows read n/a
+        live, ours = None, open_flamingo_shaped(config, device, cfg.dtype)
+    else:
+        live = open_flamingo_model(config, device, cfg.dtype)
+        ours = from_open_flamingo(live)
     specials = {config.media_token_id, config.eoc_token_id, config.pad_token_id or 0, config.eos_token_id or 0}
-    vocab = config.num_base_tokens or live.lang_encoder.get_input_embeddings().num_embeddings
+    vocab = config.num_base_tokens or ours.lang_encoder.get_input_embeddings().num_embeddings
     vx, ids, mask = make_inputs(cfg.batch, cfg.images, cfg.prompt, vocab=vocab, media_token_id=config.media_token_id,
                                 image_size=config.vision.image_size, device=device, dtype=cfg.dtype,
                                 specials=tuple(specials))
     conts = candidates(cfg.candidates, vocab, specials)
-    calls = {PROVIDERS[0]: lambda: score(ours, vx, ids, conts, mask, progress=False),
-             PROVIDERS[1]: lambda: open_flamingo_cached(live, vx, ids, mask, conts),
-             PROVIDERS[2]: lambda: open_flamingo_no_cache(live, vx, ids, mask, conts)}
+    calls = {PROVIDERS[0]: lambda: score(ours, vx, ids, conts, mask, progress=False)}
+    if live is not None:
+        calls |= {PROVIDERS[1]: lambda: open_flamingo_cached(live, vx, ids, mask, conts),
+                  PROVIDERS[2]: lambda: open_flamingo_no_cache(live, vx, ids, mask, conts)}
     with torch.no_grad():
         ours.set_attention_backend("reference")
         try:
@@ -139,7 +144,7 @@ def run(cfg: ScoreConfig, device: str, progress: bool = True, on_rows=None) -> l
         gc.collect()
         eps = torch.finfo(cfg.dtype).eps
         bound = 2 * (plain.double() - exact).abs().max().item() + eps * exact.abs().max().item()
-        rows, timed = [], {}
+        rows, timed = [Row(provider=p, status=f"n/a: {missing}", **base) for p in PROVIDERS if p not in calls], {}
         for name, fn in calls.items():
             err = (fn().double() - exact).abs().max().item()
             note = f"max |error| {err:.2e} vs the plain {DTYPE_NAMES.get(hi, 'fp64')} run (bound {bound:.2e})"

@@ -86,7 +86,7 @@ def _warn_other_trainable_set(cfg) -> None:
     if more:
         warn_caller(f"the IDEFICS config says {', '.join(more)}; fastflamingo trains the cross-attention blocks, the "
                     "resampler and the added tokens' embedding rows only (the released models' settings), and does not "
-                    "apply these")
+                    "apply these: fine_tune(..., train='all') trains every weight, or set requires_grad yourself")
 
 
 _RENAMES = [  # IDEFICS name (regex) -> fastflamingo name; cross-attention layers handled apart
