@@ -53,6 +53,9 @@ def create_model_and_transforms(clip_vision_encoder_path: str, clip_vision_encod
     """
     import open_clip
     from transformers import AutoTokenizer
+    from .convert.load import check_placement
+    check_placement(quantization=quantization, device_map=device_map, max_memory=max_memory,
+                    offload_folder=offload_folder)
     unknown = set(flamingo_kwargs) - _FLAMINGO_KWARGS
     if unknown:
         raise TypeError(f"create_model_and_transforms got unexpected keyword(s) {sorted(unknown)}; "

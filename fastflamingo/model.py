@@ -276,7 +276,10 @@ class Flamingo(nn.Module):
         ``quantization="nf4" | "int8"`` quantizes its frozen LM (:func:`fastflamingo.quant.quantize_model`);
         ``device_map`` (with ``max_memory``, ``offload_folder``) spreads it over devices
         (:func:`fastflamingo.distribute.dispatch`)."""
+        from .convert.load import check_placement
         from .presets import preset_config
+        check_placement(dtype=dtype, device=device, quantization=quantization, device_map=device_map,
+                        max_memory=max_memory, offload_folder=offload_folder)
         config = preset_config(name, **overrides)
         torch.manual_seed(seed)
         with torch.device(device) if device is not None else contextlib.nullcontext():
@@ -300,6 +303,7 @@ class Flamingo(nn.Module):
             raise ValueError("set_trainable(train_embeddings=True) needs config.num_base_tokens, the LM's vocabulary "
                              "size before the Flamingo tokens were added: it says which embedding rows are new and "
                              "train (0: every row). Set it, or leave train_embeddings out")
+        self._refuse_quantized_trainables()
         self.requires_grad_(False)
         if self.perceiver is not None:
             self.perceiver.requires_grad_(True)
@@ -308,6 +312,15 @@ class Flamingo(nn.Module):
         from .tokens import train_new_embedding_rows
         train_new_embedding_rows(self, c.num_base_tokens if train_embeddings is not False else None,
                                  output=c.train_output_embeddings)
+
+    def _refuse_quantized_trainables(self) -> None:
+        from .quant import quantized_modules
+        parts = [*self.gated_cross_attn_layers, *([self.perceiver] if self.perceiver is not None else [])]
+        held = [f"{type(part).__name__}.{name}" for part in parts for name in quantized_modules(part)]
+        if held:
+            raise ValueError(f"{len(held)} layers of the trainable parts are quantized (e.g. {held[0]}: "
+                             "quantize_model(cross_attention=True) is for inference): they cannot train. Build or "
+                             "load the model again, quantized without cross_attention=True, to fine-tune it")
 
     def image_processor(self):
         """PIL image -> (3, S, S) pixels (S = ``config.vision.image_size``) as this model's own

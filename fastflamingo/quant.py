@@ -145,6 +145,12 @@ def _replace_linears(root: nn.Module, quantization: str, skip: set[int], frozen_
     return count
 
 
+def check_quantization(quantization) -> None:
+    """Refuse a ``quantization=`` value that is not ``"nf4"``, ``"int8"`` or None, naming it."""
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization={quantization!r} is not one of {QUANTIZATIONS} or None")
+
+
 def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool = False,
                    cross_attention: bool = False, fused: bool = False) -> nn.Module:
     """Quantize a :class:`~fastflamingo.Flamingo` model's frozen linear layers in place.
@@ -165,8 +171,11 @@ def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool =
     """
     if quantization is None:
         return model
-    if quantization not in QUANTIZATIONS:
-        raise ValueError(f"quantization={quantization!r} is not one of {QUANTIZATIONS} or None")
+    check_quantization(quantization)
+    meta = next((name for name, p in model.named_parameters() if p.is_meta), None)
+    if meta is not None:
+        raise ValueError(f"quantize_model: parameter {meta} is on the meta device (no values to quantize); "
+                         "load or build the model on the device it will run on ('cuda' or 'cpu') first")
     if cross_attention and model.training:
         raise ValueError("cross_attention=True quantizes the layers Flamingo trains: call model.eval() first "
                          "(quantize them for inference only; training keeps them in 16-bit)")

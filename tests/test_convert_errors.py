@@ -221,3 +221,21 @@ def test_from_pretrained_of_a_missing_directory_says_it_loads_local_directories(
         Flamingo.from_pretrained("HuggingFaceM4/idefics-9b")
     with pytest.raises(FileNotFoundError, match=r"is not a fastflamingo directory: config.json is missing"):
         Flamingo.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("option, match", [(dict(quantization="fp8"), "quantization='fp8'"),
+                                           (dict(dtype="float33"), "dtype='float33'"),
+                                           (dict(quantization="nf4", device="meta"), "meta")])
+def test_bad_load_options_are_refused_before_anything_is_read(tmp_path, option, match):
+    # every source below is missing: the option's error must come first (not after a long load)
+    missing = str(tmp_path / "nowhere")
+    from fastflamingo import create_model_and_transforms, from_idefics
+    loads = [lambda **o: Flamingo.from_preset("no-such-preset", **o),
+             lambda **o: Flamingo.from_pretrained(missing, **o)]
+    if "device" not in option:  # the converters take no device= (they keep the source's)
+        loads += [lambda **o: from_open_flamingo(missing + ".pt", **o), lambda **o: from_idefics(missing, **o)]
+    if set(option) == {"quantization"}:
+        loads.append(lambda **o: create_model_and_transforms("no-such-vit", None, missing, missing, **o))
+    for load in loads:
+        with pytest.raises(ValueError, match=match):
+            load(**option)

@@ -254,3 +254,32 @@ def test_bitsandbytes_is_imported_without_its_download_of_hub_code(tmp_path):
     chosen, _ = run("from fastflamingo.quant import import_bitsandbytes; import_bitsandbytes()",
                     FASTFLAMINGO_HUB_KERNELS="1")
     assert chosen
+
+
+def test_a_meta_device_model_is_refused_and_later_nf4_quantization_is_unharmed():
+    with pytest.raises(ValueError, match="meta"):
+        Flamingo.from_preset("tiny", device="meta", quantization="nf4")
+    with torch.device("meta"):
+        meta = Flamingo(preset_config("tiny"))
+    with pytest.raises(ValueError, match="meta device"):
+        quantize_model(meta.eval(), "nf4")
+    assert quantized_modules(meta) == []
+    # bitsandbytes caches its NF4 code table on the device of the first quantization: a meta one
+    # made every later quantization in the process compute from meta values
+    model = build("x64", "nf4")
+    full = build("x64")
+    vx, ids = inputs(model)
+    with torch.no_grad():
+        got, want = model(vx, ids).logits, full(vx, ids).logits
+    assert not got.is_meta and torch.isfinite(got).all()
+    assert (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_quantized_cross_attention_cannot_be_made_trainable():
+    model = build("x64").eval()
+    quantize_model(model, "nf4", cross_attention=True)
+    with pytest.raises(ValueError, match=r"cross_attention=True.*fine-tune"):
+        model.set_trainable()
+    from fastflamingo.training import fine_tune
+    with pytest.raises(ValueError, match="cross_attention=True"):
+        fine_tune(model, [], steps=1)

@@ -25,7 +25,7 @@ from torch import nn
 from ..config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
 from ..warn import warn_caller
 from .io import has_tokenizer, load_state_dir
-from .load import build_and_load
+from .load import build_and_load, check_placement
 
 IMAGE_TOKEN = "<image>"
 
@@ -147,6 +147,8 @@ def from_idefics(source, *, media_token_id: int | None = None, dtype: torch.dtyp
     attention_mask=)``, and open_flamingo's ``model(vision_x, lang_x)`` (image mask derived from
     ``<image>`` tokens and EOS, as IDEFICS's processor does).
     """
+    check_placement(dtype=dtype, quantization=quantization, device_map=device_map, max_memory=max_memory,
+                    offload_folder=offload_folder)
     if isinstance(source, nn.Module):
         cfg, state = source.config, source.state_dict()
     else:

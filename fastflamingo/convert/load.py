@@ -176,20 +176,36 @@ def as_dtype(dtype) -> torch.dtype | None:
                      "torch.float32, or one of their names ('bfloat16', ...)")
 
 
+def check_placement(*, dtype=None, device=None, quantization=None, device_map=None, max_memory=None,
+                    offload_folder=None) -> None:
+    """Refuse, before anything is read or built, the :func:`finish` options that cannot go
+    together or are not values it takes, naming them (every loader calls it first: a typo must
+    not cost the minutes a large checkpoint takes to load)."""
+    as_dtype(dtype)
+    if quantization is not None:
+        from ..quant import check_quantization
+        check_quantization(quantization)
+    if device_map is not None and device is not None:
+        raise ValueError(f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})")
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ValueError("max_memory and offload_folder apply with device_map= only")
+    if quantization is not None and device is not None and torch.device(device).type == "meta":
+        raise ValueError(f"quantization={quantization!r} with device={device!r}: a meta-device model has no weight "
+                         "values to quantize; load it on the device it will run on (device='cuda' or 'cpu')")
+    if quantization is not None and isinstance(device_map, dict):  # before quantizing (a planned map: dispatch)
+        from ..distribute import refuse_quantized_on_disk
+        refuse_quantized_on_disk(device_map, f"quantization={quantization!r}")
+
+
 def finish(model, *, dtype: torch.dtype | None = None, device=None, quantization=None, device_map=None,
            max_memory=None, offload_folder=None):
     """The last steps of every import: trainable set, dtype/device, optional quantization (on the
     device, as bitsandbytes needs; :func:`fastflamingo.quant.quantize_model`), placement over
     several devices (``device_map``: :func:`fastflamingo.distribute.dispatch`), eval."""
+    check_placement(dtype=dtype, device=device, quantization=quantization, device_map=device_map,
+                    max_memory=max_memory, offload_folder=offload_folder)
     model.set_trainable()
     dtype = as_dtype(dtype)
-    if device_map is not None and device is not None:
-        raise ValueError(f"pass device= or device_map=, not both (got device={device!r}, device_map={device_map!r})")
-    if device_map is None and (max_memory is not None or offload_folder is not None):
-        raise ValueError("max_memory and offload_folder apply with device_map= only")
-    if quantization is not None and isinstance(device_map, dict):  # before quantizing (a planned map: dispatch)
-        from ..distribute import refuse_quantized_on_disk
-        refuse_quantized_on_disk(device_map, f"quantization={quantization!r}")
     if dtype is not None or device is not None:
         model.to(device=device, dtype=dtype)
     if quantization is not None:

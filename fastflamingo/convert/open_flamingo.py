@@ -118,7 +118,9 @@ def from_open_flamingo(source, *, lang_encoder=None, vision_encoder=None, ln_pos
         device_map, max_memory, offload_folder: spread the result over devices with accelerate
             (:func:`fastflamingo.distribute.dispatch`).
     """
-    from .load import finish
+    from .load import check_placement, finish
+    check_placement(dtype=dtype, quantization=quantization, device_map=device_map, max_memory=max_memory,
+                    offload_folder=offload_folder)
     if not isinstance(source, nn.Module):
         from .open_flamingo_ckpt import from_open_flamingo_checkpoint
         return from_open_flamingo_checkpoint(

@@ -20,7 +20,7 @@ from ..config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, Visi
 from ..lm import decoder_layers_attr_for, get_attr, lm_hidden_size
 from ..warn import warn_caller
 from .io import load_hf_causal_lm, load_state_file
-from .load import build_and_load
+from .load import build_and_load, check_placement
 from .pretrained import record_sources
 from .open_flamingo import map_open_flamingo_state_dict, open_clip_image_size
 
@@ -198,6 +198,8 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
     The resampler is open_flamingo's, 6 layers deep: a checkpoint holding fewer is reported
     incomplete (:class:`~fastflamingo.convert.load.CheckpointMismatchError`), as one missing any other key.
     """
+    check_placement(dtype=dtype, quantization=quantization, device_map=device_map, max_memory=max_memory,
+                    offload_folder=offload_folder)
     state = checkpoint if isinstance(checkpoint, dict) else load_state_file(checkpoint)
     state = map_open_flamingo_state_dict(state)
     layout = read_open_flamingo_layout(state)

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..config import FlamingoConfig
 from .io import load_hf_causal_lm, load_state_file
-from .load import build_and_load
+from .load import build_and_load, check_placement
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 SOURCES_ATTR = "base_model_sources"  # model attribute: {"lm": path, "vision": [open_clip name, pretrained],
@@ -136,6 +136,8 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
             (:func:`fastflamingo.distribute.dispatch`; after quantization).
     """
     from safetensors import safe_open
+    check_placement(dtype=dtype, device=device, quantization=quantization, device_map=device_map,
+                    max_memory=max_memory, offload_folder=offload_folder)
     d = check_model_directory(directory)
     config = FlamingoConfig.from_json((d / CONFIG_NAME).read_text())
     state = load_state_file(d / WEIGHTS_NAME)  # a truncated file fails here, with a clear message
