@@ -7,8 +7,9 @@ counterparts of the Triton kernels). ``fastflamingo build-native`` (or :func:`bu
 ``build/native/<key>/``, where the key names the torch version and installation, and the CPU's
 instruction sets (the library is compiled with ``-march=native`` for the machine that runs it).
 ``$FASTFLAMINGO_NATIVE_BUILD`` names another folder, which nothing keys: a library there records
-the torch it was built for (:data:`STAMP`), and one built for another torch is refused, not
-loaded (a C++ ABI difference would crash or give wrong results).
+the torch and the CPU it was built for (:data:`STAMP`), and one built for another torch (a C++
+ABI difference would crash or give wrong results) or another CPU's instruction sets (a folder
+shared between machines: an illegal instruction kills the process) is refused, not loaded.
 
 Once built, it is found and loaded when ``fastflamingo`` is imported (``FASTFLAMINGO_NATIVE=0``
 turns that off; then, not inside a first ``torch.compile`` trace, which may touch no file), and
@@ -29,7 +30,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent  # the source checkout (where CMakeLists.txt is)
 LIBRARY = "libfastflamingo_native.so"
-STAMP = "built_for.json"  # beside the library: the torch (version, folder) it was built for
+STAMP = "built_for.json"  # beside the library: the torch (version, folder) and CPU it was built for
 OPS = "fastflamingo_native"
 REBUILD = "rebuild it with `fastflamingo build-native` in the source checkout (needs cmake and g++)"
 
@@ -51,10 +52,12 @@ def _cpu_flags() -> str:
     return platform.processor() or platform.machine()
 
 
-def this_torch() -> dict[str, str]:
-    """The torch of this process, as :data:`STAMP` records it: its version and its folder."""
+def this_build() -> dict[str, str]:
+    """What a library for this process must be built for, as :data:`STAMP` records it: the torch
+    (its version and its folder) and the CPU (a hash of its architecture and instruction sets)."""
     import torch
-    return {"torch": torch.__version__, "torch_dir": str(Path(torch.__file__).resolve().parent)}
+    cpu = hashlib.sha256(f"{platform.machine()}\n{_cpu_flags()}".encode()).hexdigest()[:12]
+    return {"torch": torch.__version__, "torch_dir": str(Path(torch.__file__).resolve().parent), "cpu": cpu}
 
 
 def build_dir() -> Path:
@@ -62,9 +65,9 @@ def build_dir() -> Path:
     ``<checkout>/build/native/torch-<version>-<hash of torch's folder and the CPU's flags>``."""
     if os.environ.get("FASTFLAMINGO_NATIVE_BUILD"):
         return Path(os.environ["FASTFLAMINGO_NATIVE_BUILD"])
-    torch = this_torch()
-    key = hashlib.sha256(f"{torch['torch_dir']}\n{platform.machine()}\n{_cpu_flags()}".encode()).hexdigest()[:12]
-    return ROOT / "build" / "native" / f"torch-{torch['torch'].replace('+', '_')}-{key}"
+    this = this_build()
+    key = hashlib.sha256(f"{this['torch_dir']}\n{platform.machine()}\n{_cpu_flags()}".encode()).hexdigest()[:12]
+    return ROOT / "build" / "native" / f"torch-{this['torch'].replace('+', '_')}-{key}"
 
 
 def library_path() -> Path:
@@ -118,11 +121,14 @@ def _describe(torch: dict[str, str]) -> str:
     return f"torch {torch['torch']} ({torch['torch_dir']})" if "torch" in torch else f"the torch in {torch['torch_dir']}"
 
 
-def _torch_mismatch(path: Path) -> str | None:
-    """Why the library at ``path`` is not for this process's torch, or None."""
-    built, this = built_for(path), this_torch()
-    if any(built.get(k) not in (None, v) for k, v in this.items()):
+def _mismatch(path: Path) -> str | None:
+    """Why the library at ``path`` is not for this process's torch or this machine's CPU, or None."""
+    built, this = built_for(path), this_build()
+    if any(built.get(k) not in (None, this[k]) for k in ("torch", "torch_dir")):
         return f"{path} was built for {_describe(built)}, but this process runs {_describe(this)}"
+    if built.get("cpu") not in (None, this["cpu"]):
+        return (f"{path} was built on another CPU (instruction sets {built['cpu']}, this machine's {this['cpu']}; "
+                "it is compiled with -march=native and may use instructions this one lacks)")
     return None
 
 
@@ -130,7 +136,7 @@ def build(verbose: bool = False, jobs: int | None = None) -> Path:
     """Configure (once) and build the extension for this Python's torch; returns the library's
     path. CMake rebuilds only what changed, so a second call costs about a second. A folder
     configured by another Python or torch (a shared ``$FASTFLAMINGO_NATIVE_BUILD``), or holding a
-    library built for another torch, is configured afresh and rebuilt from scratch."""
+    library built for another torch or CPU, is configured afresh and rebuilt from scratch."""
     if not (ROOT / "CMakeLists.txt").exists() or not (ROOT / "csrc").is_dir():
         raise RuntimeError(f"the native extension builds from a source checkout (CMakeLists.txt and csrc/ "
                            f"beside the fastflamingo package); {ROOT} has none. Clone the repository and "
@@ -141,7 +147,7 @@ def build(verbose: bool = False, jobs: int | None = None) -> Path:
                            "(g++ >= 10 or clang >= 12): apt install cmake g++, or pip install cmake")
     out = build_dir()
     out.mkdir(parents=True, exist_ok=True)
-    this = this_torch()
+    this = this_build()
     configured = _configured_for(out)
     if configured and configured != {"python": str(Path(sys.executable).resolve()), "torch_dir": this["torch_dir"]}:
         # CMake keeps what it found (the torch libraries) in its cache: start from none
@@ -154,8 +160,8 @@ def build(verbose: bool = False, jobs: int | None = None) -> Path:
         configure += ["-G", "Ninja"]
     steps = [configure] if fresh else []
     steps.append([cmake, "--build", str(out), "--parallel", str(jobs or os.cpu_count() or 1)])
-    if (out / LIBRARY).exists() and (fresh and configured or _torch_mismatch(out / LIBRARY)):
-        steps[-1].append("--clean-first")  # objects compiled against another torch's headers
+    if (out / LIBRARY).exists() and (fresh and configured or _mismatch(out / LIBRARY)):
+        steps[-1].append("--clean-first")  # objects compiled against another torch's headers, or CPU
     for cmd in steps:
         done = subprocess.run(cmd, capture_output=not verbose, text=True)
         if done.returncode != 0:
@@ -177,7 +183,7 @@ def load(path: str | Path | None = None) -> Path:
     """Load the built library (``path``, default :func:`library_path`) into this process and
     register its operators' fake and autograd functions; returns its path. Loading twice is a
     no-op. Raises with the build command where there is no build, where it is older than its
-    sources or was built for another torch (:func:`built_for`), and where the loader refuses it
+    sources or was built for another torch or CPU (:func:`built_for`), and where the loader refuses it
     (with the loader's reason)."""
     import torch
     if _state["loaded"]:
@@ -187,7 +193,7 @@ def load(path: str | Path | None = None) -> Path:
         raise RuntimeError(f"the native extension is not built ({path} does not exist): run "
                            "`fastflamingo build-native` in the source checkout (needs cmake and g++)")
     stale = path == library_path() and not up_to_date(path)
-    problem = f"{path} is older than its sources (csrc/, CMakeLists.txt)" if stale else _torch_mismatch(path)
+    problem = f"{path} is older than its sources (csrc/, CMakeLists.txt)" if stale else _mismatch(path)
     if problem is None:
         try:
             torch.ops.load_library(str(path))
@@ -234,7 +240,7 @@ def _problem() -> str | None:
 def unavailable_reason() -> str | None:
     """Why the native operators are not loaded (None when they are), for messages: turned off,
     not built (where it is looked for), or a library there that is older than its sources, was
-    built for another torch, or failed to load (the loader's reason). Probes like
+    built for another torch or CPU, or failed to load (the loader's reason). Probes like
     :func:`available`, so it touches no file inside a torch.compile trace."""
     if available():
         return None

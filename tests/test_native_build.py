@@ -1,5 +1,5 @@
-"""The native extension's build folder (fastflamingo.native): a library records the torch it was
-built for and is refused by another; a folder configured by another Python or torch is configured
+"""The native extension's build folder (fastflamingo.native): a library records the torch and CPU
+it was built for and is refused by another; a folder configured by another Python or torch is configured
 afresh; a library that is there but does not load is reported with the loader's reason, not as
 "not built". No compiler runs here: CMake's steps are recorded, not run (tests/conftest.py builds
 the real extension, and tests/test_native.py runs it)."""
@@ -54,7 +54,7 @@ def _cmake_cache(folder: Path, python: str, torch_dir: str) -> None:
                                            f"Python_EXECUTABLE:UNINITIALIZED={python}\n")
 
 
-THIS = native.this_torch()
+THIS = native.this_build()
 
 
 @pytest.mark.parametrize("python,torch_dir,stamp,reconfigured,clean", [
@@ -101,6 +101,21 @@ def test_a_library_built_for_another_torch_is_refused_naming_both(folder, cmake_
     assert f"this process runs torch 2.99.0+other ({THIS['torch_dir']})" in msg
     assert "fastflamingo build-native" in msg and not native._state["loaded"]
     assert not native.available() and "2.99.0+other" in native.unavailable_reason()
+
+
+def test_a_library_built_on_another_cpu_is_refused_and_rebuilt_from_scratch(folder, cmake_steps):
+    """A $FASTFLAMINGO_NATIVE_BUILD shared between machines (an NFS home): a library compiled with
+    -march=native elsewhere may hold instructions this CPU lacks (the process dies of SIGILL)."""
+    _cmake_cache(folder, sys.executable, THIS["torch_dir"])
+    (folder / native.LIBRARY).write_bytes(b"built on another machine")
+    (folder / native.STAMP).write_text(json.dumps({**THIS, "cpu": "0123456789ab"}))
+    with pytest.raises(RuntimeError, match=rf"built on another CPU \(instruction sets 0123456789ab, this "
+                                           rf"machine's {THIS['cpu']}.*fastflamingo build-native"):
+        native.load()
+    assert not native.available() and "another CPU" in native.unavailable_reason()
+    native.build()
+    assert "--clean-first" in cmake_steps[-1][0], cmake_steps  # its objects hold the other CPU's code too
+    assert native.built_for(folder / native.LIBRARY) == THIS
 
 
 def test_a_hand_built_library_for_another_torch_is_refused(folder):
