@@ -12,6 +12,7 @@ from torch import nn
 from . import mpt, ops, quant
 from .blocks import (ATTENTION_MODULES, Checkpointed, GatedCrossAttentionBlock,
                      IdeficsGatedCrossAttentionBlock, MediaState, PerceiverResampler)
+from .checks import check_count
 from .config import FlamingoConfig
 from .distribute import to_execution_device
 from .convert.open_flamingo import drop_duplicate_keys_hook
@@ -361,8 +362,7 @@ class Flamingo(nn.Module):
             raise ValueError("use_reentrant=True: fastflamingo's blocks read the visual tokens through the model's "
                              "media state, which reentrant checkpointing would not differentiate (no gradient "
                              "would reach the resampler); leave use_reentrant out, or False")
-        if isinstance(every_n_layers, bool) or not isinstance(every_n_layers, int) or every_n_layers < 1:
-            raise ValueError(f"every_n_layers must be an int >= 1, got {every_n_layers!r}")
+        check_count("every_n_layers", every_n_layers, 1)
         lm = self.lang_encoder
         hf_kwargs = {**kwargs, "use_reentrant": False}
         offload = bool(offload) and torch.cuda.is_available()  # (transformers 5.1x pins memory even without one)

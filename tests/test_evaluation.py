@@ -249,8 +249,9 @@ def test_bad_evaluation_input_is_refused(world):
         evaluate(model, tok, queries, support, demonstrations="similar", shared_demonstrations=True, progress=False)
     with pytest.raises(ValueError, match="at least 13 support examples"):
         evaluate(model, tok, queries, support, shots=13, demonstrations="similar", progress=False)
-    with pytest.raises(ValueError, match="shots must be integers >= 0"):
-        evaluate(model, tok, queries, support, shots=(-1,), progress=False)
+    for shots in [(-1,), True, (0, 2.0)]:  # True was taken as 1 shot, 2.0 failed deep in sampling
+        with pytest.raises(ValueError, match="shots must be integers >= 0"):
+            evaluate(model, tok, queries, support, shots=shots, progress=False)
     from peers import tiny_tokenizer
     with pytest.raises(ValueError, match="no '<image>' token"):
         evaluate(model, tiny_tokenizer(), queries, support, progress=False)

@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import is_int
 from ..inputs import image_tensor
 from . import metrics
 from .prompts import (GENERATED, HATEFUL_MEMES_CLASSES, TASKS, ZERO_SHOT_TEXT_DEMOS, Example,
@@ -169,7 +170,7 @@ def _check(task, queries, support, shots_list, tokenizer, class_names, text_demo
     if not queries:
         raise ValueError("no queries to evaluate")
     for s in shots_list:
-        if not isinstance(s, int) or s < 0:
+        if not is_int(s) or s < 0:
             raise ValueError(f"shots must be integers >= 0, got {s!r}")
     _check_support(queries, support, shots_list, text_demos_at_zero, demonstrations, shared)
     _check_images(queries, support)
@@ -273,7 +274,7 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
     check_count("max_new_tokens", max_new_tokens, 1, optional=True)
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
         raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
-    shots_list = [shots] if isinstance(shots, int) else list(shots)
+    shots_list = [shots] if isinstance(shots, bool) or is_int(shots) else list(shots)
     if task == "hateful_memes" and class_names is None:
         class_names = HATEFUL_MEMES_CLASSES
     _check(task, queries, support, shots_list, tokenizer, class_names, text_demos_at_zero, demonstrations,

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import torch
 
 from .. import mpt
+from ..checks import check_count
 from ..model import check_call, check_positions, check_vision_x, check_visual_tokens
 from ..warn import warn_caller
 from . import lm_cache, media_cache
@@ -41,13 +42,6 @@ __all__ = ["generate", "stream", "score", "score_reference", "encode_prefix", "P
            "transition_scores"]
 
 
-def check_count(name: str, value, least: int, *, optional: bool = False) -> None:
-    """Refuse a count that is not an integer >= ``least`` (None too where ``optional``), naming it:
-    a float or a string would otherwise fail deep in torch, and True would count as 1."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
-        raise ValueError(f"{name} must be an int >= {least}{' or None' if optional else ''}, got {value!r}")
 
 
 def _stop_ids(model, eos_token_id) -> list[int]:

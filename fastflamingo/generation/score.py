@@ -18,6 +18,7 @@ import numbers
 import torch
 from tqdm.auto import tqdm
 
+from ..checks import check_count
 from . import lm_cache, media_cache
 from .prefix import Prefix
 
@@ -90,9 +91,7 @@ def score(model, vision_x: torch.Tensor | None, lang_x: torch.Tensor, continuati
     from . import _start
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction={reduction!r} is not one of {REDUCTIONS}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be an int >= 1 (or None: by memory), got {chunk_size!r}")
+    check_count("chunk_size", chunk_size, 1, optional=True, note=" (or None: by memory)")
     cand, lengths = _candidates(model, continuations)
     session, last = _start(model, vision_x, lang_x, attention_mask, visual_tokens=visual_tokens, prefix=prefix,
                            max_new_tokens=1, cache="dynamic", compile=False, continuation=cand.shape[1])

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checks import check_count
 from .outputs import Record
 
 
@@ -52,9 +53,7 @@ class Sampling:
         if self.do_sample and self.temperature <= 0:  # (greedy decoding reads no temperature: 0 is fine there)
             raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}; use do_sample=False for "
                              "greedy decoding")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral)
-                                       or self.top_k < 0):
-            raise ValueError(f"top_k must be an int >= 0 (or None), got {self.top_k!r}")
+        check_count("top_k", self.top_k, 0, optional=True, note=" (or None)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
@@ -62,9 +61,7 @@ class Sampling:
         if isinstance(self.repetition_penalty, bool) or not isinstance(self.repetition_penalty, (int, float)) \
                 or not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be a number > 0 (1.0: none), got {self.repetition_penalty!r}")
-        if isinstance(self.no_repeat_ngram_size, bool) or not isinstance(self.no_repeat_ngram_size, int) \
-                or self.no_repeat_ngram_size < 0:
-            raise ValueError(f"no_repeat_ngram_size must be an int >= 0 (0: none), got {self.no_repeat_ngram_size!r}")
+        check_count("no_repeat_ngram_size", self.no_repeat_ngram_size, 0, note=" (0: none)")
         words = self.bad_words_ids
         if not isinstance(words, list) or not all(
                 isinstance(w, list) and w and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in w)

@@ -16,6 +16,7 @@ import operator
 
 import torch
 
+from ..checks import is_int
 from . import cpu, reference
 from .reference import (image_causal_attention_reference, image_causal_mask,
                         perceiver_attention_reference, text_time_from_media_locations)
@@ -71,25 +72,12 @@ def check_image_causal_inputs(name: str, q: torch.Tensor, k: torch.Tensor, v: to
     _check_attention_inputs(name, q, {"k": k, "v": v})
     if k.shape != v.shape:
         raise ValueError(f"{name}: k {tuple(k.shape)} and v {tuple(v.shape)} differ")
-    if not _is_int(latents_per_media):
+    if not is_int(latents_per_media):
         raise TypeError(f"{name}: latents_per_media={latents_per_media!r} must be an int (visual tokens per image), "
                         f"got {type(latents_per_media).__name__}")
     if latents_per_media <= 0 or k.shape[2] % latents_per_media:
         raise ValueError(f"{name}: the {k.shape[2]} keys are not a whole number of "
                          f"images of latents_per_media={latents_per_media} tokens")
-
-
-def _is_int(x) -> bool:
-    """An int or a numpy int; not a bool, nor a float (which the kernels would truncate)."""
-    if isinstance(x, bool):
-        return False
-    if isinstance(x, int):
-        return True
-    try:
-        operator.index(x)  # a numpy int
-        return True
-    except TypeError:
-        return False
 
 
 def check_text_time_dtype(text_time: torch.Tensor, name: str = "") -> None:
