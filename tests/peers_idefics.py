@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from fastflamingo.convert.idefics import RELEASED_FREEZE
+
 VOCAB, ADDITIONAL = 99, 2
 FAKE_ID, IMAGE_ID = VOCAB, VOCAB + 1         # IDEFICS: <fake_token_around_image>, <image>
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -41,7 +43,7 @@ def idefics_config(*, use_resampler=True, qk_layer_norms=True, alpha_type="vecto
         num_hidden_layers=layers, num_attention_heads=4, max_position_embeddings=128,
         alpha_type=alpha_type, alpha_initializer="zeros", cross_layer_interval=cross_layer_interval,
         qk_layer_norms=qk_layer_norms, use_resampler=use_resampler,
-        freeze_lm_head=True,  # as the released models (IdeficsConfig's default is False); freeze_*_layers: True
+        **RELEASED_FREEZE,  # as the released models (IdeficsConfig's default freeze_lm_head is False)
         pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
         vision_config=dict(embed_dim=32, image_size=IMAGE_SIZE, patch_size=2, num_hidden_layers=2,
                            num_attention_heads=4, intermediate_size=37),

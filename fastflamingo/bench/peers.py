@@ -142,9 +142,7 @@ def idefics_config(device: str):
     additional vocabulary: transformers' IDEFICS loss reshapes logits by ``vocab_size`` alone and
     fails with ``additional_vocab_size > 0``."""
     from transformers import IdeficsConfig
-    # the released models' trainable set (IdeficsConfig's default, freeze_lm_head=False, trains
-    # every lm_head row): what the fastflamingo entrants, imported from it, train
-    released = {"freeze_lm_head": True, "freeze_text_layers": True, "freeze_vision_layers": True}
+    from ..convert.idefics import RELEASED_FREEZE as released  # what the fastflamingo entrants, imported from it, train
     if torch.device(device).type == "cuda":  # IDEFICS-9B: LLaMA-7B, ViT-H/14, cross-attention every 4 layers
         return IdeficsConfig(
             use_resampler=True, cross_layer_interval=4, alpha_type="float", qk_layer_norms=False, **released,

@@ -76,13 +76,18 @@ def config_from_idefics(cfg, *, media_token_id: int) -> FlamingoConfig:
         eos_resets_media=True, eos_token_id=cfg.eos_token_id, num_base_tokens=cfg.vocab_size)
 
 
+# IdeficsConfig's freeze_* settings as the released models have them (its defaults differ:
+# freeze_lm_head=False trains every lm_head row), and what each one False trains besides
+RELEASED_FREEZE = {"freeze_lm_head": True, "freeze_text_layers": True, "freeze_vision_layers": True}
+_UNFROZEN = {"freeze_lm_head": "Hugging Face trains every lm_head row",
+             "freeze_text_layers": "it trains the decoder layers and every embedding row",
+             "freeze_vision_layers": "it trains the vision tower"}
+
+
 def _warn_other_trainable_set(cfg) -> None:
-    """fastflamingo trains IDEFICS's released set (its ``freeze_*`` settings all True): the blocks,
-    the resampler and the added tokens' rows. A config that unfreezes more is said so, not dropped."""
-    more = [f"{name}=False ({what})" for name, what in (
-        ("freeze_lm_head", "Hugging Face trains every lm_head row"),
-        ("freeze_text_layers", "it trains the decoder layers and every embedding row"),
-        ("freeze_vision_layers", "it trains the vision tower")) if not getattr(cfg, name, True)]
+    """fastflamingo trains IDEFICS's released set (:data:`RELEASED_FREEZE`): the blocks, the
+    resampler and the added tokens' rows. A config that unfreezes more is said so, not dropped."""
+    more = [f"{name}=False ({_UNFROZEN[name]})" for name in RELEASED_FREEZE if not getattr(cfg, name, True)]
     if more:
         warn_caller(f"the IDEFICS config says {', '.join(more)}; fastflamingo trains the cross-attention blocks, the "
                     "resampler and the added tokens' embedding rows only (the released models' settings), and does not "
