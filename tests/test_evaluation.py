@@ -96,8 +96,10 @@ def _plain(model, tok, text, images, **kw):
 def _plain_answers(model, tok, queries, support, shots, seed, zero, **gen):
     rng = random.Random(seed)
     out = []
-    for q in queries:
-        demos = rng.sample([s for s in support if s is not q], shots or zero)
+    for q in queries:  # DemonstrationSampler's draw: shots + copies positions, the query's copies dropped
+        k = shots or zero
+        own = [j for j, s in enumerate(support) if s is q]
+        demos = [support[j] for j in rng.sample(range(len(support)), k + len(own)) if j not in own][:k]
         text = few_shot_text("vqa", demos, q, text_only=shots == 0)
         ids, vx = _plain(model, tok, text, ([] if shots == 0 else [d.image for d in demos]) + [q.image])
         new = model.generate(vx, ids, **gen)[:, ids.shape[1]:]
@@ -173,7 +175,7 @@ def test_similar_demonstrations_are_the_nearest_images_most_similar_last(world):
     for i, q in enumerate(queries):
         sims = [(float(qf[i] @ sf[j]), j) for j in range(len(support)) if support[j] is not q]
         want = [support[j] for _, j in sorted(sims, reverse=True)[:3]][::-1]
-        assert _picker(model, None, queries, support, "similar", 0, 8)(i, q, 3) == want
+        assert _picker(model, None, queries, support, "similar", 0, 8, 3)(i, q, 3) == want
         text = few_shot_text("classification", want, q)
         ids, vx = _plain(model, tok, text, [d.image for d in want] + [q.image])
         cands = [tok(c, add_special_tokens=False)["input_ids"] for c in synthetic.NAMES]
@@ -181,7 +183,7 @@ def test_similar_demonstrations_are_the_nearest_images_most_similar_last(world):
     assert float(qf[0] @ sf[20]) == pytest.approx(1.0)  # queries[0] is in the support, its own nearest: excluded
     # the features mean something: the nearest image shares the query's colour far more often than chance (1/6)
     many, pool = synthetic.examples(60, "color", seed=33), synthetic.examples(60, "color", seed=34)
-    pick = _picker(model, None, many, pool, "similar", 0, 30)
+    pick = _picker(model, None, many, pool, "similar", 0, 30, 1)
     same = sum(pick(i, q, 1)[0].answers == q.answers for i, q in enumerate(many)) / len(many)
     assert same >= 0.5, same
 
@@ -316,9 +318,14 @@ def test_cli_synthetic_then_the_saved_model_on_files(tmp_path, capsys):
     assert [r["shots"] for r in report["results"]["classification"]] == [0, 2]
     assert all(p in synthetic.NAMES for p in report["results"]["classification"][1]["predictions"])
     vq = _write_split(tmp_path / "vq", synthetic.examples(4, "shape", seed=9), "vqa")
-    assert main(["evaluate", "--model", str(saved), "--task", "vqa", "--queries", vq, "--support", vq,
+    vs = _write_split(tmp_path / "vs", synthetic.examples(3, "shape", seed=10), "vqa")
+    assert main(["evaluate", "--model", str(saved), "--task", "vqa", "--queries", vq, "--support", vs,
                  "--shots", "1", "--shared-demonstrations", "--out", str(tmp_path / "out3")]) == 0
     assert "vqa_accuracy" in capsys.readouterr().out
+    # one shared draw for all queries is none of them: from the queries' own file there is none
+    assert main(["evaluate", "--model", str(saved), "--task", "vqa", "--queries", vq, "--support", vq,
+                 "--shots", "1", "--shared-demonstrations", "--out", str(tmp_path / "out4")]) == 2
+    assert "4 of them a query's own" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -364,3 +371,99 @@ def test_the_few_shot_plot_shows_scores_above_100(tmp_path):
         assert few_shot_plot(report, str(tmp_path / "p.png")) == str(tmp_path / "p.png")
     assert limits and limits[-1][0] == 0 and limits[-1][1] >= 112.8, limits
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_shared_demonstrations_are_none_of_the_queries():
+    """One draw for all queries, from a support set holding some of them (one file, overlapping
+    splits): a query was shown itself, answer included, as a shared demonstration."""
+    from fastflamingo.evaluation.harness import _check_support, _picker
+    exs = synthetic.examples(10, "color", seed=61)
+    queries, support = exs[:6], exs
+    for seed in range(40):
+        shared = _picker(None, None, queries, support, "random", seed, 8, 4)(None, None, 4)
+        assert len(shared) == 4 and not {d.key for d in shared} & {q.key for q in queries}
+    with pytest.raises(ValueError, match=r"5 shots need at least 5 .* \(6 of them a query's own\)"):
+        _check_support(queries, support, [5], 2, "random", True)
+
+
+def test_random_draws_never_show_a_query_a_copy_of_itself_and_cover_the_rest():
+    from fastflamingo.evaluation.prompts import DemonstrationSampler
+    exs = synthetic.examples(8, "color", seed=62)
+    support = exs + [Example(e.image, e.answers, question=e.question) for e in exs[:2]]  # copies: same key
+    sampler = DemonstrationSampler(support, random.Random(0))
+    seen = set()
+    for _ in range(300):
+        demos = sampler.draw(3, exs[0])
+        assert len(demos) == 3 and len({id(d) for d in demos}) == 3 and exs[0].key not in {d.key for d in demos}
+        seen |= {id(d) for d in demos}
+    assert seen == {id(s) for s in support if s.key != exs[0].key}  # every other example is drawn sometimes
+    with pytest.raises(ValueError, match=r"9 shots need at least 9 support examples besides the query, the support set has 10 \(2 of them"):
+        sampler.draw(9, exs[0])
+
+
+@pytest.mark.parametrize("block", [1, 7, 1 << 24])
+def test_nearest_support_equals_the_full_stable_sort(block):
+    """RICES kept the whole (queries, support) similarity matrix and its argsort (1 TB for VQAv2):
+    now per block of queries, top-k only, the same positions, ties in support order."""
+    from fastflamingo.evaluation.harness import nearest_support
+    g = torch.Generator().manual_seed(0)
+    sf = torch.nn.functional.normalize(torch.randn(23, 5, generator=g), dim=-1)
+    sf[10:14] = sf[3]  # tied similarities (the same image under several questions)
+    qf = torch.cat([sf[[3, 0, 10]], torch.nn.functional.normalize(torch.randn(6, 5, generator=g), dim=-1)])
+    own = [[3, 10, 11, 12, 13], [0], [], [], [1, 2], [], [], [], [22]]
+    got = nearest_support(qf, sf, own, 6, block=block * sf.shape[0])
+    sim = qf @ sf.T
+    for i, js in enumerate(own):
+        sim[i, js] = float("-inf")
+    torch.testing.assert_close(got, sim.argsort(dim=-1, descending=True, stable=True)[:, :6], rtol=0, atol=0)
+    assert nearest_support(qf, sf, own, 50).shape == (9, 23)
+
+
+def test_mismatched_ids_classes_by_case_and_missing_questions_are_refused_up_front(world, monkeypatch):
+    model, tok, queries, support = world
+    with pytest.raises(ValueError, match=r"\[\['red', 'Red'\]\] differ only in case"):
+        evaluate(model, tok, queries, support, task="classification", class_names=[*synthetic.NAMES, "Red"],
+                 progress=False)
+    monkeypatch.setattr(model.config, "eoc_token_id", model.config.eoc_token_id + 1)
+    with pytest.raises(ValueError, match=r"'<\|endofchunk\|>' is id \d+, the model's config.eoc_token_id is \d+"):
+        evaluate(model, tok, queries, support, progress=False)
+    monkeypatch.undo()
+    broken = [*support[:3], Example(support[3].image, support[3].answers, question=None), *support[4:]]
+    with pytest.raises(ValueError, match=r"support\[3\] \(image Tensor.*needs a question"):
+        evaluate(model, tok, queries, broken, shots=(0, 4), progress=False)
+    evaluate(model, tok, queries, broken, shots=0, text_demos_at_zero=0, progress=False)  # no demonstration shown
+
+
+def test_each_shot_count_is_saved_as_it_finishes(world, tmp_path, capsys):
+    """A support image that cannot be read, first met at 7 shots: the finished 0-shot run was
+    thrown away with it (results.json was written after every number of shots)."""
+    model, tok = world[:2]
+    seen = []
+    rs = evaluate(model, tok, world[2][:3], world[3], shots=(0, 1), max_new_tokens=2, num_beams=1,
+                  progress=False, on_result=seen.append)
+    assert seen == rs and [r.shots for r in seen] == [0, 1]
+    from fastflamingo.cli import main
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    q = _write_split(tmp_path / "q", synthetic.examples(3, "color", seed=71), "vqa")
+    s = _write_split(tmp_path / "s", synthetic.examples(7, "color", seed=72), "vqa")
+    (tmp_path / "s" / "6.png").write_bytes(b"not a png")
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--task", "vqa", "--queries", q, "--support", s,
+                 "--shots", "0", "7", "--num-beams", "1", "--out", str(tmp_path / "out")]) == 2
+    assert "not an image PIL can read" in capsys.readouterr().err
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["shots"] for r in report["results"]["vqa"]] == [0] and len(report["results"]["vqa"][0]["predictions"]) == 3
+
+
+def test_vqa_accuracy_by_the_official_script_normalizes_references_as_it_does():
+    """vqaEval.py (the VQA challenge's, its test server's): the prediction normalized fully, the
+    human answers only of punctuation and only where they disagree; open_flamingo's copy
+    normalizes them fully (the default: its published numbers)."""
+    cases = [("Yes", ["Yes"] * 10, 0.0, 1.0), ("two", ["2"] * 10, 1.0, 1.0), ("2", ["two"] * 10, 0.0, 1.0),
+             ("dog", ["the dog"] * 10, 0.0, 1.0), ("dog", ["dog."] * 9 + ["cat"], 1.0, 1.0),
+             ("dog", ["Dog"] * 9 + ["cat"], 0.0, 1.0)]
+    for pred, answers, official, of in cases:
+        assert vqa_accuracy(pred, answers, "official") == pytest.approx(official), (pred, answers)
+        assert vqa_accuracy(pred, answers) == pytest.approx(of), (pred, answers)
+    with pytest.raises(ValueError, match="script='eval_ai' is not one of"):
+        vqa_accuracy("dog", ["dog"], "eval_ai")

@@ -83,6 +83,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 5 for vqa, 20 for captioning")
     p.add_argument("--length-penalty", type=float, default=None,
                    help="beam search's length penalty, generated tasks (default 0.0)")
+    p.add_argument("--vqa-script", choices=["open_flamingo", "official"], default=None,
+                   help="vqa: how the accuracy normalizes the human answers: as open_flamingo's copy of the VQA "
+                        "script (default: the numbers OpenFlamingo published) or the VQA challenge's own script "
+                        "(they differ only where answers are not normalized already: capitals, number words)")
     p.add_argument("--seed", type=int, default=42, help="the draw of demonstrations")
     p.add_argument("--steps", type=count_arg("--steps"), default=None, help="--synthetic: training steps (1500)")
     p.add_argument("--num-queries", type=count_arg("--num-queries"), default=None,
@@ -106,7 +110,7 @@ def _check(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.synthetic:
         given = [f"--{n.replace('_', '-')}" for n in ("queries", "support", "class_names_file", "quantization", "task",
-                                                      "karpathy", "image_dir", "vqa_format", *_VQA_FILES)
+                                                      "karpathy", "image_dir", "vqa_format", "vqa_script", *_VQA_FILES)
                  if getattr(args, n)]
         # (its task ranks class names: nothing is generated)
         given += [f"--{n.replace('_', '-')}" for n in ("num_beams", "max_new_tokens", "length_penalty")
@@ -131,6 +135,8 @@ def _check(args) -> None:
                          "or folders of class folders as --queries and --support")
     if args.class_names_file and args.task in GENERATED:
         raise ValueError(f"--class-names-file is for classification and hateful_memes, not --task {args.task}")
+    if args.vqa_script and args.task != "vqa":
+        raise ValueError(f"--vqa-script is for --task vqa, not --task {args.task}")
     if args.prompt_ensembling and args.task in GENERATED:
         raise ValueError(f"--prompt-ensembling averages class rankings: it is for classification and hateful_memes, "
                          f"not --task {args.task}")
@@ -181,14 +187,22 @@ def run(args) -> int:
         report = _synthetic(args, device, dtype)
     else:
         report = _user_data(args, device, dtype)
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "results.json")
-    with open(path, "w") as f:
-        json.dump(report, f, indent=1)
+    path = _write_report(args.out, report)
     from .plot import few_shot_plot
     png = few_shot_plot(report, os.path.join(args.out, "few_shot.png"))
     print(f"wrote {path}" + (f", {png}" if png else ""))
     return 0
+
+
+def _write_report(out: str, report: dict) -> str:
+    """``out``/results.json, replaced whole (a reader, or a run killed meanwhile, never sees half)."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.json")
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+    return path
 
 
 def _table(report: dict) -> str:
@@ -288,34 +302,46 @@ def _user_data(args, device, dtype) -> dict:
     tok = saved_tokenizer(args.model, required_by="fastflamingo evaluate --model")  # before the weights load
     model = Flamingo.from_pretrained(args.model, quantization=args.quantization, dtype=dtype, device=device).eval()
     transform = model.image_processor()
+    report = {"kind": args.task, "model": args.model, "queries": args.queries or f"{args.karpathy}: test",
+              "support": args.support or f"{args.karpathy}: train", "metric": None, "results": {args.task: []},
+              **_meta(device)}
+
+    def done(r):  # each number of shots saved as it finishes: a later failure loses only its own
+        report["metric"] = r.metric
+        report["results"][args.task].append(r.to_dict())
+        path = _write_report(args.out, report)
+        written = _official_results(args, queries, [r])
+        print(f"  {r.shots}-shot: {r.metric} {r.score:.2f} ({r.seconds:.0f} s); saved to {path}"
+              + "".join(f", {w}" for w in written), flush=True)
+
     rs = evaluate(model, tok, queries, support, task=args.task, shots=args.shots or [0, 4, 8],
                   image_processor=transform, class_names=class_names, seed=args.seed, batch_size=args.batch_size or 8,
                   num_beams=3 if args.num_beams is None else args.num_beams, max_new_tokens=args.max_new_tokens,
                   length_penalty=0.0 if args.length_penalty is None else args.length_penalty,
                   demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations,
                   prompt_ensembling=args.prompt_ensembling,
-                  text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero)
-    report = {"kind": args.task, "model": args.model, "queries": args.queries or f"{args.karpathy}: test",
-              "support": args.support or f"{args.karpathy}: train",
-              "metric": rs[0].metric, "results": {args.task: [r.to_dict() for r in rs]}, **_meta(device)}
+                  text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero,
+                  vqa_script=args.vqa_script or "open_flamingo", on_result=done)
     print(f"{args.task}: {len(queries)} queries, demonstrations from {len(support)}; {rs[0].metric} (x 100) "
           f"on {report['device']}")
     print(_table(report))
-    _official_results(args, queries, rs)
     return report
 
 
-def _official_results(args, queries, rs) -> None:
+def _official_results(args, queries, rs) -> list[str]:
     """Each number of shots' predictions in the benchmark's own results format, for its official
-    evaluation script or test server: VQA's ``[{"question_id", "answer"}]`` (``--vqa-format``),
-    COCO captions' ``[{"image_id", "caption"}]`` (``--karpathy``)."""
+    evaluation script: VQA's ``[{"question_id", "answer"}]`` (``--vqa-format``), COCO captions'
+    ``[{"image_id", "caption"}]`` (``--karpathy``); the paths written."""
     if args.vqa_format:
         name, key, value = "vqa_results", "question_id", "answer"
     elif args.karpathy:
         name, key, value = "captioning_results", "image_id", "caption"
     else:
-        return
+        return []
     os.makedirs(args.out, exist_ok=True)
+    paths = []
     for r in rs:
-        with open(os.path.join(args.out, f"{name}_{r.shots}shot.json"), "w") as f:
+        paths.append(os.path.join(args.out, f"{name}_{r.shots}shot.json"))
+        with open(paths[-1], "w") as f:
             json.dump([{key: q.extra[key], value: p} for q, p in zip(queries, r.predictions)], f)
+    return paths

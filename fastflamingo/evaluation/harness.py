@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import random
 from dataclasses import asdict, dataclass
 
@@ -42,7 +43,7 @@ from ..checks import is_int
 from ..inputs import image_tensor
 from . import metrics
 from .prompts import (GENERATED, HATEFUL_MEMES_CLASSES, TASKS, ZERO_SHOT_TEXT_DEMOS, Example,
-                      demonstrations_text, few_shot_text, sample_demonstrations)
+                      DemonstrationSampler, demonstrations_text, few_shot_text, query)
 
 DEMONSTRATIONS = ("random", "similar")
 METRICS = {"vqa": "vqa_accuracy", "captioning": "cider", "classification": "accuracy", "hateful_memes": "roc_auc"}
@@ -126,45 +127,78 @@ def _prompts(task, queries, demos, order, text_only):
 
 
 @torch.no_grad()
-def image_features(model, examples: list[Example], image_processor=None, batch_size: int = 32) -> torch.Tensor:
+def image_features(model, examples: list[Example], image_processor=None, batch_size: int = 32,
+                   progress: bool | None = False, desc: str = "image features") -> torch.Tensor:
     """(len(examples), D) unit vectors: each image's visual tokens (the resampler's output),
-    averaged. What ``demonstrations="similar"`` compares."""
+    averaged. What ``demonstrations="similar"`` compares. ``progress``: a tqdm bar (None: when
+    stderr is a terminal)."""
     out = []
-    for i in range(0, len(examples), batch_size):
+    for i in tqdm(range(0, len(examples), batch_size), desc=desc, leave=False,
+                  disable=None if progress is None else not progress):
         vx = torch.stack([image_tensor(e.image, image_processor) for e in examples[i:i + batch_size]])[:, None]
         visual = model.encode_vision(vx.to(device=model.device, dtype=model.vision_encoder_dtype))
         out.append(torch.nn.functional.normalize(visual.float().mean((1, 2)), dim=-1).cpu())
     return torch.cat(out)
 
 
-def _picker(model, image_processor, queries, support, how, seed, batch_size):
-    """``pick(i, query, k)``: k demonstrations for query i (i None: one draw for all queries).
-    ``"random"``: drawn at random (never the query itself). ``"similar"``: the k support examples
-    whose images are most like the query's (cosine of :func:`image_features`), the most similar
-    last, next to the query, as open_flamingo's RICES orders them."""
+def _picker(model, image_processor, queries, support, how, seed, batch_size, most: int, progress=False):
+    """``pick(i, query, k)``: k <= ``most`` demonstrations for query i (query None: one draw for
+    all queries, none of them). ``"random"``: drawn at random (never the query itself:
+    :class:`DemonstrationSampler`). ``"similar"``: the k support examples whose images are most
+    like the query's (cosine of :func:`image_features`), the most similar last, next to the
+    query, as open_flamingo's RICES orders them."""
     if how == "random":
-        rng = random.Random(seed)
-        return lambda i, q, k: sample_demonstrations(support, k, rng, exclude=q)
-    sim = image_features(model, queries, image_processor, batch_size) @ \
-        image_features(model, support, image_processor, batch_size).T
+        sampler = DemonstrationSampler(support, random.Random(seed))
+        return lambda i, q, k: sampler.draw_shared(k, queries) if q is None else sampler.draw(k, q)
+    qf = image_features(model, queries, image_processor, batch_size, progress, "image features: queries")
+    sf = image_features(model, support, image_processor, batch_size, progress, "image features: support")
     where: dict[tuple, list[int]] = {}
     for j, s in enumerate(support):
         where.setdefault(s.key, []).append(j)
     own = [where.get(q.key, []) for q in queries]  # a query also in the support (any copy) is not its own demonstration
-    for i, js in enumerate(own):
-        sim[i, js] = float("-inf")
-    order = sim.argsort(dim=-1, descending=True, stable=True)
+    nearest = nearest_support(qf, sf, own, most)
 
     def pick(i, q, k):
         if k > len(support) - len(own[i]):
             raise ValueError(f"{k} shots need at least {k} support examples besides the query, "
                              f"the support set has {len(support)}")
-        return [support[j] for j in reversed(order[i, :k].tolist())]
+        if k > nearest.shape[1]:
+            raise ValueError(f"{k} shots: the nearest {nearest.shape[1]} support examples were kept (most={most})")
+        return [support[j] for j in reversed(nearest[i, :k].tolist())]
     return pick
 
 
+def nearest_support(qf: torch.Tensor, sf: torch.Tensor, own: list[list[int]], most: int,
+                    block: int = 1 << 24) -> torch.Tensor:
+    """(Q, min(most, S)) support positions per query, the most similar (``qf @ sf.T``) first,
+    ties in support order (a stable descending sort's first ``most``), never a position in
+    ``own[i]``. Computed per block of queries of about ``block`` similarities, keeping top-k
+    only: the whole (Q, S) matrix and its argsort would take 12 * Q * S bytes (1 TB for VQAv2)."""
+    m = min(most, sf.shape[0])
+    rows = max(1, block // max(1, sf.shape[0]))
+    out = []
+    for a in range(0, qf.shape[0], rows):
+        sim = qf[a:a + rows] @ sf.T
+        for r, js in enumerate(own[a:a + rows]):
+            sim[r, js] = float("-inf")
+        out.append(_stable_top(sim, m))
+    return torch.cat(out) if out else torch.empty(0, m, dtype=torch.long)
+
+
+def _stable_top(sim: torch.Tensor, m: int) -> torch.Tensor:
+    """Each row's first ``m`` positions of ``sim.argsort(-1, descending=True, stable=True)``."""
+    if m == 0:
+        return torch.empty(sim.shape[0], 0, dtype=torch.long)
+    last = sim.topk(m, dim=-1).values[:, -1:]  # the m-th largest value of each row
+    above, tied = sim > last, sim == last
+    need = m - above.sum(-1, keepdim=True)  # how many of the tied values make the first m: the earliest
+    take = above | (tied & (tied.cumsum(-1) <= need))
+    idx = take.nonzero()[:, 1].view(sim.shape[0], m)  # positions in support order
+    return idx.gather(1, sim.gather(1, idx).argsort(dim=-1, descending=True, stable=True))
+
+
 def _check(task, queries, support, shots_list, tokenizer, class_names, text_demos_at_zero=ZERO_SHOT_TEXT_DEMOS,
-           demonstrations="random", shared=False):
+           demonstrations="random", shared=False, model=None):
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     if not queries:
@@ -188,6 +222,15 @@ def _check(task, queries, support, shots_list, tokenizer, class_names, text_demo
         # a query whose label is no class name could never be right: an error, not a lower accuracy
         # (classification's accuracy matches any answer, stripped and lowercased; Hateful Memes' AUC the label)
         if task == "classification":
+            # ... so names equal that way are one class to the metric, two to the ranking: refused
+            folded: dict[str, list[str]] = {}
+            for c in class_names:
+                folded.setdefault(c.strip().lower(), []).append(c)
+            same = [v for v in folded.values() if len(v) > 1]
+            if same:
+                raise ValueError(f"class names {same[:5]} differ only in case or surrounding spaces: the accuracy "
+                                 "compares answers stripped and lowercased, so a wrong one of them would count as "
+                                 "right; merge them, or rename one")
             names = {c.strip().lower() for c in class_names}
             other = sorted({q.answers[0] for q in queries if not any(a.strip().lower() in names for a in q.answers)})
         else:
@@ -195,21 +238,45 @@ def _check(task, queries, support, shots_list, tokenizer, class_names, text_demo
         if other:
             shown = class_names if len(class_names) <= 10 else f"{class_names[:10]} (of {len(class_names)})"
             raise ValueError(f"{task} queries' labels must be class names {shown}, got {other[:10]}")
-    for tok in ("<image>", "<|endofchunk|>"):
-        if tok not in tokenizer.get_vocab():
+    vocab = tokenizer.get_vocab()
+    for tok, field in (("<image>", "media_token_id"), ("<|endofchunk|>", "eoc_token_id")):
+        if tok not in vocab:
             raise ValueError(f"the tokenizer has no {tok!r} token: use the tokenizer the model was built with "
                              "(create_model_and_transforms adds it)")
+        want = None if model is None else getattr(model.config, field, None)
+        if want is not None and vocab[tok] != want:
+            raise ValueError(f"the tokenizer's {tok!r} is id {vocab[tok]}, the model's config.{field} is {want}: "
+                             "use the tokenizer the model was built with (saved beside it)")
+    _check_examples(task, queries, support if _most(shots_list, text_demos_at_zero) else [])
+
+
+def _most(shots_list, text_demos_at_zero) -> int:
+    """The most demonstrations a prompt shows (zero shots: ``text_demos_at_zero`` text-only ones)."""
+    return max((text_demos_at_zero if k == 0 else k) for k in shots_list) if shots_list else 0
+
+
+def _check_examples(task, queries, support) -> None:
+    """Every query and demonstration has what its prompt needs (a VQA question, a meme's text),
+    before the first prompt runs; the first that does not is named."""
+    for name, examples in (("queries", queries), ("support", support)):
+        for i, ex in enumerate(examples):
+            try:
+                query(task, ex)
+            except ValueError as e:
+                image = str(ex.image) if isinstance(ex.image, (str, os.PathLike)) else type(ex.image).__name__
+                raise ValueError(f"{name}[{i}] (image {image}{', ' + repr(ex.extra) if ex.extra else ''}): {e}") from None
 
 
 def _check_support(queries, support, shots_list, text_demos_at_zero, demonstrations, shared) -> None:
     """The most demonstrations a prompt shows (zero shots: ``text_demos_at_zero`` text-only ones)
     fit in the support set besides the query (a query that is also in the support is never its
-    own demonstration; one shared draw excludes no query): found before the smaller shots run."""
-    need = max((text_demos_at_zero if k == 0 else k) for k in shots_list) if shots_list else 0
+    own demonstration; one shared draw is none of the queries): found before the smaller shots run."""
+    need = _most(shots_list, text_demos_at_zero)
     if not need:
         return
     if shared:
-        have = len(support)
+        keys = {q.key for q in queries}
+        have = sum(s.key not in keys for s in support)
     else:
         count: dict[tuple, int] = {}
         for s in support:
@@ -237,7 +304,8 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
              shots=(0, 4, 8), image_processor=None, class_names: list[str] | None = None, seed: int = 42,
              batch_size: int = 8, num_beams: int = 3, max_new_tokens: int | None = None, length_penalty: float = 0.0,
              demonstrations: str = "random", shared_demonstrations: bool = False, prompt_ensembling: bool = False,
-             text_demos_at_zero: int = ZERO_SHOT_TEXT_DEMOS, progress: bool | None = None) -> list[Result]:
+             text_demos_at_zero: int = ZERO_SHOT_TEXT_DEMOS, vqa_script: str = "open_flamingo",
+             progress: bool | None = None, on_result=None) -> list[Result]:
     """Few-shot evaluation of ``model`` on ``queries``, one :class:`Result` per number of shots.
 
     Args:
@@ -263,7 +331,11 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
             log-probability over min(6, k!) orders of the query's demonstrations.
         text_demos_at_zero: the text-only demonstrations of a zero-shot prompt (open_flamingo,
             after Flamingo: 2; 0 for none at all).
+        vqa_script: how VQA accuracy normalizes the human answers: ``"open_flamingo"`` (its
+            published numbers) or ``"official"`` (the VQA challenge's script; :mod:`.metrics`).
         progress: tqdm bars; None: when stderr is a terminal.
+        on_result: called with each number of shots' :class:`Result` as soon as it is done (to
+            save it: a failure at a later number of shots then loses only that one).
     """
     import time
 
@@ -277,8 +349,10 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
     shots_list = [shots] if isinstance(shots, bool) or is_int(shots) else list(shots)
     if task == "hateful_memes" and class_names is None:
         class_names = HATEFUL_MEMES_CLASSES
+    if vqa_script not in metrics.VQA_SCRIPTS:
+        raise ValueError(f"vqa_script={vqa_script!r} is not one of {metrics.VQA_SCRIPTS}")
     _check(task, queries, support, shots_list, tokenizer, class_names, text_demos_at_zero, demonstrations,
-           shared_demonstrations)
+           shared_demonstrations, model)
     if max_new_tokens is None:
         max_new_tokens = MAX_NEW_TOKENS.get(task)
     elif task not in GENERATED:
@@ -297,12 +371,13 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
     was_training = model.training
     model.eval()
     try:
+        most = _most(shots_list, text_demos_at_zero)
         similar = None if demonstrations == "random" else _picker(
-            model, image_processor, queries, support, demonstrations, seed, batch_size)
+            model, image_processor, queries, support, demonstrations, seed, batch_size, most, progress)
         for k in shots_list:
             t0 = time.perf_counter()
             preds, probs = [], []
-            pick = similar or _picker(model, image_processor, queries, support, "random", seed, batch_size)
+            pick = similar or _picker(model, image_processor, queries, support, "random", seed, batch_size, most)
             demos, fixed, shown = _draw(queries, pick, k, text_demos_at_zero, shared_demonstrations)
             # one variant per order of the demonstrations: its prompts, and its prefix when shared
             variants = [(*_prompts(task, queries, demos, order, k == 0),
@@ -324,9 +399,11 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
                     probs += logp.softmax(-1).tolist()
             refs = [q.answers for q in queries]
             positive = [p[-1] for p in probs] if task == "hateful_memes" else None
-            score, per_query = _score(task, preds, refs, positive, class_names)
-            results.append(Result(task, k, 100 * score, METRICS[task], preds, refs, time.perf_counter() - t0,
-                                  positive, len(variants), _breakdown(task, queries, per_query)))
+            score, per_query = _score(task, preds, refs, positive, class_names, vqa_script)
+            results.append(Result(task, k, 100 * score, _metric_name(task, vqa_script), preds, refs,
+                                  time.perf_counter() - t0, positive, len(variants), _breakdown(task, queries, per_query)))
+            if on_result is not None:
+                on_result(results[-1])
     finally:
         model.train(was_training)
     return results
@@ -342,7 +419,11 @@ def _encode_shared(model, tokenizer, image_processor, task, fixed, shots, device
     return encode_prefix(model, vx, ids)
 
 
-def _score(task, preds, refs, positive, class_names) -> tuple[float, list[float] | None]:
+def _metric_name(task, vqa_script) -> str:
+    return METRICS[task] + (f" ({vqa_script} script)" if task == "vqa" and vqa_script != "open_flamingo" else "")
+
+
+def _score(task, preds, refs, positive, class_names, vqa_script="open_flamingo") -> tuple[float, list[float] | None]:
     """The task's metric over all queries, 0 to 1 (CIDEr: 0 to about 10), and each query's score
     where the metric is their mean (VQA accuracy, classification accuracy; None for the corpus
     metrics, CIDEr and ROC AUC)."""
@@ -350,8 +431,10 @@ def _score(task, preds, refs, positive, class_names) -> tuple[float, list[float]
         return metrics.cider(preds, refs), None
     if task == "hateful_memes":
         return metrics.roc_auc([r[0] == class_names[-1] for r in refs], positive), None
-    metric = metrics.vqa_accuracy if task == "vqa" else metrics.exact_match
-    per_query = [metric(p, r) for p, r in zip(preds, refs)]
+    if task == "vqa":
+        per_query = [metrics.vqa_accuracy(p, r, vqa_script) for p, r in zip(preds, refs)]
+    else:
+        per_query = [metrics.exact_match(p, r) for p, r in zip(preds, refs)]
     return sum(per_query) / len(per_query), per_query
 
 

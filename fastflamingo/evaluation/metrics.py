@@ -1,13 +1,18 @@
-"""The metrics of few-shot evaluation, as the benchmarks' official scripts compute them.
+"""The metrics of few-shot evaluation, as the benchmarks' scripts compute them.
 
 :func:`vqa_accuracy` is the VQA challenge's accuracy (VQAv2, OK-VQA, VizWiz, TextVQA): an answer
 scores ``min(1, matches / 3)`` against each leave-one-out subset of the ten human answers, and
-the scores are averaged. Answers are normalized first by :func:`normalize_vqa_answer`, the
+the scores are averaged. The prediction is normalized by :func:`normalize_vqa_answer`, the
 official script's ``processPunctuation`` and ``processDigitArticle``, quirks included (the
 lowercase text never meets the table's capitalised keys "Im", "Ive", "Id've"; at most 32 periods
-are stripped: the script passes ``re.UNICODE`` where ``re.sub`` takes its count), so the numbers
-equal those of the script open_flamingo and the leaderboards run. ``tests/test_evaluation.py``
-checks them against open_flamingo's copy of it.
+are stripped: the script passes ``re.UNICODE`` where ``re.sub`` takes its count). The human
+answers are normalized two ways (``script=``): ``"open_flamingo"`` (the default), as
+open_flamingo's copy of the script does, fully, the numbers OpenFlamingo published; ``"official"``,
+as the VQA challenge's own ``vqaEval.py`` (and its test server) does: punctuation only, and only
+where the answers disagree. They differ only for answers not already normalized (capitals,
+number words, articles: VizWiz, TextVQA, a user's own files; VQAv2's annotations are).
+``tests/test_evaluation.py`` checks the first against open_flamingo's copy, the second against
+the official logic.
 """
 from __future__ import annotations
 
@@ -73,13 +78,22 @@ def normalize_vqa_answer(text: str) -> str:
     return _digits_and_articles(_punctuation(text))
 
 
-def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+VQA_SCRIPTS = ("open_flamingo", "official")
+
+
+def vqa_accuracy(prediction: str, answers: list[str], script: str = "open_flamingo") -> float:
     """The VQA accuracy (0 to 1) of one predicted answer against the human answers (ten in VQAv2):
-    the mean over each answer left out of ``min(1, #other answers equal to the prediction / 3)``."""
+    the mean over each answer left out of ``min(1, #other answers equal to the prediction / 3)``.
+    ``script``: how the human answers are normalized (:data:`VQA_SCRIPTS`, the module's text)."""
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer, got none")
+    if script not in VQA_SCRIPTS:
+        raise ValueError(f"script={script!r} is not one of {VQA_SCRIPTS}")
     pred = normalize_vqa_answer(prediction)
-    refs = [normalize_vqa_answer(a) for a in answers]
+    if script == "open_flamingo":
+        refs = [normalize_vqa_answer(a) for a in answers]
+    else:  # vqaEval.py: stripped only as its JSON loader leaves them, punctuation where they disagree
+        refs = [_punctuation(a) for a in answers] if len(set(answers)) > 1 else list(answers)
     equal = [r == pred for r in refs]
     total = sum(equal)
     return sum(min(1.0, (total - e) / 3) for e in equal) / len(refs)

@@ -108,12 +108,40 @@ def few_shot_text(task: str, demos: list[Example], ex: Example, text_only: bool 
     return demonstrations_text(task, demos, text_only) + query(task, ex)
 
 
+class DemonstrationSampler:
+    """Random demonstrations from one support set: ``shots`` distinct examples, never the query
+    itself nor another copy of it (:attr:`Example.key`). The support is indexed once, so a draw
+    costs O(shots + the query's copies), not O(len(support)) (hours of Python at VQAv2's 444k):
+    ``shots + c`` distinct positions drawn with ``rng.sample`` (c: the query's copies in the
+    support), the copies dropped, the first ``shots`` kept."""
+
+    def __init__(self, support: list[Example], rng: random.Random):
+        self.support, self.rng = support, rng
+        self.where: dict[tuple, list[int]] = {}
+        for j, s in enumerate(support):
+            self.where.setdefault(s.key, []).append(j)
+
+    def draw(self, shots: int, exclude: Example | None = None) -> list[Example]:
+        own = set(self.where.get(exclude.key, ())) if exclude is not None else set()
+        if shots > len(self.support) - len(own):
+            raise ValueError(f"{shots} shots need at least {shots} support examples besides the query, "
+                             f"the support set has {len(self.support)}"
+                             + (f" ({len(own)} of them the query's own)" if own else ""))
+        drawn = self.rng.sample(range(len(self.support)), shots + len(own))
+        return [self.support[j] for j in drawn if j not in own][:shots]
+
+    def draw_shared(self, shots: int, queries: list[Example]) -> list[Example]:
+        """One draw for all ``queries``: from the support examples that are none of them."""
+        keys = {q.key for q in queries}
+        pool = [s for s in self.support if s.key not in keys]
+        if shots > len(pool):
+            raise ValueError(f"{shots} shared shots need at least {shots} support examples that are no query, "
+                             f"the support set has {len(pool)}")
+        return self.rng.sample(pool, shots)
+
+
 def sample_demonstrations(support: list[Example], shots: int, rng: random.Random,
                           exclude: Example | None = None) -> list[Example]:
     """``shots`` distinct demonstrations drawn at random from ``support`` (never the query itself,
-    nor another copy of it: :attr:`Example.key`)."""
-    pool = support if exclude is None else [s for s in support if s.key != exclude.key]
-    if shots > len(pool):
-        raise ValueError(f"{shots} shots need at least {shots} support examples besides the query, "
-                         f"the support set has {len(pool)}")
-    return rng.sample(pool, shots)
+    nor another copy of it: :attr:`Example.key`), as :class:`DemonstrationSampler` draws them."""
+    return DemonstrationSampler(support, rng).draw(shots, exclude)
