@@ -8,21 +8,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .warn import warn_caller
+
 MEDIA_TOKEN = "<image>"
 EOC_TOKEN = "<|endofchunk|>"
 PAD_TOKEN = "<PAD>"
 
 
-def setup_tokenizer(tokenizer, lang_encoder: nn.Module | None = None) -> dict:
+def setup_tokenizer(tokenizer, lang_encoder: nn.Module | None = None, *, num_base_tokens: int | None = None) -> dict:
     """Add ``<|endofchunk|>`` and ``<image>`` (and ``<PAD>`` when the tokenizer has no pad token),
     as open_flamingo does, and resize ``lang_encoder``'s embeddings to the new vocabulary.
 
     Returns:
         dict with ``media_token_id``, ``eoc_token_id``, ``pad_token_id`` and ``num_base_tokens``
-        (the tokenizer's size before the new tokens: embedding rows from there on are the
-        trainable new ones).
+        (the vocabulary size before the Flamingo tokens: embedding rows from there on are the
+        trainable new ones). ``num_base_tokens`` given: returned as it is; else read from the
+        tokenizer, also one that already holds them (open_flamingo's, or one fastflamingo saved):
+        :func:`base_vocab_size`.
     """
-    num_base = len(tokenizer)
+    num_base = base_vocab_size(tokenizer) if num_base_tokens is None else num_base_tokens
     tokenizer.add_special_tokens({"additional_special_tokens": [EOC_TOKEN, MEDIA_TOKEN]})
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
@@ -34,6 +38,25 @@ def setup_tokenizer(tokenizer, lang_encoder: nn.Module | None = None) -> dict:
         "pad_token_id": tokenizer.pad_token_id,
         "num_base_tokens": num_base,
     }
+
+
+def base_vocab_size(tokenizer) -> int:
+    """The tokenizer's size without the Flamingo tokens it holds: where ``<|endofchunk|>``,
+    ``<image>`` (and ``<PAD>`` as its pad token) are the last ids, the smallest of them; without
+    them, its size. Held elsewhere it cannot be told: a warning asks for ``num_base_tokens=``."""
+    n, vocab = len(tokenizer), tokenizer.get_vocab()
+    held = {vocab[t] for t in (EOC_TOKEN, MEDIA_TOKEN) if t in vocab}
+    if not held:
+        return n
+    pad = {vocab[PAD_TOKEN]} if tokenizer.pad_token == PAD_TOKEN and PAD_TOKEN in vocab else set()
+    for ids in (held | pad, held):
+        if ids == set(range(n - len(ids), n)):
+            return n - len(ids)
+    warn_caller(f"the tokenizer already holds the Flamingo tokens ({EOC_TOKEN} and {MEDIA_TOKEN}: ids "
+                f"{sorted(held)}), not as its last ids (it has {n}), so where its base vocabulary ends cannot be "
+                f"told: embedding rows from {min(held)} on are taken as the new, trainable ones. Pass "
+                "num_base_tokens= (the vocabulary size before the Flamingo tokens) to choose")
+    return min(held)
 
 
 def train_new_embedding_rows(model: nn.Module, num_base_tokens: int | None, *, output: bool = True) -> None:

@@ -207,7 +207,7 @@ def test_convert_open_flamingo_without_its_options_is_a_usage_error(tmp_path, ca
     from fastflamingo.cli import main
     assert main(["convert", "open_flamingo", str(tmp_path / "c.pt"), str(tmp_path / "out"), "--lm", "x"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("fastflamingo convert: error: ") and "--vision, --ln-post-on-tokens" in err
+    assert err.startswith("fastflamingo convert: error: ") and "--vision, --vision-pretrained, --ln-post-on-tokens" in err
     assert len(err.splitlines()) == 1
 
 

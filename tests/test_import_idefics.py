@@ -216,3 +216,48 @@ def test_settings_fastflamingo_does_not_apply_are_refused_or_said():
         live = IdeficsForVisionText2Text(cfg)
     with pytest.warns(UserWarning, match="freeze_lm_head=False.*freeze_vision_layers=False.*does not apply these"):
         from_idefics(live)
+
+
+def test_freeze_module_exceptions_are_said():
+    """HF's freeze_model keeps the listed module types trainable inside what it freezes: a
+    config listing some trained more than fastflamingo does, and nothing said so."""
+    from transformers import IdeficsForVisionText2Text
+    cfg = idefics_config()
+    cfg.freeze_text_module_exceptions, cfg.freeze_vision_module_exceptions = ["Linear"], ["LayerNorm"]
+    with torch.device("meta"):
+        live = IdeficsForVisionText2Text(cfg)
+    with pytest.warns(UserWarning, match=r"freeze_text_module_exceptions=\['Linear'\] \(Hugging Face keeps these "
+                                         r"module types trainable in the decoder layers.*"
+                                         r"freeze_vision_module_exceptions=\['LayerNorm'\].*vision tower.*"
+                                         r"does not apply these"):
+        from_idefics(live)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_checkpoint_missing_the_added_rows_is_a_mismatch(tmp_path, tied):
+    """An untied checkpoint without lm_head.additional_fc.weight took the extra output rows from
+    additional_embedding (the tied layout), silently: a CheckpointMismatchError naming the key; a
+    missing additional_embedding was a bare KeyError."""
+    from safetensors.torch import save_file
+    from fastflamingo.convert.load import CheckpointMismatchError
+    from transformers import IdeficsForVisionText2Text
+    cfg = idefics_config()
+    cfg.tie_word_embeddings = tied
+    hf = IdeficsForVisionText2Text(cfg)
+    hf.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous().clone() for k, v in hf.state_dict().items()}
+    save_file({k: v for k, v in state.items() if k != "lm_head.additional_fc.weight"},
+              str(tmp_path / "model.safetensors"))
+    if tied:  # the tied layout: the extra output rows are the extra embedding rows
+        ours = from_idefics(tmp_path)
+        extra = hf.model.embed_tokens.additional_embedding.weight
+        assert torch.equal(ours.lang_encoder.get_output_embeddings().weight[-extra.shape[0]:], extra)
+    else:
+        with pytest.raises(CheckpointMismatchError, match=r"missing:\s+lm_head\.additional_fc\.weight") as e:
+            from_idefics(tmp_path)
+        assert e.value.missing == ["lm_head.additional_fc.weight"]
+    save_file({k: v for k, v in state.items() if k != "model.embed_tokens.additional_embedding.weight"},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError) as e:
+        from_idefics(tmp_path)
+    assert e.value.missing == ["model.embed_tokens.additional_embedding.weight"]

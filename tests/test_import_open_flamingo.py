@@ -461,3 +461,95 @@ def test_a_relative_vision_checkpoint_path_is_recorded_whole(local_models, tmp_p
     back = Flamingo.from_pretrained(tmp_path / "saved")
     a, b = model.state_dict(), back.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _state_equal(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_a_vision_encoder_by_name_only_is_refused_and_random_weights_save_exactly(local_models, tmp_path):
+    """A bare open_clip name built a random tower silently (and the convert command's
+    --vision-pretrained was optional): refused, saying to give (name, pretrained). (name, None) is
+    random weights on purpose; a trainable-only save of such a model stores the tower, so that it
+    reloads exactly (it reloaded as another random tower on every load)."""
+    lm_dir, clip_ckpt = local_models
+    ref, _ = _open_flamingo_reference(lm_dir, clip_ckpt)
+    ckpt = _save(trainable_only_state(ref), tmp_path / "checkpoint.pt")
+    kw = dict(lang_encoder=lm_dir, tokenizer=lm_dir, ln_post_on_tokens=True)
+    with pytest.raises(ValueError, match=r"vision_encoder='fastflamingo-tiny-vit' names an open_clip model but not "
+                                         r"its weights.*give \(name, pretrained\), e.g. \('ViT-L-14', 'openai'\).*"
+                                         r"None\) builds it with random weights, on purpose"):
+        from_open_flamingo(ckpt, vision_encoder=TINY_VIT, **kw)
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    argv = ["convert", "open_flamingo", str(ckpt), str(tmp_path / "out"), "--lm", lm_dir, "--vision", TINY_VIT,
+            "--ln-post-on-tokens", "yes", "--trainable-only"]
+    args = parser.parse_args(argv)
+    with pytest.raises(ValueError, match=r"needs --vision-pretrained .*--vision-pretrained openai, or none"):
+        args.func(args)
+    args = parser.parse_args(argv + ["--vision-pretrained", "none"])
+    assert args.func(args) == 0
+    a, b = Flamingo.from_pretrained(tmp_path / "out"), Flamingo.from_pretrained(tmp_path / "out")
+    assert _state_equal(a, b)
+
+    model = from_open_flamingo(ckpt, vision_encoder=(TINY_VIT, None), **kw)
+    model.save_pretrained(tmp_path / "api", trainable_only=True)
+    a, b = Flamingo.from_pretrained(tmp_path / "api"), Flamingo.from_pretrained(tmp_path / "api")
+    assert _state_equal(a, model) and _state_equal(b, model)
+    ids = torch.tensor([[1, model.config.media_token_id, 5, 6, 7, 8]])
+    vx = torch.randn(1, 1, 1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a(vx, ids).logits, model.eval()(vx, ids).logits)
+
+    made, _, _ = create_model_and_transforms(TINY_VIT, None, lm_dir, lm_dir, ln_post_on_tokens=True,
+                                             cross_attn_every_n_layers=2, use_local_files=True)
+    made.save_pretrained(tmp_path / "made", trainable_only=True)
+    assert _state_equal(Flamingo.from_pretrained(tmp_path / "made"), made)
+    # a directory saved before the tower was stored: an error, not another random tower
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(tmp_path / "made" / "model.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        kept = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("vision_encoder.")}
+    save_file(kept, str(tmp_path / "made" / "model.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"records its vision encoder as \('fastflamingo-tiny-vit', None\), random "
+                                         r"weights that were not stored.*pass vision_encoder="):
+        Flamingo.from_pretrained(tmp_path / "made")
+
+
+def test_a_tokenizer_that_holds_the_flamingo_tokens_keeps_their_rows_trainable(local_models, tmp_path):
+    """open_flamingo's tokenizer (or one fastflamingo saved) already holds <image> / <|endofchunk|>:
+    the set-up took the whole vocabulary as the base one, so no Flamingo-token row trained. The base
+    size is where those tokens start; the ids are the same."""
+    import warnings
+    from transformers import AutoTokenizer
+    from fastflamingo.tokens import setup_tokenizer
+    lm_dir, clip_ckpt = local_models
+    ref, ref_tok = _open_flamingo_reference(lm_dir, clip_ckpt)
+    ckpt = _save(trainable_only_state(ref), tmp_path / "checkpoint.pt")
+    kw = dict(lang_encoder=lm_dir, vision_encoder=(TINY_VIT, clip_ckpt), ln_post_on_tokens=True)
+    fresh = from_open_flamingo(ckpt, tokenizer=lm_dir, **kw)
+    held = from_open_flamingo(ckpt, tokenizer=ref_tok, **kw)
+    assert fresh.config.num_base_tokens == held.config.num_base_tokens == 100
+    assert (held.config.media_token_id, held.config.eoc_token_id) == (fresh.config.media_token_id,
+                                                                        fresh.config.eoc_token_id)
+    assert _state_equal(fresh, held)
+    held.train()
+    ids = torch.tensor([[1, held.config.media_token_id, 5, 6, held.config.eoc_token_id, 7]])
+    held(torch.randn(1, 1, 1, 3, 32, 32), ids, labels=ids).loss.backward()
+    grad = held.lang_encoder.get_input_embeddings().weight.grad
+    assert grad is not None and grad[held.config.media_token_id].abs().sum() > 0 and grad[:100].abs().sum() == 0
+
+    ref_tok.save_pretrained(tmp_path / "tok")  # as `fastflamingo convert` writes it
+    again = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert setup_tokenizer(again)["num_base_tokens"] == 100 and len(again) == 103
+    # held, but not as the last ids: it cannot be told, and it is said
+    again.add_tokens(["<extra>"])
+    with pytest.warns(UserWarning, match=r"not as its last ids \(it has 104\).*Pass num_base_tokens="):
+        assert setup_tokenizer(again)["num_base_tokens"] == 100
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert setup_tokenizer(again, num_base_tokens=101)["num_base_tokens"] == 101

@@ -193,3 +193,18 @@ def test_a_trainable_only_save_onto_its_base_keeps_its_own_trainable_set(tmp_pat
     (tmp_path / "trained" / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"another config than its base.*\['only_attend_immediate_media'\]"):
         Flamingo.from_pretrained(tmp_path / "trained")
+
+
+def test_a_trainable_only_save_recording_its_lm_but_not_its_vision_encoder_stores_the_encoder(tmp_path):
+    """The loader would rebuild such a model from its recorded LM and a vision encoder made from
+    the config (random): the save stores the encoder's weights, and loading takes them, exactly."""
+    from fastflamingo.convert.pretrained import record_sources
+    cfg = preset_config("tiny")
+    lm = build_lm(cfg)
+    lm.save_pretrained(tmp_path / "lm")
+    model = _perturb(Flamingo(cfg, lang_encoder=lm))
+    record_sources(model, lm=str(tmp_path / "lm"))
+    model.save_pretrained(tmp_path / "adapter", trainable_only=True)
+    _assert_same(model, Flamingo.from_pretrained(tmp_path / "adapter"))
+    given = Flamingo.from_pretrained(tmp_path / "adapter", vision_encoder=build_vision_model(cfg.vision))
+    _assert_same(model, given)  # the stored weights, into the module given

@@ -40,7 +40,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--lm", help="local directory of the LM the checkpoint was trained with")
     g.add_argument("--tokenizer", help="local tokenizer directory (default: --lm)")
     g.add_argument("--vision", help="open_clip model name, e.g. ViT-L-14")
-    g.add_argument("--vision-pretrained", default=None, help="open_clip pretrained tag or local checkpoint path")
+    g.add_argument("--vision-pretrained", default=None,
+                   help="required: open_clip pretrained tag (openai for OpenFlamingo's releases) or local checkpoint "
+                        "path; none builds the vision encoder with random weights, on purpose")
     g.add_argument("--ln-post-on-tokens", type=_yes_no, default=None,
                    help="yes/no: apply open_clip's ln_post to the patch tokens (no for OpenFlamingo's releases)")
     g.add_argument("--cross-attn-every-n-layers", type=int, default=None, help="default: read from the checkpoint")
@@ -67,14 +69,17 @@ def run(args) -> int:
     else:
         from .open_flamingo import from_open_flamingo
         missing = [flag for flag, value in (("--lm", args.lm), ("--vision", args.vision),
+                                            ("--vision-pretrained", args.vision_pretrained),
                                             ("--ln-post-on-tokens", args.ln_post_on_tokens)) if value is None]
         if missing:
             raise ValueError(f"converting an open_flamingo checkpoint needs {', '.join(missing)} "
-                             "(the LM and vision encoder it was trained with, and whether ln_post "
+                             "(the LM and vision encoder it was trained with, e.g. --vision ViT-L-14 "
+                             "--vision-pretrained openai, or none for random vision weights; and whether ln_post "
                              "applies to the patch tokens: no for OpenFlamingo's releases)")
+        pretrained = None if args.vision_pretrained == "none" else args.vision_pretrained
         tokenizer = _tokenizer(args.tokenizer or args.lm, args.trust_remote_code, required=True)
         model = from_open_flamingo(args.source, lang_encoder=args.lm, tokenizer=tokenizer,  # adds <image>, ...
-                                   vision_encoder=(args.vision, args.vision_pretrained),
+                                   vision_encoder=(args.vision, pretrained),
                                    ln_post_on_tokens=args.ln_post_on_tokens,
                                    cross_attn_every_n_layers=args.cross_attn_every_n_layers,
                                    trust_remote_code=args.trust_remote_code, dtype=dtype)

@@ -25,7 +25,7 @@ from torch import nn
 from ..config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
 from ..warn import warn_caller
 from .io import has_tokenizer, load_state_dir
-from .load import build_and_load, check_placement
+from .load import CheckpointMismatchError, build_and_load, check_placement
 
 IMAGE_TOKEN = "<image>"
 
@@ -84,10 +84,19 @@ _UNFROZEN = {"freeze_lm_head": "Hugging Face trains every lm_head row",
              "freeze_vision_layers": "it trains the vision tower"}
 
 
+# the module types HF's freeze_model keeps trainable in what a freeze_* = True freezes (the
+# released models list none): setting -> (that freeze_*, where)
+_EXCEPTIONS = {"freeze_text_module_exceptions": ("freeze_text_layers", "in the decoder layers and the final norm"),
+               "freeze_vision_module_exceptions": ("freeze_vision_layers", "in the vision tower")}
+
+
 def _warn_other_trainable_set(cfg) -> None:
     """fastflamingo trains IDEFICS's released set (:data:`RELEASED_FREEZE`): the blocks, the
     resampler and the added tokens' rows. A config that unfreezes more is said so, not dropped."""
     more = [f"{name}=False ({_UNFROZEN[name]})" for name in RELEASED_FREEZE if not getattr(cfg, name, True)]
+    more += [f"{name}={list(types)} (Hugging Face keeps these module types trainable {where})"
+             for name, (frozen, where) in _EXCEPTIONS.items()
+             if getattr(cfg, frozen, True) and (types := getattr(cfg, name, None))]
     if more:
         warn_caller(f"the IDEFICS config says {', '.join(more)}; fastflamingo trains the cross-attention blocks, the "
                     "resampler and the added tokens' embedding rows only (the released models' settings), and does not "
@@ -110,10 +119,18 @@ def map_idefics_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, tor
     if head is None:
         raise ValueError("the IDEFICS checkpoint has no lm_head.weight and tie_word_embeddings is False")
     if cfg.additional_vocab_size:
-        embed = torch.cat([embed, state["model.embed_tokens.additional_embedding.weight"]])
-        extra_head = state.get("lm_head.additional_fc.weight")
-        if extra_head is None:  # tied: the extra output rows are the extra embedding rows
-            extra_head = state["model.embed_tokens.additional_embedding.weight"]
+        extra = state.get("model.embed_tokens.additional_embedding.weight")
+        # tied: the extra output rows are the extra embedding rows (HF saves no additional_fc then)
+        extra_head = state.get("lm_head.additional_fc.weight", extra if cfg.tie_word_embeddings else None)
+        missing = [k for k, v, needed in (("model.embed_tokens.additional_embedding.weight", extra, True),
+                                          ("lm_head.additional_fc.weight", extra_head, not cfg.tie_word_embeddings))
+                   if v is None and needed]
+        if missing:
+            raise CheckpointMismatchError(missing, [], [], hint=(
+                f"additional_vocab_size={cfg.additional_vocab_size} and tie_word_embeddings="
+                f"{cfg.tie_word_embeddings}: the checkpoint must hold the added tokens' rows (untied: their output "
+                "rows too, lm_head.additional_fc.weight). Pass the complete IDEFICS checkpoint"))
+        embed = torch.cat([embed, extra])
         head = torch.cat([head, extra_head])
     out["lang_encoder.model.embed_tokens.weight"] = embed
     out["lang_encoder.lm_head.weight"] = head

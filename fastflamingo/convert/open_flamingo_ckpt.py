@@ -182,8 +182,9 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
             a state dict; full or trainable-only (open_flamingo's training script keeps trainable
             parameters and names containing "embed").
         lang_encoder: the LM it was trained with: a Hugging Face causal LM or a local directory.
-        vision_encoder: the open_clip vision tower (or CLIP model), an open_clip model name, or a
-            (name, pretrained) pair; OpenFlamingo's releases use ("ViT-L-14", "openai").
+        vision_encoder: the open_clip vision tower (or CLIP model), or an open_clip (name, pretrained)
+            pair, pretrained a tag or a local checkpoint path; OpenFlamingo's releases use
+            ("ViT-L-14", "openai"). (name, None) is random weights, on purpose; a bare name is refused.
         ln_post_on_tokens: required: False for OpenFlamingo's released weights (SEMANTICS.md).
         cross_attn_every_n_layers: inferred from the checkpoint's keys when None.
         tokenizer: a tokenizer (or local path) to set up as open_flamingo does (adds ``<image>``,
@@ -206,11 +207,9 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
     lm = _lang_encoder(lang_encoder, layout, trust_remote_code)
     visual, vision_name = _vision_encoder(vision_encoder, layout)
     rows_before = lm.get_input_embeddings().weight.shape[0]
-    media_token_id, eoc_token_id, num_base = _token_ids(tokenizer, lm, media_token_id, eoc_token_id,
-                                                        trust_remote_code)
-    embedding_hint, required = _added_rows_need_embeddings(lm, state, rows_before, num_base)
-    if num_base_tokens is None:
-        num_base_tokens = num_base
+    media_token_id, eoc_token_id, num_base_tokens, vocab_before = _token_ids(
+        tokenizer, lm, media_token_id, eoc_token_id, num_base_tokens, trust_remote_code)
+    embedding_hint, required = _added_rows_need_embeddings(lm, state, rows_before, vocab_before)
     _resize_to_checkpoint(lm, state, layout, resized_by_tokenizer=tokenizer is not None)
     # the checkpoint names the LM's decoder-layer list: use it where the LM has it (any LM family)
     if decoder_layers_attr_name is None and _has_attr(lm, layout.decoder_layers_attr):
@@ -250,10 +249,8 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
     model = build_and_load(config, state, trainable_only=True, vision_encoder=visual, lang_encoder=lm,
                            extra_required=required, dtype=dtype, quantization=quantization, hint=hint,
                            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
-    vision_source = None
-    if isinstance(vision_encoder, (str, tuple)):
-        vision_source = (vision_name, None if isinstance(vision_encoder, str) else vision_encoder[1])
-    record_sources(model, lang_encoder, vision_source)
+    record_sources(model, lang_encoder, (vision_name, vision_encoder[1]) if isinstance(vision_encoder, tuple)
+                   else None)
     return model
 
 
@@ -269,49 +266,56 @@ def _lang_encoder(lang_encoder, layout: OpenFlamingoLayout, trust_remote_code: b
 def _vision_encoder(vision_encoder, layout: OpenFlamingoLayout) -> tuple[nn.Module, str | None]:
     """-> (open_clip vision tower, its model name if known)."""
     if vision_encoder is None:
-        raise ValueError(f"pass vision_encoder= (an open_clip vision tower, a model name, or a (name, pretrained) "
-                         f"pair such as ('ViT-L-14', 'openai')): the checkpoint expects vision features of width "
-                         f"{layout.vis_dim}")
-    if isinstance(vision_encoder, (str, tuple)):
+        raise ValueError(f"pass vision_encoder= (an open_clip vision tower, or a (name, pretrained) pair such as "
+                         f"('ViT-L-14', 'openai')): the checkpoint expects vision features of width {layout.vis_dim}")
+    if isinstance(vision_encoder, (str, Path)):
+        name = str(vision_encoder)
+        raise ValueError(f"vision_encoder={name!r} names an open_clip model but not its weights (it would be built "
+                         f"with random ones): give (name, pretrained), e.g. ('ViT-L-14', 'openai') as OpenFlamingo's "
+                         f"releases, or (name, a local checkpoint path); ({name!r}, None) builds it with random "
+                         "weights, on purpose")
+    if isinstance(vision_encoder, tuple):
         import open_clip
-        name, pretrained = (vision_encoder, None) if isinstance(vision_encoder, str) else vision_encoder
+        name, pretrained = vision_encoder
         return open_clip.create_model(name, pretrained=pretrained).visual.eval(), name
     return getattr(vision_encoder, "visual", vision_encoder), None
 
 
-def _token_ids(tokenizer, lm, media_token_id, eoc_token_id, trust_remote_code):
-    """-> (media id, eoc id, num_base_tokens or None), from a tokenizer set up as open_flamingo does."""
+def _token_ids(tokenizer, lm, media_token_id, eoc_token_id, num_base_tokens, trust_remote_code):
+    """-> (media id, eoc id, num_base_tokens, the tokenizer's size before the set-up), from a
+    tokenizer set up as open_flamingo does; no tokenizer: (..., num_base_tokens as given, None)."""
     if tokenizer is None:
         if media_token_id is None or eoc_token_id is None:
             raise ValueError("pass tokenizer= (to add <image> and <|endofchunk|> as open_flamingo does), or both "
                              f"media_token_id= and eoc_token_id= (got {media_token_id}, {eoc_token_id})")
-        return media_token_id, eoc_token_id, None
+        return media_token_id, eoc_token_id, num_base_tokens, None
     from ..tokens import setup_tokenizer
     if isinstance(tokenizer, (str, Path)):
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer), local_files_only=True,
                                                   trust_remote_code=trust_remote_code)
-    ids = setup_tokenizer(tokenizer, lm)
-    return ids["media_token_id"], ids["eoc_token_id"], ids["num_base_tokens"]
+    vocab_before = len(tokenizer)
+    ids = setup_tokenizer(tokenizer, lm, num_base_tokens=num_base_tokens)
+    return ids["media_token_id"], ids["eoc_token_id"], ids["num_base_tokens"], vocab_before
 
 
 def _added_rows_need_embeddings(lm: nn.Module, state, rows_before: int,
-                                num_base: int | None) -> tuple[str, list[str]]:
+                                vocab_before: int | None) -> tuple[str, list[str]]:
     """-> (hint, keys the checkpoint must hold besides the blocks'). When the tokenizer set-up
     added tokens (``<|endofchunk|>``, ``<image>``...) or resized the LM's input embeddings, the rows of
     those tokens are untrained here; their trained values are in the checkpoint's input embeddings,
     which open_flamingo saves (its train script keeps every name with "embed" and the trainable
     parameters; it trains the embeddings unless ``--freeze_lm_embeddings``). So the checkpoint must
-    hold them. ``num_base``: the tokenizer's size before the set-up (None: no tokenizer given)."""
+    hold them. ``vocab_before``: the tokenizer's size before the set-up (None: no tokenizer given)."""
     weight = lm.get_input_embeddings().weight
     rows = weight.shape[0]
-    if num_base is None or (num_base >= rows and rows == rows_before):
+    if vocab_before is None or (vocab_before >= rows and rows == rows_before):
         return "", []  # no tokenizer, or one that already held the Flamingo tokens the LM has rows for
     name = next(n for n, p in lm.named_parameters() if p is weight)
     key = f"lang_encoder.{name}"
     if key in state:
         return "", []
-    added = f"added {rows - num_base} token(s) (<|endofchunk|>, <image>...)" if num_base < rows else "ran"
+    added = f"added {rows - vocab_before} token(s) (<|endofchunk|>, <image>...)" if vocab_before < rows else "ran"
     resized = f" and resized the LM's input embeddings from {rows_before} to {rows} rows" if rows != rows_before else ""
     return (f"The tokenizer set-up {added}{resized}, but the checkpoint does not hold {key}: the rows of the "
             "added tokens would stay random (as resizing left them), not the values the checkpoint was trained "

@@ -5,7 +5,9 @@
   can be built from the config: hf_clip, timm, open_clip with a model name).
 * trainable-only: the resampler, the cross-attention blocks and the LM's input and output
   embeddings (resized for the Flamingo tokens); the frozen LM and vision encoder come from where
-  the model got them (recorded in the file's metadata when known) or from the caller.
+  the model got them (recorded in the file's metadata when known) or from the caller. A vision
+  encoder that nothing recorded would rebuild (open_clip ``(name, None)``: random weights) is
+  stored too (:func:`stores_vision`), so the save reloads exactly.
 
 Tensors that share storage (tied embeddings) are stored once; the aliases are in the metadata.
 """
@@ -25,6 +27,7 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 SOURCES_ATTR = "base_model_sources"  # model attribute: {"lm": path, "vision": [open_clip name, pretrained],
 #   "base": the full fastflamingo directory the model was loaded from}
 BASE = "base"
+VISION_PREFIX = "vision_encoder."
 
 
 def record_sources(model: nn.Module, lm=None, vision=None) -> None:
@@ -41,13 +44,32 @@ def record_sources(model: nn.Module, lm=None, vision=None) -> None:
 
 
 def trainable_keys(model: nn.Module) -> list[str]:
-    """State-dict keys of the trainable parameters and of the LM's input and output embeddings."""
+    """State-dict keys a trainable-only save holds: the trainable parameters, the LM's input and
+    output embeddings, and the vision encoder's weights where :func:`stores_vision`."""
     lm = model.lang_encoder
     embeddings = {id(lm.get_input_embeddings().weight)}
     if lm.get_output_embeddings() is not None:
         embeddings.add(id(lm.get_output_embeddings().weight))
-    return [name for name, p in model.named_parameters(remove_duplicate=False)
+    keys = [name for name, p in model.named_parameters(remove_duplicate=False)
             if p.requires_grad or id(p) in embeddings]
+    if stores_vision(model):
+        keys += [k for k in model.state_dict() if k.startswith(VISION_PREFIX) and k not in keys]
+    return keys
+
+
+def stores_vision(model: nn.Module) -> bool:
+    """Whether a trainable-only save of ``model`` must hold its vision encoder's weights: nothing
+    the loader would rebuild it from gives them. A recorded open_clip ``[name, None]`` is random
+    weights, another on every load; a model that records its LM but not its vision encoder (nor a
+    base directory) would be rebuilt with one made from the config, random too."""
+    sources = getattr(model, SOURCES_ATTR, {})
+    if sources.get(BASE):
+        return False  # loaded from a full directory: the frozen parts come from there
+    if sources.get("vision"):
+        return sources["vision"][1] is None
+    v = model.config.vision
+    buildable = {"hf_clip": True, "timm": bool(v.timm_name), "open_clip": bool(v.open_clip_name)}.get(v.source, False)
+    return bool(sources.get("lm")) and buildable
 
 
 def save_pretrained(model: nn.Module, directory: str | Path, *, trainable_only: bool = False,
@@ -129,7 +151,8 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
             or, for a model loaded from a full directory (what ``fastflamingo finetune --model`` takes),
             that whole directory, the saved weights over it.
         vision_encoder: the vision encoder module, where the config cannot build it (or, for
-            trainable-only, where no open_clip name/pretrained pair was recorded).
+            trainable-only, where no open_clip name/pretrained pair was recorded and the directory
+            does not store its weights; stored weights are loaded into it).
         quantization: passed to :func:`fastflamingo.quant.quantize_model`.
         device, dtype: where and in which dtype the model ends up.
         device_map, max_memory, offload_folder: spread the model over devices with accelerate
@@ -153,9 +176,10 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
         return _onto_base(d, state, sources, quantization=quantization, device=device, dtype=dtype,
                           trust_remote_code=trust_remote_code, device_map=device_map, max_memory=max_memory,
                           offload_folder=offload_folder)
+    vision_keys = []
     if trainable_only:
         lang_encoder = _base_lm(lang_encoder, sources, config, d, trust_remote_code)
-        vision_encoder = _base_vision(vision_encoder, sources, config, d)
+        vision_encoder, vision_keys = _base_vision(vision_encoder, sources, config, d, state)
         _resize(lang_encoder, state)
     elif vision_encoder is None and config.vision.source == "open_clip" and not config.vision.open_clip_name:
         raise ValueError(f"{str(d)!r}: the config names no open_clip model to rebuild the vision encoder from "
@@ -164,8 +188,9 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
         raise ValueError(f"{str(d)!r} holds the full model: lang_encoder= takes a module to load its weights into, "
                          f"not a path ({str(lang_encoder)!r})")
     model = build_and_load(config, state, trainable_only=trainable_only, vision_encoder=vision_encoder,
-                           lang_encoder=lang_encoder, dtype=dtype, device=device, quantization=quantization,
-                           device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+                           lang_encoder=lang_encoder, extra_required=vision_keys, dtype=dtype, device=device,
+                           quantization=quantization, device_map=device_map, max_memory=max_memory,
+                           offload_folder=offload_folder)
     setattr(model, SOURCES_ATTR, sources)
     return model
 
@@ -222,13 +247,29 @@ def _base_lm(lang_encoder, sources: dict, config: FlamingoConfig, d: Path, trust
     return lang_encoder
 
 
-def _base_vision(vision_encoder, sources: dict, config: FlamingoConfig, d: Path) -> nn.Module:
+def _base_vision(vision_encoder, sources: dict, config: FlamingoConfig, d: Path,
+                 state: dict[str, torch.Tensor]) -> tuple[nn.Module, list[str]]:
+    """-> (the vision encoder, the state keys it must take). Weights the directory stores
+    (:func:`stores_vision`) go into the module given, or into one built from the config, in their dtype."""
+    if any(k.startswith(VISION_PREFIX) for k in state):
+        if vision_encoder is None:
+            from ..vision import build_vision_model
+            from .io import skip_init
+            with skip_init():
+                vision_encoder = build_vision_model(config.vision).eval()
+            saved = next(t for k, t in state.items() if k.startswith(VISION_PREFIX) and t.is_floating_point())
+            vision_encoder.to(saved.dtype)
+        return vision_encoder, [VISION_PREFIX + k for k in vision_encoder.state_dict()]
     if vision_encoder is not None:
-        return vision_encoder
+        return vision_encoder, []
     if sources.get("vision") and config.vision.source == "open_clip":
         import open_clip
         name, pretrained = sources["vision"]
-        return open_clip.create_model(name, pretrained=pretrained).visual.eval()
+        if pretrained is None:
+            raise ValueError(f"{str(d)!r} holds only the trainable parameters and records its vision encoder as "
+                             f"({name!r}, None), random weights that were not stored, so they cannot be rebuilt: "
+                             "pass vision_encoder= (the encoder it was trained with)")
+        return open_clip.create_model(name, pretrained=pretrained).visual.eval(), []
     raise ValueError(f"{str(d)!r} holds only the trainable parameters and records no vision encoder: pass "
                      f"vision_encoder= (the frozen {config.vision.source} encoder it was trained with)")
 
