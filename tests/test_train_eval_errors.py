@@ -354,10 +354,14 @@ def test_shots_beyond_the_support_set_are_refused_before_any_runs():
     with pytest.raises(ValueError, match=r"6 shots need at least 6 .* \(1 of them a query's own\)"):
         evaluate(model, tok, support[:2], support, shots=(1, 6), demonstrations="similar", **kw)
     assert generate.calls == 0
-    # what fits runs: 6 of 6 with queries outside the support, and one shared draw (no query excluded)
+    # one shared draw is none of the queries either
+    with pytest.raises(ValueError, match=r"6 shots need at least 6 .* \(1 of them a query's own\)"):
+        evaluate(model, tok, support[:1], support, shots=(6,), shared_demonstrations=True, **kw)
+    assert generate.calls == 0
+    # what fits runs: 6 of 6 with queries outside the support, 5 shared from 6 holding the query
     assert [r.shots for r in evaluate(model, tok, queries[:1], support, shots=(6,), **kw)] == [6]
-    assert [r.shots for r in evaluate(model, tok, support[:1], support, shots=(6,), shared_demonstrations=True,
-                                      **kw)] == [6]
+    assert [r.shots for r in evaluate(model, tok, support[:1], support, shots=(5,), shared_demonstrations=True,
+                                      **kw)] == [5]
 
 
 # ------------------------------------------------------------------ 7. class names the ranking cannot tell apart
