@@ -116,6 +116,8 @@ def test_load_vqa_refuses_bad_files(tmp_path):
         load_vqa(q, a, str(tmp_path / "images"))
     with pytest.raises(FileNotFoundError, match="no VQA annotations file"):
         load_vqa(q, str(tmp_path / "none.json"), images)
+    with pytest.raises(ValueError, match="needs the split's annotation file .* test-dev / test-std"):
+        load_vqa(q, None, images)  # was a TypeError from os.path
     with pytest.raises(ValueError, match="is not a VQA questions file: it needs a \"questions\" list"):
         load_vqa(a, a, images)
     (tmp_path / "images" / "val2014" / "COCO_val2014_000000000002.jpg").unlink()

@@ -124,6 +124,9 @@ def load_vqa(questions: str, annotations: str, image_dir: str, dataset: str = "v
     if dataset not in VQA_DATASETS:
         hint = " (OK-VQA: dataset='vqav2', see the docstring)" if dataset in ("ok_vqa", "okvqa") else ""
         raise ValueError(f"dataset must be one of {VQA_DATASETS}, got {dataset!r}{hint}")
+    if annotations is None:
+        raise ValueError("load_vqa needs the split's annotation file (its human answers score the predictions); "
+                         "a split without published answers (VQAv2 test-dev / test-std) cannot be evaluated here")
     qs = _json(questions, "questions", "VQA questions")
     anns = _json(annotations, "annotations", "VQA annotations")
     split = os.path.basename(os.path.normpath(image_dir))
