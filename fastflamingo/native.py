@@ -19,6 +19,7 @@ Without it the package runs its PyTorch path, as before.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -42,6 +43,7 @@ def _sources() -> list[Path]:
     return [ROOT / "CMakeLists.txt", *sorted((ROOT / "csrc").glob("*.cpp")), *sorted((ROOT / "csrc").glob("*.h"))]
 
 
+@functools.cache  # /proc/cpuinfo, read once: the build folder's key and the stamp both use it
 def _cpu_flags() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

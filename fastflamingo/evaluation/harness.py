@@ -39,11 +39,11 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..checks import is_int
+from ..checks import check_count, is_int
 from ..inputs import image_tensor
 from . import metrics
 from .prompts import (GENERATED, HATEFUL_MEMES_CLASSES, TASKS, ZERO_SHOT_TEXT_DEMOS, Example,
-                      DemonstrationSampler, demonstrations_text, few_shot_text, query)
+                      DemonstrationSampler, demonstrations_text, few_shot_text, positions_by_key, query)
 
 DEMONSTRATIONS = ("random", "similar")
 METRICS = {"vqa": "vqa_accuracy", "captioning": "cider", "classification": "accuracy", "hateful_memes": "roc_auc"}
@@ -152,9 +152,7 @@ def _picker(model, image_processor, queries, support, how, seed, batch_size, mos
         return lambda i, q, k: sampler.draw_shared(k, queries) if q is None else sampler.draw(k, q)
     qf = image_features(model, queries, image_processor, batch_size, progress, "image features: queries")
     sf = image_features(model, support, image_processor, batch_size, progress, "image features: support")
-    where: dict[tuple, list[int]] = {}
-    for j, s in enumerate(support):
-        where.setdefault(s.key, []).append(j)
+    where = positions_by_key(support)
     own = [where.get(q.key, []) for q in queries]  # a query also in the support (any copy) is not its own demonstration
     nearest = nearest_support(qf, sf, own, most)
 
@@ -278,10 +276,8 @@ def _check_support(queries, support, shots_list, text_demos_at_zero, demonstrati
         keys = {q.key for q in queries}
         have = sum(s.key not in keys for s in support)
     else:
-        count: dict[tuple, int] = {}
-        for s in support:
-            count[s.key] = count.get(s.key, 0) + 1
-        inside = max((count.get(q.key, 0) for q in queries), default=0)  # copies of a query: never shown to it
+        where = positions_by_key(support)
+        inside = max((len(where.get(q.key, ())) for q in queries), default=0)  # copies of a query: never shown to it
         have = len(support) - inside
     if need > have:
         what = f"{need} shots" if need in shots_list else f"0 shots (with text_demos_at_zero={need})"
@@ -339,7 +335,6 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
     """
     import time
 
-    from ..generation import check_count
     check_count("batch_size", batch_size, 1)
     check_count("num_beams", num_beams, 1)
     check_count("text_demos_at_zero", text_demos_at_zero, 0)

@@ -108,6 +108,14 @@ def few_shot_text(task: str, demos: list[Example], ex: Example, text_only: bool 
     return demonstrations_text(task, demos, text_only) + query(task, ex)
 
 
+def positions_by_key(examples: list[Example]) -> dict[tuple, list[int]]:
+    """{:attr:`Example.key`: the positions of the examples with it}: where each example's copies are."""
+    where: dict[tuple, list[int]] = {}
+    for j, ex in enumerate(examples):
+        where.setdefault(ex.key, []).append(j)
+    return where
+
+
 class DemonstrationSampler:
     """Random demonstrations from one support set: ``shots`` distinct examples, never the query
     itself nor another copy of it (:attr:`Example.key`). The support is indexed once, so a draw
@@ -117,9 +125,7 @@ class DemonstrationSampler:
 
     def __init__(self, support: list[Example], rng: random.Random):
         self.support, self.rng = support, rng
-        self.where: dict[tuple, list[int]] = {}
-        for j, s in enumerate(support):
-            self.where.setdefault(s.key, []).append(j)
+        self.where = positions_by_key(support)
 
     def draw(self, shots: int, exclude: Example | None = None) -> list[Example]:
         own = set(self.where.get(exclude.key, ())) if exclude is not None else set()
