@@ -289,6 +289,11 @@ class Flamingo(nn.Module):
         return finish(model, dtype=dtype, device=device, quantization=quantization, device_map=device_map,
                       max_memory=max_memory, offload_folder=offload_folder)
 
+    def _apply(self, fn, recurse=True):
+        # every cast (.to(dtype), .half(), .bfloat16()) passes here: NF4 layers follow it
+        with quant.nf4_compute_follows_cast(self):
+            return super()._apply(fn, recurse)
+
     def set_trainable(self, train_embeddings: bool | None = None) -> None:
         """Freeze the vision encoder and the LM; train the resampler, the cross-attention blocks and,
         when ``config.num_base_tokens`` is set, the embedding rows of the added tokens only (of the

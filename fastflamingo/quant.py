@@ -4,6 +4,8 @@
 optionally of the vision encoder, and for inference of the cross-attention blocks) by
 bitsandbytes layers. Trainable layers (the resampler, the cross-attention blocks while
 training, trainable LM layers) and the LM head stay in 16/32-bit.
+NF4 layers compute in their part's dtype, and follow a later cast of the model
+(``model.to(torch.bfloat16)``: :func:`nf4_compute_follows_cast`).
 
 bitsandbytes 0.50 on CPUs with AVX512-BF16 repacks NF4 weights for a fast kernel on the first
 eval/no-grad forward, for good. That kernel crashes unless ``in_features % 64 == 0`` and
@@ -21,6 +23,7 @@ fastflamingo's reference dequantization (:mod:`fastflamingo.ops.nf4`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -204,6 +207,51 @@ def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool =
         from .ops.nf4 import use_fused_nf4
         use_fused_nf4(model)
     return model
+
+
+def _nf4_parts(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """(layer, dtype of its part) for every bitsandbytes 4-bit layer of a Flamingo model: its
+    activations' dtype, read from a floating tensor a cast changes with them (a block's gate, the
+    LM's input embeddings, the vision encoder's first floating parameter)."""
+    if sys.modules.get("bitsandbytes") is None:
+        return []
+    linear4bit = _bnb().nn.Linear4bit
+
+    def first_float(part):
+        p = next((p for p in part.parameters() if p.is_floating_point()), None)
+        return None if p is None else p.dtype
+
+    lm = model.lang_encoder.get_input_embeddings()
+    parts = [(block, lambda block=block: block.attn_gate.dtype) for block in model.gated_cross_attn_layers]
+    parts += [(model.vision_encoder, lambda: first_float(model.vision_encoder)),
+              (model.lang_encoder, lambda: None if lm is None else lm.weight.dtype)]
+    seen, pairs = set(), []
+    for part, dtype in parts:
+        for m in part.modules():
+            if isinstance(m, linear4bit) and id(m) not in seen:
+                seen.add(id(m))
+                pairs.append((m, dtype))
+    return pairs
+
+
+@contextlib.contextmanager
+def nf4_compute_follows_cast(model: nn.Module):
+    """Around a cast of a Flamingo model (``model.to(torch.bfloat16)``, ``.half()``): every NF4
+    layer that computed in its part's dtype before computes in the part's new dtype after
+    (bitsandbytes fixes a layer's compute dtype when it is made: an fp32-quantized model cast to
+    bf16 kept dequantizing and multiplying in fp32). A layer given another compute dtype
+    (transformers' ``bnb_4bit_compute_dtype``) keeps it."""
+    followers = [(m, dtype) for m, dtype in _nf4_parts(model)
+                 if m.compute_dtype is not None and m.compute_dtype == dtype()]
+    yield
+    for m, dtype in followers:
+        new = dtype()
+        if new is None or new == m.compute_dtype:
+            continue
+        m.compute_dtype = new
+        state = getattr(m.weight, "quant_state", None)
+        if state is not None:
+            state.dtype = new  # what dequantization returns: as if quantized at this dtype
 
 
 def quantized_modules(model: nn.Module) -> list[str]:

@@ -283,3 +283,43 @@ def test_quantized_cross_attention_cannot_be_made_trainable():
     from fastflamingo.training import fine_tune
     with pytest.raises(ValueError, match="cross_attention=True"):
         fine_tune(model, [], steps=1)
+
+
+def test_nf4_layers_compute_in_the_dtype_the_model_is_cast_to():
+    """bitsandbytes fixes an NF4 layer's compute dtype when it is made: a model quantized in fp32
+    and then cast with ``.to(torch.bfloat16)`` kept dequantizing and multiplying in fp32 (bf16
+    activations cast up at every layer: twice the weight traffic). Every NF4 layer follows the
+    cast, back again to fp32, and to fp16; a layer given another compute dtype keeps it."""
+    model = build("x64", "nf4").eval()
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    kept = layers[0]
+    kept.compute_dtype = torch.float64  # a user's explicit choice (transformers' bnb_4bit_compute_dtype)
+    vx, ids = inputs(model)
+    with torch.no_grad():
+        fp32 = model(vx, ids).logits
+    seen = []
+    real = bnb.matmul_4bit
+
+    def spy(A, B, *args, **kwargs):
+        seen.append(A.dtype)
+        return real(A, B, *args, **kwargs)
+
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        model.to(dtype)
+        assert kept.compute_dtype == torch.float64
+        for m in layers[1:]:
+            assert (m.compute_dtype, m.weight.quant_state.dtype) == (dtype, dtype)
+    kept.compute_dtype = torch.float32
+    model.bfloat16()
+    assert {m.compute_dtype for m in layers} == {torch.bfloat16}
+    seen.clear()
+    bnb.matmul_4bit = spy
+    try:
+        with torch.no_grad():
+            bf16 = model(vx.bfloat16(), ids).logits
+    finally:
+        bnb.matmul_4bit = real
+    assert seen and set(seen) == {torch.bfloat16}, set(seen)
+    assert bf16.dtype == torch.bfloat16
+    rel = (bf16.float() - fp32).norm() / fp32.norm()
+    assert rel < 0.05, rel
