@@ -311,3 +311,28 @@ def test_finetune_memory_benchmark_runs_its_three_setups(tmp_path):
     assert all("error" not in r and r["peak_MiB"] > 0 and r["step_ms"] > 0 for r in info["rows"])
     plain, checkpointed = info["rows"][0]["peak_MiB"], info["rows"][1]["peak_MiB"]
     assert checkpointed < plain  # activations recomputed, not kept
+
+
+def test_a_non_finite_loss_stops_before_the_weights_change(tmp_path):
+    """A loss that is nan or inf (a float16 model overflowing) used to be stepped on: every trained
+    weight became nan and the run finished and saved them. It stops at that step instead, naming
+    it, with the other weights as the previous step left them and no checkpoint written."""
+    tok = synthetic.tokenizer()
+    data = DocumentBatches(_docs(4), tok, 510, batch_size=2, image_size=32, seed=1)
+    model = _open_gates(_model())
+    before = {}
+
+    def batches(step):
+        if step == 1:  # after step 1: a weight turns nan
+            before.update(_trainable(model))
+            with torch.no_grad():
+                model.perceiver.latents.fill_(float("nan"))
+        return data(step)
+    with pytest.raises(FloatingPointError, match=r"step 2's loss is nan.*after step 1.*float32"):
+        fine_tune(model, batches, steps=3, lr=1e-3, progress=False, out=str(tmp_path / "run"))
+    after = _trainable(model)
+    assert len(before) > 10
+    for n in before:
+        if n != "perceiver.latents":
+            assert torch.equal(after[n], before[n]), n
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -206,6 +206,11 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         if shard:  # FSDP2 averaged the gradients over the ranks (hence the world in the weights); the loss too
             torch.distributed.all_reduce(loss_sum)
         rate, loss_sum = opt.param_groups[0]["lr"], loss_sum.item() / world
+        if not math.isfinite(loss_sum):  # before the step: the weights (and any checkpoint) stay finite
+            raise FloatingPointError(
+                f"step {step + 1}'s loss is {loss_sum}: the trained weights are left as they were after step "
+                f"{step} (the last checkpoint in out is untouched). A float16 model overflows: train in float32 "
+                "(or bfloat16); else lower lr, or set max_grad_norm")
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
