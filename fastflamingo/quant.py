@@ -212,18 +212,13 @@ def quantize_model(model: nn.Module, quantization: str | None, *, vision: bool =
 def _nf4_parts(model: nn.Module) -> list[tuple[nn.Module, object]]:
     """(layer, dtype of its part) for every bitsandbytes 4-bit layer of a Flamingo model: its
     activations' dtype, read from a floating tensor a cast changes with them (a block's gate, the
-    LM's input embeddings, the vision encoder's first floating parameter)."""
+    LM's input embeddings, :attr:`Flamingo.vision_encoder_dtype`)."""
     if sys.modules.get("bitsandbytes") is None:
         return []
     linear4bit = _bnb().nn.Linear4bit
-
-    def first_float(part):
-        p = next((p for p in part.parameters() if p.is_floating_point()), None)
-        return None if p is None else p.dtype
-
     lm = model.lang_encoder.get_input_embeddings()
     parts = [(block, lambda block=block: block.attn_gate.dtype) for block in model.gated_cross_attn_layers]
-    parts += [(model.vision_encoder, lambda: first_float(model.vision_encoder)),
+    parts += [(model.vision_encoder, lambda: model.vision_encoder_dtype),
               (model.lang_encoder, lambda: None if lm is None else lm.weight.dtype)]
     seen, pairs = set(), []
     for part, dtype in parts:
