@@ -20,7 +20,7 @@ def _model(seed: int = 5):
     model = fastflamingo.Flamingo.from_preset("tiny", seed=seed)
     with torch.no_grad():  # random tiny blocks start with closed gates: open them (gradients reach the blocks)
         for name, p in model.named_parameters():
-            if "gate" in name:
+            if name.endswith("_gate"):  # (every block weight is in a gated_cross_attn_layer)
                 p.fill_(0.5)
     return model
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..warn import InputWarning
 from .data import Document, DocumentBatches, collate, load_documents
+from .masters import Masters
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 TRAIN = ("flamingo", "all")
@@ -42,9 +43,10 @@ def schedule(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def _optimizer(model, name: str, lr: float, weight_decay: float, train: str):
-    groups = (model.parameter_groups(weight_decay) if train == "flamingo" else
-              [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}])
+def _optimizer(model, name: str, lr: float, weight_decay: float, train: str, masters: Masters):
+    groups = masters.groups(model.parameter_groups(weight_decay) if train == "flamingo" else
+                            [{"params": [p for p in model.parameters() if p.requires_grad],
+                              "weight_decay": weight_decay}])
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     from ..quant import _bnb
@@ -63,7 +65,11 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     rate, target tokens, seconds).
 
     Args:
-        model: a :class:`~fastflamingo.Flamingo` (its LM may be quantized: it stays frozen).
+        model: a :class:`~fastflamingo.Flamingo` (its LM may be quantized: it stays frozen). Its
+            trained weights may be float32 or bfloat16: bfloat16 ones step as float32 master
+            copies (:mod:`~fastflamingo.training.masters`: 10 bytes per trained value besides
+            the optimizer's state, 8 in float32), and their gradients add up in float32. float16 is refused (its
+            gradients need loss scaling).
         batches: ``batches(step)`` -> the step's micro-batches, each ``(vision_x or None, input_ids,
             attention_mask, labels)`` (:class:`~fastflamingo.training.data.DocumentBatches`: an
             epoch leaves out the ``len(docs) % (batch_size x grad_accum x world_size)`` documents
@@ -143,12 +149,14 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     from ..distribute import offload_message, offloaded_trainable
     if offloaded := offloaded_trainable(model):
         raise ValueError(f"fine_tune: {offload_message(offloaded)}")
+    _check_trained_dtypes(params, shard)
+    masters = Masters(params)  # float32 copies of bfloat16 trained weights, which the optimizer steps
     settings = {"lr": lr, "weight_decay": weight_decay, "warmup": warmup, "optimizer": optimizer, "steps": steps,
                 "max_grad_norm": max_grad_norm}
     if isinstance(batches, DocumentBatches):
         settings.update(batches.settings())  # the data order: a resume with others reads other documents
         batches.check()  # every document's length and image files, before the first step (not at step 900)
-    opt = _optimizer(model, optimizer, lr, weight_decay, train)
+    opt = _optimizer(model, optimizer, lr, weight_decay, train, masters)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, steps, warmup))
     history, start = [], 0
     if resume:
@@ -160,7 +168,7 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         if state["step"] >= steps:
             raise ValueError(f"the checkpoint in {out} is at step {state['step']}, not before steps={steps}: "
                              "nothing to do")
-        start, history = _load(path, state, model, params, opt, sched, shard)
+        start, history = _load(path, state, model, params, masters, opt, sched, shard)
         # the rate of the first resumed step from this run's schedule (steps may differ from the
         # checkpoint's): the optimizer's restored rate is the old schedule's
         # (base_lr * factor, as LambdaLR computes it: an unchanged run's rate, bit for bit)
@@ -171,65 +179,86 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     device = model.device
     bar = tqdm(range(start, steps), desc="fine-tuning", initial=start, total=steps,
                disable=None if progress is None else not progress)
-    for step in bar:
-        t0 = time.perf_counter()
-        micro = batches(step)  # moved to the device one micro-batch at a time
-        counts = [int((mb[3][:, 1:] != -100).sum()) for mb in micro]
-        total = sum(counts)
-        if shard:  # every rank's targets: the step's mean is over all of them
-            t = torch.tensor(total, device=device)
-            torch.distributed.all_reduce(t)
-            total = int(t)
-        if total == 0:
-            raise ValueError(f"step {step}'s batch has no target token (every label is -100)")
-        loss_sum = torch.zeros((), device=device)
-        for (vx, ids, mask, labels), n in zip(micro, counts):
-            if shard and vx is None:
-                raise ValueError("under shard=True every micro-batch needs vision_x (a zero image that no token "
-                                 "sees will do: FSDP2 needs every rank to run the same modules); "
-                                 "DocumentBatches(..., world_size=...) adds one")
-            if n == 0 and not shard:  # (a rank with nothing to learn still runs, for the collectives)
-                continue
-            vx = None if vx is None else vx.to(device, model.vision_encoder_dtype)
-            with warnings.catch_warnings():
-                if shard:  # the zero image that keeps a text-only batch on the vision path
-                    warnings.filterwarnings("ignore", message=".*is seen by no token", category=InputWarning)
-                if n == 0:  # no target (the LM's mean loss would be 0/0 = nan): zero gradients, same collectives
-                    loss = model(vx, ids.to(device), attention_mask=mask.to(device)).logits.float().sum() * 0.0
-                else:
-                    loss = model(vx, ids.to(device), attention_mask=mask.to(device),
-                                 labels=labels.to(device)).loss * (n * world / total)
-            loss.backward()
-            loss_sum += loss.detach().float()  # read once a step: no host sync per micro-batch
-        if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(list(params.values()), max_grad_norm)
-        if shard:  # FSDP2 averaged the gradients over the ranks (hence the world in the weights); the loss too
-            torch.distributed.all_reduce(loss_sum)
-        rate, loss_sum = opt.param_groups[0]["lr"], loss_sum.item() / world
-        if not math.isfinite(loss_sum):  # before the step: the weights (and any checkpoint) stay finite
-            raise FloatingPointError(
-                f"step {step + 1}'s loss is {loss_sum}: the trained weights are left as they were after step "
-                f"{step} (the last checkpoint in out is untouched). A float16 model overflows: train in float32 "
-                "(or bfloat16); else lower lr, or set max_grad_norm")
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "loss": loss_sum, "lr": rate,
-                        "tokens": total, "seconds": time.perf_counter() - t0})
-        bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
-        if out is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
-            _save(out, model, params, opt, sched, step + 1, history, shard, settings)
+    with masters:  # (its hooks move each 16-bit gradient to the float32 copy as the backward makes it)
+        for step in bar:
+            t0 = time.perf_counter()
+            micro = batches(step)  # moved to the device one micro-batch at a time
+            counts = [int((mb[3][:, 1:] != -100).sum()) for mb in micro]
+            total = sum(counts)
+            if shard:  # every rank's targets: the step's mean is over all of them
+                t = torch.tensor(total, device=device)
+                torch.distributed.all_reduce(t)
+                total = int(t)
+            if total == 0:
+                raise ValueError(f"step {step}'s batch has no target token (every label is -100)")
+            loss_sum = torch.zeros((), device=device)
+            for (vx, ids, mask, labels), n in zip(micro, counts):
+                if shard and vx is None:
+                    raise ValueError("under shard=True every micro-batch needs vision_x (a zero image that no token "
+                                     "sees will do: FSDP2 needs every rank to run the same modules); "
+                                     "DocumentBatches(..., world_size=...) adds one")
+                if n == 0 and not shard:  # (a rank with nothing to learn still runs, for the collectives)
+                    continue
+                vx = None if vx is None else vx.to(device, model.vision_encoder_dtype)
+                with warnings.catch_warnings():
+                    if shard:  # the zero image that keeps a text-only batch on the vision path
+                        warnings.filterwarnings("ignore", message=".*is seen by no token", category=InputWarning)
+                    if n == 0:  # no target (the LM's mean loss would be 0/0 = nan): zero gradients, same collectives
+                        loss = model(vx, ids.to(device), attention_mask=mask.to(device)).logits.float().sum() * 0.0
+                    else:
+                        loss = model(vx, ids.to(device), attention_mask=mask.to(device),
+                                     labels=labels.to(device)).loss * (n * world / total)
+                loss.backward()
+                loss_sum += loss.detach().float()  # read once a step: no host sync per micro-batch
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(masters.stepped_params(), max_grad_norm)
+            if shard:  # FSDP2 averaged the gradients over the ranks (hence the world in the weights); the loss too
+                torch.distributed.all_reduce(loss_sum)
+            rate, loss_sum = opt.param_groups[0]["lr"], loss_sum.item() / world
+            if not math.isfinite(loss_sum):  # before the step: the weights (and any checkpoint) stay finite
+                raise FloatingPointError(
+                    f"step {step + 1}'s loss is {loss_sum}: the trained weights are left as they were after step "
+                    f"{step} (the last checkpoint in out is untouched). Lower lr, or set max_grad_norm; a "
+                    "bfloat16 model that overflows may train in float32")
+            opt.step()
+            masters.write_back()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            history.append({"step": step + 1, "loss": loss_sum, "lr": rate,
+                            "tokens": total, "seconds": time.perf_counter() - t0})
+            bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
+            if out is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
+                _save(out, model, params, masters, opt, sched, step + 1, history, shard, settings)
     model.eval()
     return history
 
 
-def _save(out: str, model, params, opt, sched, step: int, history: list[dict], shard: bool,
+def _check_trained_dtypes(params: dict[str, torch.Tensor], shard: bool) -> None:
+    """float32 or bfloat16 trained weights (bfloat16 ones train through float32 copies, which
+    FSDP2's state dicts do not know: shard=True takes float32 ones)."""
+    half = [n for n, p in params.items() if p.dtype == torch.float16]
+    if half:
+        raise ValueError(f"{len(half)} trained weights are float16 (e.g. {half[0]}): float16 gradients underflow "
+                         "without loss scaling, which fine_tune does not do. Load the model in bfloat16 "
+                         "(dtype=torch.bfloat16, --dtype bfloat16: its trained weights get float32 master copies) "
+                         "or float32 (dtype=torch.float32, --dtype float32; quantization='nf4' keeps the frozen LM small)")
+    other = sorted({str(p.dtype) for p in params.values()} - {"torch.float32", "torch.bfloat16"})
+    if other:
+        raise ValueError(f"trained weights must be float32 or bfloat16, got {', '.join(other)}")
+    if shard and any(p.dtype == torch.bfloat16 for p in params.values()):
+        n = next(n for n, p in params.items() if p.dtype == torch.bfloat16)
+        raise ValueError(f"shard=True with bfloat16 trained weights (e.g. {n}): their float32 master copies are not "
+                         "in FSDP2's optimizer state dict. Load the model in float32 (dtype=torch.float32, --dtype float32) "
+                         "to train sharded")
+
+
+def _save(out: str, model, params, masters: Masters, opt, sched, step: int, history: list[dict], shard: bool,
           settings: dict) -> None:
     from ..convert.pretrained import trainable_keys
     from ..distribute import gather_state
     # collectives first (every rank), then rank 0 writes
     saved = gather_state(model, trainable_keys(model))  # the trainable weights and the embeddings
-    trainable = {n: saved[n] for n in params}
+    trainable = masters.state({n: saved[n] for n in params})  # (float32 copies: a resume continues exactly)
     if shard:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -280,7 +309,8 @@ def _check_settings(path: str, state: dict, settings: dict) -> None:
                          "(steps may change on resume)")
 
 
-def _load(path: str, state: dict, model, params, opt, sched, shard: bool) -> tuple[int, list[dict]]:
+def _load(path: str, state: dict, model, params, masters: Masters, opt, sched,
+          shard: bool) -> tuple[int, list[dict]]:
     missing = sorted(params.keys() - state["trainable"].keys())
     extra = sorted(state["trainable"].keys() - params.keys())
     if missing or extra:
@@ -293,9 +323,7 @@ def _load(path: str, state: dict, model, params, opt, sched, shard: bool) -> tup
         set_model_state_dict(model, state["trainable"], options=options)
         set_optimizer_state_dict(model, opt, state["optimizer"], options=options)
     else:
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(state["trainable"][n])
+        masters.load(state["trainable"])
         opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     return state["step"], state["history"]

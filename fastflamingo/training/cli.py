@@ -61,7 +61,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--quantization", choices=["nf4", "int8"], default=None, help="the frozen LM in 4 or 8 bits")
     p.add_argument("--device", type=device_arg, default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="the model's dtype (default: the checkpoint's); bfloat16's trained weights step as float32 "
+                        "master copies (float16 needs loss scaling, which is not done: refused)")
     p.add_argument("--seed", type=int, default=0, help="the order of the documents")
     p.add_argument("--save-every", type=count_arg("--save-every"), default=0, help="checkpoint every N steps too")
     p.add_argument("--resume", action="store_true",
