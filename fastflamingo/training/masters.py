@@ -30,9 +30,7 @@ class Masters:
         with torch.no_grad():
             self.copies = {n: p.detach().float().clone() for n, p in params.items() if p.dtype in SIXTEEN_BIT}
         self._by_id = {id(params[n]): c for n, c in self.copies.items()}
-
-    def __bool__(self) -> bool:
-        return bool(self.copies)
+        self._hooks = []
 
     def stepped(self, p: torch.Tensor) -> torch.Tensor:
         """What the optimizer steps for the trained parameter ``p``: its copy, or ``p``."""
@@ -43,6 +41,7 @@ class Masters:
         return [{**g, "params": [self.stepped(p) for p in g["params"]]} for g in groups]
 
     def stepped_params(self) -> list[torch.Tensor]:
+        """Every trained parameter as the optimizer steps it (for clipping their gradients)."""
         return [self.stepped(p) for p in self.params.values()]
 
     def __enter__(self) -> "Masters":
