@@ -68,8 +68,8 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         model: a :class:`~fastflamingo.Flamingo` (its LM may be quantized: it stays frozen). Its
             trained weights may be float32 or bfloat16: bfloat16 ones step as float32 master
             copies (:mod:`~fastflamingo.training.masters`: 10 bytes per trained value besides
-            the optimizer's state, 8 in float32), and their gradients add up in float32. float16 is refused (its
-            gradients need loss scaling).
+            the optimizer's state, 8 in float32), and their gradients add up in float32.
+            float16 is refused (its gradients need loss scaling).
         batches: ``batches(step)`` -> the step's micro-batches, each ``(vision_x or None, input_ids,
             attention_mask, labels)`` (:class:`~fastflamingo.training.data.DocumentBatches`: an
             epoch leaves out the ``len(docs) % (batch_size x grad_accum x world_size)`` documents
@@ -245,9 +245,9 @@ def _check_trained_dtypes(params: dict[str, torch.Tensor], shard: bool) -> None:
     other = sorted({str(p.dtype) for p in params.values()} - {"torch.float32", "torch.bfloat16"})
     if other:
         raise ValueError(f"trained weights must be float32 or bfloat16, got {', '.join(other)}")
-    if shard and any(p.dtype == torch.bfloat16 for p in params.values()):
-        n = next(n for n, p in params.items() if p.dtype == torch.bfloat16)
-        raise ValueError(f"shard=True with bfloat16 trained weights (e.g. {n}): their float32 master copies are not "
+    bf16 = [n for n, p in params.items() if p.dtype == torch.bfloat16]
+    if shard and bf16:
+        raise ValueError(f"shard=True with bfloat16 trained weights (e.g. {bf16[0]}): their float32 master copies are not "
                          "in FSDP2's optimizer state dict. Load the model in float32 (dtype=torch.float32, --dtype float32) "
                          "to train sharded")
 
