@@ -105,6 +105,53 @@ def test_fine_tune_checks_document_batches_before_the_first_step(tmp_path):
         load_documents(_docs_file(tmp_path, long_line=2), tok, max_length=20)
 
 
+def test_documents_without_a_target_or_with_too_many_images_are_named_before_the_first_step(tmp_path):
+    """A document of <image> tags only (nothing to learn), one with more images than the model's
+    max_num_media, and batches built for another <image> token id: errors before any step, naming
+    the document, where they failed at the step that drew them (or, for the first, never alone)."""
+    import dataclasses
+    from fastflamingo.presets import preset_config
+    tok = synthetic.tokenizer()
+    image = synthetic.examples(1, "color", seed=0)[0].image
+    docs = [Document([image], "<image>Output:red<|endofchunk|>") for _ in range(6)]
+    model = fastflamingo.Flamingo.from_preset(
+        "tiny", seed=5, resampler=dataclasses.replace(preset_config("tiny").resampler, max_num_media=2))
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    for bad, message in [(Document([image], "<image>"), r"document 5 has no token to learn from: its text '<image>'"),
+                         (Document([], ""), r"document 5 has no token to learn from"),
+                         (Document([image] * 3, "<image>a<image>b<image>c"),
+                          r"document 5 has 3 images, more than the model's max_num_media=2 \(1 such document")]:
+        data = DocumentBatches(docs[:5] + [bad], tok, 510, batch_size=2, seed=0)
+        with pytest.raises(ValueError, match=message):
+            fine_tune(model, data, steps=2, lr=1e-2, progress=False)
+    with pytest.raises(ValueError, match=r"token id 511, but the model's is 510"):
+        fine_tune(model, DocumentBatches(docs, tok, 511, batch_size=2, seed=0), steps=1, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_a_batch_pads_with_zero_images_of_its_own_images_shape():
+    """A text-only document beside a 2-frame clip of 32-pixel frames gets a zero clip of that shape
+    (not a 224-pixel single frame: torch.stack failed); images of two shapes in one batch are an
+    error naming both documents; under world_size > 1 a batch of text only gets zero images of the
+    model's size (image_size None: fine_tune's check reads it)."""
+    from fastflamingo.training import collate
+    tok = synthetic.tokenizer()
+    clip = torch.rand(2, 3, 32, 32)
+    vx, ids, mask, labels = collate([Document([clip], "<image>Output:red"), Document([], "Output: blue")], tok, 510)
+    assert vx.shape == (2, 1, 2, 3, 32, 32) and torch.equal(vx[0, 0], clip) and not vx[1].any()
+    with pytest.raises(ValueError, match=r"document 1's image 0 is \(1, 3, 32, 32\) .* but document 0's is "
+                                         r"\(2, 3, 32, 32\): a batch's images must be one shape"):
+        collate([Document([clip], "<image>a"), Document([clip[0]], "<image>b")], tok, 510)
+    docs = [Document([], "Output: blue") for _ in range(4)]
+    data = DocumentBatches(docs, tok, 510, batch_size=1, rank=1, world_size=2)
+    data.check(_model())
+    [(vx, *_)] = data(0)
+    assert vx.shape == (1, 1, 1, 3, 32, 32) and not vx.any()
+    data = DocumentBatches(docs, tok, 510, batch_size=1, rank=1, world_size=2, image_size=224)
+    with pytest.raises(ValueError, match=r"image_size=224 .* but the model takes 32-pixel images"):
+        data.check(_model())
+
+
 def test_adamw8bit_without_bitsandbytes_names_the_optimizer(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # a blocked import
     tok = synthetic.tokenizer()

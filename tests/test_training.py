@@ -4,6 +4,7 @@ checkpointing, 8-bit AdamW) trains on a CPU with the frozen parts untouched, and
 command line trains from files, resumes, and refuses bad data naming it."""
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -150,6 +151,24 @@ def test_data_errors_name_the_document(tmp_path):
         fine_tune(quantize_model(_model(), "nf4"), data, steps=1, train="all")
 
 
+def test_train_all_trains_every_weight_but_the_frozen_vision_encoder(tmp_path):
+    """train="all": the LM's weights move too, but the vision encoder (run under no_grad) is not
+    marked trainable, so it is neither stepped nor in the checkpoint's trained weights."""
+    tok = synthetic.tokenizer()
+    model = _open_gates(_model())
+    vision = {n: p.detach().clone() for n, p in model.vision_encoder.named_parameters()}
+    lm = {n: p.detach().clone() for n, p in model.lang_encoder.named_parameters()}
+    fine_tune(model, DocumentBatches(_docs(), tok, 510, batch_size=4), steps=2, lr=1e-3, train="all",
+              out=str(tmp_path / "run"), progress=False)
+    assert not any(p.requires_grad for p in model.vision_encoder.parameters())
+    assert all(torch.equal(vision[n], p) for n, p in model.vision_encoder.named_parameters())
+    moved = [n for n, p in model.lang_encoder.named_parameters() if not torch.equal(lm[n], p)]
+    assert len(moved) > len(lm) // 2, f"{len(moved)} of {len(lm)} LM weights moved"
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert not [k for k in state["trainable"] if k.startswith("vision_encoder.")]
+    assert any(k.startswith("lang_encoder.") for k in state["trainable"])
+
+
 def _files(tmp_path):
     """The tiny model and its tokenizer saved, and six documents as PNG files and JSON lines."""
     from PIL import Image
@@ -181,8 +200,12 @@ def test_cli_finetune_from_files_then_resume(tmp_path, capsys):
         "grad_accum x world_size = 4 documents (each epoch's shuffle leaves out other ones); to train on every "
         "document every epoch, give a multiple of 4 documents, or a batch_size x grad_accum x world_size that "
         "divides 6\n") in err, err
-    assert main(args + ["--steps", "4", "--resume"]) == 0
-    assert "steps 3..4" in capsys.readouterr().out
+    # stderr is no terminal here: a line at every 10th step and the last takes the progress bar's place
+    assert re.findall(r"^step \d+/\d+", out, re.M) == ["step 2/2"]
+    assert re.search(r"^step 2/2: loss \d+\.\d{4}, lr [\d.e-]+, \d+ target tokens, \d+\.\d\d s a step$", out, re.M), out
+    assert main(args + ["--steps", "4", "--resume", "--log-every", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "steps 3..4" in out and re.findall(r"^step \d+/\d+", out, re.M) == ["step 3/4", "step 4/4"]
     history = json.loads((tmp_path / "run" / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4] and (tmp_path / "run" / "loss.png").stat().st_size > 0
     # run/model loads with no argument (over the --model directory it records) and holds the tokenizer,
@@ -210,7 +233,9 @@ def _stopping_at(data, step):
 
 def _shard_docs() -> list[Document]:
     """Eight documents, all used in 4 steps of 2 micro-batches: text-only ones, and one with no
-    target at all (a lone <image>: its rank still runs its forward, with zero gradient, not nan)."""
+    target at all (a lone <image>: its rank still runs its forward, with zero gradient, not nan).
+    fine_tune refuses such a document in DocumentBatches, naming it: the tests give their batches'
+    ``__call__`` (a function of the step, which fine_tune does not check) to reach that rank."""
     docs = _docs(8)
     docs[5] = Document(list(synthetic.render(["red"], ["circle"], torch.Generator().manual_seed(0))), "<image>")
     return docs
@@ -226,7 +251,7 @@ def _shard_worker(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     data = DocumentBatches(_shard_docs(), synthetic.tokenizer(), 510, batch_size=1, image_size=32, seed=3,
-                           rank=rank, world_size=world)
+                           rank=rank, world_size=world).__call__
     kw = dict(steps=4, lr=1e-3, warmup=1, shard=True, progress=False)
     whole = _open_gates(_model())
     h = fine_tune(whole, data, out=f"{out}/a", **kw)
@@ -256,7 +281,8 @@ def test_sharded_fine_tuning_equals_one_process_and_resumes(tmp_path):
     mp.spawn(_shard_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     got = torch.load(tmp_path / "results.pt", weights_only=True)
     single = _open_gates(_model())
-    data = DocumentBatches(_shard_docs(), synthetic.tokenizer(), 510, batch_size=1, grad_accum=2, image_size=32, seed=3)
+    data = DocumentBatches(_shard_docs(), synthetic.tokenizer(), 510, batch_size=1, grad_accum=2, image_size=32,
+                           seed=3).__call__
     h = fine_tune(single, data, steps=4, lr=1e-3, warmup=1, progress=False)
     assert [r["tokens"] for r in got["h"]] == [r["tokens"] for r in h]
     assert [r["loss"] for r in got["h"]] == pytest.approx([r["loss"] for r in h], rel=1e-5)

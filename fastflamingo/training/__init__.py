@@ -60,7 +60,8 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: float = 0.1, warmup: int = 0,
               max_grad_norm: float | None = 1.0, optimizer: str = "adamw", train: str = "flamingo",
               activation_checkpointing: bool = False, shard: bool = False, out: str | None = None,
-              save_every: int = 0, resume: bool = False, progress: bool | None = None) -> list[dict]:
+              save_every: int = 0, resume: bool = False, progress: bool | None = None,
+              on_step=None) -> list[dict]:
     """Train ``model`` for ``steps`` optimizer steps; returns every step's record (loss, learning
     rate, target tokens, seconds).
 
@@ -89,7 +90,8 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         optimizer: ``"adamw"`` (torch) or ``"adamw8bit"`` (bitsandbytes: its two moments in 8
             bits, ~75% less optimizer memory).
         train: ``"flamingo"``: the Flamingo recipe (:meth:`~fastflamingo.Flamingo.set_trainable`);
-            ``"all"``: every weight (a model whose LM is not pretrained).
+            ``"all"``: every weight but the vision encoder's (a model whose LM is not pretrained;
+            the vision encoder stays frozen, as in Flamingo: it runs under ``torch.no_grad``).
         activation_checkpointing: recompute activations in the backward
             (:meth:`~fastflamingo.Flamingo.activation_checkpointing_enable`).
         shard: FSDP2 data parallel over the initialized ``torch.distributed`` group
@@ -103,6 +105,9 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
             ``warmup``, ``optimizer``, ``max_grad_norm`` and ``DocumentBatches`` settings: another
             one is an error naming both values; ``steps`` may change, see above).
         progress: a tqdm bar; None: when stderr is a terminal.
+        on_step: called with each step's record (the dict ``history`` gets) once the step is made
+            (and checkpointed, when it is a checkpoint's): for logs where no bar shows (the
+            command line's ``--log-every``), or a tracker. Under ``shard=True`` every rank calls it.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -137,6 +142,7 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
                              "train='flamingo' (the frozen LM may stay quantized)")
         model.set_trainable(train_embeddings=False)  # no masks on the embedding rows: all of them train
         model.requires_grad_(True)
+        model.vision_encoder.requires_grad_(False)  # it runs under no_grad (encode_vision): it would never move
     if activation_checkpointing:
         model.activation_checkpointing_enable()
     if shard:
@@ -155,7 +161,7 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
                 "max_grad_norm": max_grad_norm}
     if isinstance(batches, DocumentBatches):
         settings.update(batches.settings())  # the data order: a resume with others reads other documents
-        batches.check()  # every document's length and image files, before the first step (not at step 900)
+        batches.check(model)  # every document's images, tokens and length, before the first step (not at step 900)
     opt = _optimizer(model, optimizer, lr, weight_decay, train, masters)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, steps, warmup))
     history, start = [], 0
@@ -229,6 +235,8 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
             bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
             if out is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
                 _save(out, model, params, masters, opt, sched, step + 1, history, shard, settings)
+            if on_step is not None:
+                on_step(history[-1])
     model.eval()
     return history
 
@@ -311,8 +319,10 @@ def _check_settings(path: str, state: dict, settings: dict) -> None:
 
 def _load(path: str, state: dict, model, params, masters: Masters, opt, sched,
           shard: bool) -> tuple[int, list[dict]]:
+    from ..convert.pretrained import VISION_PREFIX
     missing = sorted(params.keys() - state["trainable"].keys())
-    extra = sorted(state["trainable"].keys() - params.keys())
+    # (a train="all" checkpoint written before the vision encoder stayed frozen holds its weights: unchanged ones)
+    extra = sorted(k for k in state["trainable"].keys() - params.keys() if not k.startswith(VISION_PREFIX))
     if missing or extra:
         raise ValueError(f"the checkpoint {path} is of another set of trainable weights: "
                          f"missing {missing[:3]}, unexpected {extra[:3]} (another model, or train=...)")

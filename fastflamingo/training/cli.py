@@ -13,8 +13,10 @@ Examples::
 ``--batch-size``, ``--grad-accum``, the number of processes and of documents in ``--data`` (others
 are an error naming both values); ``--steps`` may change (the second example extends a 1000-step
 run): the learning rate then follows the schedule of the new ``--steps`` from the first resumed
-step on. Every document's image files and ``--max-length`` are checked before training starts (an
-error names its ``file:line``). An epoch is the documents' number // (``--batch-size`` x
+step on. Every document is checked before training starts (an error names its ``file:line``):
+its image files, its ``--max-length``, that it has text to learn from, and its number of images
+(at most the model's ``max_num_media``). Where stderr is not a terminal (a log file), a line on
+stdout every ``--log-every`` steps takes the progress bar's place. An epoch is the documents' number // (``--batch-size`` x
 ``--grad-accum`` x processes) steps: the remainder sits out each epoch (other documents each
 epoch, the order being shuffled anew), with a warning giving how many; a number of documents
 that is a multiple of it trains on all of them every epoch.
@@ -73,6 +75,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--shard", action="store_true",
                    help="FSDP2 data parallel, one process per GPU under torchrun: torchrun --nproc-per-node N "
                         "-m fastflamingo.cli finetune ... --shard (gloo on CPUs)")
+    p.add_argument("--log-every", type=count_arg("--log-every"), default=None, metavar="N",
+                   help="a line on stdout every N steps (loss, learning rate, tokens, seconds a step); default: "
+                        "10 where stderr is not a terminal (a log file), else 0 (none: the progress bar shows them)")
     p.add_argument("--out", required=True, help="directory for checkpoints, history.json and loss.png")
     p.set_defaults(func=run)
 
@@ -118,12 +123,15 @@ def run(args) -> int:
     if args.resume and os.path.isfile(os.path.join(args.out, "history.json")):
         with open(os.path.join(args.out, "history.json")) as f:
             done = len(json.load(f))
+    every = (0 if sys.stderr.isatty() else 10) if args.log_every is None else args.log_every
+    data.check(model)  # (what fine_tune checks first: here before the line saying training starts)
     if rank == 0 and not sys.stderr.isatty():  # (a terminal shows the progress bar instead)
         print(f"training {len(docs)} documents to step {args.steps} on {device} ...", flush=True)
     history = fine_tune(model, data, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
                         warmup=args.warmup, max_grad_norm=args.max_grad_norm or None, optimizer=args.optimizer,
                         activation_checkpointing=args.activation_checkpointing, shard=args.shard,
-                        out=args.out, save_every=args.save_every, resume=args.resume, progress=None if rank == 0 else False)
+                        out=args.out, save_every=args.save_every, resume=args.resume, progress=None if rank == 0 else False,
+                        on_step=_step_lines(every, args.steps) if rank == 0 and every else None)
     if args.shard:
         torch.distributed.destroy_process_group()
         if rank != 0:
@@ -137,6 +145,23 @@ def run(args) -> int:
     print(f"wrote {os.path.join(args.out, 'checkpoint.pt')}, {os.path.join(args.out, 'model')}"
           + (f", {png}" if png else ""))
     return 0
+
+
+def _step_lines(every: int, steps: int):
+    """``on_step`` printing a line every ``every`` steps and at the last: the step's loss and
+    learning rate, and the mean target tokens and seconds of the steps since the last line."""
+    since: list[dict] = []
+
+    def line(record: dict) -> None:
+        since.append(record)
+        if record["step"] % every and record["step"] != steps:
+            return
+        n = len(since)
+        print(f"step {record['step']}/{steps}: loss {record['loss']:.4f}, lr {record['lr']:.3g}, "
+              f"{sum(r['tokens'] for r in since) / n:.0f} target tokens, {sum(r['seconds'] for r in since) / n:.2f} s "
+              f"a step", flush=True)
+        since.clear()
+    return line
 
 
 def _init_distributed(device: str) -> tuple[str, int, int]:

@@ -6,9 +6,11 @@ right-padded (as open_flamingo trains: a left-padded row's first label would be 
 padding position), a row with fewer images than the batch's most gets zero images after its own
 (no token sees them), and the labels are the text tokens: ``<image>`` and padding are -100.
 A document longer than ``max_length`` tokens is an error naming it (``file:line``), never cut;
-so is an image file that is not there. Both are checked for every document before training
-starts (:meth:`DocumentBatches.check`, which :func:`~fastflamingo.training.fine_tune` calls), not
-when the document's batch comes.
+so is an image file that is not there, a document with no token to learn from (text of
+``<image>`` tags only), and one with more images than the model takes (``max_num_media``). All
+are checked for every document before training starts (:meth:`DocumentBatches.check`, which
+:func:`~fastflamingo.training.fine_tune` calls with the model), not when the document's batch
+comes.
 
 :class:`DocumentBatches` gives the micro-batches of a step as a function of the step alone (the
 order is a permutation per epoch, drawn from the seed), so a run resumed from a checkpoint sees
@@ -21,6 +23,7 @@ import random
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
 from ..warn import warn_caller
 
@@ -63,54 +66,88 @@ def _where(doc: Document, i: int) -> str:
     return doc.where or f"document {i}"
 
 
-def check_documents(docs: list[Document], tokenizer=None, max_length: int | None = None) -> None:
-    """Before any training: every image given as a path is a file, and with ``tokenizer`` and
-    ``max_length`` every document is at most ``max_length`` tokens; an error names the first
-    document that is not (``file:line``, or ``document {index}``)."""
+def check_documents(docs: list[Document], tokenizer=None, max_length: int | None = None, *,
+                    media_token_id: int | None = None, max_images: int | None = None) -> None:
+    """Before any training: every image given as a path is a file, and no document has more than
+    ``max_images`` images (the model's ``max_num_media``). With ``tokenizer``: every document is at
+    most ``max_length`` tokens (when given), and with ``media_token_id`` it tokenizes to one
+    ``<image>`` token per image and has a token to learn from (a label: a token after its first
+    that is not ``<image>``). An error names the first document that fails (``file:line``, or
+    ``document {index}``)."""
     for i, d in enumerate(docs):
+        if max_images is not None and len(d.images) > max_images:
+            over = sum(len(e.images) > max_images for e in docs[i:])
+            raise ValueError(f"{_where(d, i)} has {len(d.images)} images, more than the model's max_num_media="
+                             f"{max_images} ({over} such document(s) from here on): split it into documents of at "
+                             f"most {max_images} images")
         for p in d.images:
             if isinstance(p, str) and not os.path.isfile(p):
                 missing = sum(isinstance(q, str) and not os.path.isfile(q) for e in docs[i:] for q in e.images)
                 raise FileNotFoundError(f"{_where(d, i)}: no image file {p!r} ({missing} missing from here on): "
                                         "image paths are relative to the data file's folder")
-    if tokenizer is None or max_length is None:
+    if tokenizer is None or (max_length is None and media_token_id is None):
         return
-    for start in range(0, len(docs), 1024):
+    for start in tqdm(range(0, len(docs), 1024), desc="checking documents", unit_scale=1024, unit="doc",
+                      disable=None if len(docs) > 16384 else True, leave=False):
         chunk = docs[start:start + 1024]
-        lengths = [len(ids) for ids in tokenizer([d.text for d in chunk])["input_ids"]]
-        for j, (d, n) in enumerate(zip(chunk, lengths)):
-            if n > max_length:
-                raise ValueError(f"{_where(d, start + j)} is {n} tokens, more than max_length={max_length}: split it, "
+        for j, (d, ids) in enumerate(zip(chunk, tokenizer([d.text for d in chunk])["input_ids"])):
+            where = _where(d, start + j)
+            if max_length is not None and len(ids) > max_length:
+                raise ValueError(f"{where} is {len(ids)} tokens, more than max_length={max_length}: split it, "
                                  "or raise max_length (documents are never cut)")
+            if media_token_id is None:
+                continue
+            tags = sum(t == media_token_id for t in ids)
+            if tags != len(d.images):
+                raise ValueError(f"{where} tokenizes to {tags} <image> token(s) (id {media_token_id}) for "
+                                 f"{len(d.images)} image(s): use the tokenizer the model was built with")
+            if not any(t != media_token_id for t in ids[1:]):
+                raise ValueError(f"{where} has no token to learn from: its text {d.text[:80]!r} is {len(ids)} "
+                                 "token(s), and the labels are the tokens after the first that are not <image>. "
+                                 "Give it text, or leave it out")
 
 
-def collate(docs: list[Document], tokenizer, media_token_id: int, *, image_processor=None, image_size: int,
-            max_length: int | None = None, index: list[int] | None = None, min_images: int = 0):
-    """(vision_x (B, N, F, C, H, W) or None, input_ids, attention_mask, labels) of ``docs``.
-    ``min_images``: N at least this (zero images no token sees), so that a batch of text only
-    still runs the vision path: under FSDP2 every rank must run the same modules."""
+def collate(docs: list[Document], tokenizer, media_token_id: int, *, image_processor=None,
+            image_size: int | None = None, max_length: int | None = None, index: list[int] | None = None,
+            min_images: int = 0):
+    """(vision_x (B, N, F, C, H, W) or None, input_ids, attention_mask, labels) of ``docs``. A row
+    with fewer images than the batch's most gets zero images shaped as the batch's images (which
+    must all be one (F, C, H, W) shape). ``min_images``: N at least this (zero images no token
+    sees), so that a batch of text only still runs the vision path: under FSDP2 every rank must
+    run the same modules; such a batch's zero images are (1, 3, image_size, image_size)."""
     from ..inputs import image_tensor
     enc = tokenizer([d.text for d in docs], return_tensors="pt", padding="longest", padding_side="right")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     lengths = mask.sum(-1).tolist()
+    where = [_where(d, index[i] if index else i) for i, d in enumerate(docs)]
     for i, (d, n) in enumerate(zip(docs, lengths)):
-        where = _where(d, index[i] if index else i)
         if max_length is not None and n > max_length:
-            raise ValueError(f"{where} is {n} tokens, more than max_length={max_length}: split it, or raise "
+            raise ValueError(f"{where[i]} is {n} tokens, more than max_length={max_length}: split it, or raise "
                              "max_length (documents are never cut)")
         tags = int((ids[i] == media_token_id).sum())
         if tags != len(d.images):
-            raise ValueError(f"{where} tokenizes to {tags} <image> token(s) (id {media_token_id}) for "
+            raise ValueError(f"{where[i]} tokenizes to {tags} <image> token(s) (id {media_token_id}) for "
                              f"{len(d.images)} image(s): use the tokenizer the model was built with")
     labels = ids.masked_fill((ids == media_token_id) | (mask == 0), -100)
     most = max(min_images, *(len(d.images) for d in docs))
     if most == 0:
         return None, ids, mask, labels
-    rows = []
-    for d in docs:
-        frames = [image_tensor(im, image_processor) for im in d.images]
-        shape = frames[0].shape if frames else (1, 3, image_size, image_size)
-        rows.append(torch.stack(frames + [torch.zeros(shape)] * (most - len(frames))))
+    frames = [[image_tensor(im, image_processor) for im in d.images] for d in docs]
+    first = next(((i, t) for i, row in enumerate(frames) for t in row), None)
+    if first is not None:
+        shape, dtype = first[1].shape, first[1].dtype
+        for i, row in enumerate(frames):
+            for k, t in enumerate(row):
+                if t.shape != shape:
+                    raise ValueError(f"{where[i]}'s image {k} is {tuple(t.shape)} (frames, channels, height, width) "
+                                     f"but {where[first[0]]}'s is {tuple(shape)}: a batch's images must be one shape "
+                                     "(process them alike; clips with the same number of frames)")
+    elif image_size is None:
+        raise ValueError("a batch of text only under min_images > 0 gets zero images: pass image_size (the "
+                         "model's config.vision.image_size)")
+    else:
+        shape, dtype = (1, 3, image_size, image_size), torch.float32
+    rows = [torch.stack(row + [torch.zeros(shape, dtype=dtype)] * (most - len(row))) for row in frames]
     return torch.stack(rows), ids, mask, labels
 
 
@@ -127,10 +164,12 @@ class DocumentBatches:
     many; a number of documents that is a multiple of ``batch_size x grad_accum x world_size``
     uses every one of them every epoch. :meth:`settings` (the seed, batch_size, grad_accum,
     world_size and the number of documents) fix the order: a resumed
-    :func:`~fastflamingo.training.fine_tune` refuses others than its checkpoint's."""
+    :func:`~fastflamingo.training.fine_tune` refuses others than its checkpoint's.
+    ``image_size``: the pixels of the zero images a batch of text only gets under ``world_size >
+    1`` (None: the model's, read by :meth:`check`, which fine_tune calls)."""
 
     def __init__(self, docs: list[Document], tokenizer, media_token_id: int, *, batch_size: int,
-                 grad_accum: int = 1, seed: int = 0, image_processor=None, image_size: int = 224,
+                 grad_accum: int = 1, seed: int = 0, image_processor=None, image_size: int | None = None,
                  max_length: int | None = None, rank: int = 0, world_size: int = 1):
         if batch_size < 1 or grad_accum < 1:
             raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size} and {grad_accum}")
@@ -153,7 +192,7 @@ class DocumentBatches:
                         f"shuffle leaves out other ones); to train on every document every epoch, give a multiple "
                         f"of {per_step} documents, or a batch_size x grad_accum x world_size that divides {len(docs)}")
         self._orders: dict[int, list[int]] = {}
-        self._checked = False
+        self._checked: tuple | None = None  # (the max_images it was checked against,)
 
     def settings(self) -> dict:
         """What fixes which documents every step takes: a resumed
@@ -161,13 +200,28 @@ class DocumentBatches:
         return {"seed": self.seed, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                 "world_size": self.world_size, "documents": len(self.docs)}
 
-    def check(self) -> None:
-        """Every document's image files and (with ``max_length``) length, at once: what a batch
-        would find when it comes (:func:`check_documents`). :func:`~fastflamingo.training.fine_tune`
-        calls it before the first step."""
-        if not self._checked:
-            check_documents(self.docs, self.tokenizer, self.max_length)
-            self._checked = True
+    def check(self, model=None) -> None:
+        """Every document at once, as a batch would find it when it comes
+        (:func:`check_documents`): its image files, its ``<image>`` tokens, that it has a token to
+        learn from, its length (with ``max_length``), and with ``model`` its number of images
+        (``max_num_media``) and the ``<image>`` token id; ``image_size`` None becomes the model's.
+        :func:`~fastflamingo.training.fine_tune` calls it with the model before the first step."""
+        limit = None
+        if model is not None:
+            c = model.config
+            if c.media_token_id != self.media:
+                raise ValueError(f"these DocumentBatches take <image> as token id {self.media}, but the model's is "
+                                 f"{c.media_token_id}: build them with media_token_id=model.config.media_token_id")
+            if self.image_size is None:
+                self.image_size = c.vision.image_size
+            elif self.world_size > 1 and self.image_size != c.vision.image_size:
+                raise ValueError(f"image_size={self.image_size} (the zero images of a batch of text only), but the "
+                                 f"model takes {c.vision.image_size}-pixel images: leave image_size out (None: the "
+                                 "model's) or give model.config.vision.image_size")
+            limit = c.resampler.max_num_media
+        if self._checked != (limit,):
+            check_documents(self.docs, self.tokenizer, self.max_length, media_token_id=self.media, max_images=limit)
+            self._checked = (limit,)
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
