@@ -128,6 +128,27 @@ def test_low_memory_setup_trains_on_the_cpu_and_leaves_frozen_weights(tmp_path):
                               model.eval()(vx, ids, attention_mask=mask).logits, atol=1e-5)
 
 
+@pytest.mark.parametrize("base", [501, 500])
+def test_adamw8bit_leaves_the_frozen_embedding_rows_exactly(tmp_path, base):
+    """Rows >= num_base_tokens train. bitsandbytes' 8-bit state is blockwise (256 values): with
+    501 x 64 values frozen, one block holds a frozen row and trained ones, and its scale made the
+    frozen row's zero moments non-zero: row 500 moved. That matrix now keeps 32-bit state; at
+    500 x 64 (block-aligned, as openflamingo-9b's 32000 x 4096) it stays 8-bit."""
+    model = _open_gates(fastflamingo.Flamingo.from_preset("tiny", seed=5, num_base_tokens=base))
+    lm = model.lang_encoder
+    before = [w.detach().clone() for w in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight)]
+    data = synthetic.batches(synthetic.tokenizer(), 510, batch_size=4, seed=1)
+    fine_tune(model, data, steps=5, lr=3e-3, optimizer="adamw8bit", out=str(tmp_path), progress=False)
+    after = (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight)
+    for old, new in zip(before, after):
+        assert torch.equal(old[:base], new[:base])
+    assert not torch.equal(before[1][base:], after[1][base:])  # the new rows train
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
+    moments = [s.get("__bnb_optimizer_quant_state__", s)["state1"] for s in state.values()]  # (bnb's layout)
+    kinds = {m.dtype for m in moments if m.numel() == after[1].numel()}
+    assert kinds == ({torch.float32} if base == 501 else {torch.uint8})
+
+
 def test_data_errors_name_the_document(tmp_path):
     tok = synthetic.tokenizer()
     p = tmp_path / "d.jsonl"

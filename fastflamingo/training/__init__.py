@@ -50,7 +50,35 @@ def _optimizer(model, name: str, lr: float, weight_decay: float, train: str, mas
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     from ..quant import _bnb
-    return _bnb('optimizer="adamw8bit"').optim.AdamW8bit(groups, lr=lr)
+    bnb = _bnb('optimizer="adamw8bit"')
+    full = {id(masters.stepped(w)) for w in _mixed_block_embeddings(model, train)}
+
+    class AdamW8bit(bnb.optim.AdamW8bit):
+        """bitsandbytes' 8-bit AdamW, with 32-bit state for the matrices in ``full``."""
+
+        def get_config(self, gindex, pindex, group):
+            config = super().get_config(gindex, pindex, group)
+            if id(group["params"][pindex]) in full:
+                config["optim_bits"] = 32
+            return config
+    return AdamW8bit(groups, lr=lr)
+
+
+BNB_BLOCK = 256  # values per block of bitsandbytes' 8-bit optimizer state (bnb.optim.optimizer init_state)
+
+
+def _mixed_block_embeddings(model, train: str) -> list[torch.Tensor]:
+    """The partly trained embedding matrices in which one 8-bit state block holds values of both
+    a frozen row and a trained one: there the frozen row's zero moments dequantize to non-zero
+    ones (the block's scale is the trained values'), and it moves. Rows >= ``num_base_tokens``
+    train, so that is when ``num_base_tokens x hidden`` is not a multiple of the block
+    (openflamingo-9b's 32000 x 4096 is: its embedding keeps 8-bit state)."""
+    from ..tokens import embedding_matrices
+    base = model.config.num_base_tokens
+    if train != "flamingo" or not base:
+        return []
+    return [w for w in embedding_matrices(model)
+            if w.requires_grad and base < w.shape[0] and (base * w[0].numel()) % BNB_BLOCK]
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:
