@@ -25,7 +25,9 @@ folder of class folders, ImageNet's layout: ``--class-names-file`` names its sor
 folders are the names), and Hateful Memes' own files. ``--vqa-format`` reads VQAv2's, VizWiz's
 and TextVQA's question and annotation files instead (their images in ``--queries-images`` and
 ``--support-images``; the predictions are also written in the official VQA results format,
-``vqa_results_{shots}shot.json``; captions from ``--karpathy`` in COCO's,
+``vqa_results_{shots}shot.json``; without ``--queries-annotations``, a split with no published
+answers, VQAv2's test-dev or test-std, its images in ``test2015``: predictions only, that file
+being what the evaluation server takes; captions from ``--karpathy`` in COCO's,
 ``captioning_results_{shots}shot.json``). Captioning's CIDEr needs pycocoevalcap and Java
 (``pip install 'fastflamingo[eval]'``). Results go to ``--out``: ``results.json`` (every
 prediction), ``few_shot.png`` (score by shots).
@@ -59,7 +61,9 @@ def add_parser(subparsers) -> None:
                    help="--queries and --support are that dataset's question files (VQAv2's layout), with "
                         "--queries-annotations, --queries-images, --support-annotations and --support-images")
     for split in ("queries", "support"):
-        p.add_argument(f"--{split}-annotations", help=f"--vqa-format: the annotation file of --{split}")
+        p.add_argument(f"--{split}-annotations", help=f"--vqa-format: the annotation file of --{split}"
+                       + (" (none: a split with no published answers, e.g. VQAv2 test-dev: predictions only)"
+                          if split == "queries" else ""))
         p.add_argument(f"--{split}-images", help=f"--vqa-format: the image folder of --{split}")
     p.add_argument("--karpathy", help="captioning: a Karpathy split file (dataset_coco.json, dataset_flickr30k.json) "
                                       "instead of --queries and --support; with --image-dir")
@@ -162,10 +166,12 @@ def _check(args) -> None:
     if args.vqa_format:
         if args.task != "vqa":
             raise ValueError(f"--vqa-format reads VQA files: use it with --task vqa, not --task {args.task}")
-        missing = [f"--{n.replace('_', '-')}" for n in ("queries", "support", *_VQA_FILES) if not getattr(args, n)]
+        missing = [f"--{n.replace('_', '-')}" for n in ("queries", "support", *_VQA_FILES)
+                   if not getattr(args, n) and n != "queries_annotations"]  # (none: predictions only)
         if missing:
             raise ValueError(f"--vqa-format needs {', '.join(missing)}: the questions (--queries, --support), "
-                             "annotations and image folder of each split")
+                             "annotations and image folder of each split (--queries-annotations may be left out: "
+                             "a split with no published answers, predictions only)")
         for name in ("queries_images", "support_images"):
             if not os.path.isdir(getattr(args, name)):
                 raise FileNotFoundError(f"--{name.replace('_', '-')}: no folder {getattr(args, name)!r}")
@@ -209,7 +215,7 @@ def _table(report: dict) -> str:
     shots = sorted({r["shots"] for rs in report["results"].values() for r in rs})
     lines = [f"{'shots':<10}" + "".join(f"{s:>8}" for s in shots)]
     for name, rs in report["results"].items():
-        by = {r["shots"]: r["score"] for r in rs}
+        by = {r["shots"]: r["score"] for r in rs if r["score"] is not None}  # (None: predictions only)
         lines.append(f"{name:<10}" + "".join(f"{by[s]:>8.1f}" if s in by else f"{'-':>8}" for s in shots))
         # VQA per answer type (the official evaluation's perAnswerType), where the data carry it
         types = {r["shots"]: (r.get("breakdown") or {}).get("answer_type", {}) for r in rs}
@@ -311,7 +317,8 @@ def _user_data(args, device, dtype) -> dict:
         report["results"][args.task].append(r.to_dict())
         path = _write_report(args.out, report)
         written = _official_results(args, queries, [r])
-        print(f"  {r.shots}-shot: {r.metric} {r.score:.2f} ({r.seconds:.0f} s); saved to {path}"
+        scored = f"{r.metric} {r.score:.2f}" if r.score is not None else "predictions only (no references)"
+        print(f"  {r.shots}-shot: {scored} ({r.seconds:.0f} s); saved to {path}"
               + "".join(f", {w}" for w in written), flush=True)
 
     rs = evaluate(model, tok, queries, support, task=args.task, shots=args.shots or [0, 4, 8],
@@ -322,6 +329,11 @@ def _user_data(args, device, dtype) -> dict:
                   prompt_ensembling=args.prompt_ensembling,
                   text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero,
                   vqa_script=args.vqa_script or "open_flamingo", on_result=done)
+    if rs[0].score is None:
+        print(f"{args.task}: {len(queries)} queries with no references, demonstrations from {len(support)}, on "
+              f"{report['device']}: predictions only" + (", in the evaluation server's format: "
+                                                          + ", ".join(_official_paths(args, rs)) if args.vqa_format else ""))
+        return report
     print(f"{args.task}: {len(queries)} queries, demonstrations from {len(support)}; {rs[0].metric} (x 100) "
           f"on {report['device']}")
     print(_table(report))
@@ -339,9 +351,13 @@ def _official_results(args, queries, rs) -> list[str]:
     else:
         return []
     os.makedirs(args.out, exist_ok=True)
-    paths = []
-    for r in rs:
-        paths.append(os.path.join(args.out, f"{name}_{r.shots}shot.json"))
-        with open(paths[-1], "w") as f:
+    paths = _official_paths(args, rs)
+    for r, path in zip(rs, paths):
+        with open(path, "w") as f:
             json.dump([{key: q.extra[key], value: p} for q, p in zip(queries, r.predictions)], f)
     return paths
+
+
+def _official_paths(args, rs) -> list[str]:
+    name = "vqa_results" if args.vqa_format else "captioning_results"
+    return [os.path.join(args.out, f"{name}_{r.shots}shot.json") for r in rs]

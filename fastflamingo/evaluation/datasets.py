@@ -101,7 +101,7 @@ def check_image_files(paths: list[str], source: str) -> None:
                                 "is the image folder the right one?")
 
 
-def load_vqa(questions: str, annotations: str, image_dir: str, dataset: str = "vqav2") -> list[Example]:
+def load_vqa(questions: str, annotations: str | None, image_dir: str, dataset: str = "vqav2") -> list[Example]:
     """The examples of a VQA question file and its annotation file, as open_flamingo's
     ``VQADataset`` reads them: ``{"questions": [{"question_id", "image_id", "question"}]}`` and
     ``{"annotations": [{"question_id", "answers": [{"answer": ...}, ...]}]}`` (VQAv2's layout, in
@@ -120,15 +120,17 @@ def load_vqa(questions: str, annotations: str, image_dir: str, dataset: str = "v
     OK-VQA has VQAv2's layout (``dataset="vqav2"`` reads it), but its published scores stem the
     answers first (open_flamingo's ``ok_vqa_utils``, NLTK's tagger and WordNet), which this
     package does not: the accuracy of ``task="vqa"`` on it is unstemmed, not comparable with
-    those (a plural or -ing form that the stemmed reference would match counts as wrong)."""
+    those (a plural or -ing form that the stemmed reference would match counts as wrong).
+
+    ``annotations=None``: a split with no published answers (VQAv2's test-dev and test-std, whose
+    images are in ``test2015``; VizWiz's and TextVQA's test): the examples have ``answers=None``;
+    :func:`~.harness.evaluate` predicts their answers without scoring them, and the command line
+    writes ``vqa_results_{shots}shot.json``, the file the evaluation server takes."""
     if dataset not in VQA_DATASETS:
         hint = " (OK-VQA: dataset='vqav2', see the docstring)" if dataset in ("ok_vqa", "okvqa") else ""
         raise ValueError(f"dataset must be one of {VQA_DATASETS}, got {dataset!r}{hint}")
-    if annotations is None:
-        raise ValueError("load_vqa needs the split's annotation file (its human answers score the predictions); "
-                         "a split without published answers (VQAv2 test-dev / test-std) cannot be evaluated here")
     qs = _json(questions, "questions", "VQA questions")
-    anns = _json(annotations, "annotations", "VQA annotations")
+    anns = [] if annotations is None else _json(annotations, "annotations", "VQA annotations")
     split = os.path.basename(os.path.normpath(image_dir))
     if dataset == "vqav2" and split not in ("train2014", "val2014", "test2015"):
         raise ValueError(f"VQAv2's images are named after their COCO folder: image_dir must end in train2014, "
@@ -145,7 +147,7 @@ def load_vqa(questions: str, annotations: str, image_dir: str, dataset: str = "v
     for n, q in enumerate(qs):
         if not (isinstance(q, dict) and isinstance(q.get("question"), str) and {"question_id", "image_id"} <= set(q)):
             raise ValueError(f"{questions}: questions[{n}] needs a \"question_id\", an \"image_id\" and a \"question\"")
-        if q["question_id"] not in by_id:
+        if annotations is not None and q["question_id"] not in by_id:
             raise ValueError(f"{questions}: question {q['question_id']!r} has no answers in {annotations}: "
                              "are they the files of the same split?")
         image_id = q["image_id"]
@@ -155,8 +157,9 @@ def load_vqa(questions: str, annotations: str, image_dir: str, dataset: str = "v
             name = f"COCO_{split}_{image_id:012d}.jpg"
         else:
             name = str(image_id) if dataset == "vizwiz" else f"{image_id}.jpg"
-        out.append(Example(os.path.join(image_dir, name), by_id[q["question_id"]], q["question"],
-                           extra={"question_id": q["question_id"], "image_id": image_id, **types[q["question_id"]]}))
+        out.append(Example(os.path.join(image_dir, name), by_id.get(q["question_id"]), q["question"],
+                           extra={"question_id": q["question_id"], "image_id": image_id,
+                                  **types.get(q["question_id"], {})}))
     if not out:
         raise ValueError(f"{questions} holds no questions")
     check_image_files([e.image for e in out], questions)

@@ -57,13 +57,15 @@ class Result:
     every query's prediction; for Hateful Memes also each query's probability of "yes";
     ``orderings``: how many orders of the demonstrations each query's ranking averaged over;
     ``breakdown``: VQA's accuracy (x 100) per ``"answer_type"`` and per ``"question_type"``, as the
-    official evaluation reports them, where the queries carry those (:func:`.datasets.load_vqa`)."""
+    official evaluation reports them, where the queries carry those (:func:`.datasets.load_vqa`).
+    Queries with no references (``answers=None``: VQAv2 test-dev) get predictions only:
+    ``score``, ``references`` and ``breakdown`` are None."""
     task: str
     shots: int
-    score: float
+    score: float | None
     metric: str
     predictions: list[str]
-    references: list[list[str]]
+    references: list[list[str]] | None
     seconds: float
     positive_probabilities: list[float] | None = None
     orderings: int = 1
@@ -205,10 +207,11 @@ def _check(task, queries, support, shots_list, tokenizer, class_names, text_demo
         if not is_int(s) or s < 0:
             raise ValueError(f"shots must be integers >= 0, got {s!r}")
     _check_support(queries, support, shots_list, text_demos_at_zero, demonstrations, shared)
+    _check_references(queries, support if _most(shots_list, text_demos_at_zero) else [])
     _check_images(queries, support)
     if task == "classification" and not class_names:
         raise ValueError("classification ranks the class names: pass class_names")
-    if task == "captioning":
+    if task == "captioning" and queries[0].answers is not None:
         metrics.check_cider_available()  # before any generation, not after it
     if task == "hateful_memes" and len(class_names) != 2:
         raise ValueError(f"hateful_memes ranks two class names, the second the hateful one, got {class_names!r}")
@@ -230,9 +233,10 @@ def _check(task, queries, support, shots_list, tokenizer, class_names, text_demo
                                  "compares answers stripped and lowercased, so a wrong one of them would count as "
                                  "right; merge them, or rename one")
             names = {c.strip().lower() for c in class_names}
-            other = sorted({q.answers[0] for q in queries if not any(a.strip().lower() in names for a in q.answers)})
+            other = sorted({q.answers[0] for q in queries
+                            if q.answers is not None and not any(a.strip().lower() in names for a in q.answers)})
         else:
-            other = sorted({q.answers[0] for q in queries} - set(class_names))
+            other = sorted({q.answers[0] for q in queries if q.answers is not None} - set(class_names))
         if other:
             shown = class_names if len(class_names) <= 10 else f"{class_names[:10]} (of {len(class_names)})"
             raise ValueError(f"{task} queries' labels must be class names {shown}, got {other[:10]}")
@@ -263,6 +267,23 @@ def _check_examples(task, queries, support) -> None:
             except ValueError as e:
                 image = str(ex.image) if isinstance(ex.image, (str, os.PathLike)) else type(ex.image).__name__
                 raise ValueError(f"{name}[{i}] (image {image}{', ' + repr(ex.extra) if ex.extra else ''}): {e}") from None
+
+
+def _check_references(queries, support) -> None:
+    """The queries have references all (scored) or none (predictions only: a split with no
+    published answers); every support example that may be shown has them (a demonstration
+    shows its answer)."""
+    missing = [i for i, q in enumerate(queries) if q.answers is None]
+    if missing and len(missing) < len(queries):
+        given = next(i for i, q in enumerate(queries) if q.answers is not None)
+        raise ValueError(f"queries[{missing[0]}] has no references (answers=None) but queries[{given}] has: "
+                         f"{len(missing)} of {len(queries)} queries have none. Evaluate a split with references "
+                         "(scored), or one without (predictions only), not a mix")
+    bare = next((i for i, e in enumerate(support) if e.answers is None), None)
+    if bare is not None:
+        raise ValueError(f"support[{bare}] has no references (answers=None), but demonstrations show their answers: "
+                         "draw them from a split with references (its annotations), or evaluate at 0 shots with "
+                         "text_demos_at_zero=0")
 
 
 def _check_support(queries, support, shots_list, text_demos_at_zero, demonstrations, shared) -> None:
@@ -307,7 +328,9 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
     Args:
         model: a :class:`~fastflamingo.Flamingo`.
         tokenizer: its tokenizer (with ``<image>`` and ``<|endofchunk|>``).
-        queries: the examples to answer.
+        queries: the examples to answer; with ``answers=None`` all (a split with no published
+            references: :func:`.datasets.load_vqa` ``annotations=None``), predictions only, the
+            results' ``score`` None.
         support: the examples demonstrations are drawn from (the training split).
         task: ``"vqa"`` (generation, VQA accuracy), ``"captioning"`` (generation, CIDEr: needs
             pycocoevalcap and Java), ``"classification"`` (rank classification over
@@ -392,11 +415,15 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
                     logp = torch.stack([_rank(model, *b, candidates) for b in batches]).mean(0)
                     preds += [class_names[j] for j in logp.argmax(-1).tolist()]
                     probs += logp.softmax(-1).tolist()
-            refs = [q.answers for q in queries]
             positive = [p[-1] for p in probs] if task == "hateful_memes" else None
-            score, per_query = _score(task, preds, refs, positive, class_names, vqa_script)
-            results.append(Result(task, k, 100 * score, _metric_name(task, vqa_script), preds, refs,
-                                  time.perf_counter() - t0, positive, len(variants), _breakdown(task, queries, per_query)))
+            if queries[0].answers is None:  # a split with no published references: predictions only
+                score, refs, breakdown = None, None, None
+            else:
+                refs = [q.answers for q in queries]
+                score, per_query = _score(task, preds, refs, positive, class_names, vqa_script)
+                score, breakdown = 100 * score, _breakdown(task, queries, per_query)
+            results.append(Result(task, k, score, _metric_name(task, vqa_script), preds, refs,
+                                  time.perf_counter() - t0, positive, len(variants), breakdown))
             if on_result is not None:
                 on_result(results[-1])
     finally:

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 
 def few_shot_plot(report: dict, path: str) -> str | None:
-    """Write the PNG to ``path`` and return it; None without matplotlib."""
+    """Write the PNG to ``path`` and return it; None without matplotlib, or when no result has a
+    score (predictions only: queries with no references)."""
+    if all(r["score"] is None for rs in report["results"].values() for r in rs):
+        return None
     try:
         import matplotlib
     except ImportError:

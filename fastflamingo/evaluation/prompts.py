@@ -39,19 +39,22 @@ class Example:
     Attributes:
         image: a PIL image, a path to one, or a (C, H, W) / (F, C, H, W) tensor already processed.
         answers: the references: VQA's human answers (ten in VQAv2), the image's captions
-            (five in COCO), or ``[class name]`` (Hateful Memes: ``["yes"]`` for a hateful meme).
+            (five in COCO), or ``[class name]`` (Hateful Memes: ``["yes"]`` for a hateful meme);
+            None for a query of a split with no published references (VQAv2 test-dev): it gets
+            a prediction, not a score, and cannot be a demonstration.
         question: the question (VQA); None for the other tasks.
         text: the meme's text (Hateful Memes); None for the other tasks.
     """
     image: Any
-    answers: list[str]
+    answers: list[str] | None
     question: str | None = None
     extra: dict = field(default_factory=dict)
     text: str | None = None
 
     def __post_init__(self):
-        if isinstance(self.answers, str) or not self.answers:
-            raise ValueError(f"Example.answers must be a non-empty list of strings, got {self.answers!r}")
+        if self.answers is not None and (isinstance(self.answers, str) or not self.answers):
+            raise ValueError(f"Example.answers must be a non-empty list of strings (None: no references), "
+                             f"got {self.answers!r}")
 
     @functools.cached_property
     def key(self) -> tuple:
@@ -76,6 +79,8 @@ class Example:
 def demonstration(task: str, ex: Example) -> str:
     """A solved example: its image tag, text and answer (the first reference, as open_flamingo;
     a caption stripped of surrounding spaces, as its captioning evaluation does)."""
+    if ex.answers is None:
+        raise ValueError("a demonstration shows its answer, but this example has no references (answers=None)")
     answer = ex.answers[0].strip() if task == "captioning" else ex.answers[0]
     return query(task, ex) + answer + "<|endofchunk|>"
 
