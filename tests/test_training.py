@@ -128,25 +128,72 @@ def test_low_memory_setup_trains_on_the_cpu_and_leaves_frozen_weights(tmp_path):
                               model.eval()(vx, ids, attention_mask=mask).logits, atol=1e-5)
 
 
-@pytest.mark.parametrize("base", [501, 500])
-def test_adamw8bit_leaves_the_frozen_embedding_rows_exactly(tmp_path, base):
-    """Rows >= num_base_tokens train. bitsandbytes' 8-bit state is blockwise (256 values): with
-    501 x 64 values frozen, one block holds a frozen row and trained ones, and its scale made the
-    frozen row's zero moments non-zero: row 500 moved. That matrix now keeps 32-bit state; at
-    500 x 64 (block-aligned, as openflamingo-9b's 32000 x 4096) it stays 8-bit."""
-    model = _open_gates(fastflamingo.Flamingo.from_preset("tiny", seed=5, num_base_tokens=base))
+def _tokens_model(dtype=torch.float32):
+    """The tiny model, its 11 rows from 501 on (the Flamingo tokens and a few) trained."""
+    return _open_gates(fastflamingo.Flamingo.from_preset("tiny", seed=5, num_base_tokens=501, dtype=dtype))
+
+
+@pytest.mark.parametrize("optimizer, dtype", [("adamw8bit", torch.float32), ("adamw", torch.bfloat16)])
+def test_the_added_tokens_rows_step_alone(tmp_path, optimizer, dtype):
+    """Rows >= num_base_tokens train: the optimizer steps a float32 copy of those rows only, so
+    its state holds 11 x 64 values per matrix, not 512 x 64, and the frozen rows stay exactly as
+    they were. (Stepping the whole matrix, bitsandbytes' 8-bit blockwise state moved row 500:
+    one 256-value block held it and trained rows, and its scale made their zero moments not 0.)
+    A bfloat16 run cut at step 3 resumes exactly."""
+    model = _tokens_model(dtype)
     lm = model.lang_encoder
     before = [w.detach().clone() for w in (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight)]
     data = synthetic.batches(synthetic.tokenizer(), 510, batch_size=4, seed=1)
-    fine_tune(model, data, steps=5, lr=3e-3, optimizer="adamw8bit", out=str(tmp_path), progress=False)
+    kw = dict(steps=5, lr=3e-3, optimizer=optimizer, progress=False)
+    fine_tune(model, data, out=str(tmp_path / "a"), **kw)
     after = (lm.get_input_embeddings().weight, lm.get_output_embeddings().weight)
     for old, new in zip(before, after):
-        assert torch.equal(old[:base], new[:base])
-    assert not torch.equal(before[1][base:], after[1][base:])  # the new rows train
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
-    moments = [s.get("__bnb_optimizer_quant_state__", s)["state1"] for s in state.values()]  # (bnb's layout)
-    kinds = {m.dtype for m in moments if m.numel() == after[1].numel()}
-    assert kinds == ({torch.float32} if base == 501 else {torch.uint8})
+        assert torch.equal(old[:501], new[:501])
+    assert not torch.equal(before[1][501:], after[1][501:])  # the new rows train
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)
+    sizes = {s.get("__bnb_optimizer_quant_state__", s)[
+        "state1" if optimizer == "adamw8bit" else "exp_avg"].numel() for s in state["optimizer"]["state"].values()}
+    assert 11 * 64 in sizes and 512 * 64 not in sizes
+    embedding = "lang_encoder.model.embed_tokens.weight"
+    assert state["trainable"][embedding].dtype == torch.float32  # (bfloat16's rows: their float32 copy)
+    assert torch.equal(state["trainable"][embedding][:501], before[0][:501].float())
+    if dtype != torch.bfloat16:
+        return
+    cut = _tokens_model(dtype)
+    with pytest.raises(_Stop):
+        fine_tune(cut, _stopping_at(data, 3), out=str(tmp_path / "b"), save_every=3, **kw)
+    resumed = _tokens_model(dtype)
+    fine_tune(resumed, data, out=str(tmp_path / "b"), resume=True, **kw)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), resumed.parameters()))
+
+
+def test_a_checkpoint_with_whole_matrix_moments_resumes_on_the_trained_rows(tmp_path):
+    """A checkpoint written when AdamW stepped the whole embedding matrix (its frozen rows'
+    moments 0) resumes as the run that stepped its rows alone: the trained rows' moments are
+    taken. A moment of another size is an error naming the weight."""
+    data = synthetic.batches(synthetic.tokenizer(), 510, batch_size=4, seed=1)
+    kw = dict(steps=4, lr=3e-3, progress=False)
+    whole = _tokens_model()
+    fine_tune(whole, data, **kw)
+    with pytest.raises(_Stop):
+        fine_tune(_tokens_model(), _stopping_at(data, 2), out=str(tmp_path), save_every=2, **kw)
+    path = tmp_path / "checkpoint.pt"
+    state = torch.load(path, weights_only=True)
+    for entry in state["optimizer"]["state"].values():
+        if entry["exp_avg"].shape == (11, 64):  # as the earlier layout held them: whole, zeros in the frozen rows
+            for key in ("exp_avg", "exp_avg_sq"):
+                entry[key] = torch.cat([torch.zeros(501, 64), entry[key]])
+    torch.save(state, path)
+    resumed = _tokens_model()
+    fine_tune(resumed, data, out=str(tmp_path), resume=True, **kw)
+    assert all(torch.equal(p, q) for p, q in zip(whole.parameters(), resumed.parameters()))
+    for entry in state["optimizer"]["state"].values():
+        if entry["exp_avg"].shape == (512, 64):
+            entry["exp_avg"] = entry["exp_avg"][:7]
+    state["step"] = 2
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"optimizer state exp_avg of 448 values for lang_encoder\.\S+, which steps 704"):
+        fine_tune(_tokens_model(), data, out=str(tmp_path), resume=True, **kw)
 
 
 def test_data_errors_name_the_document(tmp_path):

@@ -50,35 +50,20 @@ def _optimizer(model, name: str, lr: float, weight_decay: float, train: str, mas
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr)
     from ..quant import _bnb
-    bnb = _bnb('optimizer="adamw8bit"')
-    full = {id(masters.stepped(w)) for w in _mixed_block_embeddings(model, train)}
-
-    class AdamW8bit(bnb.optim.AdamW8bit):
-        """bitsandbytes' 8-bit AdamW, with 32-bit state for the matrices in ``full``."""
-
-        def get_config(self, gindex, pindex, group):
-            config = super().get_config(gindex, pindex, group)
-            if id(group["params"][pindex]) in full:
-                config["optim_bits"] = 32
-            return config
-    return AdamW8bit(groups, lr=lr)
+    return _bnb('optimizer="adamw8bit"').optim.AdamW8bit(groups, lr=lr)
 
 
-BNB_BLOCK = 256  # values per block of bitsandbytes' 8-bit optimizer state (bnb.optim.optimizer init_state)
-
-
-def _mixed_block_embeddings(model, train: str) -> list[torch.Tensor]:
-    """The partly trained embedding matrices in which one 8-bit state block holds values of both
-    a frozen row and a trained one: there the frozen row's zero moments dequantize to non-zero
-    ones (the block's scale is the trained values'), and it moves. Rows >= ``num_base_tokens``
-    train, so that is when ``num_base_tokens x hidden`` is not a multiple of the block
-    (openflamingo-9b's 32000 x 4096 is: its embedding keeps 8-bit state)."""
+def _trained_rows(model, params: dict[str, torch.Tensor], train: str, shard: bool) -> dict[str, int]:
+    """name -> first trained row of each partly trained embedding matrix (the Flamingo recipe
+    with ``config.num_base_tokens``): the optimizer steps a copy of those rows only
+    (:mod:`~fastflamingo.training.masters`). Not under ``shard=True``: FSDP2 shards the matrix
+    whole (its optimizer steps it whole; the frozen rows' moments stay 0 in AdamW)."""
     from ..tokens import embedding_matrices
     base = model.config.num_base_tokens
-    if train != "flamingo" or not base:
-        return []
-    return [w for w in embedding_matrices(model)
-            if w.requires_grad and base < w.shape[0] and (base * w[0].numel()) % BNB_BLOCK]
+    if train != "flamingo" or not base or shard:
+        return {}
+    names = {id(p): n for n, p in params.items()}
+    return {names[id(w)]: base for w in embedding_matrices(model) if id(w) in names and base < w.shape[0]}
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:
@@ -98,7 +83,8 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
             trained weights may be float32 or bfloat16: bfloat16 ones step as float32 master
             copies (:mod:`~fastflamingo.training.masters`: 10 bytes per trained value besides
             the optimizer's state, 8 in float32), and their gradients add up in float32.
-            float16 is refused (its gradients need loss scaling).
+            float16 is refused (its gradients need loss scaling). The added tokens' embedding
+            rows (``config.num_base_tokens``) step as a float32 copy of those rows alone.
         batches: ``batches(step)`` -> the step's micro-batches, each ``(vision_x or None, input_ids,
             attention_mask, labels)`` (:class:`~fastflamingo.training.data.DocumentBatches`: an
             epoch leaves out the ``len(docs) % (batch_size x grad_accum x world_size)`` documents
@@ -184,7 +170,8 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     if offloaded := offloaded_trainable(model):
         raise ValueError(f"fine_tune: {offload_message(offloaded)}")
     _check_trained_dtypes(params, shard)
-    masters = Masters(params)  # float32 copies of bfloat16 trained weights, which the optimizer steps
+    # float32 copies of bfloat16 trained weights and of the added tokens' embedding rows: the optimizer steps them
+    masters = Masters(params, _trained_rows(model, params, train, shard))
     settings = {"lr": lr, "weight_decay": weight_decay, "warmup": warmup, "optimizer": optimizer, "steps": steps,
                 "max_grad_norm": max_grad_norm}
     if isinstance(batches, DocumentBatches):
@@ -362,6 +349,43 @@ def _load(path: str, state: dict, model, params, masters: Masters, opt, sched,
         set_optimizer_state_dict(model, opt, state["optimizer"], options=options)
     else:
         masters.load(state["trainable"])
-        opt.load_state_dict(state["optimizer"])
+        opt.load_state_dict(_fit_optimizer_state(path, state["optimizer"], opt, masters))
     sched.load_state_dict(state["scheduler"])
     return state["step"], state["history"]
+
+
+MOMENTS = ("exp_avg", "exp_avg_sq", "state1", "state2")  # per-value optimizer state: torch's AdamW, bitsandbytes'
+
+
+def _fit_optimizer_state(path: str, saved: dict, opt, masters: Masters) -> dict:
+    """The checkpoint's optimizer state, checked value for value against what the optimizer
+    steps. A checkpoint written before the added tokens' embedding rows stepped as a copy of
+    their own holds torch AdamW's moments for the whole matrix: their trained rows are taken
+    (the frozen rows' moments are 0). Any other mismatch is an error naming the parameter."""
+    stepped = [p for g in opt.param_groups for p in g["params"]]
+    indices = [i for g in saved["param_groups"] for i in g["params"]]
+    if len(indices) != len(stepped):  # (torch's load_state_dict says so too, less plainly)
+        raise ValueError(f"the checkpoint {path} holds optimizer state for {len(indices)} parameters, this run "
+                         f"steps {len(stepped)}: another model, train=..., or a checkpoint of another version")
+    first = {id(masters.copies[n]): f for n, f in masters.first.items()}
+    names = {id(masters.stepped(p)): n for n, p in masters.params.items()}
+    fitted = dict(saved["state"])
+    for i, p in zip(indices, stepped):
+        entry = saved["state"].get(i)
+        if entry is None:
+            continue
+        inner = entry.get("__bnb_optimizer_quant_state__", entry)
+        for key in MOMENTS:
+            value = inner.get(key)
+            if not isinstance(value, torch.Tensor) or value.numel() == p.numel():
+                continue
+            if key.startswith("exp_avg") and id(p) in first and value.shape[1:] == p.shape[1:] \
+                    and value.shape[0] - first[id(p)] == p.shape[0]:
+                entry = fitted[i] = {**entry, key: value[first[id(p)]:].clone()}
+                continue
+            raise ValueError(f"the checkpoint {path} holds optimizer state {key} of {value.numel()} values for "
+                             f"{names.get(id(p), 'a parameter')}, which steps {p.numel()}: a checkpoint of another "
+                             "model or version (an 8-bit AdamW one from before the added tokens' rows stepped "
+                             "alone); start a new run")
+    return {**saved, "state": fitted}
+
