@@ -16,10 +16,10 @@ run): the learning rate then follows the schedule of the new ``--steps`` from th
 step on. Every document is checked before training starts (an error names its ``file:line``):
 its image files, its ``--max-length``, that it has text to learn from, and its number of images
 (at most the model's ``max_num_media``). Where stderr is not a terminal (a log file), a line on
-stdout every ``--log-every`` steps takes the progress bar's place. An epoch is the documents' number // (``--batch-size`` x
-``--grad-accum`` x processes) steps: the remainder sits out each epoch (other documents each
-epoch, the order being shuffled anew), with a warning giving how many; a number of documents
-that is a multiple of it trains on all of them every epoch.
+stdout every ``--log-every`` steps takes the progress bar's place. An epoch is the documents'
+number // (``--batch-size`` x ``--grad-accum`` x processes) steps: the remainder sits out each
+epoch (other documents each epoch, the order being shuffled anew), with a warning giving how
+many; a number of documents that is a multiple of it trains on all of them every epoch.
 
 ``--out`` gets ``checkpoint.pt`` (to resume), ``model/`` (the trained weights only, with the
 tokenizer; ``Flamingo.from_pretrained("run1/model")`` loads it as it is, the frozen parts from the

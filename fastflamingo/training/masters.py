@@ -14,9 +14,9 @@ An embedding matrix of which only the rows from ``first`` on train (the tokens F
 three of openflamingo-9b's 50,280) gets a float32 copy of those rows only, in any dtype: the
 optimizer steps them alone, so its state, the float32 gradient and the copy are a few rows, not
 the vocabulary (openflamingo-9b's tied embedding: 206e6 values, 2.1 GB of copy, gradient and
-8-bit state saved in bfloat16), and no frozen row can move (an optimizer stepping the whole matrix keeps
-them only while their moments stay exactly 0: bitsandbytes' 8-bit blockwise state did not, in a
-block shared with trained rows).
+8-bit state saved in bfloat16), and no frozen row can move (an optimizer stepping the whole
+matrix keeps them only while their moments stay exactly 0: bitsandbytes' 8-bit blockwise state
+did not, in a block shared with trained rows).
 
 Per 16-bit trained value this holds 10 bytes besides the optimizer's state: the weight 2, its
 copy 4, the float32 gradient 4 (the 16-bit gradient lives only until the hook moves it); a
