@@ -11,7 +11,7 @@ import torch
 
 import fastflamingo
 from fastflamingo.evaluation import synthetic
-from fastflamingo.training import Document, DocumentBatches, fine_tune, load_documents, schedule
+from fastflamingo.training import Document, DocumentBatches, HeldOut, fine_tune, load_documents, schedule
 
 
 def _docs(n: int = 8, seed: int = 0) -> list[Document]:
@@ -126,6 +126,36 @@ def test_low_memory_setup_trains_on_the_cpu_and_leaves_frozen_weights(tmp_path):
     with torch.no_grad():
         assert torch.allclose(back.eval()(vx, ids, attention_mask=mask).logits,
                               model.eval()(vx, ids, attention_mask=mask).logits, atol=1e-5)
+
+
+def test_held_out_loss_is_the_mean_over_every_target_token_and_changes_no_weight():
+    """eval_data's loss at every eval_every-th step and the last: the mean over all its target
+    tokens (five documents in micro-batches of 2, 2 and 1: not the mean of the batches' means),
+    in eval mode; the run's weights equal those of a run without it. Over two ranks each gets as
+    many micro-batches (one padded with no target) and their targets are the documents' all."""
+    tok = synthetic.tokenizer()
+    docs, held = _docs(8), _docs(5, seed=3)
+    plain, judged = _open_gates(_model()), _open_gates(_model())
+    kw = dict(steps=4, lr=1e-3, progress=False)
+    fine_tune(plain, DocumentBatches(docs, tok, 510, batch_size=4), **kw)
+    h = fine_tune(judged, DocumentBatches(docs, tok, 510, batch_size=4), eval_data=HeldOut(held, tok, 510, batch_size=2),
+                  eval_every=3, **kw)
+    assert [r["step"] for r in h if "eval_loss" in r] == [3, 4]
+    assert all(torch.equal(p, q) for p, q in zip(plain.parameters(), judged.parameters()))
+    from fastflamingo.training import collate
+    total = count = 0
+    with torch.no_grad():
+        for d in held:  # one document at a time, no padding
+            vx, ids, mask, labels = collate([d], tok, 510, image_size=32)
+            n = int((labels[:, 1:] != -100).sum())
+            total += judged(vx, ids, attention_mask=mask, labels=labels).loss.double() * n
+            count += n
+    assert h[-1]["eval_loss"] == pytest.approx(float(total) / count, rel=1e-5)
+    ranks = [list(HeldOut(held, tok, 510, batch_size=2, image_size=32, rank=r, world_size=2)) for r in (0, 1)]
+    assert [len(r) for r in ranks] == [2, 2] and not (ranks[1][1][3] != -100).any()
+    assert sum(int((mb[3][:, 1:] != -100).sum()) for r in ranks for mb in r) == count
+    with pytest.raises(ValueError, match=r"eval_every=2: .* it needs eval_data"):
+        fine_tune(judged, DocumentBatches(docs, tok, 510, batch_size=4), eval_every=2, **kw)
 
 
 def _tokens_model(dtype=torch.float32):
@@ -271,10 +301,14 @@ def test_cli_finetune_from_files_then_resume(tmp_path, capsys):
     # stderr is no terminal here: a line at every 10th step and the last takes the progress bar's place
     assert re.findall(r"^step \d+/\d+", out, re.M) == ["step 2/2"]
     assert re.search(r"^step 2/2: loss \d+\.\d{4}, lr [\d.e-]+, \d+ target tokens, \d+\.\d\d s a step$", out, re.M), out
-    assert main(args + ["--steps", "4", "--resume", "--log-every", "1"]) == 0
+    assert main(args + ["--steps", "4", "--resume", "--log-every", "1", "--eval-data", str(tmp_path / "docs.jsonl"),
+                        "--eval-every", "1"]) == 0
     out = capsys.readouterr().out
     assert "steps 3..4" in out and re.findall(r"^step \d+/\d+", out, re.M) == ["step 3/4", "step 4/4"]
+    assert re.search(r"^step 4/4: loss [\d.]+, held-out loss [\d.]+, lr", out, re.M), out
+    assert re.search(r"held-out loss at step 3 [\d.]+, at step 4 [\d.]+$", out, re.M), out
     history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["step"] for h in history if "eval_loss" in h] == [3, 4]
     assert [h["step"] for h in history] == [1, 2, 3, 4] and (tmp_path / "run" / "loss.png").stat().st_size > 0
     # run/model loads with no argument (over the --model directory it records) and holds the tokenizer,
     # so `fastflamingo generate / evaluate --model run/model` take it as it is
@@ -322,7 +356,8 @@ def _shard_worker(rank: int, world: int, store: str, out: str) -> None:
                            rank=rank, world_size=world).__call__
     kw = dict(steps=4, lr=1e-3, warmup=1, shard=True, progress=False)
     whole = _open_gates(_model())
-    h = fine_tune(whole, data, out=f"{out}/a", **kw)
+    held = HeldOut(_docs(5, seed=3), synthetic.tokenizer(), 510, batch_size=1, image_size=32, rank=rank, world_size=world)
+    h = fine_tune(whole, data, out=f"{out}/a", eval_data=held, eval_every=2, **kw)
     try:
         fine_tune(_open_gates(_model()), _stopping_at(data, 2), out=f"{out}/b", save_every=2, **kw)
     except _Stop:
@@ -340,7 +375,8 @@ def _shard_worker(rank: int, world: int, store: str, out: str) -> None:
 
 def test_sharded_fine_tuning_equals_one_process_and_resumes(tmp_path):
     """FSDP2 data parallel over two ranks (one micro-batch each) makes the step one process makes
-    with both micro-batches (token-weighted across the ranks); a sharded run stopped at step 2 and
+    with both micro-batches (token-weighted across the ranks), and measures the held-out loss one
+    process measures; a sharded run stopped at step 2 and
     resumed from rank 0's checkpoint equals the uninterrupted one; the checkpoint's model/ loads."""
     import torch.distributed as dist
     import torch.multiprocessing as mp
@@ -351,8 +387,13 @@ def test_sharded_fine_tuning_equals_one_process_and_resumes(tmp_path):
     single = _open_gates(_model())
     data = DocumentBatches(_shard_docs(), synthetic.tokenizer(), 510, batch_size=1, grad_accum=2, image_size=32,
                            seed=3).__call__
-    h = fine_tune(single, data, steps=4, lr=1e-3, warmup=1, progress=False)
+    h = fine_tune(single, data, steps=4, lr=1e-3, warmup=1, progress=False,
+                  eval_data=HeldOut(_docs(5, seed=3), synthetic.tokenizer(), 510, batch_size=1), eval_every=2)
     assert [r["tokens"] for r in got["h"]] == [r["tokens"] for r in h]
+    # the held-out loss over both ranks' shares (3 and 2 documents, one rank's last micro-batch a padding one)
+    assert [r["step"] for r in got["h"] if "eval_loss" in r] == [r["step"] for r in h if "eval_loss" in r] == [2, 4]
+    assert [r["eval_loss"] for r in got["h"] if "eval_loss" in r] == pytest.approx(
+        [r["eval_loss"] for r in h if "eval_loss" in r], rel=1e-5)
     assert [r["loss"] for r in got["h"]] == pytest.approx([r["loss"] for r in h], rel=1e-5)
     want = _trainable(single)
     assert got["a"].keys() == want.keys()

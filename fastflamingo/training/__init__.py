@@ -24,14 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..warn import InputWarning
-from .data import Document, DocumentBatches, collate, load_documents
+from .data import Document, DocumentBatches, HeldOut, collate, load_documents
 from .masters import Masters
 
 OPTIMIZERS = ("adamw", "adamw8bit")
 TRAIN = ("flamingo", "all")
 CHECKPOINT = "checkpoint.pt"
 
-__all__ = ["Document", "DocumentBatches", "collate", "fine_tune", "load_documents", "schedule"]
+__all__ = ["Document", "DocumentBatches", "HeldOut", "collate", "fine_tune", "load_documents", "schedule"]
 
 
 def schedule(step: int, steps: int, warmup: int, floor: float = 0.1) -> float:
@@ -74,7 +74,7 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
               max_grad_norm: float | None = 1.0, optimizer: str = "adamw", train: str = "flamingo",
               activation_checkpointing: bool = False, shard: bool = False, out: str | None = None,
               save_every: int = 0, resume: bool = False, progress: bool | None = None,
-              on_step=None) -> list[dict]:
+              on_step=None, eval_data=None, eval_every: int = 0) -> list[dict]:
     """Train ``model`` for ``steps`` optimizer steps; returns every step's record (loss, learning
     rate, target tokens, seconds).
 
@@ -122,6 +122,13 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         on_step: called with each step's record (the dict ``history`` gets) once the step is made
             (and checkpointed, when it is a checkpoint's): for logs where no bar shows (the
             command line's ``--log-every``), or a tracker. Under ``shard=True`` every rank calls it.
+        eval_data: held-out documents (:class:`~fastflamingo.training.data.HeldOut`, or any
+            iterable of micro-batches as ``batches`` gives them): their loss, the mean over all
+            their target tokens (in eval mode, no gradient), goes into the record of every
+            ``eval_every``-th step and of the last (``"eval_loss"``), before that step's
+            checkpoint. Under ``shard=True`` every rank gives its ``HeldOut(..., rank=,
+            world_size=)``: the loss is over all of them.
+        eval_every: evaluate every this many steps (0: at the last step only).
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -131,6 +138,8 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         # clip_grad_norm_ scales by max_grad_norm / norm: a negative one flips every gradient (gradient ascent)
         raise ValueError(f"max_grad_norm must be > 0 (the norm to clip the gradients to) or None (no clipping), "
                          f"got {max_grad_norm}")
+    if eval_every < 0 or (eval_every and eval_data is None):
+        raise ValueError(f"eval_every={eval_every}: it must be >= 0, and it needs eval_data (held-out documents)")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     if train not in TRAIN:
@@ -177,6 +186,8 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     if isinstance(batches, DocumentBatches):
         settings.update(batches.settings())  # the data order: a resume with others reads other documents
         batches.check(model)  # every document's images, tokens and length, before the first step (not at step 900)
+    if isinstance(eval_data, HeldOut):
+        eval_data.check(model)
     opt = _optimizer(model, optimizer, lr, weight_decay, train, masters)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, steps, warmup))
     history, start = [], 0
@@ -247,6 +258,8 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
             opt.zero_grad(set_to_none=True)
             history.append({"step": step + 1, "loss": loss_sum, "lr": rate,
                             "tokens": total, "seconds": time.perf_counter() - t0})
+            if eval_data is not None and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
+                history[-1]["eval_loss"] = _held_out_loss(model, eval_data, device, shard)
             bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
             if out is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
                 _save(out, model, params, masters, opt, sched, step + 1, history, shard, settings)
@@ -254,6 +267,36 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
                 on_step(history[-1])
     model.eval()
     return history
+
+
+@torch.no_grad()
+def _held_out_loss(model, eval_data, device, shard: bool) -> float:
+    """The mean LM loss over every target token of ``eval_data``'s micro-batches (over all ranks'
+    under ``shard``), in eval mode."""
+    model.eval()
+    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+    try:
+        for vx, ids, mask, labels in eval_data:
+            n = int((labels[:, 1:] != -100).sum())
+            vx = None if vx is None else vx.to(device, model.vision_encoder_dtype)
+            with warnings.catch_warnings():
+                if shard:  # the zero image that keeps a text-only batch on the vision path
+                    warnings.filterwarnings("ignore", message=".*is seen by no token", category=InputWarning)
+                if n == 0:  # (a rank's padding batch: the same forward, for the collectives)
+                    model(vx, ids.to(device), attention_mask=mask.to(device))
+                    continue
+                loss = model(vx, ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+            total += loss.double() * n
+            count += n
+    finally:
+        model.train()
+    if shard:
+        both = torch.stack([total, torch.tensor(float(count), device=device, dtype=torch.float64)])
+        torch.distributed.all_reduce(both)
+        total, count = both[0], int(both[1])
+    if count == 0:
+        raise ValueError("eval_data has no target token (every label is -100)")
+    return float(total) / count
 
 
 def _check_trained_dtypes(params: dict[str, torch.Tensor], shard: bool) -> None:

@@ -5,7 +5,8 @@ LM may be 4- or 8-bit), the resampler, cross-attention layers and added tokens' 
 Examples::
 
     fastflamingo finetune --model DIR --data train.jsonl --steps 1000 --batch-size 4 --grad-accum 8 \\
-        --quantization nf4 --activation-checkpointing --optimizer adamw8bit --out run1
+        --quantization nf4 --activation-checkpointing --optimizer adamw8bit --out run1 \\
+        --eval-data val.jsonl --eval-every 100
     fastflamingo finetune --model DIR --data train.jsonl --steps 2000 --out run1 --resume
 
 ``--resume`` continues from ``--out``'s checkpoint with its ``--lr``, ``--weight-decay``,
@@ -24,10 +25,12 @@ many; a number of documents that is a multiple of it trains on all of them every
 ``--out`` gets ``checkpoint.pt`` (to resume), ``model/`` (the trained weights only, with the
 tokenizer; ``Flamingo.from_pretrained("run1/model")`` loads it as it is, the frozen parts from the
 ``--model`` directory it records; ``lang_encoder=`` loads it onto another module),
-``history.json`` and ``loss.png``. Over several GPUs, FSDP2 (data parallel, weights and optimizer
-state sharded): ``torchrun --nproc-per-node 8 -m fastflamingo.cli finetune ... --shard``; each
-process takes its share of every step (``--grad-accum`` micro-batches of ``--batch-size``), the step
-being the one a single process makes with all of them.
+``history.json`` and ``loss.png`` (with ``--eval-data``, the held-out documents' loss beside the
+training loss: the mean over their target tokens, every ``--eval-every`` steps and at the last).
+Over several GPUs, FSDP2 (data parallel, weights and optimizer state sharded): ``torchrun
+--nproc-per-node 8 -m fastflamingo.cli finetune ... --shard``; each process takes its share of
+every step (``--grad-accum`` micro-batches of ``--batch-size``), the step being the one a single
+process makes with all of them.
 """
 from __future__ import annotations
 
@@ -75,6 +78,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--shard", action="store_true",
                    help="FSDP2 data parallel, one process per GPU under torchrun: torchrun --nproc-per-node N "
                         "-m fastflamingo.cli finetune ... --shard (gloo on CPUs)")
+    p.add_argument("--eval-data", help="held-out documents, as --data: their loss (the mean over their target tokens) "
+                                       "every --eval-every steps and at the last, in history.json and loss.png")
+    p.add_argument("--eval-every", type=count_arg("--eval-every"), default=0, metavar="N",
+                   help="with --eval-data: evaluate every N steps (default 0: at the last step only)")
     p.add_argument("--log-every", type=count_arg("--log-every"), default=None, metavar="N",
                    help="a line on stdout every N steps (loss, learning rate, tokens, seconds a step); default: "
                         "10 where stderr is not a terminal (a log file), else 0 (none: the progress bar shows them)")
@@ -99,15 +106,19 @@ def run(args) -> int:
     from ..convert.io import saved_tokenizer
     from ..convert.pretrained import check_model_directory
     from ..model import Flamingo
-    from . import DocumentBatches, fine_tune, load_documents
+    from . import DocumentBatches, HeldOut, fine_tune, load_documents
     check_model_directory(args.model)
-    if not os.path.isfile(args.data):
-        raise FileNotFoundError(f"--data: no file {args.data!r}")
+    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag}: no file {path!r}")
+    if args.eval_every and not args.eval_data:
+        raise ValueError(f"--eval-every {args.eval_every} evaluates held-out documents: give them with --eval-data")
     if args.steps < 1 or args.batch_size < 1 or args.grad_accum < 1:
         raise ValueError("--steps, --batch-size and --grad-accum must be >= 1")
     tok = saved_tokenizer(args.model, required_by="fastflamingo finetune --model")
     # every document's images and length checked before the model loads, naming its file:line
     docs = load_documents(args.data, tok, args.max_length)
+    held_out = None if args.eval_data is None else load_documents(args.eval_data, tok, args.max_length)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     rank, world = 0, 1
     if args.shard:
@@ -119,6 +130,11 @@ def run(args) -> int:
                            rank=rank, world_size=world,
                            image_processor=model.image_processor(),
                            image_size=model.config.vision.image_size)
+    if held_out is not None:
+        held_out = HeldOut(held_out, tok, model.config.media_token_id, batch_size=args.batch_size,
+                           max_length=args.max_length, rank=rank, world_size=world,
+                           image_processor=model.image_processor(), image_size=model.config.vision.image_size)
+        held_out.check(model)
     done = 0
     if args.resume and os.path.isfile(os.path.join(args.out, "history.json")):
         with open(os.path.join(args.out, "history.json")) as f:
@@ -131,7 +147,8 @@ def run(args) -> int:
                         warmup=args.warmup, max_grad_norm=args.max_grad_norm or None, optimizer=args.optimizer,
                         activation_checkpointing=args.activation_checkpointing, shard=args.shard,
                         out=args.out, save_every=args.save_every, resume=args.resume, progress=None if rank == 0 else False,
-                        on_step=_step_lines(every, args.steps) if rank == 0 and every else None)
+                        on_step=_step_lines(every, args.steps) if rank == 0 and every else None,
+                        eval_data=held_out, eval_every=args.eval_every)
     if args.shard:
         torch.distributed.destroy_process_group()
         if rank != 0:
@@ -140,8 +157,12 @@ def run(args) -> int:
     png = loss_plot(history, os.path.join(args.out, "loss.png"))
     run_ = history[done:]
     first, last = run_[0], run_[-1]
+    evals = [h for h in run_ if "eval_loss" in h]
     print(f"{len(docs)} documents; steps {first['step']}..{last['step']}: loss {first['loss']:.4f} -> "
-          f"{last['loss']:.4f}; {sum(h['seconds'] for h in run_):.1f} s on {device}")
+          f"{last['loss']:.4f}; {sum(h['seconds'] for h in run_):.1f} s on {device}"
+          + (f"; held-out loss at step {evals[0]['step']} {evals[0]['eval_loss']:.4f}"
+             + (f", at step {evals[-1]['step']} {evals[-1]['eval_loss']:.4f}" if len(evals) > 1 else "")
+             if evals else ""))
     print(f"wrote {os.path.join(args.out, 'checkpoint.pt')}, {os.path.join(args.out, 'model')}"
           + (f", {png}" if png else ""))
     return 0
@@ -154,10 +175,11 @@ def _step_lines(every: int, steps: int):
 
     def line(record: dict) -> None:
         since.append(record)
-        if record["step"] % every and record["step"] != steps:
+        if record["step"] % every and record["step"] != steps and "eval_loss" not in record:
             return
         n = len(since)
-        print(f"step {record['step']}/{steps}: loss {record['loss']:.4f}, lr {record['lr']:.3g}, "
+        held_out = f", held-out loss {record['eval_loss']:.4f}" if "eval_loss" in record else ""
+        print(f"step {record['step']}/{steps}: loss {record['loss']:.4f}{held_out}, lr {record['lr']:.3g}, "
               f"{sum(r['tokens'] for r in since) / n:.0f} target tokens, {sum(r['seconds'] for r in since) / n:.2f} s "
               f"a step", flush=True)
         since.clear()
@@ -179,7 +201,8 @@ def _init_distributed(device: str) -> tuple[str, int, int]:
 
 
 def loss_plot(history: list[dict], path: str) -> str | None:
-    """The loss by step, as a PNG at ``path`` (None without matplotlib)."""
+    """The training loss by step, and the held-out loss where it was measured, as a PNG at
+    ``path`` (None without matplotlib)."""
     try:
         import matplotlib
     except ImportError:
@@ -187,7 +210,11 @@ def loss_plot(history: list[dict], path: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], lw=1, label="training")
+    evals = [h for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot([h["step"] for h in evals], [h["eval_loss"] for h in evals], marker="o", lw=1, label="held out")
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

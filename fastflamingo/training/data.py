@@ -151,7 +151,54 @@ def collate(docs: list[Document], tokenizer, media_token_id: int, *, image_proce
     return torch.stack(rows), ids, mask, labels
 
 
-class DocumentBatches:
+class _Documents:
+    """What :class:`DocumentBatches` and :class:`HeldOut` share: the documents, how a micro-batch
+    of them is made, and :meth:`check`."""
+
+    def __init__(self, docs, tokenizer, media_token_id, *, batch_size, image_processor, image_size, max_length,
+                 rank, world_size):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if not docs:
+            raise ValueError("no documents")
+        self.docs, self.tokenizer, self.media = docs, tokenizer, media_token_id
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.image_processor, self.image_size, self.max_length = image_processor, image_size, max_length
+        self._checked: tuple | None = None  # (the max_images it was checked against,)
+
+    def check(self, model=None) -> None:
+        """Every document at once, as a batch would find it when it comes
+        (:func:`check_documents`): its image files, its ``<image>`` tokens, that it has a token to
+        learn from, its length (with ``max_length``), and with ``model`` its number of images
+        (``max_num_media``) and the ``<image>`` token id; ``image_size`` None becomes the model's.
+        :func:`~fastflamingo.training.fine_tune` calls it with the model before the first step."""
+        limit = None
+        if model is not None:
+            c = model.config
+            if c.media_token_id != self.media:
+                raise ValueError(f"these {type(self).__name__} take <image> as token id {self.media}, but the "
+                                 f"model's is {c.media_token_id}: build them with "
+                                 "media_token_id=model.config.media_token_id")
+            if self.image_size is None:
+                self.image_size = c.vision.image_size
+            elif self.world_size > 1 and self.image_size != c.vision.image_size:
+                raise ValueError(f"image_size={self.image_size} (the zero images of a batch of text only), but the "
+                                 f"model takes {c.vision.image_size}-pixel images: leave image_size out (None: the "
+                                 "model's) or give model.config.vision.image_size")
+            limit = c.resampler.max_num_media
+        if self._checked != (limit,):
+            check_documents(self.docs, self.tokenizer, self.max_length, media_token_id=self.media, max_images=limit)
+            self._checked = (limit,)
+
+    def _collate(self, index: list[int]) -> tuple:
+        return collate([self.docs[i] for i in index], self.tokenizer, self.media, image_processor=self.image_processor,
+                       image_size=self.image_size, max_length=self.max_length, index=index,
+                       min_images=int(self.world_size > 1))
+
+
+class DocumentBatches(_Documents):
     """``batches(step)`` -> this process's micro-batches of the step: a step takes ``grad_accum x
     world_size`` micro-batches of ``batch_size`` documents, in a per-epoch shuffled order drawn
     from ``seed``; rank r gets micro-batches r, r + world_size, ... (data parallel: with
@@ -173,16 +220,13 @@ class DocumentBatches:
                  max_length: int | None = None, rank: int = 0, world_size: int = 1):
         if batch_size < 1 or grad_accum < 1:
             raise ValueError(f"batch_size and grad_accum must be >= 1, got {batch_size} and {grad_accum}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        super().__init__(docs, tokenizer, media_token_id, batch_size=batch_size, image_processor=image_processor,
+                         image_size=image_size, max_length=max_length, rank=rank, world_size=world_size)
         per_step = batch_size * grad_accum * world_size
         if per_step > len(docs):
             raise ValueError(f"a step takes batch_size x grad_accum x world_size = {per_step} documents, "
                              f"but there are {len(docs)}")
-        self.docs, self.tokenizer, self.media = docs, tokenizer, media_token_id
-        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
-        self.rank, self.world_size = rank, world_size
-        self.image_processor, self.image_size, self.max_length = image_processor, image_size, max_length
+        self.grad_accum, self.seed = grad_accum, seed
         # the len(docs) % per_step documents left over sit out the epoch (the next epoch draws another order)
         self.per_epoch = len(docs) // per_step
         if len(docs) % per_step and rank == 0:  # once, not once a process
@@ -192,36 +236,12 @@ class DocumentBatches:
                         f"shuffle leaves out other ones); to train on every document every epoch, give a multiple "
                         f"of {per_step} documents, or a batch_size x grad_accum x world_size that divides {len(docs)}")
         self._orders: dict[int, list[int]] = {}
-        self._checked: tuple | None = None  # (the max_images it was checked against,)
 
     def settings(self) -> dict:
         """What fixes which documents every step takes: a resumed
         :func:`~fastflamingo.training.fine_tune` checks them against its checkpoint's."""
         return {"seed": self.seed, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
                 "world_size": self.world_size, "documents": len(self.docs)}
-
-    def check(self, model=None) -> None:
-        """Every document at once, as a batch would find it when it comes
-        (:func:`check_documents`): its image files, its ``<image>`` tokens, that it has a token to
-        learn from, its length (with ``max_length``), and with ``model`` its number of images
-        (``max_num_media``) and the ``<image>`` token id; ``image_size`` None becomes the model's.
-        :func:`~fastflamingo.training.fine_tune` calls it with the model before the first step."""
-        limit = None
-        if model is not None:
-            c = model.config
-            if c.media_token_id != self.media:
-                raise ValueError(f"these DocumentBatches take <image> as token id {self.media}, but the model's is "
-                                 f"{c.media_token_id}: build them with media_token_id=model.config.media_token_id")
-            if self.image_size is None:
-                self.image_size = c.vision.image_size
-            elif self.world_size > 1 and self.image_size != c.vision.image_size:
-                raise ValueError(f"image_size={self.image_size} (the zero images of a batch of text only), but the "
-                                 f"model takes {c.vision.image_size}-pixel images: leave image_size out (None: the "
-                                 "model's) or give model.config.vision.image_size")
-            limit = c.resampler.max_num_media
-        if self._checked != (limit,):
-            check_documents(self.docs, self.tokenizer, self.max_length, media_token_id=self.media, max_images=limit)
-            self._checked = (limit,)
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:
@@ -237,8 +257,34 @@ class DocumentBatches:
         start = k * self.batch_size * micro
         out = []
         for m in range(self.rank, micro, self.world_size):
-            index = order[start + m * self.batch_size: start + (m + 1) * self.batch_size]
-            out.append(collate([self.docs[i] for i in index], self.tokenizer, self.media,
-                               image_processor=self.image_processor, image_size=self.image_size,
-                               max_length=self.max_length, index=index, min_images=int(self.world_size > 1)))
+            out.append(self._collate(order[start + m * self.batch_size: start + (m + 1) * self.batch_size]))
         return out
+
+
+class HeldOut(_Documents):
+    """Held-out documents, for :func:`~fastflamingo.training.fine_tune`'s evaluation loss
+    (``eval_data=``): iterating gives this process's micro-batches of every document once, in
+    order, ``batch_size`` at a time (rank r of ``world_size``: micro-batches r, r + world_size,
+    ...). Every rank gets as many (FSDP2 needs every rank to run the same forwards): a rank short
+    of one gets a copy of the first with no target (all labels -100), which adds nothing.
+    :meth:`check` checks the documents as :class:`DocumentBatches` does."""
+
+    def __init__(self, docs: list[Document], tokenizer, media_token_id: int, *, batch_size: int = 8,
+                 image_processor=None, image_size: int | None = None, max_length: int | None = None,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__(docs, tokenizer, media_token_id, batch_size=batch_size, image_processor=image_processor,
+                         image_size=image_size, max_length=max_length, rank=rank, world_size=world_size)
+        self.micro = -(-len(docs) // batch_size)  # micro-batches in all, over the ranks
+
+    def __len__(self) -> int:
+        """Micro-batches each rank runs."""
+        return -(-self.micro // self.world_size)
+
+    def __iter__(self):
+        for k in range(len(self)):
+            m = self.rank + k * self.world_size
+            if m < self.micro:
+                yield self._collate(list(range(m * self.batch_size, min(len(self.docs), (m + 1) * self.batch_size))))
+            else:  # (this rank's share ran out: the same forward as the others, no target)
+                vx, ids, mask, labels = self._collate(list(range(min(len(self.docs), self.batch_size))))
+                yield vx, ids, mask, torch.full_like(labels, -100)
