@@ -195,4 +195,15 @@ def wrap_decoder_layers(lm: nn.Module, layers_attr: str, blocks: list[nn.Module 
         raise ValueError(f"{layers_attr} of {type(lm).__name__} is a {type(layers).__name__}, not an nn.ModuleList")
     if len(blocks) != len(layers):
         raise ValueError(f"{len(blocks)} cross-attention slots for {len(layers)} decoder layers")
+    if any(isinstance(layer, FlamingoLayer) for layer in layers):
+        raise ValueError(f"this {type(lm).__name__} is already the LM of a Flamingo model (its decoder layers are "
+                         "wrapped): one LM module serves one model. Pass a fresh LM (load it again, or "
+                         "copy.deepcopy it before the first model takes it)")
     set_attr(lm, layers_attr, nn.ModuleList(FlamingoLayer(b, layer, media) for b, layer in zip(blocks, layers)))
+
+
+def unwrap_decoder_layers(lm: nn.Module, layers_attr: str) -> None:
+    """Undo :func:`wrap_decoder_layers`: ``lm.<layers_attr>`` holds its own decoder layers again."""
+    layers = get_attr(lm, layers_attr)
+    set_attr(lm, layers_attr, nn.ModuleList(layer.decoder_layer if isinstance(layer, FlamingoLayer) else layer
+                                            for layer in layers))

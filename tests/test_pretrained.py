@@ -208,3 +208,60 @@ def test_a_trainable_only_save_recording_its_lm_but_not_its_vision_encoder_store
     _assert_same(model, Flamingo.from_pretrained(tmp_path / "adapter"))
     given = Flamingo.from_pretrained(tmp_path / "adapter", vision_encoder=build_vision_model(cfg.vision))
     _assert_same(model, given)  # the stored weights, into the module given
+
+
+def test_a_trainable_only_save_into_its_own_base_directory_is_refused(tmp_path):
+    """A model loaded from a full directory and saved trainable-only into that same directory
+    overwrote its frozen weights with the trained ones alone, and recorded itself as its base:
+    loading it then recursed without end. Now refused, the directory untouched; a trainable-only
+    base (such a directory, written before) is an error naming it, not a RecursionError."""
+    Flamingo.from_preset("tiny").save_pretrained(tmp_path / "m")
+    before = (tmp_path / "m" / "model.safetensors").read_bytes()
+    model = _perturb(Flamingo.from_pretrained(tmp_path / "m"))
+    with pytest.raises(ValueError, match=r"holds the model this one was loaded from, whose frozen weights"):
+        model.save_pretrained(tmp_path / "m", trainable_only=True)
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
+    model.save_pretrained(tmp_path / "m")  # a whole save in place is fine
+    _assert_same(model, Flamingo.from_pretrained(tmp_path / "m"))
+    # such a directory as an earlier version wrote it: trainable-only, its own base
+    from fastflamingo.convert.pretrained import BASE, SOURCES_ATTR
+    setattr(model, SOURCES_ATTR, {})
+    model.save_pretrained(tmp_path / "m", trainable_only=True)
+    from safetensors.torch import load_file, save_file
+    state = load_file(tmp_path / "m" / "model.safetensors")
+    meta = {"format": "pt", "fastflamingo.contents": "trainable", "fastflamingo.aliases": "{}",
+            "fastflamingo.sources": json.dumps({BASE: str((tmp_path / "m").resolve())})}
+    save_file(state, tmp_path / "m" / "model.safetensors", metadata=meta)
+    with pytest.raises(ValueError, match=r"holds only trainable parameters too \(it is this directory: its frozen "
+                                         r"weights were overwritten\)"):
+        Flamingo.from_pretrained(tmp_path / "m")
+
+
+def test_a_failed_load_gives_the_lm_back_and_one_lm_serves_one_model(tmp_path):
+    """build_and_load wraps the LM passed before it checks the checkpoint: a failed load left
+    it wrapped (its decoder layers in FlamingoLayers, the model's hooks on its embedding), so a
+    retry with the right arguments listed every block key twice over. Now the LM comes back as
+    it was, and the retry loads; an LM already inside a model is refused by name (the second
+    model would have wrapped it again and broken the first)."""
+    config = preset_config("tiny")
+    torch.manual_seed(0)
+    lm, vision = build_lm(config), build_vision_model(config.vision)
+    model = _perturb(Flamingo(config, vision_encoder=copy.deepcopy(vision), lang_encoder=copy.deepcopy(lm)))
+    model.save_pretrained(tmp_path, trainable_only=True)
+    given = copy.deepcopy(lm)
+    layers = list(given.model.layers)
+    flags = [p.requires_grad for p in given.parameters()]
+    wrong = json.loads((tmp_path / "config.json").read_text())
+    wrong["cross_attention"]["every_n_layers"] = 1
+    (tmp_path / "wrong").mkdir()
+    (tmp_path / "wrong" / "config.json").write_text(json.dumps(wrong))
+    (tmp_path / "wrong" / "model.safetensors").write_bytes((tmp_path / "model.safetensors").read_bytes())
+    with pytest.raises(CheckpointMismatchError):
+        Flamingo.from_pretrained(tmp_path / "wrong", lang_encoder=given, vision_encoder=copy.deepcopy(vision))
+    assert list(given.model.layers) == layers and [p.requires_grad for p in given.parameters()] == flags
+    assert not given.model.embed_tokens._forward_hooks
+    back = Flamingo.from_pretrained(tmp_path, lang_encoder=given, vision_encoder=copy.deepcopy(vision))
+    _assert_same(model, back)
+    with pytest.raises(ValueError, match=r"this LlamaForCausalLM is already the LM of a Flamingo model"):
+        Flamingo.from_pretrained(tmp_path, lang_encoder=given, vision_encoder=copy.deepcopy(vision))
+    _assert_same(model, back)  # the first model still works

@@ -92,13 +92,19 @@ def build_and_load(config: FlamingoConfig, state: dict[str, torch.Tensor], *, tr
         hint: appended to a :class:`CheckpointMismatchError`.
     """
     from ..model import Flamingo
+    flags = None if lang_encoder is None else [(p, p.requires_grad) for p in lang_encoder.parameters()]
     with skip_init():
         model = Flamingo(config, vision_encoder=vision_encoder, lang_encoder=lang_encoder)
     keys = model.state_dict().keys()
     state = {k: v for k, v in state.items() if k in keys or not k.endswith(STALE_BUFFER_SUFFIXES)}
     required = [k for k in keys if is_block_key(k)] if trainable_only else list(keys)
     required += [k for k in extra_required if k not in required]
-    check_state_fits(model, state, required=required, hint=hint)
+    try:
+        check_state_fits(model, state, required=required, hint=hint)
+    except CheckpointMismatchError:
+        if flags is not None:  # the caller's LM as it was: a retry with the right arguments may take it again
+            release_lm(model, flags)
+        raise
     if as_dtype(dtype) is None:
         targets = _load_dtypes(model, state)
         state = {k: v.to(targets[k]) if k in targets and v.is_floating_point() and v.dtype != targets[k] else v
@@ -125,6 +131,20 @@ def build_and_load(config: FlamingoConfig, state: dict[str, torch.Tensor], *, tr
                     m.to(next(iter(devices)))
     return finish(model, dtype=dtype, device=device, quantization=quantization, device_map=device_map,
                   max_memory=max_memory, offload_folder=offload_folder)
+
+
+def release_lm(model: nn.Module, flags: list[tuple[torch.Tensor, bool]]) -> None:
+    """Give back the LM a Flamingo ``model`` wrapped, as it was before: its own decoder layers,
+    no hooks of the model's, Hugging Face's MPT attention, its parameters' ``requires_grad``
+    (``flags``, taken before the model was built)."""
+    from .. import mpt
+    from ..lm import unwrap_decoder_layers
+    from ..tokens import train_new_embedding_rows
+    train_new_embedding_rows(model, None)  # (removes the embedding-row hooks)
+    unwrap_decoder_layers(model.lang_encoder, model.decoder_layers_attr)
+    mpt.restore(model.lang_encoder)
+    for p, flag in flags:
+        p.requires_grad_(flag)
 
 
 def _part(key: str) -> str:

@@ -80,6 +80,12 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, trainable_only: 
     offloaded to "cpu" / "disk" are read back from accelerate (:func:`fastflamingo.distribute.placed_state`)."""
     from safetensors.torch import save_file
     d = Path(directory)
+    base = getattr(model, SOURCES_ATTR, {}).get(BASE)
+    if trainable_only and base and Path(base).resolve() == d.resolve():
+        raise ValueError(f"{str(d)!r} holds the model this one was loaded from, whose frozen weights a trainable-only "
+                         "save over it would go onto: it would overwrite them with the trained ones alone. Save to "
+                         "another directory (it records this one as its base), or save the whole model "
+                         "(trainable_only=False)")
     d.mkdir(parents=True, exist_ok=True)
     if state is None:
         from ..distribute import placed_state
@@ -200,11 +206,19 @@ def _onto_base(d: Path, state: dict[str, torch.Tensor], sources: dict, *, quanti
     """A trainable-only directory whose model was loaded from a full fastflamingo directory (the
     ``"base"`` it records, as fine-tuning's ``model/`` does): that model, the saved weights over it."""
     from .load import check_state_fits, finish
+    from safetensors import safe_open
     base = Path(sources[BASE])
     if not (base / CONFIG_NAME).is_file() or not (base / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{str(d)!r} holds only the trainable parameters, over the model in {str(base)!r}, "
                                 "which is not a fastflamingo directory any more: pass lang_encoder= and vision_encoder= "
                                 "(the frozen models it was trained with)")
+    with safe_open(str(base / WEIGHTS_NAME), framework="pt") as f:
+        contents = (f.metadata() or {}).get("fastflamingo.contents")
+    if contents == "trainable":  # (a trainable-only save written over its own base: a loop, once)
+        itself = " (it is this directory: its frozen weights were overwritten)" if base.resolve() == d.resolve() else ""
+        raise ValueError(f"{str(d)!r} holds only the trainable parameters, over the model in {str(base)!r}, but that "
+                         f"directory holds only trainable parameters too{itself}: pass lang_encoder= and "
+                         "vision_encoder= (the frozen models it was trained with)")
     model = load_pretrained(base, dtype=dtype, trust_remote_code=trust_remote_code)
     _take_saved_config(model, FlamingoConfig.from_json((d / CONFIG_NAME).read_text()), d, base)
     check_state_fits(model, state, required=trainable_keys(model),
