@@ -290,9 +290,19 @@ class Flamingo(nn.Module):
                       max_memory=max_memory, offload_folder=offload_folder)
 
     def _apply(self, fn, recurse=True):
-        # every cast (.to(dtype), .half(), .bfloat16()) passes here: NF4 layers follow it
+        # every cast (.to(dtype), .half(), .bfloat16()) passes here: NF4 layers follow it. The LM's
+        # non-persistent floating buffers (rotary frequencies) keep their dtype, as Hugging Face's
+        # from_pretrained(dtype=) leaves them (float32): they are never saved, so a cast model and
+        # the same model loaded back (which rebuilds them) compute alike
+        kept = [(m, name, b) for m in self.modules() for name, b in m._buffers.items()
+                if b is not None and b.is_floating_point() and name in m._non_persistent_buffers_set]
         with quant.nf4_compute_follows_cast(self):
-            return super()._apply(fn, recurse)
+            out = super()._apply(fn, recurse)
+        for m, name, before in kept:
+            b = m._buffers.get(name)
+            if b is not None and b.is_floating_point() and b.dtype != before.dtype:
+                m._buffers[name] = before.to(b.device)  # (its own values: cast back, they would stay rounded)
+        return out
 
     def set_trainable(self, train_embeddings: bool | None = None) -> None:
         """Freeze the vision encoder and the LM; train the resampler, the cross-attention blocks and,
