@@ -334,6 +334,36 @@ def test_generate_and_score_use_cached_media():
         model.cache_media(ids, vx[:, :0])
 
 
+def test_cached_media_is_decided_row_by_row():
+    """After cache_media, a batch whose row 0 has <image> tokens and row 1 none: row 1 sees its
+    last cached image, as in a batch of text alone, and row 0 its images by its tokens, as in a
+    batch of such rows (whether a text had <image> tokens was decided for the whole batch: row 1
+    saw no image at all, its tokens depending on its neighbour). A row with more <image> tokens
+    than it has cached images is an error naming it (it attended to a zero padding image)."""
+    model = tiny()
+    vx, ids, mask = batch(model, [2, 1], [9, 9], seed=12)
+    text = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(3))
+    mixed = torch.stack([ids[0], text[1]])
+    conts = [[5], [7, 8, 9]]
+    model.cache_media(ids, vx)
+    try:
+        kw = dict(max_new_tokens=4, eos_token_id=[])
+        by_images, by_text, got = (generate(model, None, x, **kw) for x in (ids, text, mixed))
+        assert torch.equal(got[0], by_images[0]) and torch.equal(got[1], by_text[1])
+        scores = [model.score(None, x, conts, reduction="none") for x in (ids, text, mixed)]
+        assert torch.equal(scores[2][0], scores[0][0]) and torch.equal(scores[2][1], scores[1][1])
+        with torch.no_grad():
+            logits = [model(None, x).logits for x in (ids, text, mixed)]
+        assert torch.equal(logits[2][0], logits[0][0]) and torch.equal(logits[2][1], logits[1][1])
+        two = ids.clone()
+        two[1, 2] = model.config.media_token_id  # row 1 had one image
+        for call in (lambda: generate(model, None, two, **kw), lambda: model(None, two)):
+            with pytest.raises(ValueError, match=r"row 1 has 2 <image> tokens but cache_media kept 1 image\(s\) for it"):
+                call()
+    finally:
+        model.uncache_media()
+
+
 # ------------------------------------------------------------------ command line
 def test_cli_generate_preset_and_saved_model_with_tokenizer(tmp_path, capsys):
     from fastflamingo.cli import main

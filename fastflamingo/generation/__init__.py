@@ -112,19 +112,21 @@ def _start(model, vision_x, lang_x, attention_mask, *, visual_tokens, prefix, ma
 def _cached_media(model, cached: media_cache.CachedMedia, lang_x, mask,
                   prefix: Prefix | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """A call given no images, after ``model.cache_media`` (``cached``): (the cached visual tokens,
-    None) where the prompt's ``<image>`` tokens place them, as a forward does; (the visual tokens,
-    each row's image count (B, 1)) for a prompt without any, whose tokens all see their row's last
-    cached image."""
+    None) where every row's ``<image>`` tokens place them, as a forward does; else (the visual
+    tokens, (B, 1): -1 for a row whose ``<image>`` tokens say, its image count for a row without
+    any, whose tokens all see its last cached image: :func:`media_cache.rows_seeing_last_image`)."""
     if cached.visual.shape[0] != lang_x.shape[0]:
         raise ValueError(f"the media cached by cache_media has batch {cached.visual.shape[0]} but lang_x has batch "
                          f"{lang_x.shape[0]}: pass vision_x, or cache_media again for these rows")
-    if bool(((lang_x == model.config.media_token_id) & (mask != 0)).any()):
+    sees = media_cache.rows_seeing_last_image((lang_x == model.config.media_token_id) & (mask != 0),
+                                              cached.num_media)
+    if bool((sees < 0).all()):
         return cached.visual, None
     if prefix is not None:
         raise ValueError("a prompt without <image> tokens after a few-shot prefix, with media cached by cache_media: "
                          "which image its tokens see is ambiguous. Put the <image> tokens in the prompt, pass "
                          "vision_x, or call model.uncache_media()")
-    return cached.visual, cached.num_media.to(lang_x.device)
+    return cached.visual, sees
 
 
 def _prompt_mask(lang_x: torch.Tensor, attention_mask: torch.Tensor | None, prefixed: bool) -> tuple[torch.Tensor, int]:

@@ -1,9 +1,10 @@
 """``cache_media`` / ``uncache_media``: score many texts against the same images (open_flamingo's API).
 
 The images are encoded once and every cross-attention layer's K/V of them is kept (the visual
-KV cache). Until ``uncache_media``, a model call given no images uses them: tokens of a text
-with ``<image>`` tokens see images by their own count (as open_flamingo), tokens of a text with
-none see their row's last cached image (none after an EOS when ``eos_resets_media``). The same
+KV cache). Until ``uncache_media``, a model call given no images uses them: tokens of a row
+with ``<image>`` tokens see images by their own count (as open_flamingo; at most the row's
+cached images), tokens of a row with none see their row's last cached image (none after an EOS
+when ``eos_resets_media``), each row by its own tokens, whatever the other rows hold. The same
 holds for ``generate`` and ``score`` given no images (:func:`cached`).
 """
 from __future__ import annotations
@@ -69,9 +70,23 @@ def cache_media(model, input_ids: torch.Tensor, vision_x: torch.Tensor) -> None:
 
 def _cached_text_time(model, lang_x: torch.Tensor, num_media: torch.Tensor) -> torch.Tensor:
     c = model.config
-    if bool((lang_x == c.media_token_id).any()):
-        return text_time_for(lang_x, c.media_token_id, c.eos_token_id if c.eos_resets_media else None)
-    return seeing_last_image(model, lang_x, num_media)
+    sees = rows_seeing_last_image(lang_x == c.media_token_id, num_media)
+    by_tokens = text_time_for(lang_x, c.media_token_id, c.eos_token_id if c.eos_resets_media else None)
+    return torch.where(sees < 0, by_tokens, seeing_last_image(model, lang_x, sees.clamp(min=0)))
+
+
+def rows_seeing_last_image(media: torch.Tensor, num_media: torch.Tensor) -> torch.Tensor:
+    """(B, 1): for each row of a call on cached media whose ``<image>`` tokens are ``media``
+    (B, T) bool, -1 where they say which images its tokens see, else the row's cached image count
+    (all its tokens see its last image). A row with more ``<image>`` tokens than it has cached
+    images is an error naming it (its tokens would see zero padding images)."""
+    counts = media.sum(-1, keepdim=True)
+    over = (counts > num_media.to(counts.device)).nonzero()
+    if over.numel():
+        row = int(over[0, 0])
+        raise ValueError(f"row {row} has {int(counts[row])} <image> tokens but cache_media kept "
+                         f"{int(num_media[row])} image(s) for it: cache_media again with these texts, or pass vision_x")
+    return torch.where(counts > 0, -1, num_media.to(counts.device)).to(torch.int32)
 
 
 def seeing_last_image(model, lang_x: torch.Tensor, num_media: torch.Tensor) -> torch.Tensor:

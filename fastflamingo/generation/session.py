@@ -90,9 +90,10 @@ class Session:
         compile: compile the decode step (static cache only): True, False, or ``"auto"`` (on CUDA
             where the static cache is used: CUDA graphs remove the launch overhead that dominates a
             decode step there; not on the CPU, where compiling costs seconds per shape).
-        sees_media: (B, 1) for a prompt without ``<image>`` tokens (and no prefix) after
-            ``cache_media``: the image every token of row b sees (its last cached one; none after
-            an EOS under ``eos_resets_media``). None: the ``<image>`` tokens say.
+        sees_media: (B, 1) for a prompt (with no prefix) after ``cache_media`` some of whose
+            rows have no ``<image>`` token: the image every token of such a row b sees (its last
+            cached one; none after an EOS under ``eos_resets_media``), -1 for a row whose
+            ``<image>`` tokens say. None: the ``<image>`` tokens say, in every row.
     """
 
     def __init__(self, model, ids: torch.Tensor, mask: torch.Tensor, visual: torch.Tensor | None, *,
@@ -155,10 +156,10 @@ class Session:
         self.prompt_ids = ids[:, P:]  # what prefill runs (with a prefix: the prefix's tail where a row has padding)
         # padding is neither an image nor an EOS, even where pad_token_id == eos_token_id
         visible = torch.cat([ids.masked_fill(mask == 0, -1), ids.new_full((B, 1), -1)], dim=1)
-        if sees_media is None:
-            tt = text_time_for(visible, c.media_token_id, c.eos_token_id if c.eos_resets_media else None)
-        else:
-            tt = media_cache.seeing_last_image(self.model, visible, sees_media)
+        tt = text_time_for(visible, c.media_token_id, c.eos_token_id if c.eos_resets_media else None)
+        if sees_media is not None:
+            tt = torch.where(sees_media < 0, tt, media_cache.seeing_last_image(self.model, visible,
+                                                                               sees_media.clamp(min=0)))
         self.prompt_text_time = tt[:, self.prefix_length:-1]
         # (B, 1) what generated tokens see: the prompt's last token's images (left padding: the
         # last column; the prefix's last token for a query of padding only)
