@@ -667,6 +667,15 @@ def test_compare_quantized_measures_a_copy_and_refuses_other_models():
     lm = dict(full.config.lm, intermediate_size=192)
     with pytest.raises(ValueError, match="configs differ in \\['lm'\\]"):
         compare_quantized(full, Flamingo.from_preset("tiny", lm=lm), vx, ids)
+    # a generated <image> is no new image in the teacher-forced pass either, as in generate (it
+    # asked for a second image and raised)
+    with torch.no_grad():
+        head = full.lang_encoder.get_output_embeddings()
+        head.weight[full.config.media_token_id] = head.weight[32] * 3  # <image>, the favourite next token
+    from fastflamingo.generation import generate
+    assert (generate(full, vx, ids, max_new_tokens=4, eos_token_id=[])[:, -4:] == full.config.media_token_id).any()
+    self_cmp = compare_quantized(full, full, vx, ids, max_new_tokens=4)
+    assert self_cmp["logits_rel_error"] == 0.0 and self_cmp["top1_agreement"] == 1.0
 
 
 _SHIM = """#!/bin/bash

@@ -75,7 +75,11 @@ def compare_quantized(reference, quantized, vision_x: torch.Tensor, lang_x: torc
     mask = None if attention_mask is None else torch.cat(
         [attention_mask, attention_mask.new_ones(lang_x.shape[0], max_new_tokens)], dim=1)
     positions = None if mask is None else {"position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
-    r, q = (m(vision_x, ref_out, attention_mask=mask, **(positions or {})).logits[:, T - 1:-1].float()
+    # the generated tokens see what the prompt's last token sees, as in generate: a generated <image>
+    # (or EOS, under eos_resets_media) is no new image for the teacher-forced pass either
+    tt = reference.text_time(lang_x if attention_mask is None else lang_x.masked_fill(attention_mask == 0, -1))
+    tt = torch.cat([tt, tt[:, -1:].expand(-1, max_new_tokens)], dim=1)
+    r, q = (m(vision_x, ref_out, attention_mask=mask, text_time=tt, **(positions or {})).logits[:, T - 1:-1].float()
             for m in (reference, quantized))
     return {
         "bytes_reference": model_bytes(reference),
