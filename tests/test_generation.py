@@ -684,6 +684,47 @@ def test_bad_generation_arguments_name_the_value(kwargs, message):
             generate(model, vx, ids, mask, num_beams=beams, **kwargs)
 
 
+def test_token_id_arguments_take_tensors_and_refuse_what_is_no_id():
+    """eos_token_id, suppress_tokens and pad_token_id as Hugging Face's generate takes them
+    (integer tensors and numpy ints: were raw TypeErrors), the same tokens as lists of ints;
+    floats, bools and a do_sample that is no bool are refused naming the value (suppress_tokens
+    [2.5] was truncated to 2, the LM's EOS; do_sample="no" sampled); None top_p / top_k /
+    temperature are unset (Hugging Face's GenerationConfig): no warning, the defaults; a
+    non-finite temperature is refused; compile=True with cache="dynamic" says to pass the static
+    cache (it said the LM did not support one)."""
+    import warnings
+
+    import numpy as np
+    model = tiny()
+    vx, ids, mask = batch(model, [1], [9])
+    kw = dict(max_new_tokens=4)
+    want = generate(model, vx, ids, mask, eos_token_id=[2], suppress_tokens=[5, 6], pad_token_id=0, **kw)
+    for eos, suppress, pad in ((torch.tensor(2), torch.tensor([5, 6]), torch.tensor(0)),
+                               (np.int64(2), np.array([5, 6]), np.int32(0)), ([2], (5, 6), 0)):
+        got = generate(model, vx, ids, mask, eos_token_id=eos, suppress_tokens=suppress, pad_token_id=pad, **kw)
+        assert torch.equal(got, want)
+    for bad, message in ((dict(suppress_tokens=[2.5]), r"suppress_tokens must be an int or a list of ints, got \[2.5\]"),
+                         (dict(suppress_tokens=torch.tensor([2.5])), r"suppress_tokens must be integer token ids, got a "
+                                                                      r"torch.float32 Tensor"),
+                         (dict(eos_token_id=[True]), r"eos_token_id must be an int or a list of ints, got \[True\]"),
+                         (dict(pad_token_id=2.5), r"pad_token_id must be a token id \(an int\), got 2.5"),
+                         (dict(pad_token_id=[1, 2]), r"pad_token_id must be a token id \(an int\), got \[1, 2\]"),
+                         (dict(do_sample="no"), r"do_sample must be True or False, got 'no'")):
+        with pytest.raises(TypeError, match=message):
+            generate(model, vx, ids, mask, **kw, **bad)
+    with pytest.raises(ValueError, match=r"temperature must be a finite number, got nan"):
+        generate(model, vx, ids, mask, do_sample=True, temperature=float("nan"), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(generate(model, vx, ids, mask, top_k=None, top_p=None, temperature=None, **kw),
+                           generate(model, vx, ids, mask, **kw))
+    sampled = [generate(model, vx, ids, mask, do_sample=True, generator=torch.Generator().manual_seed(1), **extra, **kw)
+               for extra in (dict(top_p=None, temperature=None), {})]
+    assert torch.equal(*sampled)
+    with pytest.raises(ValueError, match=r"compile=True needs the static cache: pass cache='static' or 'auto'"):
+        generate(model, vx, ids, mask, compile=True, cache="dynamic", **kw)
+
+
 def test_beam_counts_are_ints_and_greedy_takes_temperature_zero():
     model = tiny()
     vx, ids, mask = batch(model, [1], [9])

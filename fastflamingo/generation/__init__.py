@@ -54,9 +54,20 @@ def _stop_ids(model, eos_token_id) -> list[int]:
         order = ((c.eoc_token_id, c.eos_token_id) if c.cross_attention.style == "open_flamingo"
                  else (c.eos_token_id, c.eoc_token_id))
         return [t for t in order if t is not None and t >= 0][:1]
-    ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if not all(isinstance(t, int) for t in ids):
-        raise TypeError(f"eos_token_id must be an int or a list of ints, got {eos_token_id!r}")
+    return token_ids("eos_token_id", eos_token_id)
+
+
+def token_ids(name: str, value, one: bool = False) -> list[int]:
+    """An argument of token ids as a list of ints: an int, a list or tuple of ints, or an
+    integer tensor or numpy array (Hugging Face's generate takes them); anything else (a float,
+    a bool) is an error naming it, not truncated. ``one``: the argument is one id."""
+    if hasattr(value, "dtype") and hasattr(value, "tolist"):  # a tensor, a numpy array or scalar
+        if "int" not in str(value.dtype):
+            raise TypeError(f"{name} must be integer token ids, got a {value.dtype} {type(value).__name__}")
+        value = value.tolist()
+    ids = [value] if isinstance(value, int) else list(value) if isinstance(value, (list, tuple)) and not one else None
+    if ids is None or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise TypeError(f"{name} must be {'a token id (an int)' if one else 'an int or a list of ints'}, got {value!r}")
     return ids
 
 
@@ -175,13 +186,19 @@ def _sampling(model, *, beams: bool, eos_token_id, pad_token_id, do_sample, temp
               min_new_tokens, suppress_tokens, generator, repetition_penalty, no_repeat_ngram_size,
               bad_words_ids) -> tuple[Sampling, int]:
     stops = _stop_ids(model, eos_token_id)
+    if pad_token_id is not None:
+        ids = token_ids("pad_token_id", pad_token_id, one=True)
+        if len(ids) != 1:
+            raise TypeError(f"pad_token_id must be one token id (an int), got {pad_token_id!r}")
+        pad_token_id = ids[0]
     pad = default_pad(model, stops) if pad_token_id is None else pad_token_id
     # as Hugging Face: beam sampling's top-k / top-p keep a token more than there are stop tokens
     # (2 without any), so that a beam can go on past them
     keep = (len(stops) + 1 if stops else 2) if beams else 1
     sampling = Sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         min_tokens_to_keep=keep, min_new_tokens=min_new_tokens, eos_token_id=stops,
-                        suppress_tokens=list(suppress_tokens or []), generator=generator,
+                        suppress_tokens=[] if suppress_tokens is None else token_ids("suppress_tokens", suppress_tokens),
+                        generator=generator,
                         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                         bad_words_ids=[] if bad_words_ids is None else bad_words_ids)
     outside = [t for t in stops if not 0 <= t < model.vocab_size]
@@ -207,7 +224,7 @@ def _unused_flags(mode_flag: str, mode_value, modes: str, **flags) -> None:
     """Warn, in Hugging Face's words, about flags set away from their default (``name=(value,
     default)``) that the chosen mode ignores."""
     for name, (value, default) in flags.items():
-        if value != default:
+        if value is not None and value != default:  # (None: unset, as in Hugging Face's GenerationConfig)
             warn_caller(f"`{mode_flag}` is set to `{mode_value}`. However, `{name}` is set to `{value}` -- this "
                         f"flag is only used in {modes} generation modes. You should set "
                         f"{'`do_sample=True`' if mode_flag == 'do_sample' else '`num_beams>1`'} or unset `{name}`.")

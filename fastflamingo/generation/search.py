@@ -13,6 +13,7 @@ cannot beat its worst finished one (``early_stopping=False``).
 """
 from __future__ import annotations
 
+import math
 import numbers
 from dataclasses import dataclass, field
 
@@ -48,8 +49,20 @@ class Sampling:
     _sequences: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real):
-            raise ValueError(f"temperature must be a number, got {self.temperature!r}")
+        if not isinstance(self.do_sample, bool):  # (a string "no" would be truthy: sampling)
+            raise TypeError(f"do_sample must be True or False, got {self.do_sample!r}")
+        # None, as Hugging Face's GenerationConfig leaves a field it was not given: the default
+        self.temperature = 1.0 if self.temperature is None else self.temperature
+        self.top_p = 1.0 if self.top_p is None else self.top_p
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real) \
+                or not math.isfinite(self.temperature):
+            raise ValueError(f"temperature must be a finite number, got {self.temperature!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, numbers.Real):
+            raise ValueError(f"top_p must be a number in (0, 1] (None: 1.0), got {self.top_p!r}")
+        for name in ("suppress_tokens", "eos_token_id"):
+            ids = getattr(self, name)
+            if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError(f"{name} must be token ids (ints), got {ids!r}")
         if self.do_sample and self.temperature <= 0:  # (greedy decoding reads no temperature: 0 is fine there)
             raise ValueError(f"temperature must be > 0 for sampling, got {self.temperature}; use do_sample=False for "
                              "greedy decoding")
