@@ -414,6 +414,21 @@ def test_create_model_and_transforms_trains_what_open_flamingo_trains_with_untie
     assert (lm.get_input_embeddings().weight.grad is None) == freeze_lm_embeddings
 
 
+def test_an_untied_output_embedding_resized_by_the_tokenizer_set_up_is_said(tmp_path):
+    """A Med-Flamingo-like checkpoint (LLaMA, its own lm_head) imported with tokenizer=: the
+    set-up adds <|endofchunk|>, <image> and <PAD>, whose lm_head rows no open_flamingo checkpoint
+    holds, so they keep transformers' random initialisation (another at each import, as in
+    open_flamingo). The path without a tokenizer said so; this one was silent."""
+    lm_dir, clip_ckpt = _local_models(tmp_path, tied=False)
+    ref, _ = _open_flamingo_reference(lm_dir, clip_ckpt)
+    state = trainable_only_state(ref)
+    assert not [k for k in state if "lm_head" in k]
+    with pytest.warns(UserWarning, match=r"the tokenizer set-up resized the LM's output embeddings from \d+ to \d+ rows "
+                                         r"but the checkpoint does not hold them \(lang_encoder\.lm_head\.weight"):
+        from_open_flamingo(state, lang_encoder=lm_dir, vision_encoder=(TINY_VIT, clip_ckpt), ln_post_on_tokens=True,
+                           tokenizer=lm_dir)
+
+
 def test_create_model_and_transforms_requires_explicit_choices(local_models):
     lm_dir, clip_ckpt = local_models
     with pytest.raises(ValueError, match="ln_post_on_tokens"):

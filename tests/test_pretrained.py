@@ -277,3 +277,30 @@ def test_a_failed_load_gives_the_lm_back_and_one_lm_serves_one_model(tmp_path):
     with pytest.raises(ValueError, match=r"this LlamaForCausalLM is already the LM of a Flamingo model"):
         Flamingo.from_pretrained(tmp_path, lang_encoder=given, vision_encoder=copy.deepcopy(vision))
     _assert_same(model, back)  # the first model still works
+
+
+def test_a_base_lm_directory_missing_weights_is_named(tmp_path):
+    """A trainable-only save loads its frozen LM from the directory it records: one missing a
+    weight (a partial download) was filled with random values by transformers, which only logs
+    it, and the load succeeded. Now a CheckpointMismatchError naming the weight."""
+    from safetensors.torch import load_file, save_file
+
+    from fastflamingo.convert.pretrained import record_sources
+    config = preset_config("tiny")
+    torch.manual_seed(0)
+    lm = build_lm(config)
+    lm.save_pretrained(tmp_path / "lm")
+    model = _perturb(Flamingo(config, vision_encoder=build_vision_model(config.vision), lang_encoder=copy.deepcopy(lm)))
+    record_sources(model, lm=str(tmp_path / "lm"))
+    model.save_pretrained(tmp_path / "adapter", trainable_only=True)
+    back = Flamingo.from_pretrained(tmp_path / "adapter", vision_encoder=copy.deepcopy(model.vision_encoder))
+    vx, ids = _inputs(model)
+    with torch.no_grad():
+        assert torch.equal(back(vx, ids).logits, model(vx, ids).logits)
+    weights = tmp_path / "lm" / "model.safetensors"
+    state = load_file(weights)
+    del state["model.layers.2.mlp.down_proj.weight"]
+    save_file(state, weights, metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError, match=r"1 missing(.|\n)*model\.layers\.2\.mlp\.down_proj\.weight(.|\n)*"
+                                                      r"lacks weights its config needs"):
+        Flamingo.from_pretrained(tmp_path / "adapter", vision_encoder=copy.deepcopy(model.vision_encoder))

@@ -104,8 +104,20 @@ def skip_init():
 def load_hf_causal_lm(path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None,
                       local_files_only: bool = True, dtype: torch.dtype | None = None):
     """A causal LM from a local Hugging Face directory (or hub name with ``local_files_only=False``).
-    Remote code runs only when the caller passes ``trust_remote_code=True``."""
+    Remote code runs only when the caller passes ``trust_remote_code=True``. Weights the LM needs
+    that the directory lacks are a :class:`~fastflamingo.convert.load.CheckpointMismatchError`
+    naming them (transformers fills them with random values, and only logs it)."""
     from transformers import AutoModelForCausalLM
+
+    from .load import CheckpointMismatchError
     kwargs = {"dtype": dtype} if dtype is not None else {}
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only, cache_dir=cache_dir,
-                                                trust_remote_code=trust_remote_code, **kwargs)
+    lm, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only, cache_dir=cache_dir,
+                                                    trust_remote_code=trust_remote_code, output_loading_info=True,
+                                                    **kwargs)
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = [tuple(m) if len(m) == 3 else (str(m), (), ()) for m in info.get("mismatched_keys") or []]
+    if missing or mismatched:
+        raise CheckpointMismatchError(missing, [], mismatched,
+                                      f"the LM in {str(path)!r} lacks weights its config needs: a partial download, or "
+                                      "another model's files (transformers would have filled them with random values)")
+    return lm

@@ -210,7 +210,7 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
     media_token_id, eoc_token_id, num_base_tokens, vocab_before = _token_ids(
         tokenizer, lm, media_token_id, eoc_token_id, num_base_tokens, trust_remote_code)
     embedding_hint, required = _added_rows_need_embeddings(lm, state, rows_before, vocab_before)
-    _resize_to_checkpoint(lm, state, layout, resized_by_tokenizer=tokenizer is not None)
+    _resize_to_checkpoint(lm, state, layout, resized_by_tokenizer=tokenizer is not None, rows_before=rows_before)
     # the checkpoint names the LM's decoder-layer list: use it where the LM has it (any LM family)
     if decoder_layers_attr_name is None and _has_attr(lm, layout.decoder_layers_attr):
         decoder_layers_attr_name = layout.decoder_layers_attr
@@ -324,17 +324,28 @@ def _added_rows_need_embeddings(lm: nn.Module, state, rows_before: int,
             "eoc_token_id= instead of tokenizer=."), [key]
 
 
-def _resize_to_checkpoint(lm: nn.Module, state, layout: OpenFlamingoLayout, *, resized_by_tokenizer: bool) -> None:
-    """Give the LM as many embedding rows as the checkpoint (open_flamingo resizes to its tokenizer)."""
+def _resize_to_checkpoint(lm: nn.Module, state, layout: OpenFlamingoLayout, *, resized_by_tokenizer: bool,
+                          rows_before: int) -> None:
+    """Give the LM as many embedding rows as the checkpoint (open_flamingo resizes to its tokenizer);
+    warn where an untied output embedding got rows the checkpoint does not hold."""
     rows = lm.get_input_embeddings().weight.shape[0]
-    if layout.vocab is None or layout.vocab == rows or resized_by_tokenizer:
-        return  # with a tokenizer, a different size is a mismatch, reported with the other keys
+    if resized_by_tokenizer:  # (a size other than the checkpoint's is a mismatch, reported with the other keys)
+        if rows != rows_before:
+            _warn_fresh_output_rows(lm, state, rows_before, rows, "the tokenizer set-up resized")
+        return
+    if layout.vocab is None or layout.vocab == rows:
+        return
     lm.resize_token_embeddings(layout.vocab)
+    _warn_fresh_output_rows(lm, state, rows, layout.vocab, "resized to the checkpoint")
+
+
+def _warn_fresh_output_rows(lm: nn.Module, state, rows: int, new_rows: int, how: str) -> None:
     out = lm.get_output_embeddings()
-    if out is None or out.weight is lm.get_input_embeddings().weight:
+    if out is None or getattr(out, "weight", None) is None or out.weight is lm.get_input_embeddings().weight:
         return
     name = next(n for n, p in lm.named_parameters() if p is out.weight)
     if f"lang_encoder.{name}" not in state:
-        warn_caller(f"the LM's output embeddings were resized from {rows} to {layout.vocab} rows but the "
-                    f"checkpoint does not hold them (lang_encoder.{name}; open_flamingo never trains them): "
-                    "the new rows keep transformers' fresh initialisation, as in open_flamingo")
+        warn_caller(f"{how} the LM's output embeddings from {rows} to {new_rows} rows but the checkpoint does not hold "
+                    f"them (lang_encoder.{name}; open_flamingo never saves them): the {new_rows - rows} new rows keep "
+                    "transformers' random initialisation, as in open_flamingo, another at each import (the logits "
+                    "of <|endofchunk|> and <image> with them; torch.manual_seed first makes an import repeatable)")
