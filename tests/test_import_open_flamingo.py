@@ -429,6 +429,26 @@ def test_an_untied_output_embedding_resized_by_the_tokenizer_set_up_is_said(tmp_
                            tokenizer=lm_dir)
 
 
+def test_a_bfloat16_trainable_only_conversion_loads_back_in_bfloat16(local_models, tmp_path):
+    """`fastflamingo convert --dtype bfloat16 --trainable-only` (a bfloat16 import, saved
+    trainable-only): the loader rebuilt the frozen parts from their sources in their files'
+    float32 and cast the blocks up, a float32 model, twice the memory, other logits. The save
+    records its dtype: the reload is the converted model, bit for bit."""
+    lm_dir, clip_ckpt = local_models
+    ref, _ = _open_flamingo_reference(lm_dir, clip_ckpt)
+    model = from_open_flamingo(trainable_only_state(ref), lang_encoder=lm_dir, vision_encoder=(TINY_VIT, clip_ckpt),
+                               ln_post_on_tokens=True, tokenizer=lm_dir, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "adapter", trainable_only=True)
+    back = Flamingo.from_pretrained(tmp_path / "adapter")
+    assert {p.dtype for p in back.parameters()} == {torch.bfloat16}
+    ids = torch.tensor([[1, model.config.media_token_id, 5, 6, 7]])
+    vx = torch.randn(1, 1, 1, 3, 32, 32, dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert torch.equal(back(vx, ids).logits, model(vx, ids).logits)
+    assert {p.dtype for p in Flamingo.from_pretrained(tmp_path / "adapter", dtype=torch.float32).parameters()} == \
+        {torch.float32}  # (dtype= given: that one)
+
+
 def test_create_model_and_transforms_requires_explicit_choices(local_models):
     lm_dir, clip_ckpt = local_models
     with pytest.raises(ValueError, match="ln_post_on_tokens"):

@@ -105,6 +105,9 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, trainable_only: 
     metadata = {"format": "pt", "fastflamingo.contents": "trainable" if trainable_only else "full",
                 "fastflamingo.aliases": json.dumps(aliases),
                 "fastflamingo.sources": json.dumps(getattr(model, SOURCES_ATTR, {}))}
+    lm_dtype = next((p.dtype for p in model.lang_encoder.parameters() if p.is_floating_point()), None)
+    if trainable_only and lm_dtype is not None:  # (the frozen parts are rebuilt from their source, in its dtype)
+        metadata["fastflamingo.dtype"] = str(lm_dtype).removeprefix("torch.")
     (d / CONFIG_NAME).write_text(model.config.to_json())
     save_file(tensors, str(d / WEIGHTS_NAME), metadata=metadata)
     return d
@@ -160,7 +163,9 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
             trainable-only, where no open_clip name/pretrained pair was recorded and the directory
             does not store its weights; stored weights are loaded into it).
         quantization: passed to :func:`fastflamingo.quant.quantize_model`.
-        device, dtype: where and in which dtype the model ends up.
+        device, dtype: where and in which dtype the model ends up (None: the file's; for a
+            trainable-only save whose frozen parts are rebuilt from what it records, the dtype
+            the model had when saved).
         device_map, max_memory, offload_folder: spread the model over devices with accelerate
             (:func:`fastflamingo.distribute.dispatch`; after quantization).
     """
@@ -176,6 +181,10 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
         state[alias] = state[target]
     sources = json.loads(meta.get("fastflamingo.sources", "{}"))
     trainable_only = meta.get("fastflamingo.contents") == "trainable"
+    saved_dtype = getattr(torch, meta.get("fastflamingo.dtype", ""), None)
+    if trainable_only and dtype is None and lang_encoder is None and vision_encoder is None \
+            and isinstance(saved_dtype, torch.dtype):
+        dtype = saved_dtype  # the model's dtype when saved (a bfloat16 conversion stays bfloat16)
     if not trainable_only:  # a trainable-only save of this model (fine-tuning's) reloads its frozen parts from here
         sources = {**sources, BASE: str(d.resolve())}
     elif lang_encoder is None and vision_encoder is None and sources.get(BASE):
