@@ -131,6 +131,25 @@ def test_checkpoint_without_the_input_embeddings_is_refused_when_tokens_are_adde
     embed = "lang_encoder.model.embed_tokens.weight"
     ours = from_open_flamingo(state | {embed: ref.state_dict()[embed]}, **kw)
     assert torch.equal(ours.lang_encoder.get_input_embeddings().weight, ref.lang_encoder.get_input_embeddings().weight)
+    # ids that contradict the tokenizer's were dropped without a word (they came back swapped)
+    with pytest.raises(ValueError, match=r"media_token_id=5, but the tokenizer set up as open_flamingo does gives "
+                                         rf"{ours.config.media_token_id}: pass tokenizer= alone"):
+        from_open_flamingo(state | {embed: ref.state_dict()[embed]}, **kw, media_token_id=5)
+
+
+def test_inputs_of_another_kind_say_what_they_are(local_lm, tmp_path):
+    """A Hugging Face LM directory given to from_pretrained (was "FlamingoConfig: unknown
+    field(s)"), a directory given to from_open_flamingo (was "does not exist"), and a corrupt
+    shard index (a bare JSONDecodeError naming no file)."""
+    from fastflamingo.convert.io import load_state_dir
+    with pytest.raises(ValueError, match=r"is a Hugging Face 'llama' model directory, not a fastflamingo one"):
+        Flamingo.from_pretrained(local_lm)
+    with pytest.raises(IsADirectoryError, match=r"is a directory, not a checkpoint file"):
+        from_open_flamingo(str(tmp_path), lang_encoder=local_lm, tokenizer=local_lm)
+    (tmp_path / "model.safetensors.index.json").write_text("{weight_map: oops")
+    with pytest.raises(ValueError, match=r"the shard index '.*model\.safetensors\.index\.json' is not a Hugging Face "
+                                         r"index .*JSONDecodeError"):
+        load_state_dir(tmp_path)
 
 
 # ------------------------------------------------------------------ items 3, 4: truncated checkpoints

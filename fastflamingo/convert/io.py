@@ -19,6 +19,10 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     ``{"state_dict": ...}``) are unwrapped, and a DDP ``module.`` prefix on every key is removed.
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {str(path)!r} is a directory, not a checkpoint file: give the file "
+                                "(open_flamingo's checkpoint.pt; a fastflamingo model directory loads with "
+                                "Flamingo.from_pretrained)")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
     if path.suffix not in TORCH_SUFFIXES + (".safetensors",):
@@ -59,7 +63,11 @@ def load_state_dir(directory: str | Path) -> dict[str, torch.Tensor]:
         for suffix in (".safetensors", ".bin"):
             index = d / f"{stem}{suffix}.index.json"
             if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                try:
+                    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                except (ValueError, KeyError, TypeError, AttributeError) as e:
+                    raise ValueError(f"the shard index {str(index)!r} is not a Hugging Face index (JSON with a "
+                                     f"\"weight_map\" of tensor names to files): {type(e).__name__}: {e}") from e
                 state = {}
                 for shard in shards:
                     state.update(load_state_file(d / shard))

@@ -296,6 +296,10 @@ def _token_ids(tokenizer, lm, media_token_id, eoc_token_id, num_base_tokens, tru
                                                   trust_remote_code=trust_remote_code)
     vocab_before = len(tokenizer)
     ids = setup_tokenizer(tokenizer, lm, num_base_tokens=num_base_tokens)
+    for name, given in (("media_token_id", media_token_id), ("eoc_token_id", eoc_token_id)):
+        if given is not None and given != ids[name]:
+            raise ValueError(f"{name}={given}, but the tokenizer set up as open_flamingo does gives {ids[name]}: pass "
+                             "tokenizer= alone (it decides the ids), or the ids alone for an LM that already has them")
     return ids["media_token_id"], ids["eoc_token_id"], ids["num_base_tokens"], vocab_before
 
 

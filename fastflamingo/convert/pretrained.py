@@ -173,7 +173,9 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
     check_placement(dtype=dtype, device=device, quantization=quantization, device_map=device_map,
                     max_memory=max_memory, offload_folder=offload_folder)
     d = check_model_directory(directory)
-    config = FlamingoConfig.from_json((d / CONFIG_NAME).read_text())
+    text = (d / CONFIG_NAME).read_text()
+    _refuse_other_configs(d, text)
+    config = FlamingoConfig.from_json(text)
     state = load_state_file(d / WEIGHTS_NAME)  # a truncated file fails here, with a clear message
     with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
         meta = f.metadata() or {}
@@ -208,6 +210,22 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
                            offload_folder=offload_folder)
     setattr(model, SOURCES_ATTR, sources)
     return model
+
+
+def _refuse_other_configs(d: Path, text: str) -> None:
+    """A Hugging Face model's directory (its config has a ``model_type``, fastflamingo's has none)
+    is named as such, not as a FlamingoConfig with unknown fields."""
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return  # (FlamingoConfig.from_json says what is wrong with it)
+    if isinstance(raw, dict) and "model_type" in raw and "lm" not in raw:
+        kind = raw["model_type"]
+        hint = ("fastflamingo.from_idefics (or `fastflamingo convert idefics`) imports it" if kind == "idefics" else
+                "as an LM it goes into a Flamingo as create_model_and_transforms(..., lang_encoder_path=...) or "
+                "from_open_flamingo(..., lang_encoder=...) take it")
+        raise ValueError(f"{str(d)!r} is a Hugging Face {kind!r} model directory, not a fastflamingo one (written by "
+                         f"save_pretrained or `fastflamingo convert`): {hint}")
 
 
 def _onto_base(d: Path, state: dict[str, torch.Tensor], sources: dict, *, quantization, device, dtype,
