@@ -846,8 +846,9 @@ def test_cli_prints_input_warnings_as_its_own_lines(capsys):
     assert main(args + ["--temperature", "0.5"]) == 0
     out, err = capsys.readouterr()
     assert len(out.split()) == 2
-    assert ("fastflamingo generate: warning: `do_sample` is set to `False`. However, `temperature` is set to `0.5`"
-            in err), err
+    # in the command's own flags (it said `do_sample=True`, an API argument), once
+    assert err.count("warning") == 1 and ("fastflamingo generate: warning: --temperature 0.5: only sampling reads it; "
+                                          "add --do-sample") in err, err
     assert "warnings.warn" not in err and ".py:" not in err
 
 
@@ -912,8 +913,11 @@ def test_cli_generate_several_sequences_per_prompt(capsys):
     assert len({line.split("] ")[1] for line in lines}) > 1 and "12 new tokens" in err
     assert main(args + ["--num-beams", "3", "--num-return-sequences", "2"]) == 0
     assert [line.split("]")[0] for line in capsys.readouterr().out.splitlines()] == ["[0.0", "[0.1"]
-    assert main(args + ["--num-return-sequences", "2"]) == 2
-    assert "num_return_sequences=2 with greedy decoding" in capsys.readouterr().err
+    assert main(args + ["--num-return-sequences", "2"]) == 2  # (in the flags' names, before the model loads)
+    assert ("--num-return-sequences 2 with greedy decoding would print one sequence 2 times: add --do-sample"
+            in capsys.readouterr().err)
+    assert main(args + ["--num-beams", "2", "--num-return-sequences", "3"]) == 2
+    assert "--num-return-sequences 3 is more than --num-beams 2" in capsys.readouterr().err
 
 
 def test_idefics_processor_inputs_generate_as_they_are():

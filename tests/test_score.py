@@ -216,9 +216,11 @@ def test_cli_score_ranks_candidates_as_the_api_scores_them(tmp_path, capsys):
     assert len(labels) == 4 and set(labels) <= {"w7 w8", "w9", "w10 w11 w12"}, labels
     for args, message in [(["--top", "0"], "--top must be >= 1, got 0"),
                           (["--candidates-file", str(tmp_path / "none.txt")], "no candidates file"),
-                          (["--candidate-ids", "5 x"], "--candidate-ids: 'x' is not a token id (an integer)")]:
+                          (["--candidate-ids", "5 x"], "--candidate-ids: 'x' is not a token id (an integer)"),
+                          # (it said "continuation 0 must be a non-empty 1-D sequence", naming no candidate)
+                          (["--candidates", "", "w9"], "candidate '' tokenizes to nothing (1 of 2 do)")]:
         base = ["score", "--model", str(tmp_path), "--few-shot", str(shots)]
-        extra = [] if args[0] in ("--candidates-file", "--candidate-ids") else ["--candidates", "w7"]
+        extra = [] if args[0] in ("--candidates-file", "--candidate-ids", "--candidates") else ["--candidates", "w7"]
         assert main(base + extra + args) == 2
         assert message in capsys.readouterr().err
 

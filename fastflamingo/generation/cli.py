@@ -24,11 +24,13 @@ import json
 import os
 import sys
 import time
+import warnings
 
 import torch
 
 from ..cli import count_arg, device_arg
 from ..inputs import read_image
+from ..warn import warn_caller
 
 
 
@@ -210,6 +212,21 @@ def _check_request(args) -> tuple[tuple[dict | None, list[dict]] | None, dict]:
     read, by path (decoded once: :func:`_requests` transforms them once the model loaded)."""
     if args.image and args.random_images:
         raise ValueError("give --image files or --random-images, not both")
+    R, beams = getattr(args, "num_return_sequences", 1), getattr(args, "num_beams", 1)  # (score has neither)
+    if R > 1 and beams == 1 and not args.do_sample:
+        raise ValueError(f"--num-return-sequences {R} with greedy decoding would print one sequence {R} times: add "
+                         "--do-sample, or --num-beams >= --num-return-sequences")
+    if R > beams > 1:
+        raise ValueError(f"--num-return-sequences {R} is more than --num-beams {beams}: beam search keeps "
+                         f"{beams} hypotheses per prompt")
+    if not getattr(args, "do_sample", True):
+        unused = [f"--{n.replace('_', '-')} {getattr(args, n)}" for n, default in
+                  (("temperature", 1.0), ("top_k", 50), ("top_p", 1.0), ("min_p", None)) if getattr(args, n) != default]
+        if unused:
+            warn_caller(f"{', '.join(unused)}: only sampling reads {'it' if len(unused) == 1 else 'them'}; add "
+                        "--do-sample (without it the most likely token is taken)")
+    if beams == 1 and getattr(args, "length_penalty", 1.0) != 1.0:
+        warn_caller(f"--length-penalty {args.length_penalty}: only beam search reads it; add --num-beams N (N > 1)")
     if args.few_shot is not None and (args.image or args.random_images):
         flag = "--image" if args.image else "--random-images"
         raise ValueError(f"{flag} goes with --prompt / --prompt-ids: a few-shot file names its own images (each "
@@ -321,7 +338,7 @@ def prepare(args):
 
 
 def run(args) -> int:
-    from . import _stop_ids, _unused_flags, encode_prefix, generate, stream
+    from . import _stop_ids, encode_prefix, generate, stream
     model, tokenizer, ids, mask, vision, prefix = prepare(args)
     stops = set(_stop_ids(model, None))  # generate's default stop tokens
     compile_ = {"auto": "auto", "yes": True, "no": False}[args.compile]
@@ -338,19 +355,22 @@ def run(args) -> int:
         # torch.manual_seed(S) then model.generate(...) samples
         torch.manual_seed(args.seed)
         if args.num_beams > 1 or ids.shape[0] > 1 or R > 1:
-            out = generate(model, vision, ids, mask, num_beams=args.num_beams, length_penalty=args.length_penalty,
-                           num_return_sequences=R, **sampling, **kw)
+            with warnings.catch_warnings():  # (said above in the flags' names, before the model loaded)
+                warnings.filterwarnings("ignore", message="`(do_sample|num_beams)` is set to")
+                out = generate(model, vision, ids, mask, num_beams=args.num_beams, length_penalty=args.length_penalty,
+                               num_return_sequences=R, **sampling, **kw)
             rows = [_until_stop(row, stops) for row in out[:, ids.shape[1]:].tolist()]
             for i, row in enumerate(rows):
                 print(f"[{i // R}{f'.{i % R}' if R > 1 else ''}] {_show(row, tokenizer)}")
             count = sum(map(len, rows))  # as streamed: up to each row's first stop token, included
         else:
-            _unused_flags("num_beams", 1, "beam-based", length_penalty=(args.length_penalty, 1.0))
             count, text = 0, _TextStream(tokenizer)
-            for step in stream(model, vision, ids, mask, **sampling, **kw):
-                print(text.put(int(step[0])), end="", flush=True)
-                count += 1
-                first = first if first is not None else time.perf_counter() - start
+            with warnings.catch_warnings():  # (said above in the flags' names)
+                warnings.filterwarnings("ignore", message="`(do_sample|num_beams)` is set to")
+                for step in stream(model, vision, ids, mask, **sampling, **kw):
+                    print(text.put(int(step[0])), end="", flush=True)
+                    count += 1
+                    first = first if first is not None else time.perf_counter() - start
             print(text.end())
     seconds = time.perf_counter() - start
     detail = (f"first token after {first:.2f} s, then {(count - 1) / max(seconds - first, 1e-9):.1f} tokens/s"
