@@ -269,6 +269,15 @@ def test_a_split_without_annotations_gets_predictions_for_the_evaluation_server(
         assert r["predictions"] == s["predictions"] and s["score"] is not None
         official = json.loads((tmp_path / "dev_out" / f"vqa_results_{r['shots']}shot.json").read_text())
         assert official == [{"question_id": 100 + n, "answer": p} for n, p in enumerate(r["predictions"])]
+    # the whole test2015 questions file: every question answered, "" where not run (VQAv2's server wants them all)
+    everything = json.loads((tmp_path / "dev" / "vqav2_questions.json").read_text())
+    everything["questions"] += [{"question_id": 900 + n, "image_id": 50 + n, "question": "?"} for n in range(2)]
+    (tmp_path / "test2015_questions.json").write_text(json.dumps(everything))
+    assert main(common + ["--out", str(tmp_path / "filled"), "--vqa-all-questions",
+                          str(tmp_path / "test2015_questions.json")]) == 0
+    filled = json.loads((tmp_path / "filled" / "vqa_results_1shot.json").read_text())
+    assert filled == [{"question_id": 100 + n, "answer": p} for n, p in enumerate(rs[1]["predictions"])] + [
+        {"question_id": 900, "answer": ""}, {"question_id": 901, "answer": ""}]
     capsys.readouterr()
     labelled, pixels = load_vqa(*q_files), model.image_processor()
     with pytest.raises(ValueError, match=r"queries\[0\] has no references \(answers=None\) but queries\[1\] has: "
@@ -280,6 +289,25 @@ def test_a_split_without_annotations_gets_predictions_for_the_evaluation_server(
         evaluate(model, tok, labelled, queries, task="vqa", shots=1, image_processor=pixels)
     assert evaluate(model, tok, queries, queries, task="vqa", shots=0, text_demos_at_zero=0, max_new_tokens=2,
                     image_processor=pixels, progress=False)[0].score is None  # (a support never shown needs no answers)
+
+
+def test_vizwiz_results_are_keyed_by_image_as_its_server_takes_them(tmp_path, world, capsys):
+    """VizWiz's evaluation server takes [{"image": file name, "answer"}] (open_flamingo's
+    fill_vizwiz_test_json writes that): the file was keyed by question_id, which it cannot read."""
+    from fastflamingo.cli import main
+    model, tok = world[:2]
+    model.save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    names = ["VizWiz_test_00000001.jpg", "VizWiz_test_00000002.jpg"]
+    q = _vqa_files(tmp_path / "test", names, dataset="vizwiz", split="test", examples=synthetic.examples(2, "shape", seed=5))
+    s = _vqa_files(tmp_path / "train", ["VizWiz_train_00000001.jpg", "VizWiz_train_00000002.jpg"], dataset="vizwiz",
+                   split="train", examples=synthetic.examples(2, "shape", seed=6))
+    assert main(["evaluate", "--model", str(tmp_path / "model"), "--task", "vqa", "--vqa-format", "vizwiz",
+                 "--queries", q[0], "--queries-images", q[2], "--support", s[0], "--support-annotations", s[1],
+                 "--support-images", s[2], "--shots", "1", "--max-new-tokens", "2", "--out", str(tmp_path / "out")]) == 0
+    rs = json.loads((tmp_path / "out" / "results.json").read_text())["results"]["vqa"]
+    official = json.loads((tmp_path / "out" / "vqa_results_1shot.json").read_text())
+    assert official == [{"image": name, "answer": p} for name, p in zip(names, rs[0]["predictions"])]
 
 
 def test_cli_class_folders_must_match(tmp_path, capsys):

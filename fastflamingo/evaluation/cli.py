@@ -25,9 +25,11 @@ folder of class folders, ImageNet's layout: ``--class-names-file`` names its sor
 folders are the names), and Hateful Memes' own files. ``--vqa-format`` reads VQAv2's, VizWiz's
 and TextVQA's question and annotation files instead (their images in ``--queries-images`` and
 ``--support-images``; the predictions are also written in the official VQA results format,
-``vqa_results_{shots}shot.json``; without ``--queries-annotations``, a split with no published
-answers, VQAv2's test-dev or test-std, its images in ``test2015``: predictions only, that file
-being what the evaluation server takes; captions from ``--karpathy`` in COCO's,
+``vqa_results_{shots}shot.json``, VizWiz's keyed by image as its server takes them; without
+``--queries-annotations``, a split with no published answers, VQAv2's test-dev or test-std, its
+images in ``test2015``: predictions only, that file being what the evaluation server takes, with
+``--vqa-all-questions`` answering every question of the whole test split, "" where not run, as
+VQAv2's server wants even for test-dev; captions from ``--karpathy`` in COCO's,
 ``captioning_results_{shots}shot.json``). Captioning's CIDEr needs pycocoevalcap and Java
 (``pip install 'fastflamingo[eval]'``). Results go to ``--out``: ``results.json`` (every
 prediction), ``few_shot.png`` (score by shots).
@@ -60,6 +62,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--vqa-format", choices=VQA_DATASETS, default=None,
                    help="--queries and --support are that dataset's question files (VQAv2's layout), with "
                         "--queries-annotations, --queries-images, --support-annotations and --support-images")
+    p.add_argument("--vqa-all-questions", metavar="FILE",
+                   help="--vqa-format without --queries-annotations: the whole test split's questions file (VQAv2: "
+                        "v2_OpenEnded_mscoco_test2015_questions.json, which the server wants answered even for "
+                        "test-dev; VizWiz: its test questions): the results file answers every question of it, "
+                        "\"\" for those not run, as open_flamingo's fill_vqa_testdev_results does")
     for split in ("queries", "support"):
         p.add_argument(f"--{split}-annotations", help=f"--vqa-format: the annotation file of --{split}"
                        + (" (none: a split with no published answers, e.g. VQAv2 test-dev: predictions only)"
@@ -114,7 +121,8 @@ def _check(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.synthetic:
         given = [f"--{n.replace('_', '-')}" for n in ("queries", "support", "class_names_file", "quantization", "task",
-                                                      "karpathy", "image_dir", "vqa_format", "vqa_script", *_VQA_FILES)
+                                                      "karpathy", "image_dir", "vqa_format", "vqa_script", "vqa_all_questions",
+                                                      *_VQA_FILES)
                  if getattr(args, n)]
         # (its task ranks class names: nothing is generated)
         given += [f"--{n.replace('_', '-')}" for n in ("num_beams", "max_new_tokens", "length_penalty")
@@ -175,8 +183,13 @@ def _check(args) -> None:
         for name in ("queries_images", "support_images"):
             if not os.path.isdir(getattr(args, name)):
                 raise FileNotFoundError(f"--{name.replace('_', '-')}: no folder {getattr(args, name)!r}")
+        if args.vqa_all_questions and args.queries_annotations:
+            raise ValueError("--vqa-all-questions fills a results file for the evaluation server, of a split with no "
+                             "published answers: drop it, or --queries-annotations (which scores the queries here)")
+        if args.vqa_all_questions and not os.path.isfile(args.vqa_all_questions):
+            raise FileNotFoundError(f"--vqa-all-questions: no file {args.vqa_all_questions!r}")
     else:
-        given = [f"--{n.replace('_', '-')}" for n in _VQA_FILES if getattr(args, n)]
+        given = [f"--{n.replace('_', '-')}" for n in (*_VQA_FILES, "vqa_all_questions") if getattr(args, n)]
         if given:
             raise ValueError(f"{', '.join(given)}: only used with --vqa-format")
     for name in ("queries", "support", "class_names_file", "karpathy", "queries_annotations", "support_annotations"):
@@ -342,20 +355,42 @@ def _user_data(args, device, dtype) -> dict:
 
 def _official_results(args, queries, rs) -> list[str]:
     """Each number of shots' predictions in the benchmark's own results format, for its official
-    evaluation script: VQA's ``[{"question_id", "answer"}]`` (``--vqa-format``), COCO captions'
-    ``[{"image_id", "caption"}]`` (``--karpathy``); the paths written."""
+    evaluation script and server: VQA's ``[{"question_id", "answer"}]`` (``--vqa-format``;
+    VizWiz's ``[{"image", "answer"}]``, the image's file name), COCO captions' ``[{"image_id",
+    "caption"}]`` (``--karpathy``); with ``--vqa-all-questions``, every question of that file
+    answered, ``""`` where it was not run. The paths written."""
     if args.vqa_format:
-        name, key, value = "vqa_results", "question_id", "answer"
+        name, value = "vqa_results", "answer"
+        key, field = ("image", "image_id") if args.vqa_format == "vizwiz" else ("question_id", "question_id")
     elif args.karpathy:
-        name, key, value = "captioning_results", "image_id", "caption"
+        name, key, field, value = "captioning_results", "image_id", "image_id", "caption"
     else:
         return []
+    everything = _all_questions(args.vqa_all_questions, field) if getattr(args, "vqa_all_questions", None) else None
     os.makedirs(args.out, exist_ok=True)
     paths = _official_paths(args, rs)
     for r, path in zip(rs, paths):
+        answers = {q.extra[field]: p for q, p in zip(queries, r.predictions)}
+        if everything is not None:
+            strays = [k for k in answers if k not in everything]
+            if strays:
+                raise ValueError(f"--vqa-all-questions {args.vqa_all_questions} lacks {len(strays)} of the queries' "
+                                 f"{field}s (e.g. {strays[0]!r}): is it the questions file of the same split?")
+            answers = {k: answers.get(k, "") for k in everything}
         with open(path, "w") as f:
-            json.dump([{key: q.extra[key], value: p} for q, p in zip(queries, r.predictions)], f)
+            json.dump([{key: k, value: p} for k, p in answers.items()], f)
     return paths
+
+
+def _all_questions(path: str, field: str) -> list:
+    """The ``field`` (question_id, or VizWiz's image_id) of every question of a VQA questions file,
+    in its order, once each."""
+    from .datasets import _json
+    qs = _json(path, "questions", "VQA questions")
+    bad = next((n for n, q in enumerate(qs) if not isinstance(q, dict) or field not in q), None)
+    if bad is not None:
+        raise ValueError(f"{path}: questions[{bad}] has no {field!r}")
+    return list(dict.fromkeys(q[field] for q in qs))
 
 
 def _official_paths(args, rs) -> list[str]:

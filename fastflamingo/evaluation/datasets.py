@@ -125,7 +125,9 @@ def load_vqa(questions: str, annotations: str | None, image_dir: str, dataset: s
     ``annotations=None``: a split with no published answers (VQAv2's test-dev and test-std, whose
     images are in ``test2015``; VizWiz's and TextVQA's test): the examples have ``answers=None``;
     :func:`~.harness.evaluate` predicts their answers without scoring them, and the command line
-    writes ``vqa_results_{shots}shot.json``, the file the evaluation server takes."""
+    writes ``vqa_results_{shots}shot.json``, the file the evaluation server takes (VizWiz's keyed
+    by image; ``--vqa-all-questions`` answers the whole test split's questions, as VQAv2's server
+    wants even for test-dev)."""
     if dataset not in VQA_DATASETS:
         hint = " (OK-VQA: dataset='vqav2', see the docstring)" if dataset in ("ok_vqa", "okvqa") else ""
         raise ValueError(f"dataset must be one of {VQA_DATASETS}, got {dataset!r}{hint}")
