@@ -278,4 +278,6 @@ def gather_state(model: nn.Module, keys) -> dict[str, torch.Tensor]:
     :func:`shard` (a collective: every rank calls it) or not sharded at all."""
     from torch.distributed.tensor import DTensor
     state = model.state_dict()
+    if any(state[k].is_meta for k in keys):  # weights a device_map offloaded: read back from accelerate's hooks
+        state = placed_state(model)
     return {k: (state[k].full_tensor() if isinstance(state[k], DTensor) else state[k]).detach().cpu() for k in keys}

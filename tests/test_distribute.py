@@ -195,6 +195,25 @@ def test_training_offloaded_blocks_is_refused_or_warned(tmp_path):
     assert offloaded_trainable(frozen_only) == []
 
 
+def test_fine_tuning_with_frozen_embeddings_on_disk_saves_them(tmp_path):
+    """A model whose frozen embeddings a device_map put on disk trains (its blocks stay on the
+    CPU), and its checkpoint and model/ hold the embeddings' values: the save read the meta
+    placeholders and failed ("Cannot copy out of meta tensor") after every step had trained."""
+    from fastflamingo.evaluation import synthetic
+    from fastflamingo.training import fine_tune
+    ref = fastflamingo.Flamingo.from_preset("tiny", seed=3, num_base_tokens=None)  # (no embedding row trains)
+    plan = _offload_map(ref, disk_layers=(0, 2))
+    plan |= {"lang_encoder.model.embed_tokens": "disk", "lang_encoder.lm_head": "disk"}
+    placed = dispatch(copy.deepcopy(ref), plan, offload_folder=str(tmp_path / "off"))
+    data = synthetic.batches(synthetic.tokenizer(), 510, batch_size=2, seed=1)
+    fine_tune(placed, data, steps=1, lr=1e-3, progress=False, out=str(tmp_path / "run"))
+    from safetensors.torch import load_file
+    saved = load_file(tmp_path / "run" / "model" / "model.safetensors")
+    embedding = "lang_encoder.model.embed_tokens.weight"
+    assert torch.equal(saved[embedding], ref.state_dict()[embedding])
+    assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_quantization_with_disk_offload_is_refused_early(tmp_path, quantization):
     """bitsandbytes weights cannot be offloaded to disk (nf4 failed inside accelerate's placement,
