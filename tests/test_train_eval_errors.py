@@ -152,6 +152,37 @@ def test_a_batch_pads_with_zero_images_of_its_own_images_shape():
         data.check(_model())
 
 
+def test_bad_held_out_data_is_refused_before_training_and_an_evaluation_failure_keeps_the_step(tmp_path):
+    """eval_data is first read at the first evaluation, after the steps before it, and before that
+    step's checkpoint: a list of Documents, a generator (the first evaluation used it up: the
+    second said "every label is -100") and a HeldOut image PIL cannot read lost the whole run.
+    Now they are refused before the first step; a failure at an evaluation writes that step's
+    checkpoint first (resume once eval_data is mended)."""
+    from fastflamingo.training import HeldOut
+    tok = synthetic.tokenizer()
+    image = synthetic.examples(1, "color", seed=0)[0].image
+    docs = [Document([image], "<image>Output:red<|endofchunk|>") for _ in range(4)]
+    data = DocumentBatches(docs, tok, 510, batch_size=2, seed=0)
+    held = HeldOut(docs[:2], tok, 510, batch_size=2)
+    model = _model()
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    (tmp_path / "bad.png").write_bytes(b"")
+    for bad, message in [(docs[:2], r"eval_data\[0\] is a Document: wrap the documents in HeldOut"),
+                         ((mb for mb in held), r"eval_data is an iterator \(generator\): the first evaluation would "
+                                               r"use it up"),
+                         (HeldOut([Document([str(tmp_path / "bad.png")], "<image>Output:red")], tok, 510),
+                          r"document 0: image file '.*bad\.png': not an image PIL can read")]:
+        with pytest.raises(ValueError, match=message):
+            fine_tune(model, data, steps=2, lr=1e-2, progress=False, out=str(tmp_path / "run"), eval_data=bad)
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters()) and not (tmp_path / "run").exists()
+    vx, ids, mask, labels = list(held)[0]
+    broken = [(vx, ids.masked_fill(ids == 510, 600), mask, labels)]  # (an id past the vocabulary: fails in the forward)
+    with pytest.raises(ValueError, match=r"600"):
+        fine_tune(model, data, steps=2, lr=1e-2, progress=False, out=str(tmp_path / "run"), eval_data=broken)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert state["step"] == 2  # the trained steps are kept
+
+
 def test_adamw8bit_without_bitsandbytes_names_the_optimizer(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # a blocked import
     tok = synthetic.tokenizer()

@@ -188,6 +188,8 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         batches.check(model)  # every document's images, tokens and length, before the first step (not at step 900)
     if isinstance(eval_data, HeldOut):
         eval_data.check(model)
+    elif eval_data is not None:
+        _check_eval_data(eval_data)
     opt = _optimizer(model, optimizer, lr, weight_decay, train, masters)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, steps, warmup))
     history, start = [], 0
@@ -259,7 +261,12 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
             history.append({"step": step + 1, "loss": loss_sum, "lr": rate,
                             "tokens": total, "seconds": time.perf_counter() - t0})
             if eval_data is not None and ((eval_every and (step + 1) % eval_every == 0) or step + 1 == steps):
-                history[-1]["eval_loss"] = _held_out_loss(model, eval_data, device, shard)
+                try:
+                    history[-1]["eval_loss"] = _held_out_loss(model, eval_data, device, shard)
+                except Exception:
+                    if out is not None and not shard:  # the step is kept: resume once eval_data is mended
+                        _save(out, model, params, masters, opt, sched, step + 1, history, shard, settings)
+                    raise
             bar.set_postfix(loss=f"{loss_sum:.4f}", refresh=False)
             if out is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
                 _save(out, model, params, masters, opt, sched, step + 1, history, shard, settings)
@@ -267,6 +274,21 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
                 on_step(history[-1])
     model.eval()
     return history
+
+
+def _check_eval_data(eval_data) -> None:
+    """``eval_data`` other than a HeldOut: something iterated again at every evaluation (not an
+    iterator, which the first would use up), of ``(vision_x or None, input_ids, attention_mask,
+    labels)`` micro-batches."""
+    if iter(eval_data) is eval_data:
+        raise ValueError(f"eval_data is an iterator ({type(eval_data).__name__}): the first evaluation would use it "
+                         "up. Give a list of micro-batches, or HeldOut(documents, tokenizer, media_token_id)")
+    for i, mb in enumerate(eval_data):
+        if not (isinstance(mb, (tuple, list)) and len(mb) == 4 and torch.is_tensor(mb[1]) and torch.is_tensor(mb[3])):
+            what = "a Document: wrap the documents in HeldOut(documents, tokenizer, media_token_id)" \
+                if isinstance(mb, Document) else f"a {type(mb).__name__}"
+            raise ValueError(f"eval_data[{i}] is {what}; eval_data holds (vision_x or None, input_ids, "
+                             "attention_mask, labels) micro-batches, as batches(step) gives them")
 
 
 @torch.no_grad()

@@ -267,7 +267,22 @@ class HeldOut(_Documents):
     order, ``batch_size`` at a time (rank r of ``world_size``: micro-batches r, r + world_size,
     ...). Every rank gets as many (FSDP2 needs every rank to run the same forwards): a rank short
     of one gets a copy of the first with no target (all labels -100), which adds nothing.
-    :meth:`check` checks the documents as :class:`DocumentBatches` does."""
+    :meth:`check` checks the documents as :class:`DocumentBatches` does, and reads every image
+    (held-out sets are small; an unreadable image found at the first evaluation, after the steps
+    before it, would stop the run there)."""
+
+    def check(self, model=None) -> None:
+        super().check(model)
+        if not getattr(self, "_read", False):
+            from ..inputs import read_image
+            for i, d in enumerate(self.docs):
+                for p in d.images:
+                    if isinstance(p, str):
+                        try:
+                            read_image(p)
+                        except ValueError as e:
+                            raise ValueError(f"{_where(d, i)}: {e}") from None
+            self._read = True
 
     def __init__(self, docs: list[Document], tokenizer, media_token_id: int, *, batch_size: int = 8,
                  image_processor=None, image_size: int | None = None, max_length: int | None = None,
