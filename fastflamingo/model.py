@@ -289,6 +289,14 @@ class Flamingo(nn.Module):
         return finish(model, dtype=dtype, device=device, quantization=quantization, device_map=device_map,
                       max_memory=max_memory, offload_folder=offload_folder)
 
+    def train(self, mode: bool = True) -> "Flamingo":
+        """As ``nn.Module.train``, but the vision encoder stays in eval mode: it is frozen and runs
+        under ``torch.no_grad`` (:meth:`encode_vision`), and in train mode a BatchNorm encoder's
+        running statistics (a timm ResNet's) would move at every training forward, unsaved."""
+        super().train(mode)
+        self.vision_encoder.eval()
+        return self
+
     def _apply(self, fn, recurse=True):
         # every cast (.to(dtype), .half(), .bfloat16()) passes here: NF4 layers follow it. The LM's
         # non-persistent floating buffers (rotary frequencies) keep their dtype, as Hugging Face's

@@ -267,6 +267,22 @@ def test_train_all_trains_every_weight_but_the_frozen_vision_encoder(tmp_path):
     assert any(k.startswith("lang_encoder.") for k in state["trainable"])
 
 
+def test_a_batchnorm_vision_encoder_stays_as_it_was():
+    """The frozen vision encoder stays in eval mode when the model trains: a timm ResNet's
+    BatchNorm running statistics moved at every training forward (60 of resnet18's 120 state
+    entries after two steps), unsaved, so the trained model and its save differed."""
+    pytest.importorskip("timm")
+    from fastflamingo.config import VisionConfig
+    model = _open_gates(fastflamingo.Flamingo.from_preset(
+        "tiny", seed=5, vision=VisionConfig(source="timm", timm_name="resnet18", dim=512, image_size=32)))
+    before = {k: v.clone() for k, v in model.vision_encoder.state_dict().items()}
+    fine_tune(model, DocumentBatches(_docs(), synthetic.tokenizer(), 510, batch_size=4), steps=2, lr=1e-3,
+              progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.vision_encoder.state_dict().items())
+    model.train()
+    assert model.training and model.lang_encoder.training and not model.vision_encoder.training
+
+
 def _files(tmp_path):
     """The tiny model and its tokenizer saved, and six documents as PNG files and JSON lines."""
     from PIL import Image
