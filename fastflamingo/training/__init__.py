@@ -347,6 +347,7 @@ def _save(out: str, model, params, masters: Masters, opt, sched, step: int, hist
     # collectives first (every rank), then rank 0 writes
     saved = gather_state(model, trainable_keys(model))  # the trainable weights and the embeddings
     trainable = masters.state({n: saved[n] for n in params})  # (float32 copies: a resume continues exactly)
+    rng = _rng_states(shard)  # (dropout draws on: a resumed run draws what the uninterrupted one would)
     if shard:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
         optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -357,7 +358,7 @@ def _save(out: str, model, params, masters: Masters, opt, sched, step: int, hist
         optim = opt.state_dict()
     os.makedirs(out, exist_ok=True)
     state = {"step": step, "trainable": trainable, "optimizer": optim, "scheduler": sched.state_dict(),
-             "history": history, "settings": settings}
+             "history": history, "settings": settings, "rng": rng}
     tmp = os.path.join(out, CHECKPOINT + ".tmp")
     torch.save(state, tmp)
     os.replace(tmp, os.path.join(out, CHECKPOINT))  # a run killed while saving keeps the last checkpoint
@@ -416,7 +417,24 @@ def _load(path: str, state: dict, model, params, masters: Masters, opt, sched,
         masters.load(state["trainable"])
         opt.load_state_dict(_fit_optimizer_state(path, state["optimizer"], opt, masters))
     sched.load_state_dict(state["scheduler"])
+    if state.get("rng") is not None:  # (a checkpoint written before it was saved: none)
+        mine = state["rng"][torch.distributed.get_rank() if shard else 0]
+        torch.set_rng_state(mine["cpu"])
+        if mine.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(mine["cuda"])
     return state["step"], state["history"]
+
+
+def _rng_states(shard: bool) -> list[dict]:
+    """Every rank's random number generators' states (one process: one), which dropout draws from:
+    saved with the checkpoint and restored on resume."""
+    mine = {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []}
+    if not shard:
+        return [mine]
+    states = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, mine)
+    return states
 
 
 MOMENTS = ("exp_avg", "exp_avg_sq", "state1", "state2")  # per-value optimizer state: torch's AdamW, bitsandbytes'
