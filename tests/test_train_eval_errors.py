@@ -265,6 +265,21 @@ def _resume_setup(tmp_path):
     return DocumentBatches(docs, tok, 510, batch_size=2, image_size=32, seed=1)
 
 
+def test_resume_refuses_another_dtype_or_quantization(tmp_path):
+    """A bfloat16 run resumed in float32, or over an NF4 LM (--dtype or --quantization forgotten
+    or added), went on with other steps, silently; now an error naming both values."""
+    data = _resume_setup(tmp_path)
+    out = str(tmp_path / "run")
+    kw = dict(steps=2, lr=1e-3, progress=False)
+    fine_tune(_model().to(torch.bfloat16), data, out=out, **kw)
+    with pytest.raises(ValueError, match=r"the trained weights' dtype \(--dtype\) 'bfloat16' -> 'float32'"):
+        fine_tune(_model(), data, out=out, resume=True, **dict(kw, steps=3))
+    from fastflamingo.quant import quantize_model
+    with pytest.raises(ValueError, match=r"the LM's quantization \(--quantization\) None -> 'nf4'"):
+        fine_tune(quantize_model(_model().to(torch.bfloat16), "nf4"), data, out=out, resume=True, **dict(kw, steps=3))
+    fine_tune(_model().to(torch.bfloat16), data, out=out, resume=True, **dict(kw, steps=3))  # the same: resumes
+
+
 def test_resume_refuses_another_lr_weight_decay_or_warmup(tmp_path):
     data = _resume_setup(tmp_path)
     out = str(tmp_path / "run")

@@ -182,7 +182,7 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     # float32 copies of bfloat16 trained weights and of the added tokens' embedding rows: the optimizer steps them
     masters = Masters(params, _trained_rows(model, params, train, shard))
     settings = {"lr": lr, "weight_decay": weight_decay, "warmup": warmup, "optimizer": optimizer, "steps": steps,
-                "max_grad_norm": max_grad_norm}
+                "max_grad_norm": max_grad_norm, **_model_settings(model, params)}
     if isinstance(batches, DocumentBatches):
         settings.update(batches.settings())  # the data order: a resume with others reads other documents
         batches.check(model)  # every document's images, tokens and length, before the first step (not at step 900)
@@ -373,7 +373,19 @@ _FLAGS = {"lr": "lr (--lr)", "weight_decay": "weight_decay (--weight-decay)", "w
           "optimizer": "optimizer (--optimizer)", "max_grad_norm": "max_grad_norm (--max-grad-norm)",
           # DocumentBatches': which documents each step takes
           "seed": "seed (--seed)", "batch_size": "batch_size (--batch-size)", "grad_accum": "grad_accum (--grad-accum)",
-          "world_size": "world_size (torchrun --nproc-per-node)", "documents": "documents (in --data)"}
+          "world_size": "world_size (torchrun --nproc-per-node)", "documents": "documents (in --data)",
+          # the model trained: another dtype or quantization computes other steps
+          "dtype": "the trained weights' dtype (--dtype)", "quantization": "the LM's quantization (--quantization)"}
+
+
+def _model_settings(model, params: dict[str, torch.Tensor]) -> dict:
+    """The trained weights' dtype(s) and the LM's quantization (layers' kinds), which a resume
+    must keep."""
+    from ..quant import int8_modules, quantized_modules
+    quantized, int8 = len(quantized_modules(model)), len(int8_modules(model))
+    kinds = [k for k, n in (("nf4", quantized - int8), ("int8", int8)) if n]
+    return {"dtype": "+".join(sorted({str(p.dtype).removeprefix("torch.") for p in params.values()})),
+            "quantization": "+".join(kinds) or None}
 
 
 def _check_settings(path: str, state: dict, settings: dict) -> None:
