@@ -314,7 +314,8 @@ def test_resume_refuses_another_max_grad_norm_or_data_order(tmp_path):
     fine_tune(_model(), data, steps=2, out=out, **kw)
     assert torch.load(path, weights_only=True)["settings"] == {
         "lr": 1e-3, "weight_decay": 0.1, "warmup": 0, "optimizer": "adamw", "steps": 2, "max_grad_norm": 1.0,
-        "seed": 1, "batch_size": 2, "grad_accum": 1, "world_size": 1, "documents": 8}
+        "seed": 1, "batch_size": 2, "grad_accum": 1, "world_size": 1, "documents": 8, "dtype": "float32",
+        "quantization": None}
     docs, tok = data.docs, data.tokenizer
 
     def batches(**change):
