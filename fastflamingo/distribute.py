@@ -62,6 +62,7 @@ def infer_device_map(model: nn.Module, device_map: str = "auto", max_memory: dic
                          f"{DEVICE_MAP_STRATEGIES}")
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory, get_max_memory
+    max_memory = None if max_memory is None else dict(max_memory)  # (accelerate converts it in place)
     no_split = no_split_module_classes(model)
     if device_map == "sequential":
         budget = get_max_memory(max_memory)

@@ -214,6 +214,15 @@ def test_fine_tuning_with_frozen_embeddings_on_disk_saves_them(tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
+def test_dispatch_leaves_the_callers_max_memory_as_it_was(tmp_path):
+    """accelerate converts max_memory in place: the caller's {"cpu": "400KiB"} came back as
+    {"cpu": 409600}, and the error quoted that."""
+    budget = {"cpu": "400KiB"}
+    with pytest.raises(ValueError, match=r"max_memory=\{'cpu': '400KiB'\} leaves no room"):
+        dispatch(_model(), "auto", max_memory=budget, offload_folder=str(tmp_path))
+    assert budget == {"cpu": "400KiB"}
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_quantization_with_disk_offload_is_refused_early(tmp_path, quantization):
     """bitsandbytes weights cannot be offloaded to disk (nf4 failed inside accelerate's placement,

@@ -265,6 +265,37 @@ def _resume_setup(tmp_path):
     return DocumentBatches(docs, tok, 510, batch_size=2, image_size=32, seed=1)
 
 
+def test_sharded_data_must_be_built_for_this_rank(tmp_path):
+    """Under shard=True, DocumentBatches (and HeldOut) built without rank= / world_size= gave every
+    rank the same documents, silently; now an error naming both."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        data = _resume_setup(tmp_path)
+        wrong = DocumentBatches(data.docs, data.tokenizer, 510, batch_size=2, seed=1, rank=1, world_size=2)
+        with pytest.raises(ValueError, match=r"batches is rank 1 of world_size 2, but this process is rank 0 of 1"):
+            fine_tune(_model(), wrong, steps=1, shard=True, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_finetune_writes_the_tokenizer_beside_the_first_checkpoint(tmp_path, monkeypatch):
+    """model/ got its tokenizer only when the run finished: one cut short left weights that
+    `fastflamingo generate --model run/model` could not read. Now it is there before the first step."""
+    import fastflamingo.training as training
+    from fastflamingo.cli import main
+    real, seen = training.fine_tune, []
+
+    def watching(*args, **kwargs):
+        seen.append(sorted(p.name for p in (tmp_path / "run" / "model").iterdir()))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(training, "fine_tune", watching)
+    data = _docs_file(tmp_path, n=4)
+    assert main(["finetune", "--model", _saved(tmp_path / "model"), "--data", data, "--batch-size", "2", "--steps",
+                 "1", "--out", str(tmp_path / "run")]) == 0
+    assert seen and "tokenizer_config.json" in seen[0], seen
+
+
 def test_resume_refuses_another_dtype_or_quantization(tmp_path):
     """A bfloat16 run resumed in float32, or over an NF4 LM (--dtype or --quantization forgotten
     or added), went on with other steps, silently; now an error naming both values."""

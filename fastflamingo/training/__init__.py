@@ -183,6 +183,13 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     masters = Masters(params, _trained_rows(model, params, train, shard))
     settings = {"lr": lr, "weight_decay": weight_decay, "warmup": warmup, "optimizer": optimizer, "steps": steps,
                 "max_grad_norm": max_grad_norm, **_model_settings(model, params)}
+    for name, source in (("batches", batches), ("eval_data", eval_data)):
+        if shard and isinstance(source, (DocumentBatches, HeldOut)) and \
+                (source.rank, source.world_size) != (torch.distributed.get_rank(), world):
+            raise ValueError(f"{name} is rank {source.rank} of world_size {source.world_size}, but this process is "
+                             f"rank {torch.distributed.get_rank()} of {world}: build it with "
+                             "rank=torch.distributed.get_rank(), world_size=torch.distributed.get_world_size() "
+                             "(else every rank takes the same documents)")
     if isinstance(batches, DocumentBatches):
         settings.update(batches.settings())  # the data order: a resume with others reads other documents
         batches.check(model)  # every document's images, tokens and length, before the first step (not at step 900)

@@ -143,6 +143,10 @@ def run(args) -> int:
     data.check(model)  # (what fine_tune checks first: here before the line saying training starts)
     if rank == 0 and not sys.stderr.isatty():  # (a terminal shows the progress bar instead)
         print(f"training {len(docs)} documents to step {args.steps} on {device} ...", flush=True)
+    # the tokenizer beside the weights from the first checkpoint on (a run cut short leaves a model/ that
+    # loads); not into an earlier run's directory, which fine_tune refuses without --resume
+    if rank == 0 and (args.resume or not os.path.isfile(os.path.join(args.out, "checkpoint.pt"))):
+        tok.save_pretrained(os.path.join(args.out, "model"))
     history = fine_tune(model, data, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
                         warmup=args.warmup, max_grad_norm=args.max_grad_norm or None, optimizer=args.optimizer,
                         activation_checkpointing=args.activation_checkpointing, shard=args.shard,
@@ -153,7 +157,6 @@ def run(args) -> int:
         torch.distributed.destroy_process_group()
         if rank != 0:
             return 0
-    tok.save_pretrained(os.path.join(args.out, "model"))  # beside the weights: what generate / evaluate --model read
     png = loss_plot(history, os.path.join(args.out, "loss.png"))
     run_ = history[done:]
     first, last = run_[0], run_[-1]
