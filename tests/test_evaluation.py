@@ -252,7 +252,7 @@ def test_bad_evaluation_input_is_refused(world):
     with pytest.raises(ValueError, match="at least 13 support examples"):
         evaluate(model, tok, queries, support, shots=13, demonstrations="similar", progress=False)
     for shots in [(-1,), True, (0, 2.0)]:  # True was taken as 1 shot, 2.0 failed deep in sampling
-        with pytest.raises(ValueError, match="shots must be integers >= 0"):
+        with pytest.raises(ValueError, match="shots must be (integers|an int or a non-empty list of ints) >= 0"):
             evaluate(model, tok, queries, support, shots=shots, progress=False)
     from peers import tiny_tokenizer
     with pytest.raises(ValueError, match="no '<image>' token"):

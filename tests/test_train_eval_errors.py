@@ -419,6 +419,46 @@ def _tiny_eval():
     return _model(1).eval(), synthetic.tokenizer()
 
 
+def test_evaluation_inputs_that_cannot_score_are_said_before_any_prompt_runs(tmp_path):
+    """Hateful Memes queries of one label (ROC AUC needs both: it raised after every prompt ran,
+    the predictions lost), VQA queries with fewer than 4 answers (VQA accuracy scores an exact
+    answer 0 with 1 answer: a warning saying so), shots that are no int or list (a TypeError
+    naming nothing) or an empty list (evaluated nothing, silently); the plot runs in order of
+    shots, and a predictions-only run removes an earlier run's plot beside its results."""
+    from fastflamingo.evaluation.plot import few_shot_plot
+    model, tok = _model(), synthetic.tokenizer()
+    pictures = synthetic.examples(4, "color", seed=2)
+    calls = _Counting(model, "score")
+    memes = [Example(e.image, ["no"], text="a meme") for e in pictures]
+    with pytest.raises(ValueError, match=r"needs queries of both labels \['no', 'yes'\]; all 4 are \['no'\]"):
+        evaluate(model, tok, memes, memes, task="hateful_memes", shots=0, text_demos_at_zero=0, progress=False)
+    assert calls.calls == 0
+    vqa = [Example(e.image, [e.answers[0]], question="what colour?") for e in pictures]
+    with pytest.warns(UserWarning, match=r"4 of 4 VQA queries have fewer than 4 reference answers \(queries\[0\] has "
+                                         r"1\): .* an exact answer scores at most 0% there"):
+        evaluate(model, tok, vqa, vqa, task="vqa", shots=0, text_demos_at_zero=0, max_new_tokens=1, progress=False)
+    for shots in (4.0, [], "4"):
+        with pytest.raises(ValueError, match=r"shots must be an int or a non-empty list of ints >= 0"):
+            evaluate(model, tok, vqa, vqa, task="vqa", shots=shots)
+    report = {"kind": "vqa", "device": "cpu", "metric": "vqa_accuracy",
+              "results": {"vqa": [{"shots": s, "score": v} for s, v in ((4, 30.0), (0, 10.0), (2, 20.0))]}}
+    import matplotlib.pyplot as plt
+    shown = []
+    real = plt.Axes.plot
+
+    def spy(ax, xs, ys, *args, **kwargs):
+        shown.append((list(xs), list(ys)))
+        return real(ax, xs, ys, *args, **kwargs)
+    plt.Axes.plot = spy
+    try:
+        assert few_shot_plot(report, str(tmp_path / "few_shot.png"))
+    finally:
+        plt.Axes.plot = real
+    assert shown == [([0, 2, 4], [10.0, 20.0, 30.0])]  # (it went 4 -> 0 -> 2)
+    report["results"]["vqa"] = [{"shots": 0, "score": None}]
+    assert few_shot_plot(report, str(tmp_path / "few_shot.png")) is None and not (tmp_path / "few_shot.png").exists()
+
+
 def test_evaluate_checks_every_image_before_it_runs(tmp_path):
     from fastflamingo.inputs import image_transform
     model, tok = _tiny_eval()

@@ -215,6 +215,16 @@ def _check(task, queries, support, shots_list, tokenizer, class_names, text_demo
         metrics.check_cider_available()  # before any generation, not after it
     if task == "hateful_memes" and len(class_names) != 2:
         raise ValueError(f"hateful_memes ranks two class names, the second the hateful one, got {class_names!r}")
+    if task == "vqa" and queries[0].answers is not None:
+        few = [i for i, q in enumerate(queries) if len(q.answers) < 4]
+        if few:
+            from ..warn import warn_caller
+            n = len(queries[few[0]].answers)
+            warn_caller(f"{len(few)} of {len(queries)} VQA queries have fewer than 4 reference answers (queries[{few[0]}] "
+                        f"has {n}): VQA accuracy averages min(1, matches / 3) over the answers left out one at a "
+                        f"time, so an exact answer scores at most {100 * min(1.0, (n - 1) / 3):.0f}% there. It is "
+                        "made for VQAv2's 10 human answers; single-answer data is scored as task='classification' "
+                        "scores (exact match), not by this")
     if task not in GENERATED:
         repeated = sorted({c for c in class_names if class_names.count(c) > 1})
         if repeated:
@@ -240,6 +250,11 @@ def _check(task, queries, support, shots_list, tokenizer, class_names, text_demo
         if other:
             shown = class_names if len(class_names) <= 10 else f"{class_names[:10]} (of {len(class_names)})"
             raise ValueError(f"{task} queries' labels must be class names {shown}, got {other[:10]}")
+    if task == "hateful_memes" and queries[0].answers is not None:  # (ROC AUC: found after every prompt ran)
+        labels = {q.answers[0] for q in queries}
+        if len(labels & set(class_names)) < 2:
+            raise ValueError(f"hateful_memes scores the ROC AUC of {class_names[-1]!r}, which needs queries of both "
+                             f"labels {class_names}; all {len(queries)} are {sorted(labels)}")
     vocab = tokenizer.get_vocab()
     for tok, field in (("<image>", "media_token_id"), ("<|endofchunk|>", "eoc_token_id")):
         if tok not in vocab:
@@ -364,7 +379,12 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
     check_count("max_new_tokens", max_new_tokens, 1, optional=True)
     if isinstance(length_penalty, bool) or not isinstance(length_penalty, (int, float)):
         raise ValueError(f"length_penalty must be a number, got {length_penalty!r}")
-    shots_list = [shots] if isinstance(shots, bool) or is_int(shots) else list(shots)
+    if is_int(shots):
+        shots_list = [shots]
+    elif isinstance(shots, (list, tuple, range)) and len(shots):
+        shots_list = list(shots)
+    else:  # (a float was a TypeError naming nothing; an empty list evaluated nothing, silently)
+        raise ValueError(f"shots must be an int or a non-empty list of ints >= 0, got {shots!r}")
     if task == "hateful_memes" and class_names is None:
         class_names = HATEFUL_MEMES_CLASSES
     if vqa_script not in metrics.VQA_SCRIPTS:

@@ -1,11 +1,15 @@
 """The few-shot curve of ``fastflamingo evaluate``: score by number of shots, a line per task."""
 from __future__ import annotations
 
+import os
+
 
 def few_shot_plot(report: dict, path: str) -> str | None:
     """Write the PNG to ``path`` and return it; None without matplotlib, or when no result has a
     score (predictions only: queries with no references)."""
     if all(r["score"] is None for rs in report["results"].values() for r in rs):
+        if os.path.isfile(path):  # (an earlier run's plot beside these results would be read as theirs)
+            os.remove(path)
         return None
     try:
         import matplotlib
@@ -15,8 +19,8 @@ def few_shot_plot(report: dict, path: str) -> str | None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, rs in report["results"].items():
-        xs = [r["shots"] for r in rs]
-        ax.plot(xs, [r["score"] for r in rs], marker="o", label=name)
+        points = sorted((r["shots"], r["score"]) for r in rs)  # (in order of shots, however they were given)
+        ax.plot([x for x, _ in points], [y for _, y in points], marker="o", label=name)
     ax.set_xscale("symlog", linthresh=1)
     shots = sorted({r["shots"] for rs in report["results"].values() for r in rs})
     ax.set_xticks(shots, [str(s) for s in shots])
