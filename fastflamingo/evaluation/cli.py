@@ -121,8 +121,8 @@ def _check(args) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if args.synthetic:
         given = [f"--{n.replace('_', '-')}" for n in ("queries", "support", "class_names_file", "quantization", "task",
-                                                      "karpathy", "image_dir", "vqa_format", "vqa_script", "vqa_all_questions",
-                                                      *_VQA_FILES)
+                                                      "karpathy", "image_dir", "vqa_format", "vqa_script",
+                                                      "vqa_all_questions", *_VQA_FILES)
                  if getattr(args, n)]
         # (its task ranks class names: nothing is generated)
         given += [f"--{n.replace('_', '-')}" for n in ("num_beams", "max_new_tokens", "length_penalty")

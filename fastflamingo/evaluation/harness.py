@@ -220,9 +220,10 @@ def _check(task, queries, support, shots_list, tokenizer, class_names, text_demo
         if few:
             from ..warn import warn_caller
             n = len(queries[few[0]].answers)
-            warn_caller(f"{len(few)} of {len(queries)} VQA queries have fewer than 4 reference answers (queries[{few[0]}] "
-                        f"has {n}): VQA accuracy averages min(1, matches / 3) over the answers left out one at a "
-                        f"time, so an exact answer scores at most {100 * min(1.0, (n - 1) / 3):.0f}% there. It is "
+            warn_caller(f"{len(few)} of {len(queries)} VQA queries have fewer than 4 reference answers "
+                        f"(queries[{few[0]}] has {n}): VQA accuracy averages min(1, matches / 3) over the answers "
+                        f"left out one at a time, so an exact answer scores at most "
+                        f"{100 * min(1.0, (n - 1) / 3):.0f}% there. It is "
                         "made for VQAv2's 10 human answers; single-answer data is scored as task='classification' "
                         "scores (exact match), not by this")
     if task not in GENERATED:

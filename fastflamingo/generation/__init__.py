@@ -197,7 +197,8 @@ def _sampling(model, *, beams: bool, eos_token_id, pad_token_id, do_sample, temp
     keep = (len(stops) + 1 if stops else 2) if beams else 1
     sampling = Sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         min_tokens_to_keep=keep, min_new_tokens=min_new_tokens, eos_token_id=stops,
-                        suppress_tokens=[] if suppress_tokens is None else token_ids("suppress_tokens", suppress_tokens),
+                        suppress_tokens=[] if suppress_tokens is None else token_ids("suppress_tokens",
+                                                                                     suppress_tokens),
                         generator=generator,
                         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                         bad_words_ids=[] if bad_words_ids is None else bad_words_ids)

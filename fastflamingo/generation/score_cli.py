@@ -56,8 +56,8 @@ def _read_candidates(args, tokenizer) -> tuple[list[str], list[list[int]]]:
     ids = [_encode(t, tokenizer, "a candidate") for t in texts]
     empty = [t for t, i in zip(texts, ids) if not i]
     if empty:
-        raise ValueError(f"candidate {empty[0]!r} tokenizes to nothing ({len(empty)} of {len(texts)} do): a candidate is "
-                         "the text scored after the prompt; give each at least one token")
+        raise ValueError(f"candidate {empty[0]!r} tokenizes to nothing ({len(empty)} of {len(texts)} do): a "
+                         "candidate is the text scored after the prompt; give each at least one token")
     return texts, ids
 
 

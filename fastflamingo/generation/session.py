@@ -113,7 +113,8 @@ class Session:
             compile = self.static and ids.device.type == "cuda" and not uses_several_devices(model)
         if compile and not self.static:
             if cache == "dynamic" and self.call.static:
-                raise ValueError("compile=True needs the static cache: pass cache='static' or 'auto' (or compile=False)")
+                raise ValueError("compile=True needs the static cache: pass cache='static' or 'auto' "
+                                 "(or compile=False)")
             raise ValueError(f"compile=True needs the static cache, which {type(lm).__name__} does not support")
         B, T = ids.shape
         P = 0 if prefix is None else prefix.length
