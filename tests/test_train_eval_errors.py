@@ -440,6 +440,15 @@ def test_evaluation_inputs_that_cannot_score_are_said_before_any_prompt_runs(tmp
     for shots in (4.0, [], "4"):
         with pytest.raises(ValueError, match=r"shots must be an int or a non-empty list of ints >= 0"):
             evaluate(model, tok, vqa, vqa, task="vqa", shots=shots)
+    # arguments the task does not read were accepted and ignored (max_new_tokens alone was refused)
+    colours = [Example(e.image, e.answers) for e in pictures]
+    for task, examples, kw, message in [
+            ("classification", colours, dict(num_beams=5, class_names=synthetic.NAMES), r"num_beams=5: task='classification'"),
+            ("classification", colours, dict(length_penalty=1.0, class_names=synthetic.NAMES), r"length_penalty=1.0"),
+            ("classification", colours, dict(vqa_script="official", class_names=synthetic.NAMES), r"vqa_script='official'"),
+            ("vqa", vqa, dict(class_names=["red"]), r"class_names=\[1 names\]: task='vqa' does not read it")]:
+        with pytest.raises(ValueError, match=message):
+            evaluate(model, tok, examples, examples, task=task, shots=0, text_demos_at_zero=0, **kw)
     report = {"kind": "vqa", "device": "cpu", "metric": "vqa_accuracy",
               "results": {"vqa": [{"shots": s, "score": v} for s, v in ((4, 30.0), (0, 10.0), (2, 20.0))]}}
     import matplotlib.pyplot as plt

@@ -336,12 +336,11 @@ def _user_data(args, device, dtype) -> dict:
 
     rs = evaluate(model, tok, queries, support, task=args.task, shots=args.shots or [0, 4, 8],
                   image_processor=transform, class_names=class_names, seed=args.seed, batch_size=args.batch_size or 8,
-                  num_beams=3 if args.num_beams is None else args.num_beams, max_new_tokens=args.max_new_tokens,
-                  length_penalty=0.0 if args.length_penalty is None else args.length_penalty,
+                  num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
                   demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations,
                   prompt_ensembling=args.prompt_ensembling,
                   text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero,
-                  vqa_script=args.vqa_script or "open_flamingo", on_result=done)
+                  vqa_script=args.vqa_script, on_result=done)
     if rs[0].score is None:
         print(f"{args.task}: {len(queries)} queries with no references, demonstrations from {len(support)}, on "
               f"{report['device']}: predictions only" + (", in the evaluation server's format: "

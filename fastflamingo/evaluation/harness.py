@@ -335,9 +335,10 @@ def _check_images(queries, support) -> None:
 
 def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *, task: str = "vqa",
              shots=(0, 4, 8), image_processor=None, class_names: list[str] | None = None, seed: int = 42,
-             batch_size: int = 8, num_beams: int = 3, max_new_tokens: int | None = None, length_penalty: float = 0.0,
+             batch_size: int = 8, num_beams: int | None = None, max_new_tokens: int | None = None,
+             length_penalty: float | None = None,
              demonstrations: str = "random", shared_demonstrations: bool = False, prompt_ensembling: bool = False,
-             text_demos_at_zero: int = ZERO_SHOT_TEXT_DEMOS, vqa_script: str = "open_flamingo",
+             text_demos_at_zero: int = ZERO_SHOT_TEXT_DEMOS, vqa_script: str | None = None,
              progress: bool | None = None, on_result=None) -> list[Result]:
     """Few-shot evaluation of ``model`` on ``queries``, one :class:`Result` per number of shots.
 
@@ -356,8 +357,9 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
         image_processor: turns a PIL image into a (C, H, W) tensor; not needed for tensor images.
         seed: the draw of demonstrations (the same for every number of shots' first query).
         batch_size: prompts per ``generate`` / ``score`` call.
-        num_beams, max_new_tokens, length_penalty: generation, open_flamingo's defaults
-            (``max_new_tokens`` None: 5 for VQA, 20 for captioning).
+        num_beams, max_new_tokens, length_penalty: generation (the generated tasks only: given
+            for a ranked one, an error), open_flamingo's defaults where None: 3 beams, no length
+            penalty (0.0), 5 new tokens for VQA, 20 for captioning.
         demonstrations: ``"random"`` (drawn for each query) or ``"similar"`` (the support
             examples whose images are most like the query's: open_flamingo's RICES, here with
             the model's own visual tokens as the features).
@@ -367,7 +369,8 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
         text_demos_at_zero: the text-only demonstrations of a zero-shot prompt (open_flamingo,
             after Flamingo: 2; 0 for none at all).
         vqa_script: how VQA accuracy normalizes the human answers: ``"open_flamingo"`` (its
-            published numbers) or ``"official"`` (the VQA challenge's script; :mod:`.metrics`).
+            published numbers; None: this) or ``"official"`` (the VQA challenge's script;
+            :mod:`.metrics`). VQA only.
         progress: tqdm bars; None: when stderr is a terminal.
         on_result: called with each number of shots' :class:`Result` as soon as it is done (to
             save it: a failure at a later number of shots then loses only that one).
@@ -375,6 +378,18 @@ def evaluate(model, tokenizer, queries: list[Example], support: list[Example], *
     import time
 
     check_count("batch_size", batch_size, 1)
+    # arguments a task does not read are refused, not ignored
+    unread = [f"{n}={v!r}" for n, v in (("num_beams", num_beams), ("length_penalty", length_penalty))
+              if v is not None and task not in GENERATED]
+    unread += [f"vqa_script={vqa_script!r}"] if vqa_script is not None and task != "vqa" else []
+    unread += [f"class_names=[{len(class_names)} names]"] if class_names is not None and task in GENERATED else []
+    if unread and task in TASKS:
+        raise ValueError(f"{', '.join(unread)}: task={task!r} does not read "
+                         f"{'it' if len(unread) == 1 else 'them'} (beams and length penalty are for the generated "
+                         "tasks, vqa_script for vqa, class names for the ranked tasks)")
+    num_beams = 3 if num_beams is None else num_beams
+    length_penalty = 0.0 if length_penalty is None else length_penalty
+    vqa_script = "open_flamingo" if vqa_script is None else vqa_script
     check_count("num_beams", num_beams, 1)
     check_count("text_demos_at_zero", text_demos_at_zero, 0)
     check_count("max_new_tokens", max_new_tokens, 1, optional=True)
