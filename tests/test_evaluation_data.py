@@ -263,7 +263,11 @@ def test_a_split_without_annotations_gets_predictions_for_the_evaluation_server(
     rs = json.loads((tmp_path / "dev_out" / "results.json").read_text())["results"]["vqa"]
     assert [(r["score"], r["references"], r["breakdown"]) for r in rs] == [(None, None, None)] * 2
     assert not (tmp_path / "dev_out" / "few_shot.png").exists()  # nothing to plot
+    (tmp_path / "scored").mkdir()
+    (tmp_path / "scored" / "vqa_results_8shot.json").write_text("[]")  # an earlier run's, of other shots
     assert main(common + ["--queries-annotations", q_files[1], "--out", str(tmp_path / "scored")]) == 0
+    assert sorted(p.name for p in (tmp_path / "scored").glob("vqa_results_*")) == [
+        "vqa_results_0shot.json", "vqa_results_1shot.json"]  # (this run's only: the 8-shot one would be read as its)
     scored = json.loads((tmp_path / "scored" / "results.json").read_text())["results"]["vqa"]
     for r, s in zip(rs, scored):
         assert r["predictions"] == s["predictions"] and s["score"] is not None

@@ -321,6 +321,7 @@ def _user_data(args, device, dtype) -> dict:
     tok = saved_tokenizer(args.model, required_by="fastflamingo evaluate --model")  # before the weights load
     model = Flamingo.from_pretrained(args.model, quantization=args.quantization, dtype=dtype, device=device).eval()
     transform = model.image_processor()
+    _clear_official_results(args.out)
     report = {"kind": args.task, "model": args.model, "queries": args.queries or f"{args.karpathy}: test",
               "support": args.support or f"{args.karpathy}: train", "metric": None, "results": {args.task: []},
               **_meta(device)}
@@ -390,6 +391,15 @@ def _all_questions(path: str, field: str) -> list:
     if bad is not None:
         raise ValueError(f"{path}: questions[{bad}] has no {field!r}")
     return list(dict.fromkeys(q[field] for q in qs))
+
+
+def _clear_official_results(out: str) -> None:
+    """An earlier run's official results files in ``out`` go: results.json is replaced whole, so
+    one of another number of shots left beside it would be read as this run's."""
+    import glob
+    for path in glob.glob(os.path.join(glob.escape(out), "*_results_*shot.json")):
+        if os.path.basename(path).startswith(("vqa_results_", "captioning_results_")):
+            os.remove(path)
 
 
 def _official_paths(args, rs) -> list[str]:
