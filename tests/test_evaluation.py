@@ -467,3 +467,19 @@ def test_vqa_accuracy_by_the_official_script_normalizes_references_as_it_does():
         assert vqa_accuracy(pred, answers) == pytest.approx(of), (pred, answers)
     with pytest.raises(ValueError, match="script='eval_ai' is not one of"):
         vqa_accuracy("dog", ["dog"], "eval_ai")
+
+
+def test_similar_demonstrations_never_show_the_querys_own_image():
+    """A VQA split as its own support: each image with two questions. RICES compared the query's
+    own image with itself, so that image, with its other question and answer, was always the
+    nearest demonstration; now no copy of the query's image is shown to it."""
+    import fastflamingo
+    from fastflamingo.evaluation import synthetic
+    from fastflamingo.evaluation.harness import _picker
+    model = fastflamingo.Flamingo.from_preset("tiny", seed=0)
+    pictures = synthetic.examples(10, "color", seed=1)
+    queries = [Example(e.image, e.answers, "what is it ?") for e in pictures[:3]]
+    support = [Example(e.image, e.answers, q) for e in pictures for q in ("what is it ?", "what color is it ?")]
+    pick = _picker(model, None, queries, support, "similar", 0, 8, 2)
+    for i, q in enumerate(queries):
+        assert not any(torch.equal(d.image, q.image) for d in pick(i, q, 2))

@@ -148,14 +148,19 @@ def _picker(model, image_processor, queries, support, how, seed, batch_size, mos
     all queries, none of them). ``"random"``: drawn at random (never the query itself:
     :class:`DemonstrationSampler`). ``"similar"``: the k support examples whose images are most
     like the query's (cosine of :func:`image_features`), the most similar last, next to the
-    query, as open_flamingo's RICES orders them."""
+    query, as open_flamingo's RICES orders them; never one of the query's own image (with
+    another question), which would always be the nearest."""
     if how == "random":
         sampler = DemonstrationSampler(support, random.Random(seed))
         return lambda i, q, k: sampler.draw_shared(k, queries) if q is None else sampler.draw(k, q)
     qf = image_features(model, queries, image_processor, batch_size, progress, "image features: queries")
     sf = image_features(model, support, image_processor, batch_size, progress, "image features: support")
-    where = positions_by_key(support)
-    own = [where.get(q.key, []) for q in queries]  # a query also in the support (any copy) is not its own demonstration
+    # a support example of the query's own image (any copy, with any question) is not its demonstration: its
+    # features are the query's, so it would be the nearest, its answer to another question about the same image shown
+    where: dict = {}
+    for j, e in enumerate(support):
+        where.setdefault(e.key[0], []).append(j)
+    own = [where.get(q.key[0], []) for q in queries]
     nearest = nearest_support(qf, sf, own, most)
 
     def pick(i, q, k):
