@@ -54,13 +54,14 @@ def _stop_ids(model, eos_token_id) -> list[int]:
         order = ((c.eoc_token_id, c.eos_token_id) if c.cross_attention.style == "open_flamingo"
                  else (c.eos_token_id, c.eoc_token_id))
         return [t for t in order if t is not None and t >= 0][:1]
-    return token_ids("eos_token_id", eos_token_id)
+    return _id_argument("eos_token_id", eos_token_id)
 
 
-def token_ids(name: str, value, one: bool = False) -> list[int]:
+def _id_argument(name: str, value, one: bool = False) -> list[int]:
     """An argument of token ids as a list of ints: an int, a list or tuple of ints, or an
     integer tensor or numpy array (Hugging Face's generate takes them); anything else (a float,
-    a bool) is an error naming it, not truncated. ``one``: the argument is one id."""
+    a bool) is an error naming it, not truncated. ``one``: the argument is one id (the list holds
+    it alone). (The command line's ``cli.token_ids`` parses ids from text.)"""
     if hasattr(value, "dtype") and hasattr(value, "tolist"):  # a tensor, a numpy array or scalar
         if "int" not in str(value.dtype):
             raise TypeError(f"{name} must be integer token ids, got a {value.dtype} {type(value).__name__}")
@@ -187,18 +188,15 @@ def _sampling(model, *, beams: bool, eos_token_id, pad_token_id, do_sample, temp
               bad_words_ids) -> tuple[Sampling, int]:
     stops = _stop_ids(model, eos_token_id)
     if pad_token_id is not None:
-        ids = token_ids("pad_token_id", pad_token_id, one=True)
-        if len(ids) != 1:
-            raise TypeError(f"pad_token_id must be one token id (an int), got {pad_token_id!r}")
-        pad_token_id = ids[0]
+        [pad_token_id] = _id_argument("pad_token_id", pad_token_id, one=True)
     pad = default_pad(model, stops) if pad_token_id is None else pad_token_id
     # as Hugging Face: beam sampling's top-k / top-p keep a token more than there are stop tokens
     # (2 without any), so that a beam can go on past them
     keep = (len(stops) + 1 if stops else 2) if beams else 1
     sampling = Sampling(do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                         min_tokens_to_keep=keep, min_new_tokens=min_new_tokens, eos_token_id=stops,
-                        suppress_tokens=[] if suppress_tokens is None else token_ids("suppress_tokens",
-                                                                                     suppress_tokens),
+                        suppress_tokens=[] if suppress_tokens is None else _id_argument("suppress_tokens",
+                                                                                        suppress_tokens),
                         generator=generator,
                         repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
                         bad_words_ids=[] if bad_words_ids is None else bad_words_ids)

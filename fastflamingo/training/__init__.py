@@ -240,15 +240,9 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
                                      "DocumentBatches(..., world_size=...) adds one")
                 if n == 0 and not shard:  # (a rank with nothing to learn still runs, for the collectives)
                     continue
-                vx = None if vx is None else vx.to(device, model.vision_encoder_dtype)
-                with warnings.catch_warnings():
-                    if shard:  # the zero image that keeps a text-only batch on the vision path
-                        warnings.filterwarnings("ignore", message=".*is seen by no token", category=InputWarning)
-                    if n == 0:  # no target (the LM's mean loss would be 0/0 = nan): zero gradients, same collectives
-                        loss = model(vx, ids.to(device), attention_mask=mask.to(device)).logits.float().sum() * 0.0
-                    else:
-                        loss = model(vx, ids.to(device), attention_mask=mask.to(device),
-                                     labels=labels.to(device)).loss * (n * world / total)
+                output = _forward(model, vx, ids, mask, labels if n else None, device, shard)
+                # no target (the LM's mean loss would be 0/0 = nan): zero gradients, the same collectives
+                loss = output.logits.float().sum() * 0.0 if n == 0 else output.loss * (n * world / total)
                 loss.backward()
                 loss_sum += loss.detach().float()  # read once a step: no host sync per micro-batch
             if max_grad_norm is not None:
@@ -283,6 +277,16 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
     return history
 
 
+def _forward(model, vx, ids, mask, labels, device, shard: bool):
+    """The model's output for one micro-batch, moved to ``device`` (``labels`` None: no loss)."""
+    vx = None if vx is None else vx.to(device, model.vision_encoder_dtype)
+    with warnings.catch_warnings():
+        if shard:  # the zero image that keeps a text-only batch on the vision path
+            warnings.filterwarnings("ignore", message=".*is seen by no token", category=InputWarning)
+        return model(vx, ids.to(device), attention_mask=mask.to(device),
+                     labels=None if labels is None else labels.to(device))
+
+
 def _check_eval_data(eval_data) -> None:
     """``eval_data`` other than a HeldOut: something iterated again at every evaluation (not an
     iterator, which the first would use up), of ``(vision_x or None, input_ids, attention_mask,
@@ -307,16 +311,10 @@ def _held_out_loss(model, eval_data, device, shard: bool) -> float:
     try:
         for vx, ids, mask, labels in eval_data:
             n = int((labels[:, 1:] != -100).sum())
-            vx = None if vx is None else vx.to(device, model.vision_encoder_dtype)
-            with warnings.catch_warnings():
-                if shard:  # the zero image that keeps a text-only batch on the vision path
-                    warnings.filterwarnings("ignore", message=".*is seen by no token", category=InputWarning)
-                if n == 0:  # (a rank's padding batch: the same forward, for the collectives)
-                    model(vx, ids.to(device), attention_mask=mask.to(device))
-                    continue
-                loss = model(vx, ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
-            total += loss.double() * n
-            count += n
+            output = _forward(model, vx, ids, mask, labels if n else None, device, shard)
+            if n:  # (else a rank's padding batch: the same forward, for the collectives)
+                total += output.loss.double() * n
+                count += n
     finally:
         model.train()
     if shard:

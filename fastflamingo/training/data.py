@@ -92,19 +92,27 @@ def check_documents(docs: list[Document], tokenizer=None, max_length: int | None
         chunk = docs[start:start + 1024]
         for j, (d, ids) in enumerate(zip(chunk, tokenizer([d.text for d in chunk])["input_ids"])):
             where = _where(d, start + j)
-            if max_length is not None and len(ids) > max_length:
-                raise ValueError(f"{where} is {len(ids)} tokens, more than max_length={max_length}: split it, "
-                                 "or raise max_length (documents are never cut)")
+            _check_tokens(where, d, len(ids), None if media_token_id is None else ids.count(media_token_id),
+                          media_token_id, max_length)
             if media_token_id is None:
                 continue
-            tags = sum(t == media_token_id for t in ids)
-            if tags != len(d.images):
-                raise ValueError(f"{where} tokenizes to {tags} <image> token(s) (id {media_token_id}) for "
-                                 f"{len(d.images)} image(s): use the tokenizer the model was built with")
             if not any(t != media_token_id for t in ids[1:]):
                 raise ValueError(f"{where} has no token to learn from: its text {d.text[:80]!r} is {len(ids)} "
                                  "token(s), and the labels are the tokens after the first that are not <image>. "
                                  "Give it text, or leave it out")
+
+
+def _check_tokens(where: str, doc: Document, length: int, tags: int | None, media_token_id: int | None,
+                  max_length: int | None) -> None:
+    """A tokenized document is at most ``max_length`` tokens and holds one ``<image>`` token per
+    image (``tags``: how many it holds; None: not counted): what :func:`check_documents` checks
+    up front and :func:`collate` again."""
+    if max_length is not None and length > max_length:
+        raise ValueError(f"{where} is {length} tokens, more than max_length={max_length}: split it, or raise "
+                         "max_length (documents are never cut)")
+    if tags is not None and tags != len(doc.images):
+        raise ValueError(f"{where} tokenizes to {tags} <image> token(s) (id {media_token_id}) for "
+                         f"{len(doc.images)} image(s): use the tokenizer the model was built with")
 
 
 def collate(docs: list[Document], tokenizer, media_token_id: int, *, image_processor=None,
@@ -121,13 +129,7 @@ def collate(docs: list[Document], tokenizer, media_token_id: int, *, image_proce
     lengths = mask.sum(-1).tolist()
     where = [_where(d, index[i] if index else i) for i, d in enumerate(docs)]
     for i, (d, n) in enumerate(zip(docs, lengths)):
-        if max_length is not None and n > max_length:
-            raise ValueError(f"{where[i]} is {n} tokens, more than max_length={max_length}: split it, or raise "
-                             "max_length (documents are never cut)")
-        tags = int((ids[i] == media_token_id).sum())
-        if tags != len(d.images):
-            raise ValueError(f"{where[i]} tokenizes to {tags} <image> token(s) (id {media_token_id}) for "
-                             f"{len(d.images)} image(s): use the tokenizer the model was built with")
+        _check_tokens(where[i], d, n, int((ids[i] == media_token_id).sum()), media_token_id, max_length)
     labels = ids.masked_fill((ids == media_token_id) | (mask == 0), -100)
     most = max(min_images, *(len(d.images) for d in docs))
     if most == 0:
