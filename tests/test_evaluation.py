@@ -217,8 +217,8 @@ def test_a_query_loaded_again_in_the_support_is_never_its_own_demonstration(worl
         evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES, shots=[5],
                  image_processor=transform, demonstrations=demonstrations, progress=False)
     assert len(seen) == 6 and all(len(ds) == 5 and q not in ds for q, ds in seen), seen
-    with pytest.raises(ValueError, match=r"6 shots need at least 6 support examples besides the query, the support "
-                                         r"set has 6 \(1 of them a query's own\)"):
+    with pytest.raises(ValueError, match=r"6 shots need at least 6 support examples besides the query's image, the support "
+                                         r"set has 6 \(1 of them of a query's image\)"):
         evaluate(model, tok, queries, support, task="classification", class_names=synthetic.NAMES, shots=[6],
                  image_processor=transform, demonstrations=demonstrations, progress=False)
 
@@ -325,7 +325,7 @@ def test_cli_synthetic_then_the_saved_model_on_files(tmp_path, capsys):
     # one shared draw for all queries is none of them: from the queries' own file there is none
     assert main(["evaluate", "--model", str(saved), "--task", "vqa", "--queries", vq, "--support", vq,
                  "--shots", "1", "--shared-demonstrations", "--out", str(tmp_path / "out4")]) == 2
-    assert "4 of them a query's own" in capsys.readouterr().err
+    assert "4 of them of a query's image" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -382,23 +382,35 @@ def test_shared_demonstrations_are_none_of_the_queries():
     for seed in range(40):
         shared = _picker(None, None, queries, support, "random", seed, 8, 4)(None, None, 4)
         assert len(shared) == 4 and not {d.key for d in shared} & {q.key for q in queries}
-    with pytest.raises(ValueError, match=r"5 shots need at least 5 .* \(6 of them a query's own\)"):
+    with pytest.raises(ValueError, match=r"5 shots need at least 5 .* \(6 of them of a query's image\)"):
         _check_support(queries, support, [5], 2, "random", True)
 
 
-def test_random_draws_never_show_a_query_a_copy_of_itself_and_cover_the_rest():
+def test_random_draws_never_show_a_query_its_own_image_and_cover_the_rest():
+    """Nor the query's image with another question (a split used as its own support: VQAv2 asks
+    several questions of each image, and the answer to one tells another's), as "similar" draws."""
     from fastflamingo.evaluation.prompts import DemonstrationSampler
     exs = synthetic.examples(8, "color", seed=62)
+    for e in exs:
+        e.question = "what color is it?"
     support = exs + [Example(e.image, e.answers, question=e.question) for e in exs[:2]]  # copies: same key
+    support.append(Example(exs[0].image.clone(), ["one"], question="how many are there?"))  # its image, another question
     sampler = DemonstrationSampler(support, random.Random(0))
     seen = set()
     for _ in range(300):
         demos = sampler.draw(3, exs[0])
-        assert len(demos) == 3 and len({id(d) for d in demos}) == 3 and exs[0].key not in {d.key for d in demos}
+        assert len(demos) == 3 and len({id(d) for d in demos}) == 3
+        assert exs[0].image_key not in {d.image_key for d in demos}
         seen |= {id(d) for d in demos}
-    assert seen == {id(s) for s in support if s.key != exs[0].key}  # every other example is drawn sometimes
-    with pytest.raises(ValueError, match=r"9 shots need at least 9 support examples besides the query, the support set has 10 \(2 of them"):
+    assert seen == {id(s) for s in support if s.image_key != exs[0].image_key}  # every other one drawn sometimes
+    with pytest.raises(ValueError, match=r"9 shots need at least 9 support examples besides the query's image, the "
+                                         r"support set has 11 \(3 of them of the query's image\)"):
         sampler.draw(9, exs[0])
+    shared = sampler.draw_shared(8, exs[:1])
+    assert exs[0].image_key not in {d.image_key for d in shared}
+    with pytest.raises(ValueError, match=r"9 shared shots need at least 9 support examples of no query's image, "
+                                         r"the support set has 8"):
+        sampler.draw_shared(9, exs[:1])
 
 
 @pytest.mark.parametrize("block", [1, 7, 1 << 24])

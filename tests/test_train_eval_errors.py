@@ -517,19 +517,19 @@ def test_shots_beyond_the_support_set_are_refused_before_any_runs():
         ex.question = "what is it ?"
     generate = _Counting(model, "generate")
     kw = dict(task="vqa", num_beams=1, max_new_tokens=1, batch_size=2, progress=False)
-    with pytest.raises(ValueError, match=r"7 shots need at least 7 support examples besides the query, the support "
+    with pytest.raises(ValueError, match=r"7 shots need at least 7 support examples besides the query's image, the support "
                                          r"set has 6: pass fewer shots"):
         evaluate(model, tok, queries, support, shots=(0, 2, 7), **kw)
     with pytest.raises(ValueError, match=r"0 shots \(with text_demos_at_zero=7\) need at least 7"):
         evaluate(model, tok, queries, support, shots=(0, 2), text_demos_at_zero=7, **kw)
     # a query in the support is never its own demonstration: 6 shots from 6 need 7
-    with pytest.raises(ValueError, match=r"6 shots need at least 6 .* the support set has 6 \(1 of them a query's own\)"):
+    with pytest.raises(ValueError, match=r"6 shots need at least 6 .* the support set has 6 \(1 of them of a query's image\)"):
         evaluate(model, tok, support[:2], support, shots=(1, 6), **kw)
-    with pytest.raises(ValueError, match=r"6 shots need at least 6 .* \(1 of them a query's own\)"):
+    with pytest.raises(ValueError, match=r"6 shots need at least 6 .* \(1 of them of a query's image\)"):
         evaluate(model, tok, support[:2], support, shots=(1, 6), demonstrations="similar", **kw)
     assert generate.calls == 0
     # one shared draw is none of the queries either
-    with pytest.raises(ValueError, match=r"6 shots need at least 6 .* \(1 of them a query's own\)"):
+    with pytest.raises(ValueError, match=r"6 shots need at least 6 .* \(1 of them of a query's image\)"):
         evaluate(model, tok, support[:1], support, shots=(6,), shared_demonstrations=True, **kw)
     assert generate.calls == 0
     # what fits runs: 6 of 6 with queries outside the support, 5 shared from 6 holding the query

@@ -43,7 +43,7 @@ from ..checks import check_count, is_int
 from ..inputs import image_tensor
 from . import metrics
 from .prompts import (GENERATED, HATEFUL_MEMES_CLASSES, TASKS, ZERO_SHOT_TEXT_DEMOS, Example,
-                      DemonstrationSampler, demonstrations_text, few_shot_text, positions_by_key, query)
+                      DemonstrationSampler, demonstrations_text, few_shot_text, positions_by_image, query)
 
 DEMONSTRATIONS = ("random", "similar")
 METRICS = {"vqa": "vqa_accuracy", "captioning": "cider", "classification": "accuracy", "hateful_memes": "roc_auc"}
@@ -145,8 +145,8 @@ def image_features(model, examples: list[Example], image_processor=None, batch_s
 
 def _picker(model, image_processor, queries, support, how, seed, batch_size, most: int, progress=False):
     """``pick(i, query, k)``: k <= ``most`` demonstrations for query i (query None: one draw for
-    all queries, none of them). ``"random"``: drawn at random (never the query itself:
-    :class:`DemonstrationSampler`). ``"similar"``: the k support examples whose images are most
+    all queries, of none of their images). ``"random"``: drawn at random (never one of the query's
+    own image: :class:`DemonstrationSampler`). ``"similar"``: the k support examples whose images are most
     like the query's (cosine of :func:`image_features`), the most similar last, next to the
     query, as open_flamingo's RICES orders them; never one of the query's own image (with
     another question), which would always be the nearest."""
@@ -157,16 +157,14 @@ def _picker(model, image_processor, queries, support, how, seed, batch_size, mos
     sf = image_features(model, support, image_processor, batch_size, progress, "image features: support")
     # a support example of the query's own image (any copy, with any question) is not its demonstration: its
     # features are the query's, so it would be the nearest, its answer to another question about the same image shown
-    where: dict = {}
-    for j, e in enumerate(support):
-        where.setdefault(e.key[0], []).append(j)
-    own = [where.get(q.key[0], []) for q in queries]
+    where = positions_by_image(support)
+    own = [where.get(q.image_key, []) for q in queries]
     nearest = nearest_support(qf, sf, own, most)
 
     def pick(i, q, k):
         if k > len(support) - len(own[i]):
-            raise ValueError(f"{k} shots need at least {k} support examples besides the query, "
-                             f"the support set has {len(support)}")
+            raise ValueError(f"{k} shots need at least {k} support examples besides the query's image, "
+                             f"the support set has {len(support)} ({len(own[i])} of them of the query's image)")
         if k > nearest.shape[1]:
             raise ValueError(f"{k} shots: the nearest {nearest.shape[1]} support examples were kept (most={most})")
         return [support[j] for j in reversed(nearest[i, :k].tolist())]
@@ -309,22 +307,23 @@ def _check_references(queries, support) -> None:
 
 def _check_support(queries, support, shots_list, text_demos_at_zero, demonstrations, shared) -> None:
     """The most demonstrations a prompt shows (zero shots: ``text_demos_at_zero`` text-only ones)
-    fit in the support set besides the query (a query that is also in the support is never its
-    own demonstration; one shared draw is none of the queries): found before the smaller shots run."""
+    fit in the support set besides the query's image (a query is never shown a support example
+    of its own image; one shared draw is of none of the queries' images): found before the
+    smaller shots run."""
     need = _most(shots_list, text_demos_at_zero)
     if not need:
         return
     if shared:
-        keys = {q.key for q in queries}
-        have = sum(s.key not in keys for s in support)
+        images = {q.image_key for q in queries}
+        have = sum(s.image_key not in images for s in support)
     else:
-        where = positions_by_key(support)
-        inside = max((len(where.get(q.key, ())) for q in queries), default=0)  # copies of a query: never shown to it
+        where = positions_by_image(support)
+        inside = max((len(where.get(q.image_key, ())) for q in queries), default=0)  # never shown to a query of them
         have = len(support) - inside
     if need > have:
         what = f"{need} shots" if need in shots_list else f"0 shots (with text_demos_at_zero={need})"
-        raise ValueError(f"{what} need at least {need} support examples besides the query, "
-                         f"the support set has {len(support)}" + (f" ({len(support) - have} of them a query's own)"
+        raise ValueError(f"{what} need at least {need} support examples besides the query's image, "
+                         f"the support set has {len(support)}" + (f" ({len(support) - have} of them of a query's image)"
                                                                  if have < len(support) else "")
                          + ": pass fewer shots, or a bigger support set")
 

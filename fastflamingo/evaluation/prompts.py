@@ -57,23 +57,27 @@ class Example:
                              f"got {self.answers!r}")
 
     @functools.cached_property
-    def key(self) -> tuple:
-        """What makes two examples the same one, however they were loaded (queries and support read
-        from one file, or overlapping splits): the image (a file by its resolved path, a tensor or
-        a PIL image by its pixels) and the question and text. A query is never shown itself as a
-        demonstration, by this key."""
+    def image_key(self) -> tuple:
+        """What makes two examples' images the same one, however they were loaded: a file by its
+        resolved path, a tensor or a PIL image by its pixels. A query is never shown a
+        demonstration of its own image (itself, or the same image with another question or
+        caption: its answer would tell the query's), by this key."""
         img = self.image
         if isinstance(img, (str, os.PathLike)):
-            image = ("file", os.path.realpath(img))
-        elif hasattr(img, "data_ptr") and hasattr(img, "contiguous"):  # a tensor
+            return "file", os.path.realpath(img)
+        if hasattr(img, "data_ptr") and hasattr(img, "contiguous"):  # a tensor
             import torch
             t = img.detach().cpu().contiguous().view(-1)
-            image = ("tensor", tuple(img.shape), str(t.dtype), hashlib.sha1(t.view(torch.uint8).numpy()).hexdigest())
-        elif hasattr(img, "tobytes") and hasattr(img, "mode"):  # a PIL image
-            image = ("pixels", img.mode, img.size, hashlib.sha1(img.tobytes()).hexdigest())
-        else:
-            image = ("object", id(img))
-        return image, self.question, self.text
+            return "tensor", tuple(img.shape), str(t.dtype), hashlib.sha1(t.view(torch.uint8).numpy()).hexdigest()
+        if hasattr(img, "tobytes") and hasattr(img, "mode"):  # a PIL image
+            return "pixels", img.mode, img.size, hashlib.sha1(img.tobytes()).hexdigest()
+        return "object", id(img)
+
+    @property
+    def key(self) -> tuple:
+        """What makes two examples the same one (queries and support read from one file, or
+        overlapping splits): the image (:attr:`image_key`), the question and the text."""
+        return self.image_key, self.question, self.text
 
 
 def demonstration(task: str, ex: Example) -> str:
@@ -113,46 +117,47 @@ def few_shot_text(task: str, demos: list[Example], ex: Example, text_only: bool 
     return demonstrations_text(task, demos, text_only) + query(task, ex)
 
 
-def positions_by_key(examples: list[Example]) -> dict[tuple, list[int]]:
-    """{:attr:`Example.key`: the positions of the examples with it}: where each example's copies are."""
+def positions_by_image(examples: list[Example]) -> dict[tuple, list[int]]:
+    """{:attr:`Example.image_key`: the positions of the examples of that image}."""
     where: dict[tuple, list[int]] = {}
     for j, ex in enumerate(examples):
-        where.setdefault(ex.key, []).append(j)
+        where.setdefault(ex.image_key, []).append(j)
     return where
 
 
 class DemonstrationSampler:
-    """Random demonstrations from one support set: ``shots`` distinct examples, never the query
-    itself nor another copy of it (:attr:`Example.key`). The support is indexed once, so a draw
-    costs O(shots + the query's copies), not O(len(support)) (hours of Python at VQAv2's 444k):
-    ``shots + c`` distinct positions drawn with ``rng.sample`` (c: the query's copies in the
-    support), the copies dropped, the first ``shots`` kept."""
+    """Random demonstrations from one support set: ``shots`` distinct examples, never one of the
+    query's own image (:attr:`Example.image_key`: the query itself, a copy of it, or its image
+    with another question). The support is indexed once, so a draw costs O(shots + the examples
+    of the query's image), not O(len(support)) (hours of Python at VQAv2's 444k): ``shots + c``
+    distinct positions drawn with ``rng.sample`` (c: the support examples of the query's image),
+    those dropped, the first ``shots`` kept."""
 
     def __init__(self, support: list[Example], rng: random.Random):
         self.support, self.rng = support, rng
-        self.where = positions_by_key(support)
+        self.where = positions_by_image(support)
 
     def draw(self, shots: int, exclude: Example | None = None) -> list[Example]:
-        own = set(self.where.get(exclude.key, ())) if exclude is not None else set()
+        own = set(self.where.get(exclude.image_key, ())) if exclude is not None else set()
         if shots > len(self.support) - len(own):
-            raise ValueError(f"{shots} shots need at least {shots} support examples besides the query, "
+            raise ValueError(f"{shots} shots need at least {shots} support examples besides the query's image, "
                              f"the support set has {len(self.support)}"
-                             + (f" ({len(own)} of them the query's own)" if own else ""))
+                             + (f" ({len(own)} of them of the query's image)" if own else ""))
         drawn = self.rng.sample(range(len(self.support)), shots + len(own))
         return [self.support[j] for j in drawn if j not in own][:shots]
 
     def draw_shared(self, shots: int, queries: list[Example]) -> list[Example]:
-        """One draw for all ``queries``: from the support examples that are none of them."""
-        keys = {q.key for q in queries}
-        pool = [s for s in self.support if s.key not in keys]
+        """One draw for all ``queries``: from the support examples of none of their images."""
+        images = {q.image_key for q in queries}
+        pool = [s for s in self.support if s.image_key not in images]
         if shots > len(pool):
-            raise ValueError(f"{shots} shared shots need at least {shots} support examples that are no query, "
+            raise ValueError(f"{shots} shared shots need at least {shots} support examples of no query's image, "
                              f"the support set has {len(pool)}")
         return self.rng.sample(pool, shots)
 
 
 def sample_demonstrations(support: list[Example], shots: int, rng: random.Random,
                           exclude: Example | None = None) -> list[Example]:
-    """``shots`` distinct demonstrations drawn at random from ``support`` (never the query itself,
-    nor another copy of it: :attr:`Example.key`), as :class:`DemonstrationSampler` draws them."""
+    """``shots`` distinct demonstrations drawn at random from ``support`` (never one of the query's
+    own image: :attr:`Example.image_key`), as :class:`DemonstrationSampler` draws them."""
     return DemonstrationSampler(support, rng).draw(shots, exclude)
