@@ -36,6 +36,28 @@ DECODER_LAYERS_ATTR = {
 }
 
 
+# ``FlamingoConfig.lm``'s key for the attention implementation the LM ran when saved (transformers'
+# ``config.to_dict`` leaves ``_attn_implementation`` out: an "eager" LM was rebuilt "sdpa")
+ATTN_IMPLEMENTATION = "attn_implementation"
+
+
+def with_attn_implementation(make, impl: str | None, where: str):
+    """``make(attn_implementation=impl)``, the LM as it was saved; where ``impl`` cannot run here
+    (``"flash_attention_2"`` without flash-attn, saved on a GPU machine), a warning naming it and
+    ``make()`` (transformers' default). ``impl`` None: ``make()``."""
+    if impl is None:
+        return make()
+    try:
+        return make(attn_implementation=impl)
+    except (ImportError, ValueError) as e:
+        if "attention" not in str(e).lower():
+            raise  # (another failure, not this implementation's)
+        from .warn import warn_caller
+        warn_caller(f"{where} was saved running attention {impl!r}, which cannot run here ({e}): it runs "
+                    "transformers' default instead (the same outputs, to rounding)")
+        return make()
+
+
 def decoder_layers_attr_for(lm: nn.Module, override: str | None = None) -> str:
     """The dotted path of ``lm``'s decoder-layer ``ModuleList``, or a clear error."""
     if override:

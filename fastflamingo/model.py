@@ -3,6 +3,7 @@ cross-attention blocks, image-causal (SEMANTICS.md)."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import weakref
 
@@ -16,8 +17,9 @@ from .checks import check_count
 from .config import FlamingoConfig
 from .distribute import to_execution_device
 from .convert.open_flamingo import drop_duplicate_keys_hook
-from .lm import (decoder_layers, decoder_layers_attr_for, get_attr, lm_hidden_size, lm_intermediate_size, lm_num_heads,
-                 position_limit, thin_checkpointing, wrap_decoder_layers)
+from .lm import (ATTN_IMPLEMENTATION, decoder_layers, decoder_layers_attr_for, get_attr, lm_hidden_size,
+                 lm_intermediate_size, lm_num_heads, position_limit, thin_checkpointing, with_attn_implementation,
+                 wrap_decoder_layers)
 from .warn import warn_caller
 from .vision import (build_vision_model, check_pixels, check_vision_config, check_vision_dim, encoder_width,
                      vision_features)
@@ -29,8 +31,10 @@ def build_lm(config: FlamingoConfig) -> nn.Module:
     lm_cfg = dict(config.lm)
     if "model_type" not in lm_cfg:
         raise ValueError("config.lm must hold a Hugging Face config dict with a 'model_type'")
+    impl = lm_cfg.pop(ATTN_IMPLEMENTATION, None)
     hf_config = AutoConfig.for_model(lm_cfg.pop("model_type"), **lm_cfg)
-    return AutoModelForCausalLM.from_config(hf_config)
+    return with_attn_implementation(  # (a copy each try: a failed one leaves its implementation set in the config)
+        lambda **kw: AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), **kw), impl, "the LM")
 
 
 def text_time_for(input_ids: torch.Tensor, media_token_id: int, eos_token_id: int | None = None) -> torch.Tensor:

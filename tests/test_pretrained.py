@@ -304,3 +304,33 @@ def test_a_base_lm_directory_missing_weights_is_named(tmp_path):
     with pytest.raises(CheckpointMismatchError, match=r"1 missing(.|\n)*model\.layers\.2\.mlp\.down_proj\.weight(.|\n)*"
                                                       r"lacks weights its config needs"):
         Flamingo.from_pretrained(tmp_path / "adapter", vision_encoder=copy.deepcopy(model.vision_encoder))
+
+
+def test_the_lm_comes_back_running_the_attention_it_was_saved_with(tmp_path):
+    """transformers' config.to_dict leaves the attention implementation out: an "eager" LM was
+    rebuilt "sdpa" (logits 3e-7 apart, and output_attentions lost), full and trainable-only alike;
+    one this machine cannot run (flash-attn not installed) is a warning naming it, and the default."""
+    from fastflamingo.convert.pretrained import record_sources
+    from fastflamingo.warn import InputWarning
+    from transformers import AutoModelForCausalLM
+    config = preset_config("tiny")
+    torch.manual_seed(0)
+    lm = build_lm(config)
+    lm.save_pretrained(tmp_path / "lm")
+    eager = AutoModelForCausalLM.from_pretrained(tmp_path / "lm", attn_implementation="eager")
+    model = _perturb(Flamingo(config, lang_encoder=eager))
+    record_sources(model, lm=str(tmp_path / "lm"))
+    model.save_pretrained(tmp_path / "full")
+    model.save_pretrained(tmp_path / "adapter", trainable_only=True)
+    for d, kw in (("full", {}), ("adapter", {"vision_encoder": model.vision_encoder})):
+        back = Flamingo.from_pretrained(tmp_path / d, **kw)
+        assert back.lang_encoder.config._attn_implementation == "eager", d
+        _assert_same(model, back)
+    assert model.config.lm.get("attn_implementation") is None  # (recorded in the file, the model's config unchanged)
+    saved = json.loads((tmp_path / "full" / "config.json").read_text())
+    saved["lm"]["attn_implementation"] = "flash_attention_2"
+    (tmp_path / "full" / "config.json").write_text(json.dumps(saved))
+    with pytest.warns(InputWarning, match=r"the LM was saved running attention 'flash_attention_2', which cannot run "
+                                          r"here .*: it runs transformers' default"):
+        back = Flamingo.from_pretrained(tmp_path / "full")
+    assert back.lang_encoder.config._attn_implementation == "sdpa"

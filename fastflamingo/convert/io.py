@@ -110,7 +110,8 @@ def skip_init():
 
 
 def load_hf_causal_lm(path: str, *, trust_remote_code: bool = False, cache_dir: str | None = None,
-                      local_files_only: bool = True, dtype: torch.dtype | None = None):
+                      local_files_only: bool = True, dtype: torch.dtype | None = None,
+                      attn_implementation: str | None = None):
     """A causal LM from a local Hugging Face directory (or hub name with ``local_files_only=False``).
     Remote code runs only when the caller passes ``trust_remote_code=True``. Weights the LM needs
     that the directory lacks are a :class:`~fastflamingo.convert.load.CheckpointMismatchError`
@@ -118,7 +119,7 @@ def load_hf_causal_lm(path: str, *, trust_remote_code: bool = False, cache_dir: 
     from transformers import AutoModelForCausalLM
 
     from .load import CheckpointMismatchError
-    kwargs = {"dtype": dtype} if dtype is not None else {}
+    kwargs = {k: v for k, v in (("dtype", dtype), ("attn_implementation", attn_implementation)) if v is not None}
     lm, info = AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only, cache_dir=cache_dir,
                                                     trust_remote_code=trust_remote_code, output_loading_info=True,
                                                     **kwargs)

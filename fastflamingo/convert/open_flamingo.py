@@ -149,8 +149,9 @@ def _from_live(live: nn.Module, *, ln_post_on_tokens: bool | None, num_base_toke
         num_base_tokens = 0  # it trains its whole input embedding (open_flamingo's factory's default): so does this
     config = config_from_open_flamingo(live, ln_post_on_tokens=ln_post_on_tokens, num_base_tokens=num_base_tokens)
     hf_config = type(live.lang_encoder.config).from_dict(live.lang_encoder.config.to_dict())
-    with torch.device("meta"):
-        lm = AutoModelForCausalLM.from_config(hf_config)
+    with torch.device("meta"):  # (running the live LM's attention: from_config's default is "sdpa")
+        lm = AutoModelForCausalLM.from_config(
+            hf_config, attn_implementation=getattr(live.lang_encoder.config, "_attn_implementation", None))
     # the vision encoder as a module of its own over the same tensors: casting, freezing or moving
     # the result must not change the live model's encoder (its LM is rebuilt above for the same reason)
     # (its own Parameter objects, over the live ones' storage: Flamingo() freezes them first)

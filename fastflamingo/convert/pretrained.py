@@ -13,6 +13,7 @@ Tensors that share storage (tied embeddings) are stored once; the aliases are in
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from ..config import FlamingoConfig
+from ..lm import ATTN_IMPLEMENTATION, with_attn_implementation
 from .io import load_hf_causal_lm, load_state_file
 from .load import build_and_load, check_placement
 
@@ -108,9 +110,18 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, trainable_only: 
     lm_dtype = next((p.dtype for p in model.lang_encoder.parameters() if p.is_floating_point()), None)
     if trainable_only and lm_dtype is not None:  # (the frozen parts are rebuilt from their source, in its dtype)
         metadata["fastflamingo.dtype"] = str(lm_dtype).removeprefix("torch.")
-    (d / CONFIG_NAME).write_text(model.config.to_json())
+    (d / CONFIG_NAME).write_text(_config_to_save(model).to_json())
     save_file(tensors, str(d / WEIGHTS_NAME), metadata=metadata)
     return d
+
+
+def _config_to_save(model: nn.Module) -> FlamingoConfig:
+    """The model's config, its LM's attention implementation recorded (:data:`fastflamingo.lm.ATTN_IMPLEMENTATION`):
+    the LM rebuilt on load runs it too, not transformers' default."""
+    impl = getattr(model.lang_encoder.config, "_attn_implementation", None)
+    if not isinstance(impl, str):
+        return model.config
+    return dataclasses.replace(model.config, lm={**model.config.lm, ATTN_IMPLEMENTATION: impl})
 
 
 def _refuse_quantized(model: nn.Module, state: dict, trainable_only: bool) -> None:
@@ -266,6 +277,8 @@ def _take_saved_config(model: nn.Module, saved: FlamingoConfig, d: Path, base: P
     train (:data:`TRAINING_FIELDS`) is taken from it (the trainable set is made again); any other
     difference is an error naming the fields (the base is not the model those weights were saved from)."""
     have, want = model.config.to_dict(), saved.to_dict()
+    for c in (have, want):  # (a base saved before the attention implementation was recorded has none)
+        c["lm"] = {k: v for k, v in c["lm"].items() if k != ATTN_IMPLEMENTATION}
     other = sorted(k for k in want if k not in TRAINING_FIELDS and want[k] != have.get(k))
     if other:
         raise ValueError(f"{str(d)!r} was saved with another config than its base model in {str(base)!r} has "
@@ -284,7 +297,9 @@ def _base_lm(lang_encoder, sources: dict, config: FlamingoConfig, d: Path, trust
                          f"lang_encoder= (the {config.lm.get('model_type', '?')!r} LM it was trained with, "
                          "a module or a local directory)")
     if isinstance(lang_encoder, (str, Path)):
-        return load_hf_causal_lm(str(lang_encoder), trust_remote_code=trust_remote_code)
+        return with_attn_implementation(
+            lambda **kw: load_hf_causal_lm(str(lang_encoder), trust_remote_code=trust_remote_code, **kw),
+            config.lm.get(ATTN_IMPLEMENTATION), f"the LM in {str(lang_encoder)!r}")
     return lang_encoder
 
 
