@@ -109,9 +109,9 @@ def local_lm(tmp_path_factory):
     return str(d)
 
 
-def test_checkpoint_without_the_input_embeddings_is_refused_when_tokens_are_added(local_lm, tmp_path):
-    """open_flamingo's checkpoints hold the LM's input embeddings (the added tokens' trained rows):
-    without them, the rows tokenizer= adds would stay random."""
+def _blocks_without_embeddings(local_lm, tmp_path):
+    """(an open_flamingo model over ``local_lm``, its resampler and blocks alone, its vision
+    encoder's checkpoint path)."""
     _needs_open_flamingo()
     from open_flamingo import create_model_and_transforms as of_create
     clip = tmp_path / "clip.pt"
@@ -121,6 +121,13 @@ def test_checkpoint_without_the_input_embeddings_is_refused_when_tokens_are_adde
                           use_local_files=True)
     state = {k: v for k, v in ref.state_dict().items()
              if k.startswith("perceiver.") or (".gated_cross_attn_layer." in k and "gated_cross_attn_layers" not in k)}
+    return ref, state, clip
+
+
+def test_checkpoint_without_the_input_embeddings_is_refused_when_tokens_are_added(local_lm, tmp_path):
+    """open_flamingo's checkpoints hold the LM's input embeddings (the added tokens' trained rows):
+    without them, the rows tokenizer= adds would stay random."""
+    ref, state, clip = _blocks_without_embeddings(local_lm, tmp_path)
     kw = dict(lang_encoder=local_lm, tokenizer=local_lm, vision_encoder=(TINY_VIT, str(clip)), ln_post_on_tokens=True)
     with pytest.raises(CheckpointMismatchError) as e:
         from_open_flamingo(state, **kw)
@@ -135,6 +142,29 @@ def test_checkpoint_without_the_input_embeddings_is_refused_when_tokens_are_adde
     with pytest.raises(ValueError, match=r"media_token_id=5, but the tokenizer set up as open_flamingo does gives "
                                          rf"{ours.config.media_token_id}: pass tokenizer= alone"):
         from_open_flamingo(state | {embed: ref.state_dict()[embed]}, **kw, media_token_id=5)
+
+
+def test_a_failed_import_gives_the_lm_and_tokenizer_back_as_they_were(local_lm, tmp_path):
+    """The tokenizer set-up added <image> / <|endofchunk|> to the caller's tokenizer and resized the
+    caller's LM before the checkpoint was found wanting: after the error both stayed so (a retry
+    took the random rows as the LM's own, the embeddings check passed by). A success sets the
+    tokenizer up, as before."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    ref, state, clip = _blocks_without_embeddings(local_lm, tmp_path)
+    lm, tok = AutoModelForCausalLM.from_pretrained(local_lm), AutoTokenizer.from_pretrained(local_lm)
+    embed, head, vocab = lm.get_input_embeddings(), lm.get_output_embeddings(), lm.config.vocab_size
+    kw = dict(lang_encoder=lm, tokenizer=tok, vision_encoder=(TINY_VIT, str(clip)), ln_post_on_tokens=True)
+    with pytest.raises(CheckpointMismatchError, match="would stay random"):
+        from_open_flamingo(state, **kw)
+    assert len(tok) == 100 and "<image>" not in tok.get_vocab()
+    assert lm.get_input_embeddings() is embed and lm.get_output_embeddings() is head and lm.config.vocab_size == vocab
+    assert embed.weight.shape[0] == 100 and lm.lm_head.weight is embed.weight  # (tied, as before)
+    with pytest.raises(CheckpointMismatchError, match="would stay random"):  # the same error again, not a pass
+        from_open_flamingo(state, **kw)
+    key = "lang_encoder.model.embed_tokens.weight"
+    ours = from_open_flamingo(state | {key: ref.state_dict()[key]}, **kw)
+    assert len(tok) == 103 and tok.convert_tokens_to_ids("<image>") == ours.config.media_token_id
+    assert torch.equal(ours.lang_encoder.get_input_embeddings().weight, ref.lang_encoder.get_input_embeddings().weight)
 
 
 def test_inputs_of_another_kind_say_what_they_are(local_lm, tmp_path):

@@ -8,6 +8,8 @@ that does not fit the LM it is given fails with a message that says which LM it 
 """
 from __future__ import annotations
 
+import copy
+
 import math
 import re
 from dataclasses import dataclass
@@ -206,6 +208,34 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
     layout = read_open_flamingo_layout(state)
     lm = _lang_encoder(lang_encoder, layout, trust_remote_code)
     visual, vision_name = _vision_encoder(vision_encoder, layout)
+    # the caller's LM and tokenizer come back as they were from a failed import (resized, with tokens
+    # added, a retry took the random rows as the LM's own); the tokenizer is set up once the model is built
+    restore = None if isinstance(lang_encoder, (str, Path)) else _embeddings_restorer(lm)
+    try:
+        model = _build(state, layout, lm, visual, vision_name, ln_post_on_tokens=ln_post_on_tokens,
+                       cross_attn_every_n_layers=cross_attn_every_n_layers,
+                       tokenizer=tokenizer if isinstance(tokenizer, (str, Path)) else copy.deepcopy(tokenizer),
+                       media_token_id=media_token_id, eoc_token_id=eoc_token_id, num_base_tokens=num_base_tokens,
+                       decoder_layers_attr_name=decoder_layers_attr_name, trust_remote_code=trust_remote_code,
+                       dtype=dtype, quantization=quantization, device_map=device_map, max_memory=max_memory,
+                       offload_folder=offload_folder)
+    except BaseException:
+        if restore is not None:
+            restore()
+        raise
+    if tokenizer is not None and not isinstance(tokenizer, (str, Path)):
+        from ..tokens import setup_tokenizer
+        setup_tokenizer(tokenizer, num_base_tokens=model.config.num_base_tokens)  # as its copy was: the same ids
+    record_sources(model, lang_encoder, (vision_name, vision_encoder[1]) if isinstance(vision_encoder, tuple)
+                   else None)
+    return model
+
+
+def _build(state, layout: OpenFlamingoLayout, lm: nn.Module, visual: nn.Module, vision_name, *, ln_post_on_tokens,
+           cross_attn_every_n_layers, tokenizer, media_token_id, eoc_token_id, num_base_tokens,
+           decoder_layers_attr_name, trust_remote_code, dtype, quantization, device_map, max_memory,
+           offload_folder) -> nn.Module:
+    """:func:`from_open_flamingo_checkpoint`'s model, ``tokenizer`` set up (a copy of the caller's)."""
     rows_before = lm.get_input_embeddings().weight.shape[0]
     media_token_id, eoc_token_id, num_base_tokens, vocab_before = _token_ids(
         tokenizer, lm, media_token_id, eoc_token_id, num_base_tokens, trust_remote_code)
@@ -249,9 +279,30 @@ def from_open_flamingo_checkpoint(checkpoint, *, lang_encoder=None, vision_encod
     model = build_and_load(config, state, trainable_only=True, vision_encoder=visual, lang_encoder=lm,
                            extra_required=required, dtype=dtype, quantization=quantization, hint=hint,
                            device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
-    record_sources(model, lang_encoder, (vision_name, vision_encoder[1]) if isinstance(vision_encoder, tuple)
-                   else None)
     return model
+
+
+def _embeddings_restorer(lm: nn.Module):
+    """A function putting ``lm``'s embeddings back as they are now: the modules, their weight (and
+    bias) Parameters and those Parameters' tensors, their sizes, and the config's vocabulary size
+    (undoing a resize, which replaces any of them, by transformers version)."""
+    modules = [m for m in (lm.get_input_embeddings(), lm.get_output_embeddings()) if m is not None]
+    sizes = [{k: getattr(m, k) for k in ("weight", "bias", "num_embeddings", "out_features")
+              if getattr(m, k, None) is not None} for m in modules]
+    data = [{k: v.data for k, v in attrs.items() if isinstance(v, torch.Tensor)} for attrs in sizes]
+    vocab = lm.config.vocab_size
+
+    def restore():
+        lm.set_input_embeddings(modules[0])
+        if len(modules) > 1:
+            lm.set_output_embeddings(modules[1])
+        for m, attrs, tensors in zip(modules, sizes, data):
+            for k, v in attrs.items():
+                setattr(m, k, v)
+            for k, t in tensors.items():  # (transformers 5 resizes a Parameter in place: weight.data = ...)
+                getattr(m, k).data = t
+        lm.config.vocab_size = vocab
+    return restore
 
 
 def _lang_encoder(lang_encoder, layout: OpenFlamingoLayout, trust_remote_code: bool) -> nn.Module:
