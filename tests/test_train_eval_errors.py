@@ -674,3 +674,18 @@ def test_a_finetune_checkpoint_given_to_convert_names_the_model_folder(tmp_path)
     fine_tune(_model(), _resume_setup(tmp_path), steps=1, out=str(tmp_path / "run"), progress=False)
     with pytest.raises(ValueError, match=r"is a `fastflamingo finetune` checkpoint .*the model/ folder beside it"):
         load_state_file(tmp_path / "run" / "checkpoint.pt")
+
+
+def test_an_idefics_model_is_refused_by_the_evaluation_harness_saying_why():
+    """The harness's prompts are open_flamingo's: an imported IDEFICS model was refused with "the
+    tokenizer has no '<|endofchunk|>' token: use the tokenizer the model was built with", which
+    it was."""
+    from peers_idefics import idefics_model, idefics_tokenizer
+    model = fastflamingo.from_idefics(idefics_model())
+    queries = synthetic.examples(2, "color", seed=3)
+    for q in queries:
+        q.question = "what color is it?"
+    with pytest.raises(ValueError, match=r"the evaluation's prompts are open_flamingo's .* this IDEFICS model was not "
+                                         r"trained on .* build its prompts with IDEFICS's processor"):
+        evaluate(model, idefics_tokenizer(), queries, queries, task="vqa", shots=[0], text_demos_at_zero=0,
+                 progress=False)

@@ -259,6 +259,13 @@ def _check(task, queries, support, shots_list, tokenizer, class_names, text_demo
         if len(labels & set(class_names)) < 2:
             raise ValueError(f"hateful_memes scores the ROC AUC of {class_names[-1]!r}, which needs queries of both "
                              f"labels {class_names}; all {len(queries)} are {sorted(labels)}")
+    if model is not None and model.config.cross_attention.style == "idefics":
+        raise ValueError("the evaluation's prompts are open_flamingo's (<image>, each demonstration ended by "
+                         "<|endofchunk|>, generation stopped there), which this IDEFICS model was not trained on "
+                         "(its images sit between <fake_token_around_image> tokens, its tokenizer has no "
+                         "<|endofchunk|>): the harness evaluates open_flamingo-style models. For an IDEFICS model, "
+                         "build its prompts with IDEFICS's processor and call model.generate / "
+                         "model.score on them")
     vocab = tokenizer.get_vocab()
     for tok, field in (("<image>", "media_token_id"), ("<|endofchunk|>", "eoc_token_id")):
         if tok not in vocab:
