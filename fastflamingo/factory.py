@@ -84,7 +84,7 @@ def create_model_and_transforms(clip_vision_encoder_path: str, clip_vision_encod
     from .model import Flamingo
     model = finish(Flamingo(config, vision_encoder=visual, lang_encoder=lm), quantization=quantization,
                    device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
-    record_sources(model, lang_encoder_path, (clip_vision_encoder_path, clip_vision_encoder_pretrained))
+    record_sources(model, lang_encoder_path, (clip_vision_encoder_path, clip_vision_encoder_pretrained), cache_dir)
     if flamingo_kwargs.get("gradient_checkpointing"):
         model.activation_checkpointing_enable()
     return model, image_processor, tokenizer

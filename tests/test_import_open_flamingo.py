@@ -588,3 +588,20 @@ def test_a_tokenizer_that_holds_the_flamingo_tokens_keeps_their_rows_trainable(l
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert setup_tokenizer(again, num_base_tokens=101)["num_base_tokens"] == 101
+
+
+def test_a_trainable_only_save_finds_its_lm_in_the_cache_dir_it_was_made_with(local_models, tmp_path):
+    """create_model_and_transforms(..., cache_dir=C) with a hub name: the trainable-only save
+    recorded the name but not C, so its reload looked in Hugging Face's default cache and failed."""
+    import shutil
+    lm_dir, clip_ckpt = local_models
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--someone--tiny-lm" / "snapshots" / "0123abcd"
+    shutil.copytree(lm_dir, snapshot)
+    (cache / "models--someone--tiny-lm" / "refs").mkdir()
+    (cache / "models--someone--tiny-lm" / "refs" / "main").write_text("0123abcd")
+    model, _, _ = create_model_and_transforms(TINY_VIT, clip_ckpt, "someone/tiny-lm", "someone/tiny-lm",
+                                              ln_post_on_tokens=True, cross_attn_every_n_layers=2,
+                                              use_local_files=True, cache_dir=str(cache))
+    model.save_pretrained(tmp_path / "saved", trainable_only=True)
+    assert _state_equal(model, Flamingo.from_pretrained(tmp_path / "saved"))

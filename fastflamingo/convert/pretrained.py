@@ -32,10 +32,11 @@ BASE = "base"
 VISION_PREFIX = "vision_encoder."
 
 
-def record_sources(model: nn.Module, lm=None, vision=None) -> None:
+def record_sources(model: nn.Module, lm=None, vision=None, cache_dir: str | None = None) -> None:
     """Remember where the frozen parts came from (a local LM directory or hub name; an open_clip
-    ``[name, pretrained]``), for trainable-only saves. Modules given instead of names are not recorded."""
-    sources = {}
+    ``[name, pretrained]``; the download cache they were found in), for trainable-only saves.
+    Modules given instead of names are not recorded."""
+    sources = {} if cache_dir is None else {"cache_dir": str(Path(cache_dir).resolve())}
     if isinstance(lm, (str, Path)):
         sources["lm"] = str(Path(lm).resolve()) if Path(lm).is_dir() else str(lm)
     if vision is not None:
@@ -298,7 +299,8 @@ def _base_lm(lang_encoder, sources: dict, config: FlamingoConfig, d: Path, trust
                          "a module or a local directory)")
     if isinstance(lang_encoder, (str, Path)):
         return with_attn_implementation(
-            lambda **kw: load_hf_causal_lm(str(lang_encoder), trust_remote_code=trust_remote_code, **kw),
+            lambda **kw: load_hf_causal_lm(str(lang_encoder), trust_remote_code=trust_remote_code,
+                                           cache_dir=sources.get("cache_dir"), **kw),
             config.lm.get(ATTN_IMPLEMENTATION), f"the LM in {str(lang_encoder)!r}")
     return lang_encoder
 
@@ -325,7 +327,7 @@ def _base_vision(vision_encoder, sources: dict, config: FlamingoConfig, d: Path,
             raise ValueError(f"{str(d)!r} holds only the trainable parameters and records its vision encoder as "
                              f"({name!r}, None), random weights that were not stored, so they cannot be rebuilt: "
                              "pass vision_encoder= (the encoder it was trained with)")
-        return open_clip.create_model(name, pretrained=pretrained).visual.eval(), []
+        return open_clip.create_model(name, pretrained=pretrained, cache_dir=sources.get("cache_dir")).visual.eval(), []
     raise ValueError(f"{str(d)!r} holds only the trainable parameters and records no vision encoder: pass "
                      f"vision_encoder= (the frozen {config.vision.source} encoder it was trained with)")
 
