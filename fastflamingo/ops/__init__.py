@@ -39,6 +39,17 @@ def _check_scale(name: str, scale: float | None) -> None:
         raise ValueError(f"{name}: scale={scale!r} must be a finite number (None: head_dim ** -0.5)")
 
 
+def _autocast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under ``torch.autocast`` the attention runs as SDPA does there: its floating inputs in the
+    autocast dtype (IDEFICS's q / k RMSNorms give float32 beside a bfloat16 v: Hugging Face's
+    SDPA call takes them all in bfloat16)."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+
+
 def _check_attention_inputs(name: str, q: torch.Tensor, keys: dict[str, torch.Tensor]) -> None:
     qs, dtype, device = q.shape, q.dtype, q.device
     if len(qs) != 4:
@@ -166,9 +177,11 @@ def image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             validates once per forward and passes False.
 
     Returns:
-        (B, H, T, D); tokens with ``text_time == 0`` get exactly 0 (and zero gradients).
+        (B, H, T, D); tokens with ``text_time == 0`` get exactly 0 (and zero gradients). Under
+        ``torch.autocast``, in its dtype (:func:`_autocast`).
     """
     _check_backend(backend)
+    q, k, v = _autocast(q, k, v)
     check_image_causal_inputs("image_causal_attention", q, k, v, latents_per_media)
     if not isinstance(latents_per_media, int):  # a numpy int: every backend takes a Python int
         latents_per_media = operator.index(latents_per_media)
@@ -215,6 +228,7 @@ def perceiver_attention(q: torch.Tensor, k_media: torch.Tensor, v_media: torch.T
         (B, H, L, D).
     """
     _check_backend(backend)
+    q, k_media, v_media, k_latents, v_latents = _autocast(q, k_media, v_media, k_latents, v_latents)
     _check_attention_inputs("perceiver_attention", q, {"k_media": k_media, "v_media": v_media,
                                                        "k_latents": k_latents, "v_latents": v_latents})
     if k_media.shape != v_media.shape or k_latents.shape != v_latents.shape:
