@@ -60,6 +60,9 @@ def create_model_and_transforms(clip_vision_encoder_path: str, clip_vision_encod
     if unknown:
         raise TypeError(f"create_model_and_transforms got unexpected keyword(s) {sorted(unknown)}; "
                         f"accepted: {sorted(_FLAMINGO_KWARGS)}")
+    if not flamingo_kwargs.get("only_attend_immediate_media", True):
+        from .convert.open_flamingo import warn_all_previous_mode
+        warn_all_previous_mode()
     clip, _, image_processor = open_clip.create_model_and_transforms(
         clip_vision_encoder_path, pretrained=clip_vision_encoder_pretrained, cache_dir=cache_dir)
     visual = clip.visual.eval()

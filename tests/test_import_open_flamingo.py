@@ -605,3 +605,12 @@ def test_a_trainable_only_save_finds_its_lm_in_the_cache_dir_it_was_made_with(lo
                                               use_local_files=True, cache_dir=str(cache))
     model.save_pretrained(tmp_path / "saved", trainable_only=True)
     assert _state_equal(model, Flamingo.from_pretrained(tmp_path / "saved"))
+
+
+def test_the_factory_warns_that_all_previous_mode_differs_before_the_first_image(local_models):
+    from fastflamingo.warn import InputWarning
+    lm_dir, clip_ckpt = local_models
+    with pytest.warns(InputWarning, match=r"all-previous mode\): open_flamingo gives a token before its row's first"):
+        model, _, _ = create_model_and_transforms(TINY_VIT, clip_ckpt, lm_dir, lm_dir, ln_post_on_tokens=True,
+                                                  use_local_files=True, only_attend_immediate_media=False)
+    assert model.config.only_attend_immediate_media is False

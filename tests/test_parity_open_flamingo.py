@@ -1,4 +1,6 @@
 """fastflamingo computes what open_flamingo 2.0.1 computes: same weights, same logits (fp32)."""
+import warnings
+
 import pytest
 import torch
 
@@ -40,7 +42,8 @@ def test_logits_match_open_flamingo_all_previous(family):
     as in immediate mode. Layouts here start every row (after padding) with an image, so those
     tokens are only padding, which no other token attends to; every other token must match."""
     live = open_flamingo_model(family, every_n=2, only_immediate=False)
-    ours = from_open_flamingo(live)
+    with pytest.warns(InputWarning, match="all-previous mode"):
+        ours = from_open_flamingo(live)
     assert ours.config.only_attend_immediate_media is False
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, 120, (3, 20), generator=g)
@@ -60,9 +63,14 @@ def test_logits_match_open_flamingo_all_previous(family):
 
 
 def test_difference_before_first_image_in_all_previous_mode_is_documented_behaviour():
-    """The one place fastflamingo deliberately differs: a token before any image."""
+    """The one place fastflamingo deliberately differs: a token before any image gets 0, where
+    open_flamingo gives it a uniform average over all the row's images, later ones included (not
+    causal). The README said every other token matched: where text precedes the first image, the
+    later tokens differ too, through self-attention; the import now warns of it."""
     live = open_flamingo_model("llama", every_n=1, only_immediate=False)
-    ours = from_open_flamingo(live)
+    with pytest.warns(InputWarning, match=r"all-previous mode\): open_flamingo gives a token before its row's first "
+                                          r"image a uniform average .* every later token's logits differ"):
+        ours = from_open_flamingo(live)
     ids = torch.randint(3, 120, (1, 10))
     ids[0, 6] = MEDIA_ID
     vx = _vision(ids)
@@ -70,6 +78,11 @@ def test_difference_before_first_image_in_all_previous_mode_is_documented_behavi
         ref = live(vx, ids).logits
         got = ours(vx, ids).logits
     assert (ref[0, :6] - got[0, :6]).abs().max() > 1e-4  # open_flamingo: uniform attention there
+    assert (ref[0, 6:] - got[0, 6:]).abs().max() > 1e-4  # and, through self-attention, after the image
+    # an immediate-mode import says nothing of it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        from_open_flamingo(open_flamingo_model("llama", every_n=1))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

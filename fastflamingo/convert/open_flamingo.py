@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import CrossAttentionConfig, FlamingoConfig, ResamplerConfig, VisionConfig
+from ..warn import warn_caller
 
 _DUPLICATE_PREFIXES = ("lang_encoder.gated_cross_attn_layers.", "lang_encoder.old_decoder_blocks.")
 
@@ -49,6 +50,8 @@ def config_from_open_flamingo(live: nn.Module, *, ln_post_on_tokens: bool | None
         raise ValueError(f"cross-attention layers at {[i for i, _ in blocks]} do not follow open_flamingo's "
                          f"(i + 1) % n == 0 rule for any n")
     x_attn = blocks[0][1].attn
+    if not x_attn.only_attend_immediate_media:
+        warn_all_previous_mode()
     visual = live.vision_encoder
     if ln_post_on_tokens is None:
         # open_clip >= 2.23 applies ln_post to the tokens unless final_ln_after_pool is set
@@ -72,6 +75,17 @@ def config_from_open_flamingo(live: nn.Module, *, ln_post_on_tokens: bool | None
         pad_token_id=getattr(lm.config, "pad_token_id", None), eos_token_id=getattr(lm.config, "eos_token_id", None),
         num_base_tokens=num_base_tokens,
         train_output_embeddings=False)  # open_flamingo trains no output embedding rows
+
+
+def warn_all_previous_mode() -> None:
+    """An all-previous-mode open_flamingo model computes one thing otherwise (README, "Where
+    fastflamingo differs from the peers"): said where such a model is made."""
+    warn_caller("only_attend_immediate_media=False (all-previous mode): open_flamingo gives a token before its "
+                "row's first image a uniform average over all the row's images, later ones included (not causal: "
+                "it changes as images are added, so no prompt or prefix could be cached); fastflamingo gives it 0, "
+                "as immediate mode does. Where text precedes the first image (a LLaMA tokenizer's BOS), every "
+                "later token's logits differ from open_flamingo's through self-attention; prompts that start "
+                "with <image> match it")
 
 
 def open_clip_image_size(visual: nn.Module) -> int:
