@@ -117,3 +117,20 @@ def test_negative_text_time_is_named_as_negative_not_as_going_back():
     for backend in ("reference", "torch", "auto"):
         with pytest.raises(ValueError, match=r"text_time must be >= 0 \(0 = no image yet\): row 0 has -1 at token 2"):
             ops.image_causal_attention(q, k, v, text_time=tt, latents_per_media=L, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "reference"])
+def test_unvalidated_text_time_beyond_the_images_sees_nothing_on_every_backend(backend):
+    """validate=False trusts the caller; still, a token past the last image got 0 from the kernels
+    but NaN from the reference, and an int64 2**32 + 2 wrapped to image 2 in the int32 cast."""
+    from fastflamingo.ops import dispatch
+    if backend == "triton" and (not dispatch.HAS_TRITON or torch.cuda.is_available()):
+        pytest.skip("the Triton kernels on CPU tensors run in the interpreter only (no GPU here)")
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, s, 8, generator=g) for s in (4, 8, 8))
+    good = ops.image_causal_attention(q, k, v, text_time=torch.tensor([[1, 1, 2, 2]], dtype=torch.int32),
+                                      latents_per_media=4, backend=backend)
+    for tt in (torch.tensor([[1, 1, 3, 3]], dtype=torch.int32), torch.tensor([[1, 1, 2 ** 32 + 2, 2 ** 32 + 2]])):
+        out = ops.image_causal_attention(q, k, v, text_time=tt, latents_per_media=4, backend=backend, validate=False)
+        assert torch.equal(out[:, :, 2:], torch.zeros_like(out[:, :, 2:])), tt
+        assert torch.allclose(out[:, :, :2], good[:, :, :2], atol=1e-6)

@@ -208,7 +208,9 @@ def image_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         return image_causal_attention_reference(q, k, v, text_time, latents_per_media=latents_per_media,
                                                 only_immediate=only_immediate, scale=scale)
     from .image_causal_op import image_causal_attention_op
-    return image_causal_attention_op(q, k, v, text_time.to(torch.int32), latents_per_media=latents_per_media,
+    if text_time.dtype != torch.int32:  # past the last image, not wrapped: 2**32 + 2 read as image 2 (validate=False)
+        text_time = text_time.clamp(max=k.shape[2] // latents_per_media + 1).to(torch.int32)
+    return image_causal_attention_op(q, k, v, text_time, latents_per_media=latents_per_media,
                                      only_immediate=only_immediate, scale=scale, backend=backend)
 
 

@@ -65,8 +65,8 @@ def image_causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.
     mask = image_causal_mask(text_time, num_media, latents_per_media, only_immediate)[:, None]
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
-    has_media = (text_time > 0)[:, None, :, None]
-    # rows with no visible key would be softmax(-inf, ...) = nan: give them zeros instead
+    has_media = mask.any(-1, keepdim=True)  # (text_time > 0 and, unvalidated, <= N)
+    # rows with no visible key would be softmax(-inf, ...) = nan: give them zeros instead, as the kernels
     scores = torch.where(has_media, scores, torch.zeros((), dtype=scores.dtype, device=scores.device))
     probs = torch.softmax(scores, dim=-1).masked_fill(~has_media, 0.0)
     return torch.matmul(probs, v).to(dtype)
