@@ -288,3 +288,35 @@ def test_bad_load_options_are_refused_before_anything_is_read(tmp_path, option, 
     for load in loads:
         with pytest.raises(ValueError, match=match):
             load(**option)
+
+
+def test_convert_with_a_missing_lm_or_a_bad_vision_encoder_is_one_line_naming_it(local_lm, tmp_path, capsys,
+                                                                                monkeypatch):
+    """A missing --lm / --tokenizer directory was a traceback telling the user to check their
+    internet connection (transformers took the path for a hub name); an unknown --vision name, a
+    missing --vision-pretrained file, an unknown tag: open_clip's tracebacks."""
+    from fastflamingo.cli import main
+    monkeypatch.delenv("FASTFLAMINGO_TRACEBACK", raising=False)
+    ref, state, clip = _blocks_without_embeddings(local_lm, tmp_path)
+    key = "lang_encoder.model.embed_tokens.weight"
+    torch.save(state | {key: ref.state_dict()[key]}, tmp_path / "ckpt.pt")
+    base = ["convert", "open_flamingo", str(tmp_path / "ckpt.pt"), str(tmp_path / "out"), "--ln-post-on-tokens", "yes"]
+    missing = str(tmp_path / "no-such-lm")
+    cases = [
+        (["--lm", missing, "--vision", TINY_VIT, "--vision-pretrained", str(clip)],
+         f"--lm {missing!r} is not a directory: give the local directory of the LM"),
+        (["--lm", local_lm, "--tokenizer", missing, "--vision", TINY_VIT, "--vision-pretrained", str(clip)],
+         f"--tokenizer {missing!r} is not a directory"),
+        (["--lm", local_lm, "--vision", "NotAModel", "--vision-pretrained", "none"],
+         "'NotAModel' is not an open_clip model name"),
+        (["--lm", local_lm, "--vision", TINY_VIT, "--vision-pretrained", str(tmp_path / "clip_missing.bin")],
+         f"the vision encoder's weights {str(tmp_path / 'clip_missing.bin')!r} are not a file"),
+        (["--lm", local_lm, "--vision", TINY_VIT, "--vision-pretrained", "nosuchtag"],
+         f"open_clip could not give {TINY_VIT} its weights 'nosuchtag'"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(base + args) == 2, args
+        err = capsys.readouterr().err
+        assert f"fastflamingo convert: error: {message}" in err and "Traceback" not in err, err
+    assert main(base + ["--lm", local_lm, "--vision", TINY_VIT, "--vision-pretrained", str(clip)]) == 0

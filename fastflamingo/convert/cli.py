@@ -76,6 +76,11 @@ def run(args) -> int:
                              "(the LM and vision encoder it was trained with, e.g. --vision ViT-L-14 "
                              "--vision-pretrained openai, or none for random vision weights; and whether ln_post "
                              "applies to the patch tokens: no for OpenFlamingo's releases)")
+        for flag, value in (("--lm", args.lm), ("--tokenizer", args.tokenizer)):
+            if value is not None and not os.path.isdir(value):  # (else transformers takes it for a hub name, offline)
+                raise FileNotFoundError(f"{flag} {value!r} is not a directory: give the local directory of the "
+                                        f"{'LM' if flag == '--lm' else 'tokenizer'} the checkpoint was trained with "
+                                        "(nothing is downloaded)")
         pretrained = None if args.vision_pretrained == "none" else args.vision_pretrained
         tokenizer = _tokenizer(args.tokenizer or args.lm, args.trust_remote_code, required=True)
         model = from_open_flamingo(args.source, lang_encoder=args.lm, tokenizer=tokenizer,  # adds <image>, ...

@@ -326,10 +326,31 @@ def _vision_encoder(vision_encoder, layout: OpenFlamingoLayout) -> tuple[nn.Modu
                          f"releases, or (name, a local checkpoint path); ({name!r}, None) builds it with random "
                          "weights, on purpose")
     if isinstance(vision_encoder, tuple):
-        import open_clip
         name, pretrained = vision_encoder
-        return open_clip.create_model(name, pretrained=pretrained).visual.eval(), name
+        return open_clip_tower(name, pretrained), name
     return getattr(vision_encoder, "visual", vision_encoder), None
+
+
+def open_clip_tower(name: str, pretrained: str | None, cache_dir: str | None = None) -> nn.Module:
+    """open_clip's vision tower ``name`` with weights ``pretrained`` (a tag, a local checkpoint
+    file, or None: random), in eval mode; an unknown name, a missing file or weights open_clip
+    cannot get (a tag not cached, offline) an error naming them."""
+    import os
+
+    import open_clip
+    if name not in open_clip.list_models():
+        close = [m for m in open_clip.list_models() if m.lower().startswith(str(name).lower()[:5])][:8]
+        raise ValueError(f"{name!r} is not an open_clip model name (e.g. ViT-L-14, as OpenFlamingo's releases"
+                         + (f"; close: {close}" if close else "") + "): open_clip.list_models() lists them")
+    looks_like_path = isinstance(pretrained, (str, os.PathLike)) and (
+        os.sep in str(pretrained) or str(pretrained).endswith((".bin", ".pt", ".pth", ".safetensors")))
+    if looks_like_path and not os.path.isfile(pretrained):
+        raise FileNotFoundError(f"the vision encoder's weights {str(pretrained)!r} are not a file (a local open_clip "
+                                f"checkpoint, or a tag of {name}: {open_clip.list_pretrained_tags_by_model(name)[:6]})")
+    try:
+        return open_clip.create_model(name, pretrained=pretrained, cache_dir=cache_dir).visual.eval()
+    except RuntimeError as e:  # an unknown tag, or a download that failed (offline, not in the cache)
+        raise ValueError(f"open_clip could not give {name} its weights {pretrained!r}: {e}") from e
 
 
 def _token_ids(tokenizer, lm, media_token_id, eoc_token_id, num_base_tokens, trust_remote_code):

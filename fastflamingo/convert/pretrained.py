@@ -321,13 +321,13 @@ def _base_vision(vision_encoder, sources: dict, config: FlamingoConfig, d: Path,
     if vision_encoder is not None:
         return vision_encoder, []
     if sources.get("vision") and config.vision.source == "open_clip":
-        import open_clip
+        from .open_flamingo_ckpt import open_clip_tower
         name, pretrained = sources["vision"]
         if pretrained is None:
             raise ValueError(f"{str(d)!r} holds only the trainable parameters and records its vision encoder as "
                              f"({name!r}, None), random weights that were not stored, so they cannot be rebuilt: "
                              "pass vision_encoder= (the encoder it was trained with)")
-        return open_clip.create_model(name, pretrained=pretrained, cache_dir=sources.get("cache_dir")).visual.eval(), []
+        return open_clip_tower(name, pretrained, sources.get("cache_dir")), []
     raise ValueError(f"{str(d)!r} holds only the trainable parameters and records no vision encoder: pass "
                      f"vision_encoder= (the frozen {config.vision.source} encoder it was trained with)")
 
