@@ -67,12 +67,18 @@ class _Counting:
 @pytest.mark.parametrize("case, message", [
     ("long", r"docs.jsonl:8 is \d+ tokens, more than max_length=20: split it"),
     ("missing", r"docs.jsonl:7: no image file '.*nope.png' \(1 missing from here on\)"),
+    ("misspelt", r"docs.jsonl:3: unknown key\(s\) \['image'\] \(did you mean \"images\", a list of paths\?\): a "
+                 r"document line holds \"text\" and \"images\" only"),  # (it trained text-only, without a word)
 ])
 def test_finetune_checks_every_document_before_training(tmp_path, capsys, case, message):
     """The over-long document is the last line (3 steps of 2 documents never draw it) and the
     missing image comes late: both are errors naming file:line before any step."""
     from fastflamingo.cli import main
     data = _docs_file(tmp_path, long_line=8 if case == "long" else None, missing_line=7 if case == "missing" else None)
+    if case == "misspelt":
+        lines = open(data).read().splitlines()
+        lines[2] = json.dumps({"image": "2.png", "text": "Output:red<|endofchunk|>"})
+        open(data, "w").write("\n".join(lines) + "\n")
     out = tmp_path / "run"
     args = ["finetune", "--model", _saved(tmp_path / "model"), "--data", data, "--batch-size", "2", "--steps", "3",
             "--save-every", "1", "--out", str(out)]
@@ -294,6 +300,10 @@ def test_finetune_writes_the_tokenizer_beside_the_first_checkpoint(tmp_path, mon
     assert main(["finetune", "--model", _saved(tmp_path / "model"), "--data", data, "--batch-size", "2", "--steps",
                  "1", "--out", str(tmp_path / "run")]) == 0
     assert seen and "tokenizer_config.json" in seen[0], seen
+    # --resume with no checkpoint there: the error, and nothing written (a tokenizer was left behind)
+    assert main(["finetune", "--model", _saved(tmp_path / "model2"), "--data", data, "--batch-size", "2", "--steps",
+                 "1", "--out", str(tmp_path / "other"), "--resume"]) == 2
+    assert not (tmp_path / "other").exists()
 
 
 def test_resume_refuses_another_dtype_or_quantization(tmp_path):
@@ -309,6 +319,21 @@ def test_resume_refuses_another_dtype_or_quantization(tmp_path):
     with pytest.raises(ValueError, match=r"the LM's quantization \(--quantization\) None -> 'nf4'"):
         fine_tune(quantize_model(_model().to(torch.bfloat16), "nf4"), data, out=out, resume=True, **dict(kw, steps=3))
     fine_tune(_model().to(torch.bfloat16), data, out=out, resume=True, **dict(kw, steps=3))  # the same: resumes
+
+
+def test_resume_from_a_truncated_checkpoint_says_so(tmp_path):
+    """A damaged copy of checkpoint.pt was a raw "OSError: [Errno 22]" traceback from torch.load."""
+    import os
+    data = _resume_setup(tmp_path)
+    out = str(tmp_path / "run")
+    kw = dict(steps=2, lr=1e-3, progress=False)
+    fine_tune(_model(), data, out=out, **kw)
+    path = os.path.join(out, "checkpoint.pt")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(ValueError, match=r"cannot read the checkpoint '.*checkpoint\.pt' \(\d+ bytes\): is the file "
+                                         r"complete\?"):
+        fine_tune(_model(), data, out=out, resume=True, **dict(kw, steps=3))
 
 
 def test_resume_refuses_another_lr_weight_decay_or_warmup(tmp_path):

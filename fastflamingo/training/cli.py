@@ -145,7 +145,10 @@ def run(args) -> int:
         print(f"training {len(docs)} documents to step {args.steps} on {device} ...", flush=True)
     # the tokenizer beside the weights from the first checkpoint on (a run cut short leaves a model/ that
     # loads); not into an earlier run's directory, which fine_tune refuses without --resume
-    if rank == 0 and (args.resume or not os.path.isfile(os.path.join(args.out, "checkpoint.pt"))):
+    checkpoint = os.path.isfile(os.path.join(args.out, "checkpoint.pt"))
+    if args.resume and not checkpoint:  # (fine_tune's own error, before the tokenizer was written there)
+        raise FileNotFoundError(f"--resume: no checkpoint {os.path.join(args.out, 'checkpoint.pt')!r}")
+    if rank == 0 and (args.resume or not checkpoint):
         tok.save_pretrained(os.path.join(args.out, "model"))
     history = fine_tune(model, data, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
                         warmup=args.warmup, max_grad_norm=args.max_grad_norm or None, optimizer=args.optimizer,
@@ -166,8 +169,8 @@ def run(args) -> int:
           + (f"; held-out loss at step {evals[0]['step']} {evals[0]['eval_loss']:.4f}"
              + (f", at step {evals[-1]['step']} {evals[-1]['eval_loss']:.4f}" if len(evals) > 1 else "")
              if evals else ""))
-    print(f"wrote {os.path.join(args.out, 'checkpoint.pt')}, {os.path.join(args.out, 'model')}"
-          + (f", {png}" if png else ""))
+    print(f"wrote {os.path.join(args.out, 'checkpoint.pt')}, {os.path.join(args.out, 'model')}, "
+          f"{os.path.join(args.out, 'history.json')}" + (f", {png}" if png else ""))
     return 0
 
 
