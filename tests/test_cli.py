@@ -232,6 +232,13 @@ def test_sequences_start_with_the_tokenizers_special_tokens_as_the_harness_does(
     args = build_parser().parse_args(["score", "--model", saved["bos"], "--prompt", "w5",
                                       "--candidates", "w7 w8", "w9"])
     assert _read_candidates(args, tok) == (["w7 w8", "w9"], [[7, 8], [9]])  # continuations: no <s>
+    # candidates with the same tokens tied, ranked in the order given, without a word
+    for cands, message in ((["--candidates", "w7", "w9", "w7"], r"\['w7', 'w7'\] all tokenize to \[7\]"),
+                           (["--candidate-ids", "7 8", "9", "7  8"], r"\['7 8', '7  8'\] all tokenize to \[7, 8\]")):
+        args = build_parser().parse_args(["score", "--model", saved["bos"], "--prompt", "w5", *cands])
+        with pytest.raises(ValueError, match=r"candidates must tokenize differently \(a ranking cannot tell them "
+                                             r"apart, the first of them would always win\): " + message):
+            _read_candidates(args, tok)
 
 
 # ------------------------------------------------------------------ 6. few-shot image paths

@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..checks import check_count, is_int
+from ..generation.score import check_distinct
 from ..inputs import image_tensor
 from . import metrics
 from .prompts import (GENERATED, HATEFUL_MEMES_CLASSES, TASKS, ZERO_SHOT_TEXT_DEMOS, Example,
@@ -539,19 +540,7 @@ def _class_tokens(tokenizer, class_names: list[str]) -> list[list[int]]:
     empty = [c for c, t in zip(class_names, cands) if not t]
     if empty:
         raise ValueError(f"class names {empty} tokenize to nothing")
-    # names with the same tokens score the same: the ranking cannot tell them apart (as copies)
-    same: dict[tuple[int, ...], list[str]] = {}
-    for c, t in zip(class_names, cands):
-        same.setdefault(tuple(t), []).append(c)
-    ties = [(names, list(ids)) for ids, names in same.items() if len(names) > 1]
-    if ties:
-        shown = "; ".join(f"{names} all tokenize to {ids}" for names, ids in ties[:5])
-        unk = getattr(tokenizer, "unk_token_id", None)
-        hint = (" (the tokenizer's unknown token: words it does not know)"
-                if unk is not None and any(unk in ids for _, ids in ties) else "")
-        raise ValueError(f"class names must tokenize differently (a ranking cannot tell them apart, the first of "
-                         f"them would always win): {shown}{hint}; use the tokenizer the model was trained with, or "
-                         "other names")
+    check_distinct(class_names, cands, "class names", tokenizer)
     return cands
 
 

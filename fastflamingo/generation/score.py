@@ -27,6 +27,24 @@ CHUNK_BYTES = 2 << 30  # copies of prompt K/V one LM call may hold, when chunk_s
 MAX_CHUNK = 64
 
 
+def check_distinct(names: list[str], ids: list[list[int]], what: str, tokenizer=None) -> None:
+    """Candidates with the same token ids score the same: a ranking cannot tell them apart (the
+    first of them would always win). An error naming them (and, where they hold the tokenizer's
+    unknown token, saying so: words it does not know)."""
+    same: dict[tuple[int, ...], list[str]] = {}
+    for name, t in zip(names, ids):
+        same.setdefault(tuple(t), []).append(name)
+    ties = [(group, list(t)) for t, group in same.items() if len(group) > 1]
+    if ties:
+        shown = "; ".join(f"{group} all tokenize to {t}" for group, t in ties[:5])
+        unk = getattr(tokenizer, "unk_token_id", None)
+        hint = (" (the tokenizer's unknown token: words it does not know)"
+                if unk is not None and any(unk in t for _, t in ties) else "")
+        raise ValueError(f"{what} must tokenize differently (a ranking cannot tell them apart, the first of them "
+                         f"would always win): {shown}{hint}; use the tokenizer the model was trained with, or "
+                         "other ones")
+
+
 def _candidates(model, continuations) -> tuple[torch.Tensor, torch.Tensor]:
     """A list of token-id sequences -> right-padded ids (C, T_max) and lengths (C,), checked."""
     if isinstance(continuations, torch.Tensor) or not continuations:

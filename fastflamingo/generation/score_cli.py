@@ -24,6 +24,7 @@ import time
 import torch
 
 from .cli import _encode, prepare, token_ids
+from .score import check_distinct
 
 
 def add_parser(subparsers) -> None:
@@ -45,6 +46,7 @@ def _read_candidates(args, tokenizer) -> tuple[list[str], list[list[int]]]:
     """(labels to print, token ids) of the candidates."""
     if args.candidate_ids:
         ids = [token_ids(c, "--candidate-ids") for c in args.candidate_ids]
+        check_distinct([c.strip() for c in args.candidate_ids], ids, "candidates")
         return [c.strip() for c in args.candidate_ids], ids
     if args.candidates_file:
         with open(args.candidates_file) as f:
@@ -58,6 +60,7 @@ def _read_candidates(args, tokenizer) -> tuple[list[str], list[list[int]]]:
     if empty:
         raise ValueError(f"candidate {empty[0]!r} tokenizes to nothing ({len(empty)} of {len(texts)} do): a "
                          "candidate is the text scored after the prompt; give each at least one token")
+    check_distinct(texts, ids, "candidates", tokenizer)
     return texts, ids
 
 
