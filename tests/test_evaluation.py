@@ -317,6 +317,19 @@ def test_cli_synthetic_then_the_saved_model_on_files(tmp_path, capsys):
     report = json.loads((tmp_path / "out2" / "results.json").read_text())
     assert [r["shots"] for r in report["results"]["classification"]] == [0, 2]
     assert all(p in synthetic.NAMES for p in report["results"]["classification"][1]["predictions"])
+    # zero shots with no text demonstrations show no demonstration: no --support needed (it was)
+    zero = ["evaluate", "--model", str(saved), "--task", "classification", "--queries", queries,
+            "--class-names-file", str(tmp_path / "names.txt"), "--shots", "0", "--out", str(tmp_path / "out0")]
+    assert main(zero + ["--text-demos-at-zero", "0"]) == 0
+    alone = json.loads((tmp_path / "out0" / "results.json").read_text())
+    assert alone["support"] is None
+    assert main(zero[:-1] + [str(tmp_path / "out0s"), "--support", support, "--text-demos-at-zero", "0"]) == 0
+    with_support = json.loads((tmp_path / "out0s" / "results.json").read_text())
+    assert all(alone["results"]["classification"][0][k] == with_support["results"]["classification"][0][k]
+               for k in ("predictions", "score"))  # (the support shows nothing here)
+    capsys.readouterr()
+    assert main(zero) == 2  # (two text-only demonstrations by default: drawn from the support)
+    assert "evaluating --model needs --support" in capsys.readouterr().err
     vq = _write_split(tmp_path / "vq", synthetic.examples(4, "shape", seed=9), "vqa")
     vs = _write_split(tmp_path / "vs", synthetic.examples(3, "shape", seed=10), "vqa")
     assert main(["evaluate", "--model", str(saved), "--task", "vqa", "--queries", vq, "--support", vs,

@@ -129,6 +129,10 @@ def test_truncated_or_missing_files(tmp_path):
     weights.write_bytes(weights.read_bytes()[:-1000])
     with pytest.raises(ValueError, match="is the file complete"):
         Flamingo.from_pretrained(tmp_path)
+    config = tmp_path / "config.json"
+    config.write_text(config.read_text()[:-40])  # (a bare "Expecting ..." naming no file)
+    with pytest.raises(ValueError, match=r"'.*config\.json' is not valid JSON \(.*\): is the file complete\?"):
+        Flamingo.from_pretrained(tmp_path)
 
 
 def test_quantization_is_applied_on_load(tmp_path):

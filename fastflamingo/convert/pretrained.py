@@ -187,7 +187,11 @@ def load_pretrained(directory: str | Path, *, lang_encoder=None, vision_encoder:
     d = check_model_directory(directory)
     text = (d / CONFIG_NAME).read_text()
     _refuse_other_configs(d, text)
-    config = FlamingoConfig.from_json(text)
+    try:
+        config = FlamingoConfig.from_json(text)
+    except json.JSONDecodeError as e:  # (named no file: "Expecting property name ...")
+        raise ValueError(f"{str(d / CONFIG_NAME)!r} is not valid JSON ({e}): is the file complete? save_pretrained "
+                         "or `fastflamingo convert` writes it") from e
     state = load_state_file(d / WEIGHTS_NAME)  # a truncated file fails here, with a clear message
     with safe_open(str(d / WEIGHTS_NAME), framework="pt") as f:
         meta = f.metadata() or {}

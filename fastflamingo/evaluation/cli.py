@@ -139,7 +139,7 @@ def _check(args) -> None:
         raise ValueError(f"{', '.join(given)}: only used with --synthetic")
     args.task = args.task or "vqa"
     folders = [n for n in ("queries", "support") if getattr(args, n) and os.path.isdir(getattr(args, n))]
-    if folders and (args.task != "classification" or len(folders) != 2):
+    if folders and (args.task != "classification" or len(folders) != (2 if args.support else 1)):
         raise ValueError(f"--{folders[0]} is a folder: folders of class folders are for --task classification, "
                          "both --queries and --support (else JSON-lines files)")
     if args.task == "classification" and not args.class_names_file and not folders:
@@ -167,7 +167,9 @@ def _check(args) -> None:
     elif args.image_dir:
         raise ValueError("--image-dir is for --karpathy; JSON-lines files give image paths relative to themselves")
     else:
-        missing = [f"--{n}" for n in ("queries", "support") if not getattr(args, n)]
+        # (no demonstration shown, at 0 shots with --text-demos-at-zero 0: no support needed)
+        demos = max(args.shots or [0, 4, 8]) > 0 or (2 if args.text_demos_at_zero is None else args.text_demos_at_zero)
+        missing = [f"--{n}" for n in ("queries", "support") if not getattr(args, n) and (n == "queries" or demos)]
         if missing:
             raise ValueError(f"evaluating --model needs {' and '.join(missing)} (JSON-lines files)"
                              + (", or --karpathy" if args.task == "captioning" else ""))
@@ -300,14 +302,17 @@ def _load(args):
         queries, support = (load_vqa(getattr(args, s), getattr(args, f"{s}_annotations"), getattr(args, f"{s}_images"),
                                      args.vqa_format) for s in ("queries", "support"))
     elif os.path.isdir(args.queries):
-        (queries, class_names), (support, _) = (load_image_folder(path, class_names)
-                                                for path in (args.queries, args.support))
+        queries, class_names = load_image_folder(args.queries, class_names)
+        if args.support is None:  # (no demonstrations: _check)
+            return queries, [], class_names
+        support, _ = load_image_folder(args.support, class_names)
         folders = [sorted({e.extra["folder"] for e in examples}) for examples in (queries, support)]
         if folders[0] != folders[1]:
             raise ValueError(f"--queries {args.queries} and --support {args.support} must hold the same class folders; "
                              f"only in one: {sorted(set(folders[0]) ^ set(folders[1]))[:10]}")
     else:
-        queries, support = (load_examples(path, args.task, check_images=True) for path in (args.queries, args.support))
+        queries, support = (load_examples(path, args.task, check_images=True) if path else []
+                            for path in (args.queries, args.support))
     return queries, support, class_names
 
 
@@ -323,7 +328,8 @@ def _user_data(args, device, dtype) -> dict:
     transform = model.image_processor()
     _clear_official_results(args.out)
     report = {"kind": args.task, "model": args.model, "queries": args.queries or f"{args.karpathy}: test",
-              "support": args.support or f"{args.karpathy}: train", "metric": None, "results": {args.task: []},
+              "support": args.support or (f"{args.karpathy}: train" if args.karpathy else None), "metric": None,
+              "results": {args.task: []},
               **_meta(device)}
 
     def done(r):  # each number of shots saved as it finishes: a later failure loses only its own
