@@ -259,6 +259,13 @@ def test_kernel_suite_runs_the_goal_points_first_and_reports_in_sweep_order(monk
     assert set(kernels.GOAL_POINTS) <= set(ran)
     xs = dict.fromkeys(r.x for r in rows if "perceiver" not in r.x and "layer" not in r.x)
     assert list(xs) == list(dict.fromkeys(str((B, N, T)) for _, _, B, N, T in kernels._points(cfg)))
+    # B=8 N=8 T=2048 is in the N and the T sweeps: measured once (it was twice, the table and goals
+    # keeping one), in both modes; the T sweep shows its forward, the N sweep both
+    shared = (8, 8, 2048)
+    assert ran.count(shared) == 1
+    by_sweep = {s: sorted(r.mode for r in rows if r.x == str(shared) and r.sweep == s) for s in ("N", "T")}
+    assert by_sweep == {"N": ["fwd", "fwd+bwd"], "T": ["fwd"]}
+    assert len(ran) == len(set(ran))
 
 
 def test_e2e_runs_the_named_groups_and_notes_what_the_compiled_decode_compiled():

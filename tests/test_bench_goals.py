@@ -70,6 +70,37 @@ def test_kernel_goals_met_not_met_and_unmeasured():
     assert "image-causal fwd B=8 N=4 T=256 <= 15 µs" not in v  # no row: not a verdict
 
 
+def test_a_peer_timed_eagerly_is_set_beside_fastflamingo_timed_eagerly():
+    """A peer whose CUDA-graph capture failed is timed by CUDA events, host launches included:
+    its time over fastflamingo's graph replay was a speedup of two timings ("met, 2.14x" where
+    the calls timed alike give 1.25x), in the goal and in the table's cells."""
+    import dataclasses
+
+    from fastflamingo.bench.report import format_table
+    from fastflamingo.bench.timing import EVENTS, GRAPH
+    x = "B=8 N=32 T=2048"
+
+    def timed(row, timing, why=""):
+        return dataclasses.replace(row, timing=timing, extra={"timing_fallback": why} if why else {})
+    rows = [timed(_row("image-causal xattn", "fwd", x, "fastflamingo", 0.035), GRAPH),
+            timed(_row("image-causal xattn", "fwd", x, "fastflamingo eager", 0.060), EVENTS),
+            timed(_row("image-causal xattn", "fwd", x, "sdpa dense mask", 0.400), GRAPH),
+            timed(_row("image-causal xattn", "fwd", x, "flex", 0.075), EVENTS, "capture failed"),
+            _row("image-causal xattn", "fwd", x, "roofline", 0.0223)]
+    peer = _verdicts(rows)["image-causal fwd B=8 N=32 T=2048 >= 2x the best peer"]
+    assert peer.status == NOT_MET, peer
+    assert "1.25x the best peer (flex, 75.0 µs, against fastflamingo eager 60.0 µs: timed alike)" in peer.measured
+    table = format_table(rows)
+    assert "0.075 (1.25x)" in table and "0.4 (11.43x)" in table, table
+    # with no eager row of fastflamingo's, an eagerly timed peer gets no speedup at all
+    table = format_table([r for r in rows if r.provider != "fastflamingo eager"])
+    assert "0.075 " in table and "0.075 (" not in table, table
+    peer = _verdicts([r for r in rows if r.provider != "fastflamingo eager"])[
+        "image-causal fwd B=8 N=32 T=2048 >= 2x the best peer"]
+    assert peer.status == UNMEASURED and "flex was timed by events, and no fastflamingo row was timed so" in \
+        peer.measured  # (not "met" against the slower peers alone)
+
+
 def test_n_sweep_and_perceiver_goals():
     rows = [_row("image-causal xattn", "fwd", f"B=8 N={n} T=2048", p, t, sweep="N")
             for n, (ours, roof) in {4: (0.010, 0.006), 16: (0.030, 0.016), 64: (0.110, 0.050)}.items()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 
-from .report import OURS, speedup
+from .report import OURS, ours_for, speedup
 from .rows import Row
 
 STYLE = {"roofline": dict(linestyle="--", color="black"), OURS: dict(linewidth=2.5, color="tab:red")}
@@ -112,9 +112,9 @@ def speedup_plot(rows: list[Row], path: str) -> str | None:
     for (kernel, mode, _, _), rs in groups.items():
         last_x = max((r.x_value or 0 for r in rs), default=0)
         pts = [r for r in rs if (r.x_value or 0) == last_x]
-        ours = next((r for r in pts if r.provider == OURS), None)
+        at_point = {r.provider: r for r in pts}
         for r in pts:
-            s = speedup(ours, r)
+            s = speedup(ours_for(at_point, r), r)
             if s is not None and not r.provider.startswith(OURS) and "build" not in r.provider \
                     and r.provider != "roofline" and "(floor)" not in r.provider and "(eager)" not in r.provider:
                 bars.append((f"{kernel} {mode} [{r.x}]\nvs {r.provider}", s))

@@ -24,6 +24,19 @@ def _fmt(v: float) -> str:
     return f"{v:.3g}"
 
 
+def ours_for(at_point: dict[str, Row], other: Row) -> Row | None:
+    """fastflamingo's row to set ``other`` beside, timed as ``other`` was (``at_point``: the
+    point's rows by provider): GPU time by graph replay beside graph replay; beside a peer timed
+    by CUDA events (a mask build's, or one whose capture failed: host launch time included), the
+    same events timing of fastflamingo's call (its EAGER row). None where there is no such row:
+    no speedup, rather than one of two timings."""
+    ours = at_point.get(OURS)
+    if ours is None or not other.timing or ours.timing in ("", other.timing):
+        return ours
+    eager = at_point.get(f"{OURS} eager")
+    return eager if eager is not None and eager.timing == other.timing else None
+
+
 def speedup(ours: Row | None, other: Row) -> float | None:
     """How many times better fastflamingo is than ``other`` (>1: fastflamingo wins)."""
     if ours is None or not ours.ok or not other.ok or not ours.median or not other.median:
@@ -64,8 +77,9 @@ def format_table(rows: list[Row]) -> str:
         header = ["x"] + providers
         body = []
         for x in points:
-            ours = grid.get((x, OURS))
-            body.append([x] + [_cell(grid.get((x, p)), ours) for p in providers])
+            at_point = {p: grid[x, p] for p in providers if (x, p) in grid}
+            body.append([x] + [_cell(r, None if r is None else ours_for(at_point, r))
+                               for r in (grid.get((x, p)) for p in providers)])
         widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header))]
         unit = UNITS.get(metric, metric)
         ran = ", ".join(dict.fromkeys(f"{r.dtype} {r.geometry}".strip() for r in rs if r.dtype or r.geometry))
