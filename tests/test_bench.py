@@ -925,3 +925,25 @@ def test_16bit_decode_checks_every_new_token():
     broken[:, T + 1:] = (out[:, T + 1:] + 1) % 50  # first token right, the rest not what it would pick
     bad = group.check_decode(entrant(broken))
     assert len(bad) == 1 and bad[0].status.startswith("FAILED") and "25% of all new tokens" in bad[0].status
+
+
+def test_the_memory_plot_says_each_stages_own_measure(tmp_path, monkeypatch):
+    """The footnote gave the first row's measure under every bar: the train step's "plus the
+    model's weights" left out the optimizer state its bar includes."""
+    import matplotlib.figure
+
+    from fastflamingo.bench import plots
+    texts, real = [], matplotlib.figure.Figure.text
+    monkeypatch.setattr(matplotlib.figure.Figure, "text",
+                        lambda self, x, y, s, *a, **k: texts.append(s) or real(self, x, y, s, *a, **k))
+
+    def mem(kernel, note, v):
+        return Row(kernel=kernel, provider="fastflamingo", mode="bf16", metric="peak_mem_MB",
+                   x="openflamingo-9b shape B=4 N=8 T=512", median=v, device="NVIDIA H100 80GB HBM3", note=note)
+    rows = [mem("e2e prefill", "peak plus the weights", 17000.0),
+            mem("e2e decode", "peak plus the weights and the KV cache", 18000.0),
+            mem("e2e train step", "peak plus the weights and the optimizer's state", 30000.0)]
+    assert plots.memory_plot(rows, str(tmp_path / "memory.png"))
+    assert texts == ["e2e prefill (bf16): measured as peak plus the weights\n"
+                     "e2e decode (bf16): measured as peak plus the weights and the KV cache\n"
+                     "e2e train step (bf16): measured as peak plus the weights and the optimizer's state"]

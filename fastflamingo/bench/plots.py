@@ -161,8 +161,17 @@ def memory_plot(rows: list[Row], path: str) -> str | None:
     ax.set_title(f"End-to-end peak memory — {_device(rows)}", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(True, axis="y", alpha=0.3)
-    fig.text(0.01, 0.01, f"measured as {mem[0].note}", fontsize=8)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    # each stage's own basis (weights; plus the static KV cache; plus the optimizer state): the first
+    # row's alone was printed under every bar
+    notes: OrderedDict = OrderedDict()
+    for r in mem:
+        stage = f"{r.kernel} ({r.mode})"
+        if stage not in notes.setdefault(r.note, []):
+            notes[r.note].append(stage)
+    lines = [f"{', '.join(st)}: measured as {note}" if len(notes) > 1 else f"measured as {note}"
+             for note, st in notes.items()]
+    fig.text(0.01, 0.01, "\n".join(lines), fontsize=7, va="bottom")
+    fig.tight_layout(rect=(0, 0.03 * (len(lines) + 1), 1, 1))
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
