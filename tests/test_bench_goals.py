@@ -188,6 +188,10 @@ def test_cpu_goal_and_the_written_file(tmp_path):
     (tmp_path / "none").mkdir()
     write_outputs(rows[-1:], {"device": CPU}, str(tmp_path / "none"), plots=False, echo=lambda s: None)
     assert not os.path.exists(tmp_path / "none" / "goals.txt"), "no goal decided: no goals.txt"
+    # a run deciding none into the folder of one that decided some: the earlier goals.txt, beside
+    # rows it was not made from, is gone
+    write_outputs(rows[-1:], {"device": CPU}, str(tmp_path), plots=False, echo=lambda s: None)
+    assert not os.path.exists(tmp_path / "goals.txt")
 
 
 @pytest.mark.parametrize("status", ["n/a: FlexAttention has no backward on the CPU", "FAILED: logits"])

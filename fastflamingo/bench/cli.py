@@ -4,7 +4,7 @@ With no arguments it picks the default that fits the machine (the ``tiny`` prese
 CPU, the ``openflamingo-9b`` shape with random weights in bf16 on a GPU) and runs the kernel and
 end-to-end suites (and, on a CPU, scoring; on a GPU, the NF4 kernel), printing the table and
 the open issues' acceptance goals that its rows decide (:mod:`.goals`), and writing rows.csv,
-rows.json, goals.txt and PNG plots to ``--out``.
+rows.json, goals.txt (where its rows decide a goal) and PNG plots to ``--out``.
 """
 from __future__ import annotations
 
@@ -106,6 +106,8 @@ def write_outputs(rows, meta: dict, out: str, *, plots: bool = True, echo=print,
         files.append(os.path.join(out, "goals.txt"))
         with open(files[-1], "w") as f:
             f.write(f"{goals}\n")
+    elif os.path.exists(os.path.join(out, "goals.txt")):  # an earlier run's, beside these rows: not theirs
+        os.remove(os.path.join(out, "goals.txt"))
     if plots:
         files += all_plots(rows, out)
     if source is None:
@@ -185,8 +187,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "The nf4 suite has fixed 7B shapes; the e2e suite's idefics group runs the IDEFICS shape")
     p.add_argument("--quick", action="store_true", help="fewer points and repetitions")
     p.add_argument("--out", default="bench-results",
-                   help="directory for rows.csv, rows.json, table.txt, goals.txt, PNGs (default: %(default)s, "
-                        "under the current directory)")
+                   help="directory for rows.csv, rows.json, table.txt, goals.txt (where the rows decide a goal), "
+                        "PNGs (default: %(default)s, under the current directory)")
     p.add_argument("--device", type=bench_device, default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=count_arg("--threads"), default=0,
                    help="torch CPU threads (default, 0: torch's choice; 1 on a CPU kept busy by other work)")
