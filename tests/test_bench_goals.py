@@ -190,8 +190,12 @@ def test_cpu_goal_and_the_written_file(tmp_path):
     assert not os.path.exists(tmp_path / "none" / "goals.txt"), "no goal decided: no goals.txt"
     # a run deciding none into the folder of one that decided some: the earlier goals.txt, beside
     # rows it was not made from, is gone
+    (tmp_path / "kernels.png").write_bytes(b"an earlier run's")
     write_outputs(rows[-1:], {"device": CPU}, str(tmp_path), plots=False, echo=lambda s: None)
-    assert not os.path.exists(tmp_path / "goals.txt")
+    assert not os.path.exists(tmp_path / "goals.txt") and not os.path.exists(tmp_path / "kernels.png")
+    (tmp_path / "memory.png").write_bytes(b"an earlier run's")  # (these rows draw no memory plot)
+    out = write_outputs(rows[-1:], {"device": CPU}, str(tmp_path), echo=lambda s: None)
+    assert not os.path.exists(tmp_path / "memory.png") and str(tmp_path / "memory.png") not in out["files"]
 
 
 @pytest.mark.parametrize("status", ["n/a: FlexAttention has no backward on the CPU", "FAILED: logits"])

@@ -110,6 +110,11 @@ def write_outputs(rows, meta: dict, out: str, *, plots: bool = True, echo=print,
         os.remove(os.path.join(out, "goals.txt"))
     if plots:
         files += all_plots(rows, out)
+    else:  # (an earlier run's plots are not these rows')
+        from .plots import PLOTS
+        for name in PLOTS:
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
     if source is None:
         echo(f"\nwrote {', '.join(files)}  ({meta.get('wall_s')} s)")
     else:

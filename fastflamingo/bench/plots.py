@@ -177,8 +177,16 @@ def memory_plot(rows: list[Row], path: str) -> str | None:
     return path
 
 
+PLOTS = ("kernels.png", "speedup.png", "memory.png")
+
+
 def all_plots(rows: list[Row], out_dir: str) -> list[str]:
-    made = [kernel_plot(rows, os.path.join(out_dir, "kernels.png")),
-            speedup_plot(rows, os.path.join(out_dir, "speedup.png")),
-            memory_plot(rows, os.path.join(out_dir, "memory.png"))]
+    """The plots these rows make, in ``out_dir``; an earlier run's plot these rows do not make
+    (a kernels.png beside e2e rows alone) is removed, not left beside rows it was not drawn from."""
+    made = [kernel_plot(rows, os.path.join(out_dir, PLOTS[0])),
+            speedup_plot(rows, os.path.join(out_dir, PLOTS[1])),
+            memory_plot(rows, os.path.join(out_dir, PLOTS[2]))]
+    for name, path in zip(PLOTS, made):
+        if not path and os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
     return [p for p in made if p]
