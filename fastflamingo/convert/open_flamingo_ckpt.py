@@ -9,7 +9,6 @@ that does not fit the LM it is given fails with a message that says which LM it 
 from __future__ import annotations
 
 import copy
-
 import math
 import re
 from dataclasses import dataclass

@@ -50,8 +50,10 @@ def load_documents(path: str, tokenizer=None, max_length: int | None = None) -> 
                              f"got keys {sorted(row)}")
         other = sorted(set(row) - {"text", "images"})
         if other:  # (a misspelt "images" trained the document text-only, without a word)
-            hint = ' (did you mean "images", a list of paths?)' if any(k.lower().startswith("image") for k in other) else ""
-            raise ValueError(f"{where}: unknown key(s) {other}{hint}: a document line holds \"text\" and \"images\" only")
+            hint = ' (did you mean "images", a list of paths?)' \
+                if any(k.lower().startswith("image") for k in other) else ""
+            raise ValueError(f"{where}: unknown key(s) {other}{hint}: a document line holds \"text\" and "
+                             "\"images\" only")
         images = row.get("images", [])
         if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
             raise ValueError(f"{where}: \"images\" must be a list of paths, got {images!r}")
