@@ -164,6 +164,12 @@ class FlamingoConfig:
         eps = x.rms_norm_eps
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ValueError(f"cross_attention.rms_norm_eps must be a number > 0, got {eps!r}")
+        nb = self.num_base_tokens  # (a negative one trained every input row but the last output rows only)
+        if nb is not None and (type(nb) is not int or nb < 0):
+            raise ValueError(f"num_base_tokens must be an int >= 0 (0: every embedding row trains) or None, got {nb!r}")
+        if self.eos_resets_media and self.eos_token_id is None:  # (the reset was silently off)
+            raise ValueError("eos_resets_media=True resets the image after each EOS token, but eos_token_id is None: "
+                             "give the LM's EOS id, or eos_resets_media=False")
 
     def has_cross_attention(self, layer_idx: int) -> bool:
         """Whether a gated cross-attention block sits before decoder layer ``layer_idx``."""

@@ -107,7 +107,9 @@ def _resize_normalise(img, size: int) -> torch.Tensor:
 
 
 def _normalise(img) -> torch.Tensor:
-    """A PIL RGB image -> CLIP-normalised (3, H, W) pixels."""
+    """A PIL image -> CLIP-normalised (3, H, W) pixels (RGBA, grayscale, palette: as RGB, as the
+    peers' own transforms take them)."""
+    img = img.convert("RGB") if img.mode != "RGB" else img
     x = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(img.height, img.width, 3).permute(2, 0, 1)
     mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     return (x.float() / 255 - mean) / std

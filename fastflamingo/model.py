@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import inspect
 import weakref
 
@@ -173,6 +174,57 @@ def check_positions(lm: nn.Module, needed: int, what: str) -> None:
         _WARNED_POSITIONS.add(lm)
         warn_caller(f"{said}: positions past {n} extrapolate beyond what it was trained on, and the output "
                     "may degrade (warned once per model).")
+
+
+# what a Hugging Face causal LM's forward takes through its **kwargs (transformers' TransformersKwargs
+# and the names older forwards spelled out): any other name is a misspelling it would drop silently
+LM_KEYWORDS = {"past_key_values", "cache", "cache_position", "position_ids", "inputs_embeds", "use_cache",
+               "output_attentions", "output_hidden_states", "return_dict", "logits_to_keep", "num_items_in_batch",
+               "output_router_logits", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+               "is_causal", "seq_idx", "token_type_ids", "head_mask"}
+
+
+def _check_lm_kwargs(lm: nn.Module, lm_kwargs: dict) -> None:
+    """Keywords ``forward`` hands the LM: ones it takes by name, or :data:`LM_KEYWORDS` where it
+    takes ``**kwargs`` (``attn_mask=`` ran unmasked, without a word)."""
+    if not lm_kwargs:
+        return
+    named = _named_parameters(type(lm))
+    if named is None:
+        return  # (the LM's own forward refuses what it does not take)
+    unknown = sorted(set(lm_kwargs) - named - LM_KEYWORDS)
+    if unknown:
+        import difflib
+        close = {k: difflib.get_close_matches(k, sorted(named | LM_KEYWORDS | _FORWARD_NAMES), n=1) for k in unknown}
+        hint = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+        raise TypeError(f"Flamingo.forward got unexpected keyword(s) {unknown}"
+                        + (f" ({hint})" if hint else "") + f": the LM ({type(lm).__name__}) would ignore them")
+
+
+@functools.lru_cache(maxsize=None)
+def _named_parameters(lm_class) -> frozenset | None:
+    """The names ``lm_class.forward`` takes, where it also takes ``**kwargs`` (else None)."""
+    params = inspect.signature(lm_class.forward).parameters
+    if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return None
+    return frozenset(n for n, p in params.items() if p.kind != p.VAR_POSITIONAL)
+
+
+_FORWARD_NAMES = {"vision_x", "lang_x", "attention_mask", "labels", "visual_tokens", "text_time", "media_kv_cache",
+                  "input_ids", "pixel_values", "image_attention_mask"}
+
+
+def _check_attention_mask(mask: torch.Tensor | None, lang_x: torch.Tensor, lm_kwargs: dict) -> None:
+    """(B, T), or (B, cached + T) after a cache: Hugging Face pads a shorter mask with zeros (the
+    last tokens masked out, silently)."""
+    if mask is None:
+        return
+    B, T = lang_x.shape
+    cached = any(lm_kwargs.get(k) is not None for k in ("past_key_values", "cache"))
+    if mask.dim() != 2 or mask.shape[0] != B or (mask.shape[1] != T if not cached else mask.shape[1] < T):
+        want = f"(B, T) = {(B, T)}" if not cached else f"(B, cached + T) with B = {B}, T = {T}"
+        raise ValueError(f"attention_mask has shape {tuple(mask.shape)}, lang_x {(B, T)}: it must be {want} "
+                         "(1 = a token to attend to, 0 = padding)")
 
 
 def _positions_fed(lang_x: torch.Tensor, lm_kwargs: dict) -> tuple[int, str]:
@@ -529,6 +581,8 @@ class Flamingo(nn.Module):
             raise ValueError("lang_x (B, T) token ids are required")
         if lang_x.dim() != 2:
             raise ValueError(f"lang_x must be (B, T) token ids, got shape {tuple(lang_x.shape)}")
+        _check_lm_kwargs(self.lang_encoder, lm_kwargs)
+        _check_attention_mask(attention_mask, lang_x, lm_kwargs)
         if labels is not None and labels.shape != lang_x.shape:
             raise ValueError(f"labels {tuple(labels.shape)} must have lang_x's shape {tuple(lang_x.shape)} "
                              "(the LM shifts them itself; -100 marks positions without a target)")
@@ -544,6 +598,8 @@ class Flamingo(nn.Module):
             if vision_x.device != lang_x.device:
                 raise ValueError(f"vision_x is on {vision_x.device} but lang_x is on {lang_x.device}")
             visual_tokens = self.encode_vision(vision_x)
+            if visual_tokens is not None:  # (the resampler's dtype; the blocks, in the LM, may be cast apart)
+                visual_tokens = visual_tokens.to(self.blocks_dtype)
         elif visual_tokens is not None:
             check_visual_tokens(visual_tokens, self.config, batch=lang_x.shape[0])
             visual_tokens = visual_tokens.to(self.blocks_dtype)  # as vision_x goes to the encoder's dtype

@@ -320,6 +320,61 @@ def test_config_json_round_trip_and_errors():
         preset_config("huge")
 
 
+def test_a_misspelt_keyword_or_a_mask_of_another_length_is_refused():
+    """forward handed unknown keywords to the LM's **kwargs, which dropped them: attn_mask= ran
+    unmasked, without a word. A (B, T - 2) attention_mask was padded with zeros by Hugging Face:
+    the last two tokens masked out, silently. Continuing after a cache, the mask covers cached + T."""
+    model = Flamingo.from_preset("tiny").eval()
+    c = model.config
+    ids = torch.randint(3, c.num_base_tokens, (2, 12))
+    ids[:, 1] = c.media_token_id
+    vx = torch.randn(2, 1, 1, 3, c.vision.image_size, c.vision.image_size)
+    mask = torch.ones_like(ids)
+    with pytest.raises(TypeError, match=r"unexpected keyword\(s\) \['attn_mask'\] \('attn_mask': did you mean "
+                                        r"'attention_mask'\?\): the LM \(LlamaForCausalLM\) would ignore them"):
+        model(vx, ids, attn_mask=mask)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 10\), lang_x \(2, 12\): it must be "
+                                         r"\(B, T\) = \(2, 12\)"):
+        model(vx, ids, attention_mask=mask[:, :10])
+    with torch.no_grad():  # what the LM takes by name or through its **kwargs still goes through
+        out = model(vx, ids[:, :8], attention_mask=mask[:, :8], use_cache=True, output_hidden_states=True)
+        assert out.hidden_states is not None
+        tt = model.text_time(ids)
+        more = model(lang_x=ids[:, 8:], visual_tokens=model.encode_vision(vx), text_time=tt[:, 8:],
+                     attention_mask=mask, past_key_values=out.past_key_values)
+        whole = model(vx, ids, attention_mask=mask)
+    assert torch.allclose(more.logits, whole.logits[:, 8:], atol=1e-5)
+
+
+def test_settings_that_silently_changed_behaviour_are_refused_and_mixed_dtypes_and_modes_are_taken():
+    """eos_resets_media without an eos_token_id (the reset was silently off), a negative
+    num_base_tokens (every input row trained, only the last output rows); vision_x where the LM
+    (its blocks with it) was cast apart from the resampler (a raw dtype error, where
+    visual_tokens= ran); an RGBA or grayscale image through the fallback transforms (a reshape error)."""
+    import dataclasses
+
+    from PIL import Image
+
+    from fastflamingo.inputs import _normalise
+    cfg = preset_config("tiny")
+    with pytest.raises(ValueError, match=r"eos_resets_media=True .* but eos_token_id is None"):
+        dataclasses.replace(cfg, eos_resets_media=True, eos_token_id=None)
+    with pytest.raises(ValueError, match=r"num_base_tokens must be an int >= 0 .*, got -3"):
+        dataclasses.replace(cfg, num_base_tokens=-3)
+    model = Flamingo(cfg).eval()
+    model.lang_encoder.to(torch.bfloat16)
+    ids = torch.randint(3, cfg.num_base_tokens, (2, 8))
+    ids[:, 1] = cfg.media_token_id
+    vx = torch.randn(2, 1, 1, 3, cfg.vision.image_size, cfg.vision.image_size)
+    with torch.no_grad():
+        a = model(vx, ids).logits
+        b = model(lang_x=ids, visual_tokens=model.encode_vision(vx)).logits
+    assert torch.equal(a, b)
+    rgb = Image.new("RGB", (8, 6), (200, 10, 30))
+    for mode in ("RGBA", "L", "P"):
+        assert torch.equal(_normalise(rgb.convert(mode)), _normalise(rgb.convert(mode).convert("RGB")))
+
+
 @pytest.mark.parametrize("part,field,value", [
     ("cross_attention", "heads", 0), ("cross_attention", "dim_head", 0),
     ("cross_attention", "heads", None), ("cross_attention", "dim_head", None),  # None: idefics style only
