@@ -195,7 +195,8 @@ def _check_lm_kwargs(lm: nn.Module, lm_kwargs: dict) -> None:
     unknown = sorted(set(lm_kwargs) - named - LM_KEYWORDS)
     if unknown:
         import difflib
-        close = {k: difflib.get_close_matches(k, sorted(named | LM_KEYWORDS | _FORWARD_NAMES), n=1) for k in unknown}
+        ours = set(inspect.signature(Flamingo.forward).parameters) - {"self", "lm_kwargs"}
+        close = {k: difflib.get_close_matches(k, sorted(named | LM_KEYWORDS | ours), n=1) for k in unknown}
         hint = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
         raise TypeError(f"Flamingo.forward got unexpected keyword(s) {unknown}"
                         + (f" ({hint})" if hint else "") + f": the LM ({type(lm).__name__}) would ignore them")
@@ -208,10 +209,6 @@ def _named_parameters(lm_class) -> frozenset | None:
     if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
         return None
     return frozenset(n for n, p in params.items() if p.kind != p.VAR_POSITIONAL)
-
-
-_FORWARD_NAMES = {"vision_x", "lang_x", "attention_mask", "labels", "visual_tokens", "text_time", "media_kv_cache",
-                  "input_ids", "pixel_values", "image_attention_mask"}
 
 
 def _check_attention_mask(mask: torch.Tensor | None, lang_x: torch.Tensor, lm_kwargs: dict) -> None:

@@ -12,6 +12,23 @@ import torch
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 
 
+def read_checkpoint_file(path: str | Path):
+    """What a .safetensors file or a torch.save file (``weights_only=True``: no code runs) holds,
+    on the CPU; a truncated or corrupt file, or one holding other objects, an error saying so."""
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"checkpoint {str(path)!r} holds objects other than tensors and plain containers; "
+                         f"fastflamingo never executes code from a checkpoint (weights_only=True): {e}") from e
+    except Exception as e:  # a truncated or corrupt file: say so, with the reader's own message
+        raise ValueError(f"cannot read the checkpoint {str(path)!r} ({path.stat().st_size} bytes): is the file "
+                         f"complete? {type(e).__name__}: {e}") from e
+
+
 def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     """One checkpoint file -> a flat ``{name: tensor}`` state dict, on the CPU.
 
@@ -28,18 +45,7 @@ def load_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     if path.suffix not in TORCH_SUFFIXES + (".safetensors",):
         raise ValueError(f"checkpoint {str(path)!r}: unknown format {path.suffix!r}; expected .safetensors or one "
                          f"of {TORCH_SUFFIXES} (a torch.save file, loaded with weights_only=True)")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            obj = load_file(str(path))
-        else:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"checkpoint {str(path)!r} holds objects other than tensors and plain containers; "
-                         f"fastflamingo never executes code from a checkpoint (weights_only=True): {e}") from e
-    except Exception as e:  # a truncated or corrupt file: say so, with the reader's own message
-        raise ValueError(f"cannot read checkpoint {str(path)!r} ({path.stat().st_size} bytes): is the file complete? "
-                         f"{type(e).__name__}: {e}") from e
+    obj = read_checkpoint_file(path)
     for wrapper in ("model_state_dict", "state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

@@ -168,7 +168,8 @@ def _check(args) -> None:
         raise ValueError("--image-dir is for --karpathy; JSON-lines files give image paths relative to themselves")
     else:
         # (no demonstration shown, at 0 shots with --text-demos-at-zero 0: no support needed)
-        demos = max(args.shots or [0, 4, 8]) > 0 or (2 if args.text_demos_at_zero is None else args.text_demos_at_zero)
+        from .harness import _most
+        demos = _most(_shots(args), _text_demos(args))
         missing = [f"--{n}" for n in ("queries", "support") if not getattr(args, n) and (n == "queries" or demos)]
         if missing:
             raise ValueError(f"evaluating --model needs {' and '.join(missing)} (JSON-lines files)"
@@ -341,12 +342,12 @@ def _user_data(args, device, dtype) -> dict:
         print(f"  {r.shots}-shot: {scored} ({r.seconds:.0f} s); saved to {path}"
               + "".join(f", {w}" for w in written), flush=True)
 
-    rs = evaluate(model, tok, queries, support, task=args.task, shots=args.shots or [0, 4, 8],
+    rs = evaluate(model, tok, queries, support, task=args.task, shots=_shots(args),
                   image_processor=transform, class_names=class_names, seed=args.seed, batch_size=args.batch_size or 8,
                   num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, length_penalty=args.length_penalty,
                   demonstrations=args.demonstrations, shared_demonstrations=args.shared_demonstrations,
                   prompt_ensembling=args.prompt_ensembling,
-                  text_demos_at_zero=2 if args.text_demos_at_zero is None else args.text_demos_at_zero,
+                  text_demos_at_zero=_text_demos(args),
                   vqa_script=args.vqa_script, on_result=done)
     if rs[0].score is None:
         print(f"{args.task}: {len(queries)} queries with no references, demonstrations from {len(support)}, on "
@@ -357,6 +358,17 @@ def _user_data(args, device, dtype) -> dict:
           f"on {report['device']}")
     print(_table(report))
     return report
+
+
+def _shots(args) -> list[int]:
+    """--shots, or open_flamingo's 0, 4 and 8 (the user-data evaluation's)."""
+    return args.shots or [0, 4, 8]
+
+
+def _text_demos(args) -> int:
+    """--text-demos-at-zero, or open_flamingo's (the user-data evaluation's)."""
+    from .prompts import ZERO_SHOT_TEXT_DEMOS
+    return ZERO_SHOT_TEXT_DEMOS if args.text_demos_at_zero is None else args.text_demos_at_zero
 
 
 def _official_results(args, queries, rs) -> list[str]:

@@ -204,11 +204,8 @@ def fine_tune(model, batches, *, steps: int, lr: float = 1e-4, weight_decay: flo
         path = os.path.join(out, CHECKPOINT)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"resume=True: no checkpoint {path!r}")
-        try:
-            state = torch.load(path, weights_only=True, map_location="cpu")
-        except Exception as e:  # a truncated or corrupt copy (the run's own saves are atomic)
-            raise ValueError(f"cannot read the checkpoint {path!r} ({os.path.getsize(path)} bytes): is the file "
-                             f"complete? {type(e).__name__}: {e}") from e
+        from ..convert.io import read_checkpoint_file
+        state = read_checkpoint_file(path)  # (a truncated or corrupt copy: the run's own saves are atomic)
         _check_settings(path, state, settings)  # before any weight is overwritten
         if state["step"] >= steps:
             raise ValueError(f"the checkpoint in {out} is at step {state['step']}, not before steps={steps}: "

@@ -144,11 +144,9 @@ def run(args) -> int:
     if rank == 0 and not sys.stderr.isatty():  # (a terminal shows the progress bar instead)
         print(f"training {len(docs)} documents to step {args.steps} on {device} ...", flush=True)
     # the tokenizer beside the weights from the first checkpoint on (a run cut short leaves a model/ that
-    # loads); not into an earlier run's directory, which fine_tune refuses without --resume
-    checkpoint = os.path.isfile(os.path.join(args.out, "checkpoint.pt"))
-    if args.resume and not checkpoint:  # (fine_tune's own error, before the tokenizer was written there)
-        raise FileNotFoundError(f"--resume: no checkpoint {os.path.join(args.out, 'checkpoint.pt')!r}")
-    if rank == 0 and (args.resume or not checkpoint):
+    # loads); not into an earlier run's directory, which fine_tune refuses without --resume, nor into one
+    # with no checkpoint to resume from, which fine_tune refuses with it (nothing written)
+    if rank == 0 and args.resume == os.path.isfile(os.path.join(args.out, "checkpoint.pt")):
         tok.save_pretrained(os.path.join(args.out, "model"))
     history = fine_tune(model, data, steps=args.steps, lr=args.lr, weight_decay=args.weight_decay,
                         warmup=args.warmup, max_grad_norm=args.max_grad_norm or None, optimizer=args.optimizer,
